@@ -1,0 +1,269 @@
+//! What one rule decided for one request, and the response headers that
+//! tell a client about it.
+
+use alloc::string::String;
+use core::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::algorithm::{Outcome, Quota};
+use crate::time::Span;
+
+/// One rule's verdict on one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the rule lets the request through.
+    pub allowed: bool,
+    /// Permits per window (the quota's count).
+    pub limit: u64,
+    /// The quota's window.
+    pub window: Span,
+    /// Permits left.
+    pub remaining: u64,
+    /// Time until the allowance is fully restored.
+    pub reset_after: Span,
+    /// Zero when allowed; otherwise when to try again.
+    pub retry_after: Span,
+}
+
+impl Decision {
+    /// The decision an algorithm's outcome gives under `quota`.
+    pub fn new(quota: &Quota, outcome: &Outcome) -> Decision {
+        Decision {
+            allowed: outcome.allowed,
+            limit: quota.count(),
+            window: quota.per(),
+            remaining: outcome.remaining,
+            reset_after: outcome.reset_after,
+            retry_after: outcome.retry_after,
+        }
+    }
+
+    /// `Retry-After` in whole seconds, rounded up (at least 1 when limited),
+    /// capped at a day so a client is never told "never".
+    pub fn retry_after_secs(&self) -> u64 {
+        const CAP: u64 = 86_400;
+        self.retry_after.as_secs_ceil().clamp(1, CAP)
+    }
+
+    /// Which of two decisions a client should be told about: a denial over
+    /// an allowance, then the longer wait, then fewer permits left.
+    pub fn more_restrictive(self, other: Decision) -> Decision {
+        let key = |d: &Decision| {
+            (
+                !d.allowed,
+                d.retry_after,
+                core::cmp::Reverse(d.remaining),
+                d.reset_after,
+            )
+        };
+        if key(&other) > key(&self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// Which families of rate-limit headers to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderSet {
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
+    Ietf,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    XRateLimit,
+}
+
+/// Header sets enabled, as flags (cheap to copy and test per request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderSets {
+    /// Send the IETF draft fields.
+    pub ietf: bool,
+    /// Send the `X-RateLimit-*` fields.
+    pub x_ratelimit: bool,
+}
+
+impl HeaderSets {
+    /// Both families.
+    pub const ALL: HeaderSets = HeaderSets {
+        ietf: true,
+        x_ratelimit: true,
+    };
+
+    /// The flags for a list of sets.
+    pub fn from_sets(sets: &[HeaderSet]) -> HeaderSets {
+        HeaderSets {
+            ietf: sets.contains(&HeaderSet::Ietf),
+            x_ratelimit: sets.contains(&HeaderSet::XRateLimit),
+        }
+    }
+
+    /// Whether no family is enabled.
+    pub fn is_empty(&self) -> bool {
+        !self.ietf && !self.x_ratelimit
+    }
+}
+
+/// Response header names, lower-case as HTTP/2 requires.
+pub mod names {
+    /// Seconds until the client may retry.
+    pub const RETRY_AFTER: &str = "retry-after";
+    /// Permits per window.
+    pub const X_RATELIMIT_LIMIT: &str = "x-ratelimit-limit";
+    /// Permits left.
+    pub const X_RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
+    /// Seconds until the window resets.
+    pub const X_RATELIMIT_RESET: &str = "x-ratelimit-reset";
+    /// The IETF draft's policy field.
+    pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
+    /// The IETF draft's state field.
+    pub const RATELIMIT: &str = "ratelimit";
+}
+
+/// Builds the rate-limit headers for one request from the decisions of the
+/// rules that applied, in the order they should be listed.
+///
+/// `shown` is the decision summarised by `X-RateLimit-*` and `Retry-After`
+/// (the denying rule, or the most restrictive one); the IETF fields list
+/// every rule. `emit` receives (name, value) pairs.
+pub fn render_headers<'a>(
+    rules: impl Iterator<Item = (&'a str, Decision)> + Clone,
+    shown: Decision,
+    sets: HeaderSets,
+    mut emit: impl FnMut(&'static str, &str),
+) {
+    let mut value = String::new();
+    if !shown.allowed {
+        let _ = write!(value, "{}", shown.retry_after_secs());
+        emit(names::RETRY_AFTER, &value);
+    }
+    if sets.x_ratelimit {
+        value.clear();
+        let _ = write!(value, "{}", shown.limit);
+        emit(names::X_RATELIMIT_LIMIT, &value);
+        value.clear();
+        let _ = write!(value, "{}", shown.remaining);
+        emit(names::X_RATELIMIT_REMAINING, &value);
+        value.clear();
+        let _ = write!(value, "{}", shown.reset_after.as_secs_ceil());
+        emit(names::X_RATELIMIT_RESET, &value);
+    }
+    if sets.ietf {
+        value.clear();
+        for (i, (name, d)) in rules.clone().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(
+                value,
+                "{sep}\"{name}\";q={};w={}",
+                d.limit,
+                d.window.as_secs_ceil()
+            );
+        }
+        if !value.is_empty() {
+            emit(names::RATELIMIT_POLICY, &value);
+        }
+        value.clear();
+        for (i, (name, d)) in rules.enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let t = if d.allowed {
+                d.reset_after.as_secs_ceil()
+            } else {
+                d.retry_after_secs()
+            };
+            let _ = write!(value, "{sep}\"{name}\";r={};t={t}", d.remaining);
+        }
+        if !value.is_empty() {
+            emit(names::RATELIMIT, &value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec::Vec;
+
+    fn decision(allowed: bool, remaining: u64, reset_ms: u64, retry_ms: u64) -> Decision {
+        Decision {
+            allowed,
+            limit: 100,
+            window: Span::from_secs(60),
+            remaining,
+            reset_after: Span::from_millis(reset_ms),
+            retry_after: Span::from_millis(retry_ms),
+        }
+    }
+
+    fn render(rules: &[(&str, Decision)], shown: Decision, sets: HeaderSets) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        render_headers(rules.iter().copied(), shown, sets, |n, v| {
+            out.push((n.to_string(), v.to_string()))
+        });
+        out
+    }
+
+    #[test]
+    fn limited_response_has_every_field() {
+        let d = decision(false, 0, 16_200, 1_001);
+        let headers = render(&[("api", d)], d, HeaderSets::ALL);
+        let expect = [
+            ("retry-after", "2"),
+            ("x-ratelimit-limit", "100"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "17"),
+            ("ratelimit-policy", "\"api\";q=100;w=60"),
+            ("ratelimit", "\"api\";r=0;t=2"),
+        ];
+        let got: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn allowed_response_lists_every_rule_and_no_retry_after() {
+        let a = decision(true, 42, 17_000, 0);
+        let b = Decision {
+            limit: 5,
+            window: Span::from_secs(1),
+            ..decision(true, 4, 200, 0)
+        };
+        let headers = render(&[("a", a), ("b", b)], a.more_restrictive(b), HeaderSets::ALL);
+        assert!(headers.iter().all(|(n, _)| n != "retry-after"));
+        assert!(headers.contains(&("x-ratelimit-remaining".into(), "4".into())));
+        assert!(headers.contains(&(
+            "ratelimit-policy".into(),
+            "\"a\";q=100;w=60, \"b\";q=5;w=1".into()
+        )));
+        assert!(headers.contains(&("ratelimit".into(), "\"a\";r=42;t=17, \"b\";r=4;t=1".into())));
+    }
+
+    #[test]
+    fn sets_select_families() {
+        let d = decision(true, 1, 1000, 0);
+        let only_ietf = HeaderSets::from_sets(&[HeaderSet::Ietf]);
+        let headers = render(&[("x", d)], d, only_ietf);
+        assert_eq!(headers.len(), 2);
+        let none = HeaderSets::from_sets(&[]);
+        assert!(render(&[("x", d)], d, none).is_empty());
+        let limited = decision(false, 0, 1000, 500);
+        assert_eq!(
+            render(&[("x", limited)], limited, none),
+            [("retry-after".to_string(), "1".to_string())]
+        );
+    }
+
+    #[test]
+    fn restrictiveness_prefers_denials_then_waits_then_scarcity() {
+        let allowed = decision(true, 10, 1000, 0);
+        let scarce = decision(true, 1, 1000, 0);
+        let denied = decision(false, 0, 1000, 300);
+        let denied_longer = decision(false, 0, 1000, 900);
+        assert_eq!(allowed.more_restrictive(scarce), scarce);
+        assert_eq!(scarce.more_restrictive(denied), denied);
+        assert_eq!(denied_longer.more_restrictive(denied), denied_longer);
+    }
+}

@@ -1,0 +1,476 @@
+//! Evaluating a policy against one request: every applicable rule must
+//! allow it, and it takes permits from all of them or from none.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::algorithm::Outcome;
+use crate::decision::{render_headers, Decision};
+use crate::policy::{Action, Attributes, Policy};
+use crate::store::{Loaded, Saved, Slot, StateStore, StoreError};
+use crate::time::{Nanos, Span};
+
+/// How often a decision is retried when another writer got in first.
+/// Conflicts need two workers on one key within microseconds; running out
+/// of attempts means something is badly wrong, and is reported as an error.
+pub const MAX_ATTEMPTS: usize = 32;
+
+/// Permits a request took from one rule's key: what a refund gives back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Charge {
+    /// Position of the rule in the policy.
+    pub rule_index: usize,
+    /// The key charged.
+    pub key: String,
+    /// Permits taken.
+    pub cost: u64,
+}
+
+/// One applicable rule's part in a verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleDecision {
+    /// Position of the rule in the policy.
+    pub rule_index: usize,
+    /// What the rule decided.
+    pub decision: Decision,
+    /// A shadow rule that would have limited the request.
+    pub shadow_limited: bool,
+}
+
+/// What to do with the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerdictKind {
+    /// Let it through.
+    Allowed,
+    /// Refuse it because of the rule at this position.
+    Limited {
+        /// Position of the rule in the policy.
+        rule_index: usize,
+    },
+    /// Every limiting rule delays, and a permit frees up within their
+    /// remaining delay: ask again after `wait`.
+    Wait {
+        /// How long to hold the request before asking again.
+        wait: Span,
+    },
+}
+
+/// The outcome of evaluating a policy for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Allow, refuse or wait.
+    pub kind: VerdictKind,
+    /// Each applicable rule's decision, in policy order.
+    pub decisions: Vec<RuleDecision>,
+    /// Permits taken (only when allowed).
+    pub charges: Vec<Charge>,
+}
+
+impl Verdict {
+    /// The verdict for a request no rule applies to.
+    pub fn unlimited() -> Verdict {
+        Verdict {
+            kind: VerdictKind::Allowed,
+            decisions: Vec::new(),
+            charges: Vec::new(),
+        }
+    }
+
+    /// Whether the request goes through now.
+    pub fn is_allowed(&self) -> bool {
+        self.kind == VerdictKind::Allowed
+    }
+
+    /// The decision shown in `X-RateLimit-*` and `Retry-After`: the
+    /// limiting rule's, or the most restrictive enforcing rule's. Shadow
+    /// rules are dry runs and are never shown to clients.
+    pub fn shown(&self) -> Option<Decision> {
+        let enforcing = |d: &&RuleDecision| !d.shadow_limited;
+        match self.kind {
+            VerdictKind::Limited { rule_index } => self
+                .decisions
+                .iter()
+                .find(|d| d.rule_index == rule_index)
+                .map(|d| d.decision),
+            _ => self
+                .decisions
+                .iter()
+                .filter(enforcing)
+                .map(|d| d.decision)
+                .reduce(Decision::more_restrictive),
+        }
+    }
+
+    /// Emits the rate-limit headers for this verdict under `policy`'s
+    /// header options (nothing for shadow rules).
+    pub fn headers(&self, policy: &Policy, emit: impl FnMut(&'static str, &str)) {
+        let Some(shown) = self.shown() else {
+            return;
+        };
+        let listed = self
+            .decisions
+            .iter()
+            .filter(|d| !is_shadow(policy, d.rule_index))
+            .filter_map(|d| {
+                policy
+                    .rules
+                    .get(d.rule_index)
+                    .map(|r| (r.name.as_str(), d.decision))
+            });
+        render_headers(listed, shown, policy.header_sets, emit);
+    }
+}
+
+fn is_shadow(policy: &Policy, rule_index: usize) -> bool {
+    policy
+        .rules
+        .get(rule_index)
+        .is_some_and(|r| r.action == Action::Shadow)
+}
+
+/// The rules that apply to `request`, each with its key.
+pub fn applicable_rules(policy: &Policy, request: &impl Attributes) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (index, rule) in policy.rules.iter().enumerate() {
+        if !rule.matcher.matches(request) {
+            continue;
+        }
+        let mut key = String::new();
+        if rule.key.build(request, &mut key) {
+            out.push((index, key));
+        }
+    }
+    out
+}
+
+/// Decides for `request` at `now`, taking permits if it is allowed.
+///
+/// `waited` is how long the request has already been held by a delay
+/// action (zero on first evaluation): it counts against `max_delay`.
+pub fn decide<S: StateStore>(
+    policy: &Policy,
+    store: &mut S,
+    request: &impl Attributes,
+    now: Nanos,
+    waited: Span,
+) -> Result<Verdict, StoreError> {
+    let keys = applicable_rules(policy, request);
+    decide_keys(policy, store, &keys, now, waited)
+}
+
+/// [`decide`] for rules and keys already chosen.
+pub fn decide_keys<S: StateStore>(
+    policy: &Policy,
+    store: &mut S,
+    keys: &[(usize, String)],
+    now: Nanos,
+    waited: Span,
+) -> Result<Verdict, StoreError> {
+    if keys.is_empty() {
+        return Ok(Verdict::unlimited());
+    }
+    let slots: Vec<Slot<'_>> = keys
+        .iter()
+        .filter_map(|(index, key)| {
+            policy.rules.get(*index).map(|rule| Slot {
+                rule_index: *index,
+                rule,
+                key,
+            })
+        })
+        .collect();
+    for _ in 0..MAX_ATTEMPTS {
+        if let Some(verdict) = attempt(policy, store, &slots, now, waited)? {
+            return Ok(verdict);
+        }
+    }
+    Err(StoreError::Unavailable(
+        "too many concurrent writers on one key",
+    ))
+}
+
+/// One optimistic pass: `None` when another writer interfered.
+fn attempt<S: StateStore>(
+    policy: &Policy,
+    store: &mut S,
+    slots: &[Slot<'_>],
+    now: Nanos,
+    waited: Span,
+) -> Result<Option<Verdict>, StoreError> {
+    let mut loaded: Vec<Loaded<S::Version>> = Vec::with_capacity(slots.len());
+    for slot in slots {
+        match store.load(*slot, now) {
+            Ok(l) => loaded.push(l),
+            Err(e) => {
+                release_all(store, slots, loaded, now);
+                return Err(e);
+            }
+        }
+    }
+    let outcomes: Vec<Outcome> = slots
+        .iter()
+        .zip(loaded.iter_mut())
+        .map(|(slot, l)| slot.rule.limiter.peek(&mut l.state, now, slot.rule.cost))
+        .collect();
+    let blocking = |i: usize| !outcomes[i].allowed && slots[i].rule.action != Action::Shadow;
+
+    if (0..slots.len()).any(blocking) {
+        release_all(store, slots, loaded, now);
+        let decisions = rule_decisions(slots, &outcomes);
+        let kind = blocked_kind(slots, &outcomes, waited, &blocking);
+        return Ok(Some(Verdict {
+            kind,
+            decisions,
+            charges: Vec::new(),
+        }));
+    }
+
+    let mut charges = Vec::with_capacity(slots.len());
+    let mut final_outcomes = outcomes.clone();
+    let mut pending = slots.iter().zip(loaded).enumerate();
+    while let Some((i, (slot, mut l))) = pending.next() {
+        if !outcomes[i].allowed {
+            // A shadow rule that would limit: it takes nothing.
+            store.release(*slot, l.state, l.version, now);
+            continue;
+        }
+        final_outcomes[i] = slot.rule.limiter.check(&mut l.state, now, slot.rule.cost);
+        let saved = store.save(*slot, l.state, l.version, now);
+        match saved {
+            Ok(Saved::Stored) => charges.push(Charge {
+                rule_index: slot.rule_index,
+                key: slot.key.into(),
+                cost: slot.rule.cost,
+            }),
+            Ok(Saved::Conflict) | Err(_) => {
+                for (_, (slot, rest)) in pending {
+                    store.release(*slot, rest.state, rest.version, now);
+                }
+                refund(policy, store, &charges, now)?;
+                return saved.map(|_| None);
+            }
+        }
+    }
+    Ok(Some(Verdict {
+        kind: VerdictKind::Allowed,
+        decisions: rule_decisions(slots, &final_outcomes),
+        charges,
+    }))
+}
+
+fn release_all<S: StateStore>(
+    store: &mut S,
+    slots: &[Slot<'_>],
+    loaded: Vec<Loaded<S::Version>>,
+    now: Nanos,
+) {
+    for (slot, l) in slots.iter().zip(loaded) {
+        store.release(*slot, l.state, l.version, now);
+    }
+}
+
+fn rule_decisions(slots: &[Slot<'_>], outcomes: &[Outcome]) -> Vec<RuleDecision> {
+    slots
+        .iter()
+        .zip(outcomes)
+        .map(|(slot, outcome)| RuleDecision {
+            rule_index: slot.rule_index,
+            decision: Decision::new(&slot.rule.quota, outcome),
+            shadow_limited: !outcome.allowed && slot.rule.action == Action::Shadow,
+        })
+        .collect()
+}
+
+/// Refuse, or wait when every blocking rule delays and the longest wait
+/// fits in what is left of the shortest `max_delay` among them.
+fn blocked_kind(
+    slots: &[Slot<'_>],
+    outcomes: &[Outcome],
+    waited: Span,
+    blocking: &impl Fn(usize) -> bool,
+) -> VerdictKind {
+    let blockers = (0..slots.len()).filter(|&i| blocking(i));
+    let longest = blockers
+        .clone()
+        .max_by_key(|&i| outcomes[i].retry_after)
+        .unwrap_or(0);
+    let wait = outcomes.get(longest).map_or(Span::NEVER, |o| o.retry_after);
+    let budget = blockers
+        .map(|i| match slots[i].rule.action {
+            Action::Delay { max } => Span(max.as_nanos().saturating_sub(waited.as_nanos())),
+            Action::Reject | Action::Shadow => Span::ZERO,
+        })
+        .min()
+        .unwrap_or(Span::ZERO);
+    if wait != Span::NEVER && wait <= budget && wait > Span::ZERO {
+        VerdictKind::Wait { wait }
+    } else {
+        VerdictKind::Limited {
+            rule_index: slots.get(longest).map_or(0, |s| s.rule_index),
+        }
+    }
+}
+
+/// Gives back the permits of `charges` (a response excluded from
+/// counting, or a pass that lost a race).
+pub fn refund<S: StateStore>(
+    policy: &Policy,
+    store: &mut S,
+    charges: &[Charge],
+    now: Nanos,
+) -> Result<(), StoreError> {
+    for charge in charges {
+        let Some(rule) = policy.rules.get(charge.rule_index) else {
+            continue;
+        };
+        let slot = Slot {
+            rule_index: charge.rule_index,
+            rule,
+            key: &charge.key,
+        };
+        let mut done = false;
+        for _ in 0..MAX_ATTEMPTS {
+            let mut l = store.load(slot, now)?;
+            rule.limiter.refund(&mut l.state, now, charge.cost);
+            if store.save(slot, l.state, l.version, now)? == Saved::Stored {
+                done = true;
+                break;
+            }
+        }
+        if !done {
+            return Err(StoreError::Unavailable(
+                "too many concurrent writers on one key",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::HttpRequest;
+    use crate::store::MemoryStore;
+    use alloc::string::ToString;
+    use alloc::vec;
+    use core::net::IpAddr;
+
+    fn policy(json: &str) -> Policy {
+        Policy::from_json(json).unwrap()
+    }
+
+    fn req(ip: &str) -> HttpRequest {
+        HttpRequest::new("GET", "/api/x").with_client_ip(ip.parse::<IpAddr>().unwrap())
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn nth_allowed_then_limited_with_headers() {
+        let p = policy(r#"{"rules":[{"name":"api","limit":{"count":3,"per":"1m"},"algorithm":"fixed_window"}]}"#);
+        let mut store = MemoryStore::new(10);
+        let now = Nanos(120 * SEC + SEC / 2);
+        for remaining in [2, 1, 0] {
+            let v = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
+            assert!(v.is_allowed());
+            assert_eq!(v.shown().unwrap().remaining, remaining);
+        }
+        let v = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
+        assert_eq!(v.kind, VerdictKind::Limited { rule_index: 0 });
+        let mut headers = vec![];
+        v.headers(&p, |n, val| headers.push((n, val.to_string())));
+        assert!(headers.contains(&("retry-after", "60".into())));
+        assert!(headers.contains(&("ratelimit", "\"api\";r=0;t=60".into())));
+        // Another client has its own budget.
+        assert!(decide(&p, &mut store, &req("2.2.2.2"), now, Span::ZERO).unwrap().is_allowed());
+    }
+
+    #[test]
+    fn rejected_request_takes_nothing_from_other_rules() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"wide","limit":{"count":10,"per":"1m"}},
+                {"name":"narrow","match":{"path":{"prefix":"/api/"}},"limit":{"count":1,"per":"1m"}}
+            ]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let now = Nanos(SEC);
+        assert!(decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap().is_allowed());
+        for _ in 0..5 {
+            let v = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
+            assert_eq!(v.kind, VerdictKind::Limited { rule_index: 1 });
+        }
+        // "wide" was charged once only: 9 left before this request.
+        let other = HttpRequest::new("GET", "/other").with_client_ip("1.1.1.1".parse().unwrap());
+        let v = decide(&p, &mut store, &other, now, Span::ZERO).unwrap();
+        assert_eq!(v.decisions[0].decision.remaining, 8);
+    }
+
+    #[test]
+    fn shadow_rules_never_block_and_are_not_shown() {
+        let p = policy(r#"{"rules":[{"name":"dry","limit":{"count":1,"per":"1m"},"action":"shadow"}]}"#);
+        let mut store = MemoryStore::new(10);
+        let first = decide(&p, &mut store, &req("1.1.1.1"), Nanos(0), Span::ZERO).unwrap();
+        assert!(first.is_allowed() && !first.decisions[0].shadow_limited);
+        let second = decide(&p, &mut store, &req("1.1.1.1"), Nanos(0), Span::ZERO).unwrap();
+        assert!(second.is_allowed());
+        assert!(second.decisions[0].shadow_limited);
+        assert!(second.charges.is_empty());
+        let mut headers = 0;
+        second.headers(&p, |_, _| headers += 1);
+        assert_eq!(headers, 0);
+    }
+
+    #[test]
+    fn delay_waits_within_budget_then_refuses() {
+        let p = policy(r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"1500ms"}]}"#);
+        let mut store = MemoryStore::new(10);
+        let t0 = Nanos(0);
+        assert!(decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO).unwrap().is_allowed());
+        let v = decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO).unwrap();
+        assert_eq!(v.kind, VerdictKind::Wait { wait: Span::SECOND });
+        // After the wait the permit is there.
+        let later = Nanos(SEC);
+        let v = decide(&p, &mut store, &req("1.1.1.1"), later, Span::SECOND).unwrap();
+        assert!(v.is_allowed());
+        // A wait longer than what is left of max_delay is refused.
+        let v = decide(&p, &mut store, &req("1.1.1.1"), later, Span::from_millis(1000)).unwrap();
+        assert_eq!(v.kind, VerdictKind::Limited { rule_index: 0 });
+    }
+
+    #[test]
+    fn refunds_restore_permits() {
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}]}"#);
+        let mut store = MemoryStore::new(10);
+        let v = decide(&p, &mut store, &req("1.1.1.1"), Nanos(0), Span::ZERO).unwrap();
+        refund(&p, &mut store, &v.charges, Nanos(1)).unwrap();
+        assert!(decide(&p, &mut store, &req("1.1.1.1"), Nanos(2), Span::ZERO).unwrap().is_allowed());
+        assert!(!decide(&p, &mut store, &req("1.1.1.1"), Nanos(3), Span::ZERO).unwrap().is_allowed());
+    }
+
+    #[test]
+    fn rules_that_do_not_match_or_lack_key_parts_are_skipped() {
+        let p = policy(r#"{"rules":[{"name":"k","key":["header:x-api-key"],"limit":{"count":1,"per":"1h"}}]}"#);
+        let mut store = MemoryStore::new(10);
+        for _ in 0..3 {
+            let v = decide(&p, &mut store, &req("1.1.1.1"), Nanos(0), Span::ZERO).unwrap();
+            assert!(v.is_allowed() && v.decisions.is_empty());
+        }
+        let keyed = req("1.1.1.1").with_header("x-api-key", "a");
+        assert!(decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO).unwrap().is_allowed());
+        assert!(!decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO).unwrap().is_allowed());
+    }
+
+    #[test]
+    fn memory_store_stays_within_max_keys() {
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1h"}}],"max_keys":64}"#);
+        let mut store = MemoryStore::new(p.max_keys);
+        for i in 0..1000u32 {
+            let ip = IpAddr::from(i.to_be_bytes());
+            let r = HttpRequest::new("GET", "/").with_client_ip(ip);
+            decide(&p, &mut store, &r, Nanos(u64::from(i)), Span::ZERO).unwrap();
+            assert!(store.len(0) <= 64);
+        }
+        assert!(store.evictions().live > 0);
+    }
+}

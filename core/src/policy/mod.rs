@@ -1,0 +1,142 @@
+//! The policy model: named rules, each a match, a key, a limit, an
+//! algorithm and an action, evaluated together on every request.
+
+pub mod key;
+pub mod matcher;
+pub mod request;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+pub use key::{KeyPart, KeySpec};
+pub use matcher::{Glob, HeaderMatch, Matcher, PathMatch};
+pub use request::{strip_query, Attributes, HttpRequest};
+
+use crate::algorithm::{Limiter, Quota};
+use crate::client_ip::ClientIpSource;
+use crate::decision::HeaderSets;
+use crate::time::Span;
+
+/// What happens to a request a rule would limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Refuse it (HTTP 429, gRPC RESOURCE_EXHAUSTED).
+    Reject,
+    /// Count and report it, never block it (a dry run).
+    Shadow,
+    /// Hold it until a permit frees up, at most this long; else reject.
+    Delay {
+        /// The longest a request may be held.
+        max: Span,
+    },
+}
+
+/// Whose counter a request is charged to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// One counter per distinct key.
+    #[default]
+    PerKey,
+    /// One counter for every request the rule matches.
+    Global,
+}
+
+/// One validated rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Unique name: in stats, headers and the rejection body.
+    pub name: String,
+    /// Which requests it applies to.
+    pub matcher: Matcher,
+    /// How the key is built (empty for global scope).
+    pub key: KeySpec,
+    /// Per key or global.
+    pub scope: Scope,
+    /// The limit.
+    pub quota: Quota,
+    /// The algorithm enforcing it.
+    pub limiter: Limiter,
+    /// Permits each request takes.
+    pub cost: u64,
+    /// What happens when it limits.
+    pub action: Action,
+    /// Higher first.
+    pub priority: i32,
+}
+
+/// A set of status codes: single codes and whole classes (`5xx`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatusSet {
+    codes: Vec<u16>,
+    classes: Vec<u16>,
+}
+
+impl StatusSet {
+    /// Adds one code.
+    pub fn add_code(&mut self, code: u16) {
+        self.codes.push(code);
+    }
+
+    /// Adds a class by its first digit (5 for `5xx`).
+    pub fn add_class(&mut self, first_digit: u16) {
+        self.classes.push(first_digit);
+    }
+
+    /// Whether `status` is in the set.
+    pub fn contains(&self, status: u16) -> bool {
+        self.codes.contains(&status) || self.classes.contains(&(status / 100))
+    }
+
+    /// Whether the set is empty (no response needs its status checked).
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty() && self.classes.is_empty()
+    }
+}
+
+/// A validated, ready-to-evaluate set of rules and their options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Enabled rules in evaluation order: descending priority, then config order.
+    pub rules: Vec<Rule>,
+    /// Which headers to send.
+    pub header_sets: HeaderSets,
+    /// Whether allowed responses get the headers too.
+    pub headers_on_allowed: bool,
+    /// Responses whose permits are given back.
+    pub exclude_statuses: StatusSet,
+    /// How the client address is found.
+    pub client_ip: ClientIpSource,
+    /// The most keys kept per rule.
+    pub max_keys: usize,
+}
+
+impl Policy {
+    /// The default bound on keys per rule.
+    pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+    /// Lower-case names of the request headers some rule reads (for match
+    /// or key), so a host fetches only those.
+    pub fn headers_needed(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for rule in &self.rules {
+            let from_match = rule.matcher.headers.iter().map(|h| h.name.as_str());
+            let from_key = rule.key.parts().iter().filter_map(|p| match p {
+                KeyPart::Header(name) => Some(name.as_str()),
+                _ => None,
+            });
+            for name in from_match.chain(from_key) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    /// Whether any rule keys on the client address.
+    pub fn needs_client_ip(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.key.parts().contains(&KeyPart::ClientIp))
+    }
+}

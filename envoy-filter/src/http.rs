@@ -1,0 +1,99 @@
+//! HTTP specifics: the request as rules see it, and the 429 reply.
+
+use std::net::IpAddr;
+
+use sluice_core::client_ip::parse_ip;
+use sluice_core::engine::Verdict;
+use sluice_core::policy::{strip_query, Attributes, Policy};
+
+use crate::host::Host;
+
+/// The request attributes the policy needs, fetched once from the host.
+#[derive(Debug, Default)]
+pub struct RequestView {
+    method: String,
+    path: String,
+    headers: Vec<(String, Option<String>)>,
+    client_ip: Option<IpAddr>,
+}
+
+impl RequestView {
+    /// Reads method, path, the headers in `needed` and, if some rule keys
+    /// on it, the client address.
+    pub fn fetch(host: &impl Host, policy: &Policy, needed: &[String], client_ip: bool) -> RequestView {
+        let method = host.request_header(":method").unwrap_or_default();
+        let path = host
+            .request_header(":path")
+            .map(|p| strip_query(&p).to_owned())
+            .unwrap_or_default();
+        let headers = needed
+            .iter()
+            .map(|name| (name.clone(), host.request_header(name)))
+            .collect();
+        let client_ip = if client_ip {
+            let peer = host.peer_address().as_deref().and_then(parse_ip);
+            let forwarded = if policy.client_ip.trusted_hops > 0 {
+                host.request_header("x-forwarded-for")
+            } else {
+                None
+            };
+            policy.client_ip.resolve(peer, forwarded.as_deref())
+        } else {
+            None
+        };
+        RequestView {
+            method,
+            path,
+            headers,
+            client_ip,
+        }
+    }
+}
+
+impl Attributes for RequestView {
+    fn method(&self) -> &str {
+        &self.method
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+    fn client_ip(&self) -> Option<IpAddr> {
+        self.client_ip
+    }
+}
+
+/// A response the filter sends itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalReply {
+    /// HTTP status.
+    pub status: u32,
+    /// Headers, lower-case names.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+/// The 429 for a limited verdict: JSON body naming the rule, `Retry-After`
+/// and the configured rate-limit headers.
+pub fn too_many_requests(policy: &Policy, verdict: &Verdict, rule_index: usize) -> LocalReply {
+    let mut headers = vec![("content-type", "application/json".to_owned())];
+    verdict.headers(policy, |name, value| headers.push((name, value.to_owned())));
+    let rule = policy.rules.get(rule_index).map_or("", |r| r.name.as_str());
+    let retry_after = verdict.shown().map_or(1, |d| d.retry_after_secs());
+    let body = serde_json::json!({
+        "error": "rate_limited",
+        "rule": rule,
+        "retry_after": retry_after,
+    });
+    LocalReply {
+        status: 429,
+        headers,
+        body: body.to_string().into_bytes(),
+    }
+}

@@ -1,0 +1,13 @@
+//! Sluice's Envoy filter: rate limiting inside Envoy as a proxy-wasm module.
+//!
+//! The logic ([`plugin`], [`http`]) talks to Envoy only through the
+//! [`host::Host`] trait, so it is unit-tested natively against a double;
+//! the `wasm` module is the thin proxy-wasm glue that Envoy loads.
+
+pub mod host;
+pub mod http;
+pub mod metrics;
+pub mod plugin;
+
+#[cfg(target_arch = "wasm32")]
+mod wasm;

@@ -1,0 +1,209 @@
+//! The proxy-wasm glue: Envoy's callbacks in, [`Plugin`] decisions out.
+
+mod abi;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use sluice_core::store::{SharedBytes, StoreError, WriteOutcome};
+use sluice_core::time::Nanos;
+
+use crate::host::{Host, MetricId};
+use crate::http::LocalReply;
+use crate::plugin::{Plugin, Step, Wake};
+
+const LOG_WARN: u32 = 3;
+const LOG_ERROR: u32 = 4;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Warn);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { plugin: Rc::new(RefCell::new(None)) })
+    });
+}}
+
+/// The VM's plugin, shared by its root and HTTP contexts.
+type SharedPlugin = Rc<RefCell<Option<Plugin<EnvoyShared>>>>;
+
+/// Envoy through the raw ABI; host failures are logged, never fatal.
+struct EnvoyHost;
+
+fn text(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+impl Host for EnvoyHost {
+    fn now(&self) -> Nanos {
+        // Without a clock, time stands still: algorithms then refill
+        // nothing, which never admits more.
+        Nanos(abi::now_nanos().unwrap_or(0))
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        text(abi::header(abi::Map::RequestHeaders, name).ok().flatten())
+    }
+    fn response_header(&self, name: &str) -> Option<String> {
+        text(abi::header(abi::Map::ResponseHeaders, name).ok().flatten())
+    }
+    fn set_response_header(&self, name: &str, value: &str) {
+        if let Err(s) = abi::set_header(abi::Map::ResponseHeaders, name, value) {
+            abi::log(LOG_WARN, &format!("sluice: cannot set header {name}: status {}", s.0));
+        }
+    }
+    fn peer_address(&self) -> Option<String> {
+        text(abi::property(&["source", "address"]).ok().flatten())
+    }
+    fn set_tick_millis(&self, millis: u32) {
+        if let Err(s) = abi::set_tick_period(millis) {
+            abi::log(LOG_WARN, &format!("sluice: cannot set tick period: status {}", s.0));
+        }
+    }
+    fn define_counter(&self, name: &str) -> Option<MetricId> {
+        match abi::define_counter(name) {
+            Ok(id) => Some(MetricId(id)),
+            Err(s) => {
+                abi::log(LOG_WARN, &format!("sluice: cannot define stat {name}: status {}", s.0));
+                None
+            }
+        }
+    }
+    fn increment(&self, metric: MetricId, by: u64) {
+        if by > 0 {
+            let _ = abi::increment_metric(metric.0, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+    fn warn(&self, message: &str) {
+        abi::log(LOG_WARN, message);
+    }
+}
+
+/// Envoy's shared data: visible to every worker's VM, with CAS.
+#[derive(Debug)]
+struct EnvoyShared;
+
+impl SharedBytes for EnvoyShared {
+    fn get(&self, name: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        abi::get_shared(name).map_err(|_| StoreError::Unavailable("shared data read failed"))
+    }
+    fn set(&mut self, name: &str, value: &[u8], cas: u32) -> Result<WriteOutcome, StoreError> {
+        match abi::set_shared(name, value, cas) {
+            Ok(()) => Ok(WriteOutcome::Written),
+            Err(abi::CAS_MISMATCH) => Ok(WriteOutcome::CasMismatch),
+            Err(_) => Err(StoreError::Unavailable("shared data write failed")),
+        }
+    }
+}
+
+fn send(reply: &LocalReply) {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    if let Err(s) = abi::send_local_response(reply.status, &headers, &reply.body) {
+        abi::log(LOG_WARN, &format!("sluice: cannot send local reply: status {}", s.0));
+    }
+}
+
+struct Root {
+    plugin: SharedPlugin,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = match abi::plugin_configuration() {
+            Ok(c) => c,
+            Err(s) => {
+                abi::log(LOG_ERROR, &format!("sluice: cannot read plugin configuration: status {}", s.0));
+                return false;
+            }
+        };
+        match Plugin::configure(&EnvoyHost, EnvoyShared, &config) {
+            Ok(plugin) => match self.plugin.try_borrow_mut() {
+                Ok(mut slot) => {
+                    *slot = Some(plugin);
+                    true
+                }
+                Err(_) => false,
+            },
+            Err(e) => {
+                abi::log(LOG_ERROR, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        // Decide first, then act: resuming or replying calls back into the
+        // filter, which must find the plugin free.
+        let wakes = match self.plugin.try_borrow_mut() {
+            Ok(mut slot) => slot.as_mut().map(|p| p.on_tick(&EnvoyHost)).unwrap_or_default(),
+            Err(_) => return,
+        };
+        for (context_id, wake) in wakes {
+            if abi::set_effective_context(context_id).is_err() {
+                continue;
+            }
+            match wake {
+                Wake::Resume => {
+                    let _ = abi::resume_request();
+                }
+                Wake::Reply(reply) => send(&reply),
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http {
+            context_id,
+            plugin: Rc::clone(&self.plugin),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Http {
+    context_id: u32,
+    plugin: SharedPlugin,
+}
+
+impl Http {
+    /// Runs `f` on the plugin if it is configured and not busy (a call
+    /// re-entering from our own local reply finds it busy and passes).
+    fn with_plugin<T>(&self, default: T, f: impl FnOnce(&mut Plugin<EnvoyShared>) -> T) -> T {
+        match self.plugin.try_borrow_mut() {
+            Ok(mut slot) => slot.as_mut().map_or(default, f),
+            Err(_) => default,
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_done(&mut self) -> bool {
+        let id = self.context_id;
+        self.with_plugin((), |p| p.on_done(id));
+        true
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let id = self.context_id;
+        match self.with_plugin(Step::Continue, |p| p.on_request_headers(&EnvoyHost, id)) {
+            Step::Continue => Action::Continue,
+            Step::Pause => Action::Pause,
+            Step::Reply(reply) => {
+                send(&reply);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let id = self.context_id;
+        self.with_plugin((), |p| p.on_response_headers(&EnvoyHost, id));
+        Action::Continue
+    }
+}
