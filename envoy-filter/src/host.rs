@@ -30,3 +30,90 @@ pub trait Host {
     /// Logs a warning.
     fn warn(&self, message: &str);
 }
+
+/// A scripted Envoy for unit tests: one current request at a time.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    use super::{Host, MetricId};
+    use sluice_core::time::Nanos;
+
+    #[derive(Default)]
+    pub(crate) struct FakeHost {
+        pub now: Cell<u64>,
+        pub request: RefCell<HashMap<String, String>>,
+        pub response: RefCell<HashMap<String, String>>,
+        pub peer: RefCell<Option<String>>,
+        pub tick_millis: Cell<u32>,
+        pub metric_names: RefCell<Vec<String>>,
+        pub metric_values: RefCell<HashMap<u32, u64>>,
+        pub warnings: RefCell<Vec<String>>,
+    }
+
+    impl FakeHost {
+        /// Starts a new request: clears both header maps.
+        pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) {
+            let mut map = self.request.borrow_mut();
+            map.clear();
+            map.insert(":method".into(), method.into());
+            map.insert(":path".into(), path.into());
+            for (n, v) in headers {
+                map.insert((*n).into(), (*v).into());
+            }
+            self.response.borrow_mut().clear();
+        }
+
+        pub fn respond(&self, status: u16) {
+            self.response
+                .borrow_mut()
+                .insert(":status".into(), status.to_string());
+        }
+
+        pub fn counter(&self, name: &str) -> u64 {
+            let names = self.metric_names.borrow();
+            names
+                .iter()
+                .position(|n| n == name)
+                .and_then(|i| self.metric_values.borrow().get(&(i as u32)).copied())
+                .unwrap_or(0)
+        }
+    }
+
+    impl Host for FakeHost {
+        fn now(&self) -> Nanos {
+            Nanos(self.now.get())
+        }
+        fn request_header(&self, name: &str) -> Option<String> {
+            self.request.borrow().get(name).cloned()
+        }
+        fn response_header(&self, name: &str) -> Option<String> {
+            self.response.borrow().get(name).cloned()
+        }
+        fn set_response_header(&self, name: &str, value: &str) {
+            self.response.borrow_mut().insert(name.into(), value.into());
+        }
+        fn peer_address(&self) -> Option<String> {
+            self.peer.borrow().clone()
+        }
+        fn set_tick_millis(&self, millis: u32) {
+            self.tick_millis.set(millis);
+        }
+        fn define_counter(&self, name: &str) -> Option<MetricId> {
+            let mut names = self.metric_names.borrow_mut();
+            let id = names.iter().position(|n| n == name).unwrap_or_else(|| {
+                names.push(name.into());
+                names.len() - 1
+            });
+            Some(MetricId(id as u32))
+        }
+        fn increment(&self, metric: MetricId, by: u64) {
+            assert!(by > 0, "Envoy refuses increments of 0");
+            *self.metric_values.borrow_mut().entry(metric.0).or_default() += by;
+        }
+        fn warn(&self, message: &str) {
+            self.warnings.borrow_mut().push(message.into());
+        }
+    }
+}

@@ -275,3 +275,164 @@ impl<B: SharedBytes> Plugin<B> {
         self.evictions_reported = total;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::FakeHost;
+    use sluice_core::store::InProcessShared;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn plugin<'a>(host: &FakeHost, shared: &'a InProcessShared, json: &str) -> Plugin<&'a InProcessShared> {
+        host.now.set(1_800_000_000 * SEC);
+        *host.peer.borrow_mut() = Some("10.0.0.7:41234".into());
+        Plugin::configure(host, shared, json.as_bytes()).unwrap()
+    }
+
+    fn reply(step: Step) -> LocalReply {
+        match step {
+            Step::Reply(r) => r,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn header<'a>(reply: &'a LocalReply, name: &str) -> Option<&'a str> {
+        reply.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn limits_at_the_boundary_and_answers_429_with_headers() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"api","limit":{"count":2,"per":"1m"},"algorithm":"fixed_window"}]}"#);
+        for (id, remaining) in [(1, "1"), (2, "0")] {
+            host.request("GET", "/x", &[]);
+            assert_eq!(p.on_request_headers(&host, id), Step::Continue);
+            host.respond(200);
+            p.on_response_headers(&host, id);
+            assert_eq!(host.response_header("x-ratelimit-remaining").as_deref(), Some(remaining));
+            assert_eq!(host.response_header("ratelimit-policy").as_deref(), Some("\"api\";q=2;w=60"));
+        }
+        host.request("GET", "/x", &[]);
+        let r = reply(p.on_request_headers(&host, 3));
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), Some("60"));
+        assert_eq!(header(&r, "content-type"), Some("application/json"));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["rule"], "api");
+        assert_eq!(body["retry_after"], 60);
+        // Our own reply comes back through the response callback untouched.
+        host.respond(429);
+        p.on_response_headers(&host, 3);
+        assert_eq!(host.response_header("x-ratelimit-remaining"), None);
+        assert_eq!(host.counter("sluice_http.rule.api.outcome.allowed"), 2);
+        assert_eq!(host.counter("sluice_http.rule.api.outcome.limited"), 1);
+    }
+
+    #[test]
+    fn two_vms_share_one_budget() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let json = r#"{"rules":[{"name":"api","limit":{"count":3,"per":"1h"}}]}"#;
+        let mut a = plugin(&host, &shared, json);
+        let mut b = plugin(&host, &shared, json);
+        let mut allowed = 0;
+        for id in 0..10 {
+            host.request("GET", "/", &[]);
+            let vm = if id % 2 == 0 { &mut a } else { &mut b };
+            if vm.on_request_headers(&host, id) == Step::Continue {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 3);
+    }
+
+    #[test]
+    fn delay_holds_then_releases_on_tick() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"2s"}]}"#);
+        host.request("GET", "/", &[]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        assert_eq!(p.on_request_headers(&host, 2), Step::Pause);
+        assert_eq!(host.tick_millis.get(), DELAY_TICK_MILLIS);
+        host.now.set(host.now.get() + SEC / 2);
+        assert!(p.on_tick(&host).is_empty());
+        assert_eq!(p.held(), 1);
+        host.now.set(host.now.get() + SEC / 2);
+        assert_eq!(p.on_tick(&host), vec![(2, Wake::Resume)]);
+        assert_eq!(host.tick_millis.get(), 0);
+        assert_eq!(host.counter("sluice_http.rule.slow.outcome.delayed"), 1);
+    }
+
+    #[test]
+    fn delay_beyond_max_is_refused_and_abandoned_requests_are_forgotten() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"10s"},"action":"delay","max_delay":"1s"}]}"#);
+        host.request("GET", "/", &[]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        assert_eq!(reply(p.on_request_headers(&host, 2)).status, 429);
+        let mut q = plugin(&host, &shared, r#"{"rules":[{"name":"q","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"5s"}]}"#);
+        assert_eq!(q.on_request_headers(&host, 1), Step::Continue);
+        assert_eq!(q.on_request_headers(&host, 2), Step::Pause);
+        q.on_done(2);
+        assert_eq!(q.held(), 0);
+    }
+
+    #[test]
+    fn excluded_statuses_are_refunded() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}],"exclude_statuses":["5xx"]}"#);
+        for id in 0..5 {
+            host.request("GET", "/", &[]);
+            assert_eq!(p.on_request_headers(&host, id), Step::Continue, "request {id}");
+            host.respond(503);
+            p.on_response_headers(&host, id);
+            p.on_done(id);
+        }
+        host.request("GET", "/", &[]);
+        assert_eq!(p.on_request_headers(&host, 9), Step::Continue);
+        host.respond(200);
+        p.on_response_headers(&host, 9);
+        host.request("GET", "/", &[]);
+        assert_eq!(reply(p.on_request_headers(&host, 10)).status, 429);
+    }
+
+    #[test]
+    fn forwarded_for_is_trusted_only_as_configured() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let untrusting = r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}]}"#;
+        let mut p = plugin(&host, &shared, untrusting);
+        host.request("GET", "/", &[("x-forwarded-for", "1.1.1.1")]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        host.request("GET", "/", &[("x-forwarded-for", "2.2.2.2")]);
+        assert_eq!(reply(p.on_request_headers(&host, 2)).status, 429);
+
+        let shared = InProcessShared::default();
+        let trusting = r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}],"client_ip":{"trusted_hops":1}}"#;
+        let mut p = plugin(&host, &shared, trusting);
+        host.request("GET", "/", &[("x-forwarded-for", "1.1.1.1")]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        host.request("GET", "/", &[("x-forwarded-for", "2.2.2.2")]);
+        assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    }
+
+    #[test]
+    fn headers_off_for_allowed_responses_when_configured() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1h"}}],"headers":{"on_allowed":false}}"#);
+        host.request("GET", "/", &[]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        host.respond(200);
+        p.on_response_headers(&host, 1);
+        assert_eq!(host.response.borrow().len(), 1, "only :status");
+    }
+
+    #[test]
+    fn invalid_config_names_the_field() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let err = Plugin::configure(&host, &shared, br#"{"rules":[{"name":"r","limit":{"count":1,"per":"0s"}}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "invalid sluice configuration: rules[0].limit.per: must be at least 1ms");
+        assert!(Plugin::configure(&host, &shared, b"\xff\xfe").is_err());
+    }
+}

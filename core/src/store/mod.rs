@@ -11,7 +11,7 @@ mod memory;
 mod slots;
 
 pub use memory::{EvictionStats, MemoryStore};
-pub use slots::{hash, SharedBytes, SlotStore, WriteOutcome};
+pub use slots::{hash, InProcessShared, SharedBytes, SlotStore, WriteOutcome};
 
 use crate::algorithm::State;
 use crate::policy::Rule;

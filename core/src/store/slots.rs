@@ -11,7 +11,10 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
 use core::fmt::Write;
+
+use hashbrown::HashMap;
 
 use super::{Loaded, Saved, Slot, StateStore, StoreError};
 use crate::algorithm::State;
@@ -287,42 +290,67 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
     fn release(&mut self, _slot: Slot<'_>, _state: State, _version: SlotVersion, _now: Nanos) {}
 }
 
+/// Shared bytes inside one process with Envoy's semantics (a token per
+/// write; a write to a missing name always succeeds): the test double for
+/// Envoy's shared data.
+#[derive(Debug, Default)]
+pub struct InProcessShared {
+    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    writes: Cell<u32>,
+}
+
+impl InProcessShared {
+    /// Names written so far.
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+
+    /// Writes so far (each write gets the next token).
+    pub fn writes(&self) -> u32 {
+        self.writes.get()
+    }
+
+    /// Overwrites every non-empty value with `f(value)` (to simulate damage).
+    pub fn corrupt(&self, f: impl Fn(&mut Vec<u8>)) {
+        for (value, _) in self.map.borrow_mut().values_mut() {
+            if !value.is_empty() {
+                f(value);
+            }
+        }
+    }
+}
+
+impl SharedBytes for &InProcessShared {
+    fn get(&self, name: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        Ok(match self.map.borrow().get(name) {
+            Some((v, cas)) => (Some(v.clone()), *cas),
+            None => (None, 0),
+        })
+    }
+
+    fn set(&mut self, name: &str, value: &[u8], cas: u32) -> Result<WriteOutcome, StoreError> {
+        let mut map = self.map.borrow_mut();
+        if let Some((_, current)) = map.get(name) {
+            if cas != 0 && cas != *current {
+                return Ok(WriteOutcome::CasMismatch);
+            }
+        }
+        let token = self.writes.get().wrapping_add(1).max(1);
+        self.writes.set(token);
+        map.insert(String::from(name), (Vec::from(value), token));
+        Ok(WriteOutcome::Written)
+    }
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::algorithm::Algorithm;
-    use alloc::string::ToString;
-    use core::cell::RefCell;
-    use hashbrown::HashMap;
-
-    /// Envoy's shared data semantics: a token per write, a write to a
-    /// missing name always succeeds.
-    #[derive(Default)]
-    pub(crate) struct FakeShared {
-        pub map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        pub next: RefCell<u32>,
-    }
-
-    impl SharedBytes for &FakeShared {
-        fn get(&self, name: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
-            Ok(match self.map.borrow().get(name) {
-                Some((v, cas)) => (Some(v.clone()), *cas),
-                None => (None, 0),
-            })
-        }
-        fn set(&mut self, name: &str, value: &[u8], cas: u32) -> Result<WriteOutcome, StoreError> {
-            let mut map = self.map.borrow_mut();
-            if let Some((_, current)) = map.get(name) {
-                if cas != 0 && cas != *current {
-                    return Ok(WriteOutcome::CasMismatch);
-                }
-            }
-            let mut next = self.next.borrow_mut();
-            *next += 1;
-            map.insert(name.to_string(), (value.to_vec(), *next));
-            Ok(WriteOutcome::Written)
-        }
-    }
 
     fn policy(max_keys: u64) -> Policy {
         crate::policy::Policy::from_json(&alloc::format!(
@@ -333,19 +361,19 @@ pub(crate) mod tests {
 
     #[test]
     fn prepare_creates_the_table_once() {
-        let shared = FakeShared::default();
+        let shared = InProcessShared::default();
         let p = policy(8);
         let mut store = SlotStore::new(&shared, &p, 7);
         store.prepare().unwrap();
-        assert_eq!(shared.map.borrow().len(), 9);
-        let writes = *shared.next.borrow();
+        assert_eq!(shared.len(), 9);
+        let writes = shared.writes();
         SlotStore::new(&shared, &p, 7).prepare().unwrap();
-        assert_eq!(*shared.next.borrow(), writes, "second prepare must not write");
+        assert_eq!(shared.writes(), writes, "second prepare must not write");
     }
 
     #[test]
     fn conflicting_writer_is_detected() {
-        let shared = FakeShared::default();
+        let shared = InProcessShared::default();
         let p = policy(8);
         let rule = &p.rules[0];
         let slot = Slot {
@@ -368,7 +396,7 @@ pub(crate) mod tests {
 
     #[test]
     fn table_stays_bounded_and_evicts_least_recent_live_key() {
-        let shared = FakeShared::default();
+        let shared = InProcessShared::default();
         let p = policy(4);
         let rule = &p.rules[0];
         let mut store = SlotStore::new(&shared, &p, 3);
@@ -384,7 +412,7 @@ pub(crate) mod tests {
             rule.limiter.check(&mut loaded.state, now, 1);
             store.save(slot, loaded.state, loaded.version, now).unwrap();
         }
-        assert_eq!(shared.map.borrow().len(), 5, "4 slots + marker, never more");
+        assert_eq!(shared.len(), 5, "4 slots + marker, never more");
         assert_eq!(store.live_evictions(), 1);
         // "a" was least recently used: it starts over.
         let slot = Slot {
@@ -411,7 +439,7 @@ pub(crate) mod tests {
 
     #[test]
     fn long_keys_are_hashed_and_garbage_is_an_error_not_a_panic() {
-        let shared = FakeShared::default();
+        let shared = InProcessShared::default();
         let p = policy(2);
         let rule = &p.rules[0];
         let long = "k".repeat(1000);
@@ -425,13 +453,8 @@ pub(crate) mod tests {
         let mut loaded = store.load(slot, Nanos(0)).unwrap();
         rule.limiter.check(&mut loaded.state, Nanos(0), 1);
         store.save(slot, loaded.state, loaded.version, Nanos(0)).unwrap();
-        assert!(shared.map.borrow().values().all(|(v, _)| v.len() < 100));
-        for (_, (value, _)) in shared.map.borrow_mut().iter_mut() {
-            if !value.is_empty() && value.len() > 1 {
-                value.truncate(value.len() - 1);
-                value.push(0xff);
-            }
-        }
-        assert!(matches!(store.load(slot, Nanos(0)), Err(StoreError::Corrupt(_)) | Ok(_)));
+        assert_eq!(shared.len(), 3);
+        shared.corrupt(|value| value.truncate(value.len() - 1));
+        assert!(matches!(store.load(slot, Nanos(0)), Err(StoreError::Corrupt(_))));
     }
 }
