@@ -587,7 +587,8 @@ fn validate_match(raw: &MatchConfig, at: &str, errors: &mut Errors) -> Matcher {
             (_, _, Some(t)) => ("glob", t),
             _ => return None,
         };
-        if !text.starts_with('/') && !(field == "glob" && text.starts_with('*')) {
+        let anchored = text.starts_with('/') || (field == "glob" && text.starts_with('*'));
+        if !anchored {
             errors.add(
                 at,
                 &format!(".match.path.{field}"),

@@ -350,7 +350,6 @@ impl SharedBytes for &InProcessShared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::algorithm::Algorithm;
 
     fn policy(max_keys: u64) -> Policy {
         crate::policy::Policy::from_json(&alloc::format!(
