@@ -16,8 +16,7 @@ use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
 use crate::client_ip::ClientIpSource;
 use crate::decision::{HeaderSet, HeaderSets};
 use crate::policy::{
-    Action, Glob, HeaderMatch, KeyPart, KeySpec, Matcher, PathMatch, Policy, Rule, Scope,
-    StatusSet,
+    Action, Glob, HeaderMatch, KeyPart, KeySpec, Matcher, PathMatch, Policy, Rule, Scope, StatusSet,
 };
 use crate::time::Span;
 
@@ -682,8 +681,10 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = Policy::from_json(r#"{"rules":[{"name":"r","limits":{}}]}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `limits`"), "{err}");
-        let err = Policy::from_json(r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1 fortnight"}}]}"#)
-            .unwrap_err();
+        let err = Policy::from_json(
+            r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1 fortnight"}}]}"#,
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "rules[0].limit.per: unknown unit: use ns, us, ms, s, m, h or d"
@@ -713,7 +714,12 @@ mod tests {
         assert_eq!(config, again);
         let policy = config.validate().unwrap();
         assert_eq!(policy.rules[0].matcher.methods, ["POST"]);
-        assert_eq!(policy.rules[0].action, Action::Delay { max: Span::from_millis(250) });
+        assert_eq!(
+            policy.rules[0].action,
+            Action::Delay {
+                max: Span::from_millis(250)
+            }
+        );
         assert!(policy.exclude_statuses.contains(502));
         assert_eq!(policy.client_ip.trusted_hops, 1);
     }
@@ -725,6 +731,9 @@ mod tests {
             "rules:\n  - name: r\n    limit: {count: 10, per: 10s}\n    algorithm: gcra\n",
         )
         .unwrap();
-        assert_eq!(config.validate().unwrap().rules[0].limiter.kind(), AlgorithmKind::Gcra);
+        assert_eq!(
+            config.validate().unwrap().rules[0].limiter.kind(),
+            AlgorithmKind::Gcra
+        );
     }
 }

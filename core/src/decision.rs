@@ -196,7 +196,11 @@ mod tests {
         }
     }
 
-    fn render(rules: &[(&str, Decision)], shown: Decision, sets: HeaderSets) -> Vec<(String, String)> {
+    fn render(
+        rules: &[(&str, Decision)],
+        shown: Decision,
+        sets: HeaderSets,
+    ) -> Vec<(String, String)> {
         let mut out = Vec::new();
         render_headers(rules.iter().copied(), shown, sets, |n, v| {
             out.push((n.to_string(), v.to_string()))
@@ -231,7 +235,11 @@ mod tests {
             window: Span::from_secs(1),
             ..decision(true, 4, 200, 0)
         };
-        let headers = render(&[("a", a), ("b", b)], a.more_restrictive(b), HeaderSets::ALL);
+        let headers = render(
+            &[("a", a), ("b", b)],
+            a.more_restrictive(b),
+            HeaderSets::ALL,
+        );
         assert!(headers.iter().all(|(n, _)| n != "retry-after"));
         assert!(headers.contains(&("x-ratelimit-remaining".into(), "4".into())));
         assert!(headers.contains(&(

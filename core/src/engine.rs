@@ -367,7 +367,9 @@ mod tests {
 
     #[test]
     fn nth_allowed_then_limited_with_headers() {
-        let p = policy(r#"{"rules":[{"name":"api","limit":{"count":3,"per":"1m"},"algorithm":"fixed_window"}]}"#);
+        let p = policy(
+            r#"{"rules":[{"name":"api","limit":{"count":3,"per":"1m"},"algorithm":"fixed_window"}]}"#,
+        );
         let mut store = MemoryStore::new(10);
         let now = Nanos(120 * SEC + SEC / 2);
         for remaining in [2, 1, 0] {
@@ -382,7 +384,9 @@ mod tests {
         assert!(headers.contains(&("retry-after", "60".into())));
         assert!(headers.contains(&("ratelimit", "\"api\";r=0;t=60".into())));
         // Another client has its own budget.
-        assert!(decide(&p, &mut store, &req("2.2.2.2"), now, Span::ZERO).unwrap().is_allowed());
+        assert!(decide(&p, &mut store, &req("2.2.2.2"), now, Span::ZERO)
+            .unwrap()
+            .is_allowed());
     }
 
     #[test]
@@ -395,7 +399,9 @@ mod tests {
         );
         let mut store = MemoryStore::new(10);
         let now = Nanos(SEC);
-        assert!(decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap().is_allowed());
+        assert!(decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO)
+            .unwrap()
+            .is_allowed());
         for _ in 0..5 {
             let v = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
             assert_eq!(v.kind, VerdictKind::Limited { rule_index: 1 });
@@ -408,7 +414,9 @@ mod tests {
 
     #[test]
     fn shadow_rules_never_block_and_are_not_shown() {
-        let p = policy(r#"{"rules":[{"name":"dry","limit":{"count":1,"per":"1m"},"action":"shadow"}]}"#);
+        let p = policy(
+            r#"{"rules":[{"name":"dry","limit":{"count":1,"per":"1m"},"action":"shadow"}]}"#,
+        );
         let mut store = MemoryStore::new(10);
         let first = decide(&p, &mut store, &req("1.1.1.1"), Nanos(0), Span::ZERO).unwrap();
         assert!(first.is_allowed() && !first.decisions[0].shadow_limited);
@@ -423,10 +431,14 @@ mod tests {
 
     #[test]
     fn delay_waits_within_budget_then_refuses() {
-        let p = policy(r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"1500ms"}]}"#);
+        let p = policy(
+            r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"1500ms"}]}"#,
+        );
         let mut store = MemoryStore::new(10);
         let t0 = Nanos(0);
-        assert!(decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO).unwrap().is_allowed());
+        assert!(decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO)
+            .unwrap()
+            .is_allowed());
         let v = decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO).unwrap();
         assert_eq!(v.kind, VerdictKind::Wait { wait: Span::SECOND });
         // After the wait the permit is there.
@@ -434,7 +446,14 @@ mod tests {
         let v = decide(&p, &mut store, &req("1.1.1.1"), later, Span::SECOND).unwrap();
         assert!(v.is_allowed());
         // A wait longer than what is left of max_delay is refused.
-        let v = decide(&p, &mut store, &req("1.1.1.1"), later, Span::from_millis(1000)).unwrap();
+        let v = decide(
+            &p,
+            &mut store,
+            &req("1.1.1.1"),
+            later,
+            Span::from_millis(1000),
+        )
+        .unwrap();
         assert_eq!(v.kind, VerdictKind::Limited { rule_index: 0 });
     }
 
@@ -444,21 +463,35 @@ mod tests {
         let mut store = MemoryStore::new(10);
         let v = decide(&p, &mut store, &req("1.1.1.1"), Nanos(0), Span::ZERO).unwrap();
         refund(&p, &mut store, &v.charges, Nanos(1)).unwrap();
-        assert!(decide(&p, &mut store, &req("1.1.1.1"), Nanos(2), Span::ZERO).unwrap().is_allowed());
-        assert!(!decide(&p, &mut store, &req("1.1.1.1"), Nanos(3), Span::ZERO).unwrap().is_allowed());
+        assert!(
+            decide(&p, &mut store, &req("1.1.1.1"), Nanos(2), Span::ZERO)
+                .unwrap()
+                .is_allowed()
+        );
+        assert!(
+            !decide(&p, &mut store, &req("1.1.1.1"), Nanos(3), Span::ZERO)
+                .unwrap()
+                .is_allowed()
+        );
     }
 
     #[test]
     fn rules_that_do_not_match_or_lack_key_parts_are_skipped() {
-        let p = policy(r#"{"rules":[{"name":"k","key":["header:x-api-key"],"limit":{"count":1,"per":"1h"}}]}"#);
+        let p = policy(
+            r#"{"rules":[{"name":"k","key":["header:x-api-key"],"limit":{"count":1,"per":"1h"}}]}"#,
+        );
         let mut store = MemoryStore::new(10);
         for _ in 0..3 {
             let v = decide(&p, &mut store, &req("1.1.1.1"), Nanos(0), Span::ZERO).unwrap();
             assert!(v.is_allowed() && v.decisions.is_empty());
         }
         let keyed = req("1.1.1.1").with_header("x-api-key", "a");
-        assert!(decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO).unwrap().is_allowed());
-        assert!(!decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO).unwrap().is_allowed());
+        assert!(decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO)
+            .unwrap()
+            .is_allowed());
+        assert!(!decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO)
+            .unwrap()
+            .is_allowed());
     }
 
     #[test]

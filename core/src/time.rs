@@ -9,7 +9,9 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 /// Hosts that share state (Envoy workers, quota servers) must agree on the
 /// epoch; the filter and the quota server use the Unix epoch so that fixed
 /// windows line up with wall-clock minutes, hours and days.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Nanos(pub u64);
 

@@ -8,6 +8,37 @@ use sluice_core::policy::{strip_query, Attributes, Policy};
 
 use crate::host::Host;
 
+/// Which request attributes the policy reads: computed once per
+/// configuration, so each request fetches only those (every fetch is a
+/// host call).
+#[derive(Clone, Debug, Default)]
+pub struct Needs {
+    /// Lower-case header names.
+    pub headers: Vec<String>,
+    /// The method.
+    pub method: bool,
+    /// The path.
+    pub path: bool,
+    /// The client address.
+    pub client_ip: bool,
+}
+
+impl Needs {
+    /// What `policy`'s rules read.
+    pub fn of(policy: &Policy) -> Needs {
+        Needs {
+            headers: policy
+                .headers_needed()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            method: policy.needs_method(),
+            path: policy.needs_path(),
+            client_ip: policy.needs_client_ip(),
+        }
+    }
+}
+
 /// The request attributes the policy needs, fetched once from the host.
 #[derive(Debug, Default)]
 pub struct RequestView {
@@ -18,19 +49,25 @@ pub struct RequestView {
 }
 
 impl RequestView {
-    /// Reads method, path, the headers in `needed` and, if some rule keys
-    /// on it, the client address.
-    pub fn fetch(host: &impl Host, policy: &Policy, needed: &[String], client_ip: bool) -> RequestView {
-        let method = host.request_header(":method").unwrap_or_default();
-        let path = host
-            .request_header(":path")
+    /// Reads what `needs` lists.
+    pub fn fetch(host: &impl Host, policy: &Policy, needs: &Needs) -> RequestView {
+        let header = |wanted: bool, name: &str| {
+            if wanted {
+                host.request_header(name)
+            } else {
+                None
+            }
+        };
+        let method = header(needs.method, ":method").unwrap_or_default();
+        let path = header(needs.path, ":path")
             .map(|p| strip_query(&p).to_owned())
             .unwrap_or_default();
-        let headers = needed
+        let headers = needs
+            .headers
             .iter()
             .map(|name| (name.clone(), host.request_header(name)))
             .collect();
-        let client_ip = if client_ip {
+        let client_ip = if needs.client_ip {
             let peer = host.peer_address().as_deref().and_then(parse_ip);
             let forwarded = if policy.client_ip.trusted_hops > 0 {
                 host.request_header("x-forwarded-for")

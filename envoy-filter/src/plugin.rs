@@ -15,7 +15,7 @@ use sluice_core::store::{hash, SharedBytes, SlotStore, StoreError};
 use sluice_core::time::{Nanos, Span};
 
 use crate::host::Host;
-use crate::http::{too_many_requests, LocalReply, RequestView};
+use crate::http::{too_many_requests, LocalReply, Needs, RequestView};
 use crate::metrics::{Metrics, Outcome};
 
 /// How often a VM with held requests checks them again. A held request is
@@ -64,8 +64,7 @@ pub struct Plugin<B> {
     policy: Policy,
     store: SlotStore<B>,
     metrics: Metrics,
-    needed_headers: Vec<String>,
-    needs_client_ip: bool,
+    needs: Needs,
     requests: HashMap<u32, RequestState>,
     held: Vec<Held>,
     evictions_reported: u64,
@@ -92,7 +91,11 @@ impl std::fmt::Display for ConfigureError {
 impl<B: SharedBytes> Plugin<B> {
     /// Validates `config` (the plugin configuration JSON) and prepares the
     /// shared counters in `backend`.
-    pub fn configure(host: &impl Host, backend: B, config: &[u8]) -> Result<Plugin<B>, ConfigureError> {
+    pub fn configure(
+        host: &impl Host,
+        backend: B,
+        config: &[u8],
+    ) -> Result<Plugin<B>, ConfigureError> {
         let text = String::from_utf8_lossy(config);
         let policy = Config::from_json(&text)
             .and_then(|c| c.validate())
@@ -103,8 +106,7 @@ impl<B: SharedBytes> Plugin<B> {
         store.prepare().map_err(ConfigureError::Store)?;
         let metrics = Metrics::define(host, &policy);
         Ok(Plugin {
-            needed_headers: policy.headers_needed().into_iter().map(String::from).collect(),
-            needs_client_ip: policy.needs_client_ip(),
+            needs: Needs::of(&policy),
             policy,
             store,
             metrics,
@@ -121,7 +123,7 @@ impl<B: SharedBytes> Plugin<B> {
 
     /// Decides a new request.
     pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) -> Step {
-        let view = RequestView::fetch(host, &self.policy, &self.needed_headers, self.needs_client_ip);
+        let view = RequestView::fetch(host, &self.policy, &self.needs);
         let keys = engine::applicable_rules(&self.policy, &view);
         if keys.is_empty() {
             return Step::Continue;
@@ -225,7 +227,11 @@ impl<B: SharedBytes> Plugin<B> {
                 wakes.push((h.context_id, wake));
             }
         }
-        host.set_tick_millis(if self.held.is_empty() { 0 } else { DELAY_TICK_MILLIS });
+        host.set_tick_millis(if self.held.is_empty() {
+            0
+        } else {
+            DELAY_TICK_MILLIS
+        });
         wakes
     }
 
@@ -247,14 +253,18 @@ impl<B: SharedBytes> Plugin<B> {
                 .response_header(":status")
                 .and_then(|s| s.parse::<u16>().ok());
             if status.is_some_and(|s| self.policy.exclude_statuses.contains(s)) {
-                if let Err(e) = engine::refund(&self.policy, &mut self.store, &verdict.charges, host.now()) {
+                if let Err(e) =
+                    engine::refund(&self.policy, &mut self.store, &verdict.charges, host.now())
+                {
                     self.metrics.error(host);
                     host.warn(&format!("sluice: refund failed: {e}"));
                 }
             }
         }
         if self.policy.headers_on_allowed && !self.policy.header_sets.is_empty() {
-            verdict.headers(&self.policy, |name, value| host.set_response_header(name, value));
+            verdict.headers(&self.policy, |name, value| {
+                host.set_response_header(name, value)
+            });
         }
     }
 
@@ -271,7 +281,8 @@ impl<B: SharedBytes> Plugin<B> {
 
     fn report_evictions(&mut self, host: &impl Host) {
         let total = self.store.live_evictions();
-        self.metrics.evictions(host, total - self.evictions_reported);
+        self.metrics
+            .evictions(host, total - self.evictions_reported);
         self.evictions_reported = total;
     }
 }
@@ -284,7 +295,11 @@ mod tests {
 
     const SEC: u64 = 1_000_000_000;
 
-    fn plugin<'a>(host: &FakeHost, shared: &'a InProcessShared, json: &str) -> Plugin<&'a InProcessShared> {
+    fn plugin<'a>(
+        host: &FakeHost,
+        shared: &'a InProcessShared,
+        json: &str,
+    ) -> Plugin<&'a InProcessShared> {
         host.now.set(1_800_000_000 * SEC);
         *host.peer.borrow_mut() = Some("10.0.0.7:41234".into());
         Plugin::configure(host, shared, json.as_bytes()).unwrap()
@@ -298,20 +313,34 @@ mod tests {
     }
 
     fn header<'a>(reply: &'a LocalReply, name: &str) -> Option<&'a str> {
-        reply.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+        reply
+            .headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     #[test]
     fn limits_at_the_boundary_and_answers_429_with_headers() {
         let (host, shared) = (FakeHost::default(), InProcessShared::default());
-        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"api","limit":{"count":2,"per":"1m"},"algorithm":"fixed_window"}]}"#);
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"api","limit":{"count":2,"per":"1m"},"algorithm":"fixed_window"}]}"#,
+        );
         for (id, remaining) in [(1, "1"), (2, "0")] {
             host.request("GET", "/x", &[]);
             assert_eq!(p.on_request_headers(&host, id), Step::Continue);
             host.respond(200);
             p.on_response_headers(&host, id);
-            assert_eq!(host.response_header("x-ratelimit-remaining").as_deref(), Some(remaining));
-            assert_eq!(host.response_header("ratelimit-policy").as_deref(), Some("\"api\";q=2;w=60"));
+            assert_eq!(
+                host.response_header("x-ratelimit-remaining").as_deref(),
+                Some(remaining)
+            );
+            assert_eq!(
+                host.response_header("ratelimit-policy").as_deref(),
+                Some("\"api\";q=2;w=60")
+            );
         }
         host.request("GET", "/x", &[]);
         let r = reply(p.on_request_headers(&host, 3));
@@ -349,7 +378,11 @@ mod tests {
     #[test]
     fn delay_holds_then_releases_on_tick() {
         let (host, shared) = (FakeHost::default(), InProcessShared::default());
-        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"2s"}]}"#);
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"2s"}]}"#,
+        );
         host.request("GET", "/", &[]);
         assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
         assert_eq!(p.on_request_headers(&host, 2), Step::Pause);
@@ -366,11 +399,19 @@ mod tests {
     #[test]
     fn delay_beyond_max_is_refused_and_abandoned_requests_are_forgotten() {
         let (host, shared) = (FakeHost::default(), InProcessShared::default());
-        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"10s"},"action":"delay","max_delay":"1s"}]}"#);
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"10s"},"action":"delay","max_delay":"1s"}]}"#,
+        );
         host.request("GET", "/", &[]);
         assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
         assert_eq!(reply(p.on_request_headers(&host, 2)).status, 429);
-        let mut q = plugin(&host, &shared, r#"{"rules":[{"name":"q","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"5s"}]}"#);
+        let mut q = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"q","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"5s"}]}"#,
+        );
         assert_eq!(q.on_request_headers(&host, 1), Step::Continue);
         assert_eq!(q.on_request_headers(&host, 2), Step::Pause);
         q.on_done(2);
@@ -380,10 +421,18 @@ mod tests {
     #[test]
     fn excluded_statuses_are_refunded() {
         let (host, shared) = (FakeHost::default(), InProcessShared::default());
-        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}],"exclude_statuses":["5xx"]}"#);
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}],"exclude_statuses":["5xx"]}"#,
+        );
         for id in 0..5 {
             host.request("GET", "/", &[]);
-            assert_eq!(p.on_request_headers(&host, id), Step::Continue, "request {id}");
+            assert_eq!(
+                p.on_request_headers(&host, id),
+                Step::Continue,
+                "request {id}"
+            );
             host.respond(503);
             p.on_response_headers(&host, id);
             p.on_done(id);
@@ -418,7 +467,11 @@ mod tests {
     #[test]
     fn headers_off_for_allowed_responses_when_configured() {
         let (host, shared) = (FakeHost::default(), InProcessShared::default());
-        let mut p = plugin(&host, &shared, r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1h"}}],"headers":{"on_allowed":false}}"#);
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1h"}}],"headers":{"on_allowed":false}}"#,
+        );
         host.request("GET", "/", &[]);
         assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
         host.respond(200);
@@ -429,10 +482,17 @@ mod tests {
     #[test]
     fn invalid_config_names_the_field() {
         let (host, shared) = (FakeHost::default(), InProcessShared::default());
-        let err = Plugin::configure(&host, &shared, br#"{"rules":[{"name":"r","limit":{"count":1,"per":"0s"}}]}"#)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(err, "invalid sluice configuration: rules[0].limit.per: must be at least 1ms");
+        let err = Plugin::configure(
+            &host,
+            &shared,
+            br#"{"rules":[{"name":"r","limit":{"count":1,"per":"0s"}}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid sluice configuration: rules[0].limit.per: must be at least 1ms"
+        );
         assert!(Plugin::configure(&host, &shared, b"\xff\xfe").is_err());
     }
 }

@@ -298,10 +298,15 @@ impl Limiter {
     /// See [`Algorithm::acquire`]. A state of another algorithm (the rule
     /// changed algorithm) is replaced by a fresh one first.
     pub fn acquire(&self, state: &mut State, now: Nanos, cost: u64, mode: Mode) -> Outcome {
-        with_state!(self, &mut *state, |alg, st| alg.acquire(st, now, cost, mode), {
-            *state = self.fresh_state();
-            self.acquire(state, now, cost, mode)
-        })
+        with_state!(
+            self,
+            &mut *state,
+            |alg, st| alg.acquire(st, now, cost, mode),
+            {
+                *state = self.fresh_state();
+                self.acquire(state, now, cost, mode)
+            }
+        )
     }
 
     /// See [`Algorithm::check`].

@@ -162,8 +162,12 @@ mod tests {
             KeyPart::Header("b".into()),
         ]);
         let (mut k1, mut k2) = (String::new(), String::new());
-        let r1 = HttpRequest::new("GET", "/").with_header("a", "x:1").with_header("b", "y");
-        let r2 = HttpRequest::new("GET", "/").with_header("a", "x").with_header("b", "1:y");
+        let r1 = HttpRequest::new("GET", "/")
+            .with_header("a", "x:1")
+            .with_header("b", "y");
+        let r2 = HttpRequest::new("GET", "/")
+            .with_header("a", "x")
+            .with_header("b", "1:y");
         assert!(spec.build(&r1, &mut k1) && spec.build(&r2, &mut k2));
         assert_ne!(k1, k2);
     }
@@ -174,6 +178,9 @@ mod tests {
         assert_eq!(KeyPart::parse("header:bad name"), None);
         assert_eq!(KeyPart::parse("path_segment:x"), None);
         assert_eq!(KeyPart::parse("ip"), None);
-        assert_eq!(KeyPart::parse("path_segment:2"), Some(KeyPart::PathSegment(2)));
+        assert_eq!(
+            KeyPart::parse("path_segment:2"),
+            Some(KeyPart::PathSegment(2))
+        );
     }
 }

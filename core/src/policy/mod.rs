@@ -139,4 +139,22 @@ impl Policy {
             .iter()
             .any(|r| r.key.parts().contains(&KeyPart::ClientIp))
     }
+
+    /// Whether any rule reads the method (a host then skips fetching it).
+    pub fn needs_method(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| !r.matcher.methods.is_empty() || r.key.parts().contains(&KeyPart::Method))
+    }
+
+    /// Whether any rule reads the path.
+    pub fn needs_path(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.matcher.path.is_some()
+                || r.key
+                    .parts()
+                    .iter()
+                    .any(|p| matches!(p, KeyPart::Path | KeyPart::PathSegment(_)))
+        })
+    }
 }

@@ -146,16 +146,22 @@ impl StateStore for MemoryStore {
     type Version = Option<String>;
 
     fn load(&mut self, slot: Slot<'_>, _now: Nanos) -> Result<Loaded<Option<String>>, StoreError> {
-        Ok(match self.partition(slot.rule_index).entries.remove_entry(slot.key) {
-            Some((key, entry)) => Loaded {
-                state: entry.state,
-                version: Some(key),
+        Ok(
+            match self
+                .partition(slot.rule_index)
+                .entries
+                .remove_entry(slot.key)
+            {
+                Some((key, entry)) => Loaded {
+                    state: entry.state,
+                    version: Some(key),
+                },
+                None => Loaded {
+                    state: slot.rule.limiter.fresh_state(),
+                    version: None,
+                },
             },
-            None => Loaded {
-                state: slot.rule.limiter.fresh_state(),
-                version: None,
-            },
-        })
+        )
     }
 
     fn save(

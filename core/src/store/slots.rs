@@ -387,10 +387,19 @@ mod tests {
         let mut b = two.load(slot, Nanos(0)).unwrap();
         assert!(rule.limiter.check(&mut a.state, Nanos(0), 1).allowed);
         assert!(rule.limiter.check(&mut b.state, Nanos(0), 1).allowed);
-        assert_eq!(one.save(slot, a.state, a.version, Nanos(0)).unwrap(), Saved::Stored);
-        assert_eq!(two.save(slot, b.state, b.version, Nanos(0)).unwrap(), Saved::Conflict);
+        assert_eq!(
+            one.save(slot, a.state, a.version, Nanos(0)).unwrap(),
+            Saved::Stored
+        );
+        assert_eq!(
+            two.save(slot, b.state, b.version, Nanos(0)).unwrap(),
+            Saved::Conflict
+        );
         let mut again = two.load(slot, Nanos(0)).unwrap();
-        assert_eq!(rule.limiter.check(&mut again.state, Nanos(0), 1).remaining, 0);
+        assert_eq!(
+            rule.limiter.check(&mut again.state, Nanos(0), 1).remaining,
+            0
+        );
     }
 
     #[test]
@@ -432,7 +441,9 @@ mod tests {
         let later = Nanos(5_000_000_000);
         let mut z = store.load(Slot { key: "z", ..slot_e }, later).unwrap();
         rule.limiter.check(&mut z.state, later, 1);
-        store.save(Slot { key: "z", ..slot_e }, z.state, z.version, later).unwrap();
+        store
+            .save(Slot { key: "z", ..slot_e }, z.state, z.version, later)
+            .unwrap();
         assert_eq!(store.live_evictions(), 1);
     }
 
@@ -451,9 +462,14 @@ mod tests {
         };
         let mut loaded = store.load(slot, Nanos(0)).unwrap();
         rule.limiter.check(&mut loaded.state, Nanos(0), 1);
-        store.save(slot, loaded.state, loaded.version, Nanos(0)).unwrap();
+        store
+            .save(slot, loaded.state, loaded.version, Nanos(0))
+            .unwrap();
         assert_eq!(shared.len(), 3);
         shared.corrupt(|value| value.truncate(value.len() - 1));
-        assert!(matches!(store.load(slot, Nanos(0)), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            store.load(slot, Nanos(0)),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }

@@ -127,8 +127,9 @@ pub fn set_tick_period(millis: u32) -> Result<(), Status> {
 pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: the host fills data/size with a buffer it allocated.
-    let status =
-        unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size) };
+    let status = unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
+    };
     match status {
         OK => Ok(host_bytes(data, size)),
         NOT_FOUND => Ok(None),
@@ -140,7 +141,13 @@ pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
 pub fn set_header(map: Map, name: &str, value: &str) -> Result<(), Status> {
     // SAFETY: pointers and lengths describe live strings.
     check(unsafe {
-        proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+        proxy_replace_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
     })
 }
 
@@ -153,7 +160,8 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
     }
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: the host fills data/size with a buffer it allocated.
-    let status = unsafe { proxy_get_property(encoded.as_ptr(), encoded.len(), &mut data, &mut size) };
+    let status =
+        unsafe { proxy_get_property(encoded.as_ptr(), encoded.len(), &mut data, &mut size) };
     match status {
         OK => Ok(host_bytes(data, size)),
         NOT_FOUND => Ok(None),
@@ -166,7 +174,9 @@ pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
     const PLUGIN_CONFIGURATION: u32 = 7;
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: the host fills data/size with a buffer it allocated.
-    let status = unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut data, &mut size) };
+    let status = unsafe {
+        proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut data, &mut size)
+    };
     match status {
         OK => Ok(host_bytes(data, size).unwrap_or_default()),
         NOT_FOUND => Ok(Vec::new()),
@@ -178,7 +188,8 @@ pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
 pub fn get_shared(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
     let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
     // SAFETY: the host fills data/size/cas.
-    let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    let status =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
     match status {
         OK => Ok((Some(host_bytes(data, size).unwrap_or_default()), cas)),
         NOT_FOUND => Ok((None, 0)),
@@ -188,7 +199,11 @@ pub fn get_shared(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
 
 /// Writes shared data if its token is still `cas` (0: unconditionally).
 pub fn set_shared(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
-    let ptr = if value.is_empty() { null() } else { value.as_ptr() };
+    let ptr = if value.is_empty() {
+        null()
+    } else {
+        value.as_ptr()
+    };
     // SAFETY: pointers and lengths describe live buffers.
     check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas) })
 }
@@ -220,7 +235,11 @@ pub fn resume_request() -> Result<(), Status> {
 }
 
 /// Sends a local reply for the current request.
-pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
+pub fn send_local_response(
+    status: u32,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<(), Status> {
     let headers = serialize_headers(headers);
     // SAFETY: pointers and lengths describe live buffers; -1 = no gRPC status.
     check(unsafe {

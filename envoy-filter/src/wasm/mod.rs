@@ -48,7 +48,10 @@ impl Host for EnvoyHost {
     }
     fn set_response_header(&self, name: &str, value: &str) {
         if let Err(s) = abi::set_header(abi::Map::ResponseHeaders, name, value) {
-            abi::log(LOG_WARN, &format!("sluice: cannot set header {name}: status {}", s.0));
+            abi::log(
+                LOG_WARN,
+                &format!("sluice: cannot set header {name}: status {}", s.0),
+            );
         }
     }
     fn peer_address(&self) -> Option<String> {
@@ -56,14 +59,20 @@ impl Host for EnvoyHost {
     }
     fn set_tick_millis(&self, millis: u32) {
         if let Err(s) = abi::set_tick_period(millis) {
-            abi::log(LOG_WARN, &format!("sluice: cannot set tick period: status {}", s.0));
+            abi::log(
+                LOG_WARN,
+                &format!("sluice: cannot set tick period: status {}", s.0),
+            );
         }
     }
     fn define_counter(&self, name: &str) -> Option<MetricId> {
         match abi::define_counter(name) {
             Ok(id) => Some(MetricId(id)),
             Err(s) => {
-                abi::log(LOG_WARN, &format!("sluice: cannot define stat {name}: status {}", s.0));
+                abi::log(
+                    LOG_WARN,
+                    &format!("sluice: cannot define stat {name}: status {}", s.0),
+                );
                 None
             }
         }
@@ -96,9 +105,16 @@ impl SharedBytes for EnvoyShared {
 }
 
 fn send(reply: &LocalReply) {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
     if let Err(s) = abi::send_local_response(reply.status, &headers, &reply.body) {
-        abi::log(LOG_WARN, &format!("sluice: cannot send local reply: status {}", s.0));
+        abi::log(
+            LOG_WARN,
+            &format!("sluice: cannot send local reply: status {}", s.0),
+        );
     }
 }
 
@@ -113,7 +129,10 @@ impl RootContext for Root {
         let config = match abi::plugin_configuration() {
             Ok(c) => c,
             Err(s) => {
-                abi::log(LOG_ERROR, &format!("sluice: cannot read plugin configuration: status {}", s.0));
+                abi::log(
+                    LOG_ERROR,
+                    &format!("sluice: cannot read plugin configuration: status {}", s.0),
+                );
                 return false;
             }
         };
@@ -136,7 +155,10 @@ impl RootContext for Root {
         // Decide first, then act: resuming or replying calls back into the
         // filter, which must find the plugin free.
         let wakes = match self.plugin.try_borrow_mut() {
-            Ok(mut slot) => slot.as_mut().map(|p| p.on_tick(&EnvoyHost)).unwrap_or_default(),
+            Ok(mut slot) => slot
+                .as_mut()
+                .map(|p| p.on_tick(&EnvoyHost))
+                .unwrap_or_default(),
             Err(_) => return,
         };
         for (context_id, wake) in wakes {
