@@ -289,18 +289,33 @@ pub const MAX_TRUSTED_HOPS: u32 = 32;
 impl Config {
     /// Reads JSON (the filter's plugin configuration).
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_data() {
+                shape_error(path, inner.to_string())
+            } else {
+                ConfigError::Syntax {
+                    format: "JSON",
+                    message: inner.to_string(),
+                }
+            }
+        })?;
+        de.end().map_err(|e| ConfigError::Syntax {
             format: "JSON",
             message: e.to_string(),
-        })
+        })?;
+        Ok(config)
     }
 
     /// Reads YAML (the quota server's file).
     #[cfg(feature = "std")]
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
-            format: "YAML",
-            message: e.to_string(),
+        let de = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            shape_error(path, e.into_inner().to_string())
         })
     }
 
@@ -370,6 +385,16 @@ impl Policy {
     pub fn from_json(text: &str) -> Result<Policy, ConfigError> {
         Config::from_json(text)?.validate()
     }
+}
+
+/// A value of the wrong shape, at `path` (`.` when the whole document).
+fn shape_error(path: String, message: String) -> ConfigError {
+    let path = if path == "." {
+        String::from("(document)")
+    } else {
+        path
+    };
+    ConfigError::Invalid([FieldError { path, message }].into())
 }
 
 #[derive(Default)]
@@ -680,7 +705,15 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused() {
         let err = Policy::from_json(r#"{"rules":[{"name":"r","limits":{}}]}"#).unwrap_err();
-        assert!(err.to_string().contains("unknown field `limits`"), "{err}");
+        assert!(err.to_string().starts_with("rules[0].limits: unknown field `limits`"), "{err}");
+        let err = Policy::from_json(r#"{"rules":[],"headers":{"sets":["ietf","x_rate"]}}"#).unwrap_err();
+        assert!(err.to_string().starts_with("headers.sets[1]: unknown variant `x_rate`"), "{err}");
+        let err = Policy::from_json(r#"{"rules":[]"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+        let err = Policy::from_json(r#"{"rules":[]} trailing"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+        let sets = Policy::from_json(r#"{"headers":{"sets":["x_ratelimit"]}}"#).unwrap();
+        assert!(sets.header_sets.x_ratelimit && !sets.header_sets.ietf);
         let err = Policy::from_json(
             r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1 fortnight"}}]}"#,
         )

@@ -16,6 +16,9 @@ pub struct Decision {
     pub allowed: bool,
     /// Permits per window (the quota's count).
     pub limit: u64,
+    /// Most permits usable at once: the burst of bucket algorithms, else
+    /// `limit`. `remaining` never exceeds it.
+    pub capacity: u64,
     /// The quota's window.
     pub window: Span,
     /// Permits left.
@@ -32,6 +35,7 @@ impl Decision {
         Decision {
             allowed: outcome.allowed,
             limit: quota.count(),
+            capacity: quota.burst(),
             window: quota.per(),
             remaining: outcome.remaining,
             reset_after: outcome.reset_after,
@@ -44,6 +48,16 @@ impl Decision {
     pub fn retry_after_secs(&self) -> u64 {
         const CAP: u64 = 86_400;
         self.retry_after.as_secs_ceil().clamp(1, CAP)
+    }
+
+    /// Seconds a client should read as "until this resets": when limited,
+    /// until it may retry; otherwise until the allowance is whole again.
+    pub fn reset_secs(&self) -> u64 {
+        if self.allowed {
+            self.reset_after.as_secs_ceil()
+        } else {
+            self.retry_after_secs()
+        }
     }
 
     /// Which of two decisions a client should be told about: a denial over
@@ -72,6 +86,7 @@ pub enum HeaderSet {
     /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
     Ietf,
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    #[serde(rename = "x_ratelimit")]
     XRateLimit,
 }
 
@@ -140,13 +155,13 @@ pub fn render_headers<'a>(
     }
     if sets.x_ratelimit {
         value.clear();
-        let _ = write!(value, "{}", shown.limit);
+        let _ = write!(value, "{}", shown.capacity);
         emit(names::X_RATELIMIT_LIMIT, &value);
         value.clear();
         let _ = write!(value, "{}", shown.remaining);
         emit(names::X_RATELIMIT_REMAINING, &value);
         value.clear();
-        let _ = write!(value, "{}", shown.reset_after.as_secs_ceil());
+        let _ = write!(value, "{}", shown.reset_secs());
         emit(names::X_RATELIMIT_RESET, &value);
     }
     if sets.ietf {
@@ -166,12 +181,7 @@ pub fn render_headers<'a>(
         value.clear();
         for (i, (name, d)) in rules.enumerate() {
             let sep = if i == 0 { "" } else { ", " };
-            let t = if d.allowed {
-                d.reset_after.as_secs_ceil()
-            } else {
-                d.retry_after_secs()
-            };
-            let _ = write!(value, "{sep}\"{name}\";r={};t={t}", d.remaining);
+            let _ = write!(value, "{sep}\"{name}\";r={};t={}", d.remaining, d.reset_secs());
         }
         if !value.is_empty() {
             emit(names::RATELIMIT, &value);
@@ -189,6 +199,7 @@ mod tests {
         Decision {
             allowed,
             limit: 100,
+            capacity: 100,
             window: Span::from_secs(60),
             remaining,
             reset_after: Span::from_millis(reset_ms),
@@ -216,7 +227,7 @@ mod tests {
             ("retry-after", "2"),
             ("x-ratelimit-limit", "100"),
             ("x-ratelimit-remaining", "0"),
-            ("x-ratelimit-reset", "17"),
+            ("x-ratelimit-reset", "2"),
             ("ratelimit-policy", "\"api\";q=100;w=60"),
             ("ratelimit", "\"api\";r=0;t=2"),
         ];
@@ -232,6 +243,7 @@ mod tests {
         let a = decision(true, 42, 17_000, 0);
         let b = Decision {
             limit: 5,
+            capacity: 5,
             window: Span::from_secs(1),
             ..decision(true, 4, 200, 0)
         };
@@ -247,6 +259,17 @@ mod tests {
             "\"a\";q=100;w=60, \"b\";q=5;w=1".into()
         )));
         assert!(headers.contains(&("ratelimit".into(), "\"a\";r=42;t=17, \"b\";r=4;t=1".into())));
+    }
+
+    #[test]
+    fn limit_header_shows_capacity_so_remaining_never_exceeds_it() {
+        let d = Decision {
+            capacity: 20,
+            ..decision(true, 19, 6_000, 0)
+        };
+        let headers = render(&[("burst", d)], d, HeaderSets::ALL);
+        assert!(headers.contains(&("x-ratelimit-limit".into(), "20".into())));
+        assert!(headers.contains(&("ratelimit-policy".into(), "\"burst\";q=100;w=60".into())));
     }
 
     #[test]

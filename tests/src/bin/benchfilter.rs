@@ -1,0 +1,433 @@
+//! `make bench-filter`: what the Sluice filter costs inside Envoy.
+//!
+//! One Envoy worker, the `/direct` route (a `direct_response`, no upstream
+//! work), a load generator on loopback. Variants (see [`variants`]):
+//! - `nofilter`: no HTTP filter but the router;
+//! - `native`: Envoy's `local_ratelimit` with a bucket that never empties;
+//! - `sluice`: the Sluice filter with one per-IP token bucket that never
+//!   limits.
+//!
+//! Runs are interleaved: `--rounds` rounds (default 3), the variant order
+//! rotated each round, a fresh Envoy per run, a short warm-up before each.
+//! Envoy is pinned to CPU 0 and the load generator to CPU 1 (`--no-pin` to
+//! disable). Prints every run, the medians and the ratios
+//! (`filter_vs_nofilter_rps_ratio: X`, `filter_vs_native_rps_ratio: X`).
+//!
+//! To add a variant (e.g. gRPC through h2load, a WebSocket run), add a
+//! [`Load`] kind with its runner in [`run_load`], a [`Variant`] in
+//! [`variants`], and the [`Ratio`]s to print in [`ratios`].
+//!
+//! Options: `--rounds N`, `--duration SECONDS`, `--connections N`,
+//! `--threads N`, `--warmup SECONDS`, `--no-pin`, `--only NAME[,NAME]`.
+
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::json;
+use sluice_e2e::envoy::{pin_to_cpus, Envoy, EnvoyBuilder};
+use sluice_e2e::upstream::Upstream;
+use sluice_e2e::{find_on_path, wasm_path};
+
+/// How a variant's Envoy is set up.
+#[derive(Debug, Clone, Copy)]
+enum Filters {
+    None,
+    NativeLocalRatelimit,
+    /// Sluice with one per-IP token bucket of 10^9 per second.
+    SluiceNeverLimits,
+}
+
+/// The load put on Envoy.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// wrk (HTTP/1.1, keep-alive) on `path`.
+    Wrk { path: &'static str },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    name: &'static str,
+    filters: Filters,
+    load: Load,
+}
+
+/// A ratio of two variants' median requests/s, printed as `label: X`.
+struct Ratio {
+    label: &'static str,
+    numerator: &'static str,
+    denominator: &'static str,
+}
+
+fn variants() -> Vec<Variant> {
+    let http = Load::Wrk { path: "/direct" };
+    vec![
+        Variant {
+            name: "nofilter",
+            filters: Filters::None,
+            load: http,
+        },
+        Variant {
+            name: "native",
+            filters: Filters::NativeLocalRatelimit,
+            load: http,
+        },
+        Variant {
+            name: "sluice",
+            filters: Filters::SluiceNeverLimits,
+            load: http,
+        },
+    ]
+}
+
+fn ratios() -> Vec<Ratio> {
+    vec![
+        Ratio {
+            label: "filter_vs_nofilter_rps_ratio",
+            numerator: "sluice",
+            denominator: "nofilter",
+        },
+        Ratio {
+            label: "filter_vs_native_rps_ratio",
+            numerator: "sluice",
+            denominator: "native",
+        },
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Options {
+    rounds: usize,
+    duration_s: u64,
+    warmup_s: u64,
+    connections: u32,
+    threads: u32,
+    pin: bool,
+    only: Option<Vec<String>>,
+}
+
+/// One measured run.
+#[derive(Debug, Clone)]
+struct Run {
+    rps: f64,
+    requests: u64,
+    non_2xx: u64,
+    latency: String,
+    /// Envoy's CPU time per request.
+    cpu_per_request: Duration,
+}
+
+fn main() -> ExitCode {
+    let options = match parse_args(std::env::args().skip(1).collect()) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("benchfilter: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("benchfilter: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("benchfilter failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_args(args: Vec<String>) -> Result<Options> {
+    let mut options = Options {
+        rounds: 3,
+        duration_s: 5,
+        warmup_s: 1,
+        connections: 32,
+        threads: 1,
+        pin: true,
+        only: None,
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| anyhow!("{arg} needs a value"));
+        match arg.as_str() {
+            "--rounds" => options.rounds = value()?.parse()?,
+            "--duration" => options.duration_s = value()?.parse()?,
+            "--warmup" => options.warmup_s = value()?.parse()?,
+            "--connections" => options.connections = value()?.parse()?,
+            "--threads" => options.threads = value()?.parse()?,
+            "--no-pin" => options.pin = false,
+            "--only" => {
+                options.only = Some(value()?.split(',').map(str::to_owned).collect());
+            }
+            "-h" | "--help" => {
+                println!(
+                    "benchfilter [--rounds N] [--duration S] [--warmup S] [--connections N] \
+                     [--threads N] [--no-pin] [--only NAME,...]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    if options.rounds == 0 || options.duration_s == 0 || options.connections == 0 {
+        bail!("--rounds, --duration and --connections must be at least 1");
+    }
+    if options.duration_s > 120 || options.rounds > 20 {
+        bail!("keep runs bounded: --duration at most 120, --rounds at most 20");
+    }
+    Ok(options)
+}
+
+async fn run(options: &Options) -> Result<()> {
+    let variants: Vec<Variant> = variants()
+        .into_iter()
+        .filter(|v| {
+            options
+                .only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|o| o == v.name))
+        })
+        .collect();
+    if variants.is_empty() {
+        bail!("no variant selected");
+    }
+    if variants
+        .iter()
+        .any(|v| matches!(v.filters, Filters::SluiceNeverLimits))
+    {
+        wasm_path()?;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = options.pin && cpus >= 2;
+    println!(
+        "benchfilter: {} round(s) x {} variant(s), {} s each (+{} s warm-up), {} connection(s), \
+         1 Envoy worker{}",
+        options.rounds,
+        variants.len(),
+        options.duration_s,
+        options.warmup_s,
+        options.connections,
+        if pin {
+            ", Envoy on CPU 0, load generator on CPU 1"
+        } else {
+            ", not pinned"
+        }
+    );
+    if let Some(load) = load_average() {
+        if load > 0.5 {
+            println!(
+                "warning: load average {load:.2} before the runs: other processes compete \
+                 for the CPUs, the numbers will be noisy"
+            );
+        }
+    }
+    let upstream = Upstream::start().await?;
+    let mut results: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
+    for round in 0..options.rounds {
+        for k in 0..variants.len() {
+            let index = (k + round) % variants.len();
+            let variant = variants[index];
+            let run = run_variant(&variant, options, pin, &upstream, round).await?;
+            println!(
+                "round {} {:<10} {:>10.0} req/s  {:>9} requests  latency avg {:<9} envoy cpu {:>6.2} us/req{}",
+                round + 1,
+                variant.name,
+                run.rps,
+                run.requests,
+                run.latency,
+                run.cpu_per_request.as_secs_f64() * 1e6,
+                if run.non_2xx > 0 {
+                    format!("  NON-2XX: {}", run.non_2xx)
+                } else {
+                    String::new()
+                }
+            );
+            if run.non_2xx > 0 {
+                bail!(
+                    "variant {}: {} responses were not 2xx (a variant must never limit)",
+                    variant.name,
+                    run.non_2xx
+                );
+            }
+            results[index].push(run);
+        }
+    }
+
+    println!();
+    println!("medians:");
+    let mut medians = Vec::new();
+    for (variant, runs) in variants.iter().zip(&results) {
+        let rps = median(runs.iter().map(|r| r.rps).collect());
+        let cpu = median(
+            runs.iter()
+                .map(|r| r.cpu_per_request.as_secs_f64() * 1e6)
+                .collect(),
+        );
+        println!(
+            "  {:<10} {:>10.0} req/s  envoy cpu {:>6.2} us/req",
+            variant.name, rps, cpu
+        );
+        medians.push((variant.name, rps));
+    }
+    println!();
+    for ratio in ratios() {
+        let find = |name: &str| medians.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+        if let (Some(num), Some(den)) = (find(ratio.numerator), find(ratio.denominator)) {
+            if den > 0.0 {
+                println!("{}: {:.3}", ratio.label, num / den);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_variant(
+    variant: &Variant,
+    options: &Options,
+    pin: bool,
+    upstream: &Upstream,
+    round: usize,
+) -> Result<Run> {
+    let mut builder = Envoy::builder("benchfilter")
+        .instance(&format!("{}-r{}", variant.name, round + 1))
+        .upstream(upstream.port())
+        .concurrency(1)
+        .access_log(false)
+        .log_level("warn");
+    if pin {
+        builder = builder.cpu_affinity(&[0]);
+    }
+    builder = configure(builder, variant.filters);
+    let envoy = builder
+        .start()
+        .await
+        .with_context(|| format!("starting Envoy for {}", variant.name))?;
+    if options.warmup_s > 0 {
+        run_load(&envoy, variant.load, options, options.warmup_s, pin)?;
+    }
+    let cpu_before = envoy.cpu_time()?;
+    let mut run = run_load(&envoy, variant.load, options, options.duration_s, pin)?;
+    let cpu = envoy.cpu_time()?.saturating_sub(cpu_before);
+    run.cpu_per_request = if run.requests > 0 {
+        cpu / u32::try_from(run.requests).unwrap_or(u32::MAX)
+    } else {
+        Duration::ZERO
+    };
+    Ok(run)
+}
+
+fn configure(builder: EnvoyBuilder, filters: Filters) -> EnvoyBuilder {
+    match filters {
+        Filters::None => builder,
+        Filters::NativeLocalRatelimit => builder.native_local_ratelimit(true),
+        Filters::SluiceNeverLimits => builder.sluice(&json!({
+            "rules": [{
+                "name": "bench-per-ip",
+                "key": ["client_ip"],
+                "limit": {"count": 1_000_000_000u64, "per": "1s"},
+                "algorithm": "token_bucket"
+            }]
+        })),
+    }
+}
+
+fn run_load(envoy: &Envoy, load: Load, options: &Options, seconds: u64, pin: bool) -> Result<Run> {
+    match load {
+        Load::Wrk { path } => run_wrk(envoy, path, options, seconds, pin),
+    }
+}
+
+fn run_wrk(envoy: &Envoy, path: &str, options: &Options, seconds: u64, pin: bool) -> Result<Run> {
+    let wrk = match std::env::var_os("SLUICE_WRK").filter(|v| !v.is_empty()) {
+        Some(p) => p.into(),
+        None => find_on_path("wrk").ok_or_else(|| anyhow!("wrk not found: run `make setup`"))?,
+    };
+    let url = envoy.url(path);
+    if !url.starts_with("http://127.0.0.1:") {
+        bail!("refusing to load anything but loopback: {url}");
+    }
+    let mut command = Command::new(wrk);
+    if pin {
+        pin_to_cpus(&mut command, &[1]);
+    }
+    let output = command
+        .arg(format!("-t{}", options.threads))
+        .arg(format!("-c{}", options.connections))
+        .arg(format!("-d{seconds}s"))
+        .arg("--timeout")
+        .arg("5s")
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!(
+            "wrk failed ({}): {}{}",
+            output.status,
+            text,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    parse_wrk(&text)
+}
+
+/// Reads `Requests/sec:`, `N requests in`, `Non-2xx or 3xx responses:` and
+/// the average latency from wrk's output.
+fn parse_wrk(text: &str) -> Result<Run> {
+    let mut rps = None;
+    let mut requests = None;
+    let mut non_2xx = 0;
+    let mut latency = String::from("?");
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse::<f64>().ok();
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            non_2xx = v.trim().parse().unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("Latency") {
+            latency = v.split_whitespace().next().unwrap_or("?").to_owned();
+        } else if line.contains(" requests in ") {
+            requests = line.split_whitespace().next().and_then(|n| n.parse().ok());
+        }
+    }
+    Ok(Run {
+        rps: rps.ok_or_else(|| anyhow!("no Requests/sec in wrk's output:\n{text}"))?,
+        requests: requests.ok_or_else(|| anyhow!("no request count in wrk's output:\n{text}"))?,
+        non_2xx,
+        latency,
+        cpu_per_request: Duration::ZERO,
+    })
+}
+
+/// The 1-minute load average.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
