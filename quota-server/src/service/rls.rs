@@ -1,0 +1,311 @@
+//! Envoy's rate limit service, `envoy.service.ratelimit.v3.RateLimitService`,
+//! answering as envoyproxy/ratelimit does so Envoy's native filter works
+//! unchanged.
+//!
+//! - An unknown domain, or a descriptor no limit matches, is `OK` without a
+//!   limit (envoyproxy/ratelimit does the same).
+//! - `hits_addend` (per descriptor, else per request) is the cost; 0 means 1.
+//!   A descriptor with `is_negative_hits` gives its hits back (a refund).
+//! - All or nothing: a request over one limit consumes nothing from the others.
+//! - Shadow-mode descriptors are counted and reported (remaining, reset)
+//!   but their code stays `OK`, as in envoyproxy/ratelimit.
+//! - `current_limit` must use a calendar unit: a window that is exactly a
+//!   unit is reported as is; any other window is reported in the smallest
+//!   unit at least as long, with `requests_per_unit` the same rate rounded
+//!   down (5 per 10 s is reported as 30 per minute), at least 1.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    rate_limit::Unit, Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+use sluice_core::algorithm::Outcome;
+use sluice_core::decision::{render_headers, Decision, HeaderSets};
+use sluice_core::time::Span;
+use tonic::{Request, Response, Status};
+
+use super::decide::Decider;
+use super::Shared;
+use crate::limits::{Limit, Resolved};
+use crate::storage::{Backend, Item};
+
+/// The gRPC service over a backend.
+#[derive(Debug)]
+pub struct Rls<B> {
+    shared: Arc<Shared>,
+    decider: Arc<Decider<B>>,
+}
+
+impl<B> Rls<B> {
+    /// A service reading limits from `shared` and deciding with `decider`.
+    pub fn new(shared: Arc<Shared>, decider: Arc<Decider<B>>) -> Rls<B> {
+        Rls { shared, decider }
+    }
+}
+
+/// One descriptor that resolved to a limit.
+struct Charged<'a> {
+    /// Position of the descriptor in the request.
+    index: usize,
+    /// What it asks of storage.
+    item: Item<'a>,
+}
+
+#[tonic::async_trait]
+impl<B: Backend> RateLimitService for Rls<B> {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let request = request.into_inner();
+        if request.domain.is_empty() {
+            return Err(Status::invalid_argument(
+                "rate limit domain must not be empty",
+            ));
+        }
+        if request.descriptors.is_empty() {
+            return Err(Status::invalid_argument(
+                "rate limit descriptor list must not be empty",
+            ));
+        }
+        let limits = self.shared.limits();
+        let ok = || DescriptorStatus {
+            code: Code::Ok as i32,
+            ..DescriptorStatus::default()
+        };
+        let mut statuses: Vec<DescriptorStatus> =
+            request.descriptors.iter().map(|_| ok()).collect();
+        let Some(domain) = limits.domain(&request.domain) else {
+            return Ok(Response::new(RateLimitResponse {
+                overall_code: Code::Ok as i32,
+                statuses,
+                ..RateLimitResponse::default()
+            }));
+        };
+
+        let mut charged = Vec::new();
+        let mut refunds = Vec::new();
+        for (index, descriptor) in request.descriptors.iter().enumerate() {
+            let entries: Vec<(String, String)> = descriptor
+                .entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect();
+            let Resolved::Limited(limit) = limits.resolve(domain, &entries) else {
+                continue;
+            };
+            let hits = descriptor
+                .hits_addend
+                .map_or(u64::from(request.hits_addend), |v| v.value);
+            let item = Item {
+                limit,
+                key: limit.storage_key(&entries),
+                cost: hits.max(1),
+                enforce: !limit.shadow,
+            };
+            if descriptor.is_negative_hits {
+                refunds.push(item);
+            } else {
+                charged.push(Charged { index, item });
+            }
+        }
+        drop_replaced(&mut charged);
+        let (items, item_of) = merge_same_counter(&charged);
+
+        let decided = self.decider.decide(&limits, domain, &items).await;
+        self.decider.refund(domain, &refunds).await;
+        let mut over = false;
+        if let Some(outcomes) = &decided.outcomes {
+            for (c, &i) in charged.iter().zip(&item_of) {
+                let limited = !outcomes[i].allowed && items[i].enforce;
+                over |= limited;
+                statuses[c.index] = status(c.item.limit, &outcomes[i], limited);
+            }
+        }
+        let decisions: Vec<(&str, Decision)> = decided
+            .outcomes
+            .iter()
+            .flat_map(|outcomes| items.iter().zip(outcomes))
+            .filter(|(item, _)| item.enforce)
+            .map(|(item, o)| {
+                (
+                    item.limit.name.as_str(),
+                    Decision::new(&item.limit.quota(), o),
+                )
+            })
+            .collect();
+        Ok(Response::new(RateLimitResponse {
+            overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
+            statuses,
+            response_headers_to_add: headers(&decisions),
+            ..RateLimitResponse::default()
+        }))
+    }
+}
+
+/// Drops limits that another applicable limit `replaces`.
+fn drop_replaced(charged: &mut Vec<Charged<'_>>) {
+    let replaced: Vec<bool> = charged
+        .iter()
+        .map(|c| {
+            let limit = c.item.limit;
+            charged
+                .iter()
+                .any(|o| o.item.limit.id != limit.id && o.item.limit.replaces.contains(&limit.name))
+        })
+        .collect();
+    let mut keep = replaced.into_iter().map(|r| !r);
+    charged.retain(|_| keep.next().unwrap_or(true));
+}
+
+/// One item per counter: descriptors of one request that land on the same
+/// limit and key add their costs (as envoyproxy/ratelimit increments the
+/// key once per descriptor), since a batch must not name a key twice.
+/// Also returns, per charged descriptor, the position of its item.
+fn merge_same_counter<'a>(charged: &[Charged<'a>]) -> (Vec<Item<'a>>, Vec<usize>) {
+    let mut items: Vec<Item<'a>> = Vec::with_capacity(charged.len());
+    let mut item_of = Vec::with_capacity(charged.len());
+    for c in charged {
+        let same = items
+            .iter()
+            .position(|it| it.limit.id == c.item.limit.id && it.key == c.item.key);
+        match same {
+            Some(i) => {
+                items[i].cost = items[i].cost.saturating_add(c.item.cost);
+                item_of.push(i);
+            }
+            None => {
+                items.push(c.item.clone());
+                item_of.push(items.len() - 1);
+            }
+        }
+    }
+    (items, item_of)
+}
+
+fn status(limit: &Limit, outcome: &Outcome, limited: bool) -> DescriptorStatus {
+    DescriptorStatus {
+        code: if limited { Code::OverLimit } else { Code::Ok } as i32,
+        current_limit: Some(current_limit(limit)),
+        limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
+        duration_until_reset: Some(duration(outcome.reset_after)),
+        ..DescriptorStatus::default()
+    }
+}
+
+const UNITS: [(Unit, u64); 7] = [
+    (Unit::Second, 1),
+    (Unit::Minute, 60),
+    (Unit::Hour, 3_600),
+    (Unit::Day, 86_400),
+    (Unit::Week, 7 * 86_400),
+    (Unit::Month, 30 * 86_400),
+    (Unit::Year, 365 * 86_400),
+];
+
+/// The limit in envoy's terms; see the module doc for windows that are not a unit.
+pub fn current_limit(limit: &Limit) -> RateLimit {
+    let quota = limit.quota();
+    let per = u128::from(quota.per().as_nanos());
+    let (unit, secs) = UNITS
+        .iter()
+        .find(|(_, secs)| u128::from(*secs) * 1_000_000_000 >= per)
+        .copied()
+        .unwrap_or((Unit::Year, 365 * 86_400));
+    let scaled = u128::from(quota.count()) * u128::from(secs) * 1_000_000_000 / per;
+    RateLimit {
+        name: limit.name.clone(),
+        requests_per_unit: u32::try_from(scaled.max(1)).unwrap_or(u32::MAX),
+        unit: unit as i32,
+    }
+}
+
+fn duration(span: Span) -> ProtoDuration {
+    let ns = span.as_nanos();
+    ProtoDuration {
+        seconds: i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX),
+        nanos: i32::try_from(ns % 1_000_000_000).unwrap_or(0),
+    }
+}
+
+/// The rate-limit headers (IETF draft and `X-RateLimit-*`) for the
+/// enforced limits: the denying or most restrictive one is summarised.
+fn headers(decisions: &[(&str, Decision)]) -> Vec<HeaderValue> {
+    let Some(shown) = decisions
+        .iter()
+        .map(|(_, d)| *d)
+        .reduce(Decision::more_restrictive)
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    render_headers(
+        decisions.iter().copied(),
+        shown,
+        HeaderSets::ALL,
+        |name, value| {
+            out.push(HeaderValue {
+                key: name.into(),
+                value: value.into(),
+                ..HeaderValue::default()
+            });
+        },
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendKind, DescriptorFile, DomainConfig, Problems};
+    use crate::limits::Limits;
+
+    fn limits(yaml: &str) -> Limits {
+        let file: DescriptorFile = serde_norway::from_str(yaml).unwrap();
+        let domain = DomainConfig {
+            name: file.domain,
+            descriptors: file.descriptors,
+            ..DomainConfig::default()
+        };
+        let mut problems = Problems::default();
+        let l = Limits::build(&[("d".into(), domain)], BackendKind::Memory, &mut problems);
+        assert!(problems.is_empty());
+        l
+    }
+
+    #[test]
+    fn windows_map_to_units() {
+        let l = limits(
+            r#"
+domain: d
+descriptors:
+  - {key: a, rate_limit: {unit: minute, requests_per_unit: 7}}
+  - {key: b, rate_limit: {per: 10s, requests_per_unit: 5}}
+  - {key: c, rate_limit: {per: 500ms, requests_per_unit: 3}}
+"#,
+        );
+        let rl = |id| current_limit(l.limit(id).unwrap());
+        assert_eq!(
+            (rl(0).requests_per_unit, rl(0).unit),
+            (7, Unit::Minute as i32)
+        );
+        assert_eq!(
+            (rl(1).requests_per_unit, rl(1).unit),
+            (30, Unit::Minute as i32)
+        );
+        assert_eq!(
+            (rl(2).requests_per_unit, rl(2).unit),
+            (6, Unit::Second as i32)
+        );
+    }
+
+    #[test]
+    fn durations_split_seconds_and_nanos() {
+        let d = duration(Span(2_500_000_001));
+        assert_eq!((d.seconds, d.nanos), (2, 500_000_001));
+    }
+}

@@ -1,0 +1,267 @@
+//! Counters in Redis, decided by one Lua script per request.
+//!
+//! The script (`lua/decide.lua`) mirrors core's algorithms with the same
+//! integer math and evaluates all of a request's items in one `EVALSHA`
+//! (loaded once; the `redis` crate reloads it on `NOSCRIPT`). Time is read
+//! from Redis `TIME` inside the script, so every server instance agrees.
+//!
+//! Lua numbers are doubles, exact below 2^53. The script counts time in
+//! ticks of one microsecond (Redis `TIME`'s resolution) when a limit's
+//! window is a whole number of microseconds and `count × window` and
+//! `burst × window` stay below 2^52 ticks, else in milliseconds under the
+//! same bound; limits that fit neither are refused at validation. At tick
+//! times the decisions (allowed, remaining) equal core's exactly; durations
+//! are core's rounded up to the tick, and a request's time is its tick's start.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, ScriptInvocation};
+use sluice_core::algorithm::{Outcome, Quota};
+use sluice_core::time::{Nanos, Span};
+use tokio::sync::OnceCell;
+
+use super::breaker::Breaker;
+use super::{Backend, Item, StorageError};
+
+/// The decision script.
+const SCRIPT: &str = include_str!("../../lua/decide.lua");
+
+/// Values the script handles must stay below this (a margin under 2^53 so
+/// that its corrected integer division stays exact).
+const EXACT_LIMIT: u128 = 1 << 52;
+
+/// Why a quota cannot run in the script.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "too large for the Redis backend's exact arithmetic: count and burst times the window \
+     must stay below 2^52 microseconds, or 2^52 milliseconds for windows in whole \
+     milliseconds (e.g. at most {max_per_day} per day); use a smaller count or window, \
+     or the memory backend"
+)]
+pub struct Unrepresentable {
+    max_per_day: u128,
+}
+
+/// Microseconds per script tick for `quota`: 1 when it fits, else 1000.
+pub fn tick_micros(quota: &Quota) -> Result<u64, Unrepresentable> {
+    let per = u128::from(quota.per().as_nanos());
+    let widest = u128::from(quota.count().max(quota.burst()));
+    for tick_us in [1u64, 1000] {
+        let tick_ns = u128::from(tick_us) * 1000;
+        if per % tick_ns == 0 && widest * (per / tick_ns) < EXACT_LIMIT {
+            return Ok(tick_us);
+        }
+    }
+    Err(Unrepresentable {
+        max_per_day: EXACT_LIMIT / 86_400_000,
+    })
+}
+
+/// How long calls fail fast after Redis was found unreachable, before one
+/// call probes it again: short, so recovery is noticed quickly.
+const PROBE_PAUSE: Duration = Duration::from_millis(100);
+
+/// The Redis backend: multiplexed connections, one script call per request.
+pub struct RedisBackend {
+    breaker: Breaker,
+    client: redis::Client,
+    connections: Vec<OnceCell<ConnectionManager>>,
+    next: AtomicUsize,
+    script: Script,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("connections", &self.connections.len())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// A backend for `url` that connects on first use, bounding every call
+    /// by `timeout`. Only the URL is checked here: a server may start while
+    /// Redis is down, and its domains' failure modes apply meanwhile.
+    pub fn new(url: &str, timeout: Duration, connections: usize) -> Result<Self, StorageError> {
+        Ok(RedisBackend {
+            breaker: Breaker::new(PROBE_PAUSE),
+            client: redis::Client::open(url)?,
+            connections: (0..connections.max(1)).map(|_| OnceCell::new()).collect(),
+            next: AtomicUsize::new(0),
+            script: Script::new(SCRIPT),
+            timeout,
+        })
+    }
+
+    /// The script's SHA1, as `SCRIPT LOAD` reports it.
+    pub fn script_sha(&self) -> &str {
+        self.script.get_hash()
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, StorageError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            // Reconnect in the background with backoff: 10 ms doubling up
+            // to 1 s; callers meanwhile fail within `timeout`.
+            .set_factor(10)
+            .set_exponent_base(2)
+            .set_max_delay(1000)
+            .set_number_of_retries(6);
+        let cell = &self.connections[i];
+        let manager = cell
+            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Runs one script call, bounded by the timeout as a whole (connecting
+    /// included, which is where a dead host would otherwise hang).
+    async fn run(&self, invocation: ScriptInvocation<'_>) -> Result<Vec<i64>, StorageError> {
+        if !self.breaker.admit() {
+            // Returned before the bookkeeping below: recording it as a
+            // failure would keep pushing the next probe back.
+            return Err(StorageError::Down(self.breaker.pause()));
+        }
+        let call = async {
+            let mut conn = self.connection().await?;
+            invocation
+                .invoke_async::<Vec<i64>>(&mut conn)
+                .await
+                .map_err(StorageError::from)
+        };
+        let result = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| StorageError::Timeout(self.timeout))
+            .and_then(|r| r);
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(e) if unreachable(e) => self.breaker.failure(),
+            // Redis answered (e.g. a script error): it is up.
+            Err(_) => self.breaker.success(),
+        }
+        result
+    }
+
+    fn invocation(
+        &self,
+        mode: &str,
+        items: &[Item<'_>],
+        now: Option<Nanos>,
+    ) -> Result<ScriptInvocation<'_>, StorageError> {
+        let mut inv = self.script.prepare_invoke();
+        let now_arg = now.map_or(String::new(), |n| (n.0 / 1000).to_string());
+        inv.arg(mode).arg(now_arg).arg(items.len());
+        for it in items {
+            let tick_us = it
+                .limit
+                .tick_us
+                .ok_or_else(|| StorageError::Unrepresentable(it.limit.name.clone()))?;
+            let quota = it.limit.quota();
+            inv.key(&it.key).key(format!("{}:log", it.key));
+            inv.arg(it.limit.algorithm().name())
+                .arg(tick_us)
+                .arg(quota.count())
+                .arg(quota.per().as_nanos() / (tick_us * 1000))
+                .arg(quota.burst())
+                .arg(it.cost)
+                .arg(u8::from(it.enforce));
+        }
+        Ok(inv)
+    }
+}
+
+/// Whether an error means Redis could not be reached (as opposed to an answer).
+fn unreachable(error: &StorageError) -> bool {
+    match error {
+        StorageError::Timeout(_) | StorageError::Down(_) => true,
+        StorageError::Redis(e) => {
+            e.is_io_error()
+                || e.is_connection_refusal()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+        }
+        StorageError::Reply(_) | StorageError::Unrepresentable(_) => false,
+    }
+}
+
+/// Reads the script's four numbers for one item (durations in ticks).
+fn outcome(values: &[i64], tick_us: u64) -> Outcome {
+    let span = |ticks: i64| match u64::try_from(ticks) {
+        Ok(t) => Span(t.saturating_mul(tick_us).saturating_mul(1000)),
+        Err(_) => Span::NEVER,
+    };
+    Outcome {
+        allowed: values[0] == 1,
+        remaining: u64::try_from(values[1]).unwrap_or(0),
+        reset_after: span(values[2]),
+        retry_after: span(values[3]),
+    }
+}
+
+impl Backend for RedisBackend {
+    async fn check(
+        &self,
+        items: &[Item<'_>],
+        now: Option<Nanos>,
+    ) -> Result<Vec<Outcome>, StorageError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = self.run(self.invocation("check", items, now)?).await?;
+        if reply.len() != items.len() * 4 {
+            return Err(StorageError::Reply(format!(
+                "{} numbers for {} items",
+                reply.len(),
+                items.len()
+            )));
+        }
+        Ok(items
+            .iter()
+            .zip(reply.chunks_exact(4))
+            .map(|(it, values)| outcome(values, it.limit.tick_us.unwrap_or(1)))
+            .collect())
+    }
+
+    async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.run(self.invocation("refund", items, now)?).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(count: u64, per: Span, burst: Option<u64>) -> Quota {
+        Quota::new(count, per, burst).unwrap()
+    }
+
+    #[test]
+    fn ticks_are_microseconds_when_they_fit() {
+        assert_eq!(tick_micros(&quota(100, Span::SECOND, None)).unwrap(), 1);
+        assert_eq!(
+            tick_micros(&quota(1_000_000, Span::from_secs(86_400), None)).unwrap(),
+            1000
+        );
+        assert_eq!(tick_micros(&quota(1, Span(1_000_001), None)).ok(), None);
+        assert!(tick_micros(&quota(1 << 40, Span::from_secs(86_400), None)).is_err());
+    }
+
+    #[test]
+    fn never_is_minus_one() {
+        let o = outcome(&[0, 3, 5, -1], 1000);
+        assert!(!o.allowed);
+        assert_eq!(o.remaining, 3);
+        assert_eq!(o.reset_after, Span::from_millis(5));
+        assert_eq!(o.retry_after, Span::NEVER);
+    }
+}

@@ -1,0 +1,423 @@
+//! The storage backends against core: the same random sequences must give
+//! the same decisions in memory, in Redis and in core's `Limiter`, and
+//! concurrent callers on one Redis must never overshoot.
+
+// Test helpers fail loudly: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::RedisServer;
+use sluice_core::algorithm::{AlgorithmKind, Outcome};
+use sluice_core::time::{Nanos, Span};
+use sluice_quota_server::config::{
+    BackendKind, DescriptorConfig, DomainConfig, Problems, RateLimitConfig,
+};
+use sluice_quota_server::limits::{Limit, Limits};
+use sluice_quota_server::storage::{Backend, Item, MemoryBackend, RedisBackend};
+
+/// A realistic time (November 2026) so Redis sees values of real magnitude.
+const START: Nanos = Nanos(1_795_000_000_000_000_000);
+
+/// Test limits: `(algorithm, count, per, burst)`, domain `t`, keys `k0`, `k1`...
+fn limits(cases: &[(AlgorithmKind, u64, &str, Option<u64>)]) -> Limits {
+    let descriptors = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (algorithm, count, per, burst))| DescriptorConfig {
+            key: format!("k{i}"),
+            rate_limit: Some(RateLimitConfig {
+                requests_per_unit: Some(*count),
+                per: Some(sluice_core::config::SpanText::Text((*per).into())),
+                algorithm: Some(*algorithm),
+                burst: *burst,
+                ..RateLimitConfig::default()
+            }),
+            ..DescriptorConfig::default()
+        })
+        .collect();
+    let domain = DomainConfig {
+        name: "t".into(),
+        descriptors,
+        ..DomainConfig::default()
+    };
+    let mut problems = Problems::default();
+    let limits = Limits::build(&[("t".into(), domain)], BackendKind::Redis, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    limits
+}
+
+fn item<'a>(limit: &'a Limit, key: &str, cost: u64) -> Item<'a> {
+    Item {
+        limit,
+        key: limit.storage_key(&[("k".into(), key.into())]),
+        cost,
+        enforce: true,
+    }
+}
+
+/// A small deterministic generator: the sequences are the same every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Core's duration rounded up to the backend's tick.
+fn ceil_to(span: Span, tick_ns: u64) -> Span {
+    if span == Span::NEVER {
+        return span;
+    }
+    Span(span.0.div_ceil(tick_ns) * tick_ns)
+}
+
+fn same(got: &Outcome, want: &Outcome, tick_ns: u64, context: &str) {
+    assert_eq!(
+        (got.allowed, got.remaining),
+        (want.allowed, want.remaining),
+        "{context}: got {got:?}, core {want:?}"
+    );
+    assert_eq!(
+        got.reset_after,
+        ceil_to(want.reset_after, tick_ns),
+        "{context}: reset"
+    );
+    assert_eq!(
+        got.retry_after,
+        ceil_to(want.retry_after, tick_ns),
+        "{context}: retry"
+    );
+}
+
+/// Runs random (advance, cost) sequences through `backend` and core side
+/// by side, with an explicit time so both see the same instants. Advances
+/// are whole ticks: the script's clock has no finer resolution.
+async fn replay<B: Backend>(backend: &B, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) {
+    let cases = [
+        (AlgorithmKind::TokenBucket, 5, "1s", None),
+        (AlgorithmKind::TokenBucket, 7, "3s", Some(10)),
+        (AlgorithmKind::LeakyBucket, 4, "1s", Some(6)),
+        (AlgorithmKind::FixedWindow, 5, "2s", None),
+        (AlgorithmKind::SlidingWindowLog, 6, "1500ms", None),
+        (AlgorithmKind::SlidingWindowCounter, 7, "3s", None),
+        (AlgorithmKind::Gcra, 7, "3s", Some(3)),
+        (AlgorithmKind::Gcra, 3, "1s", None),
+        (AlgorithmKind::SlidingWindowLog, 3, "1s", None),
+        (AlgorithmKind::SlidingWindowCounter, 5, "1s", None),
+        (AlgorithmKind::FixedWindow, 7, "3s", None),
+        (AlgorithmKind::LeakyBucket, 7, "3s", None),
+        // Too large for microsecond ticks: runs in milliseconds.
+        (AlgorithmKind::TokenBucket, 10_000_000, "1000s", None),
+        (AlgorithmKind::FixedWindow, 10_000_000, "1000s", None),
+    ];
+    let limits = limits(&cases);
+    for id in 0..limits.len() {
+        let limit = limits.limit(id).unwrap();
+        let tick_ns = tick_ns_of(limit);
+        let per = limit.quota().per().as_nanos();
+        let burst = limit.quota().burst();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ id as u64);
+        let mut state = limit.rule.limiter.fresh_state();
+        let mut now = START;
+        let key = format!("{run}-{id}");
+        for step in 0..400 {
+            // Mostly short steps (many decisions per window), sometimes long
+            // ones, and now and then a step back (a caller's late clock).
+            let ticks = per / tick_ns;
+            now = match rng.below(20) {
+                0 => Nanos(now.0 - rng.below(ticks / 4) * tick_ns).max(START),
+                1 | 2 => Nanos(now.0 + rng.below(2 * ticks) * tick_ns),
+                3..=8 => now,
+                _ => Nanos(now.0 + rng.below(ticks / 8) * tick_ns),
+            };
+            let cost = match rng.below(8) {
+                0 => burst + 1,
+                1 => 0,
+                _ => 1 + rng.below(burst.min(4)),
+            };
+            let context = format!("{:?} #{id} step {step} cost {cost}", limit.algorithm());
+            let refund = cost > 0 && rng.below(12) == 0;
+            if refund {
+                let items = [item(limit, &key, cost)];
+                backend.refund(&items, Some(now)).await.unwrap();
+                limit.rule.limiter.refund(&mut state, now, cost);
+                continue;
+            }
+            let want = limit.rule.limiter.check(&mut state, now, cost);
+            let got = backend
+                .check(&[item(limit, &key, cost)], Some(now))
+                .await
+                .unwrap();
+            same(&got[0], &want, tick_ns, &context);
+        }
+    }
+}
+
+#[tokio::test]
+async fn memory_matches_core() {
+    let backend = MemoryBackend::new(1000);
+    replay(&backend, |_| 1, "memory").await;
+}
+
+#[tokio::test]
+async fn redis_matches_core() {
+    let redis = RedisServer::start();
+    let backend = RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap();
+    replay(&backend, |l| l.tick_us.unwrap() * 1000, "redis").await;
+}
+
+/// Over one enforced limit, nothing is consumed from the others; a shadow
+/// limit over its limit blocks nothing.
+async fn all_or_nothing<B: Backend>(backend: &B) {
+    let limits = limits(&[
+        (AlgorithmKind::FixedWindow, 10, "1h", None),
+        (AlgorithmKind::TokenBucket, 1, "1h", None),
+        (AlgorithmKind::Gcra, 1, "1h", None),
+    ]);
+    let (wide, narrow, shadowed) = (
+        limits.limit(0).unwrap(),
+        limits.limit(1).unwrap(),
+        limits.limit(2).unwrap(),
+    );
+    let now = Some(START);
+    let both = [item(wide, "a", 1), item(narrow, "a", 1)];
+    let first = backend.check(&both, now).await.unwrap();
+    assert!(first[0].allowed && first[1].allowed);
+    assert_eq!(first[0].remaining, 9);
+    let second = backend.check(&both, now).await.unwrap();
+    assert!(!second[1].allowed);
+    // A refused request reports what it would have left (as core's peek).
+    assert_eq!(second[0].remaining, 8);
+    let wide_only = backend.check(&[item(wide, "a", 1)], now).await.unwrap();
+    assert_eq!(
+        wide_only[0].remaining, 8,
+        "the refused request took nothing"
+    );
+    let mut shadow = item(shadowed, "a", 1);
+    shadow.enforce = false;
+    let filled = backend.check(&[shadow.clone()], now).await.unwrap();
+    assert!(filled[0].allowed);
+    let with_shadow = backend
+        .check(&[item(wide, "a", 1), shadow], now)
+        .await
+        .unwrap();
+    assert!(with_shadow[0].allowed, "a shadow limit blocks nothing");
+    assert!(!with_shadow[1].allowed);
+    assert_eq!(with_shadow[0].remaining, 7);
+}
+
+#[tokio::test]
+async fn all_or_nothing_in_memory() {
+    all_or_nothing(&MemoryBackend::new(100)).await;
+}
+
+#[tokio::test]
+async fn all_or_nothing_in_redis() {
+    let redis = RedisServer::start();
+    all_or_nothing(&RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap()).await;
+}
+
+/// Many tasks on two server instances (two backends, two connections
+/// each) hammer one key per algorithm: exactly `N` are admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_on_two_instances_never_overshoot() {
+    const N: u64 = 40;
+    let redis = RedisServer::start();
+    let instances: Vec<Arc<RedisBackend>> = (0..2)
+        .map(|_| Arc::new(RedisBackend::new(&redis.url(), Duration::from_secs(2), 2).unwrap()))
+        .collect();
+    let cases: Vec<_> = AlgorithmKind::ALL
+        .iter()
+        .map(|&a| (a, N, "1h", None))
+        .collect();
+    let limits = Arc::new(limits(&cases));
+    for id in 0..limits.len() {
+        let admitted = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let backend = instances[t % 2].clone();
+            let limits = limits.clone();
+            let admitted = admitted.clone();
+            tasks.push(tokio::spawn(async move {
+                let limit = limits.limit(id).unwrap();
+                for _ in 0..10 {
+                    let out = backend
+                        .check(&[item(limit, "hot", 1)], Some(START))
+                        .await
+                        .unwrap();
+                    if out[0].allowed {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let kind = limits.limit(id).unwrap().algorithm();
+        assert_eq!(
+            admitted.load(Ordering::Relaxed),
+            N,
+            "{kind:?}: 80 tries, limit {N}"
+        );
+    }
+}
+
+/// A stopped Redis, and one whose connection never answers, make calls
+/// fail within the configured timeout instead of hanging; a restarted
+/// Redis is used again.
+#[tokio::test]
+async fn redis_down_fails_fast_and_recovers() {
+    let timeout = Duration::from_millis(20);
+    let limits = limits(&[(AlgorithmKind::FixedWindow, 3, "1h", None)]);
+    let limit = limits.limit(0).unwrap();
+    let items = [item(limit, "x", 1)];
+    // The client's own correctness bound: far above the timeout, far below a hang.
+    let bound = Duration::from_secs(1);
+
+    // Accepts TCP connections (the kernel's backlog) but never speaks.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let hanging = RedisBackend::new(&url, timeout, 1).unwrap();
+    let started = Instant::now();
+    let result = tokio::time::timeout(bound, hanging.check(&items, None)).await;
+    println!("silent server: failed after {:?}", started.elapsed());
+    assert!(
+        matches!(result, Ok(Err(_))),
+        "must fail, not hang: {result:?}"
+    );
+
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let backend = RedisBackend::new(&redis.url(), timeout, 1).unwrap();
+    assert!(backend.check(&items, None).await.unwrap()[0].allowed);
+    redis.stop();
+    for i in 0..5 {
+        let started = Instant::now();
+        let result = tokio::time::timeout(bound, backend.check(&items, None)).await;
+        println!(
+            "redis stopped, call {i}: failed after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(result, Ok(Err(_))),
+            "must fail, not hang: {result:?}"
+        );
+    }
+
+    let _restarted = RedisServer::start_on(port);
+    let mut recovered = false;
+    for _ in 0..200 {
+        if let Ok(out) = backend.check(&items, None).await {
+            // A fresh Redis: the count starts over, exactly.
+            assert!(out[0].allowed);
+            assert_eq!(out[0].remaining, 2);
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(recovered, "no answer within 200 attempts after the restart");
+}
+
+/// With Redis's own clock, state keys expire when they would be fresh
+/// again (at least a second), and a fresh state is not stored at all.
+#[tokio::test]
+async fn redis_keys_expire_when_fresh() {
+    let redis = RedisServer::start();
+    let backend = RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap();
+    let limits = limits(&[
+        (AlgorithmKind::FixedWindow, 3, "1h", None),
+        (AlgorithmKind::Gcra, 1, "5s", None),
+        (AlgorithmKind::TokenBucket, 2, "1s", None),
+    ]);
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pttl = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let window = limits.limit(0).unwrap();
+    backend.check(&[item(window, "a", 1)], None).await.unwrap();
+    let ttl = pttl(item(window, "a", 1).key).await;
+    assert!((1..=3_600_001).contains(&ttl), "fixed window ttl {ttl}");
+
+    let gcra = limits.limit(1).unwrap();
+    backend.check(&[item(gcra, "a", 1)], None).await.unwrap();
+    let ttl = pttl(item(gcra, "a", 1).key).await;
+    assert!((4_000..=5_002).contains(&ttl), "gcra ttl {ttl}");
+
+    let bucket = limits.limit(2).unwrap();
+    backend.check(&[item(bucket, "a", 0)], None).await.unwrap();
+    assert_eq!(
+        pttl(item(bucket, "a", 0).key).await,
+        -2,
+        "a fresh state is not stored"
+    );
+}
+
+/// Credentials in the URL are used; a wrong password is an error, not a hang.
+#[tokio::test]
+async fn redis_password_in_the_url() {
+    let redis = RedisServer::start_with_password("s3cret");
+    let limits = limits(&[(AlgorithmKind::FixedWindow, 3, "1h", None)]);
+    let items = [item(limits.limit(0).unwrap(), "a", 1)];
+    let url = |password: &str| format!("redis://:{password}@127.0.0.1:{}", redis.port);
+    let good = RedisBackend::new(&url("s3cret"), Duration::from_secs(1), 1).unwrap();
+    assert!(good.check(&items, None).await.unwrap()[0].allowed);
+    let bad = RedisBackend::new(&url("wrong"), Duration::from_secs(1), 1).unwrap();
+    assert!(bad.check(&items, None).await.is_err());
+}
+
+/// The script is loaded once and called by SHA; a Redis that lost its
+/// scripts (`SCRIPT FLUSH`, a restart) gets it again on `NOSCRIPT`.
+#[tokio::test]
+async fn script_reloaded_after_noscript() {
+    let redis = RedisServer::start();
+    let backend = RedisBackend::new(&redis.url(), Duration::from_secs(1), 1).unwrap();
+    let limits = limits(&[(AlgorithmKind::SlidingWindowLog, 3, "1h", None)]);
+    let items = [item(limits.limit(0).unwrap(), "a", 1)];
+    assert_eq!(
+        backend.check(&items, Some(START)).await.unwrap()[0].remaining,
+        2
+    );
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let exists: Vec<bool> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(backend.script_sha())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, [true]);
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.check(&items, Some(START)).await.unwrap()[0].remaining,
+        1
+    );
+}
