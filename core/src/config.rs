@@ -172,7 +172,8 @@ impl Default for SpanText {
 }
 
 impl SpanText {
-    fn parse(&self) -> Result<Span, String> {
+    /// The duration, or a message saying why it is not one.
+    pub fn parse(&self) -> Result<Span, String> {
         match self {
             SpanText::Seconds(s) => s
                 .checked_mul(1_000_000_000)

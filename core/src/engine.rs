@@ -26,6 +26,15 @@ pub struct Charge {
     pub cost: u64,
 }
 
+/// A request for `cost` permits from one rule's key.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    /// Which rule and key.
+    pub slot: Slot<'a>,
+    /// Permits asked for.
+    pub cost: u64,
+}
+
 /// One applicable rule's part in a verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleDecision {
@@ -158,7 +167,7 @@ pub fn decide<S: StateStore>(
     decide_keys(policy, store, &keys, now, waited)
 }
 
-/// [`decide`] for rules and keys already chosen.
+/// [`decide`] for rules and keys already chosen, each taking its rule's cost.
 pub fn decide_keys<S: StateStore>(
     policy: &Policy,
     store: &mut S,
@@ -166,21 +175,43 @@ pub fn decide_keys<S: StateStore>(
     now: Nanos,
     waited: Span,
 ) -> Result<Verdict, StoreError> {
-    if keys.is_empty() {
-        return Ok(Verdict::unlimited());
-    }
-    let slots: Vec<Slot<'_>> = keys
-        .iter()
-        .filter_map(|(index, key)| {
-            policy.rules.get(*index).map(|rule| Slot {
-                rule_index: *index,
-                rule,
-                key,
+    let claims = claims(policy, keys.iter().map(|(i, k)| (*i, k.as_str(), None)));
+    decide_claims(store, &claims, now, waited)
+}
+
+/// The claims for `(rule index, key, cost)` triples; `None` takes the
+/// rule's own cost. Unknown rule indices are skipped.
+fn claims<'a>(
+    policy: &'a Policy,
+    items: impl Iterator<Item = (usize, &'a str, Option<u64>)>,
+) -> Vec<Claim<'a>> {
+    items
+        .filter_map(|(rule_index, key, cost)| {
+            policy.rules.get(rule_index).map(|rule| Claim {
+                slot: Slot {
+                    rule_index,
+                    rule,
+                    key,
+                },
+                cost: cost.unwrap_or(rule.cost),
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Decides a set of claims all-or-nothing: the core of [`decide`], for
+/// hosts that choose rules, keys and costs themselves.
+pub fn decide_claims<S: StateStore>(
+    store: &mut S,
+    claims: &[Claim<'_>],
+    now: Nanos,
+    waited: Span,
+) -> Result<Verdict, StoreError> {
+    if claims.is_empty() {
+        return Ok(Verdict::unlimited());
+    }
     for _ in 0..MAX_ATTEMPTS {
-        if let Some(verdict) = attempt(policy, store, &slots, now, waited)? {
+        if let Some(verdict) = attempt(store, claims, now, waited)? {
             return Ok(verdict);
         }
     }
@@ -191,33 +222,33 @@ pub fn decide_keys<S: StateStore>(
 
 /// One optimistic pass: `None` when another writer interfered.
 fn attempt<S: StateStore>(
-    policy: &Policy,
     store: &mut S,
-    slots: &[Slot<'_>],
+    claims: &[Claim<'_>],
     now: Nanos,
     waited: Span,
 ) -> Result<Option<Verdict>, StoreError> {
-    let mut loaded: Vec<Loaded<S::Version>> = Vec::with_capacity(slots.len());
-    for slot in slots {
-        match store.load(*slot, now) {
+    let mut loaded: Vec<Loaded<S::Version>> = Vec::with_capacity(claims.len());
+    for claim in claims {
+        match store.load(claim.slot, now) {
             Ok(l) => loaded.push(l),
             Err(e) => {
-                release_all(store, slots, loaded, now);
+                release_all(store, claims, loaded, now);
                 return Err(e);
             }
         }
     }
-    let outcomes: Vec<Outcome> = slots
+    let outcomes: Vec<Outcome> = claims
         .iter()
         .zip(loaded.iter_mut())
-        .map(|(slot, l)| slot.rule.limiter.peek(&mut l.state, now, slot.rule.cost))
+        .map(|(c, l)| c.slot.rule.limiter.peek(&mut l.state, now, c.cost))
         .collect();
-    let blocking = |i: usize| !outcomes[i].allowed && slots[i].rule.action != Action::Shadow;
+    let blocking =
+        |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action != Action::Shadow;
 
-    if (0..slots.len()).any(blocking) {
-        release_all(store, slots, loaded, now);
-        let decisions = rule_decisions(slots, &outcomes);
-        let kind = blocked_kind(slots, &outcomes, waited, &blocking);
+    if (0..claims.len()).any(blocking) {
+        release_all(store, claims, loaded, now);
+        let decisions = rule_decisions(claims, &outcomes);
+        let kind = blocked_kind(claims, &outcomes, waited, &blocking);
         return Ok(Some(Verdict {
             kind,
             decisions,
@@ -225,58 +256,62 @@ fn attempt<S: StateStore>(
         }));
     }
 
-    let mut charges = Vec::with_capacity(slots.len());
+    let mut taken: Vec<Claim<'_>> = Vec::with_capacity(claims.len());
     let mut final_outcomes = outcomes.clone();
-    let mut pending = slots.iter().zip(loaded).enumerate();
-    while let Some((i, (slot, mut l))) = pending.next() {
+    let mut pending = claims.iter().zip(loaded).enumerate();
+    while let Some((i, (claim, mut l))) = pending.next() {
         if !outcomes[i].allowed {
             // A shadow rule that would limit: it takes nothing.
-            store.release(*slot, l.state, l.version, now);
+            store.release(claim.slot, l.state, l.version, now);
             continue;
         }
-        final_outcomes[i] = slot.rule.limiter.check(&mut l.state, now, slot.rule.cost);
-        let saved = store.save(*slot, l.state, l.version, now);
+        final_outcomes[i] = claim.slot.rule.limiter.check(&mut l.state, now, claim.cost);
+        let saved = store.save(claim.slot, l.state, l.version, now);
         match saved {
-            Ok(Saved::Stored) => charges.push(Charge {
-                rule_index: slot.rule_index,
-                key: slot.key.into(),
-                cost: slot.rule.cost,
-            }),
+            Ok(Saved::Stored) => taken.push(*claim),
             Ok(Saved::Conflict) | Err(_) => {
-                for (_, (slot, rest)) in pending {
-                    store.release(*slot, rest.state, rest.version, now);
+                for (_, (claim, rest)) in pending {
+                    store.release(claim.slot, rest.state, rest.version, now);
                 }
-                refund(policy, store, &charges, now)?;
+                refund_claims(store, &taken, now)?;
                 return saved.map(|_| None);
             }
         }
     }
+    let charges = taken
+        .iter()
+        .map(|c| Charge {
+            rule_index: c.slot.rule_index,
+            key: c.slot.key.into(),
+            cost: c.cost,
+        })
+        .collect();
     Ok(Some(Verdict {
         kind: VerdictKind::Allowed,
-        decisions: rule_decisions(slots, &final_outcomes),
+        decisions: rule_decisions(claims, &final_outcomes),
         charges,
     }))
 }
 
 fn release_all<S: StateStore>(
     store: &mut S,
-    slots: &[Slot<'_>],
+    claims: &[Claim<'_>],
     loaded: Vec<Loaded<S::Version>>,
     now: Nanos,
 ) {
-    for (slot, l) in slots.iter().zip(loaded) {
-        store.release(*slot, l.state, l.version, now);
+    for (claim, l) in claims.iter().zip(loaded) {
+        store.release(claim.slot, l.state, l.version, now);
     }
 }
 
-fn rule_decisions(slots: &[Slot<'_>], outcomes: &[Outcome]) -> Vec<RuleDecision> {
-    slots
+fn rule_decisions(claims: &[Claim<'_>], outcomes: &[Outcome]) -> Vec<RuleDecision> {
+    claims
         .iter()
         .zip(outcomes)
-        .map(|(slot, outcome)| RuleDecision {
-            rule_index: slot.rule_index,
-            decision: Decision::new(&slot.rule.quota, outcome),
-            shadow_limited: !outcome.allowed && slot.rule.action == Action::Shadow,
+        .map(|(claim, outcome)| RuleDecision {
+            rule_index: claim.slot.rule_index,
+            decision: Decision::new(&claim.slot.rule.quota, outcome),
+            shadow_limited: !outcome.allowed && claim.slot.rule.action == Action::Shadow,
         })
         .collect()
 }
@@ -284,19 +319,19 @@ fn rule_decisions(slots: &[Slot<'_>], outcomes: &[Outcome]) -> Vec<RuleDecision>
 /// Refuse, or wait when every blocking rule delays and the longest wait
 /// fits in what is left of the shortest `max_delay` among them.
 fn blocked_kind(
-    slots: &[Slot<'_>],
+    claims: &[Claim<'_>],
     outcomes: &[Outcome],
     waited: Span,
     blocking: &impl Fn(usize) -> bool,
 ) -> VerdictKind {
-    let blockers = (0..slots.len()).filter(|&i| blocking(i));
+    let blockers = (0..claims.len()).filter(|&i| blocking(i));
     let longest = blockers
         .clone()
         .max_by_key(|&i| outcomes[i].retry_after)
         .unwrap_or(0);
     let wait = outcomes.get(longest).map_or(Span::NEVER, |o| o.retry_after);
     let budget = blockers
-        .map(|i| match slots[i].rule.action {
+        .map(|i| match claims[i].slot.rule.action {
             Action::Delay { max } => Span(max.as_nanos().saturating_sub(waited.as_nanos())),
             Action::Reject | Action::Shadow => Span::ZERO,
         })
@@ -306,33 +341,40 @@ fn blocked_kind(
         VerdictKind::Wait { wait }
     } else {
         VerdictKind::Limited {
-            rule_index: slots.get(longest).map_or(0, |s| s.rule_index),
+            rule_index: claims.get(longest).map_or(0, |c| c.slot.rule_index),
         }
     }
 }
 
 /// Gives back the permits of `charges` (a response excluded from
-/// counting, or a pass that lost a race).
+/// counting, or the end of a stream holding in-flight permits).
 pub fn refund<S: StateStore>(
     policy: &Policy,
     store: &mut S,
     charges: &[Charge],
     now: Nanos,
 ) -> Result<(), StoreError> {
-    for charge in charges {
-        let Some(rule) = policy.rules.get(charge.rule_index) else {
-            continue;
-        };
-        let slot = Slot {
-            rule_index: charge.rule_index,
-            rule,
-            key: &charge.key,
-        };
+    let claims = claims(
+        policy,
+        charges
+            .iter()
+            .map(|c| (c.rule_index, c.key.as_str(), Some(c.cost))),
+    );
+    refund_claims(store, &claims, now)
+}
+
+/// Gives back the permits of `claims`, retrying on conflicts.
+pub fn refund_claims<S: StateStore>(
+    store: &mut S,
+    claims: &[Claim<'_>],
+    now: Nanos,
+) -> Result<(), StoreError> {
+    for claim in claims {
         let mut done = false;
         for _ in 0..MAX_ATTEMPTS {
-            let mut l = store.load(slot, now)?;
-            rule.limiter.refund(&mut l.state, now, charge.cost);
-            if store.save(slot, l.state, l.version, now)? == Saved::Stored {
+            let mut l = store.load(claim.slot, now)?;
+            claim.slot.rule.limiter.refund(&mut l.state, now, claim.cost);
+            if store.save(claim.slot, l.state, l.version, now)? == Saved::Stored {
                 done = true;
                 break;
             }

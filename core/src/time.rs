@@ -131,7 +131,7 @@ impl fmt::Display for Span {
             (1_000, "us"),
         ];
         for (size, name) in UNITS {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{}", self.0 / size, name);
             }
         }

@@ -129,7 +129,10 @@ pub trait Algorithm {
     fn refund(&self, state: &mut Self::State, now: Nanos, cost: u64);
 
     /// Whether `state` is indistinguishable from a fresh one at `now`:
-    /// such a state can be dropped without changing any decision.
+    /// such a state can be dropped without changing any decision made at
+    /// `now` or later. (It may remember a later time than `now` if the clock
+    /// went backwards; dropping it forgets that, which only matters to a
+    /// caller whose clock keeps going backwards.)
     fn is_fresh(&self, state: &Self::State, now: Nanos) -> bool;
 
     /// Takes `cost` permits if allowed.
