@@ -1,10 +1,8 @@
 //! HTTP specifics: the request as rules see it, and the 429 reply.
 
-use std::net::IpAddr;
-
 use sluice_core::client_ip::parse_ip;
 use sluice_core::engine::Verdict;
-use sluice_core::policy::{strip_query, Attributes, Policy};
+use sluice_core::policy::{strip_query, HttpRequest, Policy};
 
 use crate::host::Host;
 
@@ -39,69 +37,34 @@ impl Needs {
     }
 }
 
-/// The request attributes the policy needs, fetched once from the host.
-#[derive(Debug, Default)]
-pub struct RequestView {
-    method: String,
-    path: String,
-    headers: Vec<(String, Option<String>)>,
-    client_ip: Option<IpAddr>,
-}
-
-impl RequestView {
-    /// Reads what `needs` lists.
-    pub fn fetch(host: &impl Host, policy: &Policy, needs: &Needs) -> RequestView {
-        let header = |wanted: bool, name: &str| {
-            if wanted {
-                host.request_header(name)
-            } else {
-                None
-            }
-        };
-        let method = header(needs.method, ":method").unwrap_or_default();
-        let path = header(needs.path, ":path")
-            .map(|p| strip_query(&p).to_owned())
-            .unwrap_or_default();
-        let headers = needs
-            .headers
-            .iter()
-            .map(|name| (name.clone(), host.request_header(name)))
-            .collect();
-        let client_ip = if needs.client_ip {
-            let peer = host.peer_address().as_deref().and_then(parse_ip);
-            let forwarded = if policy.client_ip.trusted_hops > 0 {
-                host.request_header("x-forwarded-for")
-            } else {
-                None
-            };
-            policy.client_ip.resolve(peer, forwarded.as_deref())
+/// Fetches from the host what `needs` lists, as a request the policy can
+/// evaluate. Absent headers are simply left out.
+pub fn fetch_request(host: &impl Host, policy: &Policy, needs: &Needs) -> HttpRequest {
+    let header = |wanted: bool, name: &str| {
+        if wanted {
+            host.request_header(name)
         } else {
             None
-        };
-        RequestView {
-            method,
-            path,
-            headers,
-            client_ip,
         }
-    }
-}
-
-impl Attributes for RequestView {
-    fn method(&self) -> &str {
-        &self.method
-    }
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+    };
+    let client_ip = if needs.client_ip {
+        let peer = host.peer_address().as_deref().and_then(parse_ip);
+        let forwarded = header(policy.client_ip.trusted_hops > 0, "x-forwarded-for");
+        policy.client_ip.resolve(peer, forwarded.as_deref())
+    } else {
+        None
+    };
+    HttpRequest {
+        method: header(needs.method, ":method").unwrap_or_default(),
+        path: header(needs.path, ":path")
+            .map(|p| strip_query(&p).to_owned())
+            .unwrap_or_default(),
+        headers: needs
+            .headers
             .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-    fn client_ip(&self) -> Option<IpAddr> {
-        self.client_ip
+            .filter_map(|name| host.request_header(name).map(|v| (name.clone(), v)))
+            .collect(),
+        client_ip,
     }
 }
 

@@ -15,7 +15,7 @@ use sluice_core::store::{hash, SharedBytes, SlotStore, StoreError};
 use sluice_core::time::{Nanos, Span};
 
 use crate::host::Host;
-use crate::http::{too_many_requests, LocalReply, Needs, RequestView};
+use crate::http::{fetch_request, too_many_requests, LocalReply, Needs};
 use crate::metrics::{Metrics, Outcome};
 
 /// How often a VM with held requests checks them again. A held request is
@@ -123,8 +123,8 @@ impl<B: SharedBytes> Plugin<B> {
 
     /// Decides a new request.
     pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) -> Step {
-        let view = RequestView::fetch(host, &self.policy, &self.needs);
-        let keys = engine::applicable_rules(&self.policy, &view);
+        let request = fetch_request(host, &self.policy, &self.needs);
+        let keys = engine::applicable_rules(&self.policy, &request);
         if keys.is_empty() {
             return Step::Continue;
         }
