@@ -16,7 +16,8 @@ use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
 use crate::client_ip::ClientIpSource;
 use crate::decision::{HeaderSet, HeaderSets};
 use crate::policy::{
-    Action, Glob, HeaderMatch, KeyPart, KeySpec, Matcher, PathMatch, Policy, Rule, Scope, StatusSet,
+    Action, Counts, Flow, Glob, GrpcMatch, HeaderMatch, KeyPart, KeySpec, Matcher, PathMatch,
+    Policy, Rule, Scope, StatusSet,
 };
 use crate::time::Span;
 
@@ -56,6 +57,12 @@ pub struct RuleConfig {
     /// `per_key` (default) or `global`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<ScopeConfig>,
+    /// `requests` (default), `in_flight`, `messages`, `bytes`, `message_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<CountsConfig>,
+    /// `client`, `server` or `both` (default) for stream counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<DirectionConfig>,
     /// The limit.
     pub limit: LimitConfig,
     /// Permits per request; default 1.
@@ -91,6 +98,52 @@ pub struct MatchConfig {
     /// Header conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderConfig>,
+    /// Only gRPC calls (to these methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcConfig>,
+    /// Only WebSocket upgrades.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<bool>,
+}
+
+/// A gRPC method condition as written: globs, each optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Full service name, e.g. `chat.ChatService` or `chat.*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Method name, e.g. `Send*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// What a rule counts, as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountsConfig {
+    /// Requests, calls, connections.
+    Requests,
+    /// Requests, calls, connections open at once.
+    InFlight,
+    /// Stream messages.
+    Messages,
+    /// Message payload bytes.
+    Bytes,
+    /// The largest message.
+    MessageSize,
+}
+
+/// Stream direction, as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectionConfig {
+    /// Client to server.
+    Client,
+    /// Server to client.
+    Server,
+    /// Both.
+    Both,
 }
 
 /// A path condition as written: exactly one field set.
@@ -129,7 +182,7 @@ pub enum ScopeConfig {
     Global,
 }
 
-/// `reject`, `shadow` or `delay`.
+/// `reject`, `shadow`, `delay` or `drop`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionKind {
@@ -139,16 +192,19 @@ pub enum ActionKind {
     Shadow,
     /// Wait for a permit up to `max_delay`.
     Delay,
+    /// Discard the offending WebSocket message.
+    Drop,
 }
 
 /// A limit as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
-    /// Permits per period.
+    /// Permits per period (or the bound, for in_flight and message_size).
     pub count: u64,
-    /// The period.
-    pub per: SpanText,
+    /// The period (absent for in_flight and message_size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<SpanText>,
     /// Bucket capacity; defaults to `count`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
@@ -480,8 +536,37 @@ fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule
         }
     };
 
-    let algorithm = raw.algorithm.unwrap_or_default();
-    let per = raw.limit.per.parse();
+    let counts = validate_counts(raw, &matcher, at, errors);
+    // in_flight and message_size are bounds, not rates: no period, no
+    // algorithm choice.
+    let is_bound = matches!(counts, Counts::InFlight | Counts::MessageSize(_));
+    let algorithm = if is_bound {
+        if raw.algorithm.is_some() {
+            errors.add(at, ".algorithm", "not used with this counts; remove it".into());
+        }
+        AlgorithmKind::Concurrency
+    } else {
+        match raw.algorithm {
+            Some(AlgorithmKind::Concurrency) => {
+                errors.add(
+                    at,
+                    ".algorithm",
+                    "concurrency is implied by counts in_flight; choose a rate algorithm".into(),
+                );
+                AlgorithmKind::TokenBucket
+            }
+            other => other.unwrap_or_default(),
+        }
+    };
+    let per = match (&raw.limit.per, is_bound) {
+        (Some(_), true) => {
+            errors.add(at, ".limit.per", "a bound has no period; remove per".into());
+            Ok(Quota::MIN_PERIOD)
+        }
+        (None, true) => Ok(Quota::MIN_PERIOD),
+        (Some(per), false) => per.parse(),
+        (None, false) => Err("required".to_string()),
+    };
     if let Err(message) = &per {
         errors.add(at, ".limit.per", message.clone());
     }
@@ -527,7 +612,10 @@ fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule
     if cost == 0 {
         errors.add(at, ".cost", "must be at least 1".into());
     }
-    if let Some(q) = &quota {
+    if raw.cost.is_some() && matches!(counts, Counts::Bytes(_) | Counts::MessageSize(_)) {
+        errors.add(at, ".cost", "each byte costs one permit here; remove cost".into());
+    }
+    if let (Some(q), false) = (&quota, matches!(counts, Counts::MessageSize(_))) {
         let capacity = if uses_burst { q.burst() } else { q.count() };
         if cost > capacity {
             errors.add(
@@ -538,8 +626,84 @@ fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule
         }
     }
 
+    let action = validate_action(raw, counts, &matcher, at, errors);
+
+    if errors.0.len() > before {
+        return None;
+    }
+    let (Some(quota), Some(action)) = (quota, action) else {
+        return None;
+    };
+    Some(Rule {
+        name: raw.name.clone(),
+        matcher,
+        key,
+        scope,
+        counts,
+        limiter: Limiter::new(algorithm, quota),
+        quota,
+        cost,
+        action,
+        priority: raw.priority.unwrap_or(0),
+    })
+}
+
+/// What the rule counts, checked against what it matches.
+fn validate_counts(raw: &RuleConfig, matcher: &Matcher, at: &str, errors: &mut Errors) -> Counts {
+    let flow = match raw.direction {
+        None | Some(DirectionConfig::Both) => Flow::Both,
+        Some(DirectionConfig::Client) => Flow::Client,
+        Some(DirectionConfig::Server) => Flow::Server,
+    };
+    let counts = match raw.counts.unwrap_or(CountsConfig::Requests) {
+        CountsConfig::Requests => Counts::Requests,
+        CountsConfig::InFlight => Counts::InFlight,
+        CountsConfig::Messages => Counts::Messages(flow),
+        CountsConfig::Bytes => Counts::Bytes(flow),
+        CountsConfig::MessageSize => Counts::MessageSize(flow),
+    };
+    let streams = matcher.grpc.is_some() || matcher.websocket;
+    if counts.flow().is_some() && !streams {
+        errors.add(
+            at,
+            ".counts",
+            "messages, bytes and message_size count stream traffic: add match.grpc or match.websocket"
+                .into(),
+        );
+    }
+    if raw.direction.is_some() && counts.flow().is_none() {
+        errors.add(
+            at,
+            ".direction",
+            "only used with counts messages, bytes or message_size".into(),
+        );
+    }
+    counts
+}
+
+fn validate_action(
+    raw: &RuleConfig,
+    counts: Counts,
+    matcher: &Matcher,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<Action> {
     let max_delay = raw.max_delay.as_ref().map(SpanText::parse);
-    let action = match (raw.action.unwrap_or(ActionKind::Reject), max_delay) {
+    let kind = raw.action.unwrap_or(ActionKind::Reject);
+    if kind == ActionKind::Delay && counts != Counts::Requests {
+        errors.add(at, ".action", "delay only holds requests (counts requests)".into());
+        return None;
+    }
+    if kind == ActionKind::Drop && !(matcher.websocket && counts.flow().is_some()) {
+        errors.add(
+            at,
+            ".action",
+            "drop discards WebSocket messages: it needs match.websocket and counts messages, bytes or message_size"
+                .into(),
+        );
+        return None;
+    }
+    match (kind, max_delay) {
         (ActionKind::Delay, Some(Ok(max))) if max > Span::ZERO => Some(Action::Delay { max }),
         (ActionKind::Delay, Some(Ok(_))) => {
             errors.add(at, ".max_delay", "must be more than 0".into());
@@ -559,25 +723,8 @@ fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule
         }
         (ActionKind::Reject, None) => Some(Action::Reject),
         (ActionKind::Shadow, None) => Some(Action::Shadow),
-    };
-
-    if errors.0.len() > before {
-        return None;
+        (ActionKind::Drop, None) => Some(Action::Drop),
     }
-    let (Some(quota), Some(action)) = (quota, action) else {
-        return None;
-    };
-    Some(Rule {
-        name: raw.name.clone(),
-        matcher,
-        key,
-        scope,
-        limiter: Limiter::new(algorithm, quota),
-        quota,
-        cost,
-        action,
-        priority: raw.priority.unwrap_or(0),
-    })
 }
 
 fn validate_match(raw: &MatchConfig, at: &str, errors: &mut Errors) -> Matcher {
@@ -642,10 +789,24 @@ fn validate_match(raw: &MatchConfig, at: &str, errors: &mut Errors) -> Matcher {
             );
         }
     }
+    let grpc = raw.grpc.as_ref().map(|g| GrpcMatch {
+        service: g.service.as_deref().map(Glob::new),
+        method: g.method.as_deref().map(Glob::new),
+    });
+    let websocket = raw.websocket.unwrap_or(false);
+    if grpc.is_some() && websocket {
+        errors.add(
+            at,
+            ".match",
+            "a request is either a gRPC call or a WebSocket upgrade: use grpc or websocket".into(),
+        );
+    }
     Matcher {
         methods,
         path,
         headers,
+        grpc,
+        websocket,
     }
 }
 
@@ -756,6 +917,46 @@ mod tests {
         );
         assert!(policy.exclude_statuses.contains(502));
         assert_eq!(policy.client_ip.trusted_hops, 1);
+    }
+
+    #[test]
+    fn stream_rules_are_checked_against_what_they_match() {
+        let ok = Policy::from_json(
+            r#"{"rules":[
+                {"name":"calls","match":{"grpc":{"service":"chat.*","method":"Send*"}},"limit":{"count":5,"per":"1m"}},
+                {"name":"open","match":{"websocket":true},"counts":"in_flight","limit":{"count":3}},
+                {"name":"msgs","match":{"grpc":{}},"counts":"messages","direction":"server","limit":{"count":9,"per":"1s"}},
+                {"name":"size","match":{"websocket":true},"counts":"message_size","limit":{"count":65536},"action":"drop"}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.rules[1].counts, Counts::InFlight);
+        assert_eq!(ok.rules[1].limiter.kind(), AlgorithmKind::Concurrency);
+        assert_eq!(ok.rules[2].counts, Counts::Messages(Flow::Server));
+        assert_eq!(ok.rules[3].action, Action::Drop);
+        assert!(ok.needs_protocol());
+        let errors = errors_of(
+            r#"{"rules":[
+                {"name":"a","counts":"messages","limit":{"count":1,"per":"1s"}},
+                {"name":"b","match":{"websocket":true},"counts":"in_flight","limit":{"count":1,"per":"1s"}},
+                {"name":"c","match":{"grpc":{}},"counts":"messages","limit":{"count":1,"per":"1s"},"action":"drop"},
+                {"name":"d","direction":"client","limit":{"count":1,"per":"1s"}},
+                {"name":"e","match":{"grpc":{},"websocket":true},"limit":{"count":1}},
+                {"name":"f","match":{"websocket":true},"counts":"in_flight","limit":{"count":2},"action":"delay","max_delay":"1s"}
+            ]}"#,
+        );
+        assert_eq!(
+            errors,
+            [
+                "rules[0].counts: messages, bytes and message_size count stream traffic: add match.grpc or match.websocket",
+                "rules[1].limit.per: a bound has no period; remove per",
+                "rules[2].action: drop discards WebSocket messages: it needs match.websocket and counts messages, bytes or message_size",
+                "rules[3].direction: only used with counts messages, bytes or message_size",
+                "rules[4].match: a request is either a gRPC call or a WebSocket upgrade: use grpc or websocket",
+                "rules[4].limit.per: required",
+                "rules[5].action: delay only holds requests (counts requests)",
+            ]
+        );
     }
 
     #[cfg(feature = "std")]

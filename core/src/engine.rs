@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use crate::algorithm::Outcome;
 use crate::decision::{render_headers, Decision};
-use crate::policy::{Action, Attributes, Policy};
+use crate::policy::{Action, Attributes, Counts, Policy};
 use crate::store::{Loaded, Saved, Slot, StateStore, StoreError};
 use crate::time::{Nanos, Span};
 
@@ -91,10 +91,10 @@ impl Verdict {
     }
 
     /// The decision shown in `X-RateLimit-*` and `Retry-After`: the
-    /// limiting rule's, or the most restrictive enforcing rule's. Shadow
-    /// rules are dry runs and are never shown to clients.
-    pub fn shown(&self) -> Option<Decision> {
-        let enforcing = |d: &&RuleDecision| !d.shadow_limited;
+    /// limiting rule's, or the most restrictive rate rule's. Shadow rules
+    /// are dry runs and never shown; in-flight bounds have no window to
+    /// report unless they are what refused the request.
+    pub fn shown(&self, policy: &Policy) -> Option<Decision> {
         match self.kind {
             VerdictKind::Limited { rule_index } => self
                 .decisions
@@ -102,39 +102,30 @@ impl Verdict {
                 .find(|d| d.rule_index == rule_index)
                 .map(|d| d.decision),
             _ => self
-                .decisions
-                .iter()
-                .filter(enforcing)
-                .map(|d| d.decision)
+                .listed(policy)
+                .map(|(_, d)| d)
                 .reduce(Decision::more_restrictive),
         }
     }
 
-    /// Emits the rate-limit headers for this verdict under `policy`'s
-    /// header options (nothing for shadow rules).
-    pub fn headers(&self, policy: &Policy, emit: impl FnMut(&'static str, &str)) {
-        let Some(shown) = self.shown() else {
-            return;
-        };
-        let listed = self
-            .decisions
-            .iter()
-            .filter(|d| !is_shadow(policy, d.rule_index))
-            .filter_map(|d| {
-                policy
-                    .rules
-                    .get(d.rule_index)
-                    .map(|r| (r.name.as_str(), d.decision))
-            });
-        render_headers(listed, shown, policy.header_sets, emit);
+    /// The rate rules clients are told about, by name.
+    fn listed<'a>(&'a self, policy: &'a Policy) -> impl Iterator<Item = (&'a str, Decision)> + Clone + 'a {
+        self.decisions.iter().filter_map(move |d| {
+            policy
+                .rules
+                .get(d.rule_index)
+                .filter(|r| r.action != Action::Shadow && r.counts == Counts::Requests)
+                .map(|r| (r.name.as_str(), d.decision))
+        })
     }
-}
 
-fn is_shadow(policy: &Policy, rule_index: usize) -> bool {
-    policy
-        .rules
-        .get(rule_index)
-        .is_some_and(|r| r.action == Action::Shadow)
+    /// Emits the rate-limit headers for this verdict under `policy`'s
+    /// header options.
+    pub fn headers(&self, policy: &Policy, emit: impl FnMut(&'static str, &str)) {
+        if let Some(shown) = self.shown(policy) {
+            render_headers(self.listed(policy), shown, policy.header_sets, emit);
+        }
+    }
 }
 
 /// The rules that apply to `request`, each with its key.
@@ -333,7 +324,7 @@ fn blocked_kind(
     let budget = blockers
         .map(|i| match claims[i].slot.rule.action {
             Action::Delay { max } => Span(max.as_nanos().saturating_sub(waited.as_nanos())),
-            Action::Reject | Action::Shadow => Span::ZERO,
+            Action::Reject | Action::Shadow | Action::Drop => Span::ZERO,
         })
         .min()
         .unwrap_or(Span::ZERO);
@@ -417,7 +408,7 @@ mod tests {
         for remaining in [2, 1, 0] {
             let v = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
             assert!(v.is_allowed());
-            assert_eq!(v.shown().unwrap().remaining, remaining);
+            assert_eq!(v.shown(&p).unwrap().remaining, remaining);
         }
         let v = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
         assert_eq!(v.kind, VerdictKind::Limited { rule_index: 0 });

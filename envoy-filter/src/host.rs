@@ -1,5 +1,6 @@
 //! What the filter needs from Envoy, as one small trait.
 
+use sluice_core::policy::Direction;
 use sluice_core::time::Nanos;
 
 /// A counter defined with the host.
@@ -21,12 +22,22 @@ pub trait Host {
     fn set_response_header(&self, name: &str, value: &str);
     /// The downstream peer address (`ip:port`).
     fn peer_address(&self) -> Option<String>;
+    /// Sets (replaces) a response trailer of the current request.
+    fn set_response_trailer(&self, name: &str, value: &str);
+    /// The first `size` bytes of the current body chunk travelling `direction`.
+    fn body(&self, direction: Direction, size: usize) -> Option<Vec<u8>>;
+    /// Replaces the first `size` bytes of that chunk by `bytes`.
+    fn set_body(&self, direction: Direction, size: usize, bytes: &[u8]);
     /// Asks for ticks every `millis` (0 stops them).
     fn set_tick_millis(&self, millis: u32);
     /// Defines a counter; `None` if the host refused.
     fn define_counter(&self, name: &str) -> Option<MetricId>;
+    /// Defines a gauge; `None` if the host refused.
+    fn define_gauge(&self, name: &str) -> Option<MetricId>;
     /// Adds `by` (> 0) to a counter.
     fn increment(&self, metric: MetricId, by: u64);
+    /// Moves a gauge by `delta` (non-zero).
+    fn add_to_gauge(&self, metric: MetricId, delta: i64);
     /// Logs a warning.
     fn warn(&self, message: &str);
 }
@@ -38,6 +49,7 @@ pub(crate) mod fake {
     use std::collections::HashMap;
 
     use super::{Host, MetricId};
+    use sluice_core::policy::Direction;
     use sluice_core::time::Nanos;
 
     #[derive(Default)]
@@ -48,8 +60,11 @@ pub(crate) mod fake {
         pub peer: RefCell<Option<String>>,
         pub tick_millis: Cell<u32>,
         pub metric_names: RefCell<Vec<String>>,
-        pub metric_values: RefCell<HashMap<u32, u64>>,
+        pub metric_values: RefCell<HashMap<u32, i64>>,
         pub warnings: RefCell<Vec<String>>,
+        pub trailers: RefCell<HashMap<String, String>>,
+        /// The current body chunk per direction (client, server).
+        pub bodies: RefCell<[Vec<u8>; 2]>,
     }
 
     impl FakeHost {
@@ -71,13 +86,30 @@ pub(crate) mod fake {
                 .insert(":status".into(), status.to_string());
         }
 
-        pub fn counter(&self, name: &str) -> u64 {
+        pub fn counter(&self, name: &str) -> i64 {
             let names = self.metric_names.borrow();
             names
                 .iter()
                 .position(|n| n == name)
                 .and_then(|i| self.metric_values.borrow().get(&(i as u32)).copied())
                 .unwrap_or(0)
+        }
+
+        fn side(direction: Direction) -> usize {
+            match direction {
+                Direction::Client => 0,
+                Direction::Server => 1,
+            }
+        }
+
+        /// Makes `bytes` the current chunk travelling `direction`.
+        pub fn chunk(&self, direction: Direction, bytes: &[u8]) {
+            self.bodies.borrow_mut()[Self::side(direction)] = bytes.to_vec();
+        }
+
+        /// The current chunk travelling `direction`, as the filter left it.
+        pub fn passed(&self, direction: Direction) -> Vec<u8> {
+            self.bodies.borrow()[Self::side(direction)].clone()
         }
     }
 
@@ -97,6 +129,19 @@ pub(crate) mod fake {
         fn peer_address(&self) -> Option<String> {
             self.peer.borrow().clone()
         }
+        fn set_response_trailer(&self, name: &str, value: &str) {
+            self.trailers.borrow_mut().insert(name.into(), value.into());
+        }
+        fn body(&self, direction: Direction, size: usize) -> Option<Vec<u8>> {
+            let bodies = self.bodies.borrow();
+            let chunk = &bodies[Self::side(direction)];
+            Some(chunk[..size.min(chunk.len())].to_vec())
+        }
+        fn set_body(&self, direction: Direction, size: usize, bytes: &[u8]) {
+            let mut bodies = self.bodies.borrow_mut();
+            let chunk = &mut bodies[Self::side(direction)];
+            chunk.splice(..size.min(chunk.len()), bytes.iter().copied());
+        }
         fn set_tick_millis(&self, millis: u32) {
             self.tick_millis.set(millis);
         }
@@ -108,9 +153,16 @@ pub(crate) mod fake {
             });
             Some(MetricId(id as u32))
         }
+        fn define_gauge(&self, name: &str) -> Option<MetricId> {
+            self.define_counter(name)
+        }
         fn increment(&self, metric: MetricId, by: u64) {
             assert!(by > 0, "Envoy refuses increments of 0");
-            *self.metric_values.borrow_mut().entry(metric.0).or_default() += by;
+            *self.metric_values.borrow_mut().entry(metric.0).or_default() += by as i64;
+        }
+        fn add_to_gauge(&self, metric: MetricId, delta: i64) {
+            assert!(delta != 0, "Envoy refuses increments of 0");
+            *self.metric_values.borrow_mut().entry(metric.0).or_default() += delta;
         }
         fn warn(&self, message: &str) {
             self.warnings.borrow_mut().push(message.into());

@@ -2,9 +2,10 @@
 
 use sluice_core::client_ip::parse_ip;
 use sluice_core::engine::Verdict;
-use sluice_core::policy::{strip_query, HttpRequest, Policy};
+use sluice_core::policy::{strip_query, HttpRequest, Policy, Protocol};
 
 use crate::host::Host;
+use crate::stream::grpc_message;
 
 /// Which request attributes the policy reads: computed once per
 /// configuration, so each request fetches only those (every fetch is a
@@ -19,6 +20,8 @@ pub struct Needs {
     pub path: bool,
     /// The client address.
     pub client_ip: bool,
+    /// Whether a request is gRPC or WebSocket (some rule matches on it).
+    pub protocol: bool,
 }
 
 impl Needs {
@@ -33,6 +36,7 @@ impl Needs {
             method: policy.needs_method(),
             path: policy.needs_path(),
             client_ip: policy.needs_client_ip(),
+            protocol: policy.needs_protocol(),
         }
     }
 }
@@ -54,7 +58,13 @@ pub fn fetch_request(host: &impl Host, policy: &Policy, needs: &Needs) -> HttpRe
     } else {
         None
     };
+    let protocol = if needs.protocol {
+        detect_protocol(host)
+    } else {
+        Protocol::Http
+    };
     HttpRequest {
+        protocol,
         method: header(needs.method, ":method").unwrap_or_default(),
         path: header(needs.path, ":path")
             .map(|p| strip_query(&p).to_owned())
@@ -68,6 +78,14 @@ pub fn fetch_request(host: &impl Host, policy: &Policy, needs: &Needs) -> HttpRe
     }
 }
 
+/// The request's protocol, from its headers.
+pub fn detect_protocol(host: &impl Host) -> Protocol {
+    Protocol::detect(
+        host.request_header("content-type").as_deref(),
+        host.request_header("upgrade").as_deref(),
+    )
+}
+
 /// A response the filter sends itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalReply {
@@ -75,17 +93,33 @@ pub struct LocalReply {
     pub status: u32,
     /// Headers, lower-case names.
     pub headers: Vec<(&'static str, String)>,
-    /// Body bytes.
+    /// Body bytes (for gRPC: the `grpc-message`).
     pub body: Vec<u8>,
+    /// For gRPC: the status Envoy answers with as a trailers-only response.
+    pub grpc_status: Option<u32>,
 }
 
-/// The 429 for a limited verdict: JSON body naming the rule, `Retry-After`
-/// and the configured rate-limit headers.
-pub fn too_many_requests(policy: &Policy, verdict: &Verdict, rule_index: usize) -> LocalReply {
-    let mut headers = vec![("content-type", "application/json".to_owned())];
+/// gRPC's RESOURCE_EXHAUSTED.
+pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+
+/// The refusal for a limited verdict: for gRPC a trailers-only
+/// RESOURCE_EXHAUSTED (a 429 would reach gRPC clients as UNAVAILABLE, which
+/// they retry at once), otherwise a 429 with a JSON body; both with
+/// `retry-after` and the configured rate-limit headers.
+pub fn refusal(
+    policy: &Policy,
+    verdict: &Verdict,
+    rule_index: usize,
+    protocol: Protocol,
+) -> LocalReply {
+    let mut headers = Vec::new();
     verdict.headers(policy, |name, value| headers.push((name, value.to_owned())));
     let rule = policy.rules.get(rule_index).map_or("", |r| r.name.as_str());
-    let retry_after = verdict.shown().map_or(1, |d| d.retry_after_secs());
+    let retry_after = verdict.shown(policy).map_or(1, |d| d.retry_after_secs());
+    if protocol == Protocol::Grpc {
+        return grpc_refusal(headers, &grpc_message(rule, retry_after));
+    }
+    headers.push(("content-type", "application/json".to_owned()));
     let body = serde_json::json!({
         "error": "rate_limited",
         "rule": rule,
@@ -95,5 +129,16 @@ pub fn too_many_requests(policy: &Policy, verdict: &Verdict, rule_index: usize) 
         status: 429,
         headers,
         body: body.to_string().into_bytes(),
+        grpc_status: None,
+    }
+}
+
+/// A trailers-only RESOURCE_EXHAUSTED carrying `metadata`.
+pub fn grpc_refusal(metadata: Vec<(&'static str, String)>, message: &str) -> LocalReply {
+    LocalReply {
+        status: 200,
+        headers: metadata,
+        body: message.as_bytes().to_vec(),
+        grpc_status: Some(GRPC_RESOURCE_EXHAUSTED),
     }
 }

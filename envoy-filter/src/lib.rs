@@ -8,6 +8,7 @@ pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod plugin;
+pub mod stream;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;

@@ -1,17 +1,18 @@
 //! The filter's Envoy stats.
 //!
-//! Names are `sluice_http.rule.<rule>.outcome.<outcome>`; the example
-//! Envoy configs carry `stats_tags` that turn them into Prometheus labels
-//! (`sluice_http{rule="...",outcome="..."}`). Labels stay bounded: rules
-//! and outcomes, never keys.
+//! Counters `sluice_<protocol>.rule.<rule>.outcome.<outcome>` (protocol
+//! `http`, `grpc` or `websocket`) and gauges `sluice_grpc.rule.<rule>.in_flight`
+//! and `sluice_websocket.rule.<rule>.connections`; the example Envoy configs
+//! carry `stats_tags` that turn the rule and outcome segments into
+//! Prometheus labels. Labels stay bounded: rules and outcomes, never keys.
 
 use crate::host::{Host, MetricId};
-use sluice_core::policy::Policy;
+use sluice_core::policy::{Policy, Protocol, Rule};
 
-/// What happened to a request, for one rule.
+/// What happened to a request or message, for one rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The rule allowed it (and the request went through).
+    /// The rule allowed it (and it went through).
     Allowed,
     /// The rule limited it.
     Limited,
@@ -19,14 +20,17 @@ pub enum Outcome {
     ShadowLimited,
     /// The rule held it before allowing it.
     Delayed,
+    /// The rule discarded a WebSocket message.
+    Dropped,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 4] = [
+    const ALL: [Outcome; 5] = [
         Outcome::Allowed,
         Outcome::Limited,
         Outcome::ShadowLimited,
         Outcome::Delayed,
+        Outcome::Dropped,
     ];
 
     /// The name in stats.
@@ -36,41 +40,86 @@ impl Outcome {
             Outcome::Limited => "limited",
             Outcome::ShadowLimited => "shadow_limited",
             Outcome::Delayed => "delayed",
-        }
-    }
-
-    fn slot(self) -> usize {
-        match self {
-            Outcome::Allowed => 0,
-            Outcome::Limited => 1,
-            Outcome::ShadowLimited => 2,
-            Outcome::Delayed => 3,
+            Outcome::Dropped => "dropped",
         }
     }
 }
 
-/// Counter ids, defined once per VM at configuration time.
+fn protocol_slot(protocol: Protocol) -> usize {
+    match protocol {
+        Protocol::Http => 0,
+        Protocol::Grpc => 1,
+        Protocol::WebSocket => 2,
+    }
+}
+
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Http => "http",
+        Protocol::Grpc => "grpc",
+        Protocol::WebSocket => "websocket",
+    }
+}
+
+/// The protocols a rule can see: its own if it matches on one, else every
+/// protocol the policy tells apart.
+fn protocols(rule: &Rule, policy_tells_protocols: bool) -> &'static [Protocol] {
+    match (
+        &rule.matcher.grpc,
+        rule.matcher.websocket,
+        policy_tells_protocols,
+    ) {
+        (Some(_), _, _) => &[Protocol::Grpc],
+        (None, true, _) => &[Protocol::WebSocket],
+        (None, false, true) => &[Protocol::Http, Protocol::Grpc, Protocol::WebSocket],
+        (None, false, false) => &[Protocol::Http],
+    }
+}
+
+#[derive(Debug, Default)]
+struct RuleMetrics {
+    /// Per protocol, per outcome.
+    outcomes: [[Option<MetricId>; 5]; 3],
+    /// Open gRPC calls or WebSocket connections the rule applies to.
+    open: Option<MetricId>,
+}
+
+/// Metric ids, defined once per VM at configuration time.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    per_rule: Vec<[Option<MetricId>; 4]>,
+    per_rule: Vec<RuleMetrics>,
     errors: Option<MetricId>,
     evictions: Option<MetricId>,
 }
 
 impl Metrics {
-    /// Defines the counters for `policy`'s rules.
+    /// Defines the stats for `policy`'s rules.
     pub fn define(host: &impl Host, policy: &Policy) -> Metrics {
+        let tells = policy.needs_protocol();
         let per_rule = policy
             .rules
             .iter()
             .map(|rule| {
-                Outcome::ALL.map(|o| {
-                    host.define_counter(&format!(
-                        "sluice_http.rule.{}.outcome.{}",
-                        rule.name,
-                        o.name()
-                    ))
-                })
+                let mut m = RuleMetrics::default();
+                for &protocol in protocols(rule, tells) {
+                    m.outcomes[protocol_slot(protocol)] = Outcome::ALL.map(|o| {
+                        host.define_counter(&format!(
+                            "sluice_{}.rule.{}.outcome.{}",
+                            protocol_name(protocol),
+                            rule.name,
+                            o.name()
+                        ))
+                    });
+                }
+                m.open = match (&rule.matcher.grpc, rule.matcher.websocket) {
+                    (Some(_), _) => {
+                        host.define_gauge(&format!("sluice_grpc.rule.{}.in_flight", rule.name))
+                    }
+                    (None, true) => host
+                        .define_gauge(&format!("sluice_websocket.rule.{}.connections", rule.name)),
+                    (None, false) => None,
+                };
+                m
             })
             .collect();
         Metrics {
@@ -80,10 +129,25 @@ impl Metrics {
         }
     }
 
-    /// Counts one outcome of the rule at `rule_index`.
-    pub fn count(&self, host: &impl Host, rule_index: usize, outcome: Outcome) {
-        if let Some(Some(id)) = self.per_rule.get(rule_index).map(|ids| ids[outcome.slot()]) {
+    /// Counts one outcome of the rule at `rule_index` for a `protocol` request.
+    pub fn count(&self, host: &impl Host, protocol: Protocol, rule_index: usize, outcome: Outcome) {
+        let id = self
+            .per_rule
+            .get(rule_index)
+            .and_then(|m| m.outcomes[protocol_slot(protocol)][outcome as usize]);
+        if let Some(id) = id {
             host.increment(id, 1);
+        }
+    }
+
+    /// Moves the open-streams gauge of the rule at `rule_index`; true if it has one.
+    pub fn open(&self, host: &impl Host, rule_index: usize, delta: i64) -> bool {
+        match self.per_rule.get(rule_index).and_then(|m| m.open) {
+            Some(id) if delta != 0 => {
+                host.add_to_gauge(id, delta);
+                true
+            }
+            _ => false,
         }
     }
 

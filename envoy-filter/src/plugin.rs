@@ -9,14 +9,15 @@
 use std::collections::HashMap;
 
 use sluice_core::config::{Config, ConfigError};
-use sluice_core::engine::{self, Verdict, VerdictKind};
-use sluice_core::policy::Policy;
-use sluice_core::store::{hash, SharedBytes, SlotStore, StoreError};
+use sluice_core::engine::{self, Charge, Claim, Verdict, VerdictKind};
+use sluice_core::policy::{Action, Counts, Direction, Policy, Protocol};
+use sluice_core::store::{hash, SharedBytes, Slot, SlotStore, StoreError};
 use sluice_core::time::{Nanos, Span};
 
 use crate::host::Host;
-use crate::http::{fetch_request, too_many_requests, LocalReply, Needs};
+use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal, LocalReply, Needs};
 use crate::metrics::{Metrics, Outcome};
+use crate::stream::{Answer, Ask, Edit, GrpcStream, Judge, Violation, WebSocketStream};
 
 /// How often a VM with held requests checks them again. A held request is
 /// released at most this late after its permit frees up.
@@ -42,12 +43,28 @@ pub enum Wake {
     Reply(LocalReply),
 }
 
+/// The stream a request opened, once there is one to watch.
+#[derive(Debug)]
+enum Stream {
+    Grpc(GrpcStream),
+    WebSocket(Box<WebSocketStream>),
+}
+
 #[derive(Debug, Default)]
 struct RequestState {
+    protocol: Protocol,
     /// Kept until the response, for headers and refunds.
     verdict: Option<Verdict>,
     /// The filter answered this request itself.
     answered_locally: bool,
+    /// In-flight permits, given back when the request ends.
+    held: Vec<Charge>,
+    /// Rules whose open-streams gauge counts this request.
+    gauges: Vec<usize>,
+    /// Stream rules (messages, bytes, sizes) and their keys.
+    stream_keys: Vec<(usize, String)>,
+    stream: Option<Stream>,
+    response_started: bool,
 }
 
 #[derive(Debug)]
@@ -55,7 +72,9 @@ struct Held {
     context_id: u32,
     wake_at: Nanos,
     since: Nanos,
+    protocol: Protocol,
     keys: Vec<(usize, String)>,
+    stream_keys: Vec<(usize, String)>,
 }
 
 /// See the module doc.
@@ -124,12 +143,28 @@ impl<B: SharedBytes> Plugin<B> {
     /// Decides a new request.
     pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) -> Step {
         let request = fetch_request(host, &self.policy, &self.needs);
-        let keys = engine::applicable_rules(&self.policy, &request);
-        if keys.is_empty() {
+        let (keys, stream_keys): (Vec<_>, Vec<_>) =
+            engine::applicable_rules(&self.policy, &request)
+                .into_iter()
+                .partition(|(i, _)| {
+                    self.policy
+                        .rules
+                        .get(*i)
+                        .is_some_and(|r| r.counts.at_request())
+                });
+        if keys.is_empty() && stream_keys.is_empty() {
             return Step::Continue;
         }
         let now = host.now();
-        match self.decide(host, context_id, keys, now, now) {
+        let held = Held {
+            context_id,
+            wake_at: now,
+            since: now,
+            protocol: request.protocol,
+            keys,
+            stream_keys,
+        };
+        match self.decide(host, held, now) {
             Some(Wake::Resume) => Step::Continue,
             Some(Wake::Reply(reply)) => Step::Reply(reply),
             None => {
@@ -139,43 +174,60 @@ impl<B: SharedBytes> Plugin<B> {
         }
     }
 
-    /// Decides for `keys` of a request first seen at `since`; `None` means
-    /// it is held until its wait is over.
-    fn decide(
-        &mut self,
-        host: &impl Host,
-        context_id: u32,
-        keys: Vec<(usize, String)>,
-        now: Nanos,
-        since: Nanos,
-    ) -> Option<Wake> {
-        let waited = now.since(since);
-        let verdict = match engine::decide_keys(&self.policy, &mut self.store, &keys, now, waited) {
-            Ok(v) => v,
-            Err(e) => {
-                // Fail open: a broken counter must not take the service down.
-                self.metrics.error(host);
-                host.warn(&format!("sluice: letting request through: {e}"));
-                return Some(Wake::Resume);
-            }
-        };
+    /// Decides the request-time rules of `request` (first seen at
+    /// `request.since`); `None` means it is held until its wait is over.
+    fn decide(&mut self, host: &impl Host, mut request: Held, now: Nanos) -> Option<Wake> {
+        let waited = now.since(request.since);
+        let verdict =
+            match engine::decide_keys(&self.policy, &mut self.store, &request.keys, now, waited) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Fail open: a broken counter must not take the service down.
+                    self.metrics.error(host);
+                    host.warn(&format!("sluice: letting request through: {e}"));
+                    return Some(Wake::Resume);
+                }
+            };
         self.report_evictions(host);
-        let delayed = waited > Span::ZERO;
+        let protocol = request.protocol;
         match verdict.kind {
             VerdictKind::Allowed => {
+                let delayed = waited > Span::ZERO;
                 for d in &verdict.decisions {
                     let outcome = match (d.shadow_limited, delayed) {
                         (true, _) => Outcome::ShadowLimited,
                         (false, true) => Outcome::Delayed,
                         (false, false) => Outcome::Allowed,
                     };
-                    self.metrics.count(host, d.rule_index, outcome);
+                    self.metrics.count(host, protocol, d.rule_index, outcome);
                 }
+                let held = verdict
+                    .charges
+                    .iter()
+                    .filter(|c| self.counts(c.rule_index) == Some(Counts::InFlight))
+                    .cloned()
+                    .collect();
+                let gauges: Vec<usize> = request
+                    .keys
+                    .iter()
+                    .chain(&request.stream_keys)
+                    .map(|(i, _)| *i)
+                    .filter(|&i| self.metrics.open(host, i, 1))
+                    .collect();
+                let stream = match (protocol, request.stream_keys.is_empty()) {
+                    (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::default())),
+                    _ => None,
+                };
                 self.requests.insert(
-                    context_id,
+                    request.context_id,
                     RequestState {
+                        protocol,
                         verdict: Some(verdict),
-                        answered_locally: false,
+                        held,
+                        gauges,
+                        stream_keys: std::mem::take(&mut request.stream_keys),
+                        stream,
+                        ..RequestState::default()
                     },
                 );
                 Some(Wake::Resume)
@@ -187,28 +239,35 @@ impl<B: SharedBytes> Plugin<B> {
                     } else {
                         Outcome::Limited
                     };
-                    self.metrics.count(host, d.rule_index, outcome);
+                    self.metrics.count(host, protocol, d.rule_index, outcome);
                 }
-                let reply = too_many_requests(&self.policy, &verdict, rule_index);
+                // A gRPC call limited by a rule that does not look at
+                // protocols still needs a gRPC answer.
+                let protocol = match protocol {
+                    Protocol::Http if !self.needs.protocol => detect_protocol(host),
+                    p => p,
+                };
+                let reply = refusal(&self.policy, &verdict, rule_index, protocol);
                 self.requests.insert(
-                    context_id,
+                    request.context_id,
                     RequestState {
-                        verdict: None,
+                        protocol,
                         answered_locally: true,
+                        ..RequestState::default()
                     },
                 );
                 Some(Wake::Reply(reply))
             }
             VerdictKind::Wait { wait } => {
-                self.held.push(Held {
-                    context_id,
-                    wake_at: now.plus(wait),
-                    since,
-                    keys,
-                });
+                request.wake_at = now.plus(wait);
+                self.held.push(request);
                 None
             }
         }
+    }
+
+    fn counts(&self, rule_index: usize) -> Option<Counts> {
+        self.policy.rules.get(rule_index).map(|r| r.counts)
     }
 
     /// Releases or refuses held requests whose wait is over.
@@ -223,8 +282,9 @@ impl<B: SharedBytes> Plugin<B> {
         };
         let mut wakes = Vec::new();
         for h in due {
-            if let Some(wake) = self.decide(host, h.context_id, h.keys, now, h.since) {
-                wakes.push((h.context_id, wake));
+            let context_id = h.context_id;
+            if let Some(wake) = self.decide(host, h, now) {
+                wakes.push((context_id, wake));
             }
         }
         host.set_tick_millis(if self.held.is_empty() {
@@ -235,15 +295,26 @@ impl<B: SharedBytes> Plugin<B> {
         wakes
     }
 
-    /// Adds rate-limit headers to an allowed response, and refunds the
-    /// permits if its status is excluded from counting.
+    /// Adds rate-limit headers to an allowed response, refunds the permits
+    /// if its status is excluded from counting, and starts watching a
+    /// WebSocket connection once it is upgraded.
     pub fn on_response_headers(&mut self, host: &impl Host, context_id: u32) {
-        let Some(state) = self.requests.get(&context_id) else {
+        let Some(state) = self.requests.get_mut(&context_id) else {
             return;
         };
         if state.answered_locally {
-            // Our own 429 passes back through here: it has its headers.
+            // Our own reply comes back through here: it has its headers.
             return;
+        }
+        state.response_started = true;
+        if state.protocol == Protocol::WebSocket
+            && !state.stream_keys.is_empty()
+            && host.response_header(":status").as_deref() == Some("101")
+        {
+            let deflate = host
+                .response_header("sec-websocket-extensions")
+                .is_some_and(|e| e.contains("permessage-deflate"));
+            state.stream = Some(Stream::WebSocket(Box::new(WebSocketStream::new(deflate))));
         }
         let Some(verdict) = state.verdict.as_ref() else {
             return;
@@ -253,8 +324,19 @@ impl<B: SharedBytes> Plugin<B> {
                 .response_header(":status")
                 .and_then(|s| s.parse::<u16>().ok());
             if status.is_some_and(|s| self.policy.exclude_statuses.contains(s)) {
-                if let Err(e) =
-                    engine::refund(&self.policy, &mut self.store, &verdict.charges, host.now())
+                // In-flight permits are released when the request ends.
+                let refunds: Vec<Charge> = verdict
+                    .charges
+                    .iter()
+                    .filter(|c| {
+                        self.policy
+                            .rules
+                            .get(c.rule_index)
+                            .is_some_and(|r| r.counts == Counts::Requests)
+                    })
+                    .cloned()
+                    .collect();
+                if let Err(e) = engine::refund(&self.policy, &mut self.store, &refunds, host.now())
                 {
                     self.metrics.error(host);
                     host.warn(&format!("sluice: refund failed: {e}"));
@@ -268,10 +350,92 @@ impl<B: SharedBytes> Plugin<B> {
         }
     }
 
-    /// Forgets a finished request (also one the client abandoned while held).
-    pub fn on_done(&mut self, context_id: u32) {
-        self.requests.remove(&context_id);
+    /// Counts the messages in a body chunk travelling `direction` against
+    /// the stream rules, rewriting the chunk when a message is refused or
+    /// dropped. A gRPC message refused before the response started ends
+    /// the call with a reply.
+    pub fn on_body(
+        &mut self,
+        host: &impl Host,
+        context_id: u32,
+        direction: Direction,
+        size: usize,
+    ) -> Step {
+        let Some(mut state) = self.requests.remove(&context_id) else {
+            return Step::Continue;
+        };
+        let step = match state.stream.as_mut() {
+            None => Step::Continue,
+            Some(stream) => {
+                let bytes = host.body(direction, size).unwrap_or_default();
+                let mut judge = StreamJudge {
+                    policy: &self.policy,
+                    store: &mut self.store,
+                    metrics: &self.metrics,
+                    host,
+                    keys: &state.stream_keys,
+                    protocol: state.protocol,
+                    now: host.now(),
+                };
+                let edit = match stream {
+                    Stream::Grpc(g) => {
+                        g.chunk(&mut judge, direction, &bytes, state.response_started)
+                    }
+                    Stream::WebSocket(w) => w.chunk(&mut judge, direction, &bytes),
+                };
+                match edit {
+                    Edit::Keep => Step::Continue,
+                    Edit::Replace(new) => {
+                        host.set_body(direction, bytes.len(), &new);
+                        Step::Continue
+                    }
+                    Edit::RefuseCall {
+                        message,
+                        retry_after,
+                    } => {
+                        state.answered_locally = true;
+                        let metadata = vec![("retry-after", retry_after.to_string())];
+                        Step::Reply(grpc_refusal(metadata, &message))
+                    }
+                }
+            }
+        };
+        self.requests.insert(context_id, state);
+        step
+    }
+
+    /// Rewrites the trailers of a gRPC call whose messages were refused
+    /// after the response started, so the client sees RESOURCE_EXHAUSTED.
+    pub fn on_response_trailers(&mut self, host: &impl Host, context_id: u32) {
+        let refused = self
+            .requests
+            .get(&context_id)
+            .and_then(|s| match &s.stream {
+                Some(Stream::Grpc(g)) => g.refused().map(str::to_owned),
+                _ => None,
+            });
+        if let Some(message) = refused {
+            host.set_response_trailer("grpc-status", "8");
+            host.set_response_trailer("grpc-message", &message);
+        }
+    }
+
+    /// Forgets a finished request (also one the client abandoned while
+    /// held), giving back its in-flight permits.
+    pub fn on_done(&mut self, host: &impl Host, context_id: u32) {
         self.held.retain(|h| h.context_id != context_id);
+        let Some(state) = self.requests.remove(&context_id) else {
+            return;
+        };
+        if !state.held.is_empty() {
+            if let Err(e) = engine::refund(&self.policy, &mut self.store, &state.held, host.now()) {
+                self.metrics.error(host);
+                host.warn(&format!("sluice: releasing in-flight permits failed: {e}"));
+            }
+        }
+        for rule_index in state.gauges {
+            self.metrics.open(host, rule_index, -1);
+        }
     }
 
     /// Requests currently held by a delay.
@@ -287,10 +451,124 @@ impl<B: SharedBytes> Plugin<B> {
     }
 }
 
+/// Decides stream messages against one request's stream rules.
+struct StreamJudge<'a, B, H> {
+    policy: &'a Policy,
+    store: &'a mut SlotStore<B>,
+    metrics: &'a Metrics,
+    host: &'a H,
+    keys: &'a [(usize, String)],
+    protocol: Protocol,
+    now: Nanos,
+}
+
+impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
+    fn judge(&mut self, direction: Direction, ask: Ask) -> Answer {
+        let rules = self
+            .keys
+            .iter()
+            .filter_map(|(i, key)| self.policy.rules.get(*i).map(|r| (*i, key.as_str(), r)));
+        // Size bounds need no state.
+        for (i, _, rule) in rules.clone() {
+            let Counts::MessageSize(flow) = rule.counts else {
+                continue;
+            };
+            if !flow.includes(direction) || ask.size <= rule.quota.count() {
+                continue;
+            }
+            if rule.action == Action::Shadow {
+                self.metrics
+                    .count(self.host, self.protocol, i, Outcome::ShadowLimited);
+                continue;
+            }
+            return self.refuse(i, Violation::TooBig, 1);
+        }
+        let claims: Vec<Claim<'_>> = rules
+            .filter_map(|(rule_index, key, rule)| {
+                let cost = match rule.counts {
+                    Counts::Messages(flow) if flow.includes(direction) => {
+                        ask.messages.saturating_mul(rule.cost)
+                    }
+                    Counts::Bytes(flow) if flow.includes(direction) => ask.bytes,
+                    _ => 0,
+                };
+                (cost > 0).then_some(Claim {
+                    slot: Slot {
+                        rule_index,
+                        rule,
+                        key,
+                    },
+                    cost,
+                })
+            })
+            .collect();
+        if claims.is_empty() {
+            return Answer::Pass;
+        }
+        let verdict = match engine::decide_claims(self.store, &claims, self.now, Span::ZERO) {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics.error(self.host);
+                self.host
+                    .warn(&format!("sluice: letting message through: {e}"));
+                return Answer::Pass;
+            }
+        };
+        match verdict.kind {
+            VerdictKind::Allowed | VerdictKind::Wait { .. } => {
+                for d in &verdict.decisions {
+                    let outcome = if d.shadow_limited {
+                        Outcome::ShadowLimited
+                    } else {
+                        Outcome::Allowed
+                    };
+                    self.metrics
+                        .count(self.host, self.protocol, d.rule_index, outcome);
+                }
+                Answer::Pass
+            }
+            VerdictKind::Limited { rule_index } => {
+                let retry_after = verdict
+                    .decisions
+                    .iter()
+                    .find(|d| d.rule_index == rule_index)
+                    .map_or(1, |d| d.decision.retry_after_secs());
+                self.refuse(rule_index, Violation::Rate, retry_after)
+            }
+        }
+    }
+}
+
+impl<B, H: Host> StreamJudge<'_, B, H> {
+    fn refuse(&self, rule_index: usize, violation: Violation, retry_after: u64) -> Answer {
+        let Some(rule) = self.policy.rules.get(rule_index) else {
+            return Answer::Pass;
+        };
+        let rule_name = rule.name.clone();
+        if rule.action == Action::Drop {
+            self.metrics
+                .count(self.host, self.protocol, rule_index, Outcome::Dropped);
+            Answer::Drop {
+                violation,
+                rule: rule_name,
+            }
+        } else {
+            self.metrics
+                .count(self.host, self.protocol, rule_index, Outcome::Limited);
+            Answer::Refuse {
+                rule: rule_name,
+                violation,
+                retry_after,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::fake::FakeHost;
+    use sluice_core::policy::Direction;
     use sluice_core::store::InProcessShared;
 
     const SEC: u64 = 1_000_000_000;
@@ -414,7 +692,7 @@ mod tests {
         );
         assert_eq!(q.on_request_headers(&host, 1), Step::Continue);
         assert_eq!(q.on_request_headers(&host, 2), Step::Pause);
-        q.on_done(2);
+        q.on_done(&host, 2);
         assert_eq!(q.held(), 0);
     }
 
@@ -435,7 +713,7 @@ mod tests {
             );
             host.respond(503);
             p.on_response_headers(&host, id);
-            p.on_done(id);
+            p.on_done(&host, id);
         }
         host.request("GET", "/", &[]);
         assert_eq!(p.on_request_headers(&host, 9), Step::Continue);
@@ -477,6 +755,148 @@ mod tests {
         host.respond(200);
         p.on_response_headers(&host, 1);
         assert_eq!(host.response.borrow().len(), 1, "only :status");
+    }
+
+    #[test]
+    fn grpc_calls_are_refused_with_resource_exhausted_not_429() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"calls","match":{"grpc":{"service":"chat.*"}},"limit":{"count":1,"per":"1h"}}]}"#,
+        );
+        let grpc = [("content-type", "application/grpc")];
+        host.request("POST", "/chat.ChatService/Send", &grpc);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        host.request("POST", "/user.UserService/Get", &grpc);
+        assert_eq!(
+            p.on_request_headers(&host, 2),
+            Step::Continue,
+            "other service"
+        );
+        host.request("POST", "/chat.ChatService/Send", &grpc);
+        let r = reply(p.on_request_headers(&host, 3));
+        assert_eq!((r.status, r.grpc_status), (200, Some(8)));
+        assert_eq!(r.body, b"rate limited by rule calls; retry after 3600s");
+        assert_eq!(header(&r, "retry-after"), Some("3600"));
+        assert_eq!(host.counter("sluice_grpc.rule.calls.outcome.limited"), 1);
+    }
+
+    #[test]
+    fn plain_rules_answer_grpc_calls_in_grpc_too() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"all","limit":{"count":1,"per":"1h"}}]}"#,
+        );
+        host.request("POST", "/a.B/C", &[("content-type", "application/grpc")]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        assert_eq!(reply(p.on_request_headers(&host, 2)).grpc_status, Some(8));
+    }
+
+    #[test]
+    fn in_flight_permits_are_held_until_the_stream_ends() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"open","match":{"websocket":true},"counts":"in_flight","limit":{"count":2}}]}"#,
+        );
+        host.request("GET", "/ws", &[("upgrade", "websocket")]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+        let refused = reply(p.on_request_headers(&host, 3));
+        assert_eq!(refused.status, 429);
+        assert_eq!(host.counter("sluice_websocket.rule.open.connections"), 2);
+        p.on_done(&host, 3);
+        p.on_done(&host, 1);
+        assert_eq!(host.counter("sluice_websocket.rule.open.connections"), 1);
+        assert_eq!(p.on_request_headers(&host, 4), Step::Continue);
+        // Plain HTTP requests are not WebSocket connections.
+        host.request("GET", "/ws", &[]);
+        assert_eq!(p.on_request_headers(&host, 5), Step::Continue);
+        assert_eq!(p.on_request_headers(&host, 6), Step::Continue);
+    }
+
+    #[test]
+    fn grpc_messages_over_the_limit_end_the_call_or_rewrite_the_trailers() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages","limit":{"count":2,"per":"1h"}}],"headers":{"on_allowed":false}}"#,
+        );
+        let message = [0u8, 0, 0, 0, 1, 42];
+        host.request(
+            "POST",
+            "/chat.ChatService/Chat",
+            &[("content-type", "application/grpc")],
+        );
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        host.chunk(Direction::Client, &message);
+        assert_eq!(p.on_body(&host, 1, Direction::Client, 6), Step::Continue);
+        host.respond(200);
+        p.on_response_headers(&host, 1);
+        // Server messages count in the same budget: the 2nd passes, the 3rd is cut.
+        host.chunk(Direction::Server, &[message, message].concat());
+        assert_eq!(p.on_body(&host, 1, Direction::Server, 12), Step::Continue);
+        assert_eq!(host.passed(Direction::Server), message);
+        p.on_response_trailers(&host, 1);
+        assert_eq!(
+            host.trailers
+                .borrow()
+                .get("grpc-status")
+                .map(String::as_str),
+            Some("8")
+        );
+
+        // Before the response started, the call is refused cleanly.
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages","direction":"client","limit":{"count":1,"per":"1h"}}]}"#,
+        );
+        host.request(
+            "POST",
+            "/chat.ChatService/Upload",
+            &[("content-type", "application/grpc")],
+        );
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        host.chunk(Direction::Client, &[message, message].concat());
+        let r = reply(p.on_body(&host, 1, Direction::Client, 12));
+        assert_eq!(r.grpc_status, Some(8));
+        assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.allowed"), 1);
+        assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.limited"), 1);
+    }
+
+    #[test]
+    fn websocket_messages_are_counted_after_the_upgrade() {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut p = plugin(
+            &host,
+            &shared,
+            r#"{"rules":[{"name":"room","match":{"websocket":true,"path":{"glob":"/room/*"}},"key":["path_segment:1"],"counts":"messages","direction":"client","limit":{"count":1,"per":"1h"}}]}"#,
+        );
+        let frame = [0x81u8, 0x81, 1, 2, 3, 4, b'a' ^ 1];
+        host.request("GET", "/room/a", &[("upgrade", "websocket")]);
+        assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+        host.respond(101);
+        p.on_response_headers(&host, 1);
+        host.chunk(Direction::Client, &[frame, frame].concat());
+        assert_eq!(p.on_body(&host, 1, Direction::Client, 14), Step::Continue);
+        let passed = host.passed(Direction::Client);
+        assert_eq!(&passed[..7], &frame);
+        assert_eq!(passed[7], 0x88, "a close frame follows the allowed message");
+        // Another room has its own budget.
+        host.request("GET", "/room/b", &[("upgrade", "websocket")]);
+        assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+        host.respond(101);
+        p.on_response_headers(&host, 2);
+        host.chunk(Direction::Client, &frame);
+        assert_eq!(p.on_body(&host, 2, Direction::Client, 7), Step::Continue);
+        assert_eq!(host.passed(Direction::Client), frame);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sluice_core::algorithm::{AlgorithmKind, Limiter, Quota};
 use sluice_core::config::{Config as CoreConfig, ConfigError, MAX_LOG_COUNT};
-use sluice_core::policy::{Action, KeySpec, Matcher, Rule, Scope};
+use sluice_core::policy::{Action, Counts, KeySpec, Matcher, Rule, Scope};
 
 use crate::config::{
     parse_span, BackendKind, DescriptorConfig, DomainConfig, FailureMode, FallbackConfig,
@@ -451,6 +451,7 @@ fn descriptor_rule(name: String, algorithm: AlgorithmKind, quota: Quota, shadow:
         matcher: Matcher::default(),
         key: KeySpec::default(),
         scope: Scope::PerKey,
+        counts: Counts::Requests,
         quota,
         limiter: Limiter::new(algorithm, quota),
         cost: 1,

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 
 use super::meter::Meter;
 use super::{
-    FixedWindowState, GcraState, LeakyBucketState, SlidingWindowCounterState,
+    ConcurrencyState, FixedWindowState, GcraState, LeakyBucketState, SlidingWindowCounterState,
     SlidingWindowLogState, State, TokenBucketState,
 };
 use crate::time::Nanos;
@@ -24,6 +24,7 @@ const TAG_FIXED_WINDOW: u8 = 3;
 const TAG_SLIDING_WINDOW_LOG: u8 = 4;
 const TAG_SLIDING_WINDOW_COUNTER: u8 = 5;
 const TAG_GCRA: u8 = 6;
+const TAG_CONCURRENCY: u8 = 7;
 
 /// Bytes of one sliding log entry: time and cost.
 const ENTRY_LEN: usize = 16;
@@ -94,6 +95,10 @@ pub(crate) fn encode_state(state: &State, out: &mut Vec<u8>) {
             put(out, s.tat.0);
             put(out, s.fraction);
         }
+        State::Concurrency(s) => {
+            out.extend_from_slice(&[VERSION, TAG_CONCURRENCY]);
+            put(out, s.held);
+        }
     }
 }
 
@@ -121,6 +126,7 @@ pub(crate) fn decode_state(bytes: &[u8]) -> Result<State, DecodeError> {
             tat: Nanos(r.u64()?),
             fraction: r.u64()?,
         }),
+        TAG_CONCURRENCY => State::Concurrency(ConcurrencyState { held: r.u64()? }),
         tag => return Err(DecodeError::UnknownAlgorithm(tag)),
     };
     match bytes.len() - r.pos {
@@ -254,6 +260,7 @@ mod tests {
             used: 4,
         };
         assert_eq!(round_trip(&State::FixedWindow(fixed)), 18);
+        assert_eq!(round_trip(&State::Concurrency(ConcurrencyState { held: 7 })), 10);
         let counter = SlidingWindowCounterState {
             start: Nanos(9),
             previous: 1,

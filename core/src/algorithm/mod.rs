@@ -5,6 +5,7 @@
 //! rationals (scaled integers), never rounded to an integer interval.
 
 mod codec;
+mod concurrency;
 mod fixed_window;
 mod gcra;
 mod leaky_bucket;
@@ -18,6 +19,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 pub use codec::DecodeError;
+pub use concurrency::{Concurrency, ConcurrencyState, RETRY_HINT as CONCURRENCY_RETRY_HINT};
 pub use fixed_window::{FixedWindow, FixedWindowState};
 pub use gcra::{Gcra, GcraState};
 pub use leaky_bucket::{LeakyBucket, LeakyBucketState};
@@ -163,10 +165,13 @@ pub enum AlgorithmKind {
     SlidingWindowCounter,
     /// Generic cell rate algorithm: one timestamp per key.
     Gcra,
+    /// Permits held at once (for `in_flight` rules; not chosen in config).
+    Concurrency,
 }
 
 impl AlgorithmKind {
-    /// Every algorithm, for tests and benchmarks that cover them all.
+    /// Every rate algorithm (not [`AlgorithmKind::Concurrency`], which has
+    /// no period), for tests and benchmarks that cover them all.
     pub const ALL: [AlgorithmKind; 6] = [
         AlgorithmKind::TokenBucket,
         AlgorithmKind::LeakyBucket,
@@ -185,6 +190,7 @@ impl AlgorithmKind {
             AlgorithmKind::SlidingWindowLog => "sliding_window_log",
             AlgorithmKind::SlidingWindowCounter => "sliding_window_counter",
             AlgorithmKind::Gcra => "gcra",
+            AlgorithmKind::Concurrency => "concurrency",
         }
     }
 }
@@ -204,6 +210,8 @@ pub enum Limiter {
     SlidingWindowCounter(SlidingWindowCounter),
     /// See [`Gcra`].
     Gcra(Gcra),
+    /// See [`Concurrency`].
+    Concurrency(Concurrency),
 }
 
 /// The state of any algorithm, tagged so a stored state of the wrong kind
@@ -223,6 +231,8 @@ pub enum State {
     SlidingWindowCounter(SlidingWindowCounterState),
     /// See [`GcraState`].
     Gcra(GcraState),
+    /// See [`ConcurrencyState`].
+    Concurrency(ConcurrencyState),
 }
 
 /// Runs `$body` with the algorithm and its state when they are of the same
@@ -236,6 +246,7 @@ macro_rules! with_state {
             (Limiter::SlidingWindowLog($alg), State::SlidingWindowLog($st)) => $body,
             (Limiter::SlidingWindowCounter($alg), State::SlidingWindowCounter($st)) => $body,
             (Limiter::Gcra($alg), State::Gcra($st)) => $body,
+            (Limiter::Concurrency($alg), State::Concurrency($st)) => $body,
             _ => $mismatch,
         }
     };
@@ -267,6 +278,7 @@ impl Limiter {
                 Limiter::SlidingWindowCounter(SlidingWindowCounter::new(quota))
             }
             AlgorithmKind::Gcra => Limiter::Gcra(Gcra::new(quota)),
+            AlgorithmKind::Concurrency => Limiter::Concurrency(Concurrency::new(quota)),
         }
     }
 
@@ -279,6 +291,7 @@ impl Limiter {
             Limiter::SlidingWindowLog(_) => AlgorithmKind::SlidingWindowLog,
             Limiter::SlidingWindowCounter(_) => AlgorithmKind::SlidingWindowCounter,
             Limiter::Gcra(_) => AlgorithmKind::Gcra,
+            Limiter::Concurrency(_) => AlgorithmKind::Concurrency,
         }
     }
 
@@ -295,6 +308,7 @@ impl Limiter {
                 State::SlidingWindowCounter(SlidingWindowCounterState::default())
             }
             Limiter::Gcra(_) => State::Gcra(GcraState::default()),
+            Limiter::Concurrency(_) => State::Concurrency(ConcurrencyState::default()),
         }
     }
 

@@ -3,7 +3,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::request::Attributes;
+use super::request::{grpc_method, Attributes, Protocol};
 
 /// How a rule matches the request path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +36,25 @@ pub struct HeaderMatch {
     pub value: Option<String>,
 }
 
+/// A gRPC method condition: globs on the service and the method name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrpcMatch {
+    /// Full service name (`chat.ChatService`); `None` means any.
+    pub service: Option<Glob>,
+    /// Method name (`Send`); `None` means any.
+    pub method: Option<Glob>,
+}
+
+impl GrpcMatch {
+    /// Whether a gRPC call to `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        grpc_method(path).is_some_and(|(service, method)| {
+            self.service.as_ref().is_none_or(|g| g.matches(service))
+                && self.method.as_ref().is_none_or(|g| g.matches(method))
+        })
+    }
+}
+
 /// All the conditions of a rule; an empty matcher matches every request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Matcher {
@@ -45,12 +64,24 @@ pub struct Matcher {
     pub path: Option<PathMatch>,
     /// Header conditions, all required.
     pub headers: Vec<HeaderMatch>,
+    /// Only gRPC calls to these methods.
+    pub grpc: Option<GrpcMatch>,
+    /// Only WebSocket upgrades.
+    pub websocket: bool,
 }
 
 impl Matcher {
     /// Whether the request meets every condition.
     pub fn matches(&self, request: &impl Attributes) -> bool {
-        (self.methods.is_empty() || self.methods.iter().any(|m| m == request.method()))
+        let protocol_ok = match (&self.grpc, self.websocket) {
+            (Some(grpc), _) => {
+                request.protocol() == Protocol::Grpc && grpc.matches(request.path())
+            }
+            (None, true) => request.protocol() == Protocol::WebSocket,
+            (None, false) => true,
+        };
+        protocol_ok
+            && (self.methods.is_empty() || self.methods.iter().any(|m| m == request.method()))
             && self.path.as_ref().is_none_or(|p| p.matches(request.path()))
             && self.headers.iter().all(|h| match request.header(&h.name) {
                 Some(actual) => h.value.as_deref().is_none_or(|v| v == actual),
@@ -167,6 +198,7 @@ mod tests {
                 value: Some("free".into()),
             }]
             .into(),
+            ..Matcher::default()
         };
         let ok = HttpRequest::new("POST", "/login?next=/").with_header("X-Tier", "free");
         assert!(m.matches(&ok));
@@ -174,5 +206,27 @@ mod tests {
         assert!(!m.matches(&HttpRequest::new("POST", "/login").with_header("x-tier", "paid")));
         assert!(!m.matches(&HttpRequest::new("POST", "/login")));
         assert!(Matcher::default().matches(&HttpRequest::new("GET", "/")));
+    }
+
+    #[test]
+    fn grpc_and_websocket_conditions() {
+        let m = Matcher {
+            grpc: Some(GrpcMatch {
+                service: Some(Glob::new("chat.*")),
+                method: Some(Glob::new("Send*")),
+            }),
+            ..Matcher::default()
+        };
+        let call = |path: &str| HttpRequest::new("POST", path).with_protocol(Protocol::Grpc);
+        assert!(m.matches(&call("/chat.ChatService/SendMessage")));
+        assert!(!m.matches(&call("/chat.ChatService/Subscribe")));
+        assert!(!m.matches(&call("/user.UserService/SendMessage")));
+        assert!(!m.matches(&HttpRequest::new("POST", "/chat.ChatService/SendMessage")));
+        let ws = Matcher {
+            websocket: true,
+            ..Matcher::default()
+        };
+        assert!(ws.matches(&HttpRequest::new("GET", "/ws").with_protocol(Protocol::WebSocket)));
+        assert!(!ws.matches(&HttpRequest::new("GET", "/ws")));
     }
 }

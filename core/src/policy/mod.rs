@@ -9,8 +9,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 pub use key::{KeyPart, KeySpec};
-pub use matcher::{Glob, HeaderMatch, Matcher, PathMatch};
-pub use request::{strip_query, Attributes, HttpRequest};
+pub use matcher::{Glob, GrpcMatch, HeaderMatch, Matcher, PathMatch};
+pub use request::{grpc_method, strip_query, Attributes, HttpRequest, Protocol};
 
 use crate::algorithm::{Limiter, Quota};
 use crate::client_ip::ClientIpSource;
@@ -29,6 +29,71 @@ pub enum Action {
         /// The longest a request may be held.
         max: Span,
     },
+    /// Discard the offending WebSocket message, keep the connection.
+    Drop,
+}
+
+/// Which way stream messages travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client to the upstream.
+    Client,
+    /// From the upstream to the client.
+    Server,
+}
+
+/// Which directions a stream rule counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flow {
+    /// Client to server only.
+    Client,
+    /// Server to client only.
+    Server,
+    /// Both.
+    #[default]
+    Both,
+}
+
+impl Flow {
+    /// Whether messages travelling `direction` count.
+    pub fn includes(self, direction: Direction) -> bool {
+        matches!(
+            (self, direction),
+            (Flow::Both, _) | (Flow::Client, Direction::Client) | (Flow::Server, Direction::Server)
+        )
+    }
+}
+
+/// What one permit of a rule stands for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Counts {
+    /// An HTTP request, a gRPC call or a WebSocket connection opened.
+    #[default]
+    Requests,
+    /// A request, call or connection open right now (released at its end).
+    InFlight,
+    /// A gRPC stream message or WebSocket data message.
+    Messages(Flow),
+    /// A byte of message payload.
+    Bytes(Flow),
+    /// Not a rate: the largest message allowed, in bytes (`quota.count()`).
+    MessageSize(Flow),
+}
+
+impl Counts {
+    /// Whether the rule is decided when the request arrives (rather than
+    /// per message of the stream that follows).
+    pub fn at_request(self) -> bool {
+        matches!(self, Counts::Requests | Counts::InFlight)
+    }
+
+    /// The directions a stream rule counts (`None` for request rules).
+    pub fn flow(self) -> Option<Flow> {
+        match self {
+            Counts::Messages(f) | Counts::Bytes(f) | Counts::MessageSize(f) => Some(f),
+            Counts::Requests | Counts::InFlight => None,
+        }
+    }
 }
 
 /// Whose counter a request is charged to.
@@ -52,9 +117,11 @@ pub struct Rule {
     pub key: KeySpec,
     /// Per key or global.
     pub scope: Scope,
-    /// The limit.
+    /// What a permit stands for.
+    pub counts: Counts,
+    /// The limit (for `message_size`, its count is the size bound).
     pub quota: Quota,
-    /// The algorithm enforcing it.
+    /// The algorithm enforcing it (never consulted for `message_size`).
     pub limiter: Limiter,
     /// Permits each request takes.
     pub cost: u64,
@@ -140,6 +207,14 @@ impl Policy {
             .any(|r| r.key.parts().contains(&KeyPart::ClientIp))
     }
 
+    /// Whether any rule matches on gRPC or WebSocket, so a host must tell
+    /// the request's protocol before matching.
+    pub fn needs_protocol(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.matcher.grpc.is_some() || r.matcher.websocket)
+    }
+
     /// Whether any rule reads the method (a host then skips fetching it).
     pub fn needs_method(&self) -> bool {
         self.rules
@@ -151,6 +226,7 @@ impl Policy {
     pub fn needs_path(&self) -> bool {
         self.rules.iter().any(|r| {
             r.matcher.path.is_some()
+                || r.matcher.grpc.is_some()
                 || r.key
                     .parts()
                     .iter()

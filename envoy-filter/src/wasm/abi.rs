@@ -19,6 +19,15 @@ pub const CAS_MISMATCH: Status = Status(8);
 pub enum Map {
     RequestHeaders = 0,
     ResponseHeaders = 2,
+    ResponseTrailers = 3,
+}
+
+/// Body buffers of the current request.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum Body {
+    Request = 0,
+    Response = 1,
 }
 
 #[link(wasm_import_module = "env")]
@@ -63,6 +72,13 @@ extern "C" {
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_set_buffer_bytes(
+        buffer: u32,
+        start: usize,
+        size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_get_buffer_bytes(
         buffer: u32,
         start: usize,
@@ -184,6 +200,25 @@ pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
     }
 }
 
+/// The first `size` bytes of a body chunk.
+pub fn body(which: Body, size: usize) -> Result<Vec<u8>, Status> {
+    let (mut data, mut size_out) = (null_mut(), 0usize);
+    // SAFETY: the host fills data/size with a buffer it allocated.
+    let status = unsafe { proxy_get_buffer_bytes(which as u32, 0, size, &mut data, &mut size_out) };
+    match status {
+        OK => Ok(host_bytes(data, size_out).unwrap_or_default()),
+        NOT_FOUND => Ok(Vec::new()),
+        other => Err(Status(other)),
+    }
+}
+
+/// Replaces the first `size` bytes of a body chunk by `value` (Envoy can
+/// replace a prefix or append, nothing else).
+pub fn set_body(which: Body, size: usize, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointer and length describe a live buffer.
+    check(unsafe { proxy_set_buffer_bytes(which as u32, 0, size, value.as_ptr(), value.len()) })
+}
+
 /// Shared data at `key`: the bytes (`None` if never written) and its CAS token.
 pub fn get_shared(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
     let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
@@ -208,11 +243,19 @@ pub fn set_shared(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
     check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas) })
 }
 
-/// Defines a counter (kind 0).
-pub fn define_counter(name: &str) -> Result<u32, Status> {
+/// Kinds of metric.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum MetricKind {
+    Counter = 0,
+    Gauge = 1,
+}
+
+/// Defines a metric.
+pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
     let mut id = 0u32;
     // SAFETY: the host writes one u32.
-    check(unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) })?;
+    check(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
 }
 
@@ -239,8 +282,12 @@ pub fn send_local_response(
     status: u32,
     headers: &[(&str, &str)],
     body: &[u8],
+    grpc_status: Option<u32>,
 ) -> Result<(), Status> {
     let headers = serialize_headers(headers);
+    let grpc_status = grpc_status
+        .and_then(|s| i32::try_from(s).ok())
+        .unwrap_or(-1);
     // SAFETY: pointers and lengths describe live buffers; -1 = no gRPC status.
     check(unsafe {
         proxy_send_local_response(
@@ -251,7 +298,7 @@ pub fn send_local_response(
             body.len(),
             headers.as_ptr(),
             headers.len(),
-            -1,
+            grpc_status,
         )
     })
 }

@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
+use sluice_core::policy::Direction;
 use sluice_core::store::{SharedBytes, StoreError, WriteOutcome};
 use sluice_core::time::Nanos;
 
@@ -57,6 +58,25 @@ impl Host for EnvoyHost {
     fn peer_address(&self) -> Option<String> {
         text(abi::property(&["source", "address"]).ok().flatten())
     }
+    fn set_response_trailer(&self, name: &str, value: &str) {
+        if let Err(s) = abi::set_header(abi::Map::ResponseTrailers, name, value) {
+            abi::log(
+                LOG_WARN,
+                &format!("sluice: cannot set trailer {name}: status {}", s.0),
+            );
+        }
+    }
+    fn body(&self, direction: Direction, size: usize) -> Option<Vec<u8>> {
+        abi::body(body_of(direction), size).ok()
+    }
+    fn set_body(&self, direction: Direction, size: usize, bytes: &[u8]) {
+        if let Err(s) = abi::set_body(body_of(direction), size, bytes) {
+            abi::log(
+                LOG_WARN,
+                &format!("sluice: cannot rewrite a body chunk: status {}", s.0),
+            );
+        }
+    }
     fn set_tick_millis(&self, millis: u32) {
         if let Err(s) = abi::set_tick_period(millis) {
             abi::log(
@@ -66,24 +86,43 @@ impl Host for EnvoyHost {
         }
     }
     fn define_counter(&self, name: &str) -> Option<MetricId> {
-        match abi::define_counter(name) {
-            Ok(id) => Some(MetricId(id)),
-            Err(s) => {
-                abi::log(
-                    LOG_WARN,
-                    &format!("sluice: cannot define stat {name}: status {}", s.0),
-                );
-                None
-            }
-        }
+        define(abi::MetricKind::Counter, name)
+    }
+    fn define_gauge(&self, name: &str) -> Option<MetricId> {
+        define(abi::MetricKind::Gauge, name)
     }
     fn increment(&self, metric: MetricId, by: u64) {
         if by > 0 {
             let _ = abi::increment_metric(metric.0, i64::try_from(by).unwrap_or(i64::MAX));
         }
     }
+    fn add_to_gauge(&self, metric: MetricId, delta: i64) {
+        if delta != 0 {
+            let _ = abi::increment_metric(metric.0, delta);
+        }
+    }
     fn warn(&self, message: &str) {
         abi::log(LOG_WARN, message);
+    }
+}
+
+fn define(kind: abi::MetricKind, name: &str) -> Option<MetricId> {
+    match abi::define_metric(kind, name) {
+        Ok(id) => Some(MetricId(id)),
+        Err(s) => {
+            abi::log(
+                LOG_WARN,
+                &format!("sluice: cannot define stat {name}: status {}", s.0),
+            );
+            None
+        }
+    }
+}
+
+fn body_of(direction: Direction) -> abi::Body {
+    match direction {
+        Direction::Client => abi::Body::Request,
+        Direction::Server => abi::Body::Response,
     }
 }
 
@@ -110,7 +149,8 @@ fn send(reply: &LocalReply) {
         .iter()
         .map(|(n, v)| (*n, v.as_str()))
         .collect();
-    if let Err(s) = abi::send_local_response(reply.status, &headers, &reply.body) {
+    if let Err(s) = abi::send_local_response(reply.status, &headers, &reply.body, reply.grpc_status)
+    {
         abi::log(
             LOG_WARN,
             &format!("sluice: cannot send local reply: status {}", s.0),
@@ -205,15 +245,16 @@ impl Http {
 impl Context for Http {
     fn on_done(&mut self) -> bool {
         let id = self.context_id;
-        self.with_plugin((), |p| p.on_done(id));
+        self.with_plugin((), |p| p.on_done(&EnvoyHost, id));
         true
     }
 }
 
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let id = self.context_id;
-        match self.with_plugin(Step::Continue, |p| p.on_request_headers(&EnvoyHost, id)) {
+impl Http {
+    /// Runs a plugin step and performs what it asks: a reply is sent only
+    /// after the plugin is free again (Envoy calls straight back into it).
+    fn act(&self, step: Step) -> Action {
+        match step {
             Step::Continue => Action::Continue,
             Step::Pause => Action::Pause,
             Step::Reply(reply) => {
@@ -221,6 +262,36 @@ impl HttpContext for Http {
                 Action::Pause
             }
         }
+    }
+
+    fn body(&self, direction: Direction, size: usize) -> Action {
+        let id = self.context_id;
+        let step = self.with_plugin(Step::Continue, |p| {
+            p.on_body(&EnvoyHost, id, direction, size)
+        });
+        self.act(step)
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let id = self.context_id;
+        let step = self.with_plugin(Step::Continue, |p| p.on_request_headers(&EnvoyHost, id));
+        self.act(step)
+    }
+
+    fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        self.body(Direction::Client, size)
+    }
+
+    fn on_http_response_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        self.body(Direction::Server, size)
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        let id = self.context_id;
+        self.with_plugin((), |p| p.on_response_trailers(&EnvoyHost, id));
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {

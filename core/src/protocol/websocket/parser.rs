@@ -80,6 +80,13 @@ impl FrameParser {
         self.peer_closed
     }
 
+    /// Bytes of a frame header seen but not complete yet: always the last
+    /// bytes fed. A filter that must be able to cut before any frame holds
+    /// them back until the header completes.
+    pub const fn pending_header_len(&self) -> usize {
+        self.header_len as usize
+    }
+
     /// Whether the stream is at a frame boundary (no partial header or
     /// payload) and not failed; a fragmented message may still be open.
     pub const fn at_frame_boundary(&self) -> bool {

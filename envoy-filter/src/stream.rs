@@ -1,0 +1,630 @@
+//! Limits inside a gRPC or WebSocket stream: body chunks in, decisions
+//! per message out, and the chunk as it must be passed on.
+//!
+//! Host-agnostic: the caller hands over each chunk's bytes and a [`Judge`]
+//! that decides messages against the rules; this module parses, asks, and
+//! says how to rewrite the chunk. Envoy can only replace a body chunk's
+//! prefix or append to it, so every edit is expressed as a whole new chunk.
+
+use sluice_core::policy::Direction;
+use sluice_core::protocol::websocket::{self, CloseCode, Event, FrameParser, Opcode};
+use sluice_core::protocol::{ChunkPos, GrpcEvent, GrpcFrameParser};
+
+/// What one message (or WebSocket frame) asks of the stream rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// 1 when a message starts here, else 0.
+    pub messages: u64,
+    /// Payload bytes this message or frame carries.
+    pub bytes: u64,
+    /// The message's size so far (for size bounds).
+    pub size: u64,
+}
+
+/// Why a message is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// A messages or bytes rate.
+    Rate,
+    /// A message size bound.
+    TooBig,
+}
+
+/// The verdict on one [`Ask`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Pass it on.
+    Pass,
+    /// Refuse it; the stream ends (gRPC status, WebSocket close).
+    Refuse {
+        /// The rule that refused it.
+        rule: String,
+        /// Rate or size.
+        violation: Violation,
+        /// Seconds after which a retry could pass.
+        retry_after: u64,
+    },
+    /// Discard the message, keep the connection (WebSocket `drop`).
+    Drop {
+        /// Rate or size: a size violation in a message already partly
+        /// passed on cannot be dropped and closes instead.
+        violation: Violation,
+        /// The rule that dropped it.
+        rule: String,
+    },
+}
+
+/// Decides messages against the stream rules of one request.
+pub trait Judge {
+    /// The verdict for `ask` travelling `direction`.
+    fn judge(&mut self, direction: Direction, ask: Ask) -> Answer;
+}
+
+/// What to do with a chunk after the stream rules saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// Pass it on unchanged.
+    Keep,
+    /// Pass these bytes on instead.
+    Replace(Vec<u8>),
+    /// gRPC, response not started: end the call with RESOURCE_EXHAUSTED.
+    RefuseCall {
+        /// The `grpc-message`.
+        message: String,
+        /// Seconds for `retry-after`.
+        retry_after: u64,
+    },
+}
+
+/// Index of a direction in per-direction arrays.
+fn side(direction: Direction) -> usize {
+    match direction {
+        Direction::Client => 0,
+        Direction::Server => 1,
+    }
+}
+
+/// The gRPC status message for a refused call or message.
+pub fn grpc_message(rule: &str, retry_after: u64) -> String {
+    format!("rate limited by rule {rule}; retry after {retry_after}s")
+}
+
+/// A gRPC call's streams.
+#[derive(Debug, Default)]
+pub struct GrpcStream {
+    parsers: [GrpcFrameParser; 2],
+    /// Directions whose messages are no longer passed on.
+    blocked: [bool; 2],
+    /// The status message to put in the trailers, once a message was
+    /// refused after the response started.
+    refused: Option<String>,
+}
+
+impl GrpcStream {
+    /// Sees a chunk travelling `direction`; `response_started` says whether
+    /// a clean trailers-only answer is still possible.
+    pub fn chunk(
+        &mut self,
+        judge: &mut impl Judge,
+        direction: Direction,
+        bytes: &[u8],
+        response_started: bool,
+    ) -> Edit {
+        let s = side(direction);
+        if self.blocked[s] {
+            return if bytes.is_empty() {
+                Edit::Keep
+            } else {
+                Edit::Replace(Vec::new())
+            };
+        }
+        let mut starts: Vec<(usize, u64)> = Vec::new();
+        // A malformed stream is the endpoints' business: stop counting and
+        // pass it on rather than guess.
+        let _ = self.parsers[s].feed(bytes, |event| {
+            if let GrpcEvent::Started { at, message } = event {
+                starts.push((at.offset, u64::from(message.len)));
+            }
+        });
+        for (offset, len) in starts {
+            let ask = Ask {
+                messages: 1,
+                bytes: len,
+                size: len,
+            };
+            let (rule, retry_after) = match judge.judge(direction, ask) {
+                Answer::Pass => continue,
+                Answer::Refuse {
+                    rule, retry_after, ..
+                } => (rule, retry_after),
+                Answer::Drop { rule, .. } => (rule, 1),
+            };
+            let message = grpc_message(&rule, retry_after);
+            if !response_started {
+                return Edit::RefuseCall {
+                    message,
+                    retry_after,
+                };
+            }
+            self.blocked[s] = true;
+            self.refused = Some(message);
+            return Edit::Replace(bytes[..offset.min(bytes.len())].to_vec());
+        }
+        Edit::Keep
+    }
+
+    /// The `grpc-message` to put in the trailers with status 8, if a
+    /// message was refused after the response started.
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+}
+
+/// A close this filter owes one side of a WebSocket connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Close {
+    code: u16,
+    reason: String,
+}
+
+/// One direction of a WebSocket connection.
+#[derive(Debug)]
+struct WsSide {
+    parser: FrameParser,
+    /// This direction was closed by the filter: drop what follows.
+    closed: bool,
+    /// The filter must close this direction at its next chunk.
+    owed: Option<Close>,
+    /// Dropping the data frames of the current message.
+    dropping: bool,
+    /// Bytes of a dropped frame still to come in later chunks.
+    drop_carry: u64,
+    /// The start of a frame header held back from the last chunk, so that
+    /// a cut never falls inside a header already passed on.
+    pending: Vec<u8>,
+    /// The data frame whose header was seen last.
+    frame: Option<FrameAt>,
+}
+
+/// Where a data frame sits in the current chunk.
+#[derive(Clone, Copy, Debug)]
+struct FrameAt {
+    /// Offset of its header in the chunk.
+    offset: usize,
+    /// The whole header is in this chunk (so it can be cut out cleanly).
+    whole: bool,
+    /// Header plus payload.
+    len: u64,
+    /// Payload alone.
+    payload: u64,
+    /// It is the first frame of a message.
+    starts: bool,
+}
+
+impl WsSide {
+    fn new(direction: websocket::Direction, deflate: bool) -> WsSide {
+        WsSide {
+            parser: FrameParser::new(direction, deflate),
+            closed: false,
+            owed: None,
+            dropping: false,
+            drop_carry: 0,
+            pending: Vec::new(),
+            frame: None,
+        }
+    }
+}
+
+/// A WebSocket connection's two directions.
+#[derive(Debug)]
+pub struct WebSocketStream {
+    sides: [WsSide; 2],
+}
+
+/// The close frame towards the receiver of `direction`: masked towards the
+/// upstream (client frames must be), plain towards the client.
+fn close_towards_receiver(direction: Direction, close: &Close) -> Vec<u8> {
+    let mask = match direction {
+        // Any key works; a fixed one keeps the output reproducible.
+        Direction::Client => Some([0x5a, 0x1c, 0xe0, 0x77]),
+        Direction::Server => None,
+    };
+    websocket::close_frame(close.code, &close.reason, mask)
+}
+
+impl WebSocketStream {
+    /// A connection whose messages may be permessage-deflate compressed
+    /// (`deflate`: negotiated in the upgrade), which allows RSV1.
+    pub fn new(deflate: bool) -> WebSocketStream {
+        WebSocketStream {
+            sides: [
+                WsSide::new(websocket::Direction::ClientToServer, deflate),
+                WsSide::new(websocket::Direction::ServerToClient, deflate),
+            ],
+        }
+    }
+
+    /// Sees a chunk travelling `direction`.
+    pub fn chunk(&mut self, judge: &mut impl Judge, direction: Direction, bytes: &[u8]) -> Edit {
+        let s = side(direction);
+        if let Some(close) = self.sides[s].owed.take() {
+            self.sides[s].closed = true;
+            return Edit::Replace(close_towards_receiver(direction, &close));
+        }
+        if self.sides[s].closed {
+            return if bytes.is_empty() {
+                Edit::Keep
+            } else {
+                Edit::Replace(Vec::new())
+            };
+        }
+        let mut events: Vec<Event> = Vec::new();
+        let _ = self.sides[s].parser.feed(bytes, |e| events.push(e));
+        // Work on the held-back header bytes followed by this chunk; keep
+        // back again whatever header is still incomplete at its end.
+        let pending = std::mem::take(&mut self.sides[s].pending);
+        let held = pending.len();
+        let whole_chunk: Vec<u8>;
+        let chunk: &[u8] = if held == 0 {
+            bytes
+        } else {
+            whole_chunk = [pending.as_slice(), bytes].concat();
+            &whole_chunk
+        };
+        let keep_back = self.sides[s].parser.pending_header_len().min(chunk.len());
+        let limit = chunk.len() - keep_back;
+        // A position reported by the parser, in `chunk` coordinates.
+        let locate = |at: ChunkPos| {
+            if at.carried > 0 {
+                held.saturating_sub(usize::from(at.carried))
+            } else {
+                held + at.offset
+            }
+        };
+
+        // Byte ranges of `chunk` to leave out, and where to cut for a close.
+        let mut removed: Vec<(usize, usize)> = Vec::new();
+        let carry = self.sides[s].drop_carry;
+        if carry > 0 {
+            let end = held
+                .saturating_add(usize::try_from(carry).unwrap_or(usize::MAX))
+                .min(chunk.len());
+            removed.push((held, end));
+            self.sides[s].drop_carry = carry - (end - held) as u64;
+        }
+        let mut cut: Option<(usize, Close)> = None;
+        for event in events {
+            let side = &mut self.sides[s];
+            match event {
+                Event::Frame { at, header } => {
+                    let data = !header.opcode.is_control();
+                    side.frame = data.then_some(FrameAt {
+                        offset: locate(at),
+                        whole: usize::from(at.carried) <= held,
+                        len: header.frame_len(),
+                        payload: header.payload_len,
+                        starts: header.opcode != Opcode::Continuation,
+                    });
+                    if data && side.dropping {
+                        drop_frame(side, &mut removed, chunk.len());
+                    }
+                }
+                Event::MessageSize { size, .. } => {
+                    let Some(frame) = side.frame else {
+                        continue;
+                    };
+                    if side.dropping {
+                        continue;
+                    }
+                    let ask = Ask {
+                        messages: u64::from(frame.starts),
+                        bytes: frame.payload,
+                        size,
+                    };
+                    let answer = judge.judge(direction, ask);
+                    let at = if frame.whole { frame.offset } else { 0 };
+                    match answer {
+                        Answer::Pass => {}
+                        Answer::Drop { .. } if frame.starts && frame.whole => {
+                            side.dropping = true;
+                            drop_frame(side, &mut removed, chunk.len());
+                        }
+                        Answer::Drop { violation, rule }
+                        | Answer::Refuse {
+                            violation, rule, ..
+                        } => {
+                            let (code, reason) = match violation {
+                                Violation::Rate => {
+                                    (CloseCode::POLICY_VIOLATION, format!("rate limited: {rule}"))
+                                }
+                                Violation::TooBig => (
+                                    CloseCode::MESSAGE_TOO_BIG,
+                                    format!("message too big: {rule}"),
+                                ),
+                            };
+                            cut = Some((at, Close { code, reason }));
+                            break;
+                        }
+                    }
+                }
+                Event::MessageCompleted { .. } => side.dropping = false,
+                Event::MessageStarted { .. } | Event::Close { .. } => {}
+            }
+        }
+
+        let Some((at, close)) = cut else {
+            self.sides[s].pending = chunk[limit..].to_vec();
+            return if removed.is_empty() && held == 0 && keep_back == 0 {
+                Edit::Keep
+            } else {
+                Edit::Replace(without(chunk, &removed, limit))
+            };
+        };
+        let mut out = without(chunk, &removed, at.min(limit));
+        out.extend_from_slice(&close_towards_receiver(direction, &close));
+        self.sides[s].closed = true;
+        let other = 1 - s;
+        if !self.sides[other].closed {
+            self.sides[other].owed = Some(close);
+        }
+        Edit::Replace(out)
+    }
+
+    /// Whether the filter still owes a close to the side whose chunks travel
+    /// `direction` (it is sent with that side's next chunk).
+    pub fn owes_close(&self, direction: Direction) -> bool {
+        self.sides[side(direction)].owed.is_some()
+    }
+}
+
+/// Marks the current frame's bytes in this chunk for removal, and how many
+/// more follow in later chunks.
+fn drop_frame(side: &mut WsSide, removed: &mut Vec<(usize, usize)>, chunk_len: usize) {
+    let Some(frame) = side.frame.filter(|f| f.whole) else {
+        return;
+    };
+    let end = frame
+        .offset
+        .saturating_add(usize::try_from(frame.len).unwrap_or(usize::MAX));
+    removed.push((frame.offset, end.min(chunk_len)));
+    side.drop_carry = (end.saturating_sub(chunk_len)) as u64;
+}
+
+/// The bytes of `chunk[..limit]` outside the (sorted, disjoint) `removed` ranges.
+fn without(chunk: &[u8], removed: &[(usize, usize)], limit: usize) -> Vec<u8> {
+    let limit = limit.min(chunk.len());
+    let mut out = Vec::with_capacity(limit);
+    let mut pos = 0;
+    for &(start, end) in removed {
+        let (start, end) = (start.min(limit), end.min(limit));
+        if start > pos {
+            out.extend_from_slice(&chunk[pos..start]);
+        }
+        pos = pos.max(end);
+    }
+    if pos < limit {
+        out.extend_from_slice(&chunk[pos..limit]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Allows `budget` messages per direction, then answers `over`.
+    struct Budget {
+        left: [u64; 2],
+        over: Answer,
+        asks: Vec<(Direction, Ask)>,
+    }
+
+    impl Judge for Budget {
+        fn judge(&mut self, direction: Direction, ask: Ask) -> Answer {
+            self.asks.push((direction, ask));
+            let left = &mut self.left[side(direction)];
+            if ask.messages == 0 {
+                return Answer::Pass;
+            }
+            if *left == 0 {
+                return self.over.clone();
+            }
+            *left -= 1;
+            Answer::Pass
+        }
+    }
+
+    fn budget(n: u64, over: Answer) -> Budget {
+        Budget {
+            left: [n, n],
+            over,
+            asks: Vec::new(),
+        }
+    }
+
+    fn refuse(violation: Violation) -> Answer {
+        Answer::Refuse {
+            rule: "r".into(),
+            violation,
+            retry_after: 3,
+        }
+    }
+
+    fn grpc_message_bytes(len: usize) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&(len as u32).to_be_bytes());
+        m.extend(std::iter::repeat_n(7u8, len));
+        m
+    }
+
+    fn masked_text(payload: &[u8], fin: bool, first: bool) -> Vec<u8> {
+        let opcode = if first { 0x1 } else { 0x0 };
+        let mut f = vec![
+            (u8::from(fin) << 7) | opcode,
+            0x80 | payload.len() as u8,
+            1,
+            2,
+            3,
+            4,
+        ];
+        f.extend(
+            payload
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
+        );
+        f
+    }
+
+    #[test]
+    fn grpc_refuses_cleanly_before_the_response_and_blocks_after() {
+        let mut judge = budget(1, refuse(Violation::Rate));
+        let mut call = GrpcStream::default();
+        let two = [grpc_message_bytes(3), grpc_message_bytes(2)].concat();
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &two, false),
+            Edit::RefuseCall {
+                message: "rate limited by rule r; retry after 3s".into(),
+                retry_after: 3
+            }
+        );
+
+        let mut judge = budget(1, refuse(Violation::Rate));
+        let mut call = GrpcStream::default();
+        let edit = call.chunk(&mut judge, Direction::Server, &two, true);
+        assert_eq!(edit, Edit::Replace(grpc_message_bytes(3)));
+        assert_eq!(
+            call.refused(),
+            Some("rate limited by rule r; retry after 3s")
+        );
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Server, &grpc_message_bytes(1), true),
+            Edit::Replace(Vec::new())
+        );
+        // The client's half-close still goes through.
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &[], true),
+            Edit::Keep
+        );
+    }
+
+    #[test]
+    fn grpc_counts_messages_however_chunks_are_cut() {
+        let stream = [
+            grpc_message_bytes(4),
+            grpc_message_bytes(0),
+            grpc_message_bytes(9),
+        ]
+        .concat();
+        for cut in 1..stream.len() {
+            let mut judge = budget(10, Answer::Pass);
+            let mut call = GrpcStream::default();
+            call.chunk(&mut judge, Direction::Client, &stream[..cut], false);
+            call.chunk(&mut judge, Direction::Client, &stream[cut..], false);
+            let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.bytes).collect();
+            assert_eq!(sizes, [4, 0, 9], "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn websocket_close_goes_both_ways() {
+        let mut judge = budget(1, refuse(Violation::Rate));
+        let mut ws = WebSocketStream::new(false);
+        let first = masked_text(b"hi", true, true);
+        let second = masked_text(b"yo", true, true);
+        let edit = ws.chunk(
+            &mut judge,
+            Direction::Client,
+            &[first.clone(), second].concat(),
+        );
+        let close_up =
+            websocket::close_frame(1008, "rate limited: r", Some([0x5a, 0x1c, 0xe0, 0x77]));
+        assert_eq!(edit, Edit::Replace([first, close_up].concat()));
+        assert!(ws.owes_close(Direction::Server));
+        // The upstream's answer is replaced by our close to the client.
+        let edit = ws.chunk(&mut judge, Direction::Server, &[0x88, 0x00]);
+        assert_eq!(
+            edit,
+            Edit::Replace(websocket::close_frame(1008, "rate limited: r", None))
+        );
+        assert_eq!(
+            ws.chunk(&mut judge, Direction::Client, b"more"),
+            Edit::Replace(Vec::new())
+        );
+    }
+
+    #[test]
+    fn websocket_close_is_clean_when_fed_byte_by_byte() {
+        let mut judge = budget(1, refuse(Violation::Rate));
+        let mut ws = WebSocketStream::new(false);
+        let first = masked_text(b"hi", true, true);
+        let stream = [first.clone(), masked_text(b"yo", true, true)].concat();
+        let mut out = Vec::new();
+        for byte in &stream {
+            match ws.chunk(&mut judge, Direction::Client, std::slice::from_ref(byte)) {
+                Edit::Keep => out.push(*byte),
+                Edit::Replace(b) => out.extend(b),
+                other => panic!("{other:?}"),
+            }
+        }
+        let close_up =
+            websocket::close_frame(1008, "rate limited: r", Some([0x5a, 0x1c, 0xe0, 0x77]));
+        assert_eq!(out, [first, close_up].concat());
+    }
+
+    #[test]
+    fn websocket_drop_removes_whole_fragmented_messages_but_not_pings() {
+        let drop = Answer::Drop {
+            violation: Violation::Rate,
+            rule: "r".into(),
+        };
+        let mut judge = budget(0, drop);
+        let mut ws = WebSocketStream::new(false);
+        let ping = vec![0x89, 0x80, 9, 9, 9, 9];
+        let part1 = masked_text(b"abc", false, true);
+        let part2 = masked_text(b"def", true, false);
+        let bytes = [part1, ping.clone(), part2].concat();
+        for cut in 1..bytes.len() {
+            let mut ws2 = WebSocketStream::new(false);
+            let mut j = budget(0, judge.over.clone());
+            let mut out = Vec::new();
+            for piece in [&bytes[..cut], &bytes[cut..]] {
+                match ws2.chunk(&mut j, Direction::Client, piece) {
+                    Edit::Keep => out.extend_from_slice(piece),
+                    Edit::Replace(b) => out.extend(b),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(out, ping, "cut at {cut}");
+        }
+        assert_eq!(
+            ws.chunk(&mut judge, Direction::Client, &bytes),
+            Edit::Replace(ping)
+        );
+    }
+
+    #[test]
+    fn websocket_size_bound_closes_with_1009() {
+        struct SizeJudge;
+        impl Judge for SizeJudge {
+            fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
+                if ask.size > 4 {
+                    refuse(Violation::TooBig)
+                } else {
+                    Answer::Pass
+                }
+            }
+        }
+        let mut ws = WebSocketStream::new(false);
+        let small = masked_text(b"abcd", false, true);
+        let grows = masked_text(b"e", true, false);
+        let edit = ws.chunk(
+            &mut SizeJudge,
+            Direction::Client,
+            &[small.clone(), grows].concat(),
+        );
+        let close =
+            websocket::close_frame(1009, "message too big: r", Some([0x5a, 0x1c, 0xe0, 0x77]));
+        assert_eq!(edit, Edit::Replace([small, close].concat()));
+    }
+}
