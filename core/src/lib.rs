@@ -10,6 +10,7 @@ extern crate alloc;
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+pub mod access;
 pub mod algorithm;
 pub mod client_ip;
 pub mod config;

@@ -1,11 +1,16 @@
 //! The `sluice` command: runs the quota server and checks configurations.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use sluice_quota_server::config::{self, DomainConfig, LoadError, ServerConfig};
-use sluice_quota_server::service;
+use sluice_quota_server::admin::{self, Controls};
+use sluice_quota_server::cli;
+use sluice_quota_server::config::{self, LoadError};
+use sluice_quota_server::reload::{self, ConfigSource};
+use sluice_quota_server::service::{self, Shared};
 
 /// Sluice: exact rate limiting for Envoy.
 #[derive(Parser)]
@@ -28,6 +33,10 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Shows what N requests would get from one limit (offline: no server).
+    Test(cli::TestArgs),
+    #[command(flatten)]
+    Admin(cli::AdminCommand),
 }
 
 #[derive(Subcommand)]
@@ -57,6 +66,41 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Show { file },
         } => show(&file),
+        Command::Test(args) => match cli::simulate(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluice test: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Admin(command) => admin_command(command),
+    }
+}
+
+/// Runs a subcommand that calls the admin API and prints its answer.
+fn admin_command(command: cli::AdminCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(command)) {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -87,12 +131,40 @@ fn serve(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let controls = match Controls::new(&config.admin, base) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shared = Arc::new(Shared::with_controls(limits, controls));
+        let source = Arc::new(ConfigSource::new(path.to_path_buf(), config.clone()));
+        // Kept alive until the server stops; dropping it stops watching.
+        let _watch = reload::watch(source.clone(), shared.clone())
+            .map_err(|e| {
+                tracing::warn!(%e, path = %path.display(), "not watching the configuration; restart to apply changes");
+            })
+            .ok();
+        // Printed on stdout so scripts and tests using port 0 learn the
+        // ports; the gRPC line comes last, once everything is up. Write
+        // errors are ignored: a reader may have stopped reading.
+        match admin::start(&config, shared.clone(), source).await {
+            Ok(Some(addr)) => {
+                let _ = writeln!(std::io::stdout(), "sluice: admin on {addr}");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("sluice: admin listener {}: {e}", config.listen.admin);
+                return ExitCode::FAILURE;
+            }
+        }
         match listener.local_addr() {
-            // Printed on stdout so scripts and tests using port 0 learn the port.
             Ok(addr) => println!("sluice: listening on {addr}"),
             Err(e) => eprintln!("sluice: listening (address unknown: {e})"),
         }
-        match service::serve(&config, limits, listener, shutdown_signal()).await {
+        match service::serve_shared(&config, shared, listener, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice: {e}");
@@ -212,7 +284,8 @@ fn show(path: &Path) -> ExitCode {
         Ok(loaded) => loaded,
         Err(e) => return report(path, &e),
     };
-    let effective = match inline_descriptor_files(config, path) {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let effective = match config::inline_descriptor_files(config, base) {
         Ok(c) => c,
         Err(e) => return report(path, &e),
     };
@@ -226,23 +299,4 @@ fn show(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The config with each descriptor file turned into an inline domain.
-fn inline_descriptor_files(
-    mut config: ServerConfig,
-    path: &Path,
-) -> Result<ServerConfig, LoadError> {
-    let base = path.parent().unwrap_or(Path::new("."));
-    for f in std::mem::take(&mut config.descriptor_files) {
-        let file = config::read_descriptor_file(&base.join(&f.path))?;
-        config.domains.push(DomainConfig {
-            name: file.domain,
-            failure_mode: f.failure_mode,
-            fallback: f.fallback,
-            descriptors: file.descriptors,
-            rules: Vec::new(),
-        });
-    }
-    Ok(config)
 }

@@ -61,8 +61,13 @@ pub struct ConfigParams {
 impl ConfigParams {
     /// Renders the template, with `header` (comment lines) on top.
     pub fn render(&self, header: &str) -> Result<String> {
-        let template = template::load_template()?;
-        let vars = Vars::new()
+        self.render_with(&template::load_template()?, Vars::new(), header)
+    }
+
+    /// Renders another template with these parameters plus `extra`'s
+    /// variables and sections.
+    pub fn render_with(&self, template: &str, extra: Vars, header: &str) -> Result<String> {
+        let vars = extra
             .set("ADMIN_PORT", self.admin_port.to_string())
             .set("LISTEN_PORT", self.listen_port.to_string())
             .set("UPSTREAM_PORT", self.upstream_port.to_string())
@@ -74,7 +79,7 @@ impl ConfigParams {
             .section_if("sluice", self.plugin_config.is_some())
             .section_if("native_local_ratelimit", self.native_local_ratelimit)
             .section_if("access_log", self.access_log);
-        template::render(&template, &vars, header)
+        template::render(template, &vars, header)
     }
 }
 
@@ -94,9 +99,18 @@ pub struct EnvoyBuilder {
     log_level: String,
     start_timeout: Duration,
     cpus: Option<Vec<usize>>,
+    /// Another template (path relative to the repository) and its own variables.
+    custom: Option<(PathBuf, Vars)>,
 }
 
 impl EnvoyBuilder {
+    /// Renders `path` (relative to the repository) instead of the Sluice
+    /// template, with the usual parameters plus `extra`.
+    pub fn template(mut self, path: &str, extra: Vars) -> Self {
+        self.custom = Some((PathBuf::from(path), extra));
+        self
+    }
+
     /// Pins Envoy (all its threads) to these CPUs (benchmarks).
     pub fn cpu_affinity(mut self, cpus: &[usize]) -> Self {
         self.cpus = Some(cpus.to_vec());
@@ -186,10 +200,19 @@ impl EnvoyBuilder {
             };
             params.wasm_path = wasm.display().to_string();
         }
-        params.render(&format!(
+        let header = format!(
             "# Rendered by the sluice-e2e harness for test `{}` ({}).",
             self.test_name, self.instance
-        ))
+        );
+        match &self.custom {
+            Some((path, extra)) => {
+                let path = repo_root().join(path);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                params.render_with(&text, extra.clone(), &header)
+            }
+            None => params.render(&header),
+        }
     }
 
     /// Starts Envoy and waits until its admin `/ready` says LIVE and its
@@ -317,6 +340,7 @@ impl Envoy {
             log_level: "info".to_owned(),
             start_timeout: DEFAULT_START_TIMEOUT,
             cpus: None,
+            custom: None,
         }
     }
 

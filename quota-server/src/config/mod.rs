@@ -34,6 +34,47 @@ pub struct ServerConfig {
     /// envoyproxy/ratelimit files (one domain each), relative to this file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub descriptor_files: Vec<DescriptorFileRef>,
+    /// The admin API: token, audit log, access-list bounds.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// Admin API settings (see `crate::admin`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token for every admin route; `SLUICE_ADMIN_TOKEN` overrides
+    /// it. Without one the admin listener does not start. Never printed.
+    #[serde(default, skip_serializing)]
+    pub token: Option<String>,
+    /// JSON-lines file every grant and revoke is appended to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<PathBuf>,
+    /// Most entries in each of the allow list, deny list, bans and overrides.
+    #[serde(default = "default_max_entries")]
+    pub max_entries: usize,
+    /// The descriptor key whose value is the client's IP address.
+    #[serde(default = "default_client_ip_key")]
+    pub client_ip_key: String,
+}
+
+fn default_max_entries() -> usize {
+    10_000
+}
+
+fn default_client_ip_key() -> String {
+    "remote_address".into()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: None,
+            audit_log: None,
+            max_entries: default_max_entries(),
+            client_ip_key: default_client_ip_key(),
+        }
+    }
 }
 
 /// An envoyproxy/ratelimit file and the Sluice options for its domain.
@@ -57,7 +98,7 @@ pub struct ListenConfig {
     /// gRPC (rate limit service and health); port 0 picks a free port.
     #[serde(default = "default_grpc")]
     pub grpc: String,
-    /// Admin HTTP API (served by a later version).
+    /// Admin HTTP API and `/metrics` (started only with an admin token).
     #[serde(default = "default_admin")]
     pub admin: String,
     /// Longest any request may take before it is answered with an error.
@@ -132,7 +173,12 @@ impl Default for StorageConfig {
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` (TLS, `rediss://`, is not built in yet).
+    /// Empty when `cluster` is given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Redis Cluster seed nodes (`redis://host:port` each), instead of `url`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<String>,
     /// Longest a Redis call may take before the domain's failure mode applies.
     #[serde(default = "default_redis_timeout")]
     pub timeout: SpanText,
@@ -273,6 +319,25 @@ pub fn load(path: &Path) -> Result<(ServerConfig, Limits), LoadError> {
     Ok((config, limits))
 }
 
+/// `config` with each descriptor file (resolved against `base`) turned
+/// into an inline domain.
+pub fn inline_descriptor_files(
+    mut config: ServerConfig,
+    base: &Path,
+) -> Result<ServerConfig, LoadError> {
+    for f in std::mem::take(&mut config.descriptor_files) {
+        let file = read_descriptor_file(&base.join(&f.path))?;
+        config.domains.push(DomainConfig {
+            name: file.domain,
+            failure_mode: f.failure_mode,
+            fallback: f.fallback,
+            descriptors: file.descriptors,
+            rules: Vec::new(),
+        });
+    }
+    Ok(config)
+}
+
 /// Reads one envoyproxy/ratelimit file.
 pub fn read_descriptor_file(path: &Path) -> Result<DescriptorFile, LoadError> {
     parse_yaml(path, &read(path)?)
@@ -280,6 +345,20 @@ pub fn read_descriptor_file(path: &Path) -> Result<DescriptorFile, LoadError> {
 
 fn is_descriptor_file(text: &str) -> bool {
     text.lines().any(|l| l.starts_with("domain:"))
+}
+
+fn check_redis_url(field: &str, url: &str, problems: &mut Problems) {
+    if url.starts_with("rediss://") {
+        problems.add(
+            field,
+            "rediss:// (TLS) is not supported by this build yet; use redis://",
+        );
+    } else if !url.starts_with("redis://") {
+        problems.add(
+            field,
+            "must start with redis:// (redis://[user:password@]host:port[/db])",
+        );
+    }
 }
 
 impl ServerConfig {
@@ -333,6 +412,12 @@ impl ServerConfig {
             Ok(_) => problems.add("listen.request_timeout", "must be at least 1ms"),
             Err(e) => problems.add("listen.request_timeout", e),
         }
+        if !(1..=1_000_000).contains(&self.admin.max_entries) {
+            problems.add("admin.max_entries", "must be between 1 and 1000000");
+        }
+        if self.admin.client_ip_key.is_empty() {
+            problems.add("admin.client_ip_key", "must not be empty");
+        }
         if !(1..=MAX_KEYS_LIMIT).contains(&self.storage.max_keys) {
             problems.add(
                 "storage.max_keys",
@@ -344,16 +429,21 @@ impl ServerConfig {
                 problems.add("storage.redis", "required when backend is redis");
             }
             (_, Some(redis)) => {
-                if redis.url.starts_with("rediss://") {
-                    problems.add(
+                match (redis.url.is_empty(), redis.cluster.is_empty()) {
+                    (false, false) => problems.add(
+                        "storage.redis",
+                        "give either url (one Redis) or cluster (Redis Cluster nodes), not both",
+                    ),
+                    (true, true) => problems.add(
                         "storage.redis.url",
-                        "rediss:// (TLS) is not supported by this build yet; use redis://",
-                    );
-                } else if !redis.url.starts_with("redis://") {
-                    problems.add(
-                        "storage.redis.url",
-                        "must start with redis:// (redis://[user:password@]host:port[/db])",
-                    );
+                        "required (or cluster: [redis://host:port, ...] for Redis Cluster)",
+                    ),
+                    (false, true) => check_redis_url("storage.redis.url", &redis.url, problems),
+                    (true, false) => {
+                        for (i, url) in redis.cluster.iter().enumerate() {
+                            check_redis_url(&format!("storage.redis.cluster[{i}]"), url, problems);
+                        }
+                    }
                 }
                 match parse_span(&redis.timeout) {
                     Ok(s) if s >= Span::MILLISECOND && s <= Span::from_secs(5) => {}

@@ -80,7 +80,7 @@ impl<B: Backend> Decider<B> {
         }
     }
 
-    fn storage_failed(&self, domain: &Domain, error: &StorageError) {
+    pub(crate) fn storage_failed(&self, domain: &Domain, error: &StorageError) {
         let errors = self.stats.storage_errors.fetch_add(1, Ordering::Relaxed) + 1;
         // Log the 1st, 2nd, 4th, 8th... failure: an outage must not flood the log.
         if errors.is_power_of_two() {
@@ -118,7 +118,7 @@ impl<B: Backend> Decider<B> {
             },
             FailureMode::Open => {
                 let fallback = domain.fallback.and_then(|id| limits.limit(id));
-                let outcomes = fallback.map(|limit| {
+                let outcomes = fallback.and_then(|limit| {
                     self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
                     let local: Vec<Item<'_>> = items
                         .iter()
@@ -129,7 +129,11 @@ impl<B: Backend> Decider<B> {
                             enforce: it.enforce,
                         })
                         .collect();
-                    self.fallback.decide(&local, crate::storage::system_now())
+                    // The local store cannot fail short of a bug; then the
+                    // request fails open without a limit, as with no fallback.
+                    self.fallback
+                        .decide(&local, crate::storage::system_now())
+                        .ok()
                 });
                 Decided {
                     outcomes,

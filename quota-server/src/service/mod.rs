@@ -1,7 +1,9 @@
 //! The gRPC server: rate limit service, health, deadlines, graceful shutdown.
 
 pub mod decide;
+pub mod quota;
 pub mod rls;
+pub mod sync;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -12,24 +14,43 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use crate::admin::{Controls, StoreSlot};
 use crate::config::{BackendKind, ServerConfig};
 use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::proto::quota_server::QuotaServer;
 use crate::storage::{Backend, MemoryBackend, RedisBackend, StorageError};
 
 pub use decide::{Decided, Decider, Source};
+pub use quota::QuotaService;
 pub use rls::Rls;
 
-/// State every request reads: the current limits, swapped whole on reload.
+/// State every request reads: the current limits, swapped whole on reload,
+/// and what the admin API changes and reads.
 #[derive(Debug)]
 pub struct Shared {
     limits: RwLock<Arc<Limits>>,
+    /// Access lists, bans and overrides, checked before the limits.
+    pub controls: Controls,
+    /// Decision, storage and reload metrics.
+    pub metrics: Metrics,
+    /// The backend, for the admin API's counter routes.
+    pub store: StoreSlot,
 }
 
 impl Shared {
-    /// Starts with `limits`.
+    /// Starts with `limits` and empty default controls.
     pub fn new(limits: Limits) -> Shared {
+        Shared::with_controls(limits, Controls::default())
+    }
+
+    /// Starts with `limits` and `controls`.
+    pub fn with_controls(limits: Limits, controls: Controls) -> Shared {
         Shared {
             limits: RwLock::new(Arc::new(limits)),
+            controls,
+            metrics: Metrics::default(),
+            store: StoreSlot::default(),
         }
     }
 
@@ -73,8 +94,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_shared(config, Arc::new(Shared::new(limits)), listener, shutdown).await
+}
+
+/// Like [`serve`], over state shared with the admin API and reloads.
+pub async fn serve_shared(
+    config: &ServerConfig,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
-    let shared = Arc::new(Shared::new(limits));
     match config.storage.backend {
         BackendKind::Redis => {
             // Validation requires the section; its absence here is a caller's bug.
@@ -83,7 +113,11 @@ pub async fn serve(
             ))?;
             let timeout = Duration::from_nanos(config.redis_timeout().as_nanos());
             let connections = usize::try_from(redis.connections).unwrap_or(1);
-            let backend = RedisBackend::new(&redis.url, timeout, connections)?;
+            let backend = if redis.cluster.is_empty() {
+                RedisBackend::new(&redis.url, timeout, connections)?
+            } else {
+                RedisBackend::cluster(&redis.cluster, timeout)?
+            };
             run(
                 config,
                 shared,
@@ -116,13 +150,17 @@ async fn run<B: Backend>(
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RateLimitServiceServer<Rls<B>>>().await;
-    let rls = RateLimitServiceServer::new(Rls::new(shared, Arc::new(decider)));
+    let decider = Arc::new(decider);
+    shared.store.set(decider.clone());
+    let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()));
+    let rls = RateLimitServiceServer::new(Rls::new(shared, decider));
     let deadline = Duration::from_nanos(config.request_timeout().as_nanos());
     let stopping = Arc::new(tokio::sync::Notify::new());
     let server = Server::builder()
         .timeout(deadline)
         .add_service(health_service)
         .add_service(rls)
+        .add_service(quota)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), {
             let stopping = stopping.clone();
             async move {

@@ -13,8 +13,12 @@
 //!   unit is reported as is; any other window is reported in the smallest
 //!   unit at least as long, with `requests_per_unit` the same rate rounded
 //!   down (5 per 10 s is reported as 30 per minute), at least 1.
+//! - Before any limit, the admin controls apply (see `crate::admin::controls`):
+//!   deny list and bans answer `OVER_LIMIT`, the allow list `OK`, both
+//!   without counting; overrides lift or raise a descriptor's limit.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -30,8 +34,11 @@ use tonic::{Request, Response, Status};
 
 use super::decide::Decider;
 use super::Shared;
+use crate::admin::controls::{applicable, raise};
+use crate::admin::Gate;
 use crate::limits::{Limit, Resolved};
-use crate::storage::{Backend, Item};
+use crate::metrics::Outcome as MetricOutcome;
+use crate::storage::{system_now, Backend, Item};
 
 /// The gRPC service over a backend.
 #[derive(Debug)]
@@ -87,23 +94,55 @@ impl<B: Backend> RateLimitService for Rls<B> {
             }));
         };
 
+        let entries: Vec<Vec<(String, String)>> = request
+            .descriptors
+            .iter()
+            .map(|d| {
+                d.entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.clone()))
+                    .collect()
+            })
+            .collect();
+        let grants = match self.shared.controls.gate(&entries, system_now()) {
+            Gate::Limits(grants) => grants,
+            gate => {
+                let (code, outcome) = match gate {
+                    Gate::Denied => (Code::OverLimit, MetricOutcome::Denied),
+                    _ => (Code::Ok, MetricOutcome::Allowed),
+                };
+                self.shared
+                    .metrics
+                    .decision(&domain.name, "access", outcome);
+                statuses.iter_mut().for_each(|s| s.code = code as i32);
+                return Ok(Response::new(RateLimitResponse {
+                    overall_code: code as i32,
+                    statuses,
+                    ..RateLimitResponse::default()
+                }));
+            }
+        };
+        let resolved: Vec<Resolved<'_>> =
+            entries.iter().map(|e| limits.resolve(domain, e)).collect();
+        let raised: Vec<Option<Limit>> = resolved
+            .iter()
+            .zip(&grants)
+            .map(|(r, g)| raise(*r, *g))
+            .collect();
+
         let mut charged = Vec::new();
         let mut refunds = Vec::new();
         for (index, descriptor) in request.descriptors.iter().enumerate() {
-            let entries: Vec<(String, String)> = descriptor
-                .entries
-                .iter()
-                .map(|e| (e.key.clone(), e.value.clone()))
-                .collect();
-            let Resolved::Limited(limit) = limits.resolve(domain, &entries) else {
+            let Some(limit) = applicable(resolved[index], grants[index], &raised[index]) else {
                 continue;
             };
+            let entries = &entries[index];
             let hits = descriptor
                 .hits_addend
                 .map_or(u64::from(request.hits_addend), |v| v.value);
             let item = Item {
                 limit,
-                key: limit.storage_key(&entries),
+                key: limit.storage_key(entries),
                 cost: hits.max(1),
                 enforce: !limit.shadow,
             };
@@ -116,7 +155,12 @@ impl<B: Backend> RateLimitService for Rls<B> {
         drop_replaced(&mut charged);
         let (items, item_of) = merge_same_counter(&charged);
 
+        let started = Instant::now();
         let decided = self.decider.decide(&limits, domain, &items).await;
+        if !items.is_empty() {
+            self.shared.metrics.storage_call(started.elapsed());
+        }
+        self.shared.metrics.decided(&domain.name, &items, &decided);
         self.decider.refund(domain, &refunds).await;
         let mut over = false;
         if let Some(outcomes) = &decided.outcomes {
@@ -224,7 +268,7 @@ pub fn current_limit(limit: &Limit) -> RateLimit {
     }
 }
 
-fn duration(span: Span) -> ProtoDuration {
+pub(crate) fn duration(span: Span) -> ProtoDuration {
     let ns = span.as_nanos();
     ProtoDuration {
         seconds: i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX),
@@ -234,7 +278,7 @@ fn duration(span: Span) -> ProtoDuration {
 
 /// The rate-limit headers (IETF draft and `X-RateLimit-*`) for the
 /// enforced limits: the denying or most restrictive one is summarised.
-fn headers(decisions: &[(&str, Decision)]) -> Vec<HeaderValue> {
+pub(crate) fn headers(decisions: &[(&str, Decision)]) -> Vec<HeaderValue> {
     let Some(shown) = decisions
         .iter()
         .map(|(_, d)| *d)

@@ -1,10 +1,14 @@
-//! Counters in this process, over core's bounded [`MemoryStore`].
+//! Counters in this process, over core's bounded [`MemoryStore`] and its
+//! engine (`decide_claims`), so the server decides exactly as the filter.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 use sluice_core::algorithm::Outcome;
-use sluice_core::store::{Loaded, MemoryStore, Slot, StateStore};
-use sluice_core::time::Nanos;
+use sluice_core::engine::{decide_claims, refund_claims, Claim};
+use sluice_core::policy::{Action, Rule};
+use sluice_core::store::{MemoryStore, Slot};
+use sluice_core::time::{Nanos, Span};
 
 use super::{system_now, Backend, Item, StorageError};
 
@@ -35,44 +39,60 @@ impl MemoryBackend {
     }
 
     /// The all-or-nothing decision, under the lock.
-    pub fn decide(&self, items: &[Item<'_>], now: Nanos) -> Vec<Outcome> {
-        self.with_store(|store| {
-            let slots: Vec<Slot<'_>> = items.iter().map(slot).collect();
-            let mut loaded: Vec<Loaded<Option<String>>> = Vec::with_capacity(items.len());
-            for s in &slots {
-                // MemoryStore never fails to load.
-                if let Ok(l) = store.load(*s, now) {
-                    loaded.push(l);
-                }
-            }
-            let mut outcomes: Vec<Outcome> = items
-                .iter()
-                .zip(loaded.iter_mut())
-                .map(|(it, l)| it.limit.rule.limiter.peek(&mut l.state, now, it.cost))
-                .collect();
-            let admitted = items
-                .iter()
-                .zip(&outcomes)
-                .all(|(it, o)| o.allowed || !it.enforce);
-            for (i, (s, mut l)) in slots.iter().zip(loaded).enumerate() {
-                if admitted && outcomes[i].allowed {
-                    outcomes[i] = s.rule.limiter.check(&mut l.state, now, items[i].cost);
-                    let _ = store.save(*s, l.state, l.version, now);
-                } else {
-                    store.release(*s, l.state, l.version, now);
-                }
-            }
-            outcomes
-        })
+    pub fn decide(&self, items: &[Item<'_>], now: Nanos) -> Result<Vec<Outcome>, StorageError> {
+        let rules = rules(items);
+        let claims = claims(items, &rules);
+        let verdict = self.with_store(|store| decide_claims(store, &claims, now, Span::ZERO))?;
+        // The engine reports one decision per claim, in claim order.
+        Ok(verdict
+            .decisions
+            .iter()
+            .map(|d| Outcome {
+                allowed: d.decision.allowed,
+                remaining: d.decision.remaining,
+                reset_after: d.decision.reset_after,
+                retry_after: d.decision.retry_after,
+            })
+            .collect())
     }
 }
 
-fn slot<'a>(item: &'a Item<'_>) -> Slot<'a> {
-    Slot {
-        rule_index: item.limit.id,
-        rule: &item.limit.rule,
-        key: &item.key,
-    }
+/// Each item's rule, as the engine must see it: `enforce: false` is the
+/// engine's shadow action. Items normally agree with their limit's rule;
+/// only fallback limits standing in for shadow ones need a copy.
+fn rules<'a>(items: &'a [Item<'_>]) -> Vec<Cow<'a, Rule>> {
+    items
+        .iter()
+        .map(|it| {
+            let rule = &it.limit.rule;
+            if it.enforce == (rule.action != Action::Shadow) {
+                Cow::Borrowed(rule)
+            } else {
+                let mut copy = rule.clone();
+                copy.action = if it.enforce {
+                    Action::Reject
+                } else {
+                    Action::Shadow
+                };
+                Cow::Owned(copy)
+            }
+        })
+        .collect()
+}
+
+fn claims<'a>(items: &'a [Item<'_>], rules: &'a [Cow<'a, Rule>]) -> Vec<Claim<'a>> {
+    items
+        .iter()
+        .zip(rules)
+        .map(|(it, rule)| Claim {
+            slot: Slot {
+                rule_index: it.limit.id,
+                rule,
+                key: &it.key,
+            },
+            cost: it.cost,
+        })
+        .collect()
 }
 
 impl Backend for MemoryBackend {
@@ -81,20 +101,13 @@ impl Backend for MemoryBackend {
         items: &[Item<'_>],
         now: Option<Nanos>,
     ) -> Result<Vec<Outcome>, StorageError> {
-        Ok(self.decide(items, now.unwrap_or_else(system_now)))
+        self.decide(items, now.unwrap_or_else(system_now))
     }
 
     async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
         let now = now.unwrap_or_else(system_now);
-        self.with_store(|store| {
-            for it in items {
-                let s = slot(it);
-                if let Ok(mut l) = store.load(s, now) {
-                    it.limit.rule.limiter.refund(&mut l.state, now, it.cost);
-                    let _ = store.save(s, l.state, l.version, now);
-                }
-            }
-        });
-        Ok(())
+        let rules = rules(items);
+        let claims = claims(items, &rules);
+        Ok(self.with_store(|store| refund_claims(store, &claims, now))?)
     }
 }

@@ -47,6 +47,10 @@ pub enum StorageError {
     /// (a script of another version under the same name?).
     #[error("unexpected reply from the decision script: {0}")]
     Reply(String),
+    /// The in-memory engine refused (a corrupt state or endless conflicts:
+    /// a bug, since the memory store is used under one lock).
+    #[error("in-memory engine: {0}")]
+    Engine(#[from] sluice_core::store::StoreError),
     /// The limit cannot run on this backend (checked at config validation).
     #[error("limit {0:?} cannot run on Redis: its values exceed exact double arithmetic")]
     Unrepresentable(String),

@@ -4,6 +4,8 @@
 //! integer math and evaluates all of a request's items in one `EVALSHA`
 //! (loaded once; the `redis` crate reloads it on `NOSCRIPT`). Time is read
 //! from Redis `TIME` inside the script, so every server instance agrees.
+//! With Redis Cluster the call goes to the node owning the keys' slot: a
+//! request's keys share it through the `{domain}` hash tag of their prefix.
 //!
 //! Lua numbers are doubles, exact below 2^53. The script counts time in
 //! ticks of one microsecond (Redis `TIME`'s resolution) when a limit's
@@ -17,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{Script, ScriptInvocation};
 use sluice_core::algorithm::{Outcome, Quota};
 use sluice_core::time::{Nanos, Span};
@@ -66,17 +70,43 @@ const PROBE_PAUSE: Duration = Duration::from_millis(100);
 /// The Redis backend: multiplexed connections, one script call per request.
 pub struct RedisBackend {
     breaker: Breaker,
-    client: redis::Client,
-    connections: Vec<OnceCell<ConnectionManager>>,
-    next: AtomicUsize,
+    target: Target,
     script: Script,
     timeout: Duration,
 }
 
+/// One Redis server, or a Redis Cluster.
+enum Target {
+    /// Round-robin over a few multiplexed connections, each reconnecting itself.
+    Single {
+        client: redis::Client,
+        connections: Vec<OnceCell<ConnectionManager>>,
+        next: AtomicUsize,
+    },
+    /// The cluster client's own connection: it routes each script call by
+    /// its first key's slot (a request's keys share one slot through the
+    /// `{domain}` hash tag) and follows redirections and topology changes.
+    Cluster {
+        client: ClusterClient,
+        connection: OnceCell<ClusterConnection>,
+    },
+}
+
+/// A connection of either kind.
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let connections = match &self.target {
+            Target::Single { connections, .. } => connections.len(),
+            Target::Cluster { .. } => 1,
+        };
         f.debug_struct("RedisBackend")
-            .field("connections", &self.connections.len())
+            .field("cluster", &matches!(self.target, Target::Cluster { .. }))
+            .field("connections", &connections)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -87,14 +117,42 @@ impl RedisBackend {
     /// by `timeout`. Only the URL is checked here: a server may start while
     /// Redis is down, and its domains' failure modes apply meanwhile.
     pub fn new(url: &str, timeout: Duration, connections: usize) -> Result<Self, StorageError> {
-        Ok(RedisBackend {
+        Ok(RedisBackend::with_target(
+            Target::Single {
+                client: redis::Client::open(url)?,
+                connections: (0..connections.max(1)).map(|_| OnceCell::new()).collect(),
+                next: AtomicUsize::new(0),
+            },
+            timeout,
+        ))
+    }
+
+    /// A backend for the Redis Cluster reachable through any of `urls`
+    /// (seed nodes), connecting on first use.
+    pub fn cluster(urls: &[String], timeout: Duration) -> Result<Self, StorageError> {
+        let client = ClusterClient::builder(urls.to_vec())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            // Redirections (MOVED/ASK) are retried; the overall timeout in
+            // `run` still bounds the call.
+            .retries(2)
+            .build()?;
+        Ok(RedisBackend::with_target(
+            Target::Cluster {
+                client,
+                connection: OnceCell::new(),
+            },
+            timeout,
+        ))
+    }
+
+    fn with_target(target: Target, timeout: Duration) -> RedisBackend {
+        RedisBackend {
             breaker: Breaker::new(PROBE_PAUSE),
-            client: redis::Client::open(url)?,
-            connections: (0..connections.max(1)).map(|_| OnceCell::new()).collect(),
-            next: AtomicUsize::new(0),
+            target,
             script: Script::new(SCRIPT),
             timeout,
-        })
+        }
     }
 
     /// The script's SHA1, as `SCRIPT LOAD` reports it.
@@ -102,22 +160,35 @@ impl RedisBackend {
         self.script.get_hash()
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, StorageError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
-            // Reconnect in the background with backoff: 10 ms doubling up
-            // to 1 s; callers meanwhile fail within `timeout`.
-            .set_factor(10)
-            .set_exponent_base(2)
-            .set_max_delay(1000)
-            .set_number_of_retries(6);
-        let cell = &self.connections[i];
-        let manager = cell
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
-            .await?;
-        Ok(manager.clone())
+    async fn connection(&self) -> Result<Connection, StorageError> {
+        match &self.target {
+            Target::Single {
+                client,
+                connections,
+                next,
+            } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % connections.len();
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    // Reconnect in the background with backoff: 10 ms doubling up
+                    // to 1 s; callers meanwhile fail within `timeout`.
+                    .set_factor(10)
+                    .set_exponent_base(2)
+                    .set_max_delay(1000)
+                    .set_number_of_retries(6);
+                let manager = connections[i]
+                    .get_or_try_init(|| ConnectionManager::new_with_config(client.clone(), config))
+                    .await?;
+                Ok(Connection::Single(manager.clone()))
+            }
+            Target::Cluster { client, connection } => {
+                let conn = connection
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await?;
+                Ok(Connection::Cluster(conn.clone()))
+            }
+        }
     }
 
     /// Runs one script call, bounded by the timeout as a whole (connecting
@@ -129,11 +200,11 @@ impl RedisBackend {
             return Err(StorageError::Down(self.breaker.pause()));
         }
         let call = async {
-            let mut conn = self.connection().await?;
-            invocation
-                .invoke_async::<Vec<i64>>(&mut conn)
-                .await
-                .map_err(StorageError::from)
+            let reply = match self.connection().await? {
+                Connection::Single(mut conn) => invocation.invoke_async(&mut conn).await,
+                Connection::Cluster(mut conn) => invocation.invoke_async(&mut conn).await,
+            };
+            reply.map_err(StorageError::from)
         };
         let result = tokio::time::timeout(self.timeout, call)
             .await
@@ -154,26 +225,59 @@ impl RedisBackend {
         items: &[Item<'_>],
         now: Option<Nanos>,
     ) -> Result<ScriptInvocation<'_>, StorageError> {
+        let call = script_call(mode, items, now)?;
         let mut inv = self.script.prepare_invoke();
-        let now_arg = now.map_or(String::new(), |n| (n.0 / 1000).to_string());
-        inv.arg(mode).arg(now_arg).arg(items.len());
-        for it in items {
-            let tick_us = it
-                .limit
-                .tick_us
-                .ok_or_else(|| StorageError::Unrepresentable(it.limit.name.clone()))?;
-            let quota = it.limit.quota();
-            inv.key(&it.key).key(format!("{}:log", it.key));
-            inv.arg(it.limit.algorithm().name())
-                .arg(tick_us)
-                .arg(quota.count())
-                .arg(quota.per().as_nanos() / (tick_us * 1000))
-                .arg(quota.burst())
-                .arg(it.cost)
-                .arg(u8::from(it.enforce));
+        for key in &call.keys {
+            inv.key(key);
+        }
+        for arg in &call.args {
+            inv.arg(arg);
         }
         Ok(inv)
     }
+}
+
+/// The `KEYS` and `ARGV` of one script call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScriptCall {
+    /// Per item: its state key and its log key.
+    pub keys: Vec<String>,
+    /// Mode, replayed time (empty: Redis `TIME`), item count, then per
+    /// item: algorithm, tick (µs), count, window (ticks), burst, cost, enforce.
+    pub args: Vec<String>,
+}
+
+/// The script call deciding (`mode` "check") or refunding ("refund")
+/// `items`; public so that benchmarks can issue the very same call.
+pub fn script_call(
+    mode: &str,
+    items: &[Item<'_>],
+    now: Option<Nanos>,
+) -> Result<ScriptCall, StorageError> {
+    let now_arg = now.map_or(String::new(), |n| (n.0 / 1000).to_string());
+    let mut call = ScriptCall {
+        keys: Vec::with_capacity(items.len() * 2),
+        args: vec![mode.to_owned(), now_arg, items.len().to_string()],
+    };
+    for it in items {
+        let tick_us = it
+            .limit
+            .tick_us
+            .ok_or_else(|| StorageError::Unrepresentable(it.limit.name.clone()))?;
+        let quota = it.limit.quota();
+        call.keys.push(it.key.clone());
+        call.keys.push(format!("{}:log", it.key));
+        call.args.extend([
+            it.limit.algorithm().name().to_owned(),
+            tick_us.to_string(),
+            quota.count().to_string(),
+            (quota.per().as_nanos() / (tick_us * 1000)).to_string(),
+            quota.burst().to_string(),
+            it.cost.to_string(),
+            u8::from(it.enforce).to_string(),
+        ]);
+    }
+    Ok(call)
 }
 
 /// Whether an error means Redis could not be reached (as opposed to an answer).
@@ -186,7 +290,9 @@ fn unreachable(error: &StorageError) -> bool {
                 || e.is_connection_dropped()
                 || e.is_timeout()
         }
-        StorageError::Reply(_) | StorageError::Unrepresentable(_) => false,
+        StorageError::Reply(_) | StorageError::Unrepresentable(_) | StorageError::Engine(_) => {
+            false
+        }
     }
 }
 

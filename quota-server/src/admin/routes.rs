@@ -1,0 +1,602 @@
+//! The admin routes. Times in answers are nanoseconds since the Unix epoch;
+//! durations in requests are written as in the config (`30s`, `10m`).
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sluice_core::access::{
+    AuditAction, AuditEvent, Ban, BanTarget, Cidr, Full, Grant, ListEntry, ListKind, Override,
+};
+use sluice_core::time::{Nanos, Span};
+
+use super::{require_token, AdminState, ApiError};
+use crate::limits::Resolved;
+use crate::metrics::FailureCounts;
+use crate::reload::{RuleError, RuntimeRule};
+use crate::storage::system_now;
+
+/// Every route; all but `/metrics` behind the token.
+pub(super) fn router(state: AdminState) -> Router {
+    let admin = Router::new()
+        .route("/rules", get(rules).post(add_rule).delete(remove_rule))
+        .route("/access", get(access))
+        .route("/access/allow", axum::routing::post(allow).delete(unallow))
+        .route("/access/deny", axum::routing::post(deny).delete(undeny))
+        .route("/bans", get(bans).post(ban).delete(unban))
+        .route("/overrides", get(overrides).post(grant).delete(revoke))
+        .route("/audit", get(audit))
+        .route("/counters", get(counter).delete(reset))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .with_state(state)
+}
+
+type Answer = Result<Json<Value>, ApiError>;
+
+fn full(e: Full) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, e.to_string())
+}
+
+/// Records `event`, undoing the change if the audit log cannot be written:
+/// nothing stays granted unrecorded.
+fn audited(state: &AdminState, event: &AuditEvent, undo: impl FnOnce()) -> Result<(), ApiError> {
+    state.shared.controls.audit.record(event).map_err(|e| {
+        undo();
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot write the audit log ({e}); the change was undone"),
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event(
+    action: AuditAction,
+    subject: &str,
+    target: String,
+    detail: String,
+    until: Option<Nanos>,
+    reason: Option<String>,
+    by: Option<String>,
+    now: Nanos,
+) -> AuditEvent {
+    AuditEvent {
+        at: now,
+        action,
+        subject: subject.into(),
+        target,
+        detail,
+        until,
+        reason: reason.unwrap_or_default(),
+        by: by.unwrap_or_else(|| "admin".into()),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let failures = state
+        .shared
+        .store
+        .get()
+        .map_or(FailureCounts::default(), |s| s.failures());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.shared.metrics.render(failures),
+    )
+}
+
+// ---- rules ----
+
+/// One limit in force, as listed.
+#[derive(Serialize)]
+struct LimitView {
+    name: String,
+    algorithm: &'static str,
+    count: u64,
+    per: Span,
+    burst: u64,
+    shadow: bool,
+}
+
+async fn rules(State(state): State<AdminState>) -> Answer {
+    let limits = state.shared.limits();
+    let view: Vec<LimitView> = (0..limits.len())
+        .filter_map(|id| limits.limit(id))
+        .map(|l| LimitView {
+            name: l.name.clone(),
+            algorithm: l.algorithm().name(),
+            count: l.quota().count(),
+            per: l.quota().per(),
+            burst: l.quota().burst(),
+            shadow: l.shadow,
+        })
+        .collect();
+    Ok(Json(json!({
+        "domains": limits.domain_names(),
+        "limits": view,
+        "runtime": state.source.rules(),
+    })))
+}
+
+fn rule_error(e: RuleError) -> ApiError {
+    match e {
+        RuleError::Full => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        RuleError::Invalid(e) => ApiError::bad_request(e.to_string()),
+    }
+}
+
+async fn add_rule(State(state): State<AdminState>, Json(rule): Json<RuntimeRule>) -> Answer {
+    let now = system_now();
+    let target = node_name(
+        &rule.domain,
+        &rule.descriptor.key,
+        rule.descriptor.value.as_deref(),
+    );
+    let replaced = state
+        .source
+        .add_rule(&state.shared, rule.clone())
+        .map_err(rule_error)?;
+    let detail = serde_json::to_string(&rule.descriptor).unwrap_or_default();
+    let e = event(
+        AuditAction::Grant,
+        "rule",
+        target,
+        detail,
+        None,
+        None,
+        None,
+        now,
+    );
+    audited(&state, &e, || {
+        let d = &rule.descriptor;
+        let _ = match replaced {
+            Some(old) => state.source.add_rule(&state.shared, old).map(|_| ()),
+            None => state
+                .source
+                .remove_rule(&state.shared, &rule.domain, &d.key, d.value.as_deref())
+                .map(|_| ()),
+        };
+    })?;
+    Ok(Json(json!({ "added": rule })))
+}
+
+fn node_name(domain: &str, key: &str, value: Option<&str>) -> String {
+    match value {
+        Some(v) => format!("{domain}/{key}={v}"),
+        None => format!("{domain}/{key}"),
+    }
+}
+
+#[derive(Deserialize)]
+struct RuleQuery {
+    domain: String,
+    key: String,
+    value: Option<String>,
+}
+
+async fn remove_rule(State(state): State<AdminState>, Query(q): Query<RuleQuery>) -> Answer {
+    let now = system_now();
+    let removed = state
+        .source
+        .remove_rule(&state.shared, &q.domain, &q.key, q.value.as_deref())
+        .map_err(rule_error)?;
+    let target = node_name(&q.domain, &q.key, q.value.as_deref());
+    let Some(removed) = removed else {
+        return Err(ApiError::not_found(format!(
+            "no runtime rule {target} (rules from the file are changed in the file)"
+        )));
+    };
+    let e = event(
+        AuditAction::Revoke,
+        "rule",
+        target.clone(),
+        String::new(),
+        None,
+        None,
+        None,
+        now,
+    );
+    audited(&state, &e, || {
+        let _ = state.source.add_rule(&state.shared, removed);
+    })?;
+    Ok(Json(json!({ "removed": target })))
+}
+
+// ---- allow and deny lists ----
+
+/// A network to list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListBody {
+    cidr: Cidr,
+    ttl: Option<Span>,
+    reason: Option<String>,
+    by: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CidrQuery {
+    cidr: Cidr,
+    by: Option<String>,
+    reason: Option<String>,
+}
+
+async fn access(State(state): State<AdminState>) -> Answer {
+    let now = system_now();
+    let lists = state.shared.controls.access();
+    Ok(Json(json!({
+        "allow": lists.entries(ListKind::Allow, now),
+        "deny": lists.entries(ListKind::Deny, now),
+        "bans": lists.bans(now),
+    })))
+}
+
+fn subject(kind: ListKind) -> &'static str {
+    match kind {
+        ListKind::Allow => "allow",
+        ListKind::Deny => "deny",
+    }
+}
+
+fn list_add(state: &AdminState, kind: ListKind, body: ListBody) -> Answer {
+    let now = system_now();
+    let until = body.ttl.map(|t| now.plus(t));
+    let entry = ListEntry {
+        cidr: body.cidr,
+        until,
+        reason: body.reason.clone().unwrap_or_default(),
+    };
+    let controls = &state.shared.controls;
+    let replaced = controls
+        .access_mut()
+        .add(kind, entry.clone(), now)
+        .map_err(full)?;
+    let e = event(
+        AuditAction::Grant,
+        subject(kind),
+        body.cidr.to_string(),
+        String::new(),
+        until,
+        body.reason,
+        body.by,
+        now,
+    );
+    audited(state, &e, || {
+        let mut lists = controls.access_mut();
+        lists.remove(kind, &body.cidr);
+        if let Some(old) = replaced {
+            let _ = lists.add(kind, old, now);
+        }
+    })?;
+    Ok(Json(json!({ "added": entry })))
+}
+
+fn list_remove(state: &AdminState, kind: ListKind, q: CidrQuery) -> Answer {
+    let now = system_now();
+    let controls = &state.shared.controls;
+    let Some(old) = controls.access_mut().remove(kind, &q.cidr) else {
+        return Err(ApiError::not_found(format!(
+            "{} is not on the {} list",
+            q.cidr,
+            subject(kind)
+        )));
+    };
+    let e = event(
+        AuditAction::Revoke,
+        subject(kind),
+        q.cidr.to_string(),
+        String::new(),
+        None,
+        q.reason,
+        q.by,
+        now,
+    );
+    audited(state, &e, || {
+        let _ = controls.access_mut().add(kind, old, now);
+    })?;
+    Ok(Json(json!({ "removed": q.cidr })))
+}
+
+async fn allow(State(state): State<AdminState>, Json(body): Json<ListBody>) -> Answer {
+    list_add(&state, ListKind::Allow, body)
+}
+
+async fn unallow(State(state): State<AdminState>, Query(q): Query<CidrQuery>) -> Answer {
+    list_remove(&state, ListKind::Allow, q)
+}
+
+async fn deny(State(state): State<AdminState>, Json(body): Json<ListBody>) -> Answer {
+    list_add(&state, ListKind::Deny, body)
+}
+
+async fn undeny(State(state): State<AdminState>, Query(q): Query<CidrQuery>) -> Answer {
+    list_remove(&state, ListKind::Deny, q)
+}
+
+// ---- bans ----
+
+/// A ban: of a network or of a key (`entry_key=value`), for a while.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BanBody {
+    cidr: Option<Cidr>,
+    key: Option<String>,
+    ttl: Span,
+    reason: Option<String>,
+    by: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BanQuery {
+    cidr: Option<Cidr>,
+    key: Option<String>,
+    reason: Option<String>,
+    by: Option<String>,
+}
+
+fn ban_target(cidr: Option<Cidr>, key: Option<String>) -> Result<BanTarget, ApiError> {
+    match (cidr, key) {
+        (Some(c), None) => Ok(BanTarget::Cidr(c)),
+        (None, Some(k)) if !k.is_empty() => Ok(BanTarget::Key(k)),
+        _ => Err(ApiError::bad_request(
+            "give exactly one of `cidr` (e.g. 10.0.0.0/8) or `key` (e.g. user=mallory)",
+        )),
+    }
+}
+
+fn target_text(t: &BanTarget) -> String {
+    match t {
+        BanTarget::Cidr(c) => c.to_string(),
+        BanTarget::Key(k) => k.clone(),
+    }
+}
+
+async fn bans(State(state): State<AdminState>) -> Answer {
+    Ok(Json(
+        json!({ "bans": state.shared.controls.access().bans(system_now()) }),
+    ))
+}
+
+async fn ban(State(state): State<AdminState>, Json(body): Json<BanBody>) -> Answer {
+    let now = system_now();
+    let target = ban_target(body.cidr, body.key)?;
+    let b = Ban {
+        target: target.clone(),
+        until: now.plus(body.ttl),
+        reason: body.reason.clone().unwrap_or_default(),
+    };
+    let controls = &state.shared.controls;
+    let replaced = controls.access_mut().ban(b.clone(), now).map_err(full)?;
+    let e = event(
+        AuditAction::Grant,
+        "ban",
+        target_text(&target),
+        String::new(),
+        Some(b.until),
+        body.reason,
+        body.by,
+        now,
+    );
+    audited(&state, &e, || {
+        let mut lists = controls.access_mut();
+        lists.unban(&target);
+        if let Some(old) = replaced {
+            let _ = lists.ban(old, now);
+        }
+    })?;
+    Ok(Json(json!({ "banned": b })))
+}
+
+async fn unban(State(state): State<AdminState>, Query(q): Query<BanQuery>) -> Answer {
+    let now = system_now();
+    let target = ban_target(q.cidr, q.key)?;
+    let controls = &state.shared.controls;
+    let Some(old) = controls.access_mut().unban(&target) else {
+        return Err(ApiError::not_found(format!(
+            "{} is not banned",
+            target_text(&target)
+        )));
+    };
+    let e = event(
+        AuditAction::Revoke,
+        "ban",
+        target_text(&target),
+        String::new(),
+        None,
+        q.reason,
+        q.by,
+        now,
+    );
+    audited(&state, &e, || {
+        let _ = controls.access_mut().ban(old, now);
+    })?;
+    Ok(Json(json!({ "unbanned": target })))
+}
+
+// ---- overrides ----
+
+/// An override: `unlimited: true` or a `limit`, for `ttl`, with a reason.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    key: String,
+    #[serde(default)]
+    unlimited: bool,
+    limit: Option<u64>,
+    ttl: Span,
+    reason: String,
+    by: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RevokeQuery {
+    key: String,
+    reason: Option<String>,
+    by: Option<String>,
+}
+
+async fn overrides(State(state): State<AdminState>) -> Answer {
+    Ok(Json(
+        json!({ "overrides": state.shared.controls.overrides().list(system_now()) }),
+    ))
+}
+
+async fn grant(State(state): State<AdminState>, Json(body): Json<GrantBody>) -> Answer {
+    let now = system_now();
+    let grant = match (body.unlimited, body.limit) {
+        (true, None) => Grant::Unlimited,
+        (false, Some(n)) if n > 0 => Grant::Limit(n),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either `unlimited: true` or a `limit` of at least 1",
+            ))
+        }
+    };
+    if body.key.is_empty() || body.reason.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "`key` (e.g. user=alice) and a `reason` are required",
+        ));
+    }
+    let o = Override {
+        key: body.key.clone(),
+        grant,
+        until: now.plus(body.ttl),
+        reason: body.reason,
+        by: body.by.unwrap_or_else(|| "admin".into()),
+        granted_at: now,
+    };
+    let controls = &state.shared.controls;
+    let (e, replaced) = controls
+        .overrides_mut()
+        .grant(o.clone(), now)
+        .map_err(full)?;
+    audited(&state, &e, || {
+        let mut overrides = controls.overrides_mut();
+        overrides.revoke(&body.key, "", "", now);
+        if let Some(old) = replaced {
+            let _ = overrides.grant(old, now);
+        }
+    })?;
+    Ok(Json(json!({ "granted": o })))
+}
+
+async fn revoke(State(state): State<AdminState>, Query(q): Query<RevokeQuery>) -> Answer {
+    let now = system_now();
+    let controls = &state.shared.controls;
+    let by = q.by.unwrap_or_else(|| "admin".into());
+    let reason = q.reason.unwrap_or_default();
+    let previous = controls.overrides().get(&q.key, now).cloned();
+    let Some(e) = controls.overrides_mut().revoke(&q.key, &by, &reason, now) else {
+        return Err(ApiError::not_found(format!("no override for {:?}", q.key)));
+    };
+    audited(&state, &e, || {
+        if let Some(old) = previous {
+            let _ = controls.overrides_mut().grant(old, now);
+        }
+    })?;
+    Ok(Json(json!({ "revoked": q.key })))
+}
+
+async fn audit(State(state): State<AdminState>) -> Answer {
+    Ok(Json(
+        json!({ "events": state.shared.controls.audit.recent() }),
+    ))
+}
+
+// ---- counters ----
+
+/// The domain and descriptor entries a counter query names: `domain=D`
+/// and the entries as further parameters, in order.
+fn counter_target(query: &[(String, String)]) -> Result<(String, Vec<(String, String)>), ApiError> {
+    let mut domain = None;
+    let mut entries = Vec::new();
+    for (k, v) in query {
+        if k == "domain" && domain.is_none() {
+            domain = Some(v.clone());
+        } else {
+            entries.push((k.clone(), v.clone()));
+        }
+    }
+    let domain = domain.ok_or_else(|| {
+        ApiError::bad_request(
+            "give `domain=` and the descriptor's entries, e.g. ?domain=api&user=alice",
+        )
+    })?;
+    if entries.is_empty() {
+        return Err(ApiError::bad_request(
+            "give the descriptor's entries after the domain, e.g. ?domain=api&user=alice",
+        ));
+    }
+    Ok((domain, entries))
+}
+
+fn store(state: &AdminState) -> Result<&dyn super::CounterStore, ApiError> {
+    state.shared.store.get().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage is not ready yet; retry",
+        )
+    })
+}
+
+fn storage_error(e: crate::storage::StorageError) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, format!("storage: {e}"))
+}
+
+async fn counter(
+    State(state): State<AdminState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Answer {
+    let (domain_name, entries) = counter_target(&query)?;
+    let limits = state.shared.limits();
+    let limit = resolve(&limits, &domain_name, &entries)?;
+    let key = limit.storage_key(&entries);
+    let outcome = store(&state)?
+        .peek(limit, key.clone())
+        .await
+        .map_err(storage_error)?;
+    Ok(Json(json!({
+        "limit": limit.name,
+        "key": key,
+        "count": limit.quota().count(),
+        "remaining": outcome.remaining,
+        "reset_after_ms": outcome.reset_after.as_millis_ceil(),
+    })))
+}
+
+async fn reset(
+    State(state): State<AdminState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Answer {
+    let (domain_name, entries) = counter_target(&query)?;
+    let limits = state.shared.limits();
+    let limit = resolve(&limits, &domain_name, &entries)?;
+    let key = limit.storage_key(&entries);
+    store(&state)?
+        .reset(limit, key.clone())
+        .await
+        .map_err(storage_error)?;
+    Ok(Json(json!({ "limit": limit.name, "reset": key })))
+}
+
+fn resolve<'a>(
+    limits: &'a crate::limits::Limits,
+    domain: &str,
+    entries: &[(String, String)],
+) -> Result<&'a crate::limits::Limit, ApiError> {
+    let d = limits
+        .domain(domain)
+        .ok_or_else(|| ApiError::not_found(format!("no domain {domain:?}")))?;
+    match limits.resolve(d, entries) {
+        Resolved::Limited(limit) => Ok(limit),
+        Resolved::Unlimited => Err(ApiError::not_found(
+            "this descriptor is unlimited: no counter",
+        )),
+        Resolved::NoLimit => Err(ApiError::not_found("no limit matches this descriptor")),
+    }
+}

@@ -1,0 +1,426 @@
+//! The admin API and the admin-calling CLI through the real binary; every
+//! effect is observed through ShouldRateLimit.
+
+// Test helpers fail loudly: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod support;
+
+use common::RedisServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use sluice_quota_server::cli::CallError;
+use support::{config_with_admin, eventually, Scratch, Sluice};
+
+const DOMAINS: &str = r#"
+domains:
+  - name: api
+    descriptors:
+      - key: user
+        rate_limit: {unit: minute, requests_per_unit: 1}
+      - key: remote_address
+        rate_limit: {unit: minute, requests_per_unit: 1}
+"#;
+
+fn start(dir: &Scratch, admin: &str) -> Sluice {
+    let text = config_with_admin(DOMAINS, admin);
+    Sluice::start(&dir.write("sluice.yaml", &text))
+}
+
+fn status(e: &CallError) -> Option<StatusCode> {
+    match e {
+        CallError::Refused { status, .. } => Some(*status),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn every_route_but_metrics_needs_the_token() {
+    let dir = Scratch::new("admin-auth");
+    let server = start(&dir, "");
+    for token in [None, Some("wrong")] {
+        for (method, path) in [
+            (Method::GET, "/rules"),
+            (Method::GET, "/overrides"),
+            (Method::GET, "/access"),
+            (Method::GET, "/audit"),
+            (Method::DELETE, "/bans?key=a=b"),
+            (Method::GET, "/counters?domain=api&user=a"),
+        ] {
+            let e = server
+                .api_with(token)
+                .call(method, path, None)
+                .await
+                .unwrap_err();
+            assert_eq!(status(&e), Some(StatusCode::UNAUTHORIZED), "{path}: {e}");
+        }
+    }
+    let metrics = server
+        .api_with(None)
+        .call(Method::GET, "/metrics", None)
+        .await;
+    assert!(metrics.unwrap().contains("sluice_decisions_total"));
+}
+
+#[tokio::test]
+async fn deny_and_allow_lists_apply_to_the_client_address() {
+    let dir = Scratch::new("admin-lists");
+    let server = start(&dir, "");
+    let ip = |a| [("remote_address", a)];
+    server
+        .json(
+            Method::POST,
+            "/access/deny",
+            Some(json!({"cidr": "10.0.0.0/8"})),
+        )
+        .await;
+    assert_eq!(server.ask("api", &ip("10.1.2.3")).await, Code::OverLimit);
+    // The user descriptor of a denied client is refused too.
+    assert_eq!(
+        server
+            .ask("api", &[("remote_address", "10.9.9.9"), ("user", "x")])
+            .await,
+        Code::OverLimit
+    );
+    server
+        .json(Method::DELETE, "/access/deny?cidr=10.0.0.0%2F8", None)
+        .await;
+    assert_eq!(server.ask("api", &ip("10.1.2.3")).await, Code::Ok);
+
+    // Allow-listed: never limited and nothing counted.
+    server
+        .json(
+            Method::POST,
+            "/access/allow",
+            Some(json!({"cidr": "192.0.2.0/24", "ttl": "2s", "reason": "probe"})),
+        )
+        .await;
+    for _ in 0..3 {
+        assert_eq!(server.ask("api", &ip("192.0.2.7")).await, Code::Ok);
+    }
+    let counter = server
+        .json(
+            Method::GET,
+            "/counters?domain=api&remote_address=192.0.2.7",
+            None,
+        )
+        .await;
+    assert_eq!(counter["remaining"], 1, "{counter}");
+    // The entry expires: the limit of 1 applies again.
+    eventually("the allow entry expires", || async {
+        server.ask("api", &ip("192.0.2.7")).await == Code::OverLimit
+    })
+    .await;
+    let lists = server.json(Method::GET, "/access", None).await;
+    assert_eq!(lists["allow"], json!([]), "{lists}");
+}
+
+#[tokio::test]
+async fn bans_refuse_until_they_expire() {
+    let dir = Scratch::new("admin-bans");
+    let server = start(&dir, "");
+    server
+        .json(
+            Method::POST,
+            "/bans",
+            Some(json!({"key": "user=mallory", "ttl": "2s", "reason": "abuse"})),
+        )
+        .await;
+    assert_eq!(
+        server.ask("api", &[("user", "mallory")]).await,
+        Code::OverLimit
+    );
+    eventually("the ban expires", || async {
+        server.ask("api", &[("user", "mallory")]).await == Code::Ok
+    })
+    .await;
+    let e = server
+        .refused(Method::POST, "/bans", Some(json!({"ttl": "1m"})))
+        .await;
+    assert_eq!(status(&e), Some(StatusCode::BAD_REQUEST), "{e}");
+}
+
+#[tokio::test]
+async fn overrides_raise_or_lift_limits_and_are_audited() {
+    let dir = Scratch::new("admin-overrides");
+    let audit_path = dir.0.join("audit.jsonl");
+    let server = start(
+        &dir,
+        &format!("audit_log: {:?}", audit_path.display().to_string()),
+    );
+    let alice = [("user", "alice")];
+    server
+        .json(
+            Method::POST,
+            "/overrides",
+            Some(json!({"key": "user=alice", "limit": 3, "ttl": "1m", "reason": "launch", "by": "ops"})),
+        )
+        .await;
+    for _ in 0..3 {
+        assert_eq!(server.ask("api", &alice).await, Code::Ok);
+    }
+    assert_eq!(server.ask("api", &alice).await, Code::OverLimit);
+
+    server
+        .json(
+            Method::POST,
+            "/overrides",
+            Some(json!({"key": "user=bob", "unlimited": true, "ttl": "2s", "reason": "test"})),
+        )
+        .await;
+    for _ in 0..5 {
+        assert_eq!(server.ask("api", &[("user", "bob")]).await, Code::Ok);
+    }
+    eventually("the unlimited override expires", || async {
+        server.ask("api", &[("user", "bob")]).await == Code::OverLimit
+    })
+    .await;
+
+    server
+        .json(
+            Method::DELETE,
+            "/overrides?key=user%3Dalice&reason=done",
+            None,
+        )
+        .await;
+    let listed = server.json(Method::GET, "/overrides", None).await;
+    assert_eq!(listed["overrides"], json!([]), "{listed}");
+    let events = server.json(Method::GET, "/audit", None).await;
+    let actions: Vec<(String, String)> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().into(),
+                e["target"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("grant".to_string(), "user=alice".to_string()),
+            ("grant".into(), "user=bob".into()),
+            ("revoke".into(), "user=alice".into()),
+        ]
+    );
+    let file = std::fs::read_to_string(&audit_path).unwrap();
+    assert_eq!(file.lines().count(), 3, "{file}");
+    assert!(file.contains("\"by\":\"ops\""), "{file}");
+    let e = server
+        .refused(
+            Method::POST,
+            "/overrides",
+            Some(json!({"key": "user=x", "ttl": "1m", "reason": "r"})),
+        )
+        .await;
+    assert_eq!(status(&e), Some(StatusCode::BAD_REQUEST), "{e}");
+}
+
+#[tokio::test]
+async fn runtime_rules_counters_and_reset() {
+    let dir = Scratch::new("admin-rules");
+    let server = start(&dir, "");
+    let tenant = [("tenant", "t1")];
+    assert_eq!(server.ask("api", &tenant).await, Code::Ok);
+    assert_eq!(server.ask("api", &tenant).await, Code::Ok, "no limit yet");
+    server
+        .json(
+            Method::POST,
+            "/rules",
+            Some(json!({"domain": "api", "descriptor": {"key": "tenant", "rate_limit": {"unit": "minute", "requests_per_unit": 1}}})),
+        )
+        .await;
+    assert_eq!(server.ask("api", &tenant).await, Code::Ok);
+    assert_eq!(server.ask("api", &tenant).await, Code::OverLimit);
+    let counter = server
+        .json(Method::GET, "/counters?domain=api&tenant=t1", None)
+        .await;
+    assert_eq!(counter["remaining"], 0, "{counter}");
+    server
+        .json(Method::DELETE, "/counters?domain=api&tenant=t1", None)
+        .await;
+    assert_eq!(server.ask("api", &tenant).await, Code::Ok, "reset");
+    let listed = server.json(Method::GET, "/rules", None).await;
+    assert_eq!(listed["runtime"].as_array().unwrap().len(), 1, "{listed}");
+    let bad = server
+        .refused(
+            Method::POST,
+            "/rules",
+            Some(json!({"domain": "api", "descriptor": {"key": "x", "rate_limit": {"unit": "minute"}}})),
+        )
+        .await;
+    assert_eq!(status(&bad), Some(StatusCode::BAD_REQUEST), "{bad}");
+    server
+        .json(Method::DELETE, "/rules?domain=api&key=tenant", None)
+        .await;
+    assert_eq!(server.ask("api", &tenant).await, Code::Ok);
+    assert_eq!(server.ask("api", &tenant).await, Code::Ok, "rule removed");
+    let over = server
+        .metric("sluice_decisions_total{domain=\"api\",rule=\"tenant\",outcome=\"over_limit\"}")
+        .await;
+    assert_eq!(over, 1);
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn cli_subcommands_against_a_running_server() {
+    let dir = Scratch::new("admin-cli");
+    let server = start(&dir, "");
+    assert!(ok(&server.cli(&["rules", "list"])).contains("\"domains\":[\"api\"]"));
+    ok(&server.cli(&[
+        "rules",
+        "add",
+        "--domain",
+        "api",
+        "--key",
+        "plan",
+        "--requests",
+        "1",
+        "--per",
+        "1m",
+    ]));
+    assert_eq!(server.ask("api", &[("plan", "free")]).await, Code::Ok);
+    assert_eq!(
+        server.ask("api", &[("plan", "free")]).await,
+        Code::OverLimit
+    );
+    ok(&server.cli(&["rules", "remove", "--domain", "api", "--key", "plan"]));
+    assert_eq!(server.ask("api", &[("plan", "free")]).await, Code::Ok);
+
+    ok(&server.cli(&[
+        "override",
+        "grant",
+        "--key",
+        "user=carol",
+        "--unlimited",
+        "--ttl",
+        "1m",
+        "--reason",
+        "vip",
+    ]));
+    assert!(ok(&server.cli(&["override", "list"])).contains("user=carol"));
+    for _ in 0..3 {
+        assert_eq!(server.ask("api", &[("user", "carol")]).await, Code::Ok);
+    }
+    ok(&server.cli(&["override", "revoke", "--key", "user=carol"]));
+    // Nothing was counted under the override: the limit of 1 starts afresh.
+    assert_eq!(server.ask("api", &[("user", "carol")]).await, Code::Ok);
+    assert_eq!(
+        server.ask("api", &[("user", "carol")]).await,
+        Code::OverLimit
+    );
+
+    ok(&server.cli(&["ban", "--cidr", "198.51.100.0/24", "--ttl", "1m"]));
+    let ip = [("remote_address", "198.51.100.9")];
+    assert_eq!(server.ask("api", &ip).await, Code::OverLimit);
+    ok(&server.cli(&["unban", "--cidr", "198.51.100.0/24"]));
+    ok(&server.cli(&["allow", "198.51.100.9"]));
+    for _ in 0..3 {
+        assert_eq!(server.ask("api", &ip).await, Code::Ok);
+    }
+    ok(&server.cli(&["allow", "198.51.100.9", "--remove"]));
+    ok(&server.cli(&["deny", "203.0.113.1"]));
+    assert_eq!(
+        server
+            .ask("api", &[("remote_address", "203.0.113.1")])
+            .await,
+        Code::OverLimit
+    );
+
+    let export = dir.0.join("metrics.txt");
+    ok(&server.cli(&["stats", "--export", export.to_str().unwrap()]));
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert!(
+        text.contains("sluice_decisions_total{domain=\"api\",rule=\"access\",outcome=\"denied\"}"),
+        "{text}"
+    );
+
+    let refused = server.cli(&["unban", "--key", "user=nobody"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not banned"));
+}
+
+#[test]
+fn test_subcommand_simulates_offline() {
+    let dir = Scratch::new("admin-simulate");
+    let path = dir.write("sluice.yaml", DOMAINS);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "test",
+            "--rule",
+            "user",
+            "--key",
+            "alice",
+            "--requests",
+            "3",
+            "--config",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = ok(&out);
+    assert!(text.contains("1 of 3 allowed, 2 denied"), "{text}");
+    assert!(text.contains("DENIED    retry after"), "{text}");
+}
+
+#[tokio::test]
+async fn a_change_the_audit_log_cannot_record_is_undone() {
+    // /dev/full opens for appending but every write fails (ENOSPC).
+    let dir = Scratch::new("admin-audit-full");
+    let server = start(&dir, "audit_log: /dev/full");
+    let e = server
+        .refused(
+            Method::POST,
+            "/overrides",
+            Some(json!({"key": "user=eve", "unlimited": true, "ttl": "1m", "reason": "r"})),
+        )
+        .await;
+    assert_eq!(status(&e), Some(StatusCode::INTERNAL_SERVER_ERROR), "{e}");
+    assert!(e.to_string().contains("undone"), "{e}");
+    let listed = server.json(Method::GET, "/overrides", None).await;
+    assert_eq!(listed["overrides"], json!([]), "{listed}");
+    assert_eq!(server.ask("api", &[("user", "eve")]).await, Code::Ok);
+    assert_eq!(server.ask("api", &[("user", "eve")]).await, Code::OverLimit);
+}
+
+#[tokio::test]
+async fn counters_and_reset_over_redis() {
+    let redis = RedisServer::start();
+    let dir = Scratch::new("admin-redis");
+    let text = format!(
+        "{}storage: {{backend: redis, redis: {{url: \"{}\", timeout: 200ms}}}}\n",
+        config_with_admin(DOMAINS, ""),
+        redis.url()
+    );
+    let server = Sluice::start(&dir.write("sluice.yaml", &text));
+    let dave = [("user", "dave")];
+    let peek = || async {
+        server
+            .json(Method::GET, "/counters?domain=api&user=dave", None)
+            .await["remaining"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(peek().await, 1, "a peek consumes nothing");
+    assert_eq!(peek().await, 1);
+    assert_eq!(server.ask("api", &dave).await, Code::Ok);
+    assert_eq!(peek().await, 0);
+    assert_eq!(server.ask("api", &dave).await, Code::OverLimit);
+    server
+        .json(Method::DELETE, "/counters?domain=api&user=dave", None)
+        .await;
+    assert_eq!(peek().await, 1);
+    assert_eq!(server.ask("api", &dave).await, Code::Ok);
+}

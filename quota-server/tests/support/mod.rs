@@ -1,0 +1,224 @@
+//! A running `sluice serve` with its admin API, for the admin and reload tests.
+
+// Test helpers fail loudly: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use hyper::Method;
+use serde_json::Value;
+use sluice_quota_server::cli::{Admin, CallError};
+
+/// The token every test server uses.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// How long an effect may take to become observable (a reload, an expiry).
+pub const EVENTUALLY: Duration = Duration::from_secs(10);
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running server, killed on drop.
+pub struct Sluice {
+    child: Child,
+    stdout: Option<BufReader<ChildStdout>>,
+    pub grpc: String,
+    pub admin: String,
+}
+
+impl Sluice {
+    /// Starts `sluice serve` on `config` (which must give listen.admin and
+    /// admin.token = TOKEN); waits for both addresses.
+    pub fn start(config: &Path) -> Sluice {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .env_remove("SLUICE_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().map(BufReader::new);
+        // Owned by the guard first, so a failed start still kills it.
+        let mut server = Sluice {
+            child,
+            stdout,
+            grpc: String::new(),
+            admin: String::new(),
+        };
+        let reader = server.stdout.as_mut().unwrap();
+        // Two lines: the admin address, then the gRPC one.
+        for _ in 0..2 {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let line = line.trim();
+            if let Some(a) = line.strip_prefix("sluice: admin on ") {
+                server.admin = a.to_string();
+            } else if let Some(g) = line.strip_prefix("sluice: listening on ") {
+                server.grpc = g.to_string();
+            } else {
+                panic!("unexpected line {line:?}");
+            }
+        }
+        assert!(
+            !server.admin.is_empty() && !server.grpc.is_empty(),
+            "both addresses must be printed"
+        );
+        server
+    }
+
+    /// The admin API with the right token.
+    pub fn api(&self) -> Admin {
+        self.api_with(Some(TOKEN))
+    }
+
+    /// The admin API with `token`.
+    pub fn api_with(&self, token: Option<&str>) -> Admin {
+        Admin {
+            base: format!("http://{}", self.admin),
+            token: token.map(str::to_string),
+        }
+    }
+
+    /// A JSON call that must succeed.
+    pub async fn json(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        let text = self
+            .api()
+            .call(method, path, body.as_ref())
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// A call's error, which there must be.
+    pub async fn refused(&self, method: Method, path: &str, body: Option<Value>) -> CallError {
+        self.api()
+            .call(method, path, body.as_ref())
+            .await
+            .expect_err("the call must be refused")
+    }
+
+    /// The overall code of one ShouldRateLimit call with one descriptor.
+    pub async fn ask(&self, domain: &str, entries: &[(&str, &str)]) -> Code {
+        let mut client = RateLimitServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap();
+        let descriptor = RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            ..RateLimitDescriptor::default()
+        };
+        let mut request = tonic::Request::new(RateLimitRequest {
+            domain: domain.into(),
+            descriptors: vec![descriptor],
+            hits_addend: 0,
+        });
+        request.set_timeout(Duration::from_secs(2));
+        let response = client
+            .should_rate_limit(request)
+            .await
+            .unwrap()
+            .into_inner();
+        Code::try_from(response.overall_code).unwrap()
+    }
+
+    /// The value of a metric line (the whole name with labels), or 0.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = self
+            .api_with(None)
+            .call(Method::GET, "/metrics", None)
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+
+    /// Runs `sluice ARGS --admin URL --token TOKEN`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let admin = format!("http://{}", self.admin);
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .args(["--admin", &admin, "--token", TOKEN])
+            .env_remove("SLUICE_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it holds, failing after `EVENTUALLY`.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + EVENTUALLY;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "not within {EVENTUALLY:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A config with the admin API on a free port and the test token.
+pub fn config(domains: &str) -> String {
+    config_with_admin(domains, "")
+}
+
+/// Like [`config`], with more `admin` fields (`audit_log: ...`).
+pub fn config_with_admin(domains: &str, admin: &str) -> String {
+    let more = if admin.is_empty() {
+        String::new()
+    } else {
+        format!(", {admin}")
+    };
+    format!(
+        "listen: {{grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
+         admin: {{token: \"{TOKEN}\"{more}}}\n{domains}"
+    )
+}
