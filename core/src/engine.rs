@@ -109,7 +109,10 @@ impl Verdict {
     }
 
     /// The rate rules clients are told about, by name.
-    fn listed<'a>(&'a self, policy: &'a Policy) -> impl Iterator<Item = (&'a str, Decision)> + Clone + 'a {
+    fn listed<'a>(
+        &'a self,
+        policy: &'a Policy,
+    ) -> impl Iterator<Item = (&'a str, Decision)> + Clone + 'a {
         self.decisions.iter().filter_map(move |d| {
             policy
                 .rules
@@ -198,17 +201,54 @@ pub fn decide_claims<S: StateStore>(
     now: Nanos,
     waited: Span,
 ) -> Result<Verdict, StoreError> {
-    if claims.is_empty() {
-        return Ok(Verdict::unlimited());
-    }
     for _ in 0..MAX_ATTEMPTS {
-        if let Some(verdict) = attempt(store, claims, now, waited)? {
+        let verdict = match claims {
+            [] => return Ok(Verdict::unlimited()),
+            [claim] => attempt_one(store, claim, now, waited)?,
+            _ => attempt(store, claims, now, waited)?,
+        };
+        if let Some(verdict) = verdict {
             return Ok(verdict);
         }
     }
     Err(StoreError::Unavailable(
         "too many concurrent writers on one key",
     ))
+}
+
+/// [`attempt`] for a single rule: one store step, nothing to roll back.
+fn attempt_one<S: StateStore>(
+    store: &mut S,
+    claim: &Claim<'_>,
+    now: Nanos,
+    waited: Span,
+) -> Result<Option<Verdict>, StoreError> {
+    let Some(outcome) = store.check(claim.slot, claim.cost, now)? else {
+        return Ok(None);
+    };
+    let claims = core::slice::from_ref(claim);
+    let outcomes = [outcome];
+    let blocking = |_: usize| !outcome.allowed && claim.slot.rule.action != Action::Shadow;
+    let (kind, charges) = if blocking(0) {
+        (
+            blocked_kind(claims, &outcomes, waited, &blocking),
+            Vec::new(),
+        )
+    } else if outcome.allowed {
+        let charge = Charge {
+            rule_index: claim.slot.rule_index,
+            key: claim.slot.key.into(),
+            cost: claim.cost,
+        };
+        (VerdictKind::Allowed, alloc::vec![charge])
+    } else {
+        (VerdictKind::Allowed, Vec::new())
+    };
+    Ok(Some(Verdict {
+        kind,
+        decisions: rule_decisions(claims, &outcomes),
+        charges,
+    }))
 }
 
 /// One optimistic pass: `None` when another writer interfered.
@@ -233,8 +273,7 @@ fn attempt<S: StateStore>(
         .zip(loaded.iter_mut())
         .map(|(c, l)| c.slot.rule.limiter.peek(&mut l.state, now, c.cost))
         .collect();
-    let blocking =
-        |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action != Action::Shadow;
+    let blocking = |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action != Action::Shadow;
 
     if (0..claims.len()).any(blocking) {
         release_all(store, claims, loaded, now);
@@ -364,7 +403,11 @@ pub fn refund_claims<S: StateStore>(
         let mut done = false;
         for _ in 0..MAX_ATTEMPTS {
             let mut l = store.load(claim.slot, now)?;
-            claim.slot.rule.limiter.refund(&mut l.state, now, claim.cost);
+            claim
+                .slot
+                .rule
+                .limiter
+                .refund(&mut l.state, now, claim.cost);
             if store.save(claim.slot, l.state, l.version, now)? == Saved::Stored {
                 done = true;
                 break;

@@ -204,6 +204,21 @@ impl StateStore for MemoryStore {
         Ok(Saved::Stored)
     }
 
+    fn check(
+        &mut self,
+        slot: Slot<'_>,
+        cost: u64,
+        now: Nanos,
+    ) -> Result<Option<Outcome>, StoreError> {
+        Ok(Some(self.acquire(
+            slot.rule_index,
+            &slot.rule.limiter,
+            slot.key,
+            now,
+            cost,
+        )))
+    }
+
     fn release(&mut self, slot: Slot<'_>, state: State, key: Option<String>, now: Nanos) {
         // A key that was not held and did not change stays absent: its
         // fresh state is what absence means.

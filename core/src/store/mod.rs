@@ -13,7 +13,7 @@ mod slots;
 pub use memory::{EvictionStats, MemoryStore};
 pub use slots::{hash, InProcessShared, SharedBytes, SlotStore, WriteOutcome};
 
-use crate::algorithm::State;
+use crate::algorithm::{Outcome, State};
 use crate::policy::Rule;
 use crate::time::Nanos;
 
@@ -76,4 +76,26 @@ pub trait StateStore {
 
     /// Gives back a state that was not changed.
     fn release(&mut self, slot: Slot<'_>, state: State, version: Self::Version, now: Nanos);
+
+    /// Takes `cost` permits at `slot` if allowed, in one step (what a
+    /// decision over a single rule needs); `None` when another writer got
+    /// in first. Stores that can update in place override it; this default
+    /// checks the state out, checks it and saves it.
+    fn check(
+        &mut self,
+        slot: Slot<'_>,
+        cost: u64,
+        now: Nanos,
+    ) -> Result<Option<Outcome>, StoreError> {
+        let mut l = self.load(slot, now)?;
+        let outcome = slot.rule.limiter.check(&mut l.state, now, cost);
+        if !outcome.allowed {
+            self.release(slot, l.state, l.version, now);
+            return Ok(Some(outcome));
+        }
+        Ok(match self.save(slot, l.state, l.version, now)? {
+            Saved::Stored => Some(outcome),
+            Saved::Conflict => None,
+        })
+    }
 }
