@@ -542,7 +542,11 @@ fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule
     let is_bound = matches!(counts, Counts::InFlight | Counts::MessageSize(_));
     let algorithm = if is_bound {
         if raw.algorithm.is_some() {
-            errors.add(at, ".algorithm", "not used with this counts; remove it".into());
+            errors.add(
+                at,
+                ".algorithm",
+                "not used with this counts; remove it".into(),
+            );
         }
         AlgorithmKind::Concurrency
     } else {
@@ -613,7 +617,11 @@ fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule
         errors.add(at, ".cost", "must be at least 1".into());
     }
     if raw.cost.is_some() && matches!(counts, Counts::Bytes(_) | Counts::MessageSize(_)) {
-        errors.add(at, ".cost", "each byte costs one permit here; remove cost".into());
+        errors.add(
+            at,
+            ".cost",
+            "each byte costs one permit here; remove cost".into(),
+        );
     }
     if let (Some(q), false) = (&quota, matches!(counts, Counts::MessageSize(_))) {
         let capacity = if uses_burst { q.burst() } else { q.count() };
@@ -691,7 +699,11 @@ fn validate_action(
     let max_delay = raw.max_delay.as_ref().map(SpanText::parse);
     let kind = raw.action.unwrap_or(ActionKind::Reject);
     if kind == ActionKind::Delay && counts != Counts::Requests {
-        errors.add(at, ".action", "delay only holds requests (counts requests)".into());
+        errors.add(
+            at,
+            ".action",
+            "delay only holds requests (counts requests)".into(),
+        );
         return None;
     }
     if kind == ActionKind::Drop && !(matcher.websocket && counts.flow().is_some()) {
@@ -867,9 +879,18 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused() {
         let err = Policy::from_json(r#"{"rules":[{"name":"r","limits":{}}]}"#).unwrap_err();
-        assert!(err.to_string().starts_with("rules[0].limits: unknown field `limits`"), "{err}");
-        let err = Policy::from_json(r#"{"rules":[],"headers":{"sets":["ietf","x_rate"]}}"#).unwrap_err();
-        assert!(err.to_string().starts_with("headers.sets[1]: unknown variant `x_rate`"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("rules[0].limits: unknown field `limits`"),
+            "{err}"
+        );
+        let err =
+            Policy::from_json(r#"{"rules":[],"headers":{"sets":["ietf","x_rate"]}}"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("headers.sets[1]: unknown variant `x_rate`"),
+            "{err}"
+        );
         let err = Policy::from_json(r#"{"rules":[]"#).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
         let err = Policy::from_json(r#"{"rules":[]} trailing"#).unwrap_err();

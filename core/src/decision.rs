@@ -181,7 +181,12 @@ pub fn render_headers<'a>(
         value.clear();
         for (i, (name, d)) in rules.enumerate() {
             let sep = if i == 0 { "" } else { ", " };
-            let _ = write!(value, "{sep}\"{name}\";r={};t={}", d.remaining, d.reset_secs());
+            let _ = write!(
+                value,
+                "{sep}\"{name}\";r={};t={}",
+                d.remaining,
+                d.reset_secs()
+            );
         }
         if !value.is_empty() {
             emit(names::RATELIMIT, &value);

@@ -260,7 +260,10 @@ mod tests {
             used: 4,
         };
         assert_eq!(round_trip(&State::FixedWindow(fixed)), 18);
-        assert_eq!(round_trip(&State::Concurrency(ConcurrencyState { held: 7 })), 10);
+        assert_eq!(
+            round_trip(&State::Concurrency(ConcurrencyState { held: 7 })),
+            10
+        );
         let counter = SlidingWindowCounterState {
             start: Nanos(9),
             previous: 1,

@@ -74,9 +74,7 @@ impl Matcher {
     /// Whether the request meets every condition.
     pub fn matches(&self, request: &impl Attributes) -> bool {
         let protocol_ok = match (&self.grpc, self.websocket) {
-            (Some(grpc), _) => {
-                request.protocol() == Protocol::Grpc && grpc.matches(request.path())
-            }
+            (Some(grpc), _) => request.protocol() == Protocol::Grpc && grpc.matches(request.path()),
             (None, true) => request.protocol() == Protocol::WebSocket,
             (None, false) => true,
         };

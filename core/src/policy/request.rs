@@ -35,7 +35,8 @@ impl Protocol {
 /// The service and method of a gRPC path `/package.Service/Method`.
 pub fn grpc_method(path: &str) -> Option<(&str, &str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
 }
 
 /// Read access to one request's attributes.
@@ -134,16 +135,34 @@ mod tests {
 
     #[test]
     fn detects_protocols() {
-        assert_eq!(Protocol::detect(Some("application/grpc+proto"), None), Protocol::Grpc);
-        assert_eq!(Protocol::detect(Some("Application/GRPC"), None), Protocol::Grpc);
-        assert_eq!(Protocol::detect(Some("application/json"), None), Protocol::Http);
-        assert_eq!(Protocol::detect(None, Some("WebSocket")), Protocol::WebSocket);
-        assert_eq!(Protocol::detect(Some("application/grp"), Some("h2c")), Protocol::Http);
+        assert_eq!(
+            Protocol::detect(Some("application/grpc+proto"), None),
+            Protocol::Grpc
+        );
+        assert_eq!(
+            Protocol::detect(Some("Application/GRPC"), None),
+            Protocol::Grpc
+        );
+        assert_eq!(
+            Protocol::detect(Some("application/json"), None),
+            Protocol::Http
+        );
+        assert_eq!(
+            Protocol::detect(None, Some("WebSocket")),
+            Protocol::WebSocket
+        );
+        assert_eq!(
+            Protocol::detect(Some("application/grp"), Some("h2c")),
+            Protocol::Http
+        );
     }
 
     #[test]
     fn splits_grpc_paths() {
-        assert_eq!(grpc_method("/chat.ChatService/Send"), Some(("chat.ChatService", "Send")));
+        assert_eq!(
+            grpc_method("/chat.ChatService/Send"),
+            Some(("chat.ChatService", "Send"))
+        );
         assert_eq!(grpc_method("/chat.ChatService/"), None);
         assert_eq!(grpc_method("/a/b/c"), None);
         assert_eq!(grpc_method("nope"), None);
