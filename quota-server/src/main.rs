@@ -11,6 +11,7 @@ use sluice_quota_server::cli;
 use sluice_quota_server::config::{self, LoadError};
 use sluice_quota_server::reload::{self, ConfigSource};
 use sluice_quota_server::service::{self, Shared};
+use sluice_quota_server::storage::system_now;
 
 /// Sluice: exact rate limiting for Envoy.
 #[derive(Parser)]
@@ -141,6 +142,12 @@ fn serve(path: &Path) -> ExitCode {
         };
         let shared = Arc::new(Shared::with_controls(limits, controls));
         let source = Arc::new(ConfigSource::new(path.to_path_buf(), config.clone()));
+        if let Some(log) = &config.admin.audit_log {
+            match admin::replay::replay(&base.join(log), &shared, &source, system_now()) {
+                Ok(r) => tracing::info!(restored = r.restored, skipped = r.skipped, "runtime grants restored from the audit log"),
+                Err(e) => tracing::warn!(%e),
+            }
+        }
         // Kept alive until the server stops; dropping it stops watching.
         let _watch = reload::watch(source.clone(), shared.clone())
             .map_err(|e| {

@@ -15,7 +15,7 @@ use common::RedisServer;
 use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::time::{Nanos, Span};
 use sluice_quota_server::config::{
-    BackendKind, DescriptorConfig, DomainConfig, Problems, RateLimitConfig,
+    BackendKind, DescriptorConfig, DomainConfig, Problems, RateLimitConfig, ServerConfig,
 };
 use sluice_quota_server::limits::{Limit, Limits};
 use sluice_quota_server::storage::{Backend, Item, MemoryBackend, RedisBackend};
@@ -385,6 +385,39 @@ async fn redis_password_in_the_url() {
     assert!(good.check(&items, None).await.unwrap()[0].allowed);
     let bad = RedisBackend::new(&url("wrong"), Duration::from_secs(1), 1).unwrap();
     assert!(bad.check(&items, None).await.is_err());
+}
+
+/// `rediss://` with the CA file of a self-signed server: connected over
+/// TLS and exact; without the CA the handshake fails (an error, not a hang).
+#[tokio::test]
+async fn rediss_with_a_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, tls_port) = RedisServer::start_tls(dir.path());
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let yaml = |ca: &str| {
+        format!(
+            "storage: {{backend: redis, redis: {{url: {url:?}, timeout: 2s{ca}}}}}\n\
+             domains: [{{name: t, rules: [{{name: r, limit: {{count: 3, per: 1h}}}}]}}]"
+        )
+    };
+    let config = ServerConfig::from_yaml(&yaml(", tls_ca_file: ca.pem")).unwrap();
+    config.compile(dir.path()).unwrap();
+    let mut redis_config = config.storage.redis.clone().unwrap();
+    redis_config.tls_ca_file = Some(dir.path().join("ca.pem"));
+    let backend = RedisBackend::from_config(&redis_config, Duration::from_secs(2)).unwrap();
+    let limits = limits(&[(AlgorithmKind::SlidingWindowLog, 3, "1h", None)]);
+    let items = [item(limits.limit(0).unwrap(), "a", 1)];
+    let mut allowed = 0;
+    for _ in 0..5 {
+        allowed += u32::from(backend.check(&items, None).await.unwrap()[0].allowed);
+    }
+    assert_eq!(allowed, 3);
+
+    redis_config.tls_ca_file = None;
+    let untrusted = RedisBackend::from_config(&redis_config, Duration::from_secs(2)).unwrap();
+    assert!(untrusted.check(&items, None).await.is_err());
+    let plain = ServerConfig::from_yaml(&yaml("")).unwrap();
+    plain.compile(dir.path()).unwrap();
 }
 
 /// The script is loaded once and called by SHA; a Redis that lost its

@@ -248,7 +248,7 @@ async fn failure_modes_of_server_and_envoy() {
             r#"listen: {{grpc: "127.0.0.1:0", request_timeout: 1s}}
 storage:
   backend: redis
-  redis: {{url: "redis://127.0.0.1:{}", timeout: 50ms}}
+  redis: {{url: "redis://127.0.0.1:{}", timeout: 200ms}}
 descriptor_files:
   - {{path: open.yaml, failure_mode: open}}
   - {{path: closed.yaml, failure_mode: closed}}

@@ -7,6 +7,7 @@
 //! with that entry, and an override for `user=alice` applies to every
 //! descriptor carrying that entry.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -114,6 +115,25 @@ impl Controls {
             .iter()
             .map(|d| d.iter().map(|(k, v)| format!("{k}={v}")).collect())
             .collect();
+        self.gate_units(ip, &keys, now)
+    }
+
+    /// What applies to units named by caller keys (`Check` and `Sync`
+    /// items): each key is matched as is, and the first key that is an IP
+    /// address is the client IP for the network lists and bans.
+    pub fn gate_keys<'k>(&self, keys: impl IntoIterator<Item = &'k str>, now: Nanos) -> Gate {
+        let keys: Vec<&str> = keys.into_iter().collect();
+        if self.access().is_empty() && self.overrides().is_empty() {
+            return Gate::Limits(vec![None; keys.len()]);
+        }
+        let ip = keys.iter().find_map(|k| parse_ip(k));
+        let units: Vec<Vec<String>> = keys.iter().map(|k| vec![(*k).to_owned()]).collect();
+        self.gate_units(ip, &units, now)
+    }
+
+    /// The lists for a request from `ip` whose units carry `keys`, then
+    /// each unit's override (its first key that has one).
+    fn gate_units(&self, ip: Option<IpAddr>, keys: &[Vec<String>], now: Nanos) -> Gate {
         let all = keys.iter().flatten().map(String::as_str);
         match self.access().check(ip, all, now) {
             Access::Allowed => return Gate::Allowed,

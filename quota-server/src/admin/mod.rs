@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod controls;
 pub mod counters;
+pub mod replay;
 mod routes;
 
 use std::net::SocketAddr;

@@ -172,7 +172,7 @@ impl Default for StorageConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` (TLS, `rediss://`, is not built in yet).
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     /// Empty when `cluster` is given.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
@@ -185,6 +185,11 @@ pub struct RedisConfig {
     /// Multiplexed connections; concurrent requests pipeline onto them.
     #[serde(default = "default_connections")]
     pub connections: u32,
+    /// PEM file of the CA(s) that signed the server's certificate, for
+    /// `rediss://` servers the system roots do not cover (self-signed);
+    /// relative to the configuration's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 fn default_redis_timeout() -> SpanText {
@@ -316,7 +321,7 @@ pub fn load(path: &Path) -> Result<(ServerConfig, Limits), LoadError> {
     };
     let base = path.parent().unwrap_or(Path::new("."));
     let limits = config.compile(base)?;
-    Ok((config, limits))
+    Ok((config.resolved(base), limits))
 }
 
 /// `config` with each descriptor file (resolved against `base`) turned
@@ -348,15 +353,10 @@ fn is_descriptor_file(text: &str) -> bool {
 }
 
 fn check_redis_url(field: &str, url: &str, problems: &mut Problems) {
-    if url.starts_with("rediss://") {
+    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
         problems.add(
             field,
-            "rediss:// (TLS) is not supported by this build yet; use redis://",
-        );
-    } else if !url.starts_with("redis://") {
-        problems.add(
-            field,
-            "must start with redis:// (redis://[user:password@]host:port[/db])",
+            "must start with redis:// or rediss:// (TLS): redis://[user:password@]host:port[/db]",
         );
     }
 }
@@ -372,6 +372,7 @@ impl ServerConfig {
     pub fn compile(&self, base: &Path) -> Result<Limits, LoadError> {
         let mut problems = Problems::default();
         self.validate_server(&mut problems);
+        self.check_tls_ca_file(base, &mut problems);
         let mut domains = Vec::with_capacity(self.domains.len() + self.descriptor_files.len());
         for (i, d) in self.domains.iter().enumerate() {
             domains.push((format!("domains[{i}]"), d.clone()));
@@ -466,6 +467,48 @@ impl ServerConfig {
         parse_span(&self.listen.request_timeout).unwrap_or(Span::SECOND)
     }
 
+    /// A CA file must be readable, and only makes sense with TLS.
+    fn check_tls_ca_file(&self, base: &Path, problems: &mut Problems) {
+        let Some(redis) = &self.storage.redis else {
+            return;
+        };
+        let Some(ca) = &redis.tls_ca_file else {
+            return;
+        };
+        let field = "storage.redis.tls_ca_file";
+        let urls = std::iter::once(&redis.url).chain(&redis.cluster);
+        if !urls
+            .filter(|u| !u.is_empty())
+            .any(|u| u.starts_with("rediss://"))
+        {
+            problems.add(
+                field,
+                "only applies to rediss:// (TLS) URLs; use rediss:// or remove it",
+            );
+        }
+        if let Err(e) = std::fs::metadata(base.join(ca)) {
+            problems.add(
+                field,
+                format!("cannot read {}: {e}", base.join(ca).display()),
+            );
+        }
+    }
+
+    /// This configuration with its file paths resolved against `base` (the
+    /// configuration's directory), so that they do not depend on the
+    /// working directory.
+    fn resolved(mut self, base: &Path) -> ServerConfig {
+        if let Some(ca) = self
+            .storage
+            .redis
+            .as_mut()
+            .and_then(|r| r.tls_ca_file.as_mut())
+        {
+            *ca = base.join(&*ca);
+        }
+        self
+    }
+
     /// The Redis call timeout (validated by `compile`).
     pub fn redis_timeout(&self) -> Span {
         self.storage
@@ -556,5 +599,27 @@ domains:
                 "storage.redis.timeout: must be between 1ms and 5s (tens of milliseconds is usual)"
             ]
         );
+    }
+
+    #[test]
+    fn redis_urls_and_the_tls_ca_file() {
+        assert!(errors("storage: {redis: {url: \"rediss://x:6380\"}}").is_empty());
+        assert_eq!(
+            errors("storage: {redis: {url: \"http://x\"}}"),
+            vec![
+                "storage.redis.url: must start with redis:// or rediss:// (TLS): \
+                 redis://[user:password@]host:port[/db]"
+            ]
+        );
+        let found = errors("storage: {redis: {url: \"redis://x\", tls_ca_file: no-such.pem}}");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("only applies to rediss://"), "{found:?}");
+        assert!(found[1].contains("cannot read ./no-such.pem"), "{found:?}");
+        let config =
+            ServerConfig::from_yaml("storage: {redis: {url: \"rediss://x\", tls_ca_file: ca.pem}}")
+                .unwrap()
+                .resolved(Path::new("/etc/sluice"));
+        let ca = config.storage.redis.and_then(|r| r.tls_ca_file);
+        assert_eq!(ca, Some(PathBuf::from("/etc/sluice/ca.pem")));
     }
 }

@@ -1,5 +1,6 @@
 //! The gRPC server: rate limit service, health, deadlines, graceful shutdown.
 
+pub mod admission;
 pub mod decide;
 pub mod quota;
 pub mod rls;
@@ -112,12 +113,7 @@ pub async fn serve_shared(
                 "storage.redis is required with backend: redis",
             ))?;
             let timeout = Duration::from_nanos(config.redis_timeout().as_nanos());
-            let connections = usize::try_from(redis.connections).unwrap_or(1);
-            let backend = if redis.cluster.is_empty() {
-                RedisBackend::new(&redis.url, timeout, connections)?
-            } else {
-                RedisBackend::cluster(&redis.cluster, timeout)?
-            };
+            let backend = RedisBackend::from_config(redis, timeout)?;
             run(
                 config,
                 shared,

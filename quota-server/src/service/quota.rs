@@ -1,5 +1,7 @@
 //! Sluice's own API, `sluice.quota.v1.Quota` (`proto/sluice/quota/v1/quota.proto`):
 //! batched checks of named rules, and leases for distributed callers.
+//! Both pass through the admin controls and are counted in the metrics as
+//! `ShouldRateLimit` is (see `super::admission`).
 
 use std::sync::Arc;
 
@@ -8,18 +10,20 @@ use sluice_core::decision::Decision;
 use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
+use super::admission::{admit, decide, Admission};
 use super::decide::Decider;
 use super::rls::{duration, headers};
 use super::sync::{self, storage_key, Entry, Grant};
 use super::{Shared, Source};
 use crate::config::FailureMode;
-use crate::limits::{Domain, Limit, Limits};
+use crate::limits::{Domain, Limit, Limits, Resolved};
+use crate::metrics::Outcome as MetricOutcome;
 use crate::proto::quota_server::Quota;
 use crate::proto::{
     CheckGroup, CheckRequest, CheckResponse, Code, GroupResult, Header, ItemResult, Lease,
     Source as ProtoSource, SyncRequest, SyncResponse,
 };
-use crate::storage::{Backend, Item};
+use crate::storage::{system_now, Backend, Item};
 
 /// The `Quota` gRPC service over a backend.
 #[derive(Debug)]
@@ -62,16 +66,45 @@ impl<B: Backend> Quota for QuotaService<B> {
                 source: ProtoSource::Storage as i32,
             }));
         };
+        if let Some(e) = request.entries.iter().find(|e| e.used > e.held) {
+            return Err(Status::invalid_argument(format!(
+                "rule {:?} key {:?}: used ({}) exceeds the lease held ({})",
+                e.rule, e.key, e.used, e.held
+            )));
+        }
+        let gate = self
+            .shared
+            .controls
+            .gate_keys(request.entries.iter().map(|e| e.key.as_str()), system_now());
+        let resolved = request
+            .entries
+            .iter()
+            .map(|e| resolve(&limits, domain, &e.rule))
+            .collect();
+        let overridden = match admit(&self.shared, domain, gate, resolved) {
+            Admission::Limits(overridden) => overridden,
+            Admission::Settled(allowed) => {
+                // Nothing is counted: an allowed caller may admit what it
+                // wants for a lease's time, a refused one nothing.
+                let leases = request
+                    .entries
+                    .iter()
+                    .map(|e| settled_lease(allowed, e.want))
+                    .collect();
+                return Ok(Response::new(SyncResponse {
+                    leases,
+                    source: ProtoSource::Storage as i32,
+                }));
+            }
+        };
         let mut entries = Vec::with_capacity(request.entries.len());
         let mut entry_of = Vec::with_capacity(request.entries.len());
-        for e in &request.entries {
-            if e.used > e.held {
-                return Err(Status::invalid_argument(format!(
-                    "rule {:?} key {:?}: used ({}) exceeds the lease held ({})",
-                    e.rule, e.key, e.used, e.held
-                )));
+        for (index, e) in request.entries.iter().enumerate() {
+            if overridden.unlimited(index) {
+                entry_of.push(Slot::Unlimited(e.want));
+                continue;
             }
-            let limit = limits.rule(domain, &e.rule);
+            let limit = overridden.limit(index);
             if limit.is_some_and(|l| {
                 entries
                     .iter()
@@ -82,17 +115,19 @@ impl<B: Backend> Quota for QuotaService<B> {
                     e.rule, e.key
                 )));
             }
-            entry_of.push(limit.map(|limit| {
+            entry_of.push(limit.map_or(Slot::Unknown, |limit| {
                 entries.push(Entry {
                     limit,
                     key: e.key.clone(),
                     unused: e.held - e.used,
                     want: e.want,
                 });
-                entries.len() - 1
+                Slot::Entry(entries.len() - 1)
             }));
         }
         let replicas = u64::from(request.replicas.max(1));
+        // Not timed: a sync is several storage calls, and the latency
+        // histogram is of single calls.
         let (grants, source) = match sync::sync(self.decider.backend(), &entries, replicas).await {
             Ok(grants) => (grants, Source::Storage),
             Err(error) => {
@@ -102,11 +137,19 @@ impl<B: Backend> Quota for QuotaService<B> {
                 (vec![Grant::none(0); entries.len()], failed_source(domain))
             }
         };
+        for (entry, grant) in entries.iter().zip(&grants) {
+            self.shared.metrics.decision(
+                &domain.name,
+                &entry.limit.name,
+                lease_outcome(entry, grant, source),
+            );
+        }
         let leases = entry_of
             .iter()
             .map(|at| match at {
-                None => unknown,
-                Some(i) => lease(&grants[*i], source),
+                Slot::Unknown => unknown,
+                Slot::Unlimited(want) => settled_lease(true, *want),
+                Slot::Entry(i) => lease(&grants[*i], source),
             })
             .collect();
         Ok(Response::new(SyncResponse {
@@ -135,10 +178,36 @@ impl<B: Backend> QuotaService<B> {
                 source: ProtoSource::Storage as i32,
             });
         };
+        let gate = self
+            .shared
+            .controls
+            .gate_keys(group.items.iter().map(|it| it.key.as_str()), system_now());
+        let resolved = group
+            .items
+            .iter()
+            .map(|it| resolve(limits, domain, &it.rule))
+            .collect();
+        let overridden = match admit(&self.shared, domain, gate, resolved) {
+            Admission::Limits(overridden) => overridden,
+            Admission::Settled(allowed) => {
+                let code = if allowed { Code::Ok } else { Code::OverLimit };
+                results.iter_mut().for_each(|r| r.code = code as i32);
+                return Ok(GroupResult {
+                    allowed,
+                    items: results,
+                    headers: Vec::new(),
+                    source: ProtoSource::Storage as i32,
+                });
+            }
+        };
         let mut items: Vec<Item<'_>> = Vec::with_capacity(group.items.len());
         let mut index_of = Vec::with_capacity(group.items.len());
         for (index, it) in group.items.iter().enumerate() {
-            let Some(limit) = limits.rule(domain, &it.rule) else {
+            if overridden.unlimited(index) {
+                results[index].code = Code::Ok as i32;
+                continue;
+            }
+            let Some(limit) = overridden.limit(index) else {
                 continue;
             };
             let key = storage_key(limit, &it.key);
@@ -158,7 +227,7 @@ impl<B: Backend> QuotaService<B> {
             });
             index_of.push(index);
         }
-        let decided = self.decider.decide(limits, domain, &items).await;
+        let decided = decide(&self.shared, &self.decider, limits, domain, &items).await;
         let Some(outcomes) = &decided.outcomes else {
             // Failed open without a fallback: allowed, with nothing known.
             for (item, &index) in items.iter().zip(&index_of) {
@@ -215,6 +284,57 @@ fn item_result(limit: &Limit, outcome: &Outcome) -> ItemResult {
         remaining: outcome.remaining,
         reset_after: Some(duration(outcome.reset_after)),
         retry_after: (outcome.retry_after != Span::NEVER).then(|| duration(outcome.retry_after)),
+    }
+}
+
+/// Where a sync entry's lease comes from.
+enum Slot {
+    /// The rule is not configured.
+    Unknown,
+    /// An override lifts the limit: the wanted permits, not counted.
+    Unlimited(u64),
+    /// The position of its storage entry.
+    Entry(usize),
+}
+
+/// A named rule of `domain` as the admin controls see it.
+fn resolve<'a>(limits: &'a Limits, domain: &Domain, rule: &str) -> Resolved<'a> {
+    limits
+        .rule(domain, rule)
+        .map_or(Resolved::NoLimit, Resolved::Limited)
+}
+
+/// A lease decided by the admin controls alone: `want` permits for the
+/// lease time when allowed, none when refused; nothing counted.
+fn settled_lease(allowed: bool, want: u64) -> Lease {
+    if !allowed {
+        return Lease {
+            code: Code::OverLimit as i32,
+            ..Lease::default()
+        };
+    }
+    Lease {
+        code: Code::Ok as i32,
+        permits: want,
+        expires_after: Some(duration(sync::LEASE_TIME)),
+        remaining: 0,
+    }
+}
+
+/// The metrics outcome of one sync entry: refused when it wanted permits
+/// and got none.
+fn lease_outcome(entry: &Entry<'_>, grant: &Grant, source: Source) -> MetricOutcome {
+    match source {
+        Source::FailedOpen => MetricOutcome::FailureOpen,
+        Source::FailedClosed => MetricOutcome::FailureClosed,
+        Source::Storage if entry.want > 0 && grant.permits == 0 => {
+            if entry.limit.shadow {
+                MetricOutcome::Shadow
+            } else {
+                MetricOutcome::OverLimit
+            }
+        }
+        Source::Storage => MetricOutcome::Ok,
     }
 }
 

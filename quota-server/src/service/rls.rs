@@ -18,7 +18,6 @@
 //!   without counting; overrides lift or raise a descriptor's limit.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -32,12 +31,10 @@ use sluice_core::decision::{render_headers, Decision, HeaderSets};
 use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
+use super::admission::{admit, decide, Admission};
 use super::decide::Decider;
 use super::Shared;
-use crate::admin::controls::{applicable, raise};
-use crate::admin::Gate;
-use crate::limits::{Limit, Resolved};
-use crate::metrics::Outcome as MetricOutcome;
+use crate::limits::Limit;
 use crate::storage::{system_now, Backend, Item};
 
 /// The gRPC service over a backend.
@@ -104,16 +101,12 @@ impl<B: Backend> RateLimitService for Rls<B> {
                     .collect()
             })
             .collect();
-        let grants = match self.shared.controls.gate(&entries, system_now()) {
-            Gate::Limits(grants) => grants,
-            gate => {
-                let (code, outcome) = match gate {
-                    Gate::Denied => (Code::OverLimit, MetricOutcome::Denied),
-                    _ => (Code::Ok, MetricOutcome::Allowed),
-                };
-                self.shared
-                    .metrics
-                    .decision(&domain.name, "access", outcome);
+        let gate = self.shared.controls.gate(&entries, system_now());
+        let resolved = entries.iter().map(|e| limits.resolve(domain, e)).collect();
+        let overridden = match admit(&self.shared, domain, gate, resolved) {
+            Admission::Limits(overridden) => overridden,
+            Admission::Settled(allowed) => {
+                let code = if allowed { Code::Ok } else { Code::OverLimit };
                 statuses.iter_mut().for_each(|s| s.code = code as i32);
                 return Ok(Response::new(RateLimitResponse {
                     overall_code: code as i32,
@@ -122,18 +115,11 @@ impl<B: Backend> RateLimitService for Rls<B> {
                 }));
             }
         };
-        let resolved: Vec<Resolved<'_>> =
-            entries.iter().map(|e| limits.resolve(domain, e)).collect();
-        let raised: Vec<Option<Limit>> = resolved
-            .iter()
-            .zip(&grants)
-            .map(|(r, g)| raise(*r, *g))
-            .collect();
 
         let mut charged = Vec::new();
         let mut refunds = Vec::new();
         for (index, descriptor) in request.descriptors.iter().enumerate() {
-            let Some(limit) = applicable(resolved[index], grants[index], &raised[index]) else {
+            let Some(limit) = overridden.limit(index) else {
                 continue;
             };
             let entries = &entries[index];
@@ -155,12 +141,7 @@ impl<B: Backend> RateLimitService for Rls<B> {
         drop_replaced(&mut charged);
         let (items, item_of) = merge_same_counter(&charged);
 
-        let started = Instant::now();
-        let decided = self.decider.decide(&limits, domain, &items).await;
-        if !items.is_empty() {
-            self.shared.metrics.storage_call(started.elapsed());
-        }
-        self.shared.metrics.decided(&domain.name, &items, &decided);
+        let decided = decide(&self.shared, &self.decider, &limits, domain, &items).await;
         self.decider.refund(domain, &refunds).await;
         let mut over = false;
         if let Some(outcomes) = &decided.outcomes {

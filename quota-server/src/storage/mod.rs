@@ -3,6 +3,7 @@
 pub mod breaker;
 pub mod memory;
 pub mod redis;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,6 +52,9 @@ pub enum StorageError {
     /// a bug, since the memory store is used under one lock).
     #[error("in-memory engine: {0}")]
     Engine(#[from] sluice_core::store::StoreError),
+    /// The TLS CA file cannot be used.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
     /// The limit cannot run on this backend (checked at config validation).
     #[error("limit {0:?} cannot run on Redis: its values exceed exact double arithmetic")]
     Unrepresentable(String),

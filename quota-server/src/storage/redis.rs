@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, ScriptInvocation};
 use sluice_core::algorithm::{Outcome, Quota};
@@ -27,7 +27,8 @@ use sluice_core::time::{Nanos, Span};
 use tokio::sync::OnceCell;
 
 use super::breaker::Breaker;
-use super::{Backend, Item, StorageError};
+use super::{tls, Backend, Item, StorageError};
+use crate::config::RedisConfig;
 
 /// The decision script.
 const SCRIPT: &str = include_str!("../../lua/decide.lua");
@@ -117,20 +118,56 @@ impl RedisBackend {
     /// by `timeout`. Only the URL is checked here: a server may start while
     /// Redis is down, and its domains' failure modes apply meanwhile.
     pub fn new(url: &str, timeout: Duration, connections: usize) -> Result<Self, StorageError> {
-        Ok(RedisBackend::with_target(
-            Target::Single {
-                client: redis::Client::open(url)?,
-                connections: (0..connections.max(1)).map(|_| OnceCell::new()).collect(),
-                next: AtomicUsize::new(0),
-            },
+        Ok(RedisBackend::single(
+            redis::Client::open(url)?,
             timeout,
+            connections,
         ))
     }
 
     /// A backend for the Redis Cluster reachable through any of `urls`
     /// (seed nodes), connecting on first use.
     pub fn cluster(urls: &[String], timeout: Duration) -> Result<Self, StorageError> {
-        let client = ClusterClient::builder(urls.to_vec())
+        RedisBackend::clustered(ClusterClient::builder(urls.to_vec()), timeout)
+    }
+
+    /// A backend as `storage.redis` says (one server or a cluster, with
+    /// the TLS CA file if given), bounding every call by `timeout`.
+    pub fn from_config(config: &RedisConfig, timeout: Duration) -> Result<Self, StorageError> {
+        let connections = usize::try_from(config.connections).unwrap_or(1);
+        let ca = config
+            .tls_ca_file
+            .as_deref()
+            .map(tls::ca_certificates)
+            .transpose()?;
+        match (config.cluster.is_empty(), ca) {
+            (true, None) => RedisBackend::new(&config.url, timeout, connections),
+            (true, Some(ca)) => Ok(RedisBackend::single(
+                redis::Client::build_with_tls(config.url.as_str(), ca)?,
+                timeout,
+                connections,
+            )),
+            (false, None) => RedisBackend::cluster(&config.cluster, timeout),
+            (false, Some(ca)) => RedisBackend::clustered(
+                ClusterClient::builder(config.cluster.clone()).certs(ca),
+                timeout,
+            ),
+        }
+    }
+
+    fn single(client: redis::Client, timeout: Duration, connections: usize) -> RedisBackend {
+        RedisBackend::with_target(
+            Target::Single {
+                client,
+                connections: (0..connections.max(1)).map(|_| OnceCell::new()).collect(),
+                next: AtomicUsize::new(0),
+            },
+            timeout,
+        )
+    }
+
+    fn clustered(builder: ClusterClientBuilder, timeout: Duration) -> Result<Self, StorageError> {
+        let client = builder
             .connection_timeout(timeout)
             .response_timeout(timeout)
             // Redirections (MOVED/ASK) are retried; the overall timeout in
@@ -290,9 +327,10 @@ fn unreachable(error: &StorageError) -> bool {
                 || e.is_connection_dropped()
                 || e.is_timeout()
         }
-        StorageError::Reply(_) | StorageError::Unrepresentable(_) | StorageError::Engine(_) => {
-            false
-        }
+        StorageError::Reply(_)
+        | StorageError::Unrepresentable(_)
+        | StorageError::Engine(_)
+        | StorageError::Tls(_) => false,
     }
 }
 

@@ -1,0 +1,102 @@
+//! The steps every API (`ShouldRateLimit`, `Check`, `Sync`) shares around
+//! its limits: the admin controls first (allow list, deny list, bans,
+//! overrides), then the storage decision, both recorded in the metrics.
+
+use std::time::Instant;
+
+use sluice_core::access::Grant;
+
+use super::decide::{Decided, Decider};
+use super::Shared;
+use crate::admin::controls::{applicable, raise};
+use crate::admin::Gate;
+use crate::limits::{Domain, Limit, Limits, Resolved};
+use crate::metrics::Outcome as MetricOutcome;
+use crate::storage::{Backend, Item};
+
+/// What the admin controls make of one request.
+#[derive(Debug)]
+pub enum Admission<'a> {
+    /// Allow-listed (`true`) or deny-listed or banned (`false`): the whole
+    /// request is answered so, nothing counted.
+    Settled(bool),
+    /// Limits apply, as overrides leave them.
+    Limits(Overridden<'a>),
+}
+
+/// Each unit's limit (descriptor or item) after overrides.
+#[derive(Debug)]
+pub struct Overridden<'a> {
+    resolved: Vec<Resolved<'a>>,
+    grants: Vec<Option<Grant>>,
+    raised: Vec<Option<Limit>>,
+}
+
+impl Overridden<'_> {
+    /// The limit unit `index` is charged against, if any (none when
+    /// unlimited by config or override, or when no limit matched).
+    pub fn limit(&self, index: usize) -> Option<&Limit> {
+        let resolved = *self.resolved.get(index)?;
+        applicable(resolved, *self.grants.get(index)?, self.raised.get(index)?)
+    }
+
+    /// Whether an override lifts unit `index`'s limit entirely.
+    pub fn unlimited(&self, index: usize) -> bool {
+        matches!(self.grants.get(index), Some(Some(Grant::Unlimited)))
+    }
+}
+
+/// Passes a request of `domain` through the admin controls: `gate` is what
+/// the controls decided for its units, `resolved` each unit's configured
+/// limit (in the same order). A settled request is counted in the metrics
+/// under the rule `access`.
+pub fn admit<'a>(
+    shared: &Shared,
+    domain: &Domain,
+    gate: Gate,
+    resolved: Vec<Resolved<'a>>,
+) -> Admission<'a> {
+    let grants = match gate {
+        Gate::Limits(grants) => grants,
+        Gate::Allowed => return settled(shared, domain, true),
+        Gate::Denied => return settled(shared, domain, false),
+    };
+    let raised = resolved
+        .iter()
+        .zip(&grants)
+        .map(|(r, g)| raise(*r, *g))
+        .collect();
+    Admission::Limits(Overridden {
+        resolved,
+        grants,
+        raised,
+    })
+}
+
+fn settled<'a>(shared: &Shared, domain: &Domain, allowed: bool) -> Admission<'a> {
+    let outcome = if allowed {
+        MetricOutcome::Allowed
+    } else {
+        MetricOutcome::Denied
+    };
+    shared.metrics.decision(&domain.name, "access", outcome);
+    Admission::Settled(allowed)
+}
+
+/// Decides `items` against storage, recording the round trip and each
+/// item's outcome in the metrics.
+pub async fn decide<B: Backend>(
+    shared: &Shared,
+    decider: &Decider<B>,
+    limits: &Limits,
+    domain: &Domain,
+    items: &[Item<'_>],
+) -> Decided {
+    let started = Instant::now();
+    let decided = decider.decide(limits, domain, items).await;
+    if !items.is_empty() {
+        shared.metrics.storage_call(started.elapsed());
+    }
+    shared.metrics.decided(&domain.name, items, &decided);
+    decided
+}
