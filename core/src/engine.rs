@@ -108,7 +108,8 @@ impl Verdict {
         }
     }
 
-    /// The rate rules clients are told about, by name.
+    /// The rate rules clients are told about, by name: not shadow rules
+    /// (dry runs), not bounds without a window (in-flight, message size).
     fn listed<'a>(
         &'a self,
         policy: &'a Policy,
@@ -117,7 +118,10 @@ impl Verdict {
             policy
                 .rules
                 .get(d.rule_index)
-                .filter(|r| r.action != Action::Shadow && r.counts == Counts::Requests)
+                .filter(|r| {
+                    r.action != Action::Shadow
+                        && !matches!(r.counts, Counts::InFlight | Counts::MessageSize(_))
+                })
                 .map(|r| (r.name.as_str(), d.decision))
         })
     }

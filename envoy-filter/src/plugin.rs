@@ -389,12 +389,8 @@ impl<B: SharedBytes> Plugin<B> {
                         host.set_body(direction, bytes.len(), &new);
                         Step::Continue
                     }
-                    Edit::RefuseCall {
-                        message,
-                        retry_after,
-                    } => {
+                    Edit::RefuseCall { message, metadata } => {
                         state.answered_locally = true;
-                        let metadata = vec![("retry-after", retry_after.to_string())];
                         Step::Reply(grpc_refusal(metadata, &message))
                     }
                 }
@@ -481,7 +477,7 @@ impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
                     .count(self.host, self.protocol, i, Outcome::ShadowLimited);
                 continue;
             }
-            return self.refuse(i, Violation::TooBig, 1);
+            return self.refuse(i, Violation::TooBig, 1, Vec::new());
         }
         let claims: Vec<Claim<'_>> = rules
             .filter_map(|(rule_index, key, rule)| {
@@ -528,19 +524,27 @@ impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
                 Answer::Pass
             }
             VerdictKind::Limited { rule_index } => {
+                let mut metadata = Vec::new();
+                verdict.headers(self.policy, |name, value| {
+                    metadata.push((name, value.to_owned()))
+                });
                 let retry_after = verdict
-                    .decisions
-                    .iter()
-                    .find(|d| d.rule_index == rule_index)
-                    .map_or(1, |d| d.decision.retry_after_secs());
-                self.refuse(rule_index, Violation::Rate, retry_after)
+                    .shown(self.policy)
+                    .map_or(1, |d| d.retry_after_secs());
+                self.refuse(rule_index, Violation::Rate, retry_after, metadata)
             }
         }
     }
 }
 
 impl<B, H: Host> StreamJudge<'_, B, H> {
-    fn refuse(&self, rule_index: usize, violation: Violation, retry_after: u64) -> Answer {
+    fn refuse(
+        &self,
+        rule_index: usize,
+        violation: Violation,
+        retry_after: u64,
+        metadata: Vec<(&'static str, String)>,
+    ) -> Answer {
         let Some(rule) = self.policy.rules.get(rule_index) else {
             return Answer::Pass;
         };
@@ -559,6 +563,7 @@ impl<B, H: Host> StreamJudge<'_, B, H> {
                 rule: rule_name,
                 violation,
                 retry_after,
+                metadata,
             }
         }
     }
@@ -867,6 +872,9 @@ mod tests {
         host.chunk(Direction::Client, &[message, message].concat());
         let r = reply(p.on_body(&host, 1, Direction::Client, 12));
         assert_eq!(r.grpc_status, Some(8));
+        assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
+        assert_eq!(header(&r, "ratelimit-policy"), Some("\"msgs\";q=1;w=3600"));
+        assert_eq!(header(&r, "retry-after"), Some("3600"));
         assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.allowed"), 1);
         assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.limited"), 1);
     }

@@ -43,6 +43,8 @@ pub enum Answer {
         violation: Violation,
         /// Seconds after which a retry could pass.
         retry_after: u64,
+        /// The rate-limit headers for a gRPC refusal's metadata.
+        metadata: Vec<(&'static str, String)>,
     },
     /// Discard the message, keep the connection (WebSocket `drop`).
     Drop {
@@ -71,8 +73,8 @@ pub enum Edit {
     RefuseCall {
         /// The `grpc-message`.
         message: String,
-        /// Seconds for `retry-after`.
-        retry_after: u64,
+        /// `retry-after` and the rate-limit headers.
+        metadata: Vec<(&'static str, String)>,
     },
 }
 
@@ -132,19 +134,19 @@ impl GrpcStream {
                 bytes: len,
                 size: len,
             };
-            let (rule, retry_after) = match judge.judge(direction, ask) {
+            let (rule, retry_after, metadata) = match judge.judge(direction, ask) {
                 Answer::Pass => continue,
                 Answer::Refuse {
-                    rule, retry_after, ..
-                } => (rule, retry_after),
-                Answer::Drop { rule, .. } => (rule, 1),
+                    rule,
+                    retry_after,
+                    metadata,
+                    ..
+                } => (rule, retry_after, metadata),
+                Answer::Drop { rule, .. } => (rule, 1, Vec::new()),
             };
             let message = grpc_message(&rule, retry_after);
             if !response_started {
-                return Edit::RefuseCall {
-                    message,
-                    retry_after,
-                };
+                return Edit::RefuseCall { message, metadata };
             }
             self.blocked[s] = true;
             self.refused = Some(message);
@@ -447,6 +449,7 @@ mod tests {
             rule: "r".into(),
             violation,
             retry_after: 3,
+            metadata: vec![("retry-after", "3".into())],
         }
     }
 
@@ -485,7 +488,7 @@ mod tests {
             call.chunk(&mut judge, Direction::Client, &two, false),
             Edit::RefuseCall {
                 message: "rate limited by rule r; retry after 3s".into(),
-                retry_after: 3
+                metadata: vec![("retry-after", "3".into())],
             }
         );
 

@@ -6,6 +6,11 @@
 //!   from `envoy/sluice-http.template.yaml` ([`template`]), waited for through
 //!   its admin `/ready` endpoint, with helpers to read its stats.
 //! - [`client`]: a small HTTP client (one connection per request).
+//! - [`grpc_upstream::GrpcUpstream`] and [`ws_upstream::WsUpstream`]: tonic
+//!   and WebSocket upstreams that record what reached them; [`grpc`] and
+//!   [`ws_client`]: clients for them through Envoy; [`routes`]: the
+//!   template's gRPC and WebSocket routes; [`stream_stats`]: their stats;
+//!   [`wait`]: bounded polling.
 //! - [`demo`]: the demo rule set (used by the demo binary and rendered into
 //!   `envoy/envoy.yaml`).
 //!
@@ -16,8 +21,16 @@
 pub mod client;
 pub mod demo;
 pub mod envoy;
+pub mod grpc;
+pub mod grpc_upstream;
+pub mod routes;
+pub mod stream_stats;
 pub mod template;
 pub mod upstream;
+pub mod wait;
+pub mod ws_client;
+pub mod ws_frame;
+pub mod ws_upstream;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};

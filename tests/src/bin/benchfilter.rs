@@ -5,29 +5,45 @@
 //! - `nofilter`: no HTTP filter but the router;
 //! - `native`: Envoy's `local_ratelimit` with a bucket that never empties;
 //! - `sluice`: the Sluice filter with one per-IP token bucket that never
-//!   limits.
+//!   limits;
+//! - `grpc-nofilter`, `grpc-sluice`: unary `user.UserService/GetUser` calls
+//!   (h2load, h2c) to the in-process tonic upstream, without a filter and
+//!   with Sluice limiting gRPC calls and messages (never reached);
+//! - `ws-nofilter`, `ws-sluice`: WebSocket messages echoed by the
+//!   in-process upstream (`/ws`; each connection sends its next message
+//!   when the echo of the previous arrives), without a filter and with Sluice
+//!   limiting WebSocket messages and bytes (never reached). The WebSocket
+//!   load generator runs inside this process (not pinned); its "requests"
+//!   are messages.
 //!
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
 //! Envoy is pinned to CPU 0 and the load generator to CPU 1 (`--no-pin` to
 //! disable). Prints every run, the medians and the ratios
-//! (`filter_vs_nofilter_rps_ratio: X`, `filter_vs_native_rps_ratio: X`).
+//! (`filter_vs_nofilter_rps_ratio: X`, `filter_vs_native_rps_ratio: X`,
+//! `grpc_vs_nofilter_rps_ratio: X`, `ws_vs_nofilter_msgs_ratio: X`).
 //!
-//! To add a variant (e.g. gRPC through h2load, a WebSocket run), add a
-//! [`Load`] kind with its runner in [`run_load`], a [`Variant`] in
-//! [`variants`], and the [`Ratio`]s to print in [`ratios`].
+//! To add a variant, add a [`Load`] kind with its runner in [`run_load`], a
+//! [`Variant`] in [`variants`], and the [`Ratio`]s to print in [`ratios`].
 //!
 //! Options: `--rounds N`, `--duration SECONDS`, `--connections N`,
 //! `--threads N`, `--warmup SECONDS`, `--no-pin`, `--only NAME[,NAME]`.
 
+use std::io::Write as _;
 use std::process::{Command, ExitCode, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use serde_json::json;
+use futures_util::SinkExt as _;
+use serde_json::{json, Value};
 use sluice_e2e::envoy::{pin_to_cpus, Envoy, EnvoyBuilder};
+use sluice_e2e::grpc_upstream::GrpcUpstream;
+use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::upstream::Upstream;
+use sluice_e2e::ws_client::{self, next_message, Upgrade};
+use sluice_e2e::ws_upstream::WsUpstream;
 use sluice_e2e::{find_on_path, wasm_path};
+use tokio_tungstenite::tungstenite::Message;
 
 /// How a variant's Envoy is set up.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +52,10 @@ enum Filters {
     NativeLocalRatelimit,
     /// Sluice with one per-IP token bucket of 10^9 per second.
     SluiceNeverLimits,
+    /// Sluice limiting gRPC calls and messages at 10^9 per second.
+    SluiceGrpcNeverLimits,
+    /// Sluice limiting WebSocket messages and bytes at 10^9 per second.
+    SluiceWsNeverLimits,
 }
 
 /// The load put on Envoy.
@@ -43,6 +63,10 @@ enum Filters {
 enum Load {
     /// wrk (HTTP/1.1, keep-alive) on `path`.
     Wrk { path: &'static str },
+    /// h2load (h2c): unary `GetUser` calls, one in flight per connection.
+    GrpcUnary,
+    /// WebSocket echo round trips on `/ws`, one in flight per connection.
+    WsMessages,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +101,26 @@ fn variants() -> Vec<Variant> {
             filters: Filters::SluiceNeverLimits,
             load: http,
         },
+        Variant {
+            name: "grpc-nofilter",
+            filters: Filters::None,
+            load: Load::GrpcUnary,
+        },
+        Variant {
+            name: "grpc-sluice",
+            filters: Filters::SluiceGrpcNeverLimits,
+            load: Load::GrpcUnary,
+        },
+        Variant {
+            name: "ws-nofilter",
+            filters: Filters::None,
+            load: Load::WsMessages,
+        },
+        Variant {
+            name: "ws-sluice",
+            filters: Filters::SluiceWsNeverLimits,
+            load: Load::WsMessages,
+        },
     ]
 }
 
@@ -91,6 +135,16 @@ fn ratios() -> Vec<Ratio> {
             label: "filter_vs_native_rps_ratio",
             numerator: "sluice",
             denominator: "native",
+        },
+        Ratio {
+            label: "grpc_vs_nofilter_rps_ratio",
+            numerator: "grpc-sluice",
+            denominator: "grpc-nofilter",
+        },
+        Ratio {
+            label: "ws_vs_nofilter_msgs_ratio",
+            numerator: "ws-sluice",
+            denominator: "ws-nofilter",
         },
     ]
 }
@@ -202,7 +256,7 @@ async fn run(options: &Options) -> Result<()> {
     }
     if variants
         .iter()
-        .any(|v| matches!(v.filters, Filters::SluiceNeverLimits))
+        .any(|v| !matches!(v.filters, Filters::None | Filters::NativeLocalRatelimit))
     {
         wasm_path()?;
     }
@@ -230,13 +284,17 @@ async fn run(options: &Options) -> Result<()> {
             );
         }
     }
-    let upstream = Upstream::start().await?;
+    let upstreams = Upstreams {
+        http: Upstream::start().await?,
+        grpc: GrpcUpstream::start().await?,
+        ws: WsUpstream::start().await?,
+    };
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
     for round in 0..options.rounds {
         for k in 0..variants.len() {
             let index = (k + round) % variants.len();
             let variant = variants[index];
-            let run = run_variant(&variant, options, pin, &upstream, round).await?;
+            let run = run_variant(&variant, options, pin, &upstreams, round).await?;
             println!(
                 "round {} {:<10} {:>10.0} req/s  {:>9} requests  latency avg {:<9} envoy cpu {:>6.2} us/req{}",
                 round + 1,
@@ -290,19 +348,31 @@ async fn run(options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The upstreams every variant's Envoy routes to.
+struct Upstreams {
+    http: Upstream,
+    grpc: GrpcUpstream,
+    ws: WsUpstream,
+}
+
 async fn run_variant(
     variant: &Variant,
     options: &Options,
     pin: bool,
-    upstream: &Upstream,
+    upstreams: &Upstreams,
     round: usize,
 ) -> Result<Run> {
-    let mut builder = Envoy::builder("benchfilter")
+    let builder = Envoy::builder("benchfilter")
         .instance(&format!("{}-r{}", variant.name, round + 1))
-        .upstream(upstream.port())
+        .upstream(upstreams.http.port())
         .concurrency(1)
         .access_log(false)
         .log_level("warn");
+    let mut builder = with_upstreams(
+        builder,
+        Some(upstreams.grpc.port()),
+        Some(upstreams.ws.port()),
+    );
     if pin {
         builder = builder.cpu_affinity(&[0]);
     }
@@ -312,10 +382,26 @@ async fn run_variant(
         .await
         .with_context(|| format!("starting Envoy for {}", variant.name))?;
     if options.warmup_s > 0 {
-        run_load(&envoy, variant.load, options, options.warmup_s, pin)?;
+        run_load(
+            &envoy,
+            variant.load,
+            options,
+            options.warmup_s,
+            pin,
+            upstreams,
+        )
+        .await?;
     }
     let cpu_before = envoy.cpu_time()?;
-    let mut run = run_load(&envoy, variant.load, options, options.duration_s, pin)?;
+    let mut run = run_load(
+        &envoy,
+        variant.load,
+        options,
+        options.duration_s,
+        pin,
+        upstreams,
+    )
+    .await?;
     let cpu = envoy.cpu_time()?.saturating_sub(cpu_before);
     run.cpu_per_request = if run.requests > 0 {
         cpu / u32::try_from(run.requests).unwrap_or(u32::MAX)
@@ -323,6 +409,17 @@ async fn run_variant(
         Duration::ZERO
     };
     Ok(run)
+}
+
+/// A rule that never limits: `count` per second, 10^9 of them.
+fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
+    json!({
+        "name": name,
+        "match": matches,
+        "counts": counts,
+        "limit": {"count": 1_000_000_000u64, "per": "1s"},
+        "algorithm": "token_bucket"
+    })
 }
 
 fn configure(builder: EnvoyBuilder, filters: Filters) -> EnvoyBuilder {
@@ -337,13 +434,163 @@ fn configure(builder: EnvoyBuilder, filters: Filters) -> EnvoyBuilder {
                 "algorithm": "token_bucket"
             }]
         })),
+        Filters::SluiceGrpcNeverLimits => builder.sluice(&json!({"rules": [
+            never_limits("bench-grpc-calls", json!({"grpc": {}}), "requests"),
+            never_limits("bench-grpc-msgs", json!({"grpc": {}}), "messages"),
+        ]})),
+        Filters::SluiceWsNeverLimits => builder.sluice(&json!({"rules": [
+            never_limits("bench-ws-msgs", json!({"websocket": true}), "messages"),
+            never_limits("bench-ws-bytes", json!({"websocket": true}), "bytes"),
+        ]})),
     }
 }
 
-fn run_load(envoy: &Envoy, load: Load, options: &Options, seconds: u64, pin: bool) -> Result<Run> {
+async fn run_load(
+    envoy: &Envoy,
+    load: Load,
+    options: &Options,
+    seconds: u64,
+    pin: bool,
+    upstreams: &Upstreams,
+) -> Result<Run> {
     match load {
         Load::Wrk { path } => run_wrk(envoy, path, options, seconds, pin),
+        Load::GrpcUnary => {
+            let before = upstreams.grpc.calls("GetUser");
+            let mut run = run_h2load(envoy, options, seconds, pin)?;
+            // gRPC errors are HTTP 200s: count the calls the upstream
+            // answered instead (a call Sluice refused never reaches it).
+            let answered = upstreams.grpc.calls("GetUser") - before;
+            run.non_2xx = run.requests.saturating_sub(answered);
+            Ok(run)
+        }
+        Load::WsMessages => run_ws(envoy, options, seconds).await,
     }
+}
+
+/// `GetUserRequest { user_id: 1 }` as one gRPC message: flag 0, length 2,
+/// then field 1 (varint) = 1.
+const GET_USER_MESSAGE: [u8; 7] = [0, 0, 0, 0, 2, 0x08, 0x01];
+
+fn run_h2load(envoy: &Envoy, options: &Options, seconds: u64, pin: bool) -> Result<Run> {
+    let h2load = match std::env::var_os("SLUICE_H2LOAD").filter(|v| !v.is_empty()) {
+        Some(p) => p.into(),
+        None => {
+            find_on_path("h2load").ok_or_else(|| anyhow!("h2load not found: run `make setup`"))?
+        }
+    };
+    let url = envoy.url("/user.UserService/GetUser");
+    if !url.starts_with("http://127.0.0.1:") {
+        bail!("refusing to load anything but loopback: {url}");
+    }
+    let mut body = tempfile::NamedTempFile::new()?;
+    body.write_all(&GET_USER_MESSAGE)?;
+    let mut command = Command::new(h2load);
+    if pin {
+        pin_to_cpus(&mut command, &[1]);
+    }
+    let output = command
+        .arg(format!("-t{}", options.threads))
+        .arg(format!("-c{}", options.connections))
+        .arg("-m1")
+        .arg(format!("-D{seconds}"))
+        .arg("-d")
+        .arg(body.path())
+        .arg("-H")
+        .arg("content-type: application/grpc")
+        .arg("-H")
+        .arg("te: trailers")
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!(
+            "h2load failed ({}): {}{}",
+            output.status,
+            text,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    parse_h2load(&text)
+}
+
+/// Reads `finished in <t>, <x> req/s`, `requests: ... <n> succeeded` and the
+/// mean request time from h2load's output.
+fn parse_h2load(text: &str) -> Result<Run> {
+    let mut rps = None;
+    let mut requests = None;
+    let mut latency = String::from("?");
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            rps = rest
+                .split(", ")
+                .find_map(|part| part.strip_suffix(" req/s"))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            requests = rest
+                .split(", ")
+                .find_map(|part| part.strip_suffix(" succeeded"))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+        } else if let Some(rest) = line.strip_prefix("time for request:") {
+            // min, max, mean, sd, +/- sd
+            latency = rest.split_whitespace().nth(2).unwrap_or("?").to_owned();
+        }
+    }
+    Ok(Run {
+        rps: rps.ok_or_else(|| anyhow!("no req/s in h2load's output:\n{text}"))?,
+        requests: requests
+            .ok_or_else(|| anyhow!("no succeeded count in h2load's output:\n{text}"))?,
+        non_2xx: 0,
+        latency,
+        cpu_per_request: Duration::ZERO,
+    })
+}
+
+/// `--connections` WebSocket connections to `/ws`, each sending a 64-byte
+/// message and waiting for its echo, for `seconds`; a refused upgrade, a
+/// lost echo or a Close fails the run.
+async fn run_ws(envoy: &Envoy, options: &Options, seconds: u64) -> Result<Run> {
+    let addr = envoy.addr();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..options.connections {
+        tasks.push(tokio::spawn(async move {
+            let mut ws = match ws_client::connect(addr, "/ws", &[]).await? {
+                Upgrade::Open(ws) => ws,
+                Upgrade::Refused(response) => bail!("upgrade refused: {}", response.status()),
+            };
+            let payload = "m".repeat(64);
+            let mut round_trips = 0u64;
+            while Instant::now() < deadline {
+                ws.send(Message::text(payload.as_str())).await?;
+                match next_message(&mut ws).await? {
+                    Message::Text(echo) if echo.len() == payload.len() => round_trips += 1,
+                    other => bail!("expected the echo, got {other:?}"),
+                }
+            }
+            let _ = (*ws).close(None).await;
+            Ok(round_trips)
+        }));
+    }
+    let start = Instant::now();
+    let mut messages = 0;
+    for task in tasks {
+        messages += task.await.context("WebSocket load task")??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(Run {
+        rps: messages as f64 / elapsed,
+        requests: messages,
+        non_2xx: 0,
+        latency: format!(
+            "{:.0}us",
+            elapsed * 1e6 * f64::from(options.connections) / messages.max(1) as f64
+        ),
+        cpu_per_request: Duration::ZERO,
+    })
 }
 
 fn run_wrk(envoy: &Envoy, path: &str, options: &Options, seconds: u64, pin: bool) -> Result<Run> {

@@ -1,0 +1,237 @@
+//! An in-process tonic upstream (h2c on 127.0.0.1) serving
+//! `user.UserService` and `chat.ChatService`, counting what reached it so
+//! tests can tell what Envoy let through:
+//! - [`GrpcUpstream::calls`]: calls received per method;
+//! - [`GrpcUpstream::received`]: client messages received per method;
+//! - [`GrpcUpstream::open_streams`]: `Chat` and `Subscribe` streams whose
+//!   handler is still running;
+//! - [`GrpcUpstream::release_held`]: ends the `Subscribe` streams asked to
+//!   hold.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::{Context as _, Result};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::grpc::chat::chat_service_server::{ChatService, ChatServiceServer};
+use crate::grpc::chat::{ChatMessage, SubscribeRequest, UploadReply};
+use crate::grpc::user::user_service_server::{UserService, UserServiceServer};
+use crate::grpc::user::{GetUserRequest, ListUsersRequest, User};
+
+/// A running gRPC upstream; stops when dropped.
+pub struct GrpcUpstream {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+struct State {
+    calls: Mutex<HashMap<&'static str, u64>>,
+    received: Mutex<HashMap<&'static str, u64>>,
+    open_streams: AtomicU64,
+    release: watch::Sender<bool>,
+}
+
+impl GrpcUpstream {
+    /// Binds 127.0.0.1:0 and serves in the background (needs a tokio runtime).
+    pub async fn start() -> Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .context("binding the gRPC upstream on 127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            calls: Mutex::default(),
+            received: Mutex::default(),
+            open_streams: AtomicU64::new(0),
+            release: watch::Sender::new(false),
+        });
+        let service = Service(Arc::clone(&state));
+        let server = tonic::transport::Server::builder()
+            .add_service(UserServiceServer::new(service.clone()))
+            .add_service(ChatServiceServer::new(service))
+            .serve_with_incoming(TcpListenerStream::new(listener));
+        let task = tokio::spawn(async move {
+            let _ = server.await;
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Calls of `method` (e.g. `"GetUser"`) received so far.
+    pub fn calls(&self, method: &str) -> u64 {
+        count(&self.state.calls, method)
+    }
+
+    /// Client messages of `method` received so far.
+    pub fn received(&self, method: &str) -> u64 {
+        count(&self.state.received, method)
+    }
+
+    /// `Chat` and `Subscribe` streams still open on the upstream's side.
+    pub fn open_streams(&self) -> u64 {
+        self.state.open_streams.load(Ordering::SeqCst)
+    }
+
+    /// Ends every held `Subscribe` stream, present and future.
+    pub fn release_held(&self) {
+        self.state.release.send_replace(true);
+    }
+}
+
+impl Drop for GrpcUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn count(map: &Mutex<HashMap<&'static str, u64>>, method: &str) -> u64 {
+    lock(map).get(method).copied().unwrap_or(0)
+}
+
+fn add(map: &Mutex<HashMap<&'static str, u64>>, method: &'static str) {
+    *lock(map).entry(method).or_insert(0) += 1;
+}
+
+/// Counts a stream as open until dropped (with the task serving it).
+struct OpenStream(Arc<State>);
+
+impl OpenStream {
+    fn new(state: &Arc<State>) -> Self {
+        state.open_streams.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(state))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct Service(Arc<State>);
+
+impl Service {
+    /// Counts a call with one client message (unary and server streaming).
+    fn single(&self, method: &'static str) {
+        add(&self.0.calls, method);
+        add(&self.0.received, method);
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn user(user_id: u64) -> User {
+    User {
+        user_id,
+        name: format!("user-{user_id}"),
+    }
+}
+
+#[tonic::async_trait]
+impl UserService for Service {
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
+        self.single("GetUser");
+        Ok(Response::new(user(request.into_inner().user_id)))
+    }
+
+    type ListUsersStream = BoxStream<User>;
+
+    async fn list_users(
+        &self,
+        request: Request<ListUsersRequest>,
+    ) -> Result<Response<Self::ListUsersStream>, Status> {
+        self.single("ListUsers");
+        let count = u64::from(request.into_inner().count);
+        let users = (1..=count).map(|id| Ok(user(id)));
+        Ok(Response::new(Box::pin(tokio_stream::iter(users))))
+    }
+}
+
+#[tonic::async_trait]
+impl ChatService for Service {
+    async fn upload(
+        &self,
+        request: Request<Streaming<ChatMessage>>,
+    ) -> Result<Response<UploadReply>, Status> {
+        add(&self.0.calls, "Upload");
+        let mut stream = request.into_inner();
+        let mut received = 0;
+        while let Some(_message) = stream.message().await? {
+            add(&self.0.received, "Upload");
+            received += 1;
+        }
+        Ok(Response::new(UploadReply { received }))
+    }
+
+    type ChatStream = BoxStream<ChatMessage>;
+
+    async fn chat(
+        &self,
+        request: Request<Streaming<ChatMessage>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        add(&self.0.calls, "Chat");
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let open = OpenStream::new(&self.0);
+        let state = Arc::clone(&self.0);
+        tokio::spawn(async move {
+            let _open = open;
+            while let Ok(Some(message)) = inbound.message().await {
+                add(&state.received, "Chat");
+                if tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = BoxStream<ChatMessage>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.single("Subscribe");
+        let SubscribeRequest { count, hold } = request.into_inner();
+        let mut released = self.0.release.subscribe();
+        let (tx, rx) = mpsc::channel(16);
+        let open = OpenStream::new(&self.0);
+        tokio::spawn(async move {
+            let _open = open;
+            for i in 1..=count {
+                let message = ChatMessage {
+                    text: format!("event-{i}"),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            if hold {
+                // Until the test releases it or the client goes away.
+                tokio::select! {
+                    _ = released.wait_for(|r| *r) => {}
+                    () = tx.closed() => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

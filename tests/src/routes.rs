@@ -1,0 +1,26 @@
+//! The template's optional gRPC and WebSocket routes (sections `grpc` and
+//! `websocket` of `envoy/sluice-http.template.yaml`).
+
+use crate::envoy::EnvoyBuilder;
+use crate::template::{template_path, Vars};
+
+/// Routes gRPC calls to `grpc` and WebSocket upgrades of `/ws` and
+/// `/room/` to `websocket` (upstream ports on 127.0.0.1), when given.
+pub fn with_upstreams(
+    builder: EnvoyBuilder,
+    grpc: Option<u16>,
+    websocket: Option<u16>,
+) -> EnvoyBuilder {
+    let mut vars = Vars::new();
+    if let Some(port) = grpc {
+        vars = vars
+            .set("GRPC_UPSTREAM_PORT", port.to_string())
+            .section("grpc");
+    }
+    if let Some(port) = websocket {
+        vars = vars
+            .set("WS_UPSTREAM_PORT", port.to_string())
+            .section("websocket");
+    }
+    builder.template(&template_path().display().to_string(), vars)
+}

@@ -1,0 +1,505 @@
+//! End-to-end tests of Sluice's gRPC limiting through a real Envoy, against
+//! README.md, "gRPC and WebSocket": a tonic client, Envoy with the filter,
+//! and a tonic upstream that records what reached it.
+//!
+//! Needs Envoy (`make setup`) and the filter (`make wasm`). Windows are an
+//! hour, so no count refills during a test; nothing sleeps: effects are
+//! polled with bounded deadlines.
+
+// Test code: failing means panicking (the workspace denies these in
+// library code; helpers here are outside #[test] functions).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sluice_e2e::envoy::{prometheus_value, Envoy};
+use sluice_e2e::grpc::chat::chat_service_client::ChatServiceClient;
+use sluice_e2e::grpc::chat::{ChatMessage, SubscribeRequest};
+use sluice_e2e::grpc::connect;
+use sluice_e2e::grpc::user::user_service_client::UserServiceClient;
+use sluice_e2e::grpc::user::{GetUserRequest, ListUsersRequest, User};
+use sluice_e2e::grpc_upstream::GrpcUpstream;
+use sluice_e2e::routes::with_upstreams;
+use sluice_e2e::stream_stats::{self, Protocol};
+use sluice_e2e::wait;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+
+/// How long one call or one stream message may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC upstream, Envoy with the filter routing gRPC to it, and a
+/// channel through Envoy.
+struct Setup {
+    upstream: GrpcUpstream,
+    envoy: Envoy,
+    channel: Channel,
+}
+
+async fn setup(test: &str, config: Value) -> Setup {
+    let upstream = GrpcUpstream::start()
+        .await
+        .expect("starting the gRPC upstream");
+    let envoy = with_upstreams(Envoy::builder(test), Some(upstream.port()), None)
+        .sluice(&config)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting Envoy with the Sluice filter: {e:#}"));
+    let channel = connect(envoy.addr()).await.expect("gRPC channel to Envoy");
+    Setup {
+        upstream,
+        envoy,
+        channel,
+    }
+}
+
+impl Setup {
+    fn users(&self) -> UserServiceClient<Channel> {
+        UserServiceClient::new(self.channel.clone())
+    }
+
+    fn chat(&self) -> ChatServiceClient<Channel> {
+        ChatServiceClient::new(self.channel.clone())
+    }
+
+    async fn counter(&self, rule: &str, outcome: &str) -> u64 {
+        stream_stats::outcome(&self.envoy, Protocol::Grpc, rule, outcome)
+            .await
+            .expect("reading Envoy's stats")
+    }
+
+    /// `GetUser` as user `user_id`, with `x-user-id` metadata.
+    async fn get_user(&self, user_id: u64) -> Result<tonic::Response<User>, Status> {
+        let mut request = Request::new(GetUserRequest { user_id });
+        request
+            .metadata_mut()
+            .insert("x-user-id", user_id.to_string().parse().unwrap());
+        bounded("GetUser", self.users().get_user(request)).await
+    }
+
+    /// Opens a `Subscribe` stream that holds after its first message, and
+    /// waits for that message (so the call is surely in flight).
+    async fn open_subscription(&self, what: &str) -> Result<Streaming<ChatMessage>, Status> {
+        let request = SubscribeRequest {
+            count: 1,
+            hold: true,
+        };
+        let mut stream = bounded(what, self.chat().subscribe(request))
+            .await?
+            .into_inner();
+        let first = next(&mut stream, what).await;
+        assert!(
+            matches!(&first, Ok(Some(m)) if m.text == "event-1"),
+            "{what}: expected event-1, got {first:?}"
+        );
+        Ok(stream)
+    }
+}
+
+/// `call`, failing the test if it takes longer than [`CALL_TIMEOUT`].
+async fn bounded<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {CALL_TIMEOUT:?}"))
+}
+
+/// The next message of a response stream, bounded.
+async fn next<T>(stream: &mut Streaming<T>, what: &str) -> Result<Option<T>, Status> {
+    bounded(what, stream.message()).await
+}
+
+fn grpc_rule(name: &str, service: &str, method: &str, extra: Value) -> Value {
+    let mut rule = json!({"name": name, "match": {"grpc": {"service": service, "method": method}}});
+    if let (Some(rule), Some(extra)) = (rule.as_object_mut(), extra.as_object()) {
+        rule.extend(extra.clone());
+    }
+    rule
+}
+
+fn metadata_text(metadata: &MetadataMap) -> String {
+    format!("{:?}", metadata.clone().into_headers())
+}
+
+fn meta<'a>(metadata: &'a MetadataMap, name: &str) -> Option<&'a str> {
+    metadata.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A RESOURCE_EXHAUSTED from `rule` with its `grpc-message`, `retry-after`
+/// (within `1..=window_s`) and the x-ratelimit metadata; returns the
+/// retry-after.
+fn assert_exhausted(status: &Status, rule: &str, limit: u64, window_s: u64, what: &str) -> u64 {
+    let md = status.metadata();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{what}: expected RESOURCE_EXHAUSTED (8), got {status:?}"
+    );
+    let retry_after: u64 = meta(md, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: expected retry-after metadata, got {}",
+                metadata_text(md)
+            )
+        });
+    assert!(
+        (1..=window_s).contains(&retry_after),
+        "{what}: retry-after {retry_after} not in 1..={window_s}"
+    );
+    assert_eq!(
+        status.message(),
+        format!("rate limited by rule {rule}; retry after {retry_after}s"),
+        "{what}: grpc-message"
+    );
+    assert_eq!(
+        meta(md, "x-ratelimit-limit"),
+        Some(limit.to_string().as_str()),
+        "{what}: {}",
+        metadata_text(md)
+    );
+    assert_eq!(
+        meta(md, "x-ratelimit-remaining"),
+        Some("0"),
+        "{what}: {}",
+        metadata_text(md)
+    );
+    assert_eq!(
+        meta(md, "ratelimit-policy"),
+        Some(format!("\"{rule}\";q={limit};w={window_s}").as_str()),
+        "{what}: {}",
+        metadata_text(md)
+    );
+    retry_after
+}
+
+/// A stream that ended with RESOURCE_EXHAUSTED after the response started:
+/// only the status and message are promised (the response headers are gone).
+fn assert_exhausted_mid_stream(
+    got: &Result<Option<impl std::fmt::Debug>, Status>,
+    rule: &str,
+    what: &str,
+) {
+    match got {
+        Err(status) if status.code() == Code::ResourceExhausted => assert!(
+            status
+                .message()
+                .starts_with(&format!("rate limited by rule {rule}; retry after ")),
+            "{what}: grpc-message {:?}",
+            status.message()
+        ),
+        other => panic!("{what}: expected RESOURCE_EXHAUSTED (8), got {other:?}"),
+    }
+}
+
+/// A `requests` rule on `GetUser` keyed on `x-user-id`: the 4th call of a
+/// user is the first refused, with a real gRPC status and metadata; allowed
+/// calls carry the rate-limit metadata; other users and other methods are
+/// not limited; stats count each outcome.
+#[tokio::test]
+async fn requests_limit_starts_at_the_exact_call() {
+    let config = json!({
+        "headers": {"sets": ["ietf", "x_ratelimit"], "on_allowed": true},
+        "rules": [grpc_rule("get-user", "user.UserService", "GetUser",
+            json!({"key": ["header:x-user-id"], "limit": {"count": 3, "per": "1h"}}))]
+    });
+    let s = setup("grpc_requests_limit_starts_at_the_exact_call", config).await;
+
+    for call in 1..=3u64 {
+        let what = format!("GetUser call {call} of user 7");
+        let reply = s
+            .get_user(7)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        assert_eq!(reply.get_ref().user_id, 7, "{what}");
+        let md = reply.metadata();
+        let remaining = (3 - call).to_string();
+        assert_eq!(
+            meta(md, "x-ratelimit-remaining"),
+            Some(remaining.as_str()),
+            "{what}: {}",
+            metadata_text(md)
+        );
+        assert_eq!(
+            meta(md, "ratelimit-policy"),
+            Some("\"get-user\";q=3;w=3600"),
+            "{what}: {}",
+            metadata_text(md)
+        );
+        assert!(
+            meta(md, "retry-after").is_none(),
+            "{what}: retry-after on an allowed call"
+        );
+    }
+    let refused = s
+        .get_user(7)
+        .await
+        .expect_err("GetUser call 4 of user 7 must be refused");
+    assert_exhausted(&refused, "get-user", 3, 3600, "GetUser call 4 of user 7");
+    assert_eq!(
+        s.upstream.calls("GetUser"),
+        3,
+        "GetUser calls that reached the upstream"
+    );
+
+    // The key is the metadata: user 8 has its own budget.
+    let reply = s.get_user(8).await.expect("GetUser of user 8");
+    assert_eq!(meta(reply.metadata(), "x-ratelimit-remaining"), Some("2"));
+
+    // The rule matches GetUser only: ListUsers of user 7 goes through.
+    let mut request = Request::new(ListUsersRequest { count: 2 });
+    request
+        .metadata_mut()
+        .insert("x-user-id", "7".parse().unwrap());
+    let mut stream = bounded("ListUsers", s.users().list_users(request))
+        .await
+        .expect("ListUsers of user 7 is not limited by a GetUser rule")
+        .into_inner();
+    let mut users = Vec::new();
+    while let Some(user) = next(&mut stream, "ListUsers")
+        .await
+        .expect("ListUsers stream")
+    {
+        users.push(user.user_id);
+    }
+    assert_eq!(users, [1, 2]);
+
+    // Without the key's metadata the rule does not apply.
+    let anonymous = bounded("GetUser", s.users().get_user(GetUserRequest { user_id: 9 })).await;
+    assert!(
+        anonymous.is_ok(),
+        "GetUser without x-user-id: {anonymous:?}"
+    );
+
+    assert_eq!(s.counter("get-user", "allowed").await, 4, "allowed calls");
+    assert_eq!(s.counter("get-user", "limited").await, 1, "limited calls");
+    let text = s.envoy.prometheus().await.expect("/stats/prometheus");
+    assert_eq!(
+        prometheus_value(
+            &text,
+            "sluice_grpc",
+            &[("rule", "get-user"), ("outcome", "limited")]
+        ),
+        Some(1.0),
+        "sluice_grpc{{rule=\"get-user\",outcome=\"limited\"}} in /stats/prometheus:\n{}",
+        text.lines()
+            .filter(|l| l.contains("sluice"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// An `in_flight` rule on `Subscribe`: with 2 streams open the 3rd call is
+/// refused; cancelling one frees its permit; the gauge returns to 0 once
+/// every stream has ended.
+#[tokio::test]
+async fn in_flight_calls_are_released_when_streams_end() {
+    let config = json!({"rules": [grpc_rule("subscribe-open", "chat.ChatService", "Subscribe",
+        json!({"counts": "in_flight", "limit": {"count": 2}}))]});
+    let s = setup("grpc_in_flight_calls_are_released_when_streams_end", config).await;
+
+    let first = s
+        .open_subscription("subscription 1")
+        .await
+        .expect("subscription 1");
+    let second = s
+        .open_subscription("subscription 2")
+        .await
+        .expect("subscription 2");
+    stream_stats::wait_gauge(&s.envoy, Protocol::Grpc, "subscribe-open", 2)
+        .await
+        .unwrap();
+    let refused = s
+        .open_subscription("subscription 3")
+        .await
+        .expect_err("subscription 3 must be refused");
+    assert_eq!(
+        refused.code(),
+        Code::ResourceExhausted,
+        "subscription 3: {refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .starts_with("rate limited by rule subscribe-open; retry after "),
+        "subscription 3: grpc-message {:?}",
+        refused.message()
+    );
+    assert_eq!(
+        s.upstream.calls("Subscribe"),
+        2,
+        "Subscribe calls that reached the upstream"
+    );
+
+    // The client cancels one stream: its permit comes back.
+    drop(first);
+    stream_stats::wait_gauge(&s.envoy, Protocol::Grpc, "subscribe-open", 1)
+        .await
+        .unwrap();
+    let fourth = s
+        .open_subscription("subscription 4 (after a cancel)")
+        .await
+        .expect("subscription 4");
+    let refused = s
+        .open_subscription("subscription 5")
+        .await
+        .expect_err("subscription 5 must be refused");
+    assert_eq!(
+        refused.code(),
+        Code::ResourceExhausted,
+        "subscription 5: {refused:?}"
+    );
+
+    // The upstream ends the rest normally.
+    s.upstream.release_held();
+    for (mut stream, what) in [(second, "subscription 2"), (fourth, "subscription 4")] {
+        let end = next(&mut stream, what).await;
+        assert!(
+            matches!(end, Ok(None)),
+            "{what}: expected a clean end, got {end:?}"
+        );
+    }
+    stream_stats::wait_gauge(&s.envoy, Protocol::Grpc, "subscribe-open", 0)
+        .await
+        .unwrap();
+    wait::until("upstream streams closed", CALL_TIMEOUT, || async {
+        match s.upstream.open_streams() {
+            0 => Ok(()),
+            n => Err(n.to_string()),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.counter("subscribe-open", "limited").await,
+        2,
+        "limited calls"
+    );
+    let text = s.envoy.prometheus().await.expect("/stats/prometheus");
+    assert_eq!(
+        prometheus_value(
+            &text,
+            "sluice_grpc_in_flight",
+            &[("rule", "subscribe-open")]
+        ),
+        Some(0.0),
+        "sluice_grpc_in_flight{{rule=\"subscribe-open\"}} in /stats/prometheus"
+    );
+}
+
+/// A `messages` rule on client streaming: the 4th message, before any
+/// response, ends the call with RESOURCE_EXHAUSTED and never reaches the
+/// upstream.
+#[tokio::test]
+async fn messages_limit_in_client_streaming() {
+    let config = json!({"rules": [grpc_rule("upload-msgs", "chat.ChatService", "Upload",
+        json!({"counts": "messages", "direction": "client", "limit": {"count": 3, "per": "1h"}}))]});
+    let s = setup("grpc_messages_limit_in_client_streaming", config).await;
+
+    let (tx, rx) = mpsc::channel(8);
+    let mut chat = s.chat();
+    let call = tokio::spawn(async move { chat.upload(ReceiverStream::new(rx)).await });
+    for n in 1..=3u64 {
+        tx.send(ChatMessage {
+            text: format!("m{n}"),
+        })
+        .await
+        .unwrap();
+        // One at a time, so "exactly 3 reached the upstream" is meaningful.
+        wait::until(
+            &format!("upload message {n} at the upstream"),
+            CALL_TIMEOUT,
+            || async {
+                match s.upstream.received("Upload") {
+                    got if got == n => Ok(()),
+                    got => Err(got.to_string()),
+                }
+            },
+        )
+        .await
+        .unwrap();
+    }
+    tx.send(ChatMessage { text: "m4".into() }).await.unwrap();
+    let result = bounded("Upload after message 4", call).await.expect("join");
+    let status = result.expect_err("Upload must end RESOURCE_EXHAUSTED after message 4");
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "Upload after message 4: {status:?}"
+    );
+    assert_eq!(
+        s.upstream.received("Upload"),
+        3,
+        "Upload messages that reached the upstream"
+    );
+    assert_eq!(
+        s.counter("upload-msgs", "limited").await,
+        1,
+        "limited messages"
+    );
+    assert_exhausted(&status, "upload-msgs", 3, 3600, "Upload after message 4");
+}
+
+/// A `messages` rule on server streaming, once the response has started:
+/// the client gets the 3 allowed messages, then RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn messages_limit_in_server_streaming() {
+    let config = json!({"rules": [grpc_rule("list-msgs", "user.UserService", "ListUsers",
+        json!({"counts": "messages", "direction": "server", "limit": {"count": 3, "per": "1h"}}))]});
+    let s = setup("grpc_messages_limit_in_server_streaming", config).await;
+
+    let mut stream = bounded(
+        "ListUsers",
+        s.users().list_users(ListUsersRequest { count: 10 }),
+    )
+    .await
+    .expect("ListUsers starts")
+    .into_inner();
+    let mut users = Vec::new();
+    let end = loop {
+        match next(&mut stream, "ListUsers").await {
+            Ok(Some(user)) => users.push(user.user_id),
+            other => break other,
+        }
+    };
+    assert_eq!(users, [1, 2, 3], "messages before the end (then {end:?})");
+    assert_exhausted_mid_stream(&end, "list-msgs", "ListUsers after 3 messages");
+    assert_eq!(s.upstream.calls("ListUsers"), 1);
+}
+
+/// A `messages` rule in both directions on bidi streaming: message, echo,
+/// message, echo use the 4 permits; the 3rd client message is not passed on
+/// and the call ends RESOURCE_EXHAUSTED when the client half-closes.
+#[tokio::test]
+async fn messages_limit_in_bidi_streaming() {
+    let config = json!({"rules": [grpc_rule("chat-msgs", "chat.ChatService", "Chat",
+        json!({"counts": "messages", "limit": {"count": 4, "per": "1h"}}))]});
+    let s = setup("grpc_messages_limit_in_bidi_streaming", config).await;
+
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = bounded("Chat", s.chat().chat(ReceiverStream::new(rx)))
+        .await
+        .expect("Chat starts")
+        .into_inner();
+    for n in 1..=2 {
+        let text = format!("m{n}");
+        tx.send(ChatMessage { text: text.clone() }).await.unwrap();
+        let echo = next(&mut responses, &format!("echo of {text}")).await;
+        assert!(
+            matches!(&echo, Ok(Some(m)) if m.text == text),
+            "echo of {text}: got {echo:?}"
+        );
+    }
+    tx.send(ChatMessage { text: "m3".into() }).await.unwrap();
+    drop(tx);
+    let end = next(&mut responses, "Chat after message 3 and the half-close").await;
+    assert_exhausted_mid_stream(&end, "chat-msgs", "Chat after message 3");
+    assert_eq!(
+        s.upstream.received("Chat"),
+        2,
+        "Chat messages that reached the upstream"
+    );
+}
