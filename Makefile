@@ -17,7 +17,7 @@ help:
 	@echo "make test          setup + wasm + every test (unit, filter natively, end-to-end through Envoy)"
 	@echo "make bench         bench-core + bench-filter + bench-quota"
 	@echo "make bench-core    criterion benchmarks of sluice-core"
-	@echo "make bench-filter  the filter's cost inside Envoy (wrk; no filter vs native local_ratelimit vs Sluice)"
+	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
 	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling"
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
 	@echo "make fuzz          fuzz/run.sh"
@@ -59,7 +59,7 @@ bench-core:
 bench-filter:
 	@$(MAKE) setup
 	@$(MAKE) wasm
-	$(CARGO) run -p sluice-e2e --bin benchfilter
+	$(CARGO) run --release -p sluice-e2e --bin benchfilter
 
 # Loopback only, about 20 s: memory and Redis behind the server, then the
 # same script straight to Redis (redis-benchmark and the server's client).
