@@ -480,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    fn grpc_refuses_cleanly_before_the_response_and_blocks_after() {
+    fn grpc_refuses_cleanly_before_the_response_and_blocks_after() -> Result<(), String> {
         let mut judge = budget(1, refuse(Violation::Rate));
         let mut call = GrpcStream::default();
         let two = [grpc_message_bytes(3), grpc_message_bytes(2)].concat();
@@ -509,10 +509,11 @@ mod tests {
             call.chunk(&mut judge, Direction::Client, &[], true),
             Edit::Keep
         );
+        Ok(())
     }
 
     #[test]
-    fn grpc_counts_messages_however_chunks_are_cut() {
+    fn grpc_counts_messages_however_chunks_are_cut() -> Result<(), String> {
         let stream = [
             grpc_message_bytes(4),
             grpc_message_bytes(0),
@@ -527,10 +528,11 @@ mod tests {
             let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.bytes).collect();
             assert_eq!(sizes, [4, 0, 9], "cut at {cut}");
         }
+        Ok(())
     }
 
     #[test]
-    fn websocket_close_goes_both_ways() {
+    fn websocket_close_goes_both_ways() -> Result<(), String> {
         let mut judge = budget(1, refuse(Violation::Rate));
         let mut ws = WebSocketStream::new(false);
         let first = masked_text(b"hi", true, true);
@@ -554,10 +556,11 @@ mod tests {
             ws.chunk(&mut judge, Direction::Client, b"more"),
             Edit::Replace(Vec::new())
         );
+        Ok(())
     }
 
     #[test]
-    fn websocket_close_is_clean_when_fed_byte_by_byte() {
+    fn websocket_close_is_clean_when_fed_byte_by_byte() -> Result<(), String> {
         let mut judge = budget(1, refuse(Violation::Rate));
         let mut ws = WebSocketStream::new(false);
         let first = masked_text(b"hi", true, true);
@@ -567,16 +570,17 @@ mod tests {
             match ws.chunk(&mut judge, Direction::Client, std::slice::from_ref(byte)) {
                 Edit::Keep => out.push(*byte),
                 Edit::Replace(b) => out.extend(b),
-                other => panic!("{other:?}"),
+                other => return Err(format!("{other:?}")),
             }
         }
         let close_up =
             websocket::close_frame(1008, "rate limited: r", Some([0x5a, 0x1c, 0xe0, 0x77]));
         assert_eq!(out, [first, close_up].concat());
+        Ok(())
     }
 
     #[test]
-    fn websocket_drop_removes_whole_fragmented_messages_but_not_pings() {
+    fn websocket_drop_removes_whole_fragmented_messages_but_not_pings() -> Result<(), String> {
         let drop = Answer::Drop {
             violation: Violation::Rate,
             rule: "r".into(),
@@ -595,7 +599,7 @@ mod tests {
                 match ws2.chunk(&mut j, Direction::Client, piece) {
                     Edit::Keep => out.extend_from_slice(piece),
                     Edit::Replace(b) => out.extend(b),
-                    other => panic!("{other:?}"),
+                    other => return Err(format!("{other:?}")),
                 }
             }
             assert_eq!(out, ping, "cut at {cut}");
@@ -604,10 +608,11 @@ mod tests {
             ws.chunk(&mut judge, Direction::Client, &bytes),
             Edit::Replace(ping)
         );
+        Ok(())
     }
 
     #[test]
-    fn websocket_size_bound_closes_with_1009() {
+    fn websocket_size_bound_closes_with_1009() -> Result<(), String> {
         struct SizeJudge;
         impl Judge for SizeJudge {
             fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
@@ -629,5 +634,6 @@ mod tests {
         let close =
             websocket::close_frame(1009, "message too big: r", Some([0x5a, 0x1c, 0xe0, 0x77]));
         assert_eq!(edit, Edit::Replace([small, close].concat()));
+        Ok(())
     }
 }
