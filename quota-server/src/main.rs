@@ -167,11 +167,14 @@ fn serve(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        match listener.local_addr() {
+        let address = listener.local_addr();
+        // Announced once storage is in place, so whoever waits for this
+        // line can use every API at once.
+        let ready = move || match address {
             Ok(addr) => println!("sluice: listening on {addr}"),
             Err(e) => eprintln!("sluice: listening (address unknown: {e})"),
-        }
-        match service::serve_shared(&config, shared, listener, shutdown_signal()).await {
+        };
+        match service::serve_shared(&config, shared, listener, shutdown_signal(), ready).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice: {e}");

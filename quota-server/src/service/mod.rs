@@ -95,15 +95,25 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    serve_shared(config, Arc::new(Shared::new(limits)), listener, shutdown).await
+    serve_shared(
+        config,
+        Arc::new(Shared::new(limits)),
+        listener,
+        shutdown,
+        || {},
+    )
+    .await
 }
 
-/// Like [`serve`], over state shared with the admin API and reloads.
+/// Like [`serve`], over state shared with the admin API and reloads;
+/// `ready` runs once storage is in place (the admin API can use it) and
+/// calls are about to be served.
 pub async fn serve_shared(
     config: &ServerConfig,
     shared: Arc<Shared>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce() + Send,
 ) -> Result<(), ServeError> {
     let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
     match config.storage.backend {
@@ -120,6 +130,7 @@ pub async fn serve_shared(
                 Decider::new(backend, max_keys),
                 listener,
                 shutdown,
+                ready,
             )
             .await
         }
@@ -131,6 +142,7 @@ pub async fn serve_shared(
                 Decider::new(backend, max_keys),
                 listener,
                 shutdown,
+                ready,
             )
             .await
         }
@@ -143,11 +155,13 @@ async fn run<B: Backend>(
     decider: Decider<B>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce() + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RateLimitServiceServer<Rls<B>>>().await;
     let decider = Arc::new(decider);
     shared.store.set(decider.clone());
+    ready();
     let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()));
     let rls = RateLimitServiceServer::new(Rls::new(shared, decider));
     let deadline = Duration::from_nanos(config.request_timeout().as_nanos());
