@@ -19,18 +19,25 @@ impl ClientIpSource {
     /// entries further left were written by the client and prove nothing.
     /// If the header is absent, too short or unreadable, the peer is used.
     pub fn resolve(&self, peer: Option<IpAddr>, forwarded_for: Option<&str>) -> Option<IpAddr> {
+        self.resolve_with(|| peer, forwarded_for)
+    }
+
+    /// [`ClientIpSource::resolve`] asking for the peer only when it is
+    /// needed: hosts where reading it is costly (Envoy's attributes) skip
+    /// it whenever `X-Forwarded-For` answers.
+    pub fn resolve_with(
+        &self,
+        peer: impl FnOnce() -> Option<IpAddr>,
+        forwarded_for: Option<&str>,
+    ) -> Option<IpAddr> {
         if self.trusted_hops == 0 {
-            return peer;
+            return peer();
         }
-        let Some(header) = forwarded_for else {
-            return peer;
-        };
         let hops = usize::try_from(self.trusted_hops).unwrap_or(usize::MAX);
-        header
-            .rsplit(',')
-            .nth(hops - 1)
+        forwarded_for
+            .and_then(|header| header.rsplit(',').nth(hops - 1))
             .and_then(|entry| parse_ip(entry.trim()))
-            .or(peer)
+            .or_else(peer)
     }
 }
 
@@ -76,6 +83,25 @@ mod tests {
         assert_eq!(five.resolve(peer, xff), peer);
         assert_eq!(one.resolve(peer, Some("garbage")), peer);
         assert_eq!(one.resolve(peer, None), peer);
+    }
+
+    #[test]
+    fn peer_is_read_only_when_needed() {
+        let one = ClientIpSource { trusted_hops: 1 };
+        let unread = || -> Option<IpAddr> { panic!("the peer was read") };
+        assert_eq!(
+            one.resolve_with(unread, Some("1.2.3.4")),
+            Some(ip("1.2.3.4"))
+        );
+        assert_eq!(
+            one.resolve_with(|| Some(ip("9.9.9.9")), Some("junk")),
+            Some(ip("9.9.9.9"))
+        );
+        let none = ClientIpSource::default();
+        assert_eq!(
+            none.resolve_with(|| Some(ip("9.9.9.9")), Some("1.2.3.4")),
+            Some(ip("9.9.9.9"))
+        );
     }
 
     #[test]

@@ -52,9 +52,9 @@ pub fn fetch_request(host: &impl Host, policy: &Policy, needs: &Needs) -> HttpRe
         }
     };
     let client_ip = if needs.client_ip {
-        let peer = host.peer_address().as_deref().and_then(parse_ip);
         let forwarded = header(policy.client_ip.trusted_hops > 0, "x-forwarded-for");
-        policy.client_ip.resolve(peer, forwarded.as_deref())
+        let peer = || host.peer_address().as_deref().and_then(parse_ip);
+        policy.client_ip.resolve_with(peer, forwarded.as_deref())
     } else {
         None
     };
