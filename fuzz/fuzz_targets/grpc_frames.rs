@@ -5,6 +5,10 @@
 use libfuzzer_sys::fuzz_target;
 use sluice_core::protocol::grpc::{GrpcEvent, GrpcFrameParser};
 
+#[path = "shared/chunks.rs"]
+mod chunks;
+use chunks::pieces;
+
 /// An event with its position made absolute in the stream.
 #[derive(Debug, PartialEq, Eq)]
 enum Abs {
@@ -37,23 +41,6 @@ fn run(max: u32, pieces: &mut dyn Iterator<Item = &[u8]>) -> (Vec<Abs>, Option<S
     (events, None)
 }
 
-/// Cuts `data` into pieces whose sizes come from a small generator seeded by
-/// `seed`, so the fuzzer controls the chunking too.
-fn pieces(data: &[u8], seed: u8) -> impl Iterator<Item = &[u8]> {
-    let mut state = u32::from(seed) | 1;
-    let mut rest = data;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let size = ((state >> 16) as usize % 16).min(rest.len());
-        let (head, tail) = rest.split_at(size);
-        rest = tail;
-        Some(head)
-    })
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&config, stream)) = data.split_first() else {
         return;
@@ -64,6 +51,6 @@ fuzz_target!(|data: &[u8]| {
         _ => sluice_core::protocol::grpc::DEFAULT_MAX_MESSAGE_LEN,
     };
     let whole = run(max, &mut std::iter::once(stream));
-    let split = run(max, &mut pieces(stream, config));
+    let split = run(max, &mut pieces(stream, config, 16));
     assert_eq!(whole, split);
 });

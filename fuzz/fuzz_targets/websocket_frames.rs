@@ -5,6 +5,10 @@
 use libfuzzer_sys::fuzz_target;
 use sluice_core::protocol::websocket::{Direction, Event, FrameParser};
 
+#[path = "shared/chunks.rs"]
+mod chunks;
+use chunks::pieces;
+
 /// Makes an event's positions absolute in the stream.
 fn absolute(e: Event, base: u64) -> (u64, Event) {
     match e {
@@ -51,23 +55,6 @@ fn run(
     (events, None)
 }
 
-/// Cuts `data` into pieces whose sizes come from a small generator seeded by
-/// `seed`, so the fuzzer controls the chunking too.
-fn pieces(data: &[u8], seed: u8) -> impl Iterator<Item = &[u8]> {
-    let mut state = u32::from(seed) | 1;
-    let mut rest = data;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let size = ((state >> 16) as usize % 20).min(rest.len());
-        let (head, tail) = rest.split_at(size);
-        rest = tail;
-        Some(head)
-    })
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&config, stream)) = data.split_first() else {
         return;
@@ -79,6 +66,6 @@ fuzz_target!(|data: &[u8]| {
     };
     let deflate = config & 2 != 0;
     let whole = run(direction, deflate, &mut std::iter::once(stream));
-    let split = run(direction, deflate, &mut pieces(stream, config));
+    let split = run(direction, deflate, &mut pieces(stream, config, 20));
     assert_eq!(whole, split);
 });
