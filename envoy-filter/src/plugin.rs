@@ -307,10 +307,14 @@ impl<B: SharedBytes> Plugin<B> {
             return;
         }
         state.response_started = true;
-        if state.protocol == Protocol::WebSocket
-            && !state.stream_keys.is_empty()
-            && host.response_header(":status").as_deref() == Some("101")
-        {
+        let watches_upgrade =
+            state.protocol == Protocol::WebSocket && !state.stream_keys.is_empty();
+        // One host call for the status, and only when something reads it.
+        let status = (watches_upgrade || !self.policy.exclude_statuses.is_empty())
+            .then(|| host.response_header(":status"))
+            .flatten()
+            .and_then(|s| s.parse::<u16>().ok());
+        if watches_upgrade && status == Some(101) {
             let deflate = host
                 .response_header("sec-websocket-extensions")
                 .is_some_and(|e| e.contains("permessage-deflate"));
@@ -319,28 +323,22 @@ impl<B: SharedBytes> Plugin<B> {
         let Some(verdict) = state.verdict.as_ref() else {
             return;
         };
-        if !self.policy.exclude_statuses.is_empty() {
-            let status = host
-                .response_header(":status")
-                .and_then(|s| s.parse::<u16>().ok());
-            if status.is_some_and(|s| self.policy.exclude_statuses.contains(s)) {
-                // In-flight permits are released when the request ends.
-                let refunds: Vec<Charge> = verdict
-                    .charges
-                    .iter()
-                    .filter(|c| {
-                        self.policy
-                            .rules
-                            .get(c.rule_index)
-                            .is_some_and(|r| r.counts == Counts::Requests)
-                    })
-                    .cloned()
-                    .collect();
-                if let Err(e) = engine::refund(&self.policy, &mut self.store, &refunds, host.now())
-                {
-                    self.metrics.error(host);
-                    host.warn(&format!("sluice: refund failed: {e}"));
-                }
+        if status.is_some_and(|s| self.policy.exclude_statuses.contains(s)) {
+            // In-flight permits are released when the request ends.
+            let refunds: Vec<Charge> = verdict
+                .charges
+                .iter()
+                .filter(|c| {
+                    self.policy
+                        .rules
+                        .get(c.rule_index)
+                        .is_some_and(|r| r.counts == Counts::Requests)
+                })
+                .cloned()
+                .collect();
+            if let Err(e) = engine::refund(&self.policy, &mut self.store, &refunds, host.now()) {
+                self.metrics.error(host);
+                host.warn(&format!("sluice: refund failed: {e}"));
             }
         }
         if self.policy.headers_on_allowed && !self.policy.header_sets.is_empty() {
