@@ -18,7 +18,7 @@ pub enum Outcome {
     Limited,
     /// A shadow rule would have limited it.
     ShadowLimited,
-    /// The rule held it before allowing it.
+    /// The rule delayed it before allowing it.
     Delayed,
     /// The rule discarded a WebSocket message.
     Dropped,
