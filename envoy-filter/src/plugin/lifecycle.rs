@@ -319,7 +319,7 @@ impl<B: SharedBytes> Plugin<B> {
     fn report_evictions(&mut self, host: &impl Host) {
         let total = self.store.live_evictions();
         self.metrics
-            .evictions(host, total - self.evictions_reported);
+            .evictions(host, total.saturating_sub(self.evictions_reported));
         self.evictions_reported = total;
     }
 }

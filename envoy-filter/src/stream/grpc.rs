@@ -5,14 +5,14 @@
 use sluice_core::policy::Direction;
 use sluice_core::protocol::{GrpcEvent, GrpcFrameParser};
 
-use super::{grpc_message, side, Answer, Ask, Edit, Judge};
+use super::{grpc_message, Answer, Ask, Edit, Judge, PerDirection};
 
 /// A gRPC call's streams.
 #[derive(Debug, Default)]
 pub struct GrpcStream {
-    parsers: [GrpcFrameParser; 2],
+    parsers: PerDirection<GrpcFrameParser>,
     /// Directions whose messages are no longer passed on.
-    blocked: [bool; 2],
+    blocked: PerDirection<bool>,
     /// The status message to put in the trailers, once a message was
     /// refused after the response started.
     refused: Option<String>,
@@ -28,8 +28,7 @@ impl GrpcStream {
         bytes: &[u8],
         response_started: bool,
     ) -> Edit {
-        let s = side(direction);
-        if self.blocked[s] {
+        if *self.blocked.get(direction) {
             return if bytes.is_empty() {
                 Edit::Keep
             } else {
@@ -39,7 +38,7 @@ impl GrpcStream {
         let mut starts: Vec<(usize, u64)> = Vec::new();
         // A malformed stream is the endpoints' business: stop counting and
         // pass it on rather than guess.
-        let _ = self.parsers[s].feed(bytes, |event| {
+        let _ = self.parsers.get_mut(direction).feed(bytes, |event| {
             if let GrpcEvent::Started { at, message } = event {
                 starts.push((at.offset, u64::from(message.len)));
             }
@@ -64,9 +63,11 @@ impl GrpcStream {
             if !response_started {
                 return Edit::RefuseCall { message, metadata };
             }
-            self.blocked[s] = true;
+            *self.blocked.get_mut(direction) = true;
             self.refused = Some(message);
-            return Edit::Replace(bytes[..offset.min(bytes.len())].to_vec());
+            // Everything before the refused message passes on.
+            let passed = bytes.get(..offset).unwrap_or(bytes);
+            return Edit::Replace(passed.to_vec());
         }
         Edit::Keep
     }

@@ -88,11 +88,36 @@ pub enum Edit {
     },
 }
 
-/// Index of a direction in per-direction arrays.
-fn side(direction: Direction) -> usize {
+/// One value per direction of a stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PerDirection<T> {
+    client: T,
+    server: T,
+}
+
+impl<T> PerDirection<T> {
+    /// The value for `direction`.
+    fn get(&self, direction: Direction) -> &T {
+        match direction {
+            Direction::Client => &self.client,
+            Direction::Server => &self.server,
+        }
+    }
+
+    /// The value for `direction`, to change.
+    fn get_mut(&mut self, direction: Direction) -> &mut T {
+        match direction {
+            Direction::Client => &mut self.client,
+            Direction::Server => &mut self.server,
+        }
+    }
+}
+
+/// The direction the answers to `direction` travel.
+fn opposite(direction: Direction) -> Direction {
     match direction {
-        Direction::Client => 0,
-        Direction::Server => 1,
+        Direction::Client => Direction::Server,
+        Direction::Server => Direction::Client,
     }
 }
 

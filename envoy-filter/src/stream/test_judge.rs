@@ -2,11 +2,11 @@
 
 use sluice_core::policy::Direction;
 
-use super::{side, Answer, Ask, Judge, Violation};
+use super::{Answer, Ask, Judge, PerDirection, Violation};
 
 /// Allows `budget` messages per direction, then answers `over`.
 pub(super) struct Budget {
-    left: [u64; 2],
+    left: PerDirection<u64>,
     /// The answer once the budget is spent.
     pub(super) over: Answer,
     /// Every ask seen, in order.
@@ -16,22 +16,27 @@ pub(super) struct Budget {
 impl Judge for Budget {
     fn judge(&mut self, direction: Direction, ask: Ask) -> Answer {
         self.asks.push((direction, ask));
-        let left = &mut self.left[side(direction)];
+        let left = self.left.get_mut(direction);
         if ask.messages == 0 {
             return Answer::Pass;
         }
-        if *left == 0 {
-            return self.over.clone();
+        match left.checked_sub(1) {
+            Some(fewer) => {
+                *left = fewer;
+                Answer::Pass
+            }
+            None => self.over.clone(),
         }
-        *left -= 1;
-        Answer::Pass
     }
 }
 
 /// `n` messages per direction, then `over`.
 pub(super) fn budget(n: u64, over: Answer) -> Budget {
     Budget {
-        left: [n, n],
+        left: PerDirection {
+            client: n,
+            server: n,
+        },
         over,
         asks: Vec::new(),
     }

@@ -6,7 +6,7 @@ use sluice_core::policy::Direction;
 use sluice_core::protocol::websocket::{self, CloseCode, Event, FrameParser, Opcode};
 use sluice_core::protocol::ChunkPos;
 
-use super::{side, Answer, Ask, Edit, Judge, Violation};
+use super::{opposite, Answer, Ask, Edit, Judge, PerDirection, Violation};
 
 /// A close this filter owes one side of a WebSocket connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +66,7 @@ impl WsSide {
 /// A WebSocket connection's two directions.
 #[derive(Debug)]
 pub struct WebSocketStream {
-    sides: [WsSide; 2],
+    sides: PerDirection<WsSide>,
 }
 
 /// The close frame towards the receiver of `direction`: masked towards the
@@ -85,21 +85,21 @@ impl WebSocketStream {
     /// (`deflate`: negotiated in the upgrade), which allows RSV1.
     pub fn new(deflate: bool) -> WebSocketStream {
         WebSocketStream {
-            sides: [
-                WsSide::new(websocket::Direction::ClientToServer, deflate),
-                WsSide::new(websocket::Direction::ServerToClient, deflate),
-            ],
+            sides: PerDirection {
+                client: WsSide::new(websocket::Direction::ClientToServer, deflate),
+                server: WsSide::new(websocket::Direction::ServerToClient, deflate),
+            },
         }
     }
 
     /// Sees a chunk travelling `direction`.
     pub fn chunk(&mut self, judge: &mut impl Judge, direction: Direction, bytes: &[u8]) -> Edit {
-        let s = side(direction);
-        if let Some(close) = self.sides[s].owed.take() {
-            self.sides[s].closed = true;
+        let side = self.sides.get_mut(direction);
+        if let Some(close) = side.owed.take() {
+            side.closed = true;
             return Edit::Replace(close_towards_receiver(direction, &close));
         }
-        if self.sides[s].closed {
+        if side.closed {
             return if bytes.is_empty() {
                 Edit::Keep
             } else {
@@ -107,10 +107,10 @@ impl WebSocketStream {
             };
         }
         let mut events: Vec<Event> = Vec::new();
-        let _ = self.sides[s].parser.feed(bytes, |e| events.push(e));
+        let _ = side.parser.feed(bytes, |e| events.push(e));
         // Work on the header bytes kept back followed by this chunk; keep
         // back again whatever header is still incomplete at its end.
-        let pending = std::mem::take(&mut self.sides[s].pending);
+        let pending = std::mem::take(&mut side.pending);
         let pending_len = pending.len();
         let whole_chunk: Vec<u8>;
         let chunk: &[u8] = if pending_len == 0 {
@@ -119,30 +119,33 @@ impl WebSocketStream {
             whole_chunk = [pending.as_slice(), bytes].concat();
             &whole_chunk
         };
-        let keep_back = self.sides[s].parser.pending_header_len().min(chunk.len());
-        let limit = chunk.len() - keep_back;
-        // A position reported by the parser, in `chunk` coordinates.
+        let keep_back = side.parser.pending_header_len().min(chunk.len());
+        // `keep_back` ≤ `chunk.len()`: exact.
+        let limit = chunk.len().saturating_sub(keep_back);
+        // A position reported by the parser, in `chunk` coordinates. An
+        // offset lies within `bytes`, so the sum is within `chunk`: exact.
         let locate = |at: ChunkPos| {
             if at.carried > 0 {
                 pending_len.saturating_sub(usize::from(at.carried))
             } else {
-                pending_len + at.offset
+                pending_len.saturating_add(at.offset)
             }
         };
 
         // Byte ranges of `chunk` to leave out, and where to cut for a close.
         let mut removed: Vec<(usize, usize)> = Vec::new();
-        let carry = self.sides[s].drop_carry;
+        let carry = side.drop_carry;
         if carry > 0 {
             let end = pending_len
                 .saturating_add(usize::try_from(carry).unwrap_or(usize::MAX))
                 .min(chunk.len());
             removed.push((pending_len, end));
-            self.sides[s].drop_carry = carry - (end - pending_len) as u64;
+            // `pending_len` ≤ `end` ≤ `pending_len + carry`: both exact.
+            let dropped_here = end.saturating_sub(pending_len) as u64;
+            side.drop_carry = carry.saturating_sub(dropped_here);
         }
         let mut cut: Option<(usize, Close)> = None;
         for event in events {
-            let side = &mut self.sides[s];
             match event {
                 Event::Frame { at, header } => {
                     let data = !header.opcode.is_control();
@@ -201,7 +204,7 @@ impl WebSocketStream {
         }
 
         let Some((at, close)) = cut else {
-            self.sides[s].pending = chunk[limit..].to_vec();
+            side.pending = chunk.get(limit..).unwrap_or_default().to_vec();
             return if removed.is_empty() && pending_len == 0 && keep_back == 0 {
                 Edit::Keep
             } else {
@@ -210,10 +213,10 @@ impl WebSocketStream {
         };
         let mut out = without(chunk, &removed, at.min(limit));
         out.extend_from_slice(&close_towards_receiver(direction, &close));
-        self.sides[s].closed = true;
-        let other = 1 - s;
-        if !self.sides[other].closed {
-            self.sides[other].owed = Some(close);
+        side.closed = true;
+        let other = self.sides.get_mut(opposite(direction));
+        if !other.closed {
+            other.owed = Some(close);
         }
         Edit::Replace(out)
     }
@@ -221,7 +224,7 @@ impl WebSocketStream {
     /// Whether the filter still owes a close to the side whose chunks travel
     /// `direction` (it is sent with that side's next chunk).
     pub fn owes_close(&self, direction: Direction) -> bool {
-        self.sides[side(direction)].owed.is_some()
+        self.sides.get(direction).owed.is_some()
     }
 }
 
@@ -240,19 +243,17 @@ fn drop_frame(side: &mut WsSide, removed: &mut Vec<(usize, usize)>, chunk_len: u
 
 /// The bytes of `chunk[..limit]` outside the (sorted, disjoint) `removed` ranges.
 fn without(chunk: &[u8], removed: &[(usize, usize)], limit: usize) -> Vec<u8> {
-    let limit = limit.min(chunk.len());
-    let mut out = Vec::with_capacity(limit);
+    let chunk = chunk.get(..limit).unwrap_or(chunk);
+    let mut out = Vec::with_capacity(chunk.len());
     let mut pos = 0;
     for &(start, end) in removed {
-        let (start, end) = (start.min(limit), end.min(limit));
-        if start > pos {
-            out.extend_from_slice(&chunk[pos..start]);
+        // Empty (None) when the range starts at or before `pos`.
+        if let Some(kept) = chunk.get(pos..start.min(chunk.len())) {
+            out.extend_from_slice(kept);
         }
         pos = pos.max(end);
     }
-    if pos < limit {
-        out.extend_from_slice(&chunk[pos..limit]);
-    }
+    out.extend_from_slice(chunk.get(pos..).unwrap_or_default());
     out
 }
 
