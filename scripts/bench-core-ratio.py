@@ -5,17 +5,19 @@ Reads criterion's estimates under <target>/criterion (the target directory
 from `cargo metadata`, which honours CARGO_TARGET_DIR; CRITERION_HOME wins
 if set), prints every result in ns per decision, then
 
+    core_checkout_vs_governor_ratio: Y
     core_vs_governor_ratio: X
 
 where X = Sluice / governor for the hot-key GCRA case: the median of
-hot_key/sluice_checkout/gcra (MemoryStore through the StateStore trait)
-over the median of hot_key/governor_keyed_fake_clock (governor's keyed
-DashMap limiter on the same simulated time). Medians, not means: on a
-shared 2-core machine a preempted sample moves the mean far more. Below 1
-means the core is faster. The in-place path (MemoryStore::acquire) gets its
-own line, core_inplace_vs_governor_ratio.
+hot_key/sluice_inplace/gcra (the store's one-step keyed decision,
+MemoryStore::acquire, which the engine uses for a single rule) over the
+median of hot_key/governor_keyed_fake_clock (governor's keyed DashMap
+limiter on the same simulated time). Y is the same for the checkout path,
+hot_key/sluice_checkout/gcra (MemoryStore through the StateStore trait:
+load, check, save). Medians, not means: on a shared 2-core machine a
+preempted sample moves the mean far more. Below 1 means the core is faster.
 
-Exits 1 if either headline result is missing (run the bench first).
+Exits 1 if any of these three results is missing (run the bench first).
 """
 
 import json

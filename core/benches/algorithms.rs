@@ -64,8 +64,10 @@
 //! Governor's keyed store is concurrent: a sharded `DashMap` (a shard read
 //! lock) and an atomic compare-and-swap per call, usable from many threads
 //! at once through `&self`. Sluice's `MemoryStore` is single-owner (`&mut
-//! self`, no synchronisation); each Envoy worker owns one, and the quota
-//! server puts one behind a mutex (not measured here). Everything runs on
+//! self`, no synchronisation); the quota server puts one behind a mutex
+//! (not measured here). The Envoy filter does not use it: its workers share
+//! counters through a `SlotStore` over Envoy's shared data (compare-and-swap
+//! per write, also not measured here). Everything runs on
 //! one thread, so governor's synchronisation is uncontended but still
 //! paid. Sluice's `Outcome` also carries more (remaining, reset and retry
 //! times) than governor's `Result`.

@@ -4,6 +4,7 @@
 //! `no_std` + `alloc`: it runs inside Envoy's wasm VMs as well as in the
 //! quota server. It never reads a clock; every call takes the time.
 #![no_std]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;

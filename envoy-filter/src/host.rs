@@ -147,10 +147,10 @@ pub(crate) mod fake {
         }
         fn define_counter(&self, name: &str) -> Option<MetricId> {
             let mut names = self.metric_names.borrow_mut();
-            let id = names.iter().position(|n| n == name).unwrap_or_else(|| {
+            if !names.iter().any(|n| n == name) {
                 names.push(name.into());
-                names.len() - 1
-            });
+            }
+            let id = names.iter().position(|n| n == name)?;
             Some(MetricId(id as u32))
         }
         fn define_gauge(&self, name: &str) -> Option<MetricId> {
@@ -158,11 +158,15 @@ pub(crate) mod fake {
         }
         fn increment(&self, metric: MetricId, by: u64) {
             assert!(by > 0, "Envoy refuses increments of 0");
-            *self.metric_values.borrow_mut().entry(metric.0).or_default() += by as i64;
+            let mut values = self.metric_values.borrow_mut();
+            let value = values.entry(metric.0).or_default();
+            *value = value.checked_add(by as i64).expect("test counter overflow");
         }
         fn add_to_gauge(&self, metric: MetricId, delta: i64) {
             assert!(delta != 0, "Envoy refuses increments of 0");
-            *self.metric_values.borrow_mut().entry(metric.0).or_default() += delta;
+            let mut values = self.metric_values.borrow_mut();
+            let value = values.entry(metric.0).or_default();
+            *value = value.checked_add(delta).expect("test gauge overflow");
         }
         fn warn(&self, message: &str) {
             self.warnings.borrow_mut().push(message.into());

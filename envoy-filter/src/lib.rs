@@ -4,6 +4,12 @@
 //! [`host::Host`] trait, so it is unit-tested natively against a double;
 //! the `wasm` module is the thin proxy-wasm glue that Envoy loads.
 
+// "Never panics" rests on these: an index out of bounds or an overflow
+// would abort the worker's VM.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+// Only the raw host calls in `wasm::abi` may be unsafe.
+#![deny(unsafe_code)]
+
 pub mod host;
 pub mod http;
 pub mod metrics;

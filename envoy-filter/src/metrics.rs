@@ -18,7 +18,7 @@ pub enum Outcome {
     Limited,
     /// A shadow rule would have limited it.
     ShadowLimited,
-    /// The rule held it before allowing it.
+    /// The rule delayed it before allowing it.
     Delayed,
     /// The rule discarded a WebSocket message.
     Dropped,
@@ -102,7 +102,10 @@ impl Metrics {
             .map(|rule| {
                 let mut m = RuleMetrics::default();
                 for &protocol in protocols(rule, tells) {
-                    m.outcomes[protocol_slot(protocol)] = Outcome::ALL.map(|o| {
+                    let Some(outcomes) = m.outcomes.get_mut(protocol_slot(protocol)) else {
+                        continue;
+                    };
+                    *outcomes = Outcome::ALL.map(|o| {
                         host.define_counter(&format!(
                             "sluice_{}.rule.{}.outcome.{}",
                             protocol_name(protocol),
@@ -134,7 +137,10 @@ impl Metrics {
         let id = self
             .per_rule
             .get(rule_index)
-            .and_then(|m| m.outcomes[protocol_slot(protocol)][outcome as usize]);
+            .and_then(|m| m.outcomes.get(protocol_slot(protocol)))
+            .and_then(|outcomes| outcomes.get(outcome as usize))
+            .copied()
+            .flatten();
         if let Some(id) = id {
             host.increment(id, 1);
         }

@@ -137,14 +137,14 @@ impl GrpcFrameParser {
         if let Some(error) = self.error {
             return Err(error);
         }
-        let mut pos = 0;
-        while pos < chunk.len() {
-            let rest = &chunk[pos..];
+        let mut pos = 0usize;
+        while let Some(rest) = chunk.get(pos..).filter(|rest| !rest.is_empty()) {
             if let Some(message) = self.current {
                 // `remaining` ≤ u32::MAX, so the min fits in u32.
                 let take = min(self.remaining as usize, rest.len());
-                pos += take;
-                self.remaining -= take as u32;
+                // `take` ≤ `rest.len()` and ≤ `remaining`: neither saturates.
+                pos = pos.saturating_add(take);
+                self.remaining = self.remaining.saturating_sub(take as u32);
                 if self.remaining == 0 {
                     self.current = None;
                     on_event(GrpcEvent::Completed { end: pos, message });
@@ -160,10 +160,14 @@ impl GrpcFrameParser {
                 carried,
             };
             let filled = usize::from(self.header_len);
-            let take = min(HEADER_LEN - filled, rest.len());
-            self.header[filled..filled + take].copy_from_slice(&rest[..take]);
-            pos += take;
-            self.header_len += take as u8;
+            let unfilled = self.header.get_mut(filled..).unwrap_or_default();
+            let take = min(unfilled.len(), rest.len());
+            if let (Some(to), Some(from)) = (unfilled.get_mut(..take), rest.get(..take)) {
+                to.copy_from_slice(from);
+            }
+            // `take` ≤ `rest.len()` and ≤ HEADER_LEN: neither saturates.
+            pos = pos.saturating_add(take);
+            self.header_len = self.header_len.saturating_add(take as u8);
 
             // Check the flag as soon as it arrives: garbage fails fast.
             let flag = self.header[0];

@@ -13,6 +13,10 @@
 //! with [`ChunkPos::carried`] > 0: those header bytes have already been
 //! seen, and the in-chunk offset is 0.
 
+// The parsers read bytes clients send: an index out of bounds or an
+// overflow here would be a panic any client could trigger.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 pub mod grpc;
 pub mod websocket;
 

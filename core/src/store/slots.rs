@@ -54,7 +54,9 @@ pub struct SlotVersion {
 #[derive(Debug)]
 struct Table {
     /// `sluice/<rule>/`: names stay the same across config reloads, so a
-    /// reload neither loses counts nor leaks a new table.
+    /// reload reuses the table instead of leaking a new one. Counts still
+    /// restart: the seed comes from the config, so a new config puts every
+    /// key in different slots under a different stored key.
     prefix: String,
     slots: u64,
 }

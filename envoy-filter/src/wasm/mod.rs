@@ -1,5 +1,6 @@
 //! The proxy-wasm glue: Envoy's callbacks in, [`Plugin`] decisions out.
 
+#[allow(unsafe_code)] // Host calls through the proxy-wasm ABI: each block has its SAFETY note.
 mod abi;
 
 use std::cell::RefCell;

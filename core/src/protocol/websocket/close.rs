@@ -30,24 +30,24 @@ impl CloseCode {
 /// server frames must be masked) and `None` for frames sent to the client.
 pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
     let reason = truncate_utf8(reason, MAX_CLOSE_REASON_LEN);
-    // ≤ 125, so it fits the 7-bit length.
-    let payload_len = 2 + reason.len();
-    let mut frame = Vec::with_capacity(2 + 4 + payload_len);
-    // FIN + opcode 0x8.
-    frame.push(0x88);
-    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
-    frame.push(mask_bit | payload_len as u8);
+    let mut payload = Vec::with_capacity(MAX_CLOSE_REASON_LEN.saturating_add(2));
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(reason.as_bytes());
     if let Some(key) = mask {
-        frame.extend_from_slice(&key);
-    }
-    let payload_start = frame.len();
-    frame.extend_from_slice(&code.to_be_bytes());
-    frame.extend_from_slice(reason.as_bytes());
-    if let Some(key) = mask {
-        for (byte, k) in frame[payload_start..].iter_mut().zip(key.iter().cycle()) {
+        for (byte, k) in payload.iter_mut().zip(key.iter().cycle()) {
             *byte ^= k;
         }
     }
+    let mut frame = Vec::with_capacity(payload.len().saturating_add(6));
+    // FIN + opcode 0x8.
+    frame.push(0x88);
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    // ≤ 125 (2 + MAX_CLOSE_REASON_LEN), so it fits the 7-bit length.
+    frame.push(mask_bit | payload.len() as u8);
+    if let Some(key) = mask {
+        frame.extend_from_slice(&key);
+    }
+    frame.extend_from_slice(&payload);
     frame
 }
 
@@ -56,10 +56,8 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
-    // A UTF-8 character is at most 4 bytes, so this steps back ≤ 3 times.
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.get(..end).unwrap_or_default()
+    // A UTF-8 character is at most 4 bytes, so this looks at ≤ 4 ends;
+    // 0 is always a boundary.
+    let end = (0..=max).rev().find(|&end| s.is_char_boundary(end));
+    s.get(..end.unwrap_or(0)).unwrap_or_default()
 }

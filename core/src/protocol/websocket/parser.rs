@@ -110,14 +110,14 @@ impl FrameParser {
         if let Some(error) = self.error {
             return Err(error);
         }
-        let mut pos = 0;
-        while pos < chunk.len() {
+        let mut pos = 0usize;
+        while let Some(rest) = chunk.get(pos..).filter(|rest| !rest.is_empty()) {
             if self.remaining > 0 {
-                let rest = (chunk.len() - pos) as u64;
-                let take = min(self.remaining, rest);
-                // `take` ≤ `rest`, which came from a usize.
-                pos += take as usize;
-                self.remaining -= take;
+                let take = min(self.remaining, rest.len() as u64);
+                // `take` ≤ `rest.len()`, a usize, and ≤ `remaining`: neither
+                // saturates.
+                pos = pos.saturating_add(take as usize);
+                self.remaining = self.remaining.saturating_sub(take);
                 if self.remaining == 0 {
                     self.end_frame(pos, &mut on_event);
                 }
@@ -134,12 +134,14 @@ impl FrameParser {
             // check runs as soon as the byte it needs is in.
             let mut complete = false;
             while let Some(&byte) = chunk.get(pos) {
-                pos += 1;
+                // `pos` < `chunk.len()`, and `header_len` < `header_need` ≤ 14
+                // here: neither saturates.
+                pos = pos.saturating_add(1);
                 let filled = usize::from(self.header_len);
                 if let Some(slot) = self.header.get_mut(filled) {
                     *slot = byte;
                 }
-                self.header_len += 1;
+                self.header_len = self.header_len.saturating_add(1);
                 match self.header_len {
                     1 => self.check_first_byte(byte)?,
                     2 => self.check_second_byte(byte)?,
@@ -204,12 +206,15 @@ impl FrameParser {
             };
             return Err(self.fail(error));
         }
-        let extended = match byte & 0x7F {
-            126 => 2,
-            127 => 8,
-            _ => 0,
+        // 2 bytes, then the extended length, then the masking key.
+        self.header_need = match (byte & 0x7F, masked) {
+            (126, false) => 4,
+            (126, true) => 8,
+            (127, false) => 10,
+            (127, true) => 14,
+            (_, false) => 2,
+            (_, true) => 6,
         };
-        self.header_need = 2 + extended + if masked { 4 } else { 0 };
         Ok(())
     }
 
@@ -241,7 +246,10 @@ impl FrameParser {
             short => (u64::from(short), 2),
         };
         let mask = if h[1] & 0x80 != 0 {
-            Some([h[mask_at], h[mask_at + 1], h[mask_at + 2], h[mask_at + 3]])
+            // `mask_at` is 2, 4 or 10, so the key lies within the 14 bytes.
+            h.get(mask_at..)
+                .and_then(|key| key.first_chunk::<4>())
+                .copied()
         } else {
             None
         };

@@ -73,7 +73,7 @@ fn frame(first_byte: u8, mask: Option<[u8; 4]>, payload_len: usize) -> Vec<u8> {
     if let Some(key) = mask {
         out.extend_from_slice(&key);
     }
-    out.resize(out.len() + payload_len, 0);
+    out.extend(core::iter::repeat_n(0, payload_len));
     out
 }
 

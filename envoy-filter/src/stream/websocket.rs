@@ -1,166 +1,12 @@
-//! Limits inside a gRPC or WebSocket stream: body chunks in, decisions
-//! per message out, and the chunk as it must be passed on.
-//!
-//! Host-agnostic: the caller hands over each chunk's bytes and a [`Judge`]
-//! that decides messages against the rules; this module parses, asks, and
-//! says how to rewrite the chunk. Envoy can only replace a body chunk's
-//! prefix or append to it, so every edit is expressed as a whole new chunk.
+//! A WebSocket connection's two directions: frames parsed across chunks,
+//! each message asked of the rules, and the chunk rewritten when a message
+//! is dropped or the connection is closed (both ways) for a violation.
 
 use sluice_core::policy::Direction;
 use sluice_core::protocol::websocket::{self, CloseCode, Event, FrameParser, Opcode};
-use sluice_core::protocol::{ChunkPos, GrpcEvent, GrpcFrameParser};
+use sluice_core::protocol::ChunkPos;
 
-/// What one message (or WebSocket frame) asks of the stream rules.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ask {
-    /// 1 when a message starts here, else 0.
-    pub messages: u64,
-    /// Payload bytes this message or frame carries.
-    pub bytes: u64,
-    /// The message's size so far (for size bounds).
-    pub size: u64,
-}
-
-/// Why a message is refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Violation {
-    /// A messages or bytes rate.
-    Rate,
-    /// A message size bound.
-    TooBig,
-}
-
-/// The verdict on one [`Ask`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Answer {
-    /// Pass it on.
-    Pass,
-    /// Refuse it; the stream ends (gRPC status, WebSocket close).
-    Refuse {
-        /// The rule that refused it.
-        rule: String,
-        /// Rate or size.
-        violation: Violation,
-        /// Seconds after which a retry could pass.
-        retry_after: u64,
-        /// The rate-limit headers for a gRPC refusal's metadata.
-        metadata: Vec<(&'static str, String)>,
-    },
-    /// Discard the message, keep the connection (WebSocket `drop`).
-    Drop {
-        /// Rate or size: a size violation in a message already partly
-        /// passed on cannot be dropped and closes instead.
-        violation: Violation,
-        /// The rule that dropped it.
-        rule: String,
-    },
-}
-
-/// Decides messages against the stream rules of one request.
-pub trait Judge {
-    /// The verdict for `ask` travelling `direction`.
-    fn judge(&mut self, direction: Direction, ask: Ask) -> Answer;
-}
-
-/// What to do with a chunk after the stream rules saw it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Edit {
-    /// Pass it on unchanged.
-    Keep,
-    /// Pass these bytes on instead.
-    Replace(Vec<u8>),
-    /// gRPC, response not started: end the call with RESOURCE_EXHAUSTED.
-    RefuseCall {
-        /// The `grpc-message`.
-        message: String,
-        /// `retry-after` and the rate-limit headers.
-        metadata: Vec<(&'static str, String)>,
-    },
-}
-
-/// Index of a direction in per-direction arrays.
-fn side(direction: Direction) -> usize {
-    match direction {
-        Direction::Client => 0,
-        Direction::Server => 1,
-    }
-}
-
-/// The gRPC status message for a refused call or message.
-pub fn grpc_message(rule: &str, retry_after: u64) -> String {
-    format!("rate limited by rule {rule}; retry after {retry_after}s")
-}
-
-/// A gRPC call's streams.
-#[derive(Debug, Default)]
-pub struct GrpcStream {
-    parsers: [GrpcFrameParser; 2],
-    /// Directions whose messages are no longer passed on.
-    blocked: [bool; 2],
-    /// The status message to put in the trailers, once a message was
-    /// refused after the response started.
-    refused: Option<String>,
-}
-
-impl GrpcStream {
-    /// Sees a chunk travelling `direction`; `response_started` says whether
-    /// a clean trailers-only answer is still possible.
-    pub fn chunk(
-        &mut self,
-        judge: &mut impl Judge,
-        direction: Direction,
-        bytes: &[u8],
-        response_started: bool,
-    ) -> Edit {
-        let s = side(direction);
-        if self.blocked[s] {
-            return if bytes.is_empty() {
-                Edit::Keep
-            } else {
-                Edit::Replace(Vec::new())
-            };
-        }
-        let mut starts: Vec<(usize, u64)> = Vec::new();
-        // A malformed stream is the endpoints' business: stop counting and
-        // pass it on rather than guess.
-        let _ = self.parsers[s].feed(bytes, |event| {
-            if let GrpcEvent::Started { at, message } = event {
-                starts.push((at.offset, u64::from(message.len)));
-            }
-        });
-        for (offset, len) in starts {
-            let ask = Ask {
-                messages: 1,
-                bytes: len,
-                size: len,
-            };
-            let (rule, retry_after, metadata) = match judge.judge(direction, ask) {
-                Answer::Pass => continue,
-                Answer::Refuse {
-                    rule,
-                    retry_after,
-                    metadata,
-                    ..
-                } => (rule, retry_after, metadata),
-                Answer::Drop { rule, .. } => (rule, 1, Vec::new()),
-            };
-            let message = grpc_message(&rule, retry_after);
-            if !response_started {
-                return Edit::RefuseCall { message, metadata };
-            }
-            self.blocked[s] = true;
-            self.refused = Some(message);
-            return Edit::Replace(bytes[..offset.min(bytes.len())].to_vec());
-        }
-        Edit::Keep
-    }
-
-    /// The `grpc-message` to put in the trailers with status 8, if a
-    /// message was refused after the response started.
-    pub fn refused(&self) -> Option<&str> {
-        self.refused.as_deref()
-    }
-}
+use super::{opposite, Answer, Ask, Edit, Judge, PerDirection, Violation};
 
 /// A close this filter owes one side of a WebSocket connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,7 +27,7 @@ struct WsSide {
     dropping: bool,
     /// Bytes of a dropped frame still to come in later chunks.
     drop_carry: u64,
-    /// The start of a frame header held back from the last chunk, so that
+    /// The start of a frame header kept back from the last chunk, so that
     /// a cut never falls inside a header already passed on.
     pending: Vec<u8>,
     /// The data frame whose header was seen last.
@@ -220,7 +66,7 @@ impl WsSide {
 /// A WebSocket connection's two directions.
 #[derive(Debug)]
 pub struct WebSocketStream {
-    sides: [WsSide; 2],
+    sides: PerDirection<WsSide>,
 }
 
 /// The close frame towards the receiver of `direction`: masked towards the
@@ -239,21 +85,21 @@ impl WebSocketStream {
     /// (`deflate`: negotiated in the upgrade), which allows RSV1.
     pub fn new(deflate: bool) -> WebSocketStream {
         WebSocketStream {
-            sides: [
-                WsSide::new(websocket::Direction::ClientToServer, deflate),
-                WsSide::new(websocket::Direction::ServerToClient, deflate),
-            ],
+            sides: PerDirection {
+                client: WsSide::new(websocket::Direction::ClientToServer, deflate),
+                server: WsSide::new(websocket::Direction::ServerToClient, deflate),
+            },
         }
     }
 
     /// Sees a chunk travelling `direction`.
     pub fn chunk(&mut self, judge: &mut impl Judge, direction: Direction, bytes: &[u8]) -> Edit {
-        let s = side(direction);
-        if let Some(close) = self.sides[s].owed.take() {
-            self.sides[s].closed = true;
+        let side = self.sides.get_mut(direction);
+        if let Some(close) = side.owed.take() {
+            side.closed = true;
             return Edit::Replace(close_towards_receiver(direction, &close));
         }
-        if self.sides[s].closed {
+        if side.closed {
             return if bytes.is_empty() {
                 Edit::Keep
             } else {
@@ -261,48 +107,51 @@ impl WebSocketStream {
             };
         }
         let mut events: Vec<Event> = Vec::new();
-        let _ = self.sides[s].parser.feed(bytes, |e| events.push(e));
-        // Work on the held-back header bytes followed by this chunk; keep
+        let _ = side.parser.feed(bytes, |e| events.push(e));
+        // Work on the header bytes kept back followed by this chunk; keep
         // back again whatever header is still incomplete at its end.
-        let pending = std::mem::take(&mut self.sides[s].pending);
-        let held = pending.len();
+        let pending = std::mem::take(&mut side.pending);
+        let pending_len = pending.len();
         let whole_chunk: Vec<u8>;
-        let chunk: &[u8] = if held == 0 {
+        let chunk: &[u8] = if pending_len == 0 {
             bytes
         } else {
             whole_chunk = [pending.as_slice(), bytes].concat();
             &whole_chunk
         };
-        let keep_back = self.sides[s].parser.pending_header_len().min(chunk.len());
-        let limit = chunk.len() - keep_back;
-        // A position reported by the parser, in `chunk` coordinates.
+        let keep_back = side.parser.pending_header_len().min(chunk.len());
+        // `keep_back` ≤ `chunk.len()`: exact.
+        let limit = chunk.len().saturating_sub(keep_back);
+        // A position reported by the parser, in `chunk` coordinates. An
+        // offset lies within `bytes`, so the sum is within `chunk`: exact.
         let locate = |at: ChunkPos| {
             if at.carried > 0 {
-                held.saturating_sub(usize::from(at.carried))
+                pending_len.saturating_sub(usize::from(at.carried))
             } else {
-                held + at.offset
+                pending_len.saturating_add(at.offset)
             }
         };
 
         // Byte ranges of `chunk` to leave out, and where to cut for a close.
         let mut removed: Vec<(usize, usize)> = Vec::new();
-        let carry = self.sides[s].drop_carry;
+        let carry = side.drop_carry;
         if carry > 0 {
-            let end = held
+            let end = pending_len
                 .saturating_add(usize::try_from(carry).unwrap_or(usize::MAX))
                 .min(chunk.len());
-            removed.push((held, end));
-            self.sides[s].drop_carry = carry - (end - held) as u64;
+            removed.push((pending_len, end));
+            // `pending_len` ≤ `end` ≤ `pending_len + carry`: both exact.
+            let dropped_here = end.saturating_sub(pending_len) as u64;
+            side.drop_carry = carry.saturating_sub(dropped_here);
         }
         let mut cut: Option<(usize, Close)> = None;
         for event in events {
-            let side = &mut self.sides[s];
             match event {
                 Event::Frame { at, header } => {
                     let data = !header.opcode.is_control();
                     side.frame = data.then_some(FrameAt {
                         offset: locate(at),
-                        whole: usize::from(at.carried) <= held,
+                        whole: usize::from(at.carried) <= pending_len,
                         len: header.frame_len(),
                         payload: header.payload_len,
                         starts: header.opcode != Opcode::Continuation,
@@ -355,8 +204,8 @@ impl WebSocketStream {
         }
 
         let Some((at, close)) = cut else {
-            self.sides[s].pending = chunk[limit..].to_vec();
-            return if removed.is_empty() && held == 0 && keep_back == 0 {
+            side.pending = chunk.get(limit..).unwrap_or_default().to_vec();
+            return if removed.is_empty() && pending_len == 0 && keep_back == 0 {
                 Edit::Keep
             } else {
                 Edit::Replace(without(chunk, &removed, limit))
@@ -364,10 +213,10 @@ impl WebSocketStream {
         };
         let mut out = without(chunk, &removed, at.min(limit));
         out.extend_from_slice(&close_towards_receiver(direction, &close));
-        self.sides[s].closed = true;
-        let other = 1 - s;
-        if !self.sides[other].closed {
-            self.sides[other].owed = Some(close);
+        side.closed = true;
+        let other = self.sides.get_mut(opposite(direction));
+        if !other.closed {
+            other.owed = Some(close);
         }
         Edit::Replace(out)
     }
@@ -375,7 +224,7 @@ impl WebSocketStream {
     /// Whether the filter still owes a close to the side whose chunks travel
     /// `direction` (it is sent with that side's next chunk).
     pub fn owes_close(&self, direction: Direction) -> bool {
-        self.sides[side(direction)].owed.is_some()
+        self.sides.get(direction).owed.is_some()
     }
 }
 
@@ -394,71 +243,24 @@ fn drop_frame(side: &mut WsSide, removed: &mut Vec<(usize, usize)>, chunk_len: u
 
 /// The bytes of `chunk[..limit]` outside the (sorted, disjoint) `removed` ranges.
 fn without(chunk: &[u8], removed: &[(usize, usize)], limit: usize) -> Vec<u8> {
-    let limit = limit.min(chunk.len());
-    let mut out = Vec::with_capacity(limit);
+    let chunk = chunk.get(..limit).unwrap_or(chunk);
+    let mut out = Vec::with_capacity(chunk.len());
     let mut pos = 0;
     for &(start, end) in removed {
-        let (start, end) = (start.min(limit), end.min(limit));
-        if start > pos {
-            out.extend_from_slice(&chunk[pos..start]);
+        // Empty (None) when the range starts at or before `pos`.
+        if let Some(kept) = chunk.get(pos..start.min(chunk.len())) {
+            out.extend_from_slice(kept);
         }
         pos = pos.max(end);
     }
-    if pos < limit {
-        out.extend_from_slice(&chunk[pos..limit]);
-    }
+    out.extend_from_slice(chunk.get(pos..).unwrap_or_default());
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Allows `budget` messages per direction, then answers `over`.
-    struct Budget {
-        left: [u64; 2],
-        over: Answer,
-        asks: Vec<(Direction, Ask)>,
-    }
-
-    impl Judge for Budget {
-        fn judge(&mut self, direction: Direction, ask: Ask) -> Answer {
-            self.asks.push((direction, ask));
-            let left = &mut self.left[side(direction)];
-            if ask.messages == 0 {
-                return Answer::Pass;
-            }
-            if *left == 0 {
-                return self.over.clone();
-            }
-            *left -= 1;
-            Answer::Pass
-        }
-    }
-
-    fn budget(n: u64, over: Answer) -> Budget {
-        Budget {
-            left: [n, n],
-            over,
-            asks: Vec::new(),
-        }
-    }
-
-    fn refuse(violation: Violation) -> Answer {
-        Answer::Refuse {
-            rule: "r".into(),
-            violation,
-            retry_after: 3,
-            metadata: vec![("retry-after", "3".into())],
-        }
-    }
-
-    fn grpc_message_bytes(len: usize) -> Vec<u8> {
-        let mut m = vec![0u8];
-        m.extend_from_slice(&(len as u32).to_be_bytes());
-        m.extend(std::iter::repeat_n(7u8, len));
-        m
-    }
+    use crate::stream::test_judge::{budget, refuse};
 
     fn masked_text(payload: &[u8], fin: bool, first: bool) -> Vec<u8> {
         let opcode = if first { 0x1 } else { 0x0 };
@@ -477,58 +279,6 @@ mod tests {
                 .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
         );
         f
-    }
-
-    #[test]
-    fn grpc_refuses_cleanly_before_the_response_and_blocks_after() -> Result<(), String> {
-        let mut judge = budget(1, refuse(Violation::Rate));
-        let mut call = GrpcStream::default();
-        let two = [grpc_message_bytes(3), grpc_message_bytes(2)].concat();
-        assert_eq!(
-            call.chunk(&mut judge, Direction::Client, &two, false),
-            Edit::RefuseCall {
-                message: "rate limited by rule r; retry after 3s".into(),
-                metadata: vec![("retry-after", "3".into())],
-            }
-        );
-
-        let mut judge = budget(1, refuse(Violation::Rate));
-        let mut call = GrpcStream::default();
-        let edit = call.chunk(&mut judge, Direction::Server, &two, true);
-        assert_eq!(edit, Edit::Replace(grpc_message_bytes(3)));
-        assert_eq!(
-            call.refused(),
-            Some("rate limited by rule r; retry after 3s")
-        );
-        assert_eq!(
-            call.chunk(&mut judge, Direction::Server, &grpc_message_bytes(1), true),
-            Edit::Replace(Vec::new())
-        );
-        // The client's half-close still goes through.
-        assert_eq!(
-            call.chunk(&mut judge, Direction::Client, &[], true),
-            Edit::Keep
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn grpc_counts_messages_however_chunks_are_cut() -> Result<(), String> {
-        let stream = [
-            grpc_message_bytes(4),
-            grpc_message_bytes(0),
-            grpc_message_bytes(9),
-        ]
-        .concat();
-        for cut in 1..stream.len() {
-            let mut judge = budget(10, Answer::Pass);
-            let mut call = GrpcStream::default();
-            call.chunk(&mut judge, Direction::Client, &stream[..cut], false);
-            call.chunk(&mut judge, Direction::Client, &stream[cut..], false);
-            let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.bytes).collect();
-            assert_eq!(sizes, [4, 0, 9], "cut at {cut}");
-        }
-        Ok(())
     }
 
     #[test]

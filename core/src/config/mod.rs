@@ -1,0 +1,27 @@
+//! The configuration as users write it (JSON for the filter, YAML for the
+//! quota server), and its validation into a [`Policy`](crate::policy::Policy).
+//!
+//! Validation collects every problem, each with the path of the field at
+//! fault (`rules[2].limit.per: must be at least 1ms`), so a user fixes a
+//! file in one pass.
+//!
+//! - `schema`: the shape of the file, as serde reads and writes it.
+//! - `parse`: JSON and YAML text into that shape.
+//! - `validate`, `rule`, `conditions`: the shape into a policy, checking
+//!   the whole file, each rule, and each rule's match conditions.
+//! - `error`: what a refused configuration reports.
+
+mod conditions;
+mod error;
+mod parse;
+mod rule;
+mod schema;
+mod validate;
+
+pub use error::{ConfigError, FieldError};
+pub use schema::{
+    ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig, GrpcConfig, HeaderConfig,
+    HeadersConfig, LimitConfig, MatchConfig, PathConfig, RuleConfig, ScopeConfig, SpanText,
+    StatusSpec,
+};
+pub use validate::{MAX_KEYS_LIMIT, MAX_LOG_COUNT, MAX_RULE_NAME, MAX_TRUSTED_HOPS};

@@ -1,0 +1,274 @@
+//! One rule as written into a [`Rule`]: its name, key, what it counts,
+//! its limit and algorithm, its cost and its action.
+
+use alloc::format;
+use alloc::string::ToString;
+use alloc::vec::Vec;
+
+use super::conditions::validate_match;
+use super::error::Errors;
+use super::schema::{ActionKind, CountsConfig, DirectionConfig, RuleConfig, ScopeConfig, SpanText};
+use super::validate::{MAX_LOG_COUNT, MAX_RULE_NAME};
+use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
+use crate::policy::{Action, Counts, Flow, KeyPart, KeySpec, Matcher, Rule, Scope};
+use crate::time::Span;
+
+/// The rule at `at` (`rules[i]`), or `None` after recording why not.
+pub(super) fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule> {
+    let before = errors.count();
+    let name_ok = !raw.name.is_empty()
+        && raw.name.len() <= MAX_RULE_NAME
+        && raw
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !name_ok {
+        errors.add(
+            at,
+            ".name",
+            format!("must be 1 to {MAX_RULE_NAME} characters of A-Z, a-z, 0-9, '-' or '_'"),
+        );
+    }
+
+    let matcher = validate_match(&raw.matcher, at, errors);
+
+    let scope = match raw.scope {
+        Some(ScopeConfig::Global) => Scope::Global,
+        Some(ScopeConfig::PerKey) | None => Scope::PerKey,
+    };
+    let key = match (&raw.key, scope) {
+        (Some(_), Scope::Global) => {
+            errors.add(
+                at,
+                ".key",
+                "a rule of scope global has one counter and no key; remove key or use scope per_key"
+                    .into(),
+            );
+            KeySpec::default()
+        }
+        (None, Scope::Global) => KeySpec::default(),
+        (None, Scope::PerKey) => KeySpec::new([KeyPart::ClientIp].into()),
+        (Some(parts), Scope::PerKey) => {
+            if parts.is_empty() {
+                errors.add(at, ".key", "needs at least one part".into());
+            }
+            let mut spec = Vec::new();
+            for (j, part) in parts.iter().enumerate() {
+                match KeyPart::parse(part) {
+                    Some(p) => spec.push(p),
+                    None => errors.add(
+                        at,
+                        &format!(".key[{j}]"),
+                        format!(
+                            "unknown key part {part:?}: use client_ip, header:<name>, path, path_segment:<n> or method"
+                        ),
+                    ),
+                }
+            }
+            KeySpec::new(spec)
+        }
+    };
+
+    let counts = validate_counts(raw, &matcher, at, errors);
+    // in_flight and message_size are bounds, not rates: no period, no
+    // algorithm choice.
+    let is_bound = matches!(counts, Counts::InFlight | Counts::MessageSize(_));
+    let algorithm = if is_bound {
+        if raw.algorithm.is_some() {
+            errors.add(
+                at,
+                ".algorithm",
+                "not used with this counts; remove it".into(),
+            );
+        }
+        AlgorithmKind::Concurrency
+    } else {
+        match raw.algorithm {
+            Some(AlgorithmKind::Concurrency) => {
+                errors.add(
+                    at,
+                    ".algorithm",
+                    "concurrency is implied by counts in_flight; choose a rate algorithm".into(),
+                );
+                AlgorithmKind::TokenBucket
+            }
+            other => other.unwrap_or_default(),
+        }
+    };
+    let per = match (&raw.limit.per, is_bound) {
+        (Some(_), true) => {
+            errors.add(at, ".limit.per", "a bound has no period; remove per".into());
+            Ok(Quota::MIN_PERIOD)
+        }
+        (None, true) => Ok(Quota::MIN_PERIOD),
+        (Some(per), false) => per.parse(),
+        (None, false) => Err("required".to_string()),
+    };
+    if let Err(message) = &per {
+        errors.add(at, ".limit.per", message.clone());
+    }
+    let per_unreadable = per.is_err();
+    let per = per.unwrap_or(Span::ZERO);
+    let quota = match Quota::new(raw.limit.count, per, raw.limit.burst) {
+        Ok(q) => Some(q),
+        Err(e) => {
+            let field = match e {
+                QuotaError::ZeroCount => ".limit.count",
+                QuotaError::PeriodTooShort => ".limit.per",
+                QuotaError::ZeroBurst => ".limit.burst",
+            };
+            // An unreadable `per` was reported already.
+            if !(field == ".limit.per" && per_unreadable) {
+                errors.add(at, field, e.to_string());
+            }
+            None
+        }
+    };
+    if algorithm == AlgorithmKind::SlidingWindowLog && raw.limit.count > MAX_LOG_COUNT {
+        errors.add(
+            at,
+            ".limit.count",
+            format!(
+                "sliding_window_log keeps one entry per request: at most {MAX_LOG_COUNT}; use sliding_window_counter for larger limits"
+            ),
+        );
+    }
+    let uses_burst = matches!(
+        algorithm,
+        AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket | AlgorithmKind::Gcra
+    );
+    if raw.limit.burst.is_some() && !uses_burst {
+        errors.add(
+            at,
+            ".limit.burst",
+            format!("{} has no burst; remove it", algorithm.name()),
+        );
+    }
+
+    let cost = raw.cost.unwrap_or(1);
+    if cost == 0 {
+        errors.add(at, ".cost", "must be at least 1".into());
+    }
+    if raw.cost.is_some() && matches!(counts, Counts::Bytes(_) | Counts::MessageSize(_)) {
+        errors.add(
+            at,
+            ".cost",
+            "each byte costs one permit here; remove cost".into(),
+        );
+    }
+    if let (Some(q), false) = (&quota, matches!(counts, Counts::MessageSize(_))) {
+        let capacity = if uses_burst { q.burst() } else { q.count() };
+        if cost > capacity {
+            errors.add(
+                at,
+                ".cost",
+                format!("{cost} exceeds what the limit can ever grant at once ({capacity}); no request could pass"),
+            );
+        }
+    }
+
+    let action = validate_action(raw, counts, &matcher, at, errors);
+
+    if errors.count() > before {
+        return None;
+    }
+    let (Some(quota), Some(action)) = (quota, action) else {
+        return None;
+    };
+    Some(Rule {
+        name: raw.name.clone(),
+        matcher,
+        key,
+        scope,
+        counts,
+        limiter: Limiter::new(algorithm, quota),
+        quota,
+        cost,
+        action,
+        priority: raw.priority.unwrap_or(0),
+    })
+}
+
+/// What the rule counts, checked against what it matches.
+fn validate_counts(raw: &RuleConfig, matcher: &Matcher, at: &str, errors: &mut Errors) -> Counts {
+    let flow = match raw.direction {
+        None | Some(DirectionConfig::Both) => Flow::Both,
+        Some(DirectionConfig::Client) => Flow::Client,
+        Some(DirectionConfig::Server) => Flow::Server,
+    };
+    let counts = match raw.counts.unwrap_or(CountsConfig::Requests) {
+        CountsConfig::Requests => Counts::Requests,
+        CountsConfig::InFlight => Counts::InFlight,
+        CountsConfig::Messages => Counts::Messages(flow),
+        CountsConfig::Bytes => Counts::Bytes(flow),
+        CountsConfig::MessageSize => Counts::MessageSize(flow),
+    };
+    let streams = matcher.grpc.is_some() || matcher.websocket;
+    if counts.flow().is_some() && !streams {
+        errors.add(
+            at,
+            ".counts",
+            "messages, bytes and message_size count stream traffic: add match.grpc or match.websocket"
+                .into(),
+        );
+    }
+    if raw.direction.is_some() && counts.flow().is_none() {
+        errors.add(
+            at,
+            ".direction",
+            "only used with counts messages, bytes or message_size".into(),
+        );
+    }
+    counts
+}
+
+/// The action, checked against what the rule counts and matches.
+fn validate_action(
+    raw: &RuleConfig,
+    counts: Counts,
+    matcher: &Matcher,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<Action> {
+    let max_delay = raw.max_delay.as_ref().map(SpanText::parse);
+    let kind = raw.action.unwrap_or(ActionKind::Reject);
+    if kind == ActionKind::Delay && counts != Counts::Requests {
+        errors.add(
+            at,
+            ".action",
+            "delay only holds requests (counts requests)".into(),
+        );
+        return None;
+    }
+    if kind == ActionKind::Drop && !(matcher.websocket && counts.flow().is_some()) {
+        errors.add(
+            at,
+            ".action",
+            "drop discards WebSocket messages: it needs match.websocket and counts messages, bytes or message_size"
+                .into(),
+        );
+        return None;
+    }
+    match (kind, max_delay) {
+        (ActionKind::Delay, Some(Ok(max))) if max > Span::ZERO => Some(Action::Delay { max }),
+        (ActionKind::Delay, Some(Ok(_))) => {
+            errors.add(at, ".max_delay", "must be more than 0".into());
+            None
+        }
+        (ActionKind::Delay, Some(Err(message))) => {
+            errors.add(at, ".max_delay", message);
+            None
+        }
+        (ActionKind::Delay, None) => {
+            errors.add(at, ".max_delay", "required with action delay".into());
+            None
+        }
+        (_, Some(_)) => {
+            errors.add(at, ".max_delay", "only used with action delay".into());
+            None
+        }
+        (ActionKind::Reject, None) => Some(Action::Reject),
+        (ActionKind::Shadow, None) => Some(Action::Shadow),
+        (ActionKind::Drop, None) => Some(Action::Drop),
+    }
+}

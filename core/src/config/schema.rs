@@ -1,0 +1,279 @@
+//! The configuration's shape as written: every field optional where a
+//! default exists, values kept raw until validation so each problem can be
+//! reported with its path.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::algorithm::AlgorithmKind;
+use crate::decision::HeaderSet;
+use crate::time::Span;
+
+/// The whole filter configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The rules.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// Which rate-limit headers to send.
+    #[serde(default)]
+    pub headers: HeadersConfig,
+    /// Response statuses whose permits are refunded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_statuses: Vec<StatusSpec>,
+    /// How the client address is found.
+    #[serde(default)]
+    pub client_ip: ClientIpConfig,
+    /// The most keys kept per rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<u64>,
+}
+
+/// One rule as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name.
+    pub name: String,
+    /// Conditions; absent matches every request.
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    /// Key parts; defaults to `["client_ip"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
+    /// `per_key` (default) or `global`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<ScopeConfig>,
+    /// `requests` (default), `in_flight`, `messages`, `bytes`, `message_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<CountsConfig>,
+    /// `client`, `server` or `both` (default) for stream counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<DirectionConfig>,
+    /// The limit.
+    pub limit: LimitConfig,
+    /// Permits per request; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u64>,
+    /// Algorithm; default token bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<AlgorithmKind>,
+    /// `reject` (default), `shadow` or `delay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<ActionKind>,
+    /// The longest wait with `delay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<SpanText>,
+    /// Higher first; default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// Match conditions as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// HTTP methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// One of `exact`, `prefix`, `glob`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathConfig>,
+    /// Header conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderConfig>,
+    /// Only gRPC calls (to these methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcConfig>,
+    /// Only WebSocket upgrades.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<bool>,
+}
+
+/// A gRPC method condition as written: globs, each optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Full service name, e.g. `chat.ChatService` or `chat.*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Method name, e.g. `Send*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// What a rule counts, as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountsConfig {
+    /// Requests, calls, connections.
+    Requests,
+    /// Requests, calls, connections open at once.
+    InFlight,
+    /// Stream messages.
+    Messages,
+    /// Message payload bytes.
+    Bytes,
+    /// The largest message.
+    MessageSize,
+}
+
+/// Stream direction, as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectionConfig {
+    /// Client to server.
+    Client,
+    /// Server to client.
+    Server,
+    /// Both.
+    Both,
+}
+
+/// A path condition as written: exactly one field set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathConfig {
+    /// The whole path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// A path prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// A glob pattern.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glob: Option<String>,
+}
+
+/// A header condition as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderConfig {
+    /// Header name.
+    pub name: String,
+    /// Exact value; absent means presence is enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// `per_key` or `global`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeConfig {
+    /// One counter per key.
+    PerKey,
+    /// One counter for the whole rule.
+    Global,
+}
+
+/// `reject`, `shadow`, `delay` or `drop`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Refuse.
+    Reject,
+    /// Count and report only.
+    Shadow,
+    /// Wait for a permit up to `max_delay`.
+    Delay,
+    /// Discard the offending WebSocket message.
+    Drop,
+}
+
+/// A limit as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Permits per period (or the bound, for in_flight and message_size).
+    pub count: u64,
+    /// The period (absent for in_flight and message_size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<SpanText>,
+    /// Bucket capacity; defaults to `count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+}
+
+/// A duration kept as written until validation, so a bad one is reported
+/// with its field path rather than as a parse failure of the whole file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SpanText {
+    /// A number of seconds.
+    Seconds(u64),
+    /// `"500ms"`, `"1m"`, ...
+    Text(String),
+}
+
+impl Default for SpanText {
+    fn default() -> SpanText {
+        SpanText::Seconds(0)
+    }
+}
+
+impl SpanText {
+    /// The duration, or a message saying why it is not one.
+    pub fn parse(&self) -> Result<Span, String> {
+        match self {
+            SpanText::Seconds(s) => s
+                .checked_mul(1_000_000_000)
+                .map(Span)
+                .ok_or_else(|| "duration too large".to_string()),
+            SpanText::Text(t) => Span::parse(t).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Header options as written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersConfig {
+    /// Which families to send.
+    #[serde(default = "all_header_sets")]
+    pub sets: Vec<HeaderSet>,
+    /// Also on allowed responses.
+    #[serde(default = "yes")]
+    pub on_allowed: bool,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> HeadersConfig {
+        HeadersConfig {
+            sets: all_header_sets(),
+            on_allowed: true,
+        }
+    }
+}
+
+fn all_header_sets() -> Vec<HeaderSet> {
+    [HeaderSet::Ietf, HeaderSet::XRateLimit].into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A status code (`503`) or class (`"5xx"`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StatusSpec {
+    /// One code.
+    Code(u64),
+    /// A class such as `"5xx"`.
+    Class(String),
+}
+
+/// Client address options as written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpConfig {
+    /// Trusted proxies in front of Envoy.
+    #[serde(default)]
+    pub trusted_hops: u32,
+}

@@ -1,0 +1,199 @@
+//! The whole configuration into a [`Policy`]: its rules (see `rule`),
+//! excluded statuses, key bound and client address options.
+
+use alloc::format;
+use alloc::vec::Vec;
+
+use super::error::{ConfigError, Errors};
+use super::rule::validate_rule;
+use super::schema::{Config, StatusSpec};
+use crate::client_ip::ClientIpSource;
+use crate::decision::HeaderSets;
+use crate::policy::{Policy, Rule, StatusSet};
+
+/// Longest rule name: it appears in stats names and headers.
+pub const MAX_RULE_NAME: usize = 64;
+/// Largest `count` for the sliding window log, which keeps an entry per
+/// admitted request.
+pub const MAX_LOG_COUNT: u64 = 10_000;
+/// Largest `max_keys`.
+pub const MAX_KEYS_LIMIT: u64 = 10_000_000;
+/// Most trusted hops accepted.
+pub const MAX_TRUSTED_HOPS: u32 = 32;
+
+impl Config {
+    /// Checks every field and builds the policy, or lists every problem.
+    pub fn validate(&self) -> Result<Policy, ConfigError> {
+        let mut errors = Errors::default();
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (i, raw) in self.rules.iter().enumerate() {
+            let at = format!("rules[{i}]");
+            if self.rules[..i].iter().any(|r| r.name == raw.name) {
+                errors.add(&at, ".name", format!("duplicate rule name {:?}", raw.name));
+            }
+            if let Some(rule) = validate_rule(raw, &at, &mut errors) {
+                if raw.enabled.unwrap_or(true) {
+                    rules.push(rule);
+                }
+            }
+        }
+        // Stable: equal priorities keep config order.
+        rules.sort_by_key(|r: &Rule| core::cmp::Reverse(r.priority));
+
+        let mut exclude_statuses = StatusSet::default();
+        for (i, spec) in self.exclude_statuses.iter().enumerate() {
+            let at = format!("exclude_statuses[{i}]");
+            match spec {
+                StatusSpec::Code(code @ 100..=599) => exclude_statuses.add_code(*code as u16),
+                StatusSpec::Class(class) => match class.as_bytes() {
+                    [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                        exclude_statuses.add_class(u16::from(d - b'0'))
+                    }
+                    _ => errors.add(&at, "", "expected a class such as \"5xx\"".into()),
+                },
+                StatusSpec::Code(_) => errors.add(&at, "", "must be between 100 and 599".into()),
+            }
+        }
+        let max_keys = self.max_keys.unwrap_or(Policy::DEFAULT_MAX_KEYS as u64);
+        if !(1..=MAX_KEYS_LIMIT).contains(&max_keys) {
+            errors.add(
+                "max_keys",
+                "",
+                format!("must be between 1 and {MAX_KEYS_LIMIT}"),
+            );
+        }
+        if self.client_ip.trusted_hops > MAX_TRUSTED_HOPS {
+            errors.add(
+                "client_ip.trusted_hops",
+                "",
+                format!("must be at most {MAX_TRUSTED_HOPS}"),
+            );
+        }
+        errors.finish()?;
+        Ok(Policy {
+            rules,
+            header_sets: HeaderSets::from_sets(&self.headers.sets),
+            headers_on_allowed: self.headers.on_allowed,
+            exclude_statuses,
+            client_ip: ClientIpSource {
+                trusted_hops: self.client_ip.trusted_hops,
+            },
+            max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloc::string::{String, ToString};
+
+    use super::*;
+    use crate::algorithm::AlgorithmKind;
+    use crate::policy::{Action, Counts, Flow, KeyPart};
+    use crate::time::Span;
+
+    fn errors_of(json: &str) -> Vec<String> {
+        match Policy::from_json(json) {
+            Err(ConfigError::Invalid(list)) => list.iter().map(|e| e.to_string()).collect(),
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_rule_gets_defaults() {
+        let policy =
+            Policy::from_json(r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1m"}}]}"#)
+                .unwrap();
+        let rule = &policy.rules[0];
+        assert_eq!(rule.key.parts(), [KeyPart::ClientIp]);
+        assert_eq!(rule.limiter.kind(), AlgorithmKind::TokenBucket);
+        assert_eq!(rule.action, Action::Reject);
+        assert_eq!(rule.quota.per(), Span::from_secs(60));
+        assert_eq!(policy.header_sets, HeaderSets::ALL);
+        assert!(policy.headers_on_allowed);
+        assert_eq!(policy.max_keys, Policy::DEFAULT_MAX_KEYS);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let errors = errors_of(
+            r#"{"rules":[
+                {"name":"ok","limit":{"count":1,"per":"1s"}},
+                {"name":"ok","limit":{"count":0,"per":"1s"}},
+                {"name":"bad name","limit":{"count":1,"per":"0ms"},"key":["ip"]},
+                {"name":"d","limit":{"count":1,"per":"1s"},"action":"delay"},
+                {"name":"c","limit":{"count":2,"per":"1s"},"cost":3,"algorithm":"fixed_window","match":{"path":{"exact":"x","prefix":"/"}}}
+            ],"exclude_statuses":["6xx", 99]}"#,
+        );
+        assert_eq!(
+            errors,
+            [
+                "rules[1].name: duplicate rule name \"ok\"",
+                "rules[1].limit.count: must be at least 1",
+                "rules[2].name: must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '_'",
+                "rules[2].key[0]: unknown key part \"ip\": use client_ip, header:<name>, path, path_segment:<n> or method",
+                "rules[2].limit.per: must be at least 1ms",
+                "rules[3].max_delay: required with action delay",
+                "rules[4].match.path: set exactly one of exact, prefix or glob",
+                "rules[4].cost: 3 exceeds what the limit can ever grant at once (2); no request could pass",
+                "exclude_statuses[0]: expected a class such as \"5xx\"",
+                "exclude_statuses[1]: must be between 100 and 599",
+            ]
+        );
+    }
+
+    #[test]
+    fn rules_sorted_by_priority_and_disabled_dropped() {
+        let policy = Policy::from_json(
+            r#"{"rules":[
+                {"name":"a","limit":{"count":1,"per":1}},
+                {"name":"b","limit":{"count":1,"per":1},"priority":5},
+                {"name":"c","limit":{"count":1,"per":1},"enabled":false},
+                {"name":"d","limit":{"count":1,"per":1}}
+            ]}"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = policy.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["b", "a", "d"]);
+    }
+
+    #[test]
+    fn stream_rules_are_checked_against_what_they_match() {
+        let ok = Policy::from_json(
+            r#"{"rules":[
+                {"name":"calls","match":{"grpc":{"service":"chat.*","method":"Send*"}},"limit":{"count":5,"per":"1m"}},
+                {"name":"open","match":{"websocket":true},"counts":"in_flight","limit":{"count":3}},
+                {"name":"msgs","match":{"grpc":{}},"counts":"messages","direction":"server","limit":{"count":9,"per":"1s"}},
+                {"name":"size","match":{"websocket":true},"counts":"message_size","limit":{"count":65536},"action":"drop"}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.rules[1].counts, Counts::InFlight);
+        assert_eq!(ok.rules[1].limiter.kind(), AlgorithmKind::Concurrency);
+        assert_eq!(ok.rules[2].counts, Counts::Messages(Flow::Server));
+        assert_eq!(ok.rules[3].action, Action::Drop);
+        assert!(ok.needs_protocol());
+        let errors = errors_of(
+            r#"{"rules":[
+                {"name":"a","counts":"messages","limit":{"count":1,"per":"1s"}},
+                {"name":"b","match":{"websocket":true},"counts":"in_flight","limit":{"count":1,"per":"1s"}},
+                {"name":"c","match":{"grpc":{}},"counts":"messages","limit":{"count":1,"per":"1s"},"action":"drop"},
+                {"name":"d","direction":"client","limit":{"count":1,"per":"1s"}},
+                {"name":"e","match":{"grpc":{},"websocket":true},"limit":{"count":1}},
+                {"name":"f","match":{"websocket":true},"counts":"in_flight","limit":{"count":2},"action":"delay","max_delay":"1s"}
+            ]}"#,
+        );
+        assert_eq!(
+            errors,
+            [
+                "rules[0].counts: messages, bytes and message_size count stream traffic: add match.grpc or match.websocket",
+                "rules[1].limit.per: a bound has no period; remove per",
+                "rules[2].action: drop discards WebSocket messages: it needs match.websocket and counts messages, bytes or message_size",
+                "rules[3].direction: only used with counts messages, bytes or message_size",
+                "rules[4].match: a request is either a gRPC call or a WebSocket upgrade: use grpc or websocket",
+                "rules[4].limit.per: required",
+                "rules[5].action: delay only holds requests (counts requests)",
+            ]
+        );
+    }
+}

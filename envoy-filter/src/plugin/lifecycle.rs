@@ -1,0 +1,325 @@
+//! A request's life in the filter: decided at its headers, answered with
+//! rate-limit headers (or refunded) at its response, its stream watched in
+//! its body chunks, and its in-flight permits given back when it ends.
+
+use sluice_core::engine::{self, Charge, Verdict, VerdictKind};
+use sluice_core::policy::{Counts, Direction, Protocol};
+use sluice_core::store::SharedBytes;
+use sluice_core::time::{Nanos, Span};
+
+use super::delay::{DelayedRequest, DELAY_TICK_MILLIS};
+use super::stream_judge::StreamJudge;
+use super::{Plugin, Step, Wake};
+use crate::host::Host;
+use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal};
+use crate::metrics::Outcome;
+use crate::stream::{Edit, GrpcStream, WebSocketStream};
+
+/// The stream a request opened, once there is one to watch.
+#[derive(Debug)]
+enum Stream {
+    Grpc(GrpcStream),
+    WebSocket(Box<WebSocketStream>),
+}
+
+/// What the filter keeps about an admitted (or locally answered) request.
+#[derive(Debug, Default)]
+pub(super) struct RequestState {
+    protocol: Protocol,
+    /// Kept until the response, for headers and refunds.
+    verdict: Option<Verdict>,
+    /// The filter answered this request itself.
+    answered_locally: bool,
+    /// In-flight permits, given back when the request ends.
+    in_flight_permits: Vec<Charge>,
+    /// Rules whose open-streams gauge counts this request.
+    gauges: Vec<usize>,
+    /// Stream rules (messages, bytes, sizes) and their keys.
+    stream_keys: Vec<(usize, String)>,
+    stream: Option<Stream>,
+    response_started: bool,
+}
+
+impl<B: SharedBytes> Plugin<B> {
+    /// Decides a new request.
+    pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) -> Step {
+        let request = fetch_request(host, &self.policy, &self.needs);
+        let (keys, stream_keys): (Vec<_>, Vec<_>) =
+            engine::applicable_rules(&self.policy, &request)
+                .into_iter()
+                .partition(|(i, _)| {
+                    self.policy
+                        .rules
+                        .get(*i)
+                        .is_some_and(|r| r.counts.at_request())
+                });
+        if keys.is_empty() && stream_keys.is_empty() {
+            return Step::Continue;
+        }
+        let now = host.now();
+        let request = DelayedRequest {
+            context_id,
+            wake_at: now,
+            since: now,
+            protocol: request.protocol,
+            keys,
+            stream_keys,
+        };
+        match self.decide(host, request, now) {
+            Some(Wake::Resume) => Step::Continue,
+            Some(Wake::Reply(reply)) => Step::Reply(reply),
+            None => {
+                host.set_tick_millis(DELAY_TICK_MILLIS);
+                Step::Pause
+            }
+        }
+    }
+
+    /// Decides the request-time rules of `request` (first seen at
+    /// `request.since`); `None` means it is delayed until its wait is over.
+    pub(super) fn decide(
+        &mut self,
+        host: &impl Host,
+        mut request: DelayedRequest,
+        now: Nanos,
+    ) -> Option<Wake> {
+        let waited = now.since(request.since);
+        let verdict =
+            match engine::decide_keys(&self.policy, &mut self.store, &request.keys, now, waited) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Fail open: a broken counter must not take the service down.
+                    self.metrics.error(host);
+                    host.warn(&format!("sluice: letting request through: {e}"));
+                    return Some(Wake::Resume);
+                }
+            };
+        self.report_evictions(host);
+        let protocol = request.protocol;
+        match verdict.kind {
+            VerdictKind::Allowed => {
+                let delayed = waited > Span::ZERO;
+                for d in &verdict.decisions {
+                    let outcome = match (d.shadow_limited, delayed) {
+                        (true, _) => Outcome::ShadowLimited,
+                        (false, true) => Outcome::Delayed,
+                        (false, false) => Outcome::Allowed,
+                    };
+                    self.metrics.count(host, protocol, d.rule_index, outcome);
+                }
+                let in_flight_permits = verdict
+                    .charges
+                    .iter()
+                    .filter(|c| self.counts(c.rule_index) == Some(Counts::InFlight))
+                    .cloned()
+                    .collect();
+                let gauges: Vec<usize> = request
+                    .keys
+                    .iter()
+                    .chain(&request.stream_keys)
+                    .map(|(i, _)| *i)
+                    .filter(|&i| self.metrics.open(host, i, 1))
+                    .collect();
+                let stream = match (protocol, request.stream_keys.is_empty()) {
+                    (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::default())),
+                    _ => None,
+                };
+                self.requests.insert(
+                    request.context_id,
+                    RequestState {
+                        protocol,
+                        verdict: Some(verdict),
+                        in_flight_permits,
+                        gauges,
+                        stream_keys: std::mem::take(&mut request.stream_keys),
+                        stream,
+                        ..RequestState::default()
+                    },
+                );
+                Some(Wake::Resume)
+            }
+            VerdictKind::Limited { rule_index } => {
+                for d in verdict.decisions.iter().filter(|d| !d.decision.allowed) {
+                    let outcome = if d.shadow_limited {
+                        Outcome::ShadowLimited
+                    } else {
+                        Outcome::Limited
+                    };
+                    self.metrics.count(host, protocol, d.rule_index, outcome);
+                }
+                // A gRPC call limited by a rule that does not look at
+                // protocols still needs a gRPC answer.
+                let protocol = match protocol {
+                    Protocol::Http if !self.needs.protocol => detect_protocol(host),
+                    p => p,
+                };
+                let reply = refusal(&self.policy, &verdict, rule_index, protocol);
+                self.requests.insert(
+                    request.context_id,
+                    RequestState {
+                        protocol,
+                        answered_locally: true,
+                        ..RequestState::default()
+                    },
+                );
+                Some(Wake::Reply(reply))
+            }
+            VerdictKind::Wait { wait } => {
+                request.wake_at = now.plus(wait);
+                self.delayed.push(request);
+                None
+            }
+        }
+    }
+
+    /// Adds rate-limit headers to an allowed response, refunds the permits
+    /// if its status is excluded from counting, and starts watching a
+    /// WebSocket connection once it is upgraded.
+    pub fn on_response_headers(&mut self, host: &impl Host, context_id: u32) {
+        let Some(state) = self.requests.get_mut(&context_id) else {
+            return;
+        };
+        if state.answered_locally {
+            // Our own reply comes back through here: it has its headers.
+            return;
+        }
+        state.response_started = true;
+        let watches_upgrade =
+            state.protocol == Protocol::WebSocket && !state.stream_keys.is_empty();
+        // One host call for the status, and only when something reads it.
+        let status = (watches_upgrade || !self.policy.exclude_statuses.is_empty())
+            .then(|| host.response_header(":status"))
+            .flatten()
+            .and_then(|s| s.parse::<u16>().ok());
+        if watches_upgrade && status == Some(101) {
+            let deflate = host
+                .response_header("sec-websocket-extensions")
+                .is_some_and(|e| e.contains("permessage-deflate"));
+            state.stream = Some(Stream::WebSocket(Box::new(WebSocketStream::new(deflate))));
+        }
+        let Some(verdict) = state.verdict.as_ref() else {
+            return;
+        };
+        if status.is_some_and(|s| self.policy.exclude_statuses.contains(s)) {
+            // In-flight permits are released when the request ends.
+            let refunds: Vec<Charge> = verdict
+                .charges
+                .iter()
+                .filter(|c| {
+                    self.policy
+                        .rules
+                        .get(c.rule_index)
+                        .is_some_and(|r| r.counts == Counts::Requests)
+                })
+                .cloned()
+                .collect();
+            if let Err(e) = engine::refund(&self.policy, &mut self.store, &refunds, host.now()) {
+                self.metrics.error(host);
+                host.warn(&format!("sluice: refund failed: {e}"));
+            }
+        }
+        if self.policy.headers_on_allowed && !self.policy.header_sets.is_empty() {
+            verdict.headers(&self.policy, |name, value| {
+                host.set_response_header(name, value)
+            });
+        }
+    }
+
+    /// Counts the messages in a body chunk travelling `direction` against
+    /// the stream rules, rewriting the chunk when a message is refused or
+    /// dropped. A gRPC message refused before the response started ends
+    /// the call with a reply.
+    pub fn on_body(
+        &mut self,
+        host: &impl Host,
+        context_id: u32,
+        direction: Direction,
+        size: usize,
+    ) -> Step {
+        let Some(mut state) = self.requests.remove(&context_id) else {
+            return Step::Continue;
+        };
+        let step = match state.stream.as_mut() {
+            None => Step::Continue,
+            Some(stream) => {
+                let bytes = host.body(direction, size).unwrap_or_default();
+                let mut judge = StreamJudge {
+                    policy: &self.policy,
+                    store: &mut self.store,
+                    metrics: &self.metrics,
+                    host,
+                    keys: &state.stream_keys,
+                    protocol: state.protocol,
+                    now: host.now(),
+                };
+                let edit = match stream {
+                    Stream::Grpc(g) => {
+                        g.chunk(&mut judge, direction, &bytes, state.response_started)
+                    }
+                    Stream::WebSocket(w) => w.chunk(&mut judge, direction, &bytes),
+                };
+                match edit {
+                    Edit::Keep => Step::Continue,
+                    Edit::Replace(new) => {
+                        host.set_body(direction, bytes.len(), &new);
+                        Step::Continue
+                    }
+                    Edit::RefuseCall { message, metadata } => {
+                        state.answered_locally = true;
+                        Step::Reply(grpc_refusal(metadata, &message))
+                    }
+                }
+            }
+        };
+        self.requests.insert(context_id, state);
+        step
+    }
+
+    /// Rewrites the trailers of a gRPC call whose messages were refused
+    /// after the response started, so the client sees RESOURCE_EXHAUSTED.
+    pub fn on_response_trailers(&mut self, host: &impl Host, context_id: u32) {
+        let refused = self
+            .requests
+            .get(&context_id)
+            .and_then(|s| match &s.stream {
+                Some(Stream::Grpc(g)) => g.refused().map(str::to_owned),
+                _ => None,
+            });
+        if let Some(message) = refused {
+            host.set_response_trailer("grpc-status", "8");
+            host.set_response_trailer("grpc-message", &message);
+        }
+    }
+
+    /// Forgets a finished request (also one the client abandoned while
+    /// delayed), giving back its in-flight permits.
+    pub fn on_done(&mut self, host: &impl Host, context_id: u32) {
+        self.delayed.forget(context_id);
+        let Some(state) = self.requests.remove(&context_id) else {
+            return;
+        };
+        if !state.in_flight_permits.is_empty() {
+            let permits = &state.in_flight_permits;
+            if let Err(e) = engine::refund(&self.policy, &mut self.store, permits, host.now()) {
+                self.metrics.error(host);
+                host.warn(&format!("sluice: releasing in-flight permits failed: {e}"));
+            }
+        }
+        for rule_index in state.gauges {
+            self.metrics.open(host, rule_index, -1);
+        }
+    }
+
+    /// What the rule at `rule_index` counts.
+    fn counts(&self, rule_index: usize) -> Option<Counts> {
+        self.policy.rules.get(rule_index).map(|r| r.counts)
+    }
+
+    /// Counts the live evictions since the last report.
+    fn report_evictions(&mut self, host: &impl Host) {
+        let total = self.store.live_evictions();
+        self.metrics
+            .evictions(host, total.saturating_sub(self.evictions_reported));
+        self.evictions_reported = total;
+    }
+}

@@ -1,0 +1,116 @@
+//! One VM's filter: its policy, its view of the shared counters, and the
+//! state of the requests it is handling.
+//!
+//! Methods decide and return what to do ([`Step`], [`Wake`]) instead of
+//! doing it: sending a local reply or resuming a request makes Envoy call
+//! back into the filter at once, so the glue performs those effects only
+//! after the filter has finished with its own state.
+//!
+//! - `lifecycle`: a request from its headers to its end, and the
+//!   in-flight permits it keeps until then.
+//! - `delay`: requests a `delay` rule makes wait, released on ticks.
+//! - `stream_judge`: gRPC and WebSocket messages decided against the
+//!   stream rules.
+
+mod delay;
+mod lifecycle;
+mod stream_judge;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+
+use sluice_core::config::{Config, ConfigError};
+use sluice_core::policy::Policy;
+use sluice_core::store::{hash, SharedBytes, SlotStore, StoreError};
+
+use crate::host::Host;
+use crate::http::{LocalReply, Needs};
+use crate::metrics::Metrics;
+
+pub use delay::DELAY_TICK_MILLIS;
+
+/// What to do with a request now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Let it through.
+    Continue,
+    /// Delay it; a later [`Wake`] releases it.
+    Pause,
+    /// Answer it with this reply (and stop it).
+    Reply(LocalReply),
+}
+
+/// What a tick does to one delayed request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Let it through now.
+    Resume,
+    /// Refuse it.
+    Reply(LocalReply),
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct Plugin<B> {
+    policy: Policy,
+    store: SlotStore<B>,
+    metrics: Metrics,
+    needs: Needs,
+    requests: HashMap<u32, lifecycle::RequestState>,
+    delayed: delay::DelayQueue,
+    evictions_reported: u64,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug)]
+pub enum ConfigureError {
+    /// The JSON is invalid.
+    Config(ConfigError),
+    /// The shared counters could not be set up.
+    Store(StoreError),
+}
+
+impl std::fmt::Display for ConfigureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigureError::Config(e) => write!(f, "invalid sluice configuration: {e}"),
+            ConfigureError::Store(e) => write!(f, "cannot set up shared counters: {e}"),
+        }
+    }
+}
+
+impl<B: SharedBytes> Plugin<B> {
+    /// Validates `config` (the plugin configuration JSON) and prepares the
+    /// shared counters in `backend`.
+    pub fn configure(
+        host: &impl Host,
+        backend: B,
+        config: &[u8],
+    ) -> Result<Plugin<B>, ConfigureError> {
+        let text = String::from_utf8_lossy(config);
+        let policy = Config::from_json(&text)
+            .and_then(|c| c.validate())
+            .map_err(ConfigureError::Config)?;
+        // The seed keeps clients from aiming keys at each other's slots: it
+        // comes from the config, which clients never see. A new config thus
+        // starts every count afresh.
+        let mut store = SlotStore::new(backend, &policy, hash(0, config));
+        store.prepare().map_err(ConfigureError::Store)?;
+        let metrics = Metrics::define(host, &policy);
+        Ok(Plugin {
+            needs: Needs::of(&policy),
+            policy,
+            store,
+            metrics,
+            requests: HashMap::new(),
+            delayed: delay::DelayQueue::default(),
+            evictions_reported: 0,
+        })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+}

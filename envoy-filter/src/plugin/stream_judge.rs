@@ -1,0 +1,133 @@
+//! Stream messages (gRPC and WebSocket) decided against one request's
+//! stream rules: size bounds first, then the message and byte rates.
+
+use sluice_core::engine::{self, Claim, VerdictKind};
+use sluice_core::policy::{Action, Counts, Direction, Policy, Protocol};
+use sluice_core::store::{SharedBytes, Slot, SlotStore};
+use sluice_core::time::{Nanos, Span};
+
+use crate::host::Host;
+use crate::metrics::{Metrics, Outcome};
+use crate::stream::{Answer, Ask, Judge, Violation};
+
+/// Decides stream messages against one request's stream rules.
+pub(super) struct StreamJudge<'a, B, H> {
+    pub(super) policy: &'a Policy,
+    pub(super) store: &'a mut SlotStore<B>,
+    pub(super) metrics: &'a Metrics,
+    pub(super) host: &'a H,
+    pub(super) keys: &'a [(usize, String)],
+    pub(super) protocol: Protocol,
+    pub(super) now: Nanos,
+}
+
+impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
+    fn judge(&mut self, direction: Direction, ask: Ask) -> Answer {
+        let rules = self
+            .keys
+            .iter()
+            .filter_map(|(i, key)| self.policy.rules.get(*i).map(|r| (*i, key.as_str(), r)));
+        // Size bounds need no state.
+        for (i, _, rule) in rules.clone() {
+            let Counts::MessageSize(flow) = rule.counts else {
+                continue;
+            };
+            if !flow.includes(direction) || ask.size <= rule.quota.count() {
+                continue;
+            }
+            if rule.action == Action::Shadow {
+                self.metrics
+                    .count(self.host, self.protocol, i, Outcome::ShadowLimited);
+                continue;
+            }
+            return self.refuse(i, Violation::TooBig, 1, Vec::new());
+        }
+        let claims: Vec<Claim<'_>> = rules
+            .filter_map(|(rule_index, key, rule)| {
+                let cost = match rule.counts {
+                    Counts::Messages(flow) if flow.includes(direction) => {
+                        ask.messages.saturating_mul(rule.cost)
+                    }
+                    Counts::Bytes(flow) if flow.includes(direction) => ask.bytes,
+                    _ => 0,
+                };
+                (cost > 0).then_some(Claim {
+                    slot: Slot {
+                        rule_index,
+                        rule,
+                        key,
+                    },
+                    cost,
+                })
+            })
+            .collect();
+        if claims.is_empty() {
+            return Answer::Pass;
+        }
+        let verdict = match engine::decide_claims(self.store, &claims, self.now, Span::ZERO) {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics.error(self.host);
+                self.host
+                    .warn(&format!("sluice: letting message through: {e}"));
+                return Answer::Pass;
+            }
+        };
+        match verdict.kind {
+            VerdictKind::Allowed | VerdictKind::Wait { .. } => {
+                for d in &verdict.decisions {
+                    let outcome = if d.shadow_limited {
+                        Outcome::ShadowLimited
+                    } else {
+                        Outcome::Allowed
+                    };
+                    self.metrics
+                        .count(self.host, self.protocol, d.rule_index, outcome);
+                }
+                Answer::Pass
+            }
+            VerdictKind::Limited { rule_index } => {
+                let mut metadata = Vec::new();
+                verdict.headers(self.policy, |name, value| {
+                    metadata.push((name, value.to_owned()))
+                });
+                let retry_after = verdict
+                    .shown(self.policy)
+                    .map_or(1, |d| d.retry_after_secs());
+                self.refuse(rule_index, Violation::Rate, retry_after, metadata)
+            }
+        }
+    }
+}
+
+impl<B, H: Host> StreamJudge<'_, B, H> {
+    fn refuse(
+        &self,
+        rule_index: usize,
+        violation: Violation,
+        retry_after: u64,
+        metadata: Vec<(&'static str, String)>,
+    ) -> Answer {
+        let Some(rule) = self.policy.rules.get(rule_index) else {
+            return Answer::Pass;
+        };
+        let rule_name = rule.name.clone();
+        if rule.action == Action::Drop {
+            self.metrics
+                .count(self.host, self.protocol, rule_index, Outcome::Dropped);
+            Answer::Drop {
+                violation,
+                rule: rule_name,
+            }
+        } else {
+            self.metrics
+                .count(self.host, self.protocol, rule_index, Outcome::Limited);
+            Answer::Refuse {
+                rule: rule_name,
+                violation,
+                retry_after,
+                metadata,
+            }
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The filter's request lifecycle against a scripted host.
+
+use super::*;
+use crate::host::fake::FakeHost;
+use sluice_core::policy::Direction;
+use sluice_core::store::InProcessShared;
+
+const SEC: u64 = 1_000_000_000;
+
+fn plugin<'a>(
+    host: &FakeHost,
+    shared: &'a InProcessShared,
+    json: &str,
+) -> Result<Plugin<&'a InProcessShared>, String> {
+    host.now.set(1_800_000_000 * SEC);
+    *host.peer.borrow_mut() = Some("10.0.0.7:41234".into());
+    Plugin::configure(host, shared, json.as_bytes()).map_err(|e| e.to_string())
+}
+
+fn reply(step: Step) -> Result<LocalReply, String> {
+    match step {
+        Step::Reply(r) => Ok(r),
+        other => Err(format!("expected a reply, got {other:?}")),
+    }
+}
+
+fn header<'a>(reply: &'a LocalReply, name: &str) -> Option<&'a str> {
+    reply
+        .headers
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn limits_at_the_boundary_and_answers_429_with_headers() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"api","limit":{"count":2,"per":"1m"},"algorithm":"fixed_window"}]}"#,
+    )?;
+    for (id, remaining) in [(1, "1"), (2, "0")] {
+        host.request("GET", "/x", &[]);
+        assert_eq!(p.on_request_headers(&host, id), Step::Continue);
+        host.respond(200);
+        p.on_response_headers(&host, id);
+        assert_eq!(
+            host.response_header("x-ratelimit-remaining").as_deref(),
+            Some(remaining)
+        );
+        assert_eq!(
+            host.response_header("ratelimit-policy").as_deref(),
+            Some("\"api\";q=2;w=60")
+        );
+    }
+    host.request("GET", "/x", &[]);
+    let r = reply(p.on_request_headers(&host, 3))?;
+    assert_eq!(r.status, 429);
+    assert_eq!(header(&r, "retry-after"), Some("60"));
+    assert_eq!(header(&r, "content-type"), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
+    assert_eq!(body["rule"], "api");
+    assert_eq!(body["retry_after"], 60);
+    // Our own reply comes back through the response callback untouched.
+    host.respond(429);
+    p.on_response_headers(&host, 3);
+    assert_eq!(host.response_header("x-ratelimit-remaining"), None);
+    assert_eq!(host.counter("sluice_http.rule.api.outcome.allowed"), 2);
+    assert_eq!(host.counter("sluice_http.rule.api.outcome.limited"), 1);
+    Ok(())
+}
+
+#[test]
+fn two_vms_share_one_budget() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let json = r#"{"rules":[{"name":"api","limit":{"count":3,"per":"1h"}}]}"#;
+    let mut a = plugin(&host, &shared, json)?;
+    let mut b = plugin(&host, &shared, json)?;
+    let mut allowed = 0;
+    for id in 0..10 {
+        host.request("GET", "/", &[]);
+        let vm = if id % 2 == 0 { &mut a } else { &mut b };
+        if vm.on_request_headers(&host, id) == Step::Continue {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3);
+    Ok(())
+}
+
+#[test]
+fn delay_waits_then_releases_on_tick() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"2s"}]}"#,
+    )?;
+    host.request("GET", "/", &[]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Pause);
+    assert_eq!(host.tick_millis.get(), DELAY_TICK_MILLIS);
+    host.now.set(host.now.get() + SEC / 2);
+    assert!(p.on_tick(&host).is_empty());
+    assert_eq!(p.delayed(), 1);
+    host.now.set(host.now.get() + SEC / 2);
+    assert_eq!(p.on_tick(&host), vec![(2, Wake::Resume)]);
+    assert_eq!(host.tick_millis.get(), 0);
+    assert_eq!(host.counter("sluice_http.rule.slow.outcome.delayed"), 1);
+    Ok(())
+}
+
+#[test]
+fn delay_beyond_max_is_refused_and_abandoned_requests_are_forgotten() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"10s"},"action":"delay","max_delay":"1s"}]}"#,
+    )?;
+    host.request("GET", "/", &[]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(reply(p.on_request_headers(&host, 2))?.status, 429);
+    let mut q = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"q","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"5s"}]}"#,
+    )?;
+    assert_eq!(q.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(q.on_request_headers(&host, 2), Step::Pause);
+    q.on_done(&host, 2);
+    assert_eq!(q.delayed(), 0);
+    Ok(())
+}
+
+#[test]
+fn excluded_statuses_are_refunded() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}],"exclude_statuses":["5xx"]}"#,
+    )?;
+    for id in 0..5 {
+        host.request("GET", "/", &[]);
+        assert_eq!(
+            p.on_request_headers(&host, id),
+            Step::Continue,
+            "request {id}"
+        );
+        host.respond(503);
+        p.on_response_headers(&host, id);
+        p.on_done(&host, id);
+    }
+    host.request("GET", "/", &[]);
+    assert_eq!(p.on_request_headers(&host, 9), Step::Continue);
+    host.respond(200);
+    p.on_response_headers(&host, 9);
+    host.request("GET", "/", &[]);
+    assert_eq!(reply(p.on_request_headers(&host, 10))?.status, 429);
+    Ok(())
+}
+
+#[test]
+fn forwarded_for_is_trusted_only_as_configured() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let untrusting = r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}]}"#;
+    let mut p = plugin(&host, &shared, untrusting)?;
+    host.request("GET", "/", &[("x-forwarded-for", "1.1.1.1")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.request("GET", "/", &[("x-forwarded-for", "2.2.2.2")]);
+    assert_eq!(reply(p.on_request_headers(&host, 2))?.status, 429);
+
+    let shared = InProcessShared::default();
+    let trusting =
+        r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1h"}}],"client_ip":{"trusted_hops":1}}"#;
+    let mut p = plugin(&host, &shared, trusting)?;
+    host.request("GET", "/", &[("x-forwarded-for", "1.1.1.1")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.request("GET", "/", &[("x-forwarded-for", "2.2.2.2")]);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    Ok(())
+}
+
+#[test]
+fn headers_off_for_allowed_responses_when_configured() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1h"}}],"headers":{"on_allowed":false}}"#,
+    )?;
+    host.request("GET", "/", &[]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.respond(200);
+    p.on_response_headers(&host, 1);
+    assert_eq!(host.response.borrow().len(), 1, "only :status");
+    Ok(())
+}
+
+#[test]
+fn grpc_calls_are_refused_with_resource_exhausted_not_429() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"calls","match":{"grpc":{"service":"chat.*"}},"limit":{"count":1,"per":"1h"}}]}"#,
+    )?;
+    let grpc = [("content-type", "application/grpc")];
+    host.request("POST", "/chat.ChatService/Send", &grpc);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.request("POST", "/user.UserService/Get", &grpc);
+    assert_eq!(
+        p.on_request_headers(&host, 2),
+        Step::Continue,
+        "other service"
+    );
+    host.request("POST", "/chat.ChatService/Send", &grpc);
+    let r = reply(p.on_request_headers(&host, 3))?;
+    assert_eq!((r.status, r.grpc_status), (200, Some(8)));
+    assert_eq!(r.body, b"rate limited by rule calls; retry after 3600s");
+    assert_eq!(header(&r, "retry-after"), Some("3600"));
+    assert_eq!(host.counter("sluice_grpc.rule.calls.outcome.limited"), 1);
+    Ok(())
+}
+
+#[test]
+fn plain_rules_answer_grpc_calls_in_grpc_too() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"all","limit":{"count":1,"per":"1h"}}]}"#,
+    )?;
+    host.request("POST", "/a.B/C", &[("content-type", "application/grpc")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(reply(p.on_request_headers(&host, 2))?.grpc_status, Some(8));
+    Ok(())
+}
+
+#[test]
+fn in_flight_permits_last_until_the_stream_ends() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"open","match":{"websocket":true},"counts":"in_flight","limit":{"count":2}}]}"#,
+    )?;
+    host.request("GET", "/ws", &[("upgrade", "websocket")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    let refused = reply(p.on_request_headers(&host, 3))?;
+    assert_eq!(refused.status, 429);
+    assert_eq!(host.counter("sluice_websocket.rule.open.connections"), 2);
+    p.on_done(&host, 3);
+    p.on_done(&host, 1);
+    assert_eq!(host.counter("sluice_websocket.rule.open.connections"), 1);
+    assert_eq!(p.on_request_headers(&host, 4), Step::Continue);
+    // Plain HTTP requests are not WebSocket connections.
+    host.request("GET", "/ws", &[]);
+    assert_eq!(p.on_request_headers(&host, 5), Step::Continue);
+    assert_eq!(p.on_request_headers(&host, 6), Step::Continue);
+    Ok(())
+}
+
+#[test]
+fn grpc_messages_over_the_limit_end_the_call_or_rewrite_the_trailers() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages","limit":{"count":2,"per":"1h"}}],"headers":{"on_allowed":false}}"#,
+    )?;
+    let message = [0u8, 0, 0, 0, 1, 42];
+    host.request(
+        "POST",
+        "/chat.ChatService/Chat",
+        &[("content-type", "application/grpc")],
+    );
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.chunk(Direction::Client, &message);
+    assert_eq!(p.on_body(&host, 1, Direction::Client, 6), Step::Continue);
+    host.respond(200);
+    p.on_response_headers(&host, 1);
+    // Server messages count in the same budget: the 2nd passes, the 3rd is cut.
+    host.chunk(Direction::Server, &[message, message].concat());
+    assert_eq!(p.on_body(&host, 1, Direction::Server, 12), Step::Continue);
+    assert_eq!(host.passed(Direction::Server), message);
+    p.on_response_trailers(&host, 1);
+    assert_eq!(
+        host.trailers
+            .borrow()
+            .get("grpc-status")
+            .map(String::as_str),
+        Some("8")
+    );
+
+    // Before the response started, the call is refused cleanly.
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages","direction":"client","limit":{"count":1,"per":"1h"}}]}"#,
+    )?;
+    host.request(
+        "POST",
+        "/chat.ChatService/Upload",
+        &[("content-type", "application/grpc")],
+    );
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.chunk(Direction::Client, &[message, message].concat());
+    let r = reply(p.on_body(&host, 1, Direction::Client, 12))?;
+    assert_eq!(r.grpc_status, Some(8));
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
+    assert_eq!(header(&r, "ratelimit-policy"), Some("\"msgs\";q=1;w=3600"));
+    assert_eq!(header(&r, "retry-after"), Some("3600"));
+    assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.allowed"), 1);
+    assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.limited"), 1);
+    Ok(())
+}
+
+#[test]
+fn websocket_messages_are_counted_after_the_upgrade() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"room","match":{"websocket":true,"path":{"glob":"/room/*"}},"key":["path_segment:1"],"counts":"messages","direction":"client","limit":{"count":1,"per":"1h"}}]}"#,
+    )?;
+    let frame = [0x81u8, 0x81, 1, 2, 3, 4, b'a' ^ 1];
+    host.request("GET", "/room/a", &[("upgrade", "websocket")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.respond(101);
+    p.on_response_headers(&host, 1);
+    host.chunk(Direction::Client, &[frame, frame].concat());
+    assert_eq!(p.on_body(&host, 1, Direction::Client, 14), Step::Continue);
+    let passed = host.passed(Direction::Client);
+    assert_eq!(&passed[..7], &frame);
+    assert_eq!(passed[7], 0x88, "a close frame follows the allowed message");
+    // Another room has its own budget.
+    host.request("GET", "/room/b", &[("upgrade", "websocket")]);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    host.respond(101);
+    p.on_response_headers(&host, 2);
+    host.chunk(Direction::Client, &frame);
+    assert_eq!(p.on_body(&host, 2, Direction::Client, 7), Step::Continue);
+    assert_eq!(host.passed(Direction::Client), frame);
+    Ok(())
+}
+
+#[test]
+fn invalid_config_names_the_field() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let err = Plugin::configure(
+        &host,
+        &shared,
+        br#"{"rules":[{"name":"r","limit":{"count":1,"per":"0s"}}]}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        "invalid sluice configuration: rules[0].limit.per: must be at least 1ms"
+    );
+    assert!(Plugin::configure(&host, &shared, b"\xff\xfe").is_err());
+    Ok(())
+}

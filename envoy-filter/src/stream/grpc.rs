@@ -1,0 +1,146 @@
+//! A gRPC call's streams: each direction's messages asked of the rules as
+//! they start; a refusal ends the call cleanly before the response, or
+//! stops that direction and rewrites the trailers after it.
+
+use sluice_core::policy::Direction;
+use sluice_core::protocol::{GrpcEvent, GrpcFrameParser};
+
+use super::{grpc_message, Answer, Ask, Edit, Judge, PerDirection};
+
+/// A gRPC call's streams.
+#[derive(Debug, Default)]
+pub struct GrpcStream {
+    parsers: PerDirection<GrpcFrameParser>,
+    /// Directions whose messages are no longer passed on.
+    blocked: PerDirection<bool>,
+    /// The status message to put in the trailers, once a message was
+    /// refused after the response started.
+    refused: Option<String>,
+}
+
+impl GrpcStream {
+    /// Sees a chunk travelling `direction`; `response_started` says whether
+    /// a clean trailers-only answer is still possible.
+    pub fn chunk(
+        &mut self,
+        judge: &mut impl Judge,
+        direction: Direction,
+        bytes: &[u8],
+        response_started: bool,
+    ) -> Edit {
+        if *self.blocked.get(direction) {
+            return if bytes.is_empty() {
+                Edit::Keep
+            } else {
+                Edit::Replace(Vec::new())
+            };
+        }
+        let mut starts: Vec<(usize, u64)> = Vec::new();
+        // A malformed stream is the endpoints' business: stop counting and
+        // pass it on rather than guess.
+        let _ = self.parsers.get_mut(direction).feed(bytes, |event| {
+            if let GrpcEvent::Started { at, message } = event {
+                starts.push((at.offset, u64::from(message.len)));
+            }
+        });
+        for (offset, len) in starts {
+            let ask = Ask {
+                messages: 1,
+                bytes: len,
+                size: len,
+            };
+            let (rule, retry_after, metadata) = match judge.judge(direction, ask) {
+                Answer::Pass => continue,
+                Answer::Refuse {
+                    rule,
+                    retry_after,
+                    metadata,
+                    ..
+                } => (rule, retry_after, metadata),
+                Answer::Drop { rule, .. } => (rule, 1, Vec::new()),
+            };
+            let message = grpc_message(&rule, retry_after);
+            if !response_started {
+                return Edit::RefuseCall { message, metadata };
+            }
+            *self.blocked.get_mut(direction) = true;
+            self.refused = Some(message);
+            // Everything before the refused message passes on.
+            let passed = bytes.get(..offset).unwrap_or(bytes);
+            return Edit::Replace(passed.to_vec());
+        }
+        Edit::Keep
+    }
+
+    /// The `grpc-message` to put in the trailers with status 8, if a
+    /// message was refused after the response started.
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::test_judge::{budget, refuse};
+    use crate::stream::Violation;
+
+    fn grpc_message_bytes(len: usize) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&(len as u32).to_be_bytes());
+        m.extend(std::iter::repeat_n(7u8, len));
+        m
+    }
+
+    #[test]
+    fn grpc_refuses_cleanly_before_the_response_and_blocks_after() -> Result<(), String> {
+        let mut judge = budget(1, refuse(Violation::Rate));
+        let mut call = GrpcStream::default();
+        let two = [grpc_message_bytes(3), grpc_message_bytes(2)].concat();
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &two, false),
+            Edit::RefuseCall {
+                message: "rate limited by rule r; retry after 3s".into(),
+                metadata: vec![("retry-after", "3".into())],
+            }
+        );
+
+        let mut judge = budget(1, refuse(Violation::Rate));
+        let mut call = GrpcStream::default();
+        let edit = call.chunk(&mut judge, Direction::Server, &two, true);
+        assert_eq!(edit, Edit::Replace(grpc_message_bytes(3)));
+        assert_eq!(
+            call.refused(),
+            Some("rate limited by rule r; retry after 3s")
+        );
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Server, &grpc_message_bytes(1), true),
+            Edit::Replace(Vec::new())
+        );
+        // The client's half-close still goes through.
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &[], true),
+            Edit::Keep
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn grpc_counts_messages_however_chunks_are_cut() -> Result<(), String> {
+        let stream = [
+            grpc_message_bytes(4),
+            grpc_message_bytes(0),
+            grpc_message_bytes(9),
+        ]
+        .concat();
+        for cut in 1..stream.len() {
+            let mut judge = budget(10, Answer::Pass);
+            let mut call = GrpcStream::default();
+            call.chunk(&mut judge, Direction::Client, &stream[..cut], false);
+            call.chunk(&mut judge, Direction::Client, &stream[cut..], false);
+            let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.bytes).collect();
+            assert_eq!(sizes, [4, 0, 9], "cut at {cut}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,127 @@
+//! Limits inside a gRPC or WebSocket stream: body chunks in, decisions
+//! per message out, and the chunk as it must be passed on.
+//!
+//! Host-agnostic: the caller hands over each chunk's bytes and a [`Judge`]
+//! that decides messages against the rules; this module parses, asks, and
+//! says how to rewrite the chunk. Envoy can only replace a body chunk's
+//! prefix or append to it, so every edit is expressed as a whole new chunk.
+//!
+//! - [`GrpcStream`] (`grpc`): a call's length-prefixed messages.
+//! - [`WebSocketStream`] (`websocket`): a connection's frames and messages,
+//!   with closes and dropped messages written into the chunks.
+
+mod grpc;
+#[cfg(test)]
+mod test_judge;
+mod websocket;
+
+use sluice_core::policy::Direction;
+
+pub use grpc::GrpcStream;
+pub use websocket::WebSocketStream;
+
+/// What one message (or WebSocket frame) asks of the stream rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// 1 when a message starts here, else 0.
+    pub messages: u64,
+    /// Payload bytes this message or frame carries.
+    pub bytes: u64,
+    /// The message's size so far (for size bounds).
+    pub size: u64,
+}
+
+/// Why a message is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// A messages or bytes rate.
+    Rate,
+    /// A message size bound.
+    TooBig,
+}
+
+/// The verdict on one [`Ask`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Pass it on.
+    Pass,
+    /// Refuse it; the stream ends (gRPC status, WebSocket close).
+    Refuse {
+        /// The rule that refused it.
+        rule: String,
+        /// Rate or size.
+        violation: Violation,
+        /// Seconds after which a retry could pass.
+        retry_after: u64,
+        /// The rate-limit headers for a gRPC refusal's metadata.
+        metadata: Vec<(&'static str, String)>,
+    },
+    /// Discard the message, keep the connection (WebSocket `drop`).
+    Drop {
+        /// Rate or size: a size violation in a message already partly
+        /// passed on cannot be dropped and closes instead.
+        violation: Violation,
+        /// The rule that dropped it.
+        rule: String,
+    },
+}
+
+/// Decides messages against the stream rules of one request.
+pub trait Judge {
+    /// The verdict for `ask` travelling `direction`.
+    fn judge(&mut self, direction: Direction, ask: Ask) -> Answer;
+}
+
+/// What to do with a chunk after the stream rules saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// Pass it on unchanged.
+    Keep,
+    /// Pass these bytes on instead.
+    Replace(Vec<u8>),
+    /// gRPC, response not started: end the call with RESOURCE_EXHAUSTED.
+    RefuseCall {
+        /// The `grpc-message`.
+        message: String,
+        /// `retry-after` and the rate-limit headers.
+        metadata: Vec<(&'static str, String)>,
+    },
+}
+
+/// One value per direction of a stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PerDirection<T> {
+    client: T,
+    server: T,
+}
+
+impl<T> PerDirection<T> {
+    /// The value for `direction`.
+    fn get(&self, direction: Direction) -> &T {
+        match direction {
+            Direction::Client => &self.client,
+            Direction::Server => &self.server,
+        }
+    }
+
+    /// The value for `direction`, to change.
+    fn get_mut(&mut self, direction: Direction) -> &mut T {
+        match direction {
+            Direction::Client => &mut self.client,
+            Direction::Server => &mut self.server,
+        }
+    }
+}
+
+/// The direction the answers to `direction` travel.
+fn opposite(direction: Direction) -> Direction {
+    match direction {
+        Direction::Client => Direction::Server,
+        Direction::Server => Direction::Client,
+    }
+}
+
+/// The gRPC status message for a refused call or message.
+pub fn grpc_message(rule: &str, retry_after: u64) -> String {
+    format!("rate limited by rule {rule}; retry after {retry_after}s")
+}

@@ -1,0 +1,53 @@
+//! A scripted [`Judge`] for the stream tests.
+
+use sluice_core::policy::Direction;
+
+use super::{Answer, Ask, Judge, PerDirection, Violation};
+
+/// Allows `budget` messages per direction, then answers `over`.
+pub(super) struct Budget {
+    left: PerDirection<u64>,
+    /// The answer once the budget is spent.
+    pub(super) over: Answer,
+    /// Every ask seen, in order.
+    pub(super) asks: Vec<(Direction, Ask)>,
+}
+
+impl Judge for Budget {
+    fn judge(&mut self, direction: Direction, ask: Ask) -> Answer {
+        self.asks.push((direction, ask));
+        let left = self.left.get_mut(direction);
+        if ask.messages == 0 {
+            return Answer::Pass;
+        }
+        match left.checked_sub(1) {
+            Some(fewer) => {
+                *left = fewer;
+                Answer::Pass
+            }
+            None => self.over.clone(),
+        }
+    }
+}
+
+/// `n` messages per direction, then `over`.
+pub(super) fn budget(n: u64, over: Answer) -> Budget {
+    Budget {
+        left: PerDirection {
+            client: n,
+            server: n,
+        },
+        over,
+        asks: Vec::new(),
+    }
+}
+
+/// A refusal by rule `r` with a 3 s retry.
+pub(super) fn refuse(violation: Violation) -> Answer {
+    Answer::Refuse {
+        rule: "r".into(),
+        violation,
+        retry_after: 3,
+        metadata: vec![("retry-after", "3".into())],
+    }
+}

@@ -1,0 +1,55 @@
+//! The parameters rendered into Envoy's configuration template.
+
+use anyhow::Result;
+use serde_json::Value;
+
+use crate::template::{self, Vars};
+
+/// What to put into the template.
+#[derive(Debug, Clone)]
+pub struct ConfigParams {
+    /// 0 = any free port.
+    pub admin_port: u16,
+    /// 0 = any free port.
+    pub listen_port: u16,
+    pub upstream_port: u16,
+    /// The filter module as written into the config (absolute or relative to
+    /// Envoy's working directory).
+    pub wasm_path: String,
+    /// The plugin JSON; `None` leaves the Sluice filter out.
+    pub plugin_config: Option<String>,
+    /// Adds Envoy's native local_ratelimit filter (huge bucket).
+    pub native_local_ratelimit: bool,
+    /// One access log line per request on stdout.
+    pub access_log: bool,
+}
+
+impl ConfigParams {
+    /// Renders the template, with `header` (comment lines) on top.
+    pub fn render(&self, header: &str) -> Result<String> {
+        self.render_with(&template::load_template()?, Vars::new(), header)
+    }
+
+    /// Renders another template with these parameters plus `extra`'s
+    /// variables and sections.
+    pub fn render_with(&self, template: &str, extra: Vars, header: &str) -> Result<String> {
+        let vars = extra
+            .set("ADMIN_PORT", self.admin_port.to_string())
+            .set("LISTEN_PORT", self.listen_port.to_string())
+            .set("UPSTREAM_PORT", self.upstream_port.to_string())
+            .set("WASM_PATH", template::yaml_quote(&self.wasm_path))
+            .set(
+                "PLUGIN_CONFIG",
+                self.plugin_config.clone().unwrap_or_default(),
+            )
+            .section_if("sluice", self.plugin_config.is_some())
+            .section_if("native_local_ratelimit", self.native_local_ratelimit)
+            .section_if("access_log", self.access_log);
+        template::render(template, &vars, header)
+    }
+}
+
+/// Pretty JSON for the plugin configuration (readable in rendered configs).
+pub fn plugin_json(config: &Value) -> String {
+    serde_json::to_string_pretty(config).unwrap_or_else(|_| config.to_string())
+}
