@@ -438,7 +438,7 @@ impl<B: SharedBytes> Plugin<B> {
     }
 
     fn report_evictions(&mut self, host: &impl Host) {
-        let total = self.store.live_evictions();
+        let total = self.store.stats().live_evictions;
         self.metrics
             .evictions(host, total - self.evictions_reported);
         self.evictions_reported = total;
