@@ -19,7 +19,10 @@ mod memory;
 mod slots;
 
 pub use memory::{EvictionStats, MemoryStore};
-pub use slots::{hash, InProcessShared, SharedBytes, SlotStore, WriteOutcome, PROBES};
+pub use slots::{
+    hash, shared_seed, InProcessShared, SharedBytes, SlotStats, SlotStore, WriteOutcome, PROBES,
+    SEED_NAME,
+};
 
 use serde::{Deserialize, Serialize};
 
