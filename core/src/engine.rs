@@ -4,10 +4,10 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::algorithm::Outcome;
+use crate::algorithm::{Mode, Outcome};
 use crate::decision::{render_headers, Decision};
 use crate::policy::{Action, Attributes, Counts, Policy};
-use crate::store::{Loaded, Saved, Slot, StateStore, StoreError};
+use crate::store::{Loaded, Room, Saved, Slot, StateStore, StoreError};
 use crate::time::{Nanos, Span};
 
 /// How often a decision is retried when another writer got in first.
@@ -267,7 +267,9 @@ fn attempt<S: StateStore>(
         match store.load(claim.slot, now) {
             Ok(l) => loaded.push(l),
             Err(e) => {
-                release_all(store, claims, loaded, now);
+                for (claim, l) in claims.iter().zip(loaded) {
+                    store.release(claim.slot, l.state, l.version, now);
+                }
                 return Err(e);
             }
         }
@@ -275,12 +277,12 @@ fn attempt<S: StateStore>(
     let outcomes: Vec<Outcome> = claims
         .iter()
         .zip(loaded.iter_mut())
-        .map(|(c, l)| c.slot.rule.limiter.peek(&mut l.state, now, c.cost))
+        .map(|(c, l)| l.acquire(c.slot.rule, now, c.cost, Mode::Peek))
         .collect();
     let blocking = |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action != Action::Shadow;
 
     if (0..claims.len()).any(blocking) {
-        release_all(store, claims, loaded, now);
+        give_back(store, claims, loaded, &outcomes, now);
         let decisions = rule_decisions(claims, &outcomes);
         let kind = blocked_kind(claims, &outcomes, waited, &blocking);
         return Ok(Some(Verdict {
@@ -296,10 +298,10 @@ fn attempt<S: StateStore>(
     while let Some((i, (claim, mut l))) = pending.next() {
         if !outcomes[i].allowed {
             // A shadow rule that would limit: it takes nothing.
-            store.release(claim.slot, l.state, l.version, now);
+            store.refuse(claim.slot, l.state, l.version, &outcomes[i], now);
             continue;
         }
-        final_outcomes[i] = claim.slot.rule.limiter.check(&mut l.state, now, claim.cost);
+        final_outcomes[i] = l.acquire(claim.slot.rule, now, claim.cost, Mode::Consume);
         let saved = store.save(claim.slot, l.state, l.version, now);
         match saved {
             Ok(Saved::Stored) => taken.push(*claim),
@@ -327,14 +329,21 @@ fn attempt<S: StateStore>(
     }))
 }
 
-fn release_all<S: StateStore>(
+/// Gives back states after a refusal: the keys refused are marked
+/// limited (so no new key evicts them), the others released unchanged.
+fn give_back<S: StateStore>(
     store: &mut S,
     claims: &[Claim<'_>],
     loaded: Vec<Loaded<S::Version>>,
+    outcomes: &[Outcome],
     now: Nanos,
 ) {
-    for (claim, l) in claims.iter().zip(loaded) {
-        store.release(claim.slot, l.state, l.version, now);
+    for ((claim, l), outcome) in claims.iter().zip(loaded).zip(outcomes) {
+        if outcome.allowed {
+            store.release(claim.slot, l.state, l.version, now);
+        } else {
+            store.refuse(claim.slot, l.state, l.version, outcome, now);
+        }
     }
 }
 
@@ -407,6 +416,12 @@ pub fn refund_claims<S: StateStore>(
         let mut done = false;
         for _ in 0..MAX_ATTEMPTS {
             let mut l = store.load(claim.slot, now)?;
+            if l.room == Room::Full {
+                // Never charged: a key without room is refused.
+                store.release(claim.slot, l.state, l.version, now);
+                done = true;
+                break;
+            }
             claim
                 .slot
                 .rule

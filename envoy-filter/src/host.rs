@@ -40,6 +40,8 @@ pub trait Host {
     fn add_to_gauge(&self, metric: MetricId, delta: i64);
     /// Logs a warning.
     fn warn(&self, message: &str);
+    /// A random number from the host's secure source; `None` if it has none.
+    fn random_u64(&self) -> Option<u64>;
 }
 
 /// A scripted Envoy for unit tests: one current request at a time.
@@ -65,6 +67,8 @@ pub(crate) mod fake {
         pub trailers: RefCell<HashMap<String, String>>,
         /// The current body chunk per direction (client, server).
         pub bodies: RefCell<[Vec<u8>; 2]>,
+        /// What `random_u64` answers (`None`: no random source).
+        pub random: Cell<Option<u64>>,
     }
 
     impl FakeHost {
@@ -170,6 +174,9 @@ pub(crate) mod fake {
         }
         fn warn(&self, message: &str) {
             self.warnings.borrow_mut().push(message.into());
+        }
+        fn random_u64(&self) -> Option<u64> {
+            self.random.get()
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::host::{Host, MetricId};
 use sluice_core::policy::{Policy, Protocol, Rule};
+use sluice_core::store::SlotStats;
 
 /// What happened to a request or message, for one rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +90,8 @@ struct RuleMetrics {
 pub struct Metrics {
     per_rule: Vec<RuleMetrics>,
     errors: Option<MetricId>,
-    evictions: Option<MetricId>,
+    /// Counters of [`SlotStats`], field by field.
+    keys: [Option<MetricId>; 3],
 }
 
 impl Metrics {
@@ -128,7 +130,12 @@ impl Metrics {
         Metrics {
             per_rule,
             errors: host.define_counter("sluice_http.errors"),
-            evictions: host.define_counter("sluice_http.live_evictions"),
+            keys: [
+                "sluice_http.live_evictions",
+                "sluice_http.new_keys_overflowed",
+                "sluice_http.new_keys_refused",
+            ]
+            .map(|name| host.define_counter(name)),
         }
     }
 
@@ -164,10 +171,18 @@ impl Metrics {
         }
     }
 
-    /// Counts keys that displaced a live key in a full slot table.
-    pub fn evictions(&self, host: &impl Host, n: u64) {
-        if let (Some(id), true) = (self.evictions, n > 0) {
-            host.increment(id, n);
+    /// Counts what happened to keys that needed room since `before`:
+    /// live keys displaced, new keys sent to the overflow slot or refused.
+    pub fn keys(&self, host: &impl Host, before: SlotStats, now: SlotStats) {
+        let deltas = [
+            now.live_evictions - before.live_evictions,
+            now.overflowed - before.overflowed,
+            now.refused - before.refused,
+        ];
+        for (id, n) in self.keys.iter().zip(deltas) {
+            if let (Some(id), true) = (id, n > 0) {
+                host.increment(*id, n);
+            }
         }
     }
 }

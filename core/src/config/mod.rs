@@ -24,4 +24,7 @@ pub use schema::{
     HeadersConfig, LimitConfig, MatchConfig, PathConfig, RuleConfig, ScopeConfig, SpanText,
     StatusSpec,
 };
-pub use validate::{MAX_KEYS_LIMIT, MAX_LOG_COUNT, MAX_RULE_NAME, MAX_TRUSTED_HOPS};
+pub use validate::{
+    keys_memory, BYTES_PER_KEY, KEYS_MEMORY_BUDGET, MAX_KEYS_LIMIT, MAX_LOG_COUNT, MAX_RULE_NAME,
+    MAX_TRUSTED_HOPS,
+};

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::algorithm::AlgorithmKind;
 use crate::decision::HeaderSet;
+use crate::store::WhenFull;
 use crate::time::Span;
 
 /// The whole filter configuration.
@@ -30,6 +31,10 @@ pub struct Config {
     /// The most keys kept per rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_keys: Option<u64>,
+    /// What a new key gets when every place for it holds a limited key:
+    /// `overflow` (default, a shared counter per rule) or `refuse`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_keys_full: Option<WhenFull>,
 }
 
 /// One rule as written.

@@ -9,7 +9,7 @@ use super::rule::validate_rule;
 use super::schema::{Config, StatusSpec};
 use crate::client_ip::ClientIpSource;
 use crate::decision::HeaderSets;
-use crate::policy::{Policy, Rule, StatusSet};
+use crate::policy::{Policy, Rule, Scope, StatusSet};
 
 /// Longest rule name: it appears in stats names and headers.
 pub const MAX_RULE_NAME: usize = 64;
@@ -18,6 +18,13 @@ pub const MAX_RULE_NAME: usize = 64;
 pub const MAX_LOG_COUNT: u64 = 10_000;
 /// Largest `max_keys`.
 pub const MAX_KEYS_LIMIT: u64 = 10_000_000;
+/// Worst-case bytes one key's slot takes in Envoy's shared data with a
+/// short key (name, value, the host map's node): what the memory budget
+/// counts per key. Longer keys (up to 256 bytes stored) take more.
+pub const BYTES_PER_KEY: u64 = 160;
+/// The most memory all rules' keys may take together, at
+/// [`BYTES_PER_KEY`] each (1 GiB).
+pub const KEYS_MEMORY_BUDGET: u64 = 1 << 30;
 /// Most trusted hops accepted.
 pub const MAX_TRUSTED_HOPS: u32 = 32;
 
@@ -62,6 +69,23 @@ impl Config {
                 format!("must be between 1 and {MAX_KEYS_LIMIT}"),
             );
         }
+        let keyed = rules.iter().filter(|r| r.scope == Scope::PerKey).count() as u64;
+        let worst = keys_memory(rules.len() as u64, keyed, max_keys);
+        if worst > KEYS_MEMORY_BUDGET {
+            let fit = (KEYS_MEMORY_BUDGET / BYTES_PER_KEY).saturating_sub(3 * rules.len() as u64)
+                / keyed.max(1);
+            errors.add(
+                "max_keys",
+                "",
+                format!(
+                    "{keyed} per-key rules with {max_keys} keys each could take {} MiB \
+                     (about {BYTES_PER_KEY} bytes per key), over the {} MiB budget: \
+                     set max_keys to at most {fit} or use fewer per-key rules",
+                    worst >> 20,
+                    KEYS_MEMORY_BUDGET >> 20
+                ),
+            );
+        }
         if self.client_ip.trusted_hops > MAX_TRUSTED_HOPS {
             errors.add(
                 "client_ip.trusted_hops",
@@ -79,8 +103,19 @@ impl Config {
                 trusted_hops: self.client_ip.trusted_hops,
             },
             max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
+            when_full: self.when_keys_full.unwrap_or_default(),
         })
     }
+}
+
+/// The worst-case memory of the keys of `rules` rules, `keyed` of them per
+/// key with `max_keys` each: every key's slot, plus per rule its global or
+/// overflow slot and its creation lock.
+pub fn keys_memory(rules: u64, keyed: u64, max_keys: u64) -> u64 {
+    keyed
+        .saturating_mul(max_keys)
+        .saturating_add(rules.saturating_mul(3))
+        .saturating_mul(BYTES_PER_KEY)
 }
 
 #[cfg(test)]
@@ -112,6 +147,31 @@ mod tests {
         assert_eq!(policy.header_sets, HeaderSets::ALL);
         assert!(policy.headers_on_allowed);
         assert_eq!(policy.max_keys, Policy::DEFAULT_MAX_KEYS);
+    }
+
+    #[test]
+    fn key_memory_beyond_the_budget_is_refused_naming_max_keys() {
+        let rules = |n: usize| {
+            (0..n)
+                .map(|i| format!(r#"{{"name":"r{i}","limit":{{"count":1,"per":"1s"}}}}"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        // 10,000 per-key rules at the default max_keys: a billion keys.
+        let err = Policy::from_json(&format!(r#"{{"rules":[{}]}}"#, rules(10_000)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("max_keys: 10000 per-key rules with 100000 keys each could take"));
+        assert!(
+            err.ends_with("set max_keys to at most 668 or use fewer per-key rules"),
+            "{err}"
+        );
+        // The suggested bound is accepted.
+        let fits = format!(r#"{{"rules":[{}],"max_keys":668}}"#, rules(10_000));
+        assert!(Policy::from_json(&fits).is_ok());
+        // Global rules take one slot each, whatever max_keys.
+        let global = r#"{"rules":[{"name":"g","scope":"global","limit":{"count":1,"per":"1s"}}],"max_keys":10000000}"#;
+        assert!(Policy::from_json(global).is_ok());
     }
 
     #[test]

@@ -175,6 +175,8 @@ pub struct Policy {
     pub client_ip: ClientIpSource,
     /// The most keys kept per rule.
     pub max_keys: usize,
+    /// What a new key gets when every place for it holds a limited key.
+    pub when_full: crate::store::WhenFull,
 }
 
 impl Policy {

@@ -5,51 +5,90 @@ use alloc::vec::Vec;
 
 use hashbrown::HashMap;
 
-use super::{Loaded, Saved, Slot, StateStore, StoreError};
+use super::{limited_for, no_room, Loaded, Room, Saved, Slot, StateStore, StoreError, WhenFull};
 use crate::algorithm::{Limiter, Outcome, State};
+use crate::policy::Rule;
 use crate::time::Nanos;
 
-/// How many keys were dropped to stay within bounds.
+/// How many keys were dropped to stay within bounds, and what happened
+/// to new keys that found no room.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EvictionStats {
     /// Keys whose state was back to fresh: dropping them changes nothing.
     pub fresh: u64,
-    /// Keys still in use, least recently used first: each restarts with a
-    /// full allowance if it comes back, so it may be admitted more.
+    /// Keys still in use but not limited, least recently used first: each
+    /// restarts with a full allowance if it comes back.
     pub live: u64,
+    /// Requests of new keys that shared the overflow state (every key held
+    /// was limited).
+    pub overflowed: u64,
+    /// Requests of new keys refused for want of room ([`WhenFull::Refuse`]).
+    pub refused: u64,
 }
 
 #[derive(Debug)]
 struct Entry {
     state: State,
     last_used: Nanos,
+    /// Refused until about then: never evicted before.
+    limited_until: Nanos,
 }
 
 /// One rule's keys.
 #[derive(Debug, Default)]
 struct Partition {
     entries: HashMap<String, Entry>,
+    /// The state new keys share while every held key is limited.
+    overflow: Option<State>,
+    /// A sweep found every key limited: no room before this time (the
+    /// earliest end of their limits), so no sweep is tried before it.
+    full_until: Nanos,
+}
+
+/// Where a checked-out state came from, to put it back.
+#[derive(Debug)]
+pub enum Checkout {
+    /// A held key, taken out of the map (re-inserted without a new
+    /// allocation), with its mark.
+    Held(String, Nanos),
+    /// A new key with room to be stored.
+    New,
+    /// The rule's overflow state.
+    Overflow,
+    /// A new key without room, refused.
+    Full,
 }
 
 /// States in a hash map per rule, at most `max_keys` keys each.
 ///
 /// When a new key arrives at the bound, keys whose state is fresh are
-/// dropped first (no effect on any decision); only if that frees too
-/// little are the least recently used live keys dropped, a sixteenth of
-/// the bound at a time so the sweep's cost is amortised.
+/// dropped first (no effect on any decision), then the least recently
+/// used keys that are not limited, a sixteenth of the bound at a time so
+/// the sweep's cost is amortised. A limited key is never dropped: if every
+/// key is, the new key uses the rule's overflow state or is refused, as
+/// [`WhenFull`] says.
 #[derive(Debug)]
 pub struct MemoryStore {
     partitions: Vec<Partition>,
     max_keys: usize,
+    when_full: WhenFull,
     evictions: EvictionStats,
 }
 
 impl MemoryStore {
-    /// A store keeping at most `max_keys` keys per rule (at least 1).
+    /// A store keeping at most `max_keys` keys per rule (at least 1); new
+    /// keys that find no room share an overflow state.
     pub fn new(max_keys: usize) -> MemoryStore {
+        MemoryStore::with_when_full(max_keys, WhenFull::Overflow)
+    }
+
+    /// [`MemoryStore::new`], with the choice of what a new key without
+    /// room gets.
+    pub fn with_when_full(max_keys: usize, when_full: WhenFull) -> MemoryStore {
         MemoryStore {
             partitions: Vec::new(),
             max_keys: max_keys.max(1),
+            when_full,
             evictions: EvictionStats::default(),
         }
     }
@@ -81,38 +120,54 @@ impl MemoryStore {
 
     /// Forgets one key (an admin reset).
     pub fn remove(&mut self, rule_index: usize, key: &str) -> bool {
-        self.partitions
-            .get_mut(rule_index)
-            .is_some_and(|p| p.entries.remove(key).is_some())
+        self.partitions.get_mut(rule_index).is_some_and(|p| {
+            p.full_until = Nanos::ZERO;
+            p.entries.remove(key).is_some()
+        })
     }
 
     /// Takes `cost` permits for `key` in place: what `load`, `check`, then
-    /// `save` (allowed) or `release` (denied) do, with one hash lookup for a
-    /// held key. A new key is stored only when allowed, after
-    /// [`MemoryStore`]'s eviction exactly as `save` does it.
+    /// `save` (allowed) or `refuse` (denied) do, with one hash lookup for a
+    /// held key. A new key is stored only when allowed.
     pub fn acquire(
         &mut self,
         rule_index: usize,
-        limiter: &Limiter,
+        rule: &Rule,
         key: &str,
         now: Nanos,
         cost: u64,
     ) -> Outcome {
         if let Some(entry) = self.partition(rule_index).entries.get_mut(key) {
+            let outcome = rule.limiter.check(&mut entry.state, now, cost);
             entry.last_used = now;
-            return limiter.check(&mut entry.state, now, cost);
+            if !outcome.allowed {
+                entry.limited_until = entry.limited_until.max(now.plus(limited_for(&outcome)));
+            }
+            return outcome;
         }
-        let mut state = limiter.fresh_state();
-        let outcome = limiter.check(&mut state, now, cost);
-        if outcome.allowed {
-            self.make_room(rule_index, limiter, now);
-            let entry = Entry {
-                state,
-                last_used: now,
-            };
-            self.partition(rule_index).entries.insert(key.into(), entry);
+        match self.place_new(rule_index, &rule.limiter, now) {
+            Room::Own => {
+                let mut state = rule.limiter.fresh_state();
+                let outcome = rule.limiter.check(&mut state, now, cost);
+                if outcome.allowed {
+                    let entry = Entry {
+                        state,
+                        last_used: now,
+                        limited_until: Nanos::ZERO,
+                    };
+                    self.partition(rule_index).entries.insert(key.into(), entry);
+                }
+                outcome
+            }
+            Room::Overflow => {
+                let partition = self.partition(rule_index);
+                let state = partition
+                    .overflow
+                    .get_or_insert_with(|| rule.limiter.fresh_state());
+                rule.limiter.check(state, now, cost)
+            }
+            Room::Full => no_room(rule),
         }
-        outcome
     }
 
     fn partition(&mut self, rule_index: usize) -> &mut Partition {
@@ -123,11 +178,34 @@ impl MemoryStore {
         &mut self.partitions[rule_index]
     }
 
-    fn make_room(&mut self, rule_index: usize, limiter: &Limiter, now: Nanos) {
+    /// Where a new key goes: its own entry if there is or can be made
+    /// room, else what [`WhenFull`] says (counted).
+    fn place_new(&mut self, rule_index: usize, limiter: &Limiter, now: Nanos) -> Room {
+        if self.make_room(rule_index, limiter, now) {
+            return Room::Own;
+        }
+        match self.when_full {
+            WhenFull::Overflow => {
+                self.evictions.overflowed += 1;
+                Room::Overflow
+            }
+            WhenFull::Refuse => {
+                self.evictions.refused += 1;
+                Room::Full
+            }
+        }
+    }
+
+    /// Makes room for one more key if that needs no limited key dropped;
+    /// whether there is room.
+    fn make_room(&mut self, rule_index: usize, limiter: &Limiter, now: Nanos) -> bool {
         let max_keys = self.max_keys;
         let partition = self.partition(rule_index);
         if partition.entries.len() < max_keys {
-            return;
+            return true;
+        }
+        if now < partition.full_until {
+            return false;
         }
         let before = partition.entries.len();
         partition
@@ -138,69 +216,105 @@ impl MemoryStore {
         let mut live = 0;
         if partition.entries.len() > target {
             let excess = partition.entries.len() - target;
-            let mut ages: Vec<Nanos> = partition.entries.values().map(|e| e.last_used).collect();
-            let (_, cutoff, _) = ages.select_nth_unstable(excess - 1);
-            let cutoff = *cutoff;
-            partition.entries.retain(|_, e| {
-                let keep = e.last_used > cutoff || live >= excess;
-                if !keep {
-                    live += 1;
-                }
-                keep
-            });
+            let evictable = |e: &Entry| e.limited_until <= now;
+            let mut ages: Vec<Nanos> = partition
+                .entries
+                .values()
+                .filter(|e| evictable(e))
+                .map(|e| e.last_used)
+                .collect();
+            if let Some(last) = excess.min(ages.len()).checked_sub(1) {
+                let (_, cutoff, _) = ages.select_nth_unstable(last);
+                let cutoff = *cutoff;
+                partition.entries.retain(|_, e| {
+                    let keep = !evictable(e) || e.last_used > cutoff || live >= excess;
+                    if !keep {
+                        live += 1;
+                    }
+                    keep
+                });
+            }
+        }
+        let room = partition.entries.len() < max_keys;
+        if !room {
+            // Every key left is limited: none can go before the first
+            // of their limits ends.
+            partition.full_until = partition
+                .entries
+                .values()
+                .map(|e| e.limited_until)
+                .min()
+                .unwrap_or(Nanos::ZERO);
         }
         self.evictions.fresh += fresh as u64;
         self.evictions.live += live as u64;
+        room
     }
 
-    fn put(&mut self, slot: Slot<'_>, key: Option<String>, state: State, now: Nanos) {
+    fn put(&mut self, slot: Slot<'_>, checkout: Checkout, state: State, now: Nanos) {
+        let partition = self.partition(slot.rule_index);
+        let (key, limited_until) = match checkout {
+            Checkout::Held(key, limited_until) => (key, limited_until),
+            Checkout::New => (slot.key.into(), Nanos::ZERO),
+            Checkout::Overflow => {
+                partition.overflow = Some(state);
+                return;
+            }
+            Checkout::Full => return,
+        };
         let entry = Entry {
             state,
             last_used: now,
+            limited_until,
         };
-        let key = match key {
-            Some(key) => key,
-            None => {
-                self.make_room(slot.rule_index, &slot.rule.limiter, now);
-                slot.key.into()
-            }
-        };
-        self.partition(slot.rule_index).entries.insert(key, entry);
+        partition.entries.insert(key, entry);
     }
 }
 
 impl StateStore for MemoryStore {
-    /// The checked-out key, if it was held (re-inserted without a new
-    /// allocation). One thread owns the map, so there are no conflicts.
-    type Version = Option<String>;
+    /// One thread owns the map, so there are no conflicts.
+    type Version = Checkout;
 
-    fn load(&mut self, slot: Slot<'_>, _now: Nanos) -> Result<Loaded<Option<String>>, StoreError> {
-        Ok(
-            match self
-                .partition(slot.rule_index)
-                .entries
-                .remove_entry(slot.key)
-            {
-                Some((key, entry)) => Loaded {
-                    state: entry.state,
-                    version: Some(key),
-                },
-                None => Loaded {
-                    state: slot.rule.limiter.fresh_state(),
-                    version: None,
-                },
-            },
-        )
+    fn load(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Loaded<Checkout>, StoreError> {
+        let fresh = slot.rule.limiter.fresh_state();
+        let held = self
+            .partition(slot.rule_index)
+            .entries
+            .remove_entry(slot.key);
+        if let Some((key, entry)) = held {
+            return Ok(Loaded {
+                state: entry.state,
+                version: Checkout::Held(key, entry.limited_until),
+                room: Room::Own,
+            });
+        }
+        let room = self.place_new(slot.rule_index, &slot.rule.limiter, now);
+        let (state, version) = match room {
+            Room::Own => (fresh, Checkout::New),
+            Room::Overflow => {
+                let partition = self.partition(slot.rule_index);
+                (
+                    partition.overflow.take().unwrap_or(fresh),
+                    Checkout::Overflow,
+                )
+            }
+            Room::Full => (fresh, Checkout::Full),
+        };
+        Ok(Loaded {
+            state,
+            version,
+            room,
+        })
     }
 
     fn save(
         &mut self,
         slot: Slot<'_>,
         state: State,
-        key: Option<String>,
+        checkout: Checkout,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
-        self.put(slot, key, state, now);
+        self.put(slot, checkout, state, now);
         Ok(Saved::Stored)
     }
 
@@ -212,19 +326,36 @@ impl StateStore for MemoryStore {
     ) -> Result<Option<Outcome>, StoreError> {
         Ok(Some(self.acquire(
             slot.rule_index,
-            &slot.rule.limiter,
+            slot.rule,
             slot.key,
             now,
             cost,
         )))
     }
 
-    fn release(&mut self, slot: Slot<'_>, state: State, key: Option<String>, now: Nanos) {
-        // A key that was not held and did not change stays absent: its
-        // fresh state is what absence means.
-        if key.is_some() {
-            self.put(slot, key, state, now);
+    fn release(&mut self, slot: Slot<'_>, state: State, checkout: Checkout, now: Nanos) {
+        // A new key that did not change stays absent: its fresh state is
+        // what absence means.
+        if !matches!(checkout, Checkout::New) {
+            self.put(slot, checkout, state, now);
         }
+    }
+
+    fn refuse(
+        &mut self,
+        slot: Slot<'_>,
+        state: State,
+        checkout: Checkout,
+        outcome: &Outcome,
+        now: Nanos,
+    ) {
+        let checkout = match checkout {
+            Checkout::Held(key, until) => {
+                Checkout::Held(key, until.max(now.plus(limited_for(outcome))))
+            }
+            other => other,
+        };
+        self.release(slot, state, checkout, now);
     }
 }
 
@@ -263,7 +394,7 @@ mod tests {
                 Ok(Saved::Stored)
             );
         } else {
-            store.release(slot, state, loaded.version, now);
+            store.refuse(slot, state, loaded.version, &outcome, now);
         }
         outcome
     }
@@ -285,7 +416,7 @@ mod tests {
                 // Strictly increasing: keys used at the same instant tie for
                 // LRU eviction, and two maps may break the tie differently.
                 now = now.plus(Span::from_millis(1 + (seed >> 40) % 300));
-                let a = in_place.acquire(1, &rule.limiter, key, now, cost);
+                let a = in_place.acquire(1, &rule, key, now, cost);
                 let b = checkout(&mut checked_out, &rule, key, now, cost);
                 assert_eq!(a, b, "{kind:?} step {step}");
                 assert_eq!(in_place.len(1), checked_out.len(1), "{kind:?} step {step}");
@@ -316,9 +447,9 @@ mod tests {
         let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 2, "per": "1m"}"#);
         let mut store = MemoryStore::new(10);
         let now = Nanos(60_000_000_000);
-        assert!(store.acquire(0, &rule.limiter, "a", now, 1).allowed);
-        assert!(store.acquire(0, &rule.limiter, "a", now, 1).allowed);
-        let third = store.acquire(0, &rule.limiter, "a", now, 1);
+        assert!(store.acquire(0, &rule, "a", now, 1).allowed);
+        assert!(store.acquire(0, &rule, "a", now, 1).allowed);
+        let third = store.acquire(0, &rule, "a", now, 1);
         assert!(!third.allowed);
         assert_eq!(third.remaining, 0);
         assert_eq!(store.len(0), 1);
@@ -328,7 +459,7 @@ mod tests {
     fn acquire_does_not_store_a_denied_new_key() {
         let rule = rule(AlgorithmKind::TokenBucket, r#"{"count": 2, "per": "1s"}"#);
         let mut store = MemoryStore::new(10);
-        let outcome = store.acquire(0, &rule.limiter, "a", Nanos(5), 3);
+        let outcome = store.acquire(0, &rule, "a", Nanos(5), 3);
         assert!(!outcome.allowed);
         assert_eq!(outcome.retry_after, Span::NEVER);
         assert!(store.is_empty());
@@ -339,10 +470,10 @@ mod tests {
         let old = rule(AlgorithmKind::Gcra, r#"{"count": 1, "per": "1h"}"#);
         let new = rule(AlgorithmKind::TokenBucket, r#"{"count": 1, "per": "1h"}"#);
         let mut store = MemoryStore::new(10);
-        assert!(store.acquire(0, &old.limiter, "a", Nanos(5), 1).allowed);
-        assert!(!store.acquire(0, &old.limiter, "a", Nanos(6), 1).allowed);
+        assert!(store.acquire(0, &old, "a", Nanos(5), 1).allowed);
+        assert!(!store.acquire(0, &old, "a", Nanos(6), 1).allowed);
         // The rule changed algorithm: the key starts afresh under the new one.
-        assert!(store.acquire(0, &new.limiter, "a", Nanos(7), 1).allowed);
+        assert!(store.acquire(0, &new, "a", Nanos(7), 1).allowed);
         assert!(matches!(store.get(0, "a"), Some(State::TokenBucket(_))));
     }
 }

@@ -6,16 +6,29 @@
 //! [`Saved::Conflict`] when someone else wrote the state since `load`,
 //! and the engine retries. This one shape serves VM memory, Envoy shared
 //! data (compare-and-swap) and a quota server's map.
+//!
+//! Stores are bounded, so a new key may find no room. A store then evicts
+//! a key only if that changes no decision of a key that was refused: a key
+//! refused by its limit is marked limited until its state would be fresh
+//! again (see [`StateStore::refuse`]) and is never the victim. When every
+//! candidate is limited, the new key shares the rule's overflow state or
+//! is refused, as [`WhenFull`] says: keys made up by a flood can then only
+//! limit each other, never give a limited key a fresh allowance.
 
 mod memory;
 mod slots;
 
 pub use memory::{EvictionStats, MemoryStore};
-pub use slots::{hash, InProcessShared, SharedBytes, SlotStore, WriteOutcome};
+pub use slots::{
+    hash, shared_seed, InProcessShared, SharedBytes, SlotStats, SlotStore, WriteOutcome, PROBES,
+    SEED_NAME,
+};
 
-use crate::algorithm::{Outcome, State};
+use serde::{Deserialize, Serialize};
+
+use crate::algorithm::{Mode, Outcome, State};
 use crate::policy::Rule;
-use crate::time::Nanos;
+use crate::time::{Nanos, Span};
 
 /// Which state: a rule (by position in the policy) and a key.
 #[derive(Clone, Copy, Debug)]
@@ -28,6 +41,30 @@ pub struct Slot<'a> {
     pub key: &'a str,
 }
 
+/// What a store does with a new key when every place it could take
+/// holds a key it must not evict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// The key shares one overflow state per rule, with the rule's limit:
+    /// new keys are limited together while the table is full.
+    #[default]
+    Overflow,
+    /// The key is refused until room frees up.
+    Refuse,
+}
+
+/// Where a checked-out state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    /// The key's own state (held, or new with a place to keep it).
+    Own,
+    /// The rule's overflow state, shared by new keys that found no room.
+    Overflow,
+    /// No room and [`WhenFull::Refuse`]: the key is refused.
+    Full,
+}
+
 /// A checked-out state and the version it was read at.
 #[derive(Debug)]
 pub struct Loaded<V> {
@@ -35,6 +72,40 @@ pub struct Loaded<V> {
     pub state: State,
     /// Handed back to `save` for the conflict check.
     pub version: V,
+    /// Whose state this is.
+    pub room: Room,
+}
+
+impl<V> Loaded<V> {
+    /// Runs `rule`'s limiter on the state, or refuses when there is no room.
+    pub fn acquire(&mut self, rule: &Rule, now: Nanos, cost: u64, mode: Mode) -> Outcome {
+        match self.room {
+            Room::Own | Room::Overflow => rule.limiter.acquire(&mut self.state, now, cost, mode),
+            Room::Full => no_room(rule),
+        }
+    }
+}
+
+/// The refusal of a new key that found no room: it may try again after a
+/// period of the rule, by which time keys may have become evictable.
+pub fn no_room(rule: &Rule) -> Outcome {
+    let wait = rule.quota.per();
+    Outcome {
+        allowed: false,
+        remaining: 0,
+        reset_after: wait,
+        retry_after: wait,
+    }
+}
+
+/// How long a key refused with `outcome` stays protected from eviction:
+/// until its allowance is entirely restored, or at least until it may
+/// retry.
+pub fn limited_for(outcome: &Outcome) -> Span {
+    match outcome.retry_after {
+        Span::NEVER => outcome.reset_after,
+        retry => outcome.reset_after.max(retry),
+    }
 }
 
 /// The result of a `save`.
@@ -77,6 +148,18 @@ pub trait StateStore {
     /// Gives back a state that was not changed.
     fn release(&mut self, slot: Slot<'_>, state: State, version: Self::Version, now: Nanos);
 
+    /// Gives back a state whose key was just refused with `outcome`: the
+    /// store marks the key limited for [`limited_for`] so that no new key
+    /// evicts it meanwhile.
+    fn refuse(
+        &mut self,
+        slot: Slot<'_>,
+        state: State,
+        version: Self::Version,
+        outcome: &Outcome,
+        now: Nanos,
+    );
+
     /// Takes `cost` permits at `slot` if allowed, in one step (what a
     /// decision over a single rule needs); `None` when another writer got
     /// in first. Stores that can update in place override it; this default
@@ -88,9 +171,9 @@ pub trait StateStore {
         now: Nanos,
     ) -> Result<Option<Outcome>, StoreError> {
         let mut l = self.load(slot, now)?;
-        let outcome = slot.rule.limiter.check(&mut l.state, now, cost);
+        let outcome = l.acquire(slot.rule, now, cost, Mode::Consume);
         if !outcome.allowed {
-            self.release(slot, l.state, l.version, now);
+            self.refuse(slot, l.state, l.version, &outcome, now);
             return Ok(Some(outcome));
         }
         Ok(match self.save(slot, l.state, l.version, now)? {

@@ -1,13 +1,24 @@
-//! State in a fixed table of named byte slots with compare-and-swap: the
-//! shape of Envoy's shared data, which every worker's VM can see.
+//! State in a table of named byte slots with compare-and-swap: the shape
+//! of Envoy's shared data, which every worker's VM can see.
 //!
 //! Envoy's shared data can neither delete a name nor create one
 //! atomically (a write to a missing name always succeeds), so each rule
-//! gets a table of `max_keys` slots created up front by [`SlotStore::prepare`]
-//! and reused forever: memory is bounded, and every later write is a
-//! compare-and-swap. A key lives in one of [`PROBES`] slots after its hash;
-//! a new key takes an empty slot, else one whose state is fresh, else the
-//! least recently used one (a live eviction, counted).
+//! gets a table of at most `max_keys` slots, each created the first time a
+//! key needs it and reused forever: memory grows with the keys seen, up to
+//! the bound, and configuring costs the same whatever the bound. A slot is
+//! created under the table's creation lock (a name created when the store
+//! is opened, taken by compare-and-swap), so two workers never both create
+//! it; every other write is a compare-and-swap.
+//!
+//! A key lives in one of [`PROBES`] slots after its hash, seeded with a
+//! random secret kept in shared data ([`SlotStore::open`]) so that clients
+//! cannot aim keys at one another's slots. A new key takes an empty slot,
+//! else one whose state is fresh, else a missing one (created), else the
+//! least recently used slot whose key is not limited (a live eviction,
+//! counted). A key refused by its limit is marked limited until its state
+//! would be fresh again and is never evicted; when all its slots are
+//! limited, a new key shares the rule's overflow slot or is refused, as
+//! [`WhenFull`] says.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -16,13 +27,24 @@ use core::fmt::Write;
 
 use hashbrown::HashMap;
 
-use super::{Loaded, Saved, Slot, StateStore, StoreError};
-use crate::algorithm::State;
+use super::{limited_for, Loaded, Room, Saved, Slot, StateStore, StoreError, WhenFull};
+use crate::algorithm::{Outcome, State};
 use crate::policy::{Policy, Scope};
-use crate::time::Nanos;
+use crate::time::{Nanos, Span};
 
 /// How many consecutive slots a key may live in.
 pub const PROBES: u64 = 4;
+
+/// The shared-data name holding the key hash's seed.
+pub const SEED_NAME: &str = "sluice/seed";
+
+/// A creation lock older than this was left by a VM that died holding it,
+/// and may be taken over. Holding it takes three host calls.
+pub const LOCK_TIMEOUT: Span = Span::SECOND;
+
+/// How many times a creation waits for the lock before reporting a
+/// conflict (the engine then retries the whole decision).
+const LOCK_TRIES: usize = 64;
 
 /// Bytes shared between threads, with compare-and-swap (Envoy shared data).
 pub trait SharedBytes {
@@ -42,13 +64,30 @@ pub enum WriteOutcome {
     CasMismatch,
 }
 
-/// Where a load found (or chose) the key's slot.
+/// Which name a checked-out state belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// A slot of the rule's table.
+    Slot(u64),
+    /// The rule's overflow slot.
+    Overflow,
+    /// Nowhere: the key was refused for want of room.
+    Nowhere,
+}
+
+/// Where a load found (or chose) the key's state.
 #[derive(Clone, Copy, Debug)]
 pub struct SlotVersion {
-    index: u64,
+    place: Place,
     cas: u32,
+    /// The key was found there (not new).
+    held: bool,
+    /// The name does not exist yet: saving creates it under the lock.
+    missing: bool,
     /// The slot holds another key whose state is still live.
     evicts_live: bool,
+    /// The key's stored mark (zero for a new key).
+    limited_until: Nanos,
 }
 
 #[derive(Debug)]
@@ -61,27 +100,53 @@ struct Table {
     slots: u64,
 }
 
+/// What happened to keys that needed room, so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    /// New keys that displaced a live (not limited) key.
+    pub live_evictions: u64,
+    /// Requests of new keys that used the overflow slot.
+    pub overflowed: u64,
+    /// Requests of new keys refused for want of room.
+    pub refused: u64,
+}
+
 /// See the module doc.
 #[derive(Debug)]
 pub struct SlotStore<B> {
     backend: B,
     tables: Vec<Table>,
     seed: u64,
+    when_full: WhenFull,
     name: String,
     value: Vec<u8>,
-    live_evictions: u64,
+    stats: SlotStats,
 }
 
 /// Slot value layout: format byte, key length (u16 LE), key, last use (u64
-/// LE), then the encoded state. An empty value is a free slot.
-const FORMAT: u8 = 1;
+/// LE), limited until (u64 LE), then the encoded state. An empty value (or
+/// one of another format) is a free slot.
+const FORMAT: u8 = 2;
 /// Longer keys are stored as a hash of themselves, to keep slots small.
 const MAX_STORED_KEY: usize = 256;
 
 impl<B: SharedBytes> SlotStore<B> {
-    /// A store for `policy`'s rules over `backend`. `seed` varies the key
-    /// hash (use something clients cannot see, such as a hash of the
-    /// config) so they cannot aim their keys at one another's slots.
+    /// Opens the store for `policy` over `backend`: reads the shared seed
+    /// (creating it from `random` if this is the first VM) and creates the
+    /// per-rule names. Call once per VM at configuration time.
+    pub fn open(
+        mut backend: B,
+        policy: &Policy,
+        random: impl FnOnce() -> Option<u64>,
+    ) -> Result<SlotStore<B>, StoreError> {
+        let seed = shared_seed(&mut backend, random)?;
+        let mut store = SlotStore::new(backend, policy, seed);
+        store.prepare()?;
+        Ok(store)
+    }
+
+    /// A store for `policy`'s rules over `backend`, hashing keys with
+    /// `seed` (see [`SlotStore::open`], which reads the shared one).
     pub fn new(backend: B, policy: &Policy, seed: u64) -> SlotStore<B> {
         let tables = policy
             .rules
@@ -98,39 +163,31 @@ impl<B: SharedBytes> SlotStore<B> {
             backend,
             tables,
             seed,
+            when_full: policy.when_full,
             name: String::new(),
             value: Vec::new(),
-            live_evictions: 0,
+            stats: SlotStats::default(),
         }
     }
 
-    /// Creates every slot that does not exist yet. Call once per VM at
-    /// configuration time, before traffic; a marker per table makes later
-    /// calls (other workers, reloads) one read each.
+    /// Creates each table's creation lock and overflow slot if missing:
+    /// two names per rule, whatever `max_keys` is. Slots are created as
+    /// keys need them.
     pub fn prepare(&mut self) -> Result<(), StoreError> {
         for t in 0..self.tables.len() {
-            let slots = self.tables[t].slots;
-            self.name.clear();
-            let _ = write!(self.name, "{}ready/{slots}", self.tables[t].prefix);
-            if self.backend.get(&self.name)?.0.is_some() {
-                continue;
-            }
-            for index in 0..slots {
-                self.set_name(t, index);
+            for suffix in [LOCK, OVERFLOW] {
+                self.set_name(t, suffix);
                 if self.backend.get(&self.name)?.0.is_none() {
                     self.backend.set(&self.name, &[], 0)?;
                 }
             }
-            self.name.clear();
-            let _ = write!(self.name, "{}ready/{slots}", self.tables[t].prefix);
-            self.backend.set(&self.name, &[1], 0)?;
         }
         Ok(())
     }
 
-    /// Keys that displaced a live key so far.
-    pub fn live_evictions(&self) -> u64 {
-        self.live_evictions
+    /// What happened to keys that needed room, so far.
+    pub fn stats(&self) -> SlotStats {
+        self.stats
     }
 
     /// The backend, e.g. to inspect a test double.
@@ -138,10 +195,10 @@ impl<B: SharedBytes> SlotStore<B> {
         &self.backend
     }
 
-    fn set_name(&mut self, table: usize, index: u64) {
+    fn set_name(&mut self, table: usize, suffix: impl core::fmt::Display) {
         self.name.clear();
         if let Some(t) = self.tables.get(table) {
-            let _ = write!(self.name, "{}{index}", t.prefix);
+            let _ = write!(self.name, "{}{suffix}", t.prefix);
         }
     }
 
@@ -149,6 +206,82 @@ impl<B: SharedBytes> SlotStore<B> {
         let slots = self.tables.get(table).map_or(1, |t| t.slots);
         (hash(self.seed, key) % slots, slots)
     }
+
+    /// Writes `self.value` to the missing slot `index` unless someone
+    /// created it meanwhile, holding the table's creation lock.
+    fn create(&mut self, table: usize, index: u64, now: Nanos) -> Result<Saved, StoreError> {
+        let Some(lock_cas) = self.lock(table, now)? else {
+            return Ok(Saved::Conflict);
+        };
+        self.set_name(table, index);
+        let created = match self.backend.get(&self.name)?.0 {
+            Some(_) => Saved::Conflict,
+            None => match self.backend.set(&self.name, &self.value, 0)? {
+                WriteOutcome::Written => Saved::Stored,
+                WriteOutcome::CasMismatch => Saved::Conflict,
+            },
+        };
+        // A mismatch means our lock was taken over as stale: it is not
+        // ours to release any more.
+        self.set_name(table, LOCK);
+        self.backend.set(&self.name, &[], lock_cas)?;
+        Ok(created)
+    }
+
+    /// Takes the table's creation lock; the token to release it with, or
+    /// `None` if another VM kept it through every try.
+    fn lock(&mut self, table: usize, now: Nanos) -> Result<Option<u32>, StoreError> {
+        self.set_name(table, LOCK);
+        let stamp = now.get().to_le_bytes();
+        for _ in 0..LOCK_TRIES {
+            let (value, cas) = self.backend.get(&self.name)?;
+            let held_since = value
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(|b| Nanos(u64::from_le_bytes(b)));
+            if held_since.is_some_and(|t| now < t.plus(LOCK_TIMEOUT)) {
+                continue;
+            }
+            if self.backend.set(&self.name, &stamp, cas)? == WriteOutcome::Written {
+                let (_, token) = self.backend.get(&self.name)?;
+                return Ok(Some(token));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Names of the per-rule lock and overflow slot (slots are numbers).
+const LOCK: &str = "lock";
+const OVERFLOW: &str = "overflow";
+
+/// The seed stored at [`SEED_NAME`], written from `random` if missing.
+///
+/// Envoy configures the main thread's VM before it starts the workers'
+/// VMs, so the first VM creates the seed and every later one reads it. A
+/// missing name cannot be created atomically: two VMs configured at the
+/// same instant for the very first time could each write their own and
+/// keep different seeds (their workers would then count a key in two
+/// places). Reading the value back after writing narrows that window to
+/// the two writes.
+pub fn shared_seed<B: SharedBytes>(
+    backend: &mut B,
+    random: impl FnOnce() -> Option<u64>,
+) -> Result<u64, StoreError> {
+    let read = |backend: &B| -> Result<Option<u64>, StoreError> {
+        Ok(backend
+            .get(SEED_NAME)?
+            .0
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes))
+    };
+    if let Some(seed) = read(backend)? {
+        return Ok(seed);
+    }
+    let candidate = random().ok_or(StoreError::Unavailable(
+        "no random source for the key hash seed",
+    ))?;
+    backend.set(SEED_NAME, &candidate.to_le_bytes(), 0)?;
+    read(backend)?.ok_or(StoreError::Unavailable("the key hash seed did not stick"))
 }
 
 /// The key as stored: itself, or a hash of itself when long.
@@ -165,6 +298,7 @@ fn stored_key<'a>(key: &'a str, seed: u64, buf: &'a mut [u8; 16]) -> &'a [u8] {
 struct SlotValue<'a> {
     key: &'a [u8],
     last_used: Nanos,
+    limited_until: Nanos,
     state: &'a [u8],
 }
 
@@ -176,23 +310,24 @@ fn parse_value(bytes: &[u8]) -> Option<SlotValue<'_>> {
     let (len, rest) = rest.split_at_checked(2)?;
     let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
     let (key, rest) = rest.split_at_checked(len)?;
-    let (time, state) = rest.split_at_checked(8)?;
-    let mut time_bytes = [0u8; 8];
-    time_bytes.copy_from_slice(time);
+    let (last_used, rest) = rest.split_first_chunk::<8>()?;
+    let (limited_until, state) = rest.split_first_chunk::<8>()?;
     Some(SlotValue {
         key,
-        last_used: Nanos(u64::from_le_bytes(time_bytes)),
+        last_used: Nanos(u64::from_le_bytes(*last_used)),
+        limited_until: Nanos(u64::from_le_bytes(*limited_until)),
         state,
     })
 }
 
-fn write_value(out: &mut Vec<u8>, key: &[u8], now: Nanos, state: &State) {
+fn write_value(out: &mut Vec<u8>, key: &[u8], now: Nanos, limited_until: Nanos, state: &State) {
     out.clear();
     out.push(FORMAT);
     // Keys are at most MAX_STORED_KEY bytes, so the length fits in a u16.
     out.extend_from_slice(&(key.len() as u16).to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(&now.get().to_le_bytes());
+    out.extend_from_slice(&limited_until.get().to_le_bytes());
     state.encode(out);
 }
 
@@ -211,6 +346,16 @@ pub fn hash(seed: u64, key: &[u8]) -> u64 {
     h
 }
 
+/// A free place a new key could take; lower ranks first, then older.
+#[derive(Clone, Copy)]
+struct Candidate {
+    /// 0 empty, 1 fresh, 2 missing (to create), 3 live and not limited.
+    rank: u8,
+    last_used: Nanos,
+    index: u64,
+    cas: u32,
+}
+
 impl<B: SharedBytes> StateStore for SlotStore<B> {
     type Version = SlotVersion;
 
@@ -218,49 +363,96 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         let mut hashed = [0u8; 16];
         let key = stored_key(slot.key, self.seed, &mut hashed);
         let (home, slots) = self.home(slot.rule_index, key);
-        // Best place for a new key: (rank, index, cas); lower rank wins:
-        // 0 empty, 1 fresh, 2 live (ordered by last use).
-        let mut best: Option<(u8, Nanos, u64, u32)> = None;
+        let mut best: Option<Candidate> = None;
         for probe in 0..PROBES.min(slots) {
             let index = (home + probe) % slots;
             self.set_name(slot.rule_index, index);
             let (bytes, cas) = self.backend.get(&self.name)?;
-            let bytes = bytes.unwrap_or_default();
-            let candidate = match parse_value(&bytes) {
-                Some(value) if value.key == key => {
+            let rank = match bytes.as_deref().map(parse_value) {
+                None => (2, Nanos::ZERO),
+                Some(None) => (0, Nanos::ZERO),
+                Some(Some(value)) if value.key == key => {
                     let state = State::decode(value.state).map_err(StoreError::Corrupt)?;
+                    let version = SlotVersion {
+                        place: Place::Slot(index),
+                        cas,
+                        held: true,
+                        missing: false,
+                        evicts_live: false,
+                        limited_until: value.limited_until,
+                    };
                     return Ok(Loaded {
                         state,
-                        version: SlotVersion {
-                            index,
-                            cas,
-                            evicts_live: false,
-                        },
+                        version,
+                        room: Room::Own,
                     });
                 }
-                Some(value) => {
+                Some(Some(value)) => {
                     let fresh = State::decode(value.state)
                         .map_or(true, |s| slot.rule.limiter.is_fresh(&s, now));
                     if fresh {
-                        (1, Nanos::ZERO, index, cas)
+                        (1, Nanos::ZERO)
+                    } else if now < value.limited_until {
+                        // Limited: never the victim.
+                        continue;
                     } else {
-                        (2, value.last_used, index, cas)
+                        (3, value.last_used)
                     }
                 }
-                None => (0, Nanos::ZERO, index, cas),
             };
-            if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
+            let candidate = Candidate {
+                rank: rank.0,
+                last_used: rank.1,
+                index,
+                cas,
+            };
+            if best.is_none_or(|b| (candidate.rank, candidate.last_used) < (b.rank, b.last_used)) {
                 best = Some(candidate);
             }
         }
-        let (rank, _, index, cas) = best.unwrap_or((0, Nanos::ZERO, home, 0));
+        let fresh = slot.rule.limiter.fresh_state();
+        if let Some(b) = best {
+            let version = SlotVersion {
+                place: Place::Slot(b.index),
+                cas: b.cas,
+                held: false,
+                missing: b.rank == 2,
+                evicts_live: b.rank == 3,
+                limited_until: Nanos::ZERO,
+            };
+            return Ok(Loaded {
+                state: fresh,
+                version,
+                room: Room::Own,
+            });
+        }
+        let (place, room, state, cas) = match self.when_full {
+            WhenFull::Overflow => {
+                self.stats.overflowed += 1;
+                self.set_name(slot.rule_index, OVERFLOW);
+                let (bytes, cas) = self.backend.get(&self.name)?;
+                let state = match bytes.as_deref().and_then(parse_value) {
+                    Some(value) => State::decode(value.state).map_err(StoreError::Corrupt)?,
+                    None => fresh,
+                };
+                (Place::Overflow, Room::Overflow, state, cas)
+            }
+            WhenFull::Refuse => {
+                self.stats.refused += 1;
+                (Place::Nowhere, Room::Full, fresh, 0)
+            }
+        };
         Ok(Loaded {
-            state: slot.rule.limiter.fresh_state(),
+            state,
             version: SlotVersion {
-                index,
+                place,
                 cas,
-                evicts_live: rank == 2,
+                held: false,
+                missing: false,
+                evicts_live: false,
+                limited_until: Nanos::ZERO,
             },
+            room,
         })
     }
 
@@ -271,25 +463,71 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         version: SlotVersion,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
-        let mut hashed = [0u8; 16];
-        let key = stored_key(slot.key, self.seed, &mut hashed);
-        let mut value = core::mem::take(&mut self.value);
-        write_value(&mut value, key, now, &state);
-        self.set_name(slot.rule_index, version.index);
-        let outcome = self.backend.set(&self.name, &value, version.cas);
-        self.value = value;
-        match outcome? {
-            WriteOutcome::Written => {
-                if version.evicts_live {
-                    self.live_evictions += 1;
-                }
-                Ok(Saved::Stored)
-            }
-            WriteOutcome::CasMismatch => Ok(Saved::Conflict),
-        }
+        self.write(slot, &state, version, version.limited_until, now)
     }
 
     fn release(&mut self, _slot: Slot<'_>, _state: State, _version: SlotVersion, _now: Nanos) {}
+
+    fn refuse(
+        &mut self,
+        slot: Slot<'_>,
+        state: State,
+        version: SlotVersion,
+        outcome: &Outcome,
+        now: Nanos,
+    ) {
+        // Only a key that holds its slot is marked: a new key refused is
+        // not stored, and the overflow slot is never evicted.
+        if !version.held {
+            return;
+        }
+        let limited = limited_for(outcome);
+        if version.limited_until >= now.plus(limited) {
+            return;
+        }
+        // An eighth more than needed: a key refused again and again is
+        // rewritten at most about eight times per limited period.
+        let until = now.plus(limited).plus(Span(limited.as_nanos() / 8));
+        // Losing the race to another writer is fine: it saw the key too.
+        let _ = self.write(slot, &state, version, until, now);
+    }
+}
+
+impl<B: SharedBytes> SlotStore<B> {
+    /// Writes the key's state at its place (creating a missing slot).
+    fn write(
+        &mut self,
+        slot: Slot<'_>,
+        state: &State,
+        version: SlotVersion,
+        limited_until: Nanos,
+        now: Nanos,
+    ) -> Result<Saved, StoreError> {
+        let mut hashed = [0u8; 16];
+        let key = match version.place {
+            Place::Slot(index) => {
+                self.set_name(slot.rule_index, index);
+                stored_key(slot.key, self.seed, &mut hashed)
+            }
+            Place::Overflow => {
+                self.set_name(slot.rule_index, OVERFLOW);
+                &[]
+            }
+            Place::Nowhere => return Ok(Saved::Stored),
+        };
+        write_value(&mut self.value, key, now, limited_until, state);
+        let outcome = match (version.place, version.missing) {
+            (Place::Slot(index), true) => self.create(slot.rule_index, index, now)?,
+            _ => match self.backend.set(&self.name, &self.value, version.cas)? {
+                WriteOutcome::Written => Saved::Stored,
+                WriteOutcome::CasMismatch => Saved::Conflict,
+            },
+        };
+        if outcome == Saved::Stored && version.evicts_live {
+            self.stats.live_evictions += 1;
+        }
+        Ok(outcome)
+    }
 }
 
 /// Shared bytes inside one process with Envoy's semantics (a token per
@@ -353,6 +591,8 @@ impl SharedBytes for &InProcessShared {
 mod tests {
     use super::*;
 
+    const SEC: u64 = 1_000_000_000;
+
     fn policy(max_keys: u64) -> Policy {
         crate::policy::Policy::from_json(&alloc::format!(
             r#"{{"rules":[{{"name":"r","key":["header:k"],"limit":{{"count":2,"per":"1s"}}}}],"max_keys":{max_keys}}}"#
@@ -361,15 +601,22 @@ mod tests {
     }
 
     #[test]
-    fn prepare_creates_the_table_once() {
+    fn opening_creates_two_names_per_rule_whatever_max_keys() {
         let shared = InProcessShared::default();
-        let p = policy(8);
-        let mut store = SlotStore::new(&shared, &p, 7);
-        store.prepare().unwrap();
-        assert_eq!(shared.len(), 9);
+        let p = policy(5_000_000);
+        let store = SlotStore::open(&shared, &p, || Some(7)).unwrap();
+        assert_eq!(shared.len(), 3, "seed, lock, overflow");
+        assert_eq!(store.seed, 7);
         let writes = shared.writes();
-        SlotStore::new(&shared, &p, 7).prepare().unwrap();
-        assert_eq!(shared.writes(), writes, "second prepare must not write");
+        let again = SlotStore::open(&shared, &p, || None).unwrap();
+        assert_eq!(shared.writes(), writes, "a second VM must not write");
+        assert_eq!(again.seed, 7, "every VM uses the stored seed");
+    }
+
+    #[test]
+    fn opening_without_a_seed_or_randomness_is_an_error() {
+        let shared = InProcessShared::default();
+        assert!(SlotStore::open(&shared, &policy(8), || None).is_err());
     }
 
     #[test]
@@ -422,8 +669,8 @@ mod tests {
             rule.limiter.check(&mut loaded.state, now, 1);
             store.save(slot, loaded.state, loaded.version, now).unwrap();
         }
-        assert_eq!(shared.len(), 5, "4 slots + marker, never more");
-        assert_eq!(store.live_evictions(), 1);
+        assert_eq!(shared.len(), 6, "4 slots + lock + overflow, never more");
+        assert_eq!(store.stats().live_evictions, 1);
         // "a" was least recently used: it starts over.
         let slot = Slot {
             rule_index: 0,
@@ -446,7 +693,88 @@ mod tests {
         store
             .save(Slot { key: "z", ..slot_e }, z.state, z.version, later)
             .unwrap();
-        assert_eq!(store.live_evictions(), 1);
+        assert_eq!(store.stats().live_evictions, 1);
+    }
+
+    fn slot<'a>(p: &'a Policy, key: &'a str) -> Slot<'a> {
+        Slot {
+            rule_index: 0,
+            rule: &p.rules[0],
+            key,
+        }
+    }
+
+    #[test]
+    fn two_vms_creating_one_slot_never_overwrite_each_other() {
+        let shared = InProcessShared::default();
+        let p = policy(1);
+        let mut one = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let mut two = SlotStore::open(&shared, &p, || None).unwrap();
+        let now = Nanos(SEC);
+        // Both see the only slot missing and want it for different keys.
+        let a = one.load(slot(&p, "a"), now).unwrap();
+        let b = two.load(slot(&p, "b"), now).unwrap();
+        assert_eq!(
+            one.save(slot(&p, "a"), a.state, a.version, now),
+            Ok(Saved::Stored)
+        );
+        assert_eq!(
+            two.save(slot(&p, "b"), b.state, b.version, now),
+            Ok(Saved::Conflict)
+        );
+        let again = one.load(slot(&p, "a"), now).unwrap();
+        assert!(again.version.held, "a's state survived");
+    }
+
+    #[test]
+    fn creation_waits_for_the_lock_and_breaks_a_stale_one() {
+        let shared = InProcessShared::default();
+        let p = policy(8);
+        let mut store = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let now = Nanos(100 * SEC);
+        // Another VM holds the lock since just now: no creation.
+        (&shared)
+            .set("sluice/r/lock", &now.get().to_le_bytes(), 0)
+            .unwrap();
+        let a = store.load(slot(&p, "a"), now).unwrap();
+        assert!(a.version.missing);
+        assert_eq!(
+            store.save(slot(&p, "a"), a.state, a.version, now),
+            Ok(Saved::Conflict)
+        );
+        // A VM that died holding it: taken over after the timeout, then released.
+        let later = now.plus(LOCK_TIMEOUT);
+        let a = store.load(slot(&p, "a"), later).unwrap();
+        assert_eq!(
+            store.save(slot(&p, "a"), a.state, a.version, later),
+            Ok(Saved::Stored)
+        );
+        assert_eq!((&shared).get("sluice/r/lock").unwrap().0, Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_refused_key_is_marked_at_most_about_eight_times_a_period() {
+        let shared = InProcessShared::default();
+        let p = policy(8);
+        let mut store = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let rule = &p.rules[0];
+        let mut now = Nanos(SEC);
+        let mut writes_while_refused = 0;
+        for _ in 0..1_000 {
+            let before = shared.writes();
+            let outcome = store.check(slot(&p, "a"), 1, now).unwrap().unwrap();
+            if !outcome.allowed {
+                writes_while_refused += shared.writes() - before;
+            }
+            now = now.plus(Span::from_millis(1));
+        }
+        // 2 per second, token bucket: about half a second to refill fully.
+        assert!(rule.limiter.kind() == crate::algorithm::AlgorithmKind::TokenBucket);
+        assert!(
+            writes_while_refused <= 8 * 2 + 2,
+            "{writes_while_refused} writes"
+        );
+        assert!(writes_while_refused > 0, "refusals do mark the key");
     }
 
     #[test]
@@ -467,7 +795,7 @@ mod tests {
         store
             .save(slot, loaded.state, loaded.version, Nanos(0))
             .unwrap();
-        assert_eq!(shared.len(), 3);
+        assert_eq!(shared.len(), 3, "one slot + lock + overflow");
         shared.corrupt(|value| value.truncate(value.len() - 1));
         assert!(matches!(
             store.load(slot, Nanos(0)),

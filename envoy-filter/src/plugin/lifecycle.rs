@@ -94,7 +94,7 @@ impl<B: SharedBytes> Plugin<B> {
                     return Some(Wake::Resume);
                 }
             };
-        self.report_evictions(host);
+        self.report_keys(host);
         let protocol = request.protocol;
         match verdict.kind {
             VerdictKind::Allowed => {
@@ -315,11 +315,10 @@ impl<B: SharedBytes> Plugin<B> {
         self.policy.rules.get(rule_index).map(|r| r.counts)
     }
 
-    /// Counts the live evictions since the last report.
-    fn report_evictions(&mut self, host: &impl Host) {
-        let total = self.store.live_evictions();
-        self.metrics
-            .evictions(host, total.saturating_sub(self.evictions_reported));
-        self.evictions_reported = total;
+    /// Counts the store's evictions and full-table outcomes since the last report.
+    fn report_keys(&mut self, host: &impl Host) {
+        let now = self.store.stats();
+        self.metrics.keys(host, self.keys_reported, now);
+        self.keys_reported = now;
     }
 }

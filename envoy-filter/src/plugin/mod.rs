@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use sluice_core::config::{Config, ConfigError};
 use sluice_core::policy::Policy;
-use sluice_core::store::{hash, SharedBytes, SlotStore, StoreError};
+use sluice_core::store::{SharedBytes, SlotStats, SlotStore, StoreError};
 
 use crate::host::Host;
 use crate::http::{LocalReply, Needs};
@@ -59,7 +59,8 @@ pub struct Plugin<B> {
     needs: Needs,
     requests: HashMap<u32, lifecycle::RequestState>,
     delayed: delay::DelayQueue,
-    evictions_reported: u64,
+    /// The store's stats already counted in metrics.
+    keys_reported: SlotStats,
 }
 
 /// Why a configuration was refused.
@@ -92,11 +93,10 @@ impl<B: SharedBytes> Plugin<B> {
         let policy = Config::from_json(&text)
             .and_then(|c| c.validate())
             .map_err(ConfigureError::Config)?;
-        // The seed keeps clients from aiming keys at each other's slots: it
-        // comes from the config, which clients never see. A new config thus
-        // starts every count afresh.
-        let mut store = SlotStore::new(backend, &policy, hash(0, config));
-        store.prepare().map_err(ConfigureError::Store)?;
+        // The key hash's seed is a random secret shared by every VM, so
+        // that no client can aim keys at another's slots.
+        let store = SlotStore::open(backend, &policy, || host.random_u64())
+            .map_err(ConfigureError::Store)?;
         let metrics = Metrics::define(host, &policy);
         Ok(Plugin {
             needs: Needs::of(&policy),
@@ -105,7 +105,7 @@ impl<B: SharedBytes> Plugin<B> {
             metrics,
             requests: HashMap::new(),
             delayed: delay::DelayQueue::default(),
-            evictions_reported: 0,
+            keys_reported: SlotStats::default(),
         })
     }
 

@@ -3,7 +3,7 @@
 use super::*;
 use crate::host::fake::FakeHost;
 use sluice_core::policy::Direction;
-use sluice_core::store::InProcessShared;
+use sluice_core::store::{hash, InProcessShared, PROBES, SEED_NAME};
 
 const SEC: u64 = 1_000_000_000;
 
@@ -13,6 +13,7 @@ fn plugin<'a>(
     json: &str,
 ) -> Result<Plugin<&'a InProcessShared>, String> {
     host.now.set(1_800_000_000 * SEC);
+    host.random.set(Some(0x0123_4567_89ab_cdef));
     *host.peer.borrow_mut() = Some("10.0.0.7:41234".into());
     Plugin::configure(host, shared, json.as_bytes()).map_err(|e| e.to_string())
 }
@@ -346,6 +347,134 @@ fn websocket_messages_are_counted_after_the_upgrade() -> Result<(), String> {
     host.chunk(Direction::Client, &frame);
     assert_eq!(p.on_body(&host, 2, Direction::Client, 7), Step::Continue);
     assert_eq!(host.passed(Direction::Client), frame);
+    Ok(())
+}
+
+/// Asks as client `ip` (behind one trusted proxy): whether allowed.
+fn ask_as(p: &mut Plugin<&InProcessShared>, host: &FakeHost, ip: &str) -> bool {
+    host.request("GET", "/", &[("x-forwarded-for", ip)]);
+    p.on_request_headers(host, 1) == Step::Continue
+}
+
+const FLOODED: &str = r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1h"},"algorithm":"fixed_window"}],"client_ip":{"trusted_hops":1},"max_keys":64}"#;
+
+#[test]
+fn a_flood_of_new_clients_does_not_reset_a_limited_client() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(&host, &shared, FLOODED)?;
+    let allowed = (0..10)
+        .filter(|_| ask_as(&mut p, &host, "192.0.2.1"))
+        .count();
+    assert_eq!(allowed, 5);
+    for i in 0..2_000u32 {
+        let [_, _, a, b] = i.to_be_bytes();
+        host.now.set(host.now.get() + 1_000_000);
+        let ip = format!("10.1.{a}.{b}");
+        ask_as(&mut p, &host, &ip);
+        ask_as(&mut p, &host, &ip);
+    }
+    let allowed = (0..10)
+        .filter(|_| ask_as(&mut p, &host, "192.0.2.1"))
+        .count();
+    assert_eq!(allowed, 0, "the limited client got a fresh allowance");
+    assert!(host.counter("sluice_http.live_evictions") > 0);
+    Ok(())
+}
+
+#[test]
+fn keys_aimed_with_the_configuration_cannot_evict_a_limited_client() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(&host, &shared, FLOODED)?;
+    // What an attacker could compute from a published configuration
+    // when the seed was a hash of it (keys are length-prefixed parts).
+    let known_seed = hash(0, FLOODED.as_bytes());
+    let home = |ip: &str| hash(known_seed, format!("{}:{ip}", ip.len()).as_bytes()) % 64;
+    let victim = "192.0.2.1";
+    // Keys with the victim's very home slot: they evict within its group.
+    let aimed: Vec<String> = (0..=255u8)
+        .flat_map(|a| (0..=255u8).map(move |b| format!("10.2.{a}.{b}")))
+        .filter(|ip| home(ip) == home(victim))
+        .take(20)
+        .collect();
+    assert_eq!(aimed.len(), 20);
+    let allowed = (0..10).filter(|_| ask_as(&mut p, &host, victim)).count();
+    assert_eq!(allowed, 5);
+    for ip in &aimed {
+        host.now.set(host.now.get() + 1_000_000);
+        ask_as(&mut p, &host, ip);
+        ask_as(&mut p, &host, ip);
+    }
+    let allowed = (0..10).filter(|_| ask_as(&mut p, &host, victim)).count();
+    assert_eq!(allowed, 0);
+    assert_eq!(PROBES, 4, "the group the aimed keys crowd");
+    Ok(())
+}
+
+#[test]
+fn the_seed_is_random_stored_once_and_shared_by_every_vm() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    plugin(&host, &shared, FLOODED)?;
+    let stored = (&shared).get(SEED_NAME).map_err(|e| e.to_string())?.0;
+    assert_eq!(
+        stored,
+        Some(0x0123_4567_89ab_cdef_u64.to_le_bytes().to_vec())
+    );
+    // Later VMs read it: they need no randomness and do not replace it.
+    host.random.set(None);
+    Plugin::configure(&host, &shared, FLOODED.as_bytes()).map_err(|e| e.to_string())?;
+    let again = (&shared).get(SEED_NAME).map_err(|e| e.to_string())?.0;
+    assert_eq!(again, stored);
+    // Without a stored seed or a random source, the filter refuses to start.
+    let err = Plugin::configure(&host, &InProcessShared::default(), FLOODED.as_bytes())
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("cannot set up shared counters: state store unavailable: no random source for the key hash seed")
+    );
+    Ok(())
+}
+
+#[test]
+fn new_keys_without_room_share_the_overflow_or_are_refused_and_counted() -> Result<(), String> {
+    for (when_full, allowed_new, stat) in [
+        ("overflow", true, "sluice_http.new_keys_overflowed"),
+        ("refuse", false, "sluice_http.new_keys_refused"),
+    ] {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let json = format!(
+            r#"{{"rules":[{{"name":"r","limit":{{"count":1,"per":"1h"}}}}],"client_ip":{{"trusted_hops":1}},"max_keys":1,"when_keys_full":"{when_full}"}}"#
+        );
+        let mut p = plugin(&host, &shared, &json)?;
+        assert!(ask_as(&mut p, &host, "192.0.2.1"));
+        assert!(
+            !ask_as(&mut p, &host, "192.0.2.1"),
+            "limited: keeps its slot"
+        );
+        assert_eq!(
+            ask_as(&mut p, &host, "192.0.2.2"),
+            allowed_new,
+            "{when_full}"
+        );
+        assert!(!ask_as(&mut p, &host, "192.0.2.3"), "{when_full}");
+        assert_eq!(host.counter(stat), 2, "{when_full}");
+    }
+    Ok(())
+}
+
+#[test]
+fn configuring_many_rules_with_a_large_max_keys_creates_no_slots() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let rules: Vec<String> = (0..1_000)
+        .map(|i| format!(r#"{{"name":"r{i}","limit":{{"count":1,"per":"1s"}}}}"#))
+        .collect();
+    let json = format!(r#"{{"rules":[{}],"max_keys":6000}}"#, rules.join(","));
+    plugin(&host, &shared, &json)?;
+    assert_eq!(
+        shared.len(),
+        1 + 2 * 1_000,
+        "the seed, then a lock and an overflow slot per rule"
+    );
     Ok(())
 }
 

@@ -105,6 +105,10 @@ impl Host for EnvoyHost {
     fn warn(&self, message: &str) {
         abi::log(LOG_WARN, message);
     }
+    fn random_u64(&self) -> Option<u64> {
+        // WASI's random_get, which Envoy's V8 runtime provides.
+        getrandom::u64().ok()
+    }
 }
 
 fn define(kind: abi::MetricKind, name: &str) -> Option<MetricId> {
