@@ -5,6 +5,10 @@ use alloc::vec::Vec;
 
 use super::request::{grpc_method, Attributes, Protocol};
 
+#[cfg(feature = "reference")]
+#[doc(hidden)]
+pub mod reference;
+
 /// How a rule matches the request path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathMatch {
@@ -88,81 +92,229 @@ impl Matcher {
     }
 }
 
-/// A compiled path pattern.
+/// A compiled path pattern: `*` matches any run of characters other than
+/// `/`, `**` (or a longer run of `*`) any run of characters, and every other
+/// character itself. `/**/` therefore needs at least `//`, and `/static/**`
+/// matches `/static/` but not `/static`.
+///
+/// Matching takes O(n·m) time for a text of n bytes and a pattern of m, and
+/// allocates nothing: the pattern is split once, here, at each `**`, then at
+/// each `/`, then at each `*`, and matching only searches for literals.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Glob {
-    tokens: Vec<GlobToken>,
+    /// The pattern between `**`s: `chunks[0] ** chunks[1] ** …`; never empty.
+    chunks: Vec<Chunk>,
 }
 
+/// Part of a pattern without `**`, split at each `/`:
+/// `parts[0] / parts[1] / …`; never empty.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum GlobToken {
-    Literal(String),
-    /// `*`: any run of characters other than `/`.
-    Segment,
-    /// `**`: any run of characters.
-    Any,
+struct Chunk {
+    parts: Vec<Part>,
+}
+
+/// Part of a pattern without `**` or `/`, split at each `*`:
+/// `literals[0] * literals[1] * …`; never empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Part {
+    literals: Vec<String>,
 }
 
 impl Glob {
-    /// Compiles a pattern; every byte other than `*` is literal.
+    /// Compiles a pattern; every character other than `*` is literal.
     pub fn new(pattern: &str) -> Glob {
-        let mut tokens = Vec::new();
-        let mut literal = String::new();
-        let mut chars = pattern.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c != '*' {
-                literal.push(c);
-                continue;
-            }
-            if !literal.is_empty() {
-                tokens.push(GlobToken::Literal(core::mem::take(&mut literal)));
-            }
-            if chars.peek() == Some(&'*') {
-                chars.next();
-                while chars.peek() == Some(&'*') {
-                    chars.next();
-                }
-                tokens.push(GlobToken::Any);
-            } else {
-                tokens.push(GlobToken::Segment);
-            }
+        let mut chunks = Vec::new();
+        let mut rest = pattern;
+        // The first `**` found starts a run of stars: the whole run is one `**`.
+        while let Some((chunk, after)) = rest.split_once("**") {
+            chunks.push(Chunk::new(chunk));
+            rest = after.trim_start_matches('*');
         }
-        if !literal.is_empty() {
-            tokens.push(GlobToken::Literal(literal));
-        }
-        Glob { tokens }
+        chunks.push(Chunk::new(rest));
+        Glob { chunks }
     }
 
     /// Whether the whole of `text` matches.
+    ///
+    /// Each chunk between `**`s takes the match that ends earliest: the `**`
+    /// after it can absorb whatever a later end would have covered, so no
+    /// other choice can do better, and chunks never need revisiting.
     pub fn matches(&self, text: &str) -> bool {
-        match_tokens(&self.tokens, text)
+        let Some((first, rest)) = self.chunks.split_first() else {
+            return text.is_empty();
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            return first.matches_whole(text);
+        };
+        let Some(mut from) = first.earliest_end_at_start(text) else {
+            return false;
+        };
+        for chunk in middle {
+            match chunk.earliest_end_from(text, from) {
+                Some(end) => from = end,
+                None => return false,
+            }
+        }
+        last.matches_end_from(text, from)
     }
 }
 
-/// Backtracking matcher; patterns come from config (a handful of tokens),
-/// and each wildcard only tries the positions after it, so the cost stays
-/// small for real paths.
-fn match_tokens(tokens: &[GlobToken], text: &str) -> bool {
-    let Some((first, rest)) = tokens.split_first() else {
-        return text.is_empty();
-    };
-    match first {
-        GlobToken::Literal(lit) => text
-            .strip_prefix(lit.as_str())
-            .is_some_and(|after| match_tokens(rest, after)),
-        GlobToken::Segment | GlobToken::Any => {
-            let crosses = matches!(first, GlobToken::Any);
-            for (i, c) in text.char_indices() {
-                if match_tokens(rest, &text[i..]) {
-                    return true;
-                }
-                if c == '/' && !crosses {
-                    return false;
-                }
-            }
-            match_tokens(rest, "")
+// A chunk's `*`s never cross `/`, so the `/`s of its parts line up one for
+// one with consecutive `/`s of the text it matches: placing the chunk means
+// choosing which `/` of the text its first `/` falls on, and each part then
+// matches within one `/`-free piece of the text.
+impl Chunk {
+    fn new(chunk: &str) -> Chunk {
+        Chunk {
+            parts: chunk.split('/').map(Part::new).collect(),
         }
     }
+
+    /// Whether the chunk matches all of `text`.
+    fn matches_whole(&self, text: &str) -> bool {
+        let mut pieces = text.split('/');
+        self.parts
+            .iter()
+            .all(|part| pieces.next().is_some_and(|piece| part.matches_whole(piece)))
+            && pieces.next().is_none()
+    }
+
+    /// The earliest end of a match of the chunk starting at 0.
+    fn earliest_end_at_start(&self, text: &str) -> Option<usize> {
+        let (last, init) = self.parts.split_last()?;
+        let mut pieces = pieces_from(text, 0);
+        for part in init {
+            let (_, piece) = pieces.next()?;
+            if !part.matches_whole(piece) {
+                return None;
+            }
+        }
+        let (at, piece) = pieces.next()?;
+        Some(at + last.earliest_end_at_start(piece)?)
+    }
+
+    /// The earliest end of a match of the chunk starting anywhere from `from`.
+    ///
+    /// Tries each piece of the text as the one holding the first part, in
+    /// order: a later one can only give a later end. Each piece is looked at
+    /// by at most one try per part, hence O(n·m).
+    fn earliest_end_from(&self, text: &str, from: usize) -> Option<usize> {
+        let mut pieces = pieces_from(text, from);
+        let Some((first, rest)) = self.parts.split_first() else {
+            return Some(from);
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            // No `/`: the chunk lies within one piece.
+            return pieces.find_map(|(at, piece)| Some(at + first.earliest_end_within(piece)?));
+        };
+        loop {
+            let mut window = pieces.clone();
+            let (_, head) = pieces.next()?;
+            window.next();
+            let placed = first.matches_end_of(head)
+                && middle.iter().all(|part| {
+                    window
+                        .next()
+                        .is_some_and(|(_, piece)| part.matches_whole(piece))
+                });
+            if placed {
+                let end = window
+                    .next()
+                    .and_then(|(at, piece)| Some(at + last.earliest_end_at_start(piece)?));
+                if end.is_some() {
+                    return end;
+                }
+            }
+        }
+    }
+
+    /// Whether the chunk matches the end of `text`, starting at `from` or later.
+    fn matches_end_from(&self, text: &str, from: usize) -> bool {
+        let Some((first, rest)) = self.parts.split_first() else {
+            return false;
+        };
+        let Some(tail) = text.get(from..) else {
+            return false;
+        };
+        let mut pieces = tail.rsplit('/');
+        rest.iter()
+            .rev()
+            .all(|part| pieces.next().is_some_and(|piece| part.matches_whole(piece)))
+            && pieces
+                .next()
+                .is_some_and(|piece| first.matches_end_of(piece))
+    }
+}
+
+/// The `/`-separated pieces of `text` from `from` on, each with its offset.
+fn pieces_from(text: &str, from: usize) -> impl Iterator<Item = (usize, &str)> + Clone {
+    let tail = text.get(from..);
+    tail.into_iter()
+        .flat_map(|tail| tail.split('/'))
+        .scan(from, |at, piece| {
+            let start = *at;
+            *at += piece.len() + 1;
+            Some((start, piece))
+        })
+}
+
+// A part's `*`s match any run within a `/`-free piece, so finding each
+// literal at its leftmost place after the previous one is always safe.
+// `str::find` is linear (two-way search), so each of these is
+// O(piece + part).
+impl Part {
+    fn new(part: &str) -> Part {
+        Part {
+            literals: part.split('*').map(String::from).collect(),
+        }
+    }
+
+    /// Whether the part matches all of `piece`.
+    fn matches_whole(&self, piece: &str) -> bool {
+        let Some((first, rest)) = self.literals.split_first() else {
+            return false;
+        };
+        let Some(piece) = piece.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        match rest.split_last() {
+            None => piece.is_empty(),
+            Some((last, middle)) => piece
+                .strip_suffix(last.as_str())
+                .is_some_and(|inner| leftmost_end(middle, inner).is_some()),
+        }
+    }
+
+    /// The earliest end of a match starting at 0.
+    fn earliest_end_at_start(&self, piece: &str) -> Option<usize> {
+        let (first, rest) = self.literals.split_first()?;
+        let after = piece.strip_prefix(first.as_str())?;
+        Some(first.len() + leftmost_end(rest, after)?)
+    }
+
+    /// The earliest end of a match starting anywhere.
+    fn earliest_end_within(&self, piece: &str) -> Option<usize> {
+        leftmost_end(&self.literals, piece)
+    }
+
+    /// Whether a match ends at the end of `piece`, starting anywhere.
+    fn matches_end_of(&self, piece: &str) -> bool {
+        self.literals.split_last().is_some_and(|(last, init)| {
+            piece
+                .strip_suffix(last.as_str())
+                .is_some_and(|before| leftmost_end(init, before).is_some())
+        })
+    }
+}
+
+/// Where the last of `literals` ends when each is found, in order and without
+/// overlap, at its leftmost place in `text`.
+fn leftmost_end(literals: &[String], text: &str) -> Option<usize> {
+    let mut end = 0;
+    for literal in literals {
+        end += text.get(end..)?.find(literal.as_str())? + literal.len();
+    }
+    Some(end)
 }
 
 #[cfg(test)]
@@ -184,6 +336,74 @@ mod tests {
         assert!(!g.matches("/room/lobby/x"));
         assert!(Glob::new("*.png").matches("cat.png"));
         assert!(!Glob::new("*.png").matches("a/cat.png"));
+    }
+
+    #[test]
+    fn glob_edge_cases() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("", "", true),
+            ("", "/", false),
+            ("**", "", true),
+            ("**", "/a/b", true),
+            ("*", "", true),
+            ("*", "/", false),
+            // `/**/` matches one or more segments, never zero.
+            ("/a/**/b", "/a/b", false),
+            ("/a/**/b", "/a//b", true),
+            ("/a/**/b", "/a/x/y/b", true),
+            ("/x/**", "/x", false),
+            ("/x/**", "/x/", true),
+            ("**/x", "x", false),
+            ("**/x", "/x", true),
+            ("**x", "a/bx", true),
+            // A run of three or more stars is one `**`.
+            ("/a***b", "/a/x/b", true),
+            ("/a/*/b", "/a//b", true),
+            ("/a/*", "/a/b/", false),
+            ("/*/*", "/a/b", true),
+            ("/*/*", "/a", false),
+            ("/a*b*c", "/abbc", true),
+            ("/a*b*c", "/acb", false),
+            ("/g/**/a/**/edit", "/g/x/a/y/edit", true),
+            ("/g/**/a/**/edit", "/g/a/edit", false),
+            ("/g/**/a/**/edit", "/g/x/a//edit", true),
+            ("/**/a*/**", "/x/ab/y/", true),
+            ("/**/a*/**", "/x/b/ab/", true),
+            ("/**/a*/**", "/x/ba/y/", false),
+            ("/é/*ü", "/é/xyü", true),
+            ("/é/*ü", "/é/x/ü", false),
+        ];
+        for &(pattern, path, expected) in cases {
+            assert_eq!(
+                Glob::new(pattern).matches(path),
+                expected,
+                "{pattern:?} against {path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn adversarial_paths_take_linear_time() {
+        // Backtracking over every place each wildcard could end took about
+        // 6 s per match here, so this loop would run for hours.
+        let path = alloc::format!("/g{}", "/a".repeat(1600));
+        let segment = alloc::format!("/{}", "a".repeat(3200));
+        let cases = [
+            (Glob::new("/g/**/a/**/a/**/edit"), &path),
+            // The last `**` makes `/edit/` a chunk searched for, not a suffix.
+            (Glob::new("/g/**/a/**/a/**/edit/**"), &path),
+            (Glob::new("/*a*a*a*a*a*b"), &segment),
+            (Glob::new("/**a*a*a*a*a*b**"), &segment),
+        ];
+        for _ in 0..1000 {
+            for (glob, text) in &cases {
+                assert!(!glob.matches(text));
+            }
+        }
+        assert!(cases[0].0.matches(&alloc::format!("{path}/edit")));
+        assert!(cases[1].0.matches(&alloc::format!("{path}/edit/")));
+        assert!(cases[2].0.matches(&alloc::format!("{segment}b")));
+        assert!(cases[3].0.matches(&alloc::format!("{segment}b")));
     }
 
     #[test]
