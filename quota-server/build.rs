@@ -10,7 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         // The same Duration type as Envoy's API, so both services share helpers.
-        .extern_path(".google.protobuf.Duration", "::envoy_types::pb::google::protobuf::Duration")
+        .extern_path(
+            ".google.protobuf.Duration",
+            "::envoy_types::pb::google::protobuf::Duration",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -25,9 +25,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice_quota_server::config::ServerConfig;
-use sluice_quota_server::limits::Resolved;
+use sluice_quota_server::limits::{Limit, Limits, Resolved};
 use sluice_quota_server::storage::redis::script_call;
-use sluice_quota_server::storage::{Backend, Item, RedisBackend};
+use sluice_quota_server::storage::{Item, RedisBackend};
 use tonic::transport::Channel;
 
 /// Callers in flight at any time.
@@ -149,9 +149,7 @@ async fn measure_all(dir: &Path) -> Result<(), BenchError> {
     with_redis.print("quota_redis");
 
     let config = config(dir, &storage)?;
-    let limits = config
-        .compile(dir)
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let limits = Limits::compile(&config, dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     let raw_rust = raw_redis_rust(&limits, &url).await?;
     raw_rust.print("raw_redis_rust_evalsha");
     let raw_c = raw_redis_benchmark(&limits, redis_port)?;
@@ -293,9 +291,7 @@ where
 }
 
 /// The bench domain's only limit.
-fn bench_limit(
-    limits: &sluice_quota_server::limits::Limits,
-) -> Result<&sluice_quota_server::limits::Limit, BenchError> {
+fn bench_limit(limits: &Limits) -> Result<&Limit, BenchError> {
     let domain = limits
         .domain("bench")
         .ok_or_else(|| BenchError::Setup("no bench domain".into()))?;
@@ -307,7 +303,7 @@ fn bench_limit(
     }
 }
 
-fn item<'a>(limit: &'a sluice_quota_server::limits::Limit, caller: usize, i: usize) -> Item<'a> {
+fn item<'a>(limit: &'a Limit, caller: usize, i: usize) -> Item<'a> {
     Item {
         limit,
         key: limit.storage_key(&[("remote_address".into(), address(caller, i))]),
@@ -318,10 +314,7 @@ fn item<'a>(limit: &'a sluice_quota_server::limits::Limit, caller: usize, i: usi
 
 /// The server's Redis client without the server: the script by EVALSHA
 /// on one multiplexed connection (the server's default), same keys.
-async fn raw_redis_rust(
-    limits: &sluice_quota_server::limits::Limits,
-    url: &str,
-) -> Result<Measured, BenchError> {
+async fn raw_redis_rust(limits: &Limits, url: &str) -> Result<Measured, BenchError> {
     let limit = bench_limit(limits)?.clone();
     let backend = Arc::new(RedisBackend::new(url, Duration::from_millis(100), 1)?);
     let limit = Arc::new(limit);
@@ -338,10 +331,7 @@ async fn raw_redis_rust(
 
 /// `redis-benchmark` calling the script by EVALSHA at the same
 /// concurrency, one connection per caller, keys spread like the load's.
-fn raw_redis_benchmark(
-    limits: &sluice_quota_server::limits::Limits,
-    port: u16,
-) -> Result<Option<Measured>, BenchError> {
+fn raw_redis_benchmark(limits: &Limits, port: u16) -> Result<Option<Measured>, BenchError> {
     let Some(bench) = which("redis-benchmark") else {
         return Ok(None);
     };
