@@ -18,6 +18,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod controls;
+pub mod launcher;
 pub mod limits;
 pub mod metrics;
 /// Sluice's own gRPC API, generated from `proto/sluice/quota/v1/quota.proto`.

@@ -255,8 +255,8 @@ async fn returned_leases_are_credited_back() {
 /// `sluice serve` answers the Quota service on its gRPC port.
 #[tokio::test]
 async fn served_next_to_envoys_api() {
-    let scratch = support::Scratch::new("quota-api");
-    let config = scratch.write("sluice.yaml", &support::config(CONFIG));
+    let scratch = tempfile::tempdir().unwrap();
+    let config = support::write(&scratch, "sluice.yaml", &support::config(CONFIG));
     let server = support::Sluice::start(&config);
     let mut client = QuotaClient::connect(format!("http://{}", server.grpc))
         .await
