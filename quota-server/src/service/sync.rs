@@ -1,4 +1,5 @@
-//! Leases for the filter's distributed mode (`Quota/Sync`).
+//! Leases for distributed callers (`Quota/Sync`), the API the filter's
+//! distributed mode will use (not yet wired).
 //!
 //! A caller decides locally from a lease: a number of permits taken from
 //! the global budget when granted, valid until an expiry. Because the
