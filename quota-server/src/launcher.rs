@@ -194,11 +194,6 @@ impl Launcher {
 }
 
 impl QuotaServer {
-    /// The server's process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
     /// The gRPC address as a URL (`http://127.0.0.1:PORT`).
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc)
