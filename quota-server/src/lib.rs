@@ -1,9 +1,24 @@
 //! Sluice's quota server: Envoy's rate limit service over exact
 //! distributed counters (in memory or in Redis).
+//!
+//! Data flows one way, each layer importing only those above it in this
+//! list:
+//! 1. `config` (the file as written) and `metrics` (import nothing here);
+//! 2. `limits` (the validated limits);
+//! 3. `storage` (the counter store) and `controls` (access lists, bans,
+//!    overrides, audit log);
+//! 4. `shared` (the state every API reads), then `source` (the file and
+//!    the runtime rules in force);
+//! 5. `service` (gRPC), `admin` (HTTP) and `reload` (file watching), which
+//!    never import each other; `cli` and `launcher` stand apart.
+
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod controls;
+pub mod launcher;
 pub mod limits;
 pub mod metrics;
 /// Sluice's own gRPC API, generated from `proto/sluice/quota/v1/quota.proto`.
@@ -13,4 +28,6 @@ pub mod proto {
 }
 pub mod reload;
 pub mod service;
+pub mod shared;
+pub mod source;
 pub mod storage;

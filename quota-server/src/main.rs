@@ -1,17 +1,23 @@
 //! The `sluice` command: runs the quota server and checks configurations.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use sluice_quota_server::admin::{self, Controls};
+use sluice_quota_server::admin;
 use sluice_quota_server::cli;
 use sluice_quota_server::config::{self, LoadError};
-use sluice_quota_server::reload::{self, ConfigSource};
-use sluice_quota_server::service::{self, Shared};
-use sluice_quota_server::storage::system_now;
+use sluice_quota_server::controls::Controls;
+use sluice_quota_server::limits;
+use sluice_quota_server::reload;
+use sluice_quota_server::service;
+use sluice_quota_server::shared::Shared;
+use sluice_quota_server::source::ConfigSource;
+use sluice_quota_server::storage::{system_now, Store};
 
 /// Sluice: exact rate limiting for Envoy.
 #[derive(Parser)]
@@ -113,9 +119,16 @@ fn serve(path: &Path) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (config, limits) = match config::load(path) {
+    let (config, limits) = match limits::load(path) {
         Ok(loaded) => loaded,
         Err(e) => return report(path, &e),
+    };
+    let store = match Store::from_config(&config) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("sluice: storage: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -140,7 +153,7 @@ fn serve(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let shared = Arc::new(Shared::with_controls(limits, controls));
+        let shared = Arc::new(Shared::new(limits, controls, store));
         let source = Arc::new(ConfigSource::new(path.to_path_buf(), config.clone()));
         if let Some(log) = &config.admin.audit_log {
             match admin::replay::replay(&base.join(log), &shared, &source, system_now()) {
@@ -174,7 +187,7 @@ fn serve(path: &Path) -> ExitCode {
             Ok(addr) => println!("sluice: listening on {addr}"),
             Err(e) => eprintln!("sluice: listening (address unknown: {e})"),
         };
-        match service::serve_shared(&config, shared, listener, shutdown_signal(), ready).await {
+        match service::serve(&config, shared, listener, shutdown_signal(), ready).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice: {e}");
@@ -244,7 +257,7 @@ fn validate(path: &Path) -> ExitCode {
     };
     match kind_of(path, &text) {
         FileKind::Filter => validate_filter(path, &text),
-        FileKind::Server => match config::load(path) {
+        FileKind::Server => match limits::load(path) {
             Ok((_, limits)) => {
                 println!(
                     "{}: ok ({} domains, {} limits)",
@@ -290,7 +303,7 @@ fn validate_filter(path: &Path, text: &str) -> ExitCode {
 }
 
 fn show(path: &Path) -> ExitCode {
-    let (config, _) = match config::load(path) {
+    let (config, _) = match limits::load(path) {
         Ok(loaded) => loaded,
         Err(e) => return report(path, &e),
     };

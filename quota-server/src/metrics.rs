@@ -1,20 +1,28 @@
-//! Prometheus metrics in the text exposition format, served at `/metrics`.
+//! Prometheus metrics (`prometheus-client`), served at `/metrics` in the
+//! text exposition format.
 //!
 //! Labels are bounded: domains and limit names come from the configuration
 //! (and the bounded runtime rules), never from request keys; decisions for
-//! domains the configuration does not know are not recorded.
+//! domains the configuration does not know are not recorded. Recording a
+//! decision allocates nothing: the names are shared (`Arc<str>`) with the
+//! limits, and the outcome is an enum.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::service::{Decided, Source};
-use crate::storage::Item;
+use prometheus_client::encoding::LabelValueEncoder;
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// What happened to one limit of one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// Under the limit.
     Ok,
@@ -47,180 +55,169 @@ impl Outcome {
     }
 }
 
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.label())
+    }
+}
+
+/// The labels of `sluice_decisions_total`, in their exposition order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DecisionLabels {
+    domain: Arc<str>,
+    rule: Arc<str>,
+    outcome: Outcome,
+}
+
+/// The label of `sluice_config_reloads_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ReloadResult {
+    Ok,
+    Failed,
+}
+
+impl EncodeLabelValue for ReloadResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    result: ReloadResult,
+}
+
 /// Upper bounds of the storage latency buckets, in seconds: the Redis
 /// timeout is tens of milliseconds, so the buckets are dense below it.
 const BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// A latency histogram with fixed buckets.
-#[derive(Debug, Default)]
-struct Histogram {
-    /// Observations at or below each bound (not cumulative; summed when rendered).
-    counts: [AtomicU64; BUCKETS.len()],
-    /// Observations above the last bound.
-    over: AtomicU64,
-    /// Sum of observations in nanoseconds.
-    sum_ns: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        match BUCKETS.iter().position(|&b| secs <= b) {
-            Some(i) => self.counts[i].fetch_add(1, Ordering::Relaxed),
-            None => self.over.fetch_add(1, Ordering::Relaxed),
-        };
-        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.over.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cumulative}");
-    }
-}
-
-/// Storage failure counts kept by the decider, read when rendering.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FailureCounts {
-    /// Storage calls that failed or timed out.
-    pub storage_errors: u64,
-    /// Requests decided by a domain's fallback limit.
-    pub fallbacks: u64,
-}
+/// The rule label of decisions made by the access lists, not a limit.
+const ACCESS_RULE: &str = "access";
 
 /// Every metric the server exports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    decisions: Mutex<BTreeMap<(String, String, Outcome), u64>>,
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
     storage_latency: Histogram,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
+    storage_errors: Counter,
+    fallbacks: Counter,
+    reloads: Family<ReloadLabels, Counter>,
+    access_rule: Arc<str>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let storage_latency = Histogram::new(BUCKETS);
+        let storage_errors = Counter::default();
+        let fallbacks = Counter::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        // Both results are shown from the start, at 0.
+        for result in [ReloadResult::Ok, ReloadResult::Failed] {
+            drop(reloads.get_or_create(&ReloadLabels { result }));
+        }
+        let mut registry = Registry::default();
+        registry.register(
+            "sluice_decisions",
+            "Limit decisions by domain, rule and outcome",
+            decisions.clone(),
+        );
+        registry.register(
+            "sluice_storage_round_trip_seconds",
+            "Time of one storage call (a Redis round trip with the redis backend)",
+            storage_latency.clone(),
+        );
+        registry.register(
+            "sluice_storage_errors",
+            "Storage calls that failed or timed out",
+            storage_errors.clone(),
+        );
+        registry.register(
+            "sluice_fallbacks",
+            "Requests decided by a domain's local fallback limit while storage failed",
+            fallbacks.clone(),
+        );
+        registry.register(
+            "sluice_config_reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            storage_latency,
+            storage_errors,
+            fallbacks,
+            reloads,
+            access_rule: Arc::from(ACCESS_RULE),
+        }
+    }
 }
 
 impl Metrics {
     /// Counts one decision of `domain`'s limit `rule`.
-    pub fn decision(&self, domain: &str, rule: &str, outcome: Outcome) {
-        // Counted under a lock: a map insert per decision is far below the
-        // cost of the storage call it accompanies.
-        let mut map = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((domain.to_string(), rule.to_string(), outcome))
-            .or_default() += 1;
+    pub fn decision(&self, domain: &Arc<str>, rule: &Arc<str>, outcome: Outcome) {
+        let labels = DecisionLabels {
+            domain: domain.clone(),
+            rule: rule.clone(),
+            outcome,
+        };
+        self.decisions.get_or_create(&labels).inc();
     }
 
-    /// Counts the decisions of one request's `items` in `domain`.
-    pub fn decided(&self, domain: &str, items: &[Item<'_>], decided: &Decided) {
-        if items.is_empty() {
-            return;
-        }
-        let mut map = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, item) in items.iter().enumerate() {
-            let got = decided.outcomes.as_ref().and_then(|o| o.get(i));
-            let outcome = match (decided.source, got) {
-                (Source::FailedClosed, _) => Outcome::FailureClosed,
-                (Source::FailedOpen, _) => Outcome::FailureOpen,
-                (Source::Storage, Some(o)) if !o.allowed && item.enforce => Outcome::OverLimit,
-                (Source::Storage, Some(o)) if !o.allowed => Outcome::Shadow,
-                (Source::Storage, _) => Outcome::Ok,
-            };
-            *map.entry((domain.to_string(), item.limit.name.clone(), outcome))
-                .or_default() += 1;
-        }
+    /// Counts a request of `domain` settled by the access lists (allowed or
+    /// denied), under the rule `access`.
+    pub fn access(&self, domain: &Arc<str>, allowed: bool) {
+        let outcome = if allowed {
+            Outcome::Allowed
+        } else {
+            Outcome::Denied
+        };
+        self.decision(domain, &self.access_rule, outcome);
     }
 
     /// Records how long one storage call took.
     pub fn storage_call(&self, elapsed: Duration) {
-        self.storage_latency.observe(elapsed);
+        self.storage_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed storage call; returns how many there were so far.
+    pub fn storage_error(&self) -> u64 {
+        self.storage_errors.inc() + 1
+    }
+
+    /// Counts a request decided by a domain's fallback limit.
+    pub fn fallback(&self) {
+        self.fallbacks.inc();
     }
 
     /// Counts a configuration reload.
     pub fn reload(&self, ok: bool) {
-        let counter = if ok {
-            &self.reloads_ok
+        let result = if ok {
+            ReloadResult::Ok
         } else {
-            &self.reloads_failed
+            ReloadResult::Failed
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Successful and failed reloads so far.
-    pub fn reloads(&self) -> (u64, u64) {
-        (
-            self.reloads_ok.load(Ordering::Relaxed),
-            self.reloads_failed.load(Ordering::Relaxed),
-        )
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     /// The text exposition of every metric.
-    pub fn render(&self, failures: FailureCounts) -> String {
+    pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str(
-            "# HELP sluice_decisions_total Limit decisions by domain, rule and outcome.\n\
-             # TYPE sluice_decisions_total counter\n",
-        );
-        {
-            let map = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-            for ((domain, rule, outcome), n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "sluice_decisions_total{{domain=\"{}\",rule=\"{}\",outcome=\"{}\"}} {n}",
-                    escape(domain),
-                    escape(rule),
-                    outcome.label()
-                );
-            }
+        // Writing to a String cannot fail; an encoder error would be a bug
+        // in the encoder, and then the text so far is still worth serving.
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
+            tracing::error!(%e, "metrics encoding stopped early");
+            let _ = writeln!(out);
         }
-        out.push_str(
-            "# HELP sluice_storage_round_trip_seconds Time of one storage call (a Redis round trip with the redis backend).\n\
-             # TYPE sluice_storage_round_trip_seconds histogram\n",
-        );
-        self.storage_latency
-            .render(&mut out, "sluice_storage_round_trip_seconds");
-        let (ok, failed) = self.reloads();
-        let counters = [
-            (
-                "sluice_storage_errors_total",
-                "Storage calls that failed or timed out.",
-                failures.storage_errors,
-            ),
-            (
-                "sluice_fallbacks_total",
-                "Requests decided by a domain's local fallback limit while storage failed.",
-                failures.fallbacks,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP sluice_config_reloads_total Configuration reloads by result.\n\
-             # TYPE sluice_config_reloads_total counter\n\
-             sluice_config_reloads_total{{result=\"ok\"}} {ok}\n\
-             sluice_config_reloads_total{{result=\"failed\"}} {failed}"
-        );
         out
     }
-}
-
-/// Escapes a label value (backslash, quote, newline).
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -230,21 +227,30 @@ mod tests {
     #[test]
     fn renders_counters_and_cumulative_buckets() {
         let m = Metrics::default();
-        m.decision("api", "user \"x\"", Outcome::OverLimit);
-        m.decision("api", "user \"x\"", Outcome::OverLimit);
+        let (api, rule): (Arc<str>, Arc<str>) = (Arc::from("api"), Arc::from("user \"x\""));
+        m.decision(&api, &rule, Outcome::OverLimit);
+        m.decision(&api, &rule, Outcome::OverLimit);
+        m.access(&api, false);
         m.storage_call(Duration::from_micros(300));
         m.storage_call(Duration::from_secs(2));
         m.reload(true);
-        let text = m.render(FailureCounts {
-            storage_errors: 3,
-            fallbacks: 1,
-        });
-        assert!(text.contains(
-            "sluice_decisions_total{domain=\"api\",rule=\"user \\\"x\\\"\",outcome=\"over_limit\"} 2"
-        ));
-        assert!(text.contains("sluice_storage_round_trip_seconds_bucket{le=\"0.0005\"} 1"));
-        assert!(text.contains("sluice_storage_round_trip_seconds_bucket{le=\"+Inf\"} 2"));
-        assert!(text.contains("sluice_storage_errors_total 3"));
-        assert!(text.contains("sluice_config_reloads_total{result=\"ok\"} 1"));
+        for _ in 0..3 {
+            m.storage_error();
+        }
+        m.fallback();
+        let text = m.render();
+        for line in [
+            "sluice_decisions_total{domain=\"api\",rule=\"user \\\"x\\\"\",outcome=\"over_limit\"} 2",
+            "sluice_decisions_total{domain=\"api\",rule=\"access\",outcome=\"denied\"} 1",
+            "sluice_storage_round_trip_seconds_bucket{le=\"0.0005\"} 1",
+            "sluice_storage_round_trip_seconds_bucket{le=\"+Inf\"} 2",
+            "sluice_storage_round_trip_seconds_count 2",
+            "sluice_storage_errors_total 3",
+            "sluice_fallbacks_total 1",
+            "sluice_config_reloads_total{result=\"ok\"} 1",
+            "sluice_config_reloads_total{result=\"failed\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 }

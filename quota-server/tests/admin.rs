@@ -12,7 +12,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use sluice_quota_server::cli::CallError;
-use support::{config_with_admin, eventually, Scratch, Sluice};
+use support::{config_with_admin, eventually, write, Sluice};
+use tempfile::TempDir;
 
 const DOMAINS: &str = r#"
 domains:
@@ -24,9 +25,9 @@ domains:
         rate_limit: {unit: minute, requests_per_unit: 1}
 "#;
 
-fn start(dir: &Scratch, admin: &str) -> Sluice {
+fn start(dir: &TempDir, admin: &str) -> Sluice {
     let text = config_with_admin(DOMAINS, admin);
-    Sluice::start(&dir.write("sluice.yaml", &text))
+    Sluice::start(&write(dir, "sluice.yaml", &text))
 }
 
 fn status(e: &CallError) -> Option<StatusCode> {
@@ -38,7 +39,7 @@ fn status(e: &CallError) -> Option<StatusCode> {
 
 #[tokio::test]
 async fn every_route_but_metrics_needs_the_token() {
-    let dir = Scratch::new("admin-auth");
+    let dir = tempfile::tempdir().unwrap();
     let server = start(&dir, "");
     for token in [None, Some("wrong")] {
         for (method, path) in [
@@ -61,12 +62,14 @@ async fn every_route_but_metrics_needs_the_token() {
         .api_with(None)
         .call(Method::GET, "/metrics", None)
         .await;
-    assert!(metrics.unwrap().contains("sluice_decisions_total"));
+    // Series without samples yet (no decision made) are not listed; the
+    // storage error counter always is.
+    assert!(metrics.unwrap().contains("sluice_storage_errors_total 0"));
 }
 
 #[tokio::test]
 async fn deny_and_allow_lists_apply_to_the_client_address() {
-    let dir = Scratch::new("admin-lists");
+    let dir = tempfile::tempdir().unwrap();
     let server = start(&dir, "");
     let ip = |a| [("remote_address", a)];
     server
@@ -119,7 +122,7 @@ async fn deny_and_allow_lists_apply_to_the_client_address() {
 
 #[tokio::test]
 async fn bans_refuse_until_they_expire() {
-    let dir = Scratch::new("admin-bans");
+    let dir = tempfile::tempdir().unwrap();
     let server = start(&dir, "");
     server
         .json(
@@ -144,8 +147,8 @@ async fn bans_refuse_until_they_expire() {
 
 #[tokio::test]
 async fn overrides_raise_or_lift_limits_and_are_audited() {
-    let dir = Scratch::new("admin-overrides");
-    let audit_path = dir.0.join("audit.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
     let server = start(
         &dir,
         &format!("audit_log: {:?}", audit_path.display().to_string()),
@@ -222,7 +225,7 @@ async fn overrides_raise_or_lift_limits_and_are_audited() {
 
 #[tokio::test]
 async fn runtime_rules_counters_and_reset() {
-    let dir = Scratch::new("admin-rules");
+    let dir = tempfile::tempdir().unwrap();
     let server = start(&dir, "");
     let tenant = [("tenant", "t1")];
     assert_eq!(server.ask("api", &tenant).await, Code::Ok);
@@ -276,7 +279,7 @@ fn ok(out: &std::process::Output) -> String {
 
 #[tokio::test]
 async fn cli_subcommands_against_a_running_server() {
-    let dir = Scratch::new("admin-cli");
+    let dir = tempfile::tempdir().unwrap();
     let server = start(&dir, "");
     assert!(ok(&server.cli(&["rules", "list"])).contains("\"domains\":[\"api\"]"));
     ok(&server.cli(&[
@@ -339,7 +342,7 @@ async fn cli_subcommands_against_a_running_server() {
         Code::OverLimit
     );
 
-    let export = dir.0.join("metrics.txt");
+    let export = dir.path().join("metrics.txt");
     ok(&server.cli(&["stats", "--export", export.to_str().unwrap()]));
     let text = std::fs::read_to_string(&export).unwrap();
     assert!(
@@ -354,8 +357,8 @@ async fn cli_subcommands_against_a_running_server() {
 
 #[test]
 fn test_subcommand_simulates_offline() {
-    let dir = Scratch::new("admin-simulate");
-    let path = dir.write("sluice.yaml", DOMAINS);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "sluice.yaml", DOMAINS);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args([
             "test",
@@ -378,7 +381,7 @@ fn test_subcommand_simulates_offline() {
 #[tokio::test]
 async fn a_change_the_audit_log_cannot_record_is_undone() {
     // /dev/full opens for appending but every write fails (ENOSPC).
-    let dir = Scratch::new("admin-audit-full");
+    let dir = tempfile::tempdir().unwrap();
     let server = start(&dir, "audit_log: /dev/full");
     let e = server
         .refused(
@@ -398,13 +401,13 @@ async fn a_change_the_audit_log_cannot_record_is_undone() {
 #[tokio::test]
 async fn counters_and_reset_over_redis() {
     let redis = RedisServer::start();
-    let dir = Scratch::new("admin-redis");
+    let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "{}storage: {{backend: redis, redis: {{url: \"{}\", timeout: 2s}}}}\n",
         config_with_admin(DOMAINS, ""),
         redis.url()
     );
-    let server = Sluice::start(&dir.write("sluice.yaml", &text));
+    let server = Sluice::start(&write(&dir, "sluice.yaml", &text));
     let dave = [("user", "dave")];
     let peek = || async {
         server
@@ -433,14 +436,14 @@ async fn controls_and_metrics_apply_to_check_and_sync() {
         CheckGroup, CheckItem, CheckRequest, Code as QuotaCode, GroupResult, SyncEntry, SyncRequest,
     };
 
-    let dir = Scratch::new("admin-quota-api");
+    let dir = tempfile::tempdir().unwrap();
     let rules = r#"
 domains:
   - name: api
     rules:
       - {name: per_key, limit: {count: 1, per: 1h}}
 "#;
-    let server = Sluice::start(&dir.write("sluice.yaml", &config_with_admin(rules, "")));
+    let server = Sluice::start(&write(&dir, "sluice.yaml", &config_with_admin(rules, "")));
     let mut client = QuotaClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap();
@@ -521,8 +524,8 @@ domains:
 /// was revoked or has expired, and without recording it again.
 #[tokio::test]
 async fn a_restart_restores_grants_from_the_audit_log() {
-    let dir = Scratch::new("admin-replay");
-    let audit_path = dir.0.join("audit.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
     let admin = format!("audit_log: {:?}", audit_path.display().to_string());
     let server = start(&dir, &admin);
     let post = |path: &'static str, body: serde_json::Value| {

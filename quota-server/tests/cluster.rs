@@ -12,10 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_quota_server::config::ServerConfig;
+use sluice_quota_server::controls::Controls;
+use sluice_quota_server::limits::Limits;
 use sluice_quota_server::proto::quota_server::Quota;
 use sluice_quota_server::proto::{CheckGroup, CheckItem, CheckRequest, Source};
-use sluice_quota_server::service::{Decider, QuotaService, Shared};
-use sluice_quota_server::storage::RedisBackend;
+use sluice_quota_server::service::{Decider, QuotaService};
+use sluice_quota_server::shared::Shared;
+use sluice_quota_server::storage::{RedisBackend, Store};
 use tonic::Request;
 
 /// A port free on loopback together with its cluster bus port (+10000).
@@ -129,12 +132,13 @@ async fn exact_through_a_cluster() {
         ));
     }
     let config = ServerConfig::from_yaml(&yaml).unwrap();
-    let limits = config.compile(Path::new(".")).unwrap();
+    let limits = Limits::compile(&config, Path::new(".")).unwrap();
     let seeds = &config.storage.redis.as_ref().unwrap().cluster;
     let backend = RedisBackend::cluster(seeds, Duration::from_secs(2)).unwrap();
+    let store = Store::Redis(backend);
     let svc = Arc::new(QuotaService::new(
-        Arc::new(Shared::new(limits)),
-        Arc::new(Decider::new(backend, 1000)),
+        Arc::new(Shared::new(limits, Controls::default(), store)),
+        Arc::new(Decider::new(1000)),
     ));
     let tasks: Vec<_> = (0..8)
         .map(|t| {

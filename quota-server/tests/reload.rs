@@ -9,7 +9,7 @@ mod support;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
-use support::{config, eventually, Scratch, Sluice};
+use support::{config, eventually, write, Sluice};
 
 fn limit(n: u64) -> String {
     config(&format!(
@@ -39,8 +39,8 @@ async fn reloads_ok(server: &Sluice) -> u64 {
 
 #[tokio::test]
 async fn in_place_write_is_applied() {
-    let dir = Scratch::new("reload-write");
-    let path = dir.write("sluice.yaml", &limit(1));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "sluice.yaml", &limit(1));
     let server = Sluice::start(&path);
     assert_eq!(allowance(&server).await, 1);
     std::fs::write(&path, limit(2)).unwrap();
@@ -53,8 +53,8 @@ async fn in_place_write_is_applied() {
 
 #[tokio::test]
 async fn invalid_file_is_rejected_and_old_limits_stay() {
-    let dir = Scratch::new("reload-bad");
-    let path = dir.write("sluice.yaml", &limit(1));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "sluice.yaml", &limit(1));
     let server = Sluice::start(&path);
     std::fs::write(&path, limit(0)).unwrap();
     eventually("the failed reload is counted", || async {
@@ -76,12 +76,12 @@ async fn invalid_file_is_rejected_and_old_limits_stay() {
 
 #[tokio::test]
 async fn replace_by_rename_is_applied() {
-    let dir = Scratch::new("reload-rename");
-    let path = dir.write("sluice.yaml", &limit(1));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "sluice.yaml", &limit(1));
     let server = Sluice::start(&path);
     assert_eq!(allowance(&server).await, 1);
     // As editors save: write a temporary file, rename it over.
-    let tmp = dir.write(".sluice.yaml.tmp", &limit(2));
+    let tmp = write(&dir, ".sluice.yaml.tmp", &limit(2));
     std::fs::rename(&tmp, &path).unwrap();
     eventually("the renamed file applies", || async {
         allowance(&server).await == 2
@@ -93,21 +93,21 @@ async fn replace_by_rename_is_applied() {
 async fn configmap_symlink_swap_is_applied() {
     // Kubernetes' layout: sluice.yaml -> ..data/sluice.yaml, and
     // ..data -> ..<timestamp>, swapped by renaming a new link over ..data.
-    let dir = Scratch::new("reload-configmap");
-    let v1 = dir.0.join("..v1");
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("..v1");
     std::fs::create_dir(&v1).unwrap();
     std::fs::write(v1.join("sluice.yaml"), limit(1)).unwrap();
-    std::os::unix::fs::symlink("..v1", dir.0.join("..data")).unwrap();
-    let path = dir.0.join("sluice.yaml");
+    std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+    let path = dir.path().join("sluice.yaml");
     std::os::unix::fs::symlink("..data/sluice.yaml", &path).unwrap();
     let server = Sluice::start(&path);
     assert_eq!(allowance(&server).await, 1);
 
-    let v2 = dir.0.join("..v2");
+    let v2 = dir.path().join("..v2");
     std::fs::create_dir(&v2).unwrap();
     std::fs::write(v2.join("sluice.yaml"), limit(2)).unwrap();
-    std::os::unix::fs::symlink("..v2", dir.0.join("..data_tmp")).unwrap();
-    std::fs::rename(dir.0.join("..data_tmp"), dir.0.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..v2", dir.path().join("..data_tmp")).unwrap();
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
     eventually("the swapped ConfigMap applies", || async {
         allowance(&server).await == 2
     })
@@ -116,8 +116,8 @@ async fn configmap_symlink_swap_is_applied() {
 
 #[tokio::test]
 async fn an_emptied_file_is_refused() {
-    let dir = Scratch::new("reload-empty");
-    let path = dir.write("sluice.yaml", &limit(1));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "sluice.yaml", &limit(1));
     let server = Sluice::start(&path);
     std::fs::write(&path, "").unwrap();
     eventually("the empty file is refused", || async {

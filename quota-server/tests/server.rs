@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::RedisServer;
@@ -16,94 +16,23 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{rate_limit::Unit, Code};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use sluice_quota_server::launcher::QuotaServer;
+use support::{launcher, write};
 use tonic::transport::Channel;
 
 /// The client's own deadline: a correctness bound (the server must answer,
 /// not hang), far above the storage timeout.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(1);
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
+/// Starts `sluice serve` on the configuration file at `config`.
+fn start(config: &Path) -> QuotaServer {
+    launcher().start_file(config).unwrap()
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `sluice serve`, killed on drop.
-struct Sluice {
-    child: Child,
-    addr: String,
-}
-
-impl Sluice {
-    fn start(config: &Path) -> Sluice {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("sluice: listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Sluice { child, addr }
-    }
-
-    async fn client(&self) -> RateLimitServiceClient<Channel> {
-        RateLimitServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sluice did not stop within 5 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn client(server: &QuotaServer) -> RateLimitServiceClient<Channel> {
+    RateLimitServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap()
 }
 
 fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
@@ -189,10 +118,10 @@ descriptor_files:
 
 #[tokio::test]
 async fn boundary_hits_and_headers() {
-    let dir = Scratch::new("boundary");
-    dir.write("edge.yaml", ENVOY_FILE);
-    let server = Sluice::start(&dir.write("sluice.yaml", SERVER));
-    let mut client = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "edge.yaml", ENVOY_FILE);
+    let mut server = start(&write(&dir, "sluice.yaml", SERVER));
+    let mut client = client(&server).await;
     let user = |u: &str| vec![descriptor(&[("user", u)])];
 
     for expected in [2, 1, 0] {
@@ -264,15 +193,16 @@ async fn boundary_hits_and_headers() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
-    assert!(server.terminate().success(), "SIGTERM is a clean stop");
+    let status = server.terminate(Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "SIGTERM is a clean stop");
 }
 
 #[tokio::test]
 async fn envoyproxy_descriptor_file() {
-    let dir = Scratch::new("envoy");
-    dir.write("edge.yaml", ENVOY_FILE);
-    let server = Sluice::start(&dir.write("sluice.yaml", SERVER));
-    let mut client = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "edge.yaml", ENVOY_FILE);
+    let server = start(&write(&dir, "sluice.yaml", SERVER));
+    let mut client = client(&server).await;
     let ip = || descriptor(&[("remote_address", "10.0.0.1")]);
     let login = || descriptor(&[("path", "/login")]);
 
@@ -348,10 +278,10 @@ async fn envoyproxy_descriptor_file() {
 
 #[tokio::test]
 async fn health_reports_serving() {
-    let dir = Scratch::new("health");
-    dir.write("edge.yaml", ENVOY_FILE);
-    let server = Sluice::start(&dir.write("sluice.yaml", SERVER));
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "edge.yaml", ENVOY_FILE);
+    let server = start(&write(&dir, "sluice.yaml", SERVER));
+    let channel = Channel::from_shared(server.grpc_url())
         .unwrap()
         .connect()
         .await
@@ -423,10 +353,10 @@ async fn redis_killed_and_restarted() {
     const OVER: i32 = Code::OverLimit as i32;
     let mut redis = RedisServer::start();
     let port = redis.port;
-    let dir = Scratch::new("redis");
+    let dir = tempfile::tempdir().unwrap();
     let config = REDIS_SERVER.replace("REDIS_URL", &redis.url());
-    let server = Sluice::start(&dir.write("sluice.yaml", &config));
-    let mut client = server.client().await;
+    let server = start(&write(&dir, "sluice.yaml", &config));
+    let mut client = client(&server).await;
     let mut up = Vec::new();
     for domain in ["open", "guarded", "closed"] {
         assert_eq!(
@@ -479,9 +409,13 @@ async fn redis_that_never_answers() {
     const OVER: i32 = Code::OverLimit as i32;
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("redis://127.0.0.1:{}", silent.local_addr().unwrap().port());
-    let dir = Scratch::new("silent");
-    let server = Sluice::start(&dir.write("sluice.yaml", &REDIS_SERVER.replace("REDIS_URL", &url)));
-    let mut client = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&write(
+        &dir,
+        "sluice.yaml",
+        &REDIS_SERVER.replace("REDIS_URL", &url),
+    ));
+    let mut client = client(&server).await;
     let mut latencies = Vec::new();
     assert_eq!(
         codes(&mut client, "open", "a", 4, &mut latencies).await,
@@ -507,8 +441,9 @@ fn sluice(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn config_validate_reports_each_error_with_its_location() {
-    let dir = Scratch::new("validate");
-    let bad = dir.write(
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        &dir,
         "bad.yaml",
         r#"
 listen: {grpc: "127.0.0.1:0"}
@@ -533,7 +468,7 @@ domains:
         assert!(stderr.contains(path), "missing {path:?} in:\n{stderr}");
     }
 
-    let envoy = dir.write("edge.yaml", ENVOY_FILE);
+    let envoy = write(&dir, "edge.yaml", ENVOY_FILE);
     let out = sluice(&["config", "validate", envoy.to_str().unwrap()]);
     assert!(
         out.status.success(),
@@ -541,7 +476,7 @@ domains:
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let good = dir.write("sluice.yaml", SERVER);
+    let good = write(&dir, "sluice.yaml", SERVER);
     let out = sluice(&["config", "show", good.to_str().unwrap()]);
     assert!(out.status.success());
     let shown = String::from_utf8(out.stdout).unwrap();
@@ -554,7 +489,8 @@ domains:
         "defaults are shown:\n{shown}"
     );
 
-    let filter = dir.write(
+    let filter = write(
+        &dir,
         "filter.json",
         r#"{"rules": [{"name": "r", "limit": {"count": 0, "per": "1s"}}]}"#,
     );

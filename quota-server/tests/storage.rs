@@ -18,7 +18,7 @@ use sluice_quota_server::config::{
     BackendKind, DescriptorConfig, DomainConfig, Problems, RateLimitConfig, ServerConfig,
 };
 use sluice_quota_server::limits::{Limit, Limits};
-use sluice_quota_server::storage::{Backend, Item, MemoryBackend, RedisBackend};
+use sluice_quota_server::storage::{Item, MemoryBackend, RedisBackend, Store};
 
 /// A realistic time (November 2026) so Redis sees values of real magnitude.
 const START: Nanos = Nanos(1_795_000_000_000_000_000);
@@ -101,7 +101,7 @@ fn same(got: &Outcome, want: &Outcome, tick_ns: u64, context: &str) {
 /// Runs random (advance, cost) sequences through `backend` and core side
 /// by side, with an explicit time so both see the same instants. Advances
 /// are whole ticks: the script's clock has no finer resolution.
-async fn replay<B: Backend>(backend: &B, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) {
+async fn replay(backend: &Store, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) {
     let cases = [
         (AlgorithmKind::TokenBucket, 5, "1s", None),
         (AlgorithmKind::TokenBucket, 7, "3s", Some(10)),
@@ -164,20 +164,20 @@ async fn replay<B: Backend>(backend: &B, tick_ns_of: impl Fn(&Limit) -> u64, run
 
 #[tokio::test]
 async fn memory_matches_core() {
-    let backend = MemoryBackend::new(1000);
+    let backend = Store::Memory(MemoryBackend::new(1000));
     replay(&backend, |_| 1, "memory").await;
 }
 
 #[tokio::test]
 async fn redis_matches_core() {
     let redis = RedisServer::start();
-    let backend = RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap();
+    let backend = Store::Redis(RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap());
     replay(&backend, |l| l.tick_us.unwrap() * 1000, "redis").await;
 }
 
 /// Over one enforced limit, nothing is consumed from the others; a shadow
 /// limit over its limit blocks nothing.
-async fn all_or_nothing<B: Backend>(backend: &B) {
+async fn all_or_nothing(backend: &Store) {
     let limits = limits(&[
         (AlgorithmKind::FixedWindow, 10, "1h", None),
         (AlgorithmKind::TokenBucket, 1, "1h", None),
@@ -217,13 +217,14 @@ async fn all_or_nothing<B: Backend>(backend: &B) {
 
 #[tokio::test]
 async fn all_or_nothing_in_memory() {
-    all_or_nothing(&MemoryBackend::new(100)).await;
+    all_or_nothing(&Store::Memory(MemoryBackend::new(100))).await;
 }
 
 #[tokio::test]
 async fn all_or_nothing_in_redis() {
     let redis = RedisServer::start();
-    all_or_nothing(&RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap()).await;
+    let backend = RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap();
+    all_or_nothing(&Store::Redis(backend)).await;
 }
 
 /// Many tasks on two server instances (two backends, two connections
@@ -401,7 +402,7 @@ async fn rediss_with_a_ca_file() {
         )
     };
     let config = ServerConfig::from_yaml(&yaml(", tls_ca_file: ca.pem")).unwrap();
-    config.compile(dir.path()).unwrap();
+    Limits::compile(&config, dir.path()).unwrap();
     let mut redis_config = config.storage.redis.clone().unwrap();
     redis_config.tls_ca_file = Some(dir.path().join("ca.pem"));
     let backend = RedisBackend::from_config(&redis_config, Duration::from_secs(2)).unwrap();
@@ -417,7 +418,7 @@ async fn rediss_with_a_ca_file() {
     let untrusted = RedisBackend::from_config(&redis_config, Duration::from_secs(2)).unwrap();
     assert!(untrusted.check(&items, None).await.is_err());
     let plain = ServerConfig::from_yaml(&yaml("")).unwrap();
-    plain.compile(dir.path()).unwrap();
+    Limits::compile(&plain, dir.path()).unwrap();
 }
 
 /// The script is loaded once and called by SHA; a Redis that lost its

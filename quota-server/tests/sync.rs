@@ -15,13 +15,16 @@ use std::time::Duration;
 use common::RedisServer;
 use rand::{Rng, SeedableRng};
 use sluice_quota_server::config::ServerConfig;
+use sluice_quota_server::controls::Controls;
+use sluice_quota_server::limits::Limits;
 use sluice_quota_server::proto::quota_client::QuotaClient;
 use sluice_quota_server::proto::quota_server::Quota;
 use sluice_quota_server::proto::{
     CheckGroup, CheckItem, CheckRequest, Code, GroupResult, SyncEntry, SyncRequest,
 };
-use sluice_quota_server::service::{Decider, QuotaService, Shared};
-use sluice_quota_server::storage::{Backend, MemoryBackend, RedisBackend};
+use sluice_quota_server::service::{Decider, QuotaService};
+use sluice_quota_server::shared::Shared;
+use sluice_quota_server::storage::{MemoryBackend, RedisBackend, Store};
 use tonic::Request;
 
 const CONFIG: &str = r#"
@@ -34,20 +37,20 @@ domains:
       - {name: leased, limit: {count: 100, per: 1h}}
 "#;
 
-fn service<B: Backend>(backend: B) -> Arc<QuotaService<B>> {
+fn service(store: Store) -> Arc<QuotaService> {
     let config = ServerConfig::from_yaml(CONFIG).unwrap();
-    let limits = config.compile(Path::new(".")).unwrap();
+    let limits = Limits::compile(&config, Path::new(".")).unwrap();
     Arc::new(QuotaService::new(
-        Arc::new(Shared::new(limits)),
-        Arc::new(Decider::new(backend, 1000)),
+        Arc::new(Shared::new(limits, Controls::default(), store)),
+        Arc::new(Decider::new(1000)),
     ))
 }
 
-fn redis_backend(redis: &RedisServer) -> RedisBackend {
-    RedisBackend::new(&redis.url(), Duration::from_secs(2), 2).unwrap()
+fn redis_backend(redis: &RedisServer) -> Store {
+    Store::Redis(RedisBackend::new(&redis.url(), Duration::from_secs(2), 2).unwrap())
 }
 
-async fn check<B: Backend>(svc: &QuotaService<B>, items: &[(&str, &str, u64)]) -> GroupResult {
+async fn check(svc: &QuotaService, items: &[(&str, &str, u64)]) -> GroupResult {
     let group = CheckGroup {
         domain: "api".into(),
         items: items
@@ -69,7 +72,7 @@ async fn check<B: Backend>(svc: &QuotaService<B>, items: &[(&str, &str, u64)]) -
     response.groups.into_iter().next().unwrap()
 }
 
-async fn check_exact_and_all_or_nothing<B: Backend>(svc: Arc<QuotaService<B>>) {
+async fn check_exact_and_all_or_nothing(svc: Arc<QuotaService>) {
     for left in [2, 1, 0] {
         let g = check(&svc, &[("narrow", "k", 1), ("wide", "k", 1)]).await;
         assert!(g.allowed);
@@ -115,7 +118,7 @@ async fn check_exact_and_all_or_nothing<B: Backend>(svc: Arc<QuotaService<B>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_in_memory() {
-    check_exact_and_all_or_nothing(service(MemoryBackend::new(1000))).await;
+    check_exact_and_all_or_nothing(service(Store::Memory(MemoryBackend::new(1000)))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +129,7 @@ async fn check_in_redis() {
 
 /// One replica: syncs, admits random hits within its lease, repeats;
 /// finally returns what it holds. Returns what it admitted.
-async fn replica<B: Backend>(svc: Arc<QuotaService<B>>, seed: u64) -> u64 {
+async fn replica(svc: Arc<QuotaService>, seed: u64) -> u64 {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (mut held, mut used, mut admitted) = (0u64, 0u64, 0u64);
     for round in 0..40 {
@@ -160,7 +163,7 @@ async fn replica<B: Backend>(svc: Arc<QuotaService<B>>, seed: u64) -> u64 {
     admitted
 }
 
-async fn leases_never_overshoot<B: Backend>(svc: Arc<QuotaService<B>>) {
+async fn leases_never_overshoot(svc: Arc<QuotaService>) {
     let tasks: Vec<_> = (0..3)
         .map(|seed| tokio::spawn(replica(svc.clone(), seed)))
         .collect();
@@ -182,7 +185,7 @@ async fn leases_never_overshoot<B: Backend>(svc: Arc<QuotaService<B>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_in_memory() {
-    leases_never_overshoot(service(MemoryBackend::new(1000))).await;
+    leases_never_overshoot(service(Store::Memory(MemoryBackend::new(1000)))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +196,7 @@ async fn leases_in_redis() {
 
 #[tokio::test]
 async fn returned_leases_are_credited_back() {
-    let svc = service(MemoryBackend::new(1000));
+    let svc = service(Store::Memory(MemoryBackend::new(1000)));
     let sync = |held, used, want| {
         let svc = svc.clone();
         async move {
@@ -252,8 +255,8 @@ async fn returned_leases_are_credited_back() {
 /// `sluice serve` answers the Quota service on its gRPC port.
 #[tokio::test]
 async fn served_next_to_envoys_api() {
-    let scratch = support::Scratch::new("quota-api");
-    let config = scratch.write("sluice.yaml", &support::config(CONFIG));
+    let scratch = tempfile::tempdir().unwrap();
+    let config = support::write(&scratch, "sluice.yaml", &support::config(CONFIG));
     let server = support::Sluice::start(&config);
     let mut client = QuotaClient::connect(format!("http://{}", server.grpc))
         .await

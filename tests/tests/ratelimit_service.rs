@@ -9,7 +9,6 @@
 // Test code: failing means panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use sluice_e2e::envoy::Envoy;
 use sluice_e2e::template::Vars;
 use sluice_e2e::upstream::Upstream;
 use sluice_e2e::{free_port, target_dir};
+use sluice_quota_server::launcher::{Launcher, QuotaServer};
 
 /// The envoyproxy/ratelimit file both tests use (domain set per test):
 /// per client address 5 a minute; with `plan: free` also 2 a minute.
@@ -50,55 +50,11 @@ fn sluice_binary() -> PathBuf {
     path
 }
 
-/// `sluice serve` on a free port; killed when dropped.
-struct Sluice {
-    child: Child,
-    port: u16,
-}
-
-impl Sluice {
-    fn start(config: &Path) -> Sluice {
-        let mut child = Command::new(sluice_binary())
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .env_remove("SLUICE_ADMIN_TOKEN")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting sluice serve");
-        // It prints "sluice: listening on ADDR" once bound (after the
-        // admin address, when an admin token is set).
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            let read = stdout
-                .read_line(&mut line)
-                .expect("reading sluice's stdout");
-            assert!(read > 0, "sluice exited before listening");
-            if let Some(addr) = line.trim().strip_prefix("sluice: listening on ") {
-                break addr.to_owned();
-            }
-        };
-        let port = addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("sluice reported no port: {addr:?}"));
-        Sluice { child, port }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// `sluice serve` on the configuration file at `config`; killed when dropped.
+fn start_sluice(config: &Path) -> QuotaServer {
+    Launcher::new(sluice_binary())
+        .start_file(config)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A `redis-server` on a free port; killed when dropped.
@@ -177,13 +133,13 @@ async fn native_filter_is_limited_by_sluice() {
         "listen: {grpc: \"127.0.0.1:0\"}\ndescriptor_files: [{path: edge.yaml}]\n",
     )
     .unwrap();
-    let sluice = Sluice::start(&config);
+    let sluice = start_sluice(&config);
     let upstream = Upstream::start().await.unwrap();
     let envoy = envoy(
         "native_filter_is_limited_by_sluice",
         "envoy",
         upstream.port(),
-        sluice.port,
+        sluice.grpc.port(),
         "edge",
         true,
     )
@@ -257,12 +213,28 @@ descriptor_files:
         ),
     )
     .unwrap();
-    let mut sluice = Sluice::start(&config);
+    let mut sluice = start_sluice(&config);
     let upstream = Upstream::start().await.unwrap();
     let test = "failure_modes_of_server_and_envoy";
     // Envoy's own failure_mode_deny: off for "open", on for "closed".
-    let open = envoy(test, "open", upstream.port(), sluice.port, "open", false).await;
-    let closed = envoy(test, "closed", upstream.port(), sluice.port, "closed", true).await;
+    let open = envoy(
+        test,
+        "open",
+        upstream.port(),
+        sluice.grpc.port(),
+        "open",
+        false,
+    )
+    .await;
+    let closed = envoy(
+        test,
+        "closed",
+        upstream.port(),
+        sluice.grpc.port(),
+        "closed",
+        true,
+    )
+    .await;
     let (open, closed) = (open.client(), closed.client());
     assert_eq!(get(&open, &[]).await.status, 200);
     let r = get(&closed, &[]).await;
@@ -289,7 +261,7 @@ descriptor_files:
     );
 
     // The server down: Envoy's failure_mode_deny decides.
-    sluice.stop();
+    sluice.kill();
     let r = get(&open, &[]).await;
     assert_eq!(
         r.status,

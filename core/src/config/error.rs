@@ -36,7 +36,8 @@ pub enum ConfigError {
     Invalid(Vec<FieldError>),
 }
 
-struct ErrorList<'a>(&'a [FieldError]);
+/// Displays field errors separated by `; `, as one message.
+pub struct ErrorList<'a>(pub &'a [FieldError]);
 
 impl fmt::Display for ErrorList<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -18,7 +18,7 @@ mod rule;
 mod schema;
 mod validate;
 
-pub use error::{ConfigError, FieldError};
+pub use error::{ConfigError, ErrorList, FieldError};
 pub use schema::{
     ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig, GrpcConfig, HeaderConfig,
     HeadersConfig, LimitConfig, MatchConfig, PathConfig, RuleConfig, ScopeConfig, SpanText,

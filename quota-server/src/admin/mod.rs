@@ -5,9 +5,6 @@
 //! listener does not start at all. `/metrics` needs no token so that
 //! Prometheus scrapes without secrets; it holds no keys or addresses.
 
-pub mod audit;
-pub mod controls;
-pub mod counters;
 pub mod replay;
 mod routes;
 
@@ -21,13 +18,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::net::TcpListener;
 
-pub use audit::Audit;
-pub use controls::{Controls, Gate};
-pub use counters::{CounterStore, StoreSlot};
-
 use crate::config::{AdminConfig, ServerConfig};
-use crate::reload::ConfigSource;
-use crate::service::Shared;
+use crate::shared::Shared;
+use crate::source::ConfigSource;
+use crate::storage::system_now;
 
 /// How often expired list entries, bans and overrides are dropped.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -91,7 +85,7 @@ pub async fn start(
         let mut tick = tokio::time::interval(PURGE_EVERY);
         loop {
             tick.tick().await;
-            shared.controls.purge(crate::storage::system_now());
+            shared.controls.purge(system_now());
         }
     });
     tokio::spawn(async move {

@@ -14,8 +14,8 @@ use sluice_core::access::{
 use sluice_core::time::Nanos;
 
 use crate::config::DescriptorConfig;
-use crate::reload::{ConfigSource, RuntimeRule};
-use crate::service::Shared;
+use crate::shared::Shared;
+use crate::source::{ConfigSource, RuntimeRule};
 
 /// How many grants came back, and how many could not.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

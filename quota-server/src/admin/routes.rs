@@ -14,10 +14,10 @@ use sluice_core::access::{
 use sluice_core::time::{Nanos, Span};
 
 use super::{require_token, AdminState, ApiError};
-use crate::limits::Resolved;
-use crate::metrics::FailureCounts;
-use crate::reload::{RuleError, RuntimeRule};
-use crate::storage::system_now;
+use crate::limits::{Limit, Limits, Resolved};
+use crate::metrics;
+use crate::source::{RuleError, RuntimeRule};
+use crate::storage::{system_now, StorageError};
 
 /// Every route; all but `/metrics` behind the token.
 pub(super) fn router(state: AdminState) -> Router {
@@ -43,11 +43,18 @@ fn full(e: Full) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, e.to_string())
 }
 
-/// Records `event`, undoing the change if the audit log cannot be written:
-/// nothing stays granted unrecorded.
-fn audited(state: &AdminState, event: &AuditEvent, undo: impl FnOnce()) -> Result<(), ApiError> {
-    state.shared.controls.audit.record(event).map_err(|e| {
-        undo();
+/// One audited change: `apply` makes it, returning its audit event and
+/// what `undo` needs to take it back; the event is then recorded, and if
+/// the audit log cannot be written the change is undone: nothing stays
+/// granted unrecorded.
+fn audited<T>(
+    state: &AdminState,
+    apply: impl FnOnce() -> Result<(AuditEvent, T), ApiError>,
+    undo: impl FnOnce(T),
+) -> Result<(), ApiError> {
+    let (event, applied) = apply()?;
+    state.shared.controls.audit.record(&event).map_err(|e| {
+        undo(applied);
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot write the audit log ({e}); the change was undone"),
@@ -55,38 +62,32 @@ fn audited(state: &AdminState, event: &AuditEvent, undo: impl FnOnce()) -> Resul
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The audit event of `action` on `subject` `target` at `now`, signed
+/// with the caller's reason and name (`admin` when not given).
 fn event(
     action: AuditAction,
     subject: &str,
     target: String,
-    detail: String,
-    until: Option<Nanos>,
+    now: Nanos,
     reason: Option<String>,
     by: Option<String>,
-    now: Nanos,
 ) -> AuditEvent {
     AuditEvent {
         at: now,
         action,
         subject: subject.into(),
         target,
-        detail,
-        until,
+        detail: String::new(),
+        until: None,
         reason: reason.unwrap_or_default(),
         by: by.unwrap_or_else(|| "admin".into()),
     }
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    let failures = state
-        .shared
-        .store
-        .get()
-        .map_or(FailureCounts::default(), |s| s.failures());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.shared.metrics.render(failures),
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.shared.metrics.render(),
     )
 }
 
@@ -108,7 +109,7 @@ async fn rules(State(state): State<AdminState>) -> Answer {
     let view: Vec<LimitView> = (0..limits.len())
         .filter_map(|id| limits.limit(id))
         .map(|l| LimitView {
-            name: l.name.clone(),
+            name: l.name.to_string(),
             algorithm: l.algorithm().name(),
             count: l.quota().count(),
             per: l.quota().per(),
@@ -132,36 +133,31 @@ fn rule_error(e: RuleError) -> ApiError {
 
 async fn add_rule(State(state): State<AdminState>, Json(rule): Json<RuntimeRule>) -> Answer {
     let now = system_now();
-    let target = node_name(
-        &rule.domain,
-        &rule.descriptor.key,
-        rule.descriptor.value.as_deref(),
-    );
-    let replaced = state
-        .source
-        .add_rule(&state.shared, rule.clone())
-        .map_err(rule_error)?;
-    let detail = serde_json::to_string(&rule.descriptor).unwrap_or_default();
-    let e = event(
-        AuditAction::Grant,
-        "rule",
-        target,
-        detail,
-        None,
-        None,
-        None,
-        now,
-    );
-    audited(&state, &e, || {
-        let d = &rule.descriptor;
-        let _ = match replaced {
-            Some(old) => state.source.add_rule(&state.shared, old).map(|_| ()),
-            None => state
+    let d = &rule.descriptor;
+    let target = node_name(&rule.domain, &d.key, d.value.as_deref());
+    audited(
+        &state,
+        || {
+            let replaced = state
                 .source
-                .remove_rule(&state.shared, &rule.domain, &d.key, d.value.as_deref())
-                .map(|_| ()),
-        };
-    })?;
+                .add_rule(&state.shared, rule.clone())
+                .map_err(rule_error)?;
+            let e = AuditEvent {
+                detail: serde_json::to_string(d).unwrap_or_default(),
+                ..event(AuditAction::Grant, "rule", target, now, None, None)
+            };
+            Ok((e, replaced))
+        },
+        |replaced| {
+            let _ = match replaced {
+                Some(old) => state.source.add_rule(&state.shared, old).map(|_| ()),
+                None => state
+                    .source
+                    .remove_rule(&state.shared, &rule.domain, &d.key, d.value.as_deref())
+                    .map(|_| ()),
+            };
+        },
+    )?;
     Ok(Json(json!({ "added": rule })))
 }
 
@@ -181,29 +177,26 @@ struct RuleQuery {
 
 async fn remove_rule(State(state): State<AdminState>, Query(q): Query<RuleQuery>) -> Answer {
     let now = system_now();
-    let removed = state
-        .source
-        .remove_rule(&state.shared, &q.domain, &q.key, q.value.as_deref())
-        .map_err(rule_error)?;
     let target = node_name(&q.domain, &q.key, q.value.as_deref());
-    let Some(removed) = removed else {
-        return Err(ApiError::not_found(format!(
-            "no runtime rule {target} (rules from the file are changed in the file)"
-        )));
-    };
-    let e = event(
-        AuditAction::Revoke,
-        "rule",
-        target.clone(),
-        String::new(),
-        None,
-        None,
-        None,
-        now,
-    );
-    audited(&state, &e, || {
-        let _ = state.source.add_rule(&state.shared, removed);
-    })?;
+    audited(
+        &state,
+        || {
+            let removed = state
+                .source
+                .remove_rule(&state.shared, &q.domain, &q.key, q.value.as_deref())
+                .map_err(rule_error)?
+                .ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "no runtime rule {target} (rules from the file are changed in the file)"
+                    ))
+                })?;
+            let e = event(AuditAction::Revoke, "rule", target.clone(), now, None, None);
+            Ok((e, removed))
+        },
+        |removed| {
+            let _ = state.source.add_rule(&state.shared, removed);
+        },
+    )?;
     Ok(Json(json!({ "removed": target })))
 }
 
@@ -252,53 +245,62 @@ fn list_add(state: &AdminState, kind: ListKind, body: ListBody) -> Answer {
         reason: body.reason.clone().unwrap_or_default(),
     };
     let controls = &state.shared.controls;
-    let replaced = controls
-        .access_mut()
-        .add(kind, entry.clone(), now)
-        .map_err(full)?;
-    let e = event(
-        AuditAction::Grant,
-        subject(kind),
-        body.cidr.to_string(),
-        String::new(),
-        until,
-        body.reason,
-        body.by,
-        now,
-    );
-    audited(state, &e, || {
-        let mut lists = controls.access_mut();
-        lists.remove(kind, &body.cidr);
-        if let Some(old) = replaced {
-            let _ = lists.add(kind, old, now);
-        }
-    })?;
+    audited(
+        state,
+        || {
+            let replaced = controls
+                .access_mut()
+                .add(kind, entry.clone(), now)
+                .map_err(full)?;
+            let target = body.cidr.to_string();
+            let e = AuditEvent {
+                until,
+                ..event(
+                    AuditAction::Grant,
+                    subject(kind),
+                    target,
+                    now,
+                    body.reason,
+                    body.by,
+                )
+            };
+            Ok((e, replaced))
+        },
+        |replaced| {
+            let mut lists = controls.access_mut();
+            lists.remove(kind, &body.cidr);
+            if let Some(old) = replaced {
+                let _ = lists.add(kind, old, now);
+            }
+        },
+    )?;
     Ok(Json(json!({ "added": entry })))
 }
 
 fn list_remove(state: &AdminState, kind: ListKind, q: CidrQuery) -> Answer {
     let now = system_now();
     let controls = &state.shared.controls;
-    let Some(old) = controls.access_mut().remove(kind, &q.cidr) else {
-        return Err(ApiError::not_found(format!(
-            "{} is not on the {} list",
-            q.cidr,
-            subject(kind)
-        )));
-    };
-    let e = event(
-        AuditAction::Revoke,
-        subject(kind),
-        q.cidr.to_string(),
-        String::new(),
-        None,
-        q.reason,
-        q.by,
-        now,
-    );
-    audited(state, &e, || {
-        let _ = controls.access_mut().add(kind, old, now);
-    })?;
+    audited(
+        state,
+        || {
+            let old = controls.access_mut().remove(kind, &q.cidr).ok_or_else(|| {
+                ApiError::not_found(format!("{} is not on the {} list", q.cidr, subject(kind)))
+            })?;
+            let target = q.cidr.to_string();
+            let e = event(
+                AuditAction::Revoke,
+                subject(kind),
+                target,
+                now,
+                q.reason,
+                q.by,
+            );
+            Ok((e, old))
+        },
+        |old| {
+            let _ = controls.access_mut().add(kind, old, now);
+        },
+    )?;
     Ok(Json(json!({ "removed": q.cidr })))
 }
 
@@ -371,24 +373,25 @@ async fn ban(State(state): State<AdminState>, Json(body): Json<BanBody>) -> Answ
         reason: body.reason.clone().unwrap_or_default(),
     };
     let controls = &state.shared.controls;
-    let replaced = controls.access_mut().ban(b.clone(), now).map_err(full)?;
-    let e = event(
-        AuditAction::Grant,
-        "ban",
-        target_text(&target),
-        String::new(),
-        Some(b.until),
-        body.reason,
-        body.by,
-        now,
-    );
-    audited(&state, &e, || {
-        let mut lists = controls.access_mut();
-        lists.unban(&target);
-        if let Some(old) = replaced {
-            let _ = lists.ban(old, now);
-        }
-    })?;
+    audited(
+        &state,
+        || {
+            let replaced = controls.access_mut().ban(b.clone(), now).map_err(full)?;
+            let text = target_text(&target);
+            let e = AuditEvent {
+                until: Some(b.until),
+                ..event(AuditAction::Grant, "ban", text, now, body.reason, body.by)
+            };
+            Ok((e, replaced))
+        },
+        |replaced| {
+            let mut lists = controls.access_mut();
+            lists.unban(&target);
+            if let Some(old) = replaced {
+                let _ = lists.ban(old, now);
+            }
+        },
+    )?;
     Ok(Json(json!({ "banned": b })))
 }
 
@@ -396,25 +399,28 @@ async fn unban(State(state): State<AdminState>, Query(q): Query<BanQuery>) -> An
     let now = system_now();
     let target = ban_target(q.cidr, q.key)?;
     let controls = &state.shared.controls;
-    let Some(old) = controls.access_mut().unban(&target) else {
-        return Err(ApiError::not_found(format!(
-            "{} is not banned",
-            target_text(&target)
-        )));
-    };
-    let e = event(
-        AuditAction::Revoke,
-        "ban",
-        target_text(&target),
-        String::new(),
-        None,
-        q.reason,
-        q.by,
-        now,
-    );
-    audited(&state, &e, || {
-        let _ = controls.access_mut().ban(old, now);
-    })?;
+    let text = target_text(&target);
+    audited(
+        &state,
+        || {
+            let old = controls
+                .access_mut()
+                .unban(&target)
+                .ok_or_else(|| ApiError::not_found(format!("{text} is not banned")))?;
+            let e = event(
+                AuditAction::Revoke,
+                "ban",
+                text.clone(),
+                now,
+                q.reason,
+                q.by,
+            );
+            Ok((e, old))
+        },
+        |old| {
+            let _ = controls.access_mut().ban(old, now);
+        },
+    )?;
     Ok(Json(json!({ "unbanned": target })))
 }
 
@@ -471,17 +477,17 @@ async fn grant(State(state): State<AdminState>, Json(body): Json<GrantBody>) -> 
         granted_at: now,
     };
     let controls = &state.shared.controls;
-    let (e, replaced) = controls
-        .overrides_mut()
-        .grant(o.clone(), now)
-        .map_err(full)?;
-    audited(&state, &e, || {
-        let mut overrides = controls.overrides_mut();
-        overrides.revoke(&body.key, "", "", now);
-        if let Some(old) = replaced {
-            let _ = overrides.grant(old, now);
-        }
-    })?;
+    audited(
+        &state,
+        || controls.overrides_mut().grant(o.clone(), now).map_err(full),
+        |replaced| {
+            let mut overrides = controls.overrides_mut();
+            overrides.revoke(&body.key, "", "", now);
+            if let Some(old) = replaced {
+                let _ = overrides.grant(old, now);
+            }
+        },
+    )?;
     Ok(Json(json!({ "granted": o })))
 }
 
@@ -490,15 +496,22 @@ async fn revoke(State(state): State<AdminState>, Query(q): Query<RevokeQuery>) -
     let controls = &state.shared.controls;
     let by = q.by.unwrap_or_else(|| "admin".into());
     let reason = q.reason.unwrap_or_default();
-    let previous = controls.overrides().get(&q.key, now).cloned();
-    let Some(e) = controls.overrides_mut().revoke(&q.key, &by, &reason, now) else {
-        return Err(ApiError::not_found(format!("no override for {:?}", q.key)));
-    };
-    audited(&state, &e, || {
-        if let Some(old) = previous {
-            let _ = controls.overrides_mut().grant(old, now);
-        }
-    })?;
+    audited(
+        &state,
+        || {
+            let previous = controls.overrides().get(&q.key, now).cloned();
+            let e = controls
+                .overrides_mut()
+                .revoke(&q.key, &by, &reason, now)
+                .ok_or_else(|| ApiError::not_found(format!("no override for {:?}", q.key)))?;
+            Ok((e, previous))
+        },
+        |previous| {
+            if let Some(old) = previous {
+                let _ = controls.overrides_mut().grant(old, now);
+            }
+        },
+    )?;
     Ok(Json(json!({ "revoked": q.key })))
 }
 
@@ -535,16 +548,7 @@ fn counter_target(query: &[(String, String)]) -> Result<(String, Vec<(String, St
     Ok((domain, entries))
 }
 
-fn store(state: &AdminState) -> Result<&dyn super::CounterStore, ApiError> {
-    state.shared.store.get().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage is not ready yet; retry",
-        )
-    })
-}
-
-fn storage_error(e: crate::storage::StorageError) -> ApiError {
+fn storage_error(e: StorageError) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, format!("storage: {e}"))
 }
 
@@ -556,12 +560,14 @@ async fn counter(
     let limits = state.shared.limits();
     let limit = resolve(&limits, &domain_name, &entries)?;
     let key = limit.storage_key(&entries);
-    let outcome = store(&state)?
+    let outcome = state
+        .shared
+        .store
         .peek(limit, key.clone())
         .await
         .map_err(storage_error)?;
     Ok(Json(json!({
-        "limit": limit.name,
+        "limit": &*limit.name,
         "key": key,
         "count": limit.quota().count(),
         "remaining": outcome.remaining,
@@ -577,18 +583,20 @@ async fn reset(
     let limits = state.shared.limits();
     let limit = resolve(&limits, &domain_name, &entries)?;
     let key = limit.storage_key(&entries);
-    store(&state)?
+    state
+        .shared
+        .store
         .reset(limit, key.clone())
         .await
         .map_err(storage_error)?;
-    Ok(Json(json!({ "limit": limit.name, "reset": key })))
+    Ok(Json(json!({ "limit": &*limit.name, "reset": key })))
 }
 
 fn resolve<'a>(
-    limits: &'a crate::limits::Limits,
+    limits: &'a Limits,
     domain: &str,
     entries: &[(String, String)],
-) -> Result<&'a crate::limits::Limit, ApiError> {
+) -> Result<&'a Limit, ApiError> {
     let d = limits
         .domain(domain)
         .ok_or_else(|| ApiError::not_found(format!("no domain {domain:?}")))?;

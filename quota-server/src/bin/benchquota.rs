@@ -1,9 +1,10 @@
 //! `make bench-quota`: the quota server's throughput and latency.
 //!
-//! Runs `sluice serve` (the `sluice` binary next to this one) on loopback,
-//! calls `ShouldRateLimit` at a fixed concurrency for a bounded time, with
-//! the memory backend and then with Redis (a `redis-server` started here),
-//! and prints decisions/s, p50 and p99. In the same run it measures the raw
+//! Runs `sluice serve` (the `sluice` binary next to this one, through the
+//! library's launcher) on loopback, calls `ShouldRateLimit` at a fixed
+//! concurrency for a bounded time, with the memory backend and then with
+//! Redis (a `redis-server` started here), and prints decisions/s, p50 and
+//! p99. In the same run it measures the raw
 //! Redis ceiling for the same work, the decision script called by EVALSHA
 //! with the same kind of keys at the same concurrency, two ways:
 //! - `redis-benchmark` (C client, one connection per caller): what Redis
@@ -14,7 +15,7 @@
 //! The ratio divides the server's decisions/s with Redis by the higher of
 //! the two ceilings, so it is never flattered by a slow baseline.
 
-use std::io::{BufRead as _, BufReader};
+#![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -25,9 +26,10 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice_quota_server::config::ServerConfig;
-use sluice_quota_server::limits::Resolved;
+use sluice_quota_server::launcher::Launcher;
+use sluice_quota_server::limits::{Limit, Limits, Resolved};
 use sluice_quota_server::storage::redis::script_call;
-use sluice_quota_server::storage::{Backend, Item, RedisBackend};
+use sluice_quota_server::storage::{Item, RedisBackend};
 use tonic::transport::Channel;
 
 /// Callers in flight at any time.
@@ -149,9 +151,7 @@ async fn measure_all(dir: &Path) -> Result<(), BenchError> {
     with_redis.print("quota_redis");
 
     let config = config(dir, &storage)?;
-    let limits = config
-        .compile(dir)
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let limits = Limits::compile(&config, dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     let raw_rust = raw_redis_rust(&limits, &url).await?;
     raw_rust.print("raw_redis_rust_evalsha");
     let raw_c = raw_redis_benchmark(&limits, redis_port)?;
@@ -179,45 +179,16 @@ fn config(dir: &Path, storage: &str) -> Result<ServerConfig, BenchError> {
 
 /// The `sluice` binary built with this one.
 fn sluice_binary() -> Result<PathBuf, BenchError> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("sluice");
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(BenchError::Setup(format!(
-            "{} is missing: build it with `cargo build --release -p sluice-quota-server`",
-            path.display()
-        )))
-    }
+    Ok(std::env::current_exe()?.with_file_name("sluice"))
 }
 
 async fn serve_and_load(dir: &Path, name: &str, storage: &str) -> Result<Measured, BenchError> {
     config(dir, storage)?;
-    let mut child = Command::new(sluice_binary()?)
-        .args(["serve", "--config"])
-        .arg(dir.join("sluice.yaml"))
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| BenchError::Setup("no stdout from sluice".into()))?;
-    let server = Process(child);
-    // "sluice: listening on ADDR" (after the admin address, if any).
-    let mut stdout = BufReader::new(stdout);
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        if stdout.read_line(&mut line)? == 0 {
-            return Err(BenchError::Setup(format!(
-                "sluice ({name}) exited before listening"
-            )));
-        }
-        if let Some(addr) = line.trim().strip_prefix("sluice: listening on ") {
-            break addr.to_owned();
-        }
-    };
+    let server = Launcher::new(sluice_binary()?)
+        .log_filter("error")
+        .start_file(&dir.join("sluice.yaml"))
+        .map_err(|e| BenchError::Setup(format!("sluice ({name}): {e}")))?;
+    let addr = server.grpc;
     let mut channels = Vec::with_capacity(CHANNELS);
     for _ in 0..CHANNELS {
         channels.push(
@@ -293,9 +264,7 @@ where
 }
 
 /// The bench domain's only limit.
-fn bench_limit(
-    limits: &sluice_quota_server::limits::Limits,
-) -> Result<&sluice_quota_server::limits::Limit, BenchError> {
+fn bench_limit(limits: &Limits) -> Result<&Limit, BenchError> {
     let domain = limits
         .domain("bench")
         .ok_or_else(|| BenchError::Setup("no bench domain".into()))?;
@@ -307,7 +276,7 @@ fn bench_limit(
     }
 }
 
-fn item<'a>(limit: &'a sluice_quota_server::limits::Limit, caller: usize, i: usize) -> Item<'a> {
+fn item<'a>(limit: &'a Limit, caller: usize, i: usize) -> Item<'a> {
     Item {
         limit,
         key: limit.storage_key(&[("remote_address".into(), address(caller, i))]),
@@ -318,10 +287,7 @@ fn item<'a>(limit: &'a sluice_quota_server::limits::Limit, caller: usize, i: usi
 
 /// The server's Redis client without the server: the script by EVALSHA
 /// on one multiplexed connection (the server's default), same keys.
-async fn raw_redis_rust(
-    limits: &sluice_quota_server::limits::Limits,
-    url: &str,
-) -> Result<Measured, BenchError> {
+async fn raw_redis_rust(limits: &Limits, url: &str) -> Result<Measured, BenchError> {
     let limit = bench_limit(limits)?.clone();
     let backend = Arc::new(RedisBackend::new(url, Duration::from_millis(100), 1)?);
     let limit = Arc::new(limit);
@@ -338,10 +304,7 @@ async fn raw_redis_rust(
 
 /// `redis-benchmark` calling the script by EVALSHA at the same
 /// concurrency, one connection per caller, keys spread like the load's.
-fn raw_redis_benchmark(
-    limits: &sluice_quota_server::limits::Limits,
-    port: u16,
-) -> Result<Option<Measured>, BenchError> {
+fn raw_redis_benchmark(limits: &Limits, port: u16) -> Result<Option<Measured>, BenchError> {
     let Some(bench) = which("redis-benchmark") else {
         return Ok(None);
     };

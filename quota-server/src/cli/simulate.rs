@@ -9,7 +9,8 @@ use sluice_core::engine::{decide_claims, Claim};
 use sluice_core::store::{MemoryStore, Slot};
 use sluice_core::time::{Nanos, Span};
 
-use crate::config::{self, LoadError};
+use crate::config::LoadError;
+use crate::limits;
 
 /// Arguments of `sluice test`.
 #[derive(Args, Clone, Debug)]
@@ -59,10 +60,10 @@ pub enum SimulateError {
 
 /// Runs the simulation; returns one line per request and a summary.
 pub fn simulate(args: &TestArgs) -> Result<String, SimulateError> {
-    let (_, limits) = config::load(&args.config)?;
+    let (_, limits) = limits::load(&args.config)?;
     let limit = (0..limits.len())
         .filter_map(|id| limits.limit(id))
-        .find(|l| l.name == args.rule)
+        .find(|l| *l.name == *args.rule)
         .ok_or_else(|| SimulateError::NoSuchRule {
             name: args.rule.clone(),
             known: (0..limits.len())

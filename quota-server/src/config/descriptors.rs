@@ -36,7 +36,9 @@ pub struct DescriptorConfig {
     /// Count and report, never limit.
     #[serde(default, skip_serializing_if = "is_false")]
     pub shadow_mode: bool,
-    /// Per-value statistics (recorded by the metrics layer).
+    /// envoyproxy/ratelimit's per-value statistics: accepted so that its
+    /// files load unchanged, and ignored (Sluice's metrics are per limit
+    /// and never carry request values).
     #[serde(default, skip_serializing_if = "is_false")]
     pub detailed_metric: bool,
     /// Deeper entries.
@@ -144,7 +146,7 @@ impl RateLimitConfig {
         }
         let per = match (&self.unit, &self.per) {
             (Some(unit), None) => Some(unit.span()),
-            (None, Some(text)) => match super::parse_span(text) {
+            (None, Some(text)) => match text.parse() {
                 Ok(span) => Some(span),
                 Err(e) => {
                     problems.add(format!("{at}.per"), e);

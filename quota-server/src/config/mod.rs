@@ -8,15 +8,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sluice_core::algorithm::AlgorithmKind;
-use sluice_core::config::{FieldError, RuleConfig, SpanText, MAX_KEYS_LIMIT};
+use sluice_core::config::{ErrorList, FieldError, RuleConfig, SpanText, MAX_KEYS_LIMIT};
 use sluice_core::time::Span;
 
 pub use descriptors::{
     DescriptorConfig, DescriptorFile, LimitSpec, RateLimitConfig, ReplacesConfig, UnitConfig,
 };
 pub use errors::Problems;
-
-use crate::limits::Limits;
 
 /// The whole server configuration as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +37,7 @@ pub struct ServerConfig {
     pub admin: AdminConfig,
 }
 
-/// Admin API settings (see `crate::admin`).
+/// Admin API settings: token, audit log, access-list bounds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -267,27 +265,8 @@ pub enum LoadError {
         message: String,
     },
     /// Some values are wrong; each error names its field.
-    #[error("{}", list(.0))]
+    #[error("{}", ErrorList(.0))]
     Invalid(Vec<FieldError>),
-}
-
-fn list(errors: &[FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-/// A duration as written, read with core's rules.
-pub(crate) fn parse_span(text: &SpanText) -> Result<Span, String> {
-    match text {
-        SpanText::Seconds(s) => s
-            .checked_mul(1_000_000_000)
-            .map(Span)
-            .ok_or_else(|| "duration too large".to_string()),
-        SpanText::Text(t) => Span::parse(t).map_err(|e| e.to_string()),
-    }
 }
 
 fn read(path: &Path) -> Result<String, LoadError> {
@@ -304,24 +283,21 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result
     })
 }
 
-/// A loaded file: either a whole `sluice.yaml` or one envoyproxy/ratelimit
-/// file (recognised by its top-level `domain:`), which runs with defaults.
-pub fn load(path: &Path) -> Result<(ServerConfig, Limits), LoadError> {
+/// Reads a configuration file: either a whole `sluice.yaml` or one
+/// envoyproxy/ratelimit file (recognised by its top-level `domain:`), which
+/// runs with defaults. Its values are checked when its limits are built.
+pub fn read_file(path: &Path) -> Result<ServerConfig, LoadError> {
     let text = read(path)?;
-    let config = if is_descriptor_file(&text) {
-        ServerConfig {
+    if is_descriptor_file(&text) {
+        return Ok(ServerConfig {
             descriptor_files: vec![DescriptorFileRef {
                 path: path.into(),
                 ..DescriptorFileRef::default()
             }],
             ..ServerConfig::default()
-        }
-    } else {
-        parse_yaml(path, &text)?
-    };
-    let base = path.parent().unwrap_or(Path::new("."));
-    let limits = config.compile(base)?;
-    Ok((config.resolved(base), limits))
+        });
+    }
+    parse_yaml(path, &text)
 }
 
 /// `config` with each descriptor file (resolved against `base`) turned
@@ -331,14 +307,7 @@ pub fn inline_descriptor_files(
     base: &Path,
 ) -> Result<ServerConfig, LoadError> {
     for f in std::mem::take(&mut config.descriptor_files) {
-        let file = read_descriptor_file(&base.join(&f.path))?;
-        config.domains.push(DomainConfig {
-            name: file.domain,
-            failure_mode: f.failure_mode,
-            fallback: f.fallback,
-            descriptors: file.descriptors,
-            rules: Vec::new(),
-        });
+        config.domains.push(f.read_domain(base)?);
     }
     Ok(config)
 }
@@ -346,6 +315,20 @@ pub fn inline_descriptor_files(
 /// Reads one envoyproxy/ratelimit file.
 pub fn read_descriptor_file(path: &Path) -> Result<DescriptorFile, LoadError> {
     parse_yaml(path, &read(path)?)
+}
+
+impl DescriptorFileRef {
+    /// The file (resolved against `base`) as a domain with these options.
+    pub fn read_domain(&self, base: &Path) -> Result<DomainConfig, LoadError> {
+        let file = read_descriptor_file(&base.join(&self.path))?;
+        Ok(DomainConfig {
+            name: file.domain,
+            failure_mode: self.failure_mode,
+            fallback: self.fallback.clone(),
+            descriptors: file.descriptors,
+            rules: Vec::new(),
+        })
+    }
 }
 
 fn is_descriptor_file(text: &str) -> bool {
@@ -362,41 +345,30 @@ fn check_redis_url(field: &str, url: &str, problems: &mut Problems) {
 }
 
 impl ServerConfig {
-    /// Reads `sluice.yaml` text (descriptor files are read by `compile`).
+    /// Reads `sluice.yaml` text (descriptor files are read by `domains`).
     pub fn from_yaml(text: &str) -> Result<ServerConfig, LoadError> {
         parse_yaml(Path::new("<config>"), text)
     }
 
-    /// Validates everything and builds the limits registry; descriptor
-    /// files are resolved against `base`.
-    pub fn compile(&self, base: &Path) -> Result<Limits, LoadError> {
-        let mut problems = Problems::default();
-        self.validate_server(&mut problems);
-        self.check_tls_ca_file(base, &mut problems);
+    /// Checks the server's own settings (listen, storage, admin), recording
+    /// problems by field; domains are checked when their limits are built.
+    pub fn validate(&self, base: &Path, problems: &mut Problems) {
+        self.validate_server(problems);
+        self.check_tls_ca_file(base, problems);
+    }
+
+    /// Every domain, inline or from a descriptor file (resolved against
+    /// `base`), each with the path its problems are reported under.
+    pub fn domains(&self, base: &Path) -> Result<Vec<(String, DomainConfig)>, LoadError> {
         let mut domains = Vec::with_capacity(self.domains.len() + self.descriptor_files.len());
         for (i, d) in self.domains.iter().enumerate() {
             domains.push((format!("domains[{i}]"), d.clone()));
         }
         for (i, f) in self.descriptor_files.iter().enumerate() {
-            let at = format!("descriptor_files[{i}]");
-            let file = read_descriptor_file(&base.join(&f.path))?;
-            domains.push((
-                format!("{at}({})", f.path.display()),
-                DomainConfig {
-                    name: file.domain,
-                    failure_mode: f.failure_mode,
-                    fallback: f.fallback.clone(),
-                    descriptors: file.descriptors,
-                    rules: Vec::new(),
-                },
-            ));
+            let at = format!("descriptor_files[{i}]({})", f.path.display());
+            domains.push((at, f.read_domain(base)?));
         }
-        let limits = Limits::build(&domains, self.storage.backend, &mut problems);
-        if problems.is_empty() {
-            Ok(limits)
-        } else {
-            Err(LoadError::Invalid(problems.into_vec()))
-        }
+        Ok(domains)
     }
 
     fn validate_server(&self, problems: &mut Problems) {
@@ -408,7 +380,7 @@ impl ServerConfig {
                 );
             }
         }
-        match parse_span(&self.listen.request_timeout) {
+        match self.listen.request_timeout.parse() {
             Ok(s) if s >= Span::MILLISECOND => {}
             Ok(_) => problems.add("listen.request_timeout", "must be at least 1ms"),
             Err(e) => problems.add("listen.request_timeout", e),
@@ -446,7 +418,7 @@ impl ServerConfig {
                         }
                     }
                 }
-                match parse_span(&redis.timeout) {
+                match redis.timeout.parse() {
                     Ok(s) if s >= Span::MILLISECOND && s <= Span::from_secs(5) => {}
                     Ok(_) => problems.add(
                         "storage.redis.timeout",
@@ -462,9 +434,9 @@ impl ServerConfig {
         }
     }
 
-    /// The per-request deadline (validated by `compile`).
+    /// The per-request deadline (validated by `validate`).
     pub fn request_timeout(&self) -> Span {
-        parse_span(&self.listen.request_timeout).unwrap_or(Span::SECOND)
+        self.listen.request_timeout.parse().unwrap_or(Span::SECOND)
     }
 
     /// A CA file must be readable, and only makes sense with TLS.
@@ -497,7 +469,7 @@ impl ServerConfig {
     /// This configuration with its file paths resolved against `base` (the
     /// configuration's directory), so that they do not depend on the
     /// working directory.
-    fn resolved(mut self, base: &Path) -> ServerConfig {
+    pub fn resolved(mut self, base: &Path) -> ServerConfig {
         if let Some(ca) = self
             .storage
             .redis
@@ -509,117 +481,12 @@ impl ServerConfig {
         self
     }
 
-    /// The Redis call timeout (validated by `compile`).
+    /// The Redis call timeout (validated by `validate`).
     pub fn redis_timeout(&self) -> Span {
         self.storage
             .redis
             .as_ref()
-            .and_then(|r| parse_span(&r.timeout).ok())
+            .and_then(|r| r.timeout.parse().ok())
             .unwrap_or(Span::from_millis(20))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn errors(yaml: &str) -> Vec<String> {
-        let config = ServerConfig::from_yaml(yaml).unwrap();
-        match config.compile(Path::new(".")) {
-            Ok(_) => Vec::new(),
-            Err(LoadError::Invalid(errors)) => errors.iter().map(ToString::to_string).collect(),
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
-
-    #[test]
-    fn defaults_are_valid() {
-        assert!(errors("{}").is_empty());
-    }
-
-    #[test]
-    fn errors_name_their_fields() {
-        let found = errors(
-            r#"
-listen: {grpc: "nowhere"}
-storage: {backend: redis}
-domains:
-  - name: api
-    descriptors:
-      - key: remote_address
-        rate_limit: {requests_per_unit: 0, unit: second}
-      - key: path
-        rate_limit: {unit: minute}
-"#,
-        );
-        assert_eq!(
-            found,
-            vec![
-                "listen.grpc: \"nowhere\" is not an address such as \"127.0.0.1:8081\"",
-                "storage.redis: required when backend is redis",
-                "domains[0].descriptors[0].rate_limit.requests_per_unit: must be at least 1",
-                "domains[0].descriptors[1].rate_limit.requests_per_unit: required unless unlimited: true",
-            ]
-        );
-    }
-
-    #[test]
-    fn sluice_rules_are_checked_by_core_under_their_domain() {
-        let found = errors(
-            r#"
-domains:
-  - name: api
-    rules:
-      - {name: ok, limit: {count: 5, per: 1s}}
-      - {name: bad, limit: {count: 5, per: "1 fortnight"}}
-"#,
-        );
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(
-            found[0].starts_with("domains[0].rules[1].limit.per: "),
-            "{found:?}"
-        );
-        let config = ServerConfig::from_yaml(
-            "domains: [{name: api, rules: [{name: r, limit: {count: 5, per: 1s}, algorithm: gcra}]}]",
-        )
-        .unwrap();
-        let limits = config.compile(Path::new(".")).unwrap();
-        let domain = limits.domain("api").unwrap();
-        let rule = limits.rule(domain, "r").unwrap();
-        assert_eq!(rule.quota().count(), 5);
-        assert_eq!(rule.algorithm(), AlgorithmKind::Gcra);
-    }
-
-    #[test]
-    fn redis_timeout_is_bounded() {
-        let found = errors("storage: {redis: {url: \"redis://x\", timeout: 30s}}");
-        assert_eq!(
-            found,
-            vec![
-                "storage.redis.timeout: must be between 1ms and 5s (tens of milliseconds is usual)"
-            ]
-        );
-    }
-
-    #[test]
-    fn redis_urls_and_the_tls_ca_file() {
-        assert!(errors("storage: {redis: {url: \"rediss://x:6380\"}}").is_empty());
-        assert_eq!(
-            errors("storage: {redis: {url: \"http://x\"}}"),
-            vec![
-                "storage.redis.url: must start with redis:// or rediss:// (TLS): \
-                 redis://[user:password@]host:port[/db]"
-            ]
-        );
-        let found = errors("storage: {redis: {url: \"redis://x\", tls_ca_file: no-such.pem}}");
-        assert_eq!(found.len(), 2, "{found:?}");
-        assert!(found[0].contains("only applies to rediss://"), "{found:?}");
-        assert!(found[1].contains("cannot read ./no-such.pem"), "{found:?}");
-        let config =
-            ServerConfig::from_yaml("storage: {redis: {url: \"rediss://x\", tls_ca_file: ca.pem}}")
-                .unwrap()
-                .resolved(Path::new("/etc/sluice"));
-        let ca = config.storage.redis.and_then(|r| r.tls_ca_file);
-        assert_eq!(ca, Some(PathBuf::from("/etc/sluice/ca.pem")));
     }
 }

@@ -6,13 +6,12 @@ use std::time::Instant;
 
 use sluice_core::access::Grant;
 
-use super::decide::{Decided, Decider};
-use super::Shared;
-use crate::admin::controls::{applicable, raise};
-use crate::admin::Gate;
+use super::decide::{Decided, Decider, Source};
+use crate::controls::{applicable, raise, Gate};
 use crate::limits::{Domain, Limit, Limits, Resolved};
 use crate::metrics::Outcome as MetricOutcome;
-use crate::storage::{Backend, Item};
+use crate::shared::Shared;
+use crate::storage::Item;
 
 /// What the admin controls make of one request.
 #[derive(Debug)]
@@ -74,29 +73,36 @@ pub fn admit<'a>(
 }
 
 fn settled<'a>(shared: &Shared, domain: &Domain, allowed: bool) -> Admission<'a> {
-    let outcome = if allowed {
-        MetricOutcome::Allowed
-    } else {
-        MetricOutcome::Denied
-    };
-    shared.metrics.decision(&domain.name, "access", outcome);
+    shared.metrics.access(&domain.name, allowed);
     Admission::Settled(allowed)
 }
 
 /// Decides `items` against storage, recording the round trip and each
 /// item's outcome in the metrics.
-pub async fn decide<B: Backend>(
+pub async fn decide(
     shared: &Shared,
-    decider: &Decider<B>,
+    decider: &Decider,
     limits: &Limits,
     domain: &Domain,
     items: &[Item<'_>],
 ) -> Decided {
     let started = Instant::now();
-    let decided = decider.decide(limits, domain, items).await;
+    let decided = decider.decide(shared, limits, domain, items).await;
     if !items.is_empty() {
         shared.metrics.storage_call(started.elapsed());
     }
-    shared.metrics.decided(&domain.name, items, &decided);
+    for (i, item) in items.iter().enumerate() {
+        let got = decided.outcomes.as_ref().and_then(|o| o.get(i));
+        let outcome = match (decided.source, got) {
+            (Source::FailedClosed, _) => MetricOutcome::FailureClosed,
+            (Source::FailedOpen, _) => MetricOutcome::FailureOpen,
+            (Source::Storage, Some(o)) if !o.allowed && item.enforce => MetricOutcome::OverLimit,
+            (Source::Storage, Some(o)) if !o.allowed => MetricOutcome::Shadow,
+            (Source::Storage, _) => MetricOutcome::Ok,
+        };
+        shared
+            .metrics
+            .decision(&domain.name, &item.limit.name, outcome);
+    }
     decided
 }

@@ -11,10 +11,9 @@ use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
 use super::admission::{admit, decide, Admission};
-use super::decide::Decider;
+use super::decide::{storage_failed, Decider, Source};
 use super::rls::{duration, headers};
 use super::sync::{self, storage_key, Entry, Grant};
-use super::{Shared, Source};
 use crate::config::FailureMode;
 use crate::limits::{Domain, Limit, Limits, Resolved};
 use crate::metrics::Outcome as MetricOutcome;
@@ -23,24 +22,25 @@ use crate::proto::{
     CheckGroup, CheckRequest, CheckResponse, Code, GroupResult, Header, ItemResult, Lease,
     Source as ProtoSource, SyncRequest, SyncResponse,
 };
-use crate::storage::{system_now, Backend, Item};
+use crate::shared::Shared;
+use crate::storage::{system_now, Item};
 
-/// The `Quota` gRPC service over a backend.
+/// The `Quota` gRPC service over the shared state.
 #[derive(Debug)]
-pub struct QuotaService<B> {
+pub struct QuotaService {
     shared: Arc<Shared>,
-    decider: Arc<Decider<B>>,
+    decider: Arc<Decider>,
 }
 
-impl<B> QuotaService<B> {
+impl QuotaService {
     /// A service reading limits from `shared` and deciding with `decider`.
-    pub fn new(shared: Arc<Shared>, decider: Arc<Decider<B>>) -> QuotaService<B> {
+    pub fn new(shared: Arc<Shared>, decider: Arc<Decider>) -> QuotaService {
         QuotaService { shared, decider }
     }
 }
 
 #[tonic::async_trait]
-impl<B: Backend> Quota for QuotaService<B> {
+impl Quota for QuotaService {
     async fn check(
         &self,
         request: Request<CheckRequest>,
@@ -128,10 +128,10 @@ impl<B: Backend> Quota for QuotaService<B> {
         let replicas = u64::from(request.replicas.max(1));
         // Not timed: a sync is several storage calls, and the latency
         // histogram is of single calls.
-        let (grants, source) = match sync::sync(self.decider.backend(), &entries, replicas).await {
+        let (grants, source) = match sync::sync(&self.shared.store, &entries, replicas).await {
             Ok(grants) => (grants, Source::Storage),
             Err(error) => {
-                self.decider.storage_failed(domain, &error);
+                storage_failed(&self.shared, domain, &error);
                 // Nothing can be leased without storage: the caller falls
                 // back on its local limit (open) or denies (closed).
                 (vec![Grant::none(0); entries.len()], failed_source(domain))
@@ -159,7 +159,7 @@ impl<B: Backend> Quota for QuotaService<B> {
     }
 }
 
-impl<B: Backend> QuotaService<B> {
+impl QuotaService {
     async fn check_group(
         &self,
         limits: &Limits,
@@ -252,7 +252,7 @@ impl<B: Backend> QuotaService<B> {
             results[index] = item_result(item.limit, outcome);
             if item.enforce {
                 decisions.push((
-                    item.limit.name.as_str(),
+                    &*item.limit.name,
                     Decision::new(&item.limit.quota(), outcome),
                 ));
             }

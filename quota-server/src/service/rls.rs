@@ -13,7 +13,7 @@
 //!   unit is reported as is; any other window is reported in the smallest
 //!   unit at least as long, with `requests_per_unit` the same rate rounded
 //!   down (5 per 10 s is reported as 30 per minute), at least 1.
-//! - Before any limit, the admin controls apply (see `crate::admin::controls`):
+//! - Before any limit, the admin controls apply (see `crate::controls`):
 //!   deny list and bans answer `OVER_LIMIT`, the allow list `OK`, both
 //!   without counting; overrides lift or raise a descriptor's limit.
 
@@ -33,20 +33,20 @@ use tonic::{Request, Response, Status};
 
 use super::admission::{admit, decide, Admission};
 use super::decide::Decider;
-use super::Shared;
 use crate::limits::Limit;
-use crate::storage::{system_now, Backend, Item};
+use crate::shared::Shared;
+use crate::storage::{system_now, Item};
 
-/// The gRPC service over a backend.
+/// The gRPC service over the shared state.
 #[derive(Debug)]
-pub struct Rls<B> {
+pub struct Rls {
     shared: Arc<Shared>,
-    decider: Arc<Decider<B>>,
+    decider: Arc<Decider>,
 }
 
-impl<B> Rls<B> {
+impl Rls {
     /// A service reading limits from `shared` and deciding with `decider`.
-    pub fn new(shared: Arc<Shared>, decider: Arc<Decider<B>>) -> Rls<B> {
+    pub fn new(shared: Arc<Shared>, decider: Arc<Decider>) -> Rls {
         Rls { shared, decider }
     }
 }
@@ -60,7 +60,7 @@ struct Charged<'a> {
 }
 
 #[tonic::async_trait]
-impl<B: Backend> RateLimitService for Rls<B> {
+impl RateLimitService for Rls {
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
@@ -142,7 +142,7 @@ impl<B: Backend> RateLimitService for Rls<B> {
         let (items, item_of) = merge_same_counter(&charged);
 
         let decided = decide(&self.shared, &self.decider, &limits, domain, &items).await;
-        self.decider.refund(domain, &refunds).await;
+        self.decider.refund(&self.shared, domain, &refunds).await;
         let mut over = false;
         if let Some(outcomes) = &decided.outcomes {
             for (c, &i) in charged.iter().zip(&item_of) {
@@ -156,12 +156,7 @@ impl<B: Backend> RateLimitService for Rls<B> {
             .iter()
             .flat_map(|outcomes| items.iter().zip(outcomes))
             .filter(|(item, _)| item.enforce)
-            .map(|(item, o)| {
-                (
-                    item.limit.name.as_str(),
-                    Decision::new(&item.limit.quota(), o),
-                )
-            })
+            .map(|(item, o)| (&*item.limit.name, Decision::new(&item.limit.quota(), o)))
             .collect();
         Ok(Response::new(RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
@@ -178,9 +173,10 @@ fn drop_replaced(charged: &mut Vec<Charged<'_>>) {
         .iter()
         .map(|c| {
             let limit = c.item.limit;
-            charged
-                .iter()
-                .any(|o| o.item.limit.id != limit.id && o.item.limit.replaces.contains(&limit.name))
+            charged.iter().any(|o| {
+                o.item.limit.id != limit.id
+                    && o.item.limit.replaces.iter().any(|r| **r == *limit.name)
+            })
         })
         .collect();
     let mut keep = replaced.into_iter().map(|r| !r);
@@ -243,7 +239,7 @@ pub fn current_limit(limit: &Limit) -> RateLimit {
         .unwrap_or((Unit::Year, 365 * 86_400));
     let scaled = u128::from(quota.count()) * u128::from(secs) * 1_000_000_000 / per;
     RateLimit {
-        name: limit.name.clone(),
+        name: limit.name.to_string(),
         requests_per_unit: u32::try_from(scaled.max(1)).unwrap_or(u32::MAX),
         unit: unit as i32,
     }

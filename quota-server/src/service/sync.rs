@@ -1,4 +1,5 @@
-//! Leases for the filter's distributed mode (`Quota/Sync`).
+//! Leases for distributed callers (`Quota/Sync`), the API the filter's
+//! distributed mode will use (not yet wired).
 //!
 //! A caller decides locally from a lease: a number of permits taken from
 //! the global budget when granted, valid until an expiry. Because the
@@ -20,7 +21,7 @@ use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::time::Span;
 
 use crate::limits::Limit;
-use crate::storage::{Backend, Item, StorageError};
+use crate::storage::{Item, StorageError, Store};
 
 /// Longest a lease is valid: short, so that a replica that stops leaves
 /// its permits unused only briefly, and time-based algorithms see permits
@@ -68,8 +69,8 @@ impl Grant {
 
 /// Returns unused permits and grants new leases, one per entry in order.
 /// `replicas` (at least 1) is how many callers share each budget.
-pub async fn sync<B: Backend>(
-    backend: &B,
+pub async fn sync(
+    store: &Store,
     entries: &[Entry<'_>],
     replicas: u64,
 ) -> Result<Vec<Grant>, StorageError> {
@@ -79,10 +80,10 @@ pub async fn sync<B: Backend>(
         .map(|e| item(e, e.unused))
         .collect();
     if !returned.is_empty() {
-        backend.refund(&returned, None).await?;
+        store.refund(&returned, None).await?;
     }
     let probe: Vec<Item<'_>> = entries.iter().map(|e| item(e, 0)).collect();
-    let mut remaining: Vec<u64> = backend
+    let mut remaining: Vec<u64> = store
         .check(&probe, None)
         .await?
         .iter()
@@ -105,7 +106,7 @@ pub async fn sync<B: Backend>(
             .iter()
             .map(|&(i, n)| item(&entries[i], n))
             .collect();
-        let outcomes = backend.check(&items, None).await?;
+        let outcomes = store.check(&items, None).await?;
         for (&(i, n), o) in positive.iter().zip(&outcomes) {
             remaining[i] = o.remaining;
             if o.allowed {

@@ -10,7 +10,7 @@ use sluice_core::policy::{Action, Rule};
 use sluice_core::store::{MemoryStore, Slot};
 use sluice_core::time::{Nanos, Span};
 
-use super::{system_now, Backend, Item, StorageError};
+use super::{system_now, Item, StorageError};
 
 /// The embedded backend: exact, bounded in keys per limit, not shared
 /// between processes.
@@ -95,8 +95,9 @@ fn claims<'a>(items: &'a [Item<'_>], rules: &'a [Cow<'a, Rule>]) -> Vec<Claim<'a
         .collect()
 }
 
-impl Backend for MemoryBackend {
-    async fn check(
+impl MemoryBackend {
+    /// Checks and consumes at `now` (default: the system clock); see [`super::Store`].
+    pub fn check(
         &self,
         items: &[Item<'_>],
         now: Option<Nanos>,
@@ -104,7 +105,8 @@ impl Backend for MemoryBackend {
         self.decide(items, now.unwrap_or_else(system_now))
     }
 
-    async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
+    /// Gives back each item's cost at `now` (default: the system clock).
+    pub fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
         let now = now.unwrap_or_else(system_now);
         let rules = rules(items);
         let claims = claims(items, &rules);

@@ -5,12 +5,12 @@ pub mod memory;
 pub mod redis;
 pub mod tls;
 
-use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_core::algorithm::Outcome;
 use sluice_core::time::Nanos;
 
+use crate::config::{BackendKind, ServerConfig};
 use crate::limits::Limit;
 
 pub use memory::MemoryBackend;
@@ -55,12 +55,17 @@ pub enum StorageError {
     /// The TLS CA file cannot be used.
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    /// `backend: redis` without a `storage.redis` section (refused by
+    /// validation, so only a caller skipping it gets this).
+    #[error("storage.redis is required with backend: redis")]
+    MissingRedis,
     /// The limit cannot run on this backend (checked at config validation).
     #[error("limit {0:?} cannot run on Redis: its values exceed exact double arithmetic")]
     Unrepresentable(String),
 }
 
-/// A counter store shared by all requests.
+/// The counter store the server was configured with, built once at
+/// startup and shared by every API.
 ///
 /// `check` decides every item of one request atomically: if an enforced
 /// item is over its limit, no item consumes anything (the core engine's
@@ -72,20 +77,83 @@ pub enum StorageError {
 /// `now: None` uses the backend's own clock (Redis `TIME`, so that several
 /// servers agree; the system clock in memory); `Some` replays a time, which
 /// only tests do.
-pub trait Backend: Send + Sync + 'static {
-    /// Checks and consumes; see the trait doc.
-    fn check(
+// One per server, built once and never moved on a hot path: the size of
+// its larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Store {
+    /// Counters in this process.
+    Memory(MemoryBackend),
+    /// Counters in Redis (one server or a cluster).
+    Redis(RedisBackend),
+}
+
+impl Store {
+    /// The store `storage` describes; Redis connects on first use, so a
+    /// server may start while Redis is down.
+    pub fn from_config(config: &ServerConfig) -> Result<Store, StorageError> {
+        let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
+        match config.storage.backend {
+            BackendKind::Memory => Ok(Store::Memory(MemoryBackend::new(max_keys))),
+            BackendKind::Redis => {
+                // Validation requires the section; its absence is a caller's bug.
+                let redis = config
+                    .storage
+                    .redis
+                    .as_ref()
+                    .ok_or(StorageError::MissingRedis)?;
+                let timeout = Duration::from_nanos(config.redis_timeout().as_nanos());
+                Ok(Store::Redis(RedisBackend::from_config(redis, timeout)?))
+            }
+        }
+    }
+
+    /// Checks and consumes; see the type's doc.
+    pub async fn check(
         &self,
         items: &[Item<'_>],
         now: Option<Nanos>,
-    ) -> impl Future<Output = Result<Vec<Outcome>, StorageError>> + Send;
+    ) -> Result<Vec<Outcome>, StorageError> {
+        match self {
+            Store::Memory(m) => m.check(items, now),
+            Store::Redis(r) => r.check(items, now).await,
+        }
+    }
 
     /// Gives back each item's cost (e.g. a request that was not served).
-    fn refund(
-        &self,
-        items: &[Item<'_>],
-        now: Option<Nanos>,
-    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+    pub async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
+        match self {
+            Store::Memory(m) => m.refund(items, now),
+            Store::Redis(r) => r.refund(items, now).await,
+        }
+    }
+
+    /// The state of `key` under `limit`, consuming nothing (a check of cost 0).
+    pub async fn peek(&self, limit: &Limit, key: String) -> Result<Outcome, StorageError> {
+        let items = [Item {
+            limit,
+            key,
+            cost: 0,
+            enforce: false,
+        }];
+        let outcomes = self.check(&items, None).await?;
+        outcomes
+            .into_iter()
+            .next()
+            .ok_or_else(|| StorageError::Reply("no outcome for the peeked key".into()))
+    }
+
+    /// Gives `key` its whole allowance back (a refund of all of it).
+    pub async fn reset(&self, limit: &Limit, key: String) -> Result<(), StorageError> {
+        let quota = limit.quota();
+        let items = [Item {
+            limit,
+            key,
+            cost: quota.count().max(quota.burst()),
+            enforce: false,
+        }];
+        self.refund(&items, None).await
+    }
 }
 
 /// The system clock as core time (nanoseconds since the Unix epoch).

@@ -11,9 +11,10 @@
 //! ticks of one microsecond (Redis `TIME`'s resolution) when a limit's
 //! window is a whole number of microseconds and `count × window` and
 //! `burst × window` stay below 2^52 ticks, else in milliseconds under the
-//! same bound; limits that fit neither are refused at validation. At tick
-//! times the decisions (allowed, remaining) equal core's exactly; durations
-//! are core's rounded up to the tick, and a request's time is its tick's start.
+//! same bound (see `crate::limits::ticks`); limits that fit neither are
+//! refused at validation. At tick times the decisions (allowed, remaining)
+//! equal core's exactly; durations are core's rounded up to the tick, and a
+//! request's time is its tick's start.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,47 +23,16 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, ScriptInvocation};
-use sluice_core::algorithm::{Outcome, Quota};
+use sluice_core::algorithm::Outcome;
 use sluice_core::time::{Nanos, Span};
 use tokio::sync::OnceCell;
 
 use super::breaker::Breaker;
-use super::{tls, Backend, Item, StorageError};
+use super::{tls, Item, StorageError};
 use crate::config::RedisConfig;
 
 /// The decision script.
 const SCRIPT: &str = include_str!("../../lua/decide.lua");
-
-/// Values the script handles must stay below this (a margin under 2^53 so
-/// that its corrected integer division stays exact).
-const EXACT_LIMIT: u128 = 1 << 52;
-
-/// Why a quota cannot run in the script.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "too large for the Redis backend's exact arithmetic: count and burst times the window \
-     must stay below 2^52 microseconds, or 2^52 milliseconds for windows in whole \
-     milliseconds (e.g. at most {max_per_day} per day); use a smaller count or window, \
-     or the memory backend"
-)]
-pub struct Unrepresentable {
-    max_per_day: u128,
-}
-
-/// Microseconds per script tick for `quota`: 1 when it fits, else 1000.
-pub fn tick_micros(quota: &Quota) -> Result<u64, Unrepresentable> {
-    let per = u128::from(quota.per().as_nanos());
-    let widest = u128::from(quota.count().max(quota.burst()));
-    for tick_us in [1u64, 1000] {
-        let tick_ns = u128::from(tick_us) * 1000;
-        if per % tick_ns == 0 && widest * (per / tick_ns) < EXACT_LIMIT {
-            return Ok(tick_us);
-        }
-    }
-    Err(Unrepresentable {
-        max_per_day: EXACT_LIMIT / 86_400_000,
-    })
-}
 
 /// How long calls fail fast after Redis was found unreachable, before one
 /// call probes it again: short, so recovery is noticed quickly.
@@ -300,7 +270,7 @@ pub fn script_call(
         let tick_us = it
             .limit
             .tick_us
-            .ok_or_else(|| StorageError::Unrepresentable(it.limit.name.clone()))?;
+            .ok_or_else(|| StorageError::Unrepresentable(it.limit.name.to_string()))?;
         let quota = it.limit.quota();
         call.keys.push(it.key.clone());
         call.keys.push(format!("{}:log", it.key));
@@ -330,7 +300,8 @@ fn unreachable(error: &StorageError) -> bool {
         StorageError::Reply(_)
         | StorageError::Unrepresentable(_)
         | StorageError::Engine(_)
-        | StorageError::Tls(_) => false,
+        | StorageError::Tls(_)
+        | StorageError::MissingRedis => false,
     }
 }
 
@@ -348,8 +319,9 @@ fn outcome(values: &[i64], tick_us: u64) -> Outcome {
     }
 }
 
-impl Backend for RedisBackend {
-    async fn check(
+impl RedisBackend {
+    /// Checks and consumes in one script call; see [`super::Store`].
+    pub async fn check(
         &self,
         items: &[Item<'_>],
         now: Option<Nanos>,
@@ -372,7 +344,8 @@ impl Backend for RedisBackend {
             .collect())
     }
 
-    async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
+    /// Gives back each item's cost in one script call.
+    pub async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
         if items.is_empty() {
             return Ok(());
         }
@@ -384,21 +357,6 @@ impl Backend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn quota(count: u64, per: Span, burst: Option<u64>) -> Quota {
-        Quota::new(count, per, burst).unwrap()
-    }
-
-    #[test]
-    fn ticks_are_microseconds_when_they_fit() {
-        assert_eq!(tick_micros(&quota(100, Span::SECOND, None)).unwrap(), 1);
-        assert_eq!(
-            tick_micros(&quota(1_000_000, Span::from_secs(86_400), None)).unwrap(),
-            1000
-        );
-        assert_eq!(tick_micros(&quota(1, Span(1_000_001), None)).ok(), None);
-        assert!(tick_micros(&quota(1 << 40, Span::from_secs(86_400), None)).is_err());
-    }
 
     #[test]
     fn never_is_minus_one() {

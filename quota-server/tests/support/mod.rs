@@ -4,9 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -17,6 +17,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use hyper::Method;
 use serde_json::Value;
 use sluice_quota_server::cli::{Admin, CallError};
+use sluice_quota_server::launcher::{Launcher, QuotaServer};
+use tempfile::TempDir;
 
 /// The token every test server uses.
 pub const TOKEN: &str = "test-token-0123456789";
@@ -24,78 +26,36 @@ pub const TOKEN: &str = "test-token-0123456789";
 /// How long an effect may take to become observable (a reload, an expiry).
 pub const EVENTUALLY: Duration = Duration::from_secs(10);
 
-/// A scratch directory removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
+/// The launcher of the `sluice` binary built for these tests.
+pub fn launcher() -> Launcher {
+    Launcher::new(env!("CARGO_BIN_EXE_sluice"))
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Writes `text` to the file `name` in `dir`; returns its path.
+pub fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
-/// A running server, killed on drop.
+/// A running server with its admin API, killed on drop.
 pub struct Sluice {
-    child: Child,
-    stdout: Option<BufReader<ChildStdout>>,
-    pub grpc: String,
-    pub admin: String,
+    pub server: QuotaServer,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 impl Sluice {
     /// Starts `sluice serve` on `config` (which must give listen.admin and
     /// admin.token = TOKEN); waits for both addresses.
     pub fn start(config: &Path) -> Sluice {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .env_remove("SLUICE_ADMIN_TOKEN")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().map(BufReader::new);
-        // Owned by the guard first, so a failed start still kills it.
-        let mut server = Sluice {
-            child,
-            stdout,
-            grpc: String::new(),
-            admin: String::new(),
-        };
-        let reader = server.stdout.as_mut().unwrap();
-        // Two lines: the admin address, then the gRPC one.
-        for _ in 0..2 {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            let line = line.trim();
-            if let Some(a) = line.strip_prefix("sluice: admin on ") {
-                server.admin = a.to_string();
-            } else if let Some(g) = line.strip_prefix("sluice: listening on ") {
-                server.grpc = g.to_string();
-            } else {
-                panic!("unexpected line {line:?}");
-            }
+        let server = launcher().start_file(config).unwrap();
+        let admin = server.admin.expect("the admin API must start");
+        Sluice {
+            grpc: server.grpc,
+            admin,
+            server,
         }
-        assert!(
-            !server.admin.is_empty() && !server.grpc.is_empty(),
-            "both addresses must be printed"
-        );
-        server
     }
 
     /// The admin API with the right token.
@@ -179,13 +139,6 @@ impl Sluice {
             .env_remove("SLUICE_ADMIN_TOKEN")
             .output()
             .unwrap()
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -7,6 +7,8 @@
 //! with that entry, and an override for `user=alice` applies to every
 //! descriptor carrying that entry.
 
+pub mod audit;
+
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -16,10 +18,11 @@ use sluice_core::algorithm::{Limiter, Quota};
 use sluice_core::client_ip::parse_ip;
 use sluice_core::time::Nanos;
 
-use super::audit::{Audit, AuditError};
+pub use audit::{Audit, AuditError};
+
 use crate::config::AdminConfig;
+use crate::limits::ticks::tick_micros;
 use crate::limits::{Limit, Resolved};
-use crate::storage::redis::tick_micros;
 
 /// Access lists, overrides and the audit log.
 #[derive(Debug)]

@@ -1,0 +1,317 @@
+//! The validated limits: per domain, a descriptor tree resolved as
+//! envoyproxy/ratelimit resolves it, and every limit with its core rule.
+//! Built from the configuration by [`build`]; looked up here.
+//!
+//! The registry is immutable; a reload builds a new one and swaps it in,
+//! so requests never see half a config.
+
+mod build;
+pub mod ticks;
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Arc;
+
+use sluice_core::algorithm::{AlgorithmKind, Quota};
+use sluice_core::policy::Rule;
+
+pub use build::load;
+
+use crate::config::FailureMode;
+
+/// One limit of the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// Position in [`Limits`]: the memory store's partition.
+    pub id: usize,
+    /// Shown in headers, metrics and `replaces`; the `rate_limit.name`,
+    /// else the descriptor path (`remote_address/path=/login`). Shared, so
+    /// that a metric label costs no allocation.
+    pub name: Arc<str>,
+    /// The core rule: quota, limiter, shadow action.
+    pub rule: Rule,
+    /// Whether it only reports.
+    pub shadow: bool,
+    /// Names of limits this one replaces.
+    pub replaces: Vec<String>,
+    /// Microseconds per tick in Redis (see `storage::redis`), when representable.
+    pub tick_us: Option<u64>,
+    /// Prefix of the storage keys: domain and algorithm, hash-tagged by domain.
+    pub key_prefix: String,
+}
+
+impl Limit {
+    /// The quota.
+    pub fn quota(&self) -> Quota {
+        self.rule.quota
+    }
+
+    /// The algorithm.
+    pub fn algorithm(&self) -> AlgorithmKind {
+        self.rule.limiter.kind()
+    }
+
+    /// The storage key for a descriptor's entries. Lengths are written out
+    /// so that no choice of keys and values can make two descriptors collide.
+    pub fn storage_key(&self, entries: &[(String, String)]) -> String {
+        let mut key = self.key_prefix.clone();
+        for (k, v) in entries {
+            let _ = write!(key, ":{}:{k}{}:{v}", k.len(), v.len());
+        }
+        key
+    }
+}
+
+/// How a node's value matches an entry's value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ValueMatch {
+    /// No value given: any value, each with its own counter.
+    Any,
+    /// Exactly this value.
+    Exact(String),
+    /// A value starting with this (written `prefix*`).
+    Prefix(String),
+}
+
+/// What a node does for a descriptor ending at it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NodeLimit {
+    None,
+    Unlimited,
+    Limited(usize),
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    key: String,
+    value: ValueMatch,
+    limit: NodeLimit,
+    children: Vec<Node>,
+}
+
+/// What a descriptor resolves to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved<'a> {
+    /// No limit applies.
+    NoLimit,
+    /// `unlimited: true`.
+    Unlimited,
+    /// This limit.
+    Limited(&'a Limit),
+}
+
+/// One domain: failure handling and its descriptor tree.
+#[derive(Clone, Debug)]
+pub struct Domain {
+    /// The name Envoy sends (shared, for metric labels).
+    pub name: Arc<str>,
+    /// Allow or deny when storage fails.
+    pub failure_mode: FailureMode,
+    /// The local limit enforced during a storage failure (fail-open).
+    pub fallback: Option<usize>,
+    roots: Vec<Node>,
+    /// Sluice rules by name (for Sluice's own API, which names them).
+    rules: HashMap<String, usize>,
+}
+
+/// Every domain and limit.
+#[derive(Clone, Debug, Default)]
+pub struct Limits {
+    domains: HashMap<String, Domain>,
+    limits: Vec<Limit>,
+}
+
+impl Limits {
+    /// The domain named `name`.
+    pub fn domain(&self, name: &str) -> Option<&Domain> {
+        self.domains.get(name)
+    }
+
+    /// The Sluice rule `name` of `domain`.
+    pub fn rule(&self, domain: &Domain, name: &str) -> Option<&Limit> {
+        domain.rules.get(name).and_then(|&id| self.limits.get(id))
+    }
+
+    /// The limit with this id.
+    pub fn limit(&self, id: usize) -> Option<&Limit> {
+        self.limits.get(id)
+    }
+
+    /// How many limits (including fallbacks) there are.
+    pub fn len(&self) -> usize {
+        self.limits.len()
+    }
+
+    /// Whether there are no limits.
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+
+    /// Domain names, sorted.
+    pub fn domain_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.domains.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Resolves a descriptor's entries in `domain`, as envoyproxy/ratelimit
+    /// does: level by level, an exact value beats a prefix (the longest)
+    /// beats a node without value; the node reached by the last entry decides.
+    pub fn resolve(&self, domain: &Domain, entries: &[(String, String)]) -> Resolved<'_> {
+        let mut level = &domain.roots;
+        let mut reached = None;
+        for (k, v) in entries {
+            let Some(node) = best_match(level, k, v) else {
+                return Resolved::NoLimit;
+            };
+            reached = Some(node);
+            level = &node.children;
+        }
+        match reached.map(|n| &n.limit) {
+            Some(NodeLimit::Unlimited) => Resolved::Unlimited,
+            Some(NodeLimit::Limited(id)) => self
+                .limits
+                .get(*id)
+                .map_or(Resolved::NoLimit, Resolved::Limited),
+            Some(NodeLimit::None) | None => Resolved::NoLimit,
+        }
+    }
+}
+
+fn best_match<'a>(level: &'a [Node], key: &str, value: &str) -> Option<&'a Node> {
+    let candidates = level.iter().filter(|n| n.key == key);
+    let rank = |n: &&Node| match &n.value {
+        ValueMatch::Exact(v) if v == value => Some((2, v.len())),
+        ValueMatch::Prefix(p) if value.starts_with(p.as_str()) => Some((1, p.len())),
+        ValueMatch::Any => Some((0, 0)),
+        _ => None,
+    };
+    candidates
+        .filter_map(|n| rank(&n).map(|r| (r, n)))
+        .max_by_key(|(r, _)| *r)
+        .map(|(_, n)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendKind, DescriptorFile, DomainConfig, Problems};
+
+    fn build(yaml: &str) -> (Limits, Problems) {
+        let file: DescriptorFile = serde_norway::from_str(yaml).unwrap();
+        let domain = DomainConfig {
+            name: file.domain,
+            descriptors: file.descriptors,
+            ..DomainConfig::default()
+        };
+        let mut problems = Problems::default();
+        let limits = Limits::build(&[("d".into(), domain)], BackendKind::Redis, &mut problems);
+        (limits, problems)
+    }
+
+    fn entries(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const FILE: &str = r#"
+domain: edge
+descriptors:
+  - key: remote_address
+    rate_limit: {unit: second, requests_per_unit: 10}
+  - key: path
+    value: /login
+    rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: path
+    value: /api/*
+    rate_limit: {unit: minute, requests_per_unit: 100}
+  - key: path
+    rate_limit: {unit: hour, requests_per_unit: 1000}
+  - key: client
+    descriptors:
+      - key: plan
+        value: free
+        rate_limit: {unit: day, requests_per_unit: 50}
+      - key: plan
+        value: internal
+        rate_limit: {unlimited: true}
+"#;
+
+    fn limited(l: &Limits, pairs: &[(&str, &str)]) -> Option<(u64, String)> {
+        let domain = l.domain("edge").unwrap();
+        match l.resolve(domain, &entries(pairs)) {
+            Resolved::Limited(limit) => Some((limit.quota().count(), limit.name.to_string())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn most_specific_value_wins() {
+        let (l, problems) = build(FILE);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            limited(&l, &[("path", "/login")]),
+            Some((5, "path=/login".into()))
+        );
+        assert_eq!(limited(&l, &[("path", "/api/x")]).map(|x| x.0), Some(100));
+        assert_eq!(limited(&l, &[("path", "/other")]).map(|x| x.0), Some(1000));
+        assert_eq!(
+            limited(&l, &[("remote_address", "1.2.3.4")]).map(|x| x.0),
+            Some(10)
+        );
+    }
+
+    #[test]
+    fn nested_entries_must_all_match() {
+        let (l, _) = build(FILE);
+        assert_eq!(
+            limited(&l, &[("client", "a"), ("plan", "free")]),
+            Some((50, "client/plan=free".into()))
+        );
+        assert_eq!(limited(&l, &[("client", "a")]), None);
+        assert_eq!(limited(&l, &[("client", "a"), ("plan", "gold")]), None);
+        assert_eq!(
+            limited(&l, &[("remote_address", "x"), ("extra", "y")]),
+            None
+        );
+        let domain = l.domain("edge").unwrap();
+        assert_eq!(
+            l.resolve(domain, &entries(&[("client", "a"), ("plan", "internal")])),
+            Resolved::Unlimited
+        );
+    }
+
+    #[test]
+    fn storage_keys_do_not_collide() {
+        let (l, _) = build(FILE);
+        let limit = l.limit(0).unwrap();
+        let a = limit.storage_key(&entries(&[("a:1", "b")]));
+        let b = limit.storage_key(&entries(&[("a", "1:b")]));
+        assert_ne!(a, b);
+        assert!(a.starts_with("sluice:{edge}:fixed_window:"));
+    }
+
+    #[test]
+    fn redis_rejects_limits_beyond_exact_doubles() {
+        let (_, problems) = build(
+            r#"
+domain: edge
+descriptors:
+  - key: k
+    rate_limit: {unit: day, requests_per_unit: 100000000000}
+"#,
+        );
+        let errors: Vec<String> = problems
+            .into_vec()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("d.descriptors[0].rate_limit: "),
+            "{errors:?}"
+        );
+    }
+}
