@@ -30,6 +30,10 @@ pub struct Config {
     /// The most keys kept per rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_keys: Option<u64>,
+    /// How long a gRPC call cut after its response started may wait for
+    /// the upstream to end it before the filter resets it; default 1s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_cut_grace: Option<SpanText>,
 }
 
 /// One rule as written.

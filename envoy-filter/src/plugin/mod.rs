@@ -9,9 +9,12 @@
 //! - `lifecycle`: a request from its headers to its end, and the
 //!   in-flight permits it keeps until then.
 //! - `delay`: requests a `delay` rule makes wait, released on ticks.
+//! - `cuts`: gRPC calls cut after their response started, reset on ticks
+//!   unless the upstream ends them first.
 //! - `stream_judge`: gRPC and WebSocket messages decided against the
 //!   stream rules.
 
+mod cuts;
 mod delay;
 mod lifecycle;
 mod stream_judge;
@@ -39,6 +42,8 @@ pub enum Step {
     Pause,
     /// Answer it with this reply (and stop it).
     Reply(LocalReply),
+    /// Reset it, towards the client and the upstream.
+    Reset,
 }
 
 /// What a tick does to one delayed request.
@@ -48,6 +53,8 @@ pub enum Wake {
     Resume,
     /// Refuse it.
     Reply(LocalReply),
+    /// Reset a cut gRPC call the upstream did not end in time.
+    Reset,
 }
 
 /// See the module doc.
@@ -59,6 +66,7 @@ pub struct Plugin<B> {
     needs: Needs,
     requests: HashMap<u32, lifecycle::RequestState>,
     delayed: delay::DelayQueue,
+    cuts: cuts::CutCalls,
     evictions_reported: u64,
 }
 
@@ -105,6 +113,7 @@ impl<B: SharedBytes> Plugin<B> {
             metrics,
             requests: HashMap::new(),
             delayed: delay::DelayQueue::default(),
+            cuts: cuts::CutCalls::default(),
             evictions_reported: 0,
         })
     }
