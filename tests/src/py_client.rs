@@ -48,3 +48,67 @@ pub async fn run(script: &str, args: &Value) -> Result<Value> {
     serde_json::from_str(stdout.trim())
         .with_context(|| format!("{script} {args}: not one JSON object: {stdout}"))
 }
+
+/// A Python server script (`tests/clients/<script>`) running in the
+/// background: it prints one JSON object per line, the first with its
+/// `port`. Stops when dropped.
+pub struct PyServer {
+    port: u16,
+    events: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    _child: tokio::process::Child,
+}
+
+impl PyServer {
+    /// Starts `script` and waits (bounded) for the port it listens on.
+    pub async fn start(script: &str) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt as _;
+
+        let path = repo_root().join("tests/clients").join(script);
+        let mut child = Command::new(python()?)
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", path.display()))?;
+        let stdout = child.stdout.take().context("the server's stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(SCRIPT_TIMEOUT, lines.next_line())
+            .await
+            .with_context(|| format!("{script}: no port within {SCRIPT_TIMEOUT:?}"))??
+            .with_context(|| format!("{script} ended before listening"))?;
+        let port = serde_json::from_str::<Value>(&first)?["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .with_context(|| format!("{script}: expected {{\"port\": N}}, got {first}"))?;
+        let events: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = std::sync::Arc::default();
+        let sink = std::sync::Arc::clone(&events);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(event) = serde_json::from_str::<Value>(&line) {
+                    sink.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(event);
+                }
+            }
+        });
+        Ok(Self {
+            port,
+            events,
+            _child: child,
+        })
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The events it printed so far (the port aside), in order.
+    pub fn events(&self) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
