@@ -751,3 +751,25 @@ async fn bytes_rule_applies_to_compressing_clients() {
     );
     assert_eq!(upstream_messages(&upstream), Vec::<u64>::new());
 }
+
+/// `match.websocket: false` is not a condition: Envoy refuses the
+/// configuration instead of applying the rule to every upgrade.
+#[tokio::test]
+async fn websocket_false_is_refused_at_startup() {
+    let upstream = WsUpstream::start()
+        .await
+        .expect("starting the WebSocket upstream");
+    let started = with_upstreams(
+        Envoy::builder("ws_websocket_false_is_refused_at_startup"),
+        None,
+        Some(upstream.port()),
+    )
+    .sluice(&json!({"rules": [ws_rule("not-ws", "requests",
+        json!({"count": 1, "per": "1h"}), json!({"match": {"websocket": false}}))]}))
+    .start()
+    .await;
+    assert!(
+        started.is_err(),
+        "Envoy took a rule with match.websocket: false"
+    );
+}

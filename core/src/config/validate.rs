@@ -224,4 +224,12 @@ mod tests {
             ["grpc_cut_grace: must be at most 60s"]
         );
     }
+
+    #[test]
+    fn websocket_false_is_refused() {
+        assert_eq!(
+            errors_of(r#"{"rules":[{"name":"r","match":{"websocket":false},"limit":{"count":1,"per":"1m"}}]}"#),
+            ["rules[0].match.websocket: only true is a condition: leave websocket out to match every request"]
+        );
+    }
 }
