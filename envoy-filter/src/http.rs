@@ -5,7 +5,7 @@ use sluice_core::engine::Verdict;
 use sluice_core::policy::{strip_query, HttpRequest, Policy, Protocol};
 
 use crate::host::Host;
-use crate::stream::grpc_message;
+use crate::stream::{grpc_message, GRPC_RESOURCE_EXHAUSTED};
 
 /// Which request attributes the policy reads: computed once per
 /// configuration, so each request fetches only those (every fetch is a
@@ -99,9 +99,6 @@ pub struct LocalReply {
     pub grpc_status: Option<u32>,
 }
 
-/// gRPC's RESOURCE_EXHAUSTED.
-pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
-
 /// The refusal for a limited verdict: for gRPC a trailers-only
 /// RESOURCE_EXHAUSTED (a 429 would reach gRPC clients as UNAVAILABLE, which
 /// they retry at once), otherwise a 429 with a JSON body; both with
@@ -117,7 +114,11 @@ pub fn refusal(
     let rule = policy.rules.get(rule_index).map_or("", |r| r.name.as_str());
     let retry_after = verdict.shown(policy).map_or(1, |d| d.retry_after_secs());
     if protocol == Protocol::Grpc {
-        return grpc_refusal(headers, &grpc_message(rule, retry_after));
+        return grpc_refusal(
+            GRPC_RESOURCE_EXHAUSTED,
+            headers,
+            &grpc_message(rule, retry_after),
+        );
     }
     headers.push(("content-type", "application/json".to_owned()));
     let body = serde_json::json!({
@@ -133,12 +134,16 @@ pub fn refusal(
     }
 }
 
-/// A trailers-only RESOURCE_EXHAUSTED carrying `metadata`.
-pub fn grpc_refusal(metadata: Vec<(&'static str, String)>, message: &str) -> LocalReply {
+/// A trailers-only gRPC `status` carrying `metadata`.
+pub fn grpc_refusal(
+    status: u32,
+    metadata: Vec<(&'static str, String)>,
+    message: &str,
+) -> LocalReply {
     LocalReply {
         status: 200,
         headers: metadata,
         body: message.as_bytes().to_vec(),
-        grpc_status: Some(GRPC_RESOURCE_EXHAUSTED),
+        grpc_status: Some(status),
     }
 }

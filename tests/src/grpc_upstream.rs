@@ -6,7 +6,12 @@
 //! - [`GrpcUpstream::open_streams`]: `Chat` and `Subscribe` streams whose
 //!   handler is still running;
 //! - [`GrpcUpstream::release_held`]: ends the `Subscribe` streams asked to
-//!   hold.
+//!   hold;
+//! - [`GrpcUpstream::sent`]: `Subscribe` messages sent;
+//! - [`GrpcUpstream::ends`]: how `Upload` and `Chat` requests ended: cleanly
+//!   (the client's end of stream: an upload is committed) or broken (a reset).
+//!
+//! It takes gzip-compressed messages, as many servers do.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,12 +19,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::time::Duration;
+
 use anyhow::{Context as _, Result};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::Stream;
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::grpc::chat::chat_service_server::{ChatService, ChatServiceServer};
@@ -37,6 +45,9 @@ pub struct GrpcUpstream {
 struct State {
     calls: Mutex<HashMap<&'static str, u64>>,
     received: Mutex<HashMap<&'static str, u64>>,
+    sent: Mutex<HashMap<&'static str, u64>>,
+    clean_ends: Mutex<HashMap<&'static str, u64>>,
+    broken_ends: Mutex<HashMap<&'static str, u64>>,
     open_streams: AtomicU64,
     release: watch::Sender<bool>,
 }
@@ -51,13 +62,21 @@ impl GrpcUpstream {
         let state = Arc::new(State {
             calls: Mutex::default(),
             received: Mutex::default(),
+            sent: Mutex::default(),
+            clean_ends: Mutex::default(),
+            broken_ends: Mutex::default(),
             open_streams: AtomicU64::new(0),
             release: watch::Sender::new(false),
         });
         let service = Service(Arc::clone(&state));
         let server = tonic::transport::Server::builder()
-            .add_service(UserServiceServer::new(service.clone()))
-            .add_service(ChatServiceServer::new(service))
+            .add_service(
+                UserServiceServer::new(service.clone())
+                    .accept_compressed(CompressionEncoding::Gzip),
+            )
+            .add_service(
+                ChatServiceServer::new(service).accept_compressed(CompressionEncoding::Gzip),
+            )
             .serve_with_incoming(TcpListenerStream::new(listener));
         let task = tokio::spawn(async move {
             let _ = server.await;
@@ -82,6 +101,20 @@ impl GrpcUpstream {
     /// `Chat` and `Subscribe` streams still open on the upstream's side.
     pub fn open_streams(&self) -> u64 {
         self.state.open_streams.load(Ordering::SeqCst)
+    }
+
+    /// Messages of `method` sent so far.
+    pub fn sent(&self, method: &str) -> u64 {
+        count(&self.state.sent, method)
+    }
+
+    /// How the requests of `method` ended so far: (clean, broken). A clean
+    /// end is the client's end of stream; a broken one a reset or error.
+    pub fn ends(&self, method: &str) -> (u64, u64) {
+        (
+            count(&self.state.clean_ends, method),
+            count(&self.state.broken_ends, method),
+        )
     }
 
     /// Ends every held `Subscribe` stream, present and future.
@@ -173,10 +206,21 @@ impl ChatService for Service {
         add(&self.0.calls, "Upload");
         let mut stream = request.into_inner();
         let mut received = 0;
-        while let Some(_message) = stream.message().await? {
-            add(&self.0.received, "Upload");
-            received += 1;
+        loop {
+            match stream.message().await {
+                Ok(Some(_message)) => {
+                    add(&self.0.received, "Upload");
+                    received += 1;
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    add(&self.0.broken_ends, "Upload");
+                    return Err(status);
+                }
+            }
         }
+        // The client's end of stream: the upload is committed.
+        add(&self.0.clean_ends, "Upload");
         Ok(Response::new(UploadReply { received }))
     }
 
@@ -193,10 +237,22 @@ impl ChatService for Service {
         let state = Arc::clone(&self.0);
         tokio::spawn(async move {
             let _open = open;
-            while let Ok(Some(message)) = inbound.message().await {
-                add(&state.received, "Chat");
-                if tx.send(Ok(message)).await.is_err() {
-                    break;
+            loop {
+                match inbound.message().await {
+                    Ok(Some(message)) => {
+                        add(&state.received, "Chat");
+                        if tx.send(Ok(message)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        add(&state.clean_ends, "Chat");
+                        break;
+                    }
+                    Err(_) => {
+                        add(&state.broken_ends, "Chat");
+                        break;
+                    }
                 }
             }
         });
@@ -210,19 +266,28 @@ impl ChatService for Service {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.single("Subscribe");
-        let SubscribeRequest { count, hold } = request.into_inner();
+        let SubscribeRequest {
+            count,
+            hold,
+            interval_ms,
+        } = request.into_inner();
         let mut released = self.0.release.subscribe();
         let (tx, rx) = mpsc::channel(16);
         let open = OpenStream::new(&self.0);
+        let state = Arc::clone(&self.0);
         tokio::spawn(async move {
             let _open = open;
             for i in 1..=count {
+                if i > 1 && interval_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(interval_ms.into())).await;
+                }
                 let message = ChatMessage {
                     text: format!("event-{i}"),
                 };
                 if tx.send(Ok(message)).await.is_err() {
                     return;
                 }
+                add(&state.sent, "Subscribe");
             }
             if hold {
                 // Until the test releases it or the client goes away.

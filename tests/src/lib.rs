@@ -10,7 +10,8 @@
 //!   and WebSocket upstreams that record what reached them; [`grpc`] and
 //!   [`ws_client`]: clients for them through Envoy; [`routes`]: the
 //!   template's gRPC and WebSocket routes; [`stream_stats`]: their stats;
-//!   [`wait`]: bounded polling.
+//!   [`wait`]: bounded polling; [`py_client`]: independent Python clients
+//!   (grpcio, websockets).
 //! - [`demo`]: the demo rule set (used by the demo binary and rendered into
 //!   `envoy/envoy.yaml`).
 //!
@@ -23,6 +24,7 @@ pub mod demo;
 pub mod envoy;
 pub mod grpc;
 pub mod grpc_upstream;
+pub mod py_client;
 pub mod routes;
 pub mod stream_stats;
 pub mod template;

@@ -20,6 +20,7 @@ use sluice_e2e::grpc::connect;
 use sluice_e2e::grpc::user::user_service_client::UserServiceClient;
 use sluice_e2e::grpc::user::{GetUserRequest, ListUsersRequest, User};
 use sluice_e2e::grpc_upstream::GrpcUpstream;
+use sluice_e2e::py_client;
 use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::stream_stats::{self, Protocol};
 use sluice_e2e::wait;
@@ -44,7 +45,9 @@ async fn setup(test: &str, config: Value) -> Setup {
     let upstream = GrpcUpstream::start()
         .await
         .expect("starting the gRPC upstream");
+    // Two workers, as in production: a call's callbacks all run on one.
     let envoy = with_upstreams(Envoy::builder(test), Some(upstream.port()), None)
+        .concurrency(2)
         .sluice(&config)
         .start()
         .await
@@ -64,6 +67,32 @@ impl Setup {
 
     fn chat(&self) -> ChatServiceClient<Channel> {
         ChatServiceClient::new(self.channel.clone())
+    }
+
+    /// One call by the independent grpcio client (`tests/clients/grpc_client.py`):
+    /// `args` as that script documents, `target` filled in.
+    async fn grpcio(&self, mut args: Value) -> Value {
+        args["target"] = json!(self.envoy.addr().to_string());
+        py_client::run("grpc_client.py", &args)
+            .await
+            .unwrap_or_else(|e| panic!("grpcio client: {e:#}"))
+    }
+
+    /// Waits until the upstream saw `expected` (clean, broken) ends of
+    /// `method`'s requests.
+    async fn wait_ends(&self, method: &str, expected: (u64, u64)) {
+        wait::until(
+            &format!("{method} ends {expected:?}"),
+            CALL_TIMEOUT,
+            || async {
+                match self.upstream.ends(method) {
+                    got if got == expected => Ok(()),
+                    got => Err(format!("{got:?}")),
+                }
+            },
+        )
+        .await
+        .unwrap();
     }
 
     async fn counter(&self, rule: &str, outcome: &str) -> u64 {
@@ -87,6 +116,7 @@ impl Setup {
         let request = SubscribeRequest {
             count: 1,
             hold: true,
+            interval_ms: 0,
         };
         let mut stream = bounded(what, self.chat().subscribe(request))
             .await?
@@ -471,8 +501,10 @@ async fn messages_limit_in_server_streaming() {
 }
 
 /// A `messages` rule in both directions on bidi streaming: message, echo,
-/// message, echo use the 4 permits; the 3rd client message is not passed on
-/// and the call ends RESOURCE_EXHAUSTED when the client half-closes.
+/// message, echo use the 4 permits; the 3rd client message is not passed on.
+/// When the client half-closes, the request is known to be cut: the call is
+/// reset at once on both sides, so the upstream never takes 2 messages for
+/// the whole request.
 #[tokio::test]
 async fn messages_limit_in_bidi_streaming() {
     let config = json!({"rules": [grpc_rule("chat-msgs", "chat.ChatService", "Chat",
@@ -496,10 +528,234 @@ async fn messages_limit_in_bidi_streaming() {
     tx.send(ChatMessage { text: "m3".into() }).await.unwrap();
     drop(tx);
     let end = next(&mut responses, "Chat after message 3 and the half-close").await;
-    assert_exhausted_mid_stream(&end, "chat-msgs", "Chat after message 3");
+    assert!(
+        matches!(&end, Err(status) if status.code() != Code::Ok),
+        "Chat after message 3 and the half-close: expected a reset, got {end:?}"
+    );
+    s.wait_ends("Chat", (0, 1)).await;
     assert_eq!(
         s.upstream.received("Chat"),
         2,
         "Chat messages that reached the upstream"
+    );
+}
+
+/// The fields of a grpcio client report.
+fn report_code(report: &Value) -> &str {
+    report["code"].as_str().unwrap_or("?")
+}
+
+fn report_received(report: &Value) -> usize {
+    report["received"].as_array().map_or(0, Vec::len)
+}
+
+/// Seconds from the last message the client got (or the call's start) to
+/// the call's end.
+fn silence_before_end(report: &Value) -> f64 {
+    let ended = report["ended_s"].as_f64().unwrap_or(f64::MAX);
+    ended - report["last_message_s"].as_f64().unwrap_or(0.0)
+}
+
+/// A `message_size` rule on `Upload`: a 100,000-byte message compressed
+/// with gzip (grpcio, `grpc-encoding: gzip`) is refused with UNIMPLEMENTED
+/// and a message that says why, and never reaches the upstream, which takes
+/// gzip; sent uncompressed it is refused as too large, with no retry hint.
+#[tokio::test]
+async fn compressed_messages_are_refused_where_sizes_are_limited() {
+    let config = json!({"rules": [grpc_rule("grpc-size", "chat.ChatService", "Upload",
+        json!({"counts": "message_size", "direction": "client", "limit": {"count": 1024}}))]});
+    let s = setup(
+        "grpc_compressed_messages_are_refused_where_sizes_are_limited",
+        config,
+    )
+    .await;
+
+    let report = s
+        .grpcio(json!({"mode": "upload", "count": 1, "size": 100_000, "gzip": true}))
+        .await;
+    assert_eq!(
+        report_code(&report),
+        "UNIMPLEMENTED",
+        "gzip upload: {report}"
+    );
+    assert!(
+        report["details"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("compressed messages are refused: rule grpc-size")),
+        "gzip upload: {report}"
+    );
+    let report = s
+        .grpcio(json!({"mode": "upload", "count": 1, "size": 100_000}))
+        .await;
+    assert_eq!(
+        report_code(&report),
+        "RESOURCE_EXHAUSTED",
+        "plain upload: {report}"
+    );
+    assert_eq!(
+        report["details"], "message too large for rule grpc-size",
+        "plain upload: {report}"
+    );
+    // The decision is per message: grpcio sends a message that gzip would
+    // not shrink uncompressed, and it passes.
+    let report = s
+        .grpcio(json!({"mode": "upload", "count": 2, "size": 10, "gzip": true}))
+        .await;
+    assert_eq!(report_code(&report), "OK", "small gzip upload: {report}");
+    assert_eq!(s.upstream.received("Upload"), 2, "messages at the upstream");
+    assert_eq!(
+        s.counter("grpc-size", "limited").await,
+        2,
+        "limited messages"
+    );
+}
+
+/// Unary: a `messages` rule on responses refuses the second call's
+/// response after its headers went out; the upstream ends the call at once,
+/// so the client gets RESOURCE_EXHAUSTED from the rewritten trailers.
+#[tokio::test]
+async fn unary_response_over_the_limit_ends_resource_exhausted() {
+    let config = json!({"rules": [grpc_rule("user-replies", "user.UserService", "GetUser",
+        json!({"counts": "messages", "direction": "server", "limit": {"count": 1, "per": "1h"}}))]});
+    let s = setup(
+        "grpc_unary_response_over_the_limit_ends_resource_exhausted",
+        config,
+    )
+    .await;
+    let first = s.grpcio(json!({"mode": "unary"})).await;
+    assert_eq!(report_code(&first), "OK", "call 1: {first}");
+    let second = s.grpcio(json!({"mode": "unary"})).await;
+    assert_eq!(
+        report_code(&second),
+        "RESOURCE_EXHAUSTED",
+        "call 2: {second}"
+    );
+    assert!(
+        second["ended_s"].as_f64().is_some_and(|t| t < 1.0),
+        "call 2 took too long: {second}"
+    );
+}
+
+/// Client streaming, batch client: 8 messages against a limit of 5. The
+/// response has not started, so the call ends RESOURCE_EXHAUSTED; the
+/// upstream's request is reset, never ended cleanly: the upload is not
+/// committed.
+#[tokio::test]
+async fn cut_upload_is_never_committed() {
+    let config = json!({"rules": [grpc_rule("upload-msgs", "chat.ChatService", "Upload",
+        json!({"counts": "messages", "direction": "client", "limit": {"count": 5, "per": "1h"}}))]});
+    let s = setup("grpc_cut_upload_is_never_committed", config).await;
+    let report = s.grpcio(json!({"mode": "upload", "count": 8})).await;
+    assert_eq!(
+        report_code(&report),
+        "RESOURCE_EXHAUSTED",
+        "upload: {report}"
+    );
+    s.wait_ends("Upload", (0, 1)).await;
+    assert!(
+        s.upstream.received("Upload") <= 5,
+        "messages at the upstream"
+    );
+}
+
+/// Bidi streaming, batch client: 8 messages then a half-close, against a
+/// limit of 5 client messages, after the response started. The upstream
+/// must not see the half-close (it would take 5 messages for the whole
+/// request): its side is reset, and so is the client's, at once.
+#[tokio::test]
+async fn cut_bidi_request_is_reset_not_half_closed() {
+    let config = json!({"rules": [grpc_rule("chat-up", "chat.ChatService", "Chat",
+        json!({"counts": "messages", "direction": "client", "limit": {"count": 5, "per": "1h"}}))]});
+    let s = setup("grpc_cut_bidi_request_is_reset_not_half_closed", config).await;
+    let report = s.grpcio(json!({"mode": "chat_batch", "count": 8})).await;
+    assert_ne!(report_code(&report), "OK", "batch chat: {report}");
+    assert_ne!(
+        report_code(&report),
+        "DEADLINE_EXCEEDED",
+        "batch chat: {report}"
+    );
+    assert!(
+        report["ended_s"].as_f64().is_some_and(|t| t < 1.0),
+        "batch chat should end at once: {report}"
+    );
+    s.wait_ends("Chat", (0, 1)).await;
+    assert_eq!(s.upstream.received("Chat"), 5, "messages at the upstream");
+}
+
+/// Bidi streaming, interactive client (each message waits for its echo),
+/// a limit of 5 messages both ways: 2 echoes, then the 3rd echo is the 6th
+/// message. The upstream waits for the client, which waits for the echo:
+/// nothing would end the call, so the filter resets it after
+/// `grpc_cut_grace` (default 1 s), long before the client's deadline.
+#[tokio::test]
+async fn interactive_bidi_client_learns_within_the_grace() {
+    let config = json!({"rules": [grpc_rule("chat-both", "chat.ChatService", "Chat",
+        json!({"counts": "messages", "limit": {"count": 5, "per": "1h"}}))]});
+    let s = setup(
+        "grpc_interactive_bidi_client_learns_within_the_grace",
+        config,
+    )
+    .await;
+    let report = s
+        .grpcio(json!({"mode": "chat_interactive", "count": 10, "deadline": 10}))
+        .await;
+    assert_eq!(report_received(&report), 2, "echoes: {report}");
+    assert!(
+        !matches!(report_code(&report), "OK" | "DEADLINE_EXCEEDED"),
+        "interactive chat: {report}"
+    );
+    let silence = silence_before_end(&report);
+    assert!(
+        (0.9..2.0).contains(&silence),
+        "the call should end about 1 s (the default grace) after echo 2: {report}"
+    );
+    s.wait_ends("Chat", (0, 1)).await;
+    wait::until("upstream streams closed", CALL_TIMEOUT, || async {
+        match s.upstream.open_streams() {
+            0 => Ok(()),
+            n => Err(n.to_string()),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Server streaming: 60 messages at 10/s against a limit of 5, a 4 s
+/// deadline, `grpc_cut_grace` 200ms. The client gets 5 messages and then the
+/// call's end within the grace, not its deadline; the upstream is reset, so
+/// it stops sending.
+#[tokio::test]
+async fn long_server_stream_is_reset_after_the_grace() {
+    let config = json!({"grpc_cut_grace": "200ms",
+        "rules": [grpc_rule("events", "chat.ChatService", "Subscribe",
+        json!({"counts": "messages", "direction": "server", "limit": {"count": 5, "per": "1h"}}))]});
+    let s = setup("grpc_long_server_stream_is_reset_after_the_grace", config).await;
+    let report = s
+        .grpcio(json!({"mode": "subscribe", "count": 60, "interval_ms": 100, "deadline": 4}))
+        .await;
+    assert_eq!(report_received(&report), 5, "messages: {report}");
+    assert!(
+        !matches!(report_code(&report), "OK" | "DEADLINE_EXCEEDED"),
+        "subscribe: {report}"
+    );
+    // The 6th message comes 0.1 s after the 5th; then 0.2 s of grace and
+    // at most one 10 ms tick.
+    let silence = silence_before_end(&report);
+    assert!(
+        silence < 0.8,
+        "the call should end 0.3 s after message 5: {report}"
+    );
+    wait::until("upstream streams closed", CALL_TIMEOUT, || async {
+        match s.upstream.open_streams() {
+            0 => Ok(()),
+            n => Err(n.to_string()),
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        s.upstream.sent("Subscribe") < 30,
+        "the upstream kept sending: {} messages",
+        s.upstream.sent("Subscribe")
     );
 }

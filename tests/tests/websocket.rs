@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures_util::SinkExt as _;
 use serde_json::{json, Value};
 use sluice_e2e::envoy::{prometheus_value, Envoy};
+use sluice_e2e::py_client::{self, PyServer};
 use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::stream_stats::{self, Protocol};
 use sluice_e2e::wait;
@@ -651,4 +652,124 @@ async fn fragmented_messages_with_pings_count_once() {
         .unwrap();
     expect_raw_close(&mut raw, 1008, "rate limited: ws-msgs", "message 3").await;
     assert_eq!(s.upstream.texts("/ws"), ["hello world 1", "hello world 2"]);
+}
+
+/// Envoy (two workers) in front of the `websockets` echo server, which
+/// negotiates permessage-deflate as browsers' servers do.
+async fn deflate_setup(test: &str, rules: Value) -> (PyServer, Envoy) {
+    let upstream = PyServer::start("ws_echo_server.py")
+        .await
+        .expect("starting the websockets echo server");
+    let envoy = with_upstreams(Envoy::builder(test), None, Some(upstream.port()))
+        .concurrency(2)
+        .sluice(&json!({"rules": rules}))
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting Envoy with the Sluice filter: {e:#}"));
+    (upstream, envoy)
+}
+
+/// The `websockets` client (permessage-deflate offered) on `path`.
+async fn deflate_client(envoy: &Envoy, path: &str, count: u64, size: u64) -> Value {
+    let args = json!({"url": format!("ws://{}{path}", envoy.addr()), "count": count, "size": size});
+    py_client::run("ws_client.py", &args)
+        .await
+        .unwrap_or_else(|e| panic!("websockets client: {e:#}"))
+}
+
+/// The sizes of the messages the echo server received.
+fn upstream_messages(upstream: &PyServer) -> Vec<u64> {
+    upstream
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_u64())
+        .collect()
+}
+
+/// A `message_size` rule of 1024 bytes against a client and a server that
+/// both speak permessage-deflate: the offer is taken out of the upgrade, so
+/// the 100,000-byte message travels as it is and is closed with 1009. A
+/// path with only a `messages` rule keeps compression.
+#[tokio::test]
+async fn message_size_applies_to_compressing_clients() {
+    let (upstream, envoy) = deflate_setup(
+        "ws_message_size_applies_to_compressing_clients",
+        json!([
+            {"name": "ws-size", "match": {"websocket": true, "path": {"exact": "/ws"}},
+             "counts": "message_size", "direction": "client", "limit": {"count": 1024}},
+            {"name": "room-msgs", "match": {"websocket": true, "path": {"glob": "/room/*"}},
+             "counts": "messages", "limit": {"count": 100, "per": "1h"}}
+        ]),
+    )
+    .await;
+    let report = deflate_client(&envoy, "/ws", 1, 100_000).await;
+    assert_eq!(report["extensions"], Value::Null, "negotiated: {report}");
+    assert_eq!(
+        (report["close"].as_u64(), report["reason"].as_str()),
+        (Some(1009), Some("message too big: ws-size")),
+        "a 100,000-byte message: {report}"
+    );
+    let room = deflate_client(&envoy, "/room/a", 2, 100_000).await;
+    assert!(
+        room["extensions"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("permessage-deflate")),
+        "a messages rule keeps compression: {room}"
+    );
+    assert_eq!(room["echoes"], 2, "room: {room}");
+    assert_eq!(
+        upstream_messages(&upstream),
+        [100_002, 100_002],
+        "messages at the upstream: only the room's"
+    );
+}
+
+/// A `bytes` rule of 2,000 bytes a minute: ten 10,000-byte messages from a
+/// compressing client. The first already exceeds it: Close 1008, nothing
+/// reaches the upstream.
+#[tokio::test]
+async fn bytes_rule_applies_to_compressing_clients() {
+    let (upstream, envoy) = deflate_setup(
+        "ws_bytes_rule_applies_to_compressing_clients",
+        json!([ws_rule(
+            "ws-bytes",
+            "bytes",
+            json!({"count": 2000, "per": "1m"}),
+            json!({"direction": "client"})
+        )]),
+    )
+    .await;
+    let report = deflate_client(&envoy, "/ws", 10, 10_000).await;
+    assert_eq!(
+        (
+            report["echoes"].as_u64(),
+            report["close"].as_u64(),
+            report["reason"].as_str()
+        ),
+        (Some(0), Some(1008), Some("rate limited: ws-bytes")),
+        "ten 10,000-byte messages: {report}"
+    );
+    assert_eq!(upstream_messages(&upstream), Vec::<u64>::new());
+}
+
+/// `match.websocket: false` is not a condition: Envoy refuses the
+/// configuration instead of applying the rule to every upgrade.
+#[tokio::test]
+async fn websocket_false_is_refused_at_startup() {
+    let upstream = WsUpstream::start()
+        .await
+        .expect("starting the WebSocket upstream");
+    let started = with_upstreams(
+        Envoy::builder("ws_websocket_false_is_refused_at_startup"),
+        None,
+        Some(upstream.port()),
+    )
+    .sluice(&json!({"rules": [ws_rule("not-ws", "requests",
+        json!({"count": 1, "per": "1h"}), json!({"match": {"websocket": false}}))]}))
+    .start()
+    .await;
+    assert!(
+        started.is_err(),
+        "Envoy took a rule with match.websocket: false"
+    );
 }

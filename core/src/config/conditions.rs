@@ -75,6 +75,15 @@ pub(super) fn validate_match(raw: &MatchConfig, at: &str, errors: &mut Errors) -
         service: g.service.as_deref().map(Glob::new),
         method: g.method.as_deref().map(Glob::new),
     });
+    // `false` would read as "not a WebSocket upgrade", which no condition
+    // expresses: refuse it rather than match every request.
+    if raw.websocket == Some(false) {
+        errors.add(
+            at,
+            ".match.websocket",
+            "only true is a condition: leave websocket out to match every request".into(),
+        );
+    }
     let websocket = raw.websocket.unwrap_or(false);
     if grpc.is_some() && websocket {
         errors.add(

@@ -35,6 +35,10 @@ pub struct Config {
     /// `overflow` (default, a shared counter per rule) or `refuse`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when_keys_full: Option<WhenFull>,
+    /// How long a gRPC call cut after its response started may wait for
+    /// the upstream to end it before the filter resets it; default 1s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_cut_grace: Option<SpanText>,
 }
 
 /// One rule as written.

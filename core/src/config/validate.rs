@@ -6,10 +6,11 @@ use alloc::vec::Vec;
 
 use super::error::{ConfigError, Errors};
 use super::rule::validate_rule;
-use super::schema::{Config, StatusSpec};
+use super::schema::{Config, SpanText, StatusSpec};
 use crate::client_ip::ClientIpSource;
 use crate::decision::HeaderSets;
 use crate::policy::{Policy, Rule, Scope, StatusSet};
+use crate::time::Span;
 
 /// Longest rule name: it appears in stats names and headers.
 pub const MAX_RULE_NAME: usize = 64;
@@ -27,6 +28,8 @@ pub const BYTES_PER_KEY: u64 = 160;
 pub const KEYS_MEMORY_BUDGET: u64 = 1 << 30;
 /// Most trusted hops accepted.
 pub const MAX_TRUSTED_HOPS: u32 = 32;
+/// Longest `grpc_cut_grace`: a cut call's client must learn its fate soon.
+pub const MAX_GRPC_CUT_GRACE: Span = Span::from_secs(60);
 
 impl Config {
     /// Checks every field and builds the policy, or lists every problem.
@@ -93,6 +96,18 @@ impl Config {
                 format!("must be at most {MAX_TRUSTED_HOPS}"),
             );
         }
+        let grpc_cut_grace = match self.grpc_cut_grace.as_ref().map(SpanText::parse) {
+            None => Policy::DEFAULT_GRPC_CUT_GRACE,
+            Some(Ok(grace)) if grace <= MAX_GRPC_CUT_GRACE => grace,
+            Some(Ok(_)) => {
+                errors.add("grpc_cut_grace", "", "must be at most 60s".into());
+                Span::ZERO
+            }
+            Some(Err(message)) => {
+                errors.add("grpc_cut_grace", "", message);
+                Span::ZERO
+            }
+        };
         errors.finish()?;
         Ok(Policy {
             rules,
@@ -104,6 +119,7 @@ impl Config {
             },
             max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
             when_full: self.when_keys_full.unwrap_or_default(),
+            grpc_cut_grace,
         })
     }
 }
@@ -254,6 +270,26 @@ mod tests {
                 "rules[4].limit.per: required",
                 "rules[5].action: delay only holds requests (counts requests)",
             ]
+        );
+    }
+
+    #[test]
+    fn grpc_cut_grace_defaults_to_a_second_and_is_bounded() {
+        let policy = Policy::from_json(r#"{"rules":[]}"#).unwrap();
+        assert_eq!(policy.grpc_cut_grace, Span::SECOND);
+        let policy = Policy::from_json(r#"{"grpc_cut_grace":"250ms"}"#).unwrap();
+        assert_eq!(policy.grpc_cut_grace, Span::from_millis(250));
+        assert_eq!(
+            errors_of(r#"{"grpc_cut_grace":"2m"}"#),
+            ["grpc_cut_grace: must be at most 60s"]
+        );
+    }
+
+    #[test]
+    fn websocket_false_is_refused() {
+        assert_eq!(
+            errors_of(r#"{"rules":[{"name":"r","match":{"websocket":false},"limit":{"count":1,"per":"1m"}}]}"#),
+            ["rules[0].match.websocket: only true is a condition: leave websocket out to match every request"]
         );
     }
 }

@@ -94,6 +94,15 @@ impl Counts {
             Counts::Requests | Counts::InFlight => None,
         }
     }
+
+    /// The directions whose message sizes the rule reads (`bytes` and
+    /// `message_size`): there a compressed message cannot be measured.
+    pub fn sized_flow(self) -> Option<Flow> {
+        match self {
+            Counts::Bytes(f) | Counts::MessageSize(f) => Some(f),
+            _ => None,
+        }
+    }
 }
 
 /// Whose counter a request is charged to.
@@ -177,11 +186,17 @@ pub struct Policy {
     pub max_keys: usize,
     /// What a new key gets when every place for it holds a limited key.
     pub when_full: crate::store::WhenFull,
+    /// How long a gRPC call cut after its response started may wait for
+    /// the upstream to end it (the client then sees RESOURCE_EXHAUSTED)
+    /// before the filter resets it.
+    pub grpc_cut_grace: Span,
 }
 
 impl Policy {
     /// The default bound on keys per rule.
     pub const DEFAULT_MAX_KEYS: usize = 100_000;
+    /// The default `grpc_cut_grace`.
+    pub const DEFAULT_GRPC_CUT_GRACE: Span = Span::SECOND;
 
     /// Lower-case names of the request headers some rule reads (for match
     /// or key), so a host fetches only those.

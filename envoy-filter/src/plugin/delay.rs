@@ -8,8 +8,9 @@ use sluice_core::time::Nanos;
 use super::{Plugin, Wake};
 use crate::host::Host;
 
-/// How often a VM with delayed requests checks them again. A delayed
-/// request is released at most this late after its permit frees up.
+/// How often a VM with delayed requests or cut calls checks them again. A
+/// delayed request is released at most this late after its permit frees
+/// up, and a cut call reset at most this late after its grace.
 pub const DELAY_TICK_MILLIS: u32 = 10;
 
 /// A request awaiting its request-time verdict: decided at once, and kept
@@ -56,18 +57,15 @@ impl DelayQueue {
         self.requests.retain(|r| r.context_id != context_id);
     }
 
-    /// The tick period to ask for: none once the queue is empty.
-    fn tick_millis(&self) -> u32 {
-        if self.requests.is_empty() {
-            0
-        } else {
-            DELAY_TICK_MILLIS
-        }
+    /// Whether no request is waiting.
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
     }
 }
 
 impl<B: SharedBytes> Plugin<B> {
-    /// Releases or refuses delayed requests whose wait is over.
+    /// Releases or refuses delayed requests whose wait is over, and
+    /// resets cut gRPC calls whose grace is over.
     pub fn on_tick(&mut self, host: &impl Host) -> Vec<(u32, Wake)> {
         let now = host.now();
         let mut wakes = Vec::new();
@@ -77,8 +75,23 @@ impl<B: SharedBytes> Plugin<B> {
                 wakes.push((context_id, wake));
             }
         }
-        host.set_tick_millis(self.delayed.tick_millis());
+        wakes.extend(
+            self.cuts
+                .take_due(now)
+                .into_iter()
+                .map(|id| (id, Wake::Reset)),
+        );
+        host.set_tick_millis(self.tick_millis());
         wakes
+    }
+
+    /// The tick period to ask for: none once nothing waits.
+    pub(super) fn tick_millis(&self) -> u32 {
+        if self.delayed.is_empty() && self.cuts.is_empty() {
+            0
+        } else {
+            DELAY_TICK_MILLIS
+        }
     }
 
     /// Requests currently delayed.

@@ -3,7 +3,7 @@
 //! its body chunks, and its in-flight permits given back when it ends.
 
 use sluice_core::engine::{self, Charge, Verdict, VerdictKind};
-use sluice_core::policy::{Counts, Direction, Protocol};
+use sluice_core::policy::{Action, Counts, Direction, Protocol};
 use sluice_core::store::SharedBytes;
 use sluice_core::time::{Nanos, Span};
 
@@ -20,6 +20,20 @@ use crate::stream::{Edit, GrpcStream, WebSocketStream};
 enum Stream {
     Grpc(GrpcStream),
     WebSocket(Box<WebSocketStream>),
+}
+
+impl Step {
+    /// A client that half-closes a call whose request was cut is reset at
+    /// once: passing its end of stream would tell the upstream the request
+    /// was complete, and the upstream can only be waiting for messages that
+    /// will never come.
+    fn cut_request_ends(self, ends: bool) -> Step {
+        if ends {
+            Step::Reset
+        } else {
+            self
+        }
+    }
 }
 
 /// What the filter keeps about an admitted (or locally answered) request.
@@ -56,6 +70,7 @@ impl<B: SharedBytes> Plugin<B> {
         if keys.is_empty() && stream_keys.is_empty() {
             return Step::Continue;
         }
+        self.refuse_compression(host, request.protocol, &stream_keys);
         let now = host.now();
         let request = DelayedRequest {
             context_id,
@@ -68,6 +83,7 @@ impl<B: SharedBytes> Plugin<B> {
         match self.decide(host, request, now) {
             Some(Wake::Resume) => Step::Continue,
             Some(Wake::Reply(reply)) => Step::Reply(reply),
+            Some(Wake::Reset) => Step::Reset,
             None => {
                 host.set_tick_millis(DELAY_TICK_MILLIS);
                 Step::Pause
@@ -172,6 +188,32 @@ impl<B: SharedBytes> Plugin<B> {
         }
     }
 
+    /// Keeps compression off where size and byte rules apply, since they
+    /// measure what the receiver gets: a WebSocket upgrade loses its
+    /// extension offers (permessage-deflate), and a gRPC call accepts only
+    /// uncompressed responses. Compressed messages still sent are refused
+    /// by the stream judge.
+    fn refuse_compression(&self, host: &impl Host, protocol: Protocol, keys: &[(usize, String)]) {
+        let mut sized = keys
+            .iter()
+            .filter_map(|(i, _)| self.policy.rules.get(*i))
+            .filter(|r| r.action != Action::Shadow)
+            .filter_map(|r| r.counts.sized_flow());
+        match protocol {
+            Protocol::WebSocket => {
+                if sized.next().is_some() {
+                    host.remove_request_header("sec-websocket-extensions");
+                }
+            }
+            Protocol::Grpc => {
+                if sized.any(|f| f.includes(Direction::Server)) {
+                    host.set_request_header("grpc-accept-encoding", "identity");
+                }
+            }
+            Protocol::Http => {}
+        }
+    }
+
     /// Adds rate-limit headers to an allowed response, refunds the permits
     /// if its status is excluded from counting, and starts watching a
     /// WebSocket connection once it is upgraded.
@@ -228,13 +270,16 @@ impl<B: SharedBytes> Plugin<B> {
     /// Counts the messages in a body chunk travelling `direction` against
     /// the stream rules, rewriting the chunk when a message is refused or
     /// dropped. A gRPC message refused before the response started ends
-    /// the call with a reply.
+    /// the call with a reply; after it, the call is cut: the upstream has
+    /// `grpc_cut_grace` to end it (its trailers are then rewritten), else a
+    /// tick resets it.
     pub fn on_body(
         &mut self,
         host: &impl Host,
         context_id: u32,
         direction: Direction,
         size: usize,
+        end_of_stream: bool,
     ) -> Step {
         let Some(mut state) = self.requests.remove(&context_id) else {
             return Step::Continue;
@@ -258,36 +303,54 @@ impl<B: SharedBytes> Plugin<B> {
                     }
                     Stream::WebSocket(w) => w.chunk(&mut judge, direction, &bytes),
                 };
+                let request_cut = matches!(stream, Stream::Grpc(g) if g.blocked(Direction::Client));
                 match edit {
                     Edit::Keep => Step::Continue,
                     Edit::Replace(new) => {
                         host.set_body(direction, bytes.len(), &new);
                         Step::Continue
                     }
-                    Edit::RefuseCall { message, metadata } => {
+                    Edit::Cut(new) => {
+                        host.set_body(direction, bytes.len(), &new);
+                        let deadline = host.now().plus(self.policy.grpc_cut_grace);
+                        self.cuts.push(context_id, deadline);
+                        host.set_tick_millis(self.tick_millis());
+                        Step::Continue
+                    }
+                    Edit::RefuseCall {
+                        status,
+                        message,
+                        metadata,
+                    } => {
                         state.answered_locally = true;
-                        Step::Reply(grpc_refusal(metadata, &message))
+                        Step::Reply(grpc_refusal(status, metadata, &message))
                     }
                 }
+                .cut_request_ends(request_cut && direction == Direction::Client && end_of_stream)
             }
         };
+        if step == Step::Reset {
+            self.cuts.forget(context_id);
+        }
         self.requests.insert(context_id, state);
         step
     }
 
-    /// Rewrites the trailers of a gRPC call whose messages were refused
-    /// after the response started, so the client sees RESOURCE_EXHAUSTED.
+    /// Rewrites the trailers of a gRPC call cut after the response
+    /// started, so the client sees the cut's status (RESOURCE_EXHAUSTED).
     pub fn on_response_trailers(&mut self, host: &impl Host, context_id: u32) {
-        let refused = self
+        let cut = self
             .requests
             .get(&context_id)
             .and_then(|s| match &s.stream {
-                Some(Stream::Grpc(g)) => g.refused().map(str::to_owned),
+                Some(Stream::Grpc(g)) => g.cut().cloned(),
                 _ => None,
             });
-        if let Some(message) = refused {
-            host.set_response_trailer("grpc-status", "8");
-            host.set_response_trailer("grpc-message", &message);
+        if let Some(cut) = cut {
+            // The upstream ended the call in time: no reset needed.
+            self.cuts.forget(context_id);
+            host.set_response_trailer("grpc-status", &cut.status.to_string());
+            host.set_response_trailer("grpc-message", &cut.message);
         }
     }
 
@@ -295,6 +358,7 @@ impl<B: SharedBytes> Plugin<B> {
     /// delayed), giving back its in-flight permits.
     pub fn on_done(&mut self, host: &impl Host, context_id: u32) {
         self.delayed.forget(context_id);
+        self.cuts.forget(context_id);
         let Some(state) = self.requests.remove(&context_id) else {
             return;
         };

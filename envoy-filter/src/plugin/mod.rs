@@ -9,9 +9,12 @@
 //! - `lifecycle`: a request from its headers to its end, and the
 //!   in-flight permits it keeps until then.
 //! - `delay`: requests a `delay` rule makes wait, released on ticks.
+//! - `cuts`: gRPC calls cut after their response started, reset on ticks
+//!   unless the upstream ends them first.
 //! - `stream_judge`: gRPC and WebSocket messages decided against the
 //!   stream rules.
 
+mod cuts;
 mod delay;
 mod lifecycle;
 mod stream_judge;
@@ -39,6 +42,8 @@ pub enum Step {
     Pause,
     /// Answer it with this reply (and stop it).
     Reply(LocalReply),
+    /// Reset it, towards the client and the upstream.
+    Reset,
 }
 
 /// What a tick does to one delayed request.
@@ -48,6 +53,8 @@ pub enum Wake {
     Resume,
     /// Refuse it.
     Reply(LocalReply),
+    /// Reset a cut gRPC call the upstream did not end in time.
+    Reset,
 }
 
 /// See the module doc.
@@ -61,6 +68,7 @@ pub struct Plugin<B> {
     delayed: delay::DelayQueue,
     /// The store's stats already counted in metrics.
     keys_reported: SlotStats,
+    cuts: cuts::CutCalls,
 }
 
 /// Why a configuration was refused.
@@ -106,6 +114,7 @@ impl<B: SharedBytes> Plugin<B> {
             requests: HashMap::new(),
             delayed: delay::DelayQueue::default(),
             keys_reported: SlotStats::default(),
+            cuts: cuts::CutCalls::default(),
         })
     }
 

@@ -27,6 +27,20 @@ impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
             .keys
             .iter()
             .filter_map(|(i, key)| self.policy.rules.get(*i).map(|r| (*i, key.as_str(), r)));
+        // Size and byte rules measure what the receiver gets, which a
+        // compressed message hides: refuse it rather than guess.
+        if ask.compressed {
+            let sized = rules.clone().find(|(_, _, rule)| {
+                rule.action != Action::Shadow
+                    && rule
+                        .counts
+                        .sized_flow()
+                        .is_some_and(|f| f.includes(direction))
+            });
+            if let Some((i, _, _)) = sized {
+                return self.refuse(i, Violation::Compressed, 1, Vec::new());
+            }
+        }
         // Size bounds need no state.
         for (i, _, rule) in rules.clone() {
             let Counts::MessageSize(flow) = rule.counts else {

@@ -281,13 +281,23 @@ fn grpc_messages_over_the_limit_end_the_call_or_rewrite_the_trailers() -> Result
     );
     assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
     host.chunk(Direction::Client, &message);
-    assert_eq!(p.on_body(&host, 1, Direction::Client, 6), Step::Continue);
+    assert_eq!(
+        p.on_body(&host, 1, Direction::Client, 6, false),
+        Step::Continue
+    );
     host.respond(200);
     p.on_response_headers(&host, 1);
     // Server messages count in the same budget: the 2nd passes, the 3rd is cut.
     host.chunk(Direction::Server, &[message, message].concat());
-    assert_eq!(p.on_body(&host, 1, Direction::Server, 12), Step::Continue);
+    assert_eq!(
+        p.on_body(&host, 1, Direction::Server, 12, false),
+        Step::Continue
+    );
     assert_eq!(host.passed(Direction::Server), message);
+    // The upstream has the grace to end the call: a tick before it does
+    // nothing, the trailers then carry RESOURCE_EXHAUSTED.
+    assert_eq!(host.tick_millis.get(), DELAY_TICK_MILLIS);
+    assert_eq!(p.on_tick(&host), vec![]);
     p.on_response_trailers(&host, 1);
     assert_eq!(
         host.trailers
@@ -296,6 +306,9 @@ fn grpc_messages_over_the_limit_end_the_call_or_rewrite_the_trailers() -> Result
             .map(String::as_str),
         Some("8")
     );
+    host.now.set(host.now.get() + 2 * SEC);
+    assert_eq!(p.on_tick(&host), vec![], "ended in time: no reset");
+    assert_eq!(host.tick_millis.get(), 0);
 
     // Before the response started, the call is refused cleanly.
     let (host, shared) = (FakeHost::default(), InProcessShared::default());
@@ -311,13 +324,114 @@ fn grpc_messages_over_the_limit_end_the_call_or_rewrite_the_trailers() -> Result
     );
     assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
     host.chunk(Direction::Client, &[message, message].concat());
-    let r = reply(p.on_body(&host, 1, Direction::Client, 12))?;
+    let r = reply(p.on_body(&host, 1, Direction::Client, 12, false))?;
     assert_eq!(r.grpc_status, Some(8));
     assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
     assert_eq!(header(&r, "ratelimit-policy"), Some("\"msgs\";q=1;w=3600"));
     assert_eq!(header(&r, "retry-after"), Some("3600"));
     assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.allowed"), 1);
     assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.limited"), 1);
+    Ok(())
+}
+
+#[test]
+fn cut_grpc_calls_are_reset_when_the_upstream_does_not_end_them() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"grpc_cut_grace":"300ms","rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages","limit":{"count":1,"per":"1h"}}]}"#,
+    )?;
+    let message = [0u8, 0, 0, 0, 1, 42];
+    let grpc = [("content-type", "application/grpc")];
+    // A server message cut: reset once the grace is over, not before.
+    host.request("POST", "/chat.ChatService/Chat", &grpc);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.respond(200);
+    p.on_response_headers(&host, 1);
+    host.chunk(Direction::Server, &[message, message].concat());
+    assert_eq!(
+        p.on_body(&host, 1, Direction::Server, 12, false),
+        Step::Continue
+    );
+    assert_eq!(host.passed(Direction::Server), message);
+    host.now.set(host.now.get() + 299_000_000);
+    assert_eq!(p.on_tick(&host), vec![]);
+    host.now.set(host.now.get() + 1_000_000);
+    assert_eq!(p.on_tick(&host), vec![(1, Wake::Reset)]);
+    assert_eq!(host.tick_millis.get(), 0);
+
+    // A client message cut: the client's end of stream is never passed
+    // on; the call is reset at once instead.
+    host.request("POST", "/chat.ChatService/Chat", &grpc);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    host.respond(200);
+    p.on_response_headers(&host, 2);
+    host.chunk(Direction::Client, &message);
+    assert_eq!(
+        p.on_body(&host, 2, Direction::Client, 6, false),
+        Step::Continue
+    );
+    host.chunk(Direction::Client, &[]);
+    assert_eq!(p.on_body(&host, 2, Direction::Client, 0, true), Step::Reset);
+    assert_eq!(p.on_tick(&host), vec![], "already reset");
+    Ok(())
+}
+
+#[test]
+fn compression_is_kept_off_where_sizes_are_limited() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[
+            {"name":"ws-size","match":{"websocket":true},"counts":"message_size","limit":{"count":1024}},
+            {"name":"grpc-bytes","match":{"grpc":{}},"counts":"bytes","direction":"server","limit":{"count":4096,"per":"1m"}}]}"#,
+    )?;
+    let offer = (
+        "sec-websocket-extensions",
+        "permessage-deflate; client_max_window_bits",
+    );
+    host.request("GET", "/ws", &[("upgrade", "websocket"), offer]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(host.request_header("sec-websocket-extensions"), None);
+
+    let grpc = [
+        ("content-type", "application/grpc"),
+        ("grpc-accept-encoding", "gzip, identity"),
+    ];
+    host.request("POST", "/chat.ChatService/Chat", &grpc);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    assert_eq!(
+        host.request_header("grpc-accept-encoding").as_deref(),
+        Some("identity")
+    );
+    host.respond(200);
+    p.on_response_headers(&host, 2);
+    // A compressed response message is refused all the same: status
+    // UNIMPLEMENTED once the upstream ends the call.
+    let compressed = [1u8, 0, 0, 0, 1, 42];
+    host.chunk(Direction::Server, &compressed);
+    assert_eq!(
+        p.on_body(&host, 2, Direction::Server, 6, false),
+        Step::Continue
+    );
+    assert_eq!(host.passed(Direction::Server), Vec::<u8>::new());
+    p.on_response_trailers(&host, 2);
+    assert_eq!(
+        host.trailers
+            .borrow()
+            .get("grpc-status")
+            .map(String::as_str),
+        Some("12")
+    );
+    // A plain request message is not limited (the rule counts responses).
+    host.chunk(Direction::Client, &compressed);
+    assert_eq!(
+        p.on_body(&host, 2, Direction::Client, 6, false),
+        Step::Continue
+    );
+    assert_eq!(host.passed(Direction::Client), compressed);
     Ok(())
 }
 
@@ -335,7 +449,10 @@ fn websocket_messages_are_counted_after_the_upgrade() -> Result<(), String> {
     host.respond(101);
     p.on_response_headers(&host, 1);
     host.chunk(Direction::Client, &[frame, frame].concat());
-    assert_eq!(p.on_body(&host, 1, Direction::Client, 14), Step::Continue);
+    assert_eq!(
+        p.on_body(&host, 1, Direction::Client, 14, false),
+        Step::Continue
+    );
     let passed = host.passed(Direction::Client);
     assert_eq!(&passed[..7], &frame);
     assert_eq!(passed[7], 0x88, "a close frame follows the allowed message");
@@ -345,7 +462,10 @@ fn websocket_messages_are_counted_after_the_upgrade() -> Result<(), String> {
     host.respond(101);
     p.on_response_headers(&host, 2);
     host.chunk(Direction::Client, &frame);
-    assert_eq!(p.on_body(&host, 2, Direction::Client, 7), Step::Continue);
+    assert_eq!(
+        p.on_body(&host, 2, Direction::Client, 7, false),
+        Step::Continue
+    );
     assert_eq!(host.passed(Direction::Client), frame);
     Ok(())
 }

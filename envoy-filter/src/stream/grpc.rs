@@ -1,11 +1,21 @@
 //! A gRPC call's streams: each direction's messages asked of the rules as
-//! they start; a refusal ends the call cleanly before the response, or
-//! stops that direction and rewrites the trailers after it.
+//! they start; a refusal ends the call cleanly before the response, or cuts
+//! it after: the refused direction stops, and the caller ends the call (the
+//! upstream's trailers rewritten, or a reset).
 
 use sluice_core::policy::Direction;
 use sluice_core::protocol::{GrpcEvent, GrpcFrameParser};
 
-use super::{grpc_message, Answer, Ask, Edit, Judge, PerDirection};
+use super::{grpc_message_refusal, Answer, Ask, Edit, Judge, PerDirection};
+
+/// The status a cut call ends with when the upstream ends it in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CutStatus {
+    /// The `grpc-status`.
+    pub status: u32,
+    /// The `grpc-message`.
+    pub message: String,
+}
 
 /// A gRPC call's streams.
 #[derive(Debug, Default)]
@@ -13,9 +23,9 @@ pub struct GrpcStream {
     parsers: PerDirection<GrpcFrameParser>,
     /// Directions whose messages are no longer passed on.
     blocked: PerDirection<bool>,
-    /// The status message to put in the trailers, once a message was
-    /// refused after the response started.
-    refused: Option<String>,
+    /// The status to put in the trailers, once a message was refused after
+    /// the response started.
+    cut: Option<CutStatus>,
 }
 
 impl GrpcStream {
@@ -35,47 +45,58 @@ impl GrpcStream {
                 Edit::Replace(Vec::new())
             };
         }
-        let mut starts: Vec<(usize, u64)> = Vec::new();
+        let mut starts: Vec<(usize, u64, bool)> = Vec::new();
         // A malformed stream is the endpoints' business: stop counting and
         // pass it on rather than guess.
         let _ = self.parsers.get_mut(direction).feed(bytes, |event| {
             if let GrpcEvent::Started { at, message } = event {
-                starts.push((at.offset, u64::from(message.len)));
+                starts.push((at.offset, u64::from(message.len), message.compressed));
             }
         });
-        for (offset, len) in starts {
+        for (offset, len, compressed) in starts {
             let ask = Ask {
                 messages: 1,
                 bytes: len,
                 size: len,
+                compressed,
             };
-            let (rule, retry_after, metadata) = match judge.judge(direction, ask) {
+            let (rule, violation, retry_after, metadata) = match judge.judge(direction, ask) {
                 Answer::Pass => continue,
                 Answer::Refuse {
                     rule,
+                    violation,
                     retry_after,
                     metadata,
-                    ..
-                } => (rule, retry_after, metadata),
-                Answer::Drop { rule, .. } => (rule, 1, Vec::new()),
+                } => (rule, violation, retry_after, metadata),
+                // Only WebSocket rules drop; end the call all the same.
+                Answer::Drop { rule, violation } => (rule, violation, 1, Vec::new()),
             };
-            let message = grpc_message(&rule, retry_after);
+            let (status, message) = grpc_message_refusal(&rule, violation, retry_after);
             if !response_started {
-                return Edit::RefuseCall { message, metadata };
+                return Edit::RefuseCall {
+                    status,
+                    message,
+                    metadata,
+                };
             }
             *self.blocked.get_mut(direction) = true;
-            self.refused = Some(message);
+            self.cut = Some(CutStatus { status, message });
             // Everything before the refused message passes on.
             let passed = bytes.get(..offset).unwrap_or(bytes);
-            return Edit::Replace(passed.to_vec());
+            return Edit::Cut(passed.to_vec());
         }
         Edit::Keep
     }
 
-    /// The `grpc-message` to put in the trailers with status 8, if a
-    /// message was refused after the response started.
-    pub fn refused(&self) -> Option<&str> {
-        self.refused.as_deref()
+    /// The status to put in the trailers, if a message was refused after
+    /// the response started.
+    pub fn cut(&self) -> Option<&CutStatus> {
+        self.cut.as_ref()
+    }
+
+    /// Whether messages travelling `direction` are no longer passed on.
+    pub fn blocked(&self, direction: Direction) -> bool {
+        *self.blocked.get(direction)
     }
 }
 
@@ -100,6 +121,7 @@ mod tests {
         assert_eq!(
             call.chunk(&mut judge, Direction::Client, &two, false),
             Edit::RefuseCall {
+                status: 8,
                 message: "rate limited by rule r; retry after 3s".into(),
                 metadata: vec![("retry-after", "3".into())],
             }
@@ -108,11 +130,15 @@ mod tests {
         let mut judge = budget(1, refuse(Violation::Rate));
         let mut call = GrpcStream::default();
         let edit = call.chunk(&mut judge, Direction::Server, &two, true);
-        assert_eq!(edit, Edit::Replace(grpc_message_bytes(3)));
+        assert_eq!(edit, Edit::Cut(grpc_message_bytes(3)));
         assert_eq!(
-            call.refused(),
-            Some("rate limited by rule r; retry after 3s")
+            call.cut(),
+            Some(&CutStatus {
+                status: 8,
+                message: "rate limited by rule r; retry after 3s".into()
+            })
         );
+        assert!(call.blocked(Direction::Server) && !call.blocked(Direction::Client));
         assert_eq!(
             call.chunk(&mut judge, Direction::Server, &grpc_message_bytes(1), true),
             Edit::Replace(Vec::new())

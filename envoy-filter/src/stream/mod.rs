@@ -29,6 +29,9 @@ pub struct Ask {
     pub bytes: u64,
     /// The message's size so far (for size bounds).
     pub size: u64,
+    /// The message is compressed, so `bytes` and `size` are not what the
+    /// receiver gets: size and byte rules cannot measure it.
+    pub compressed: bool,
 }
 
 /// Why a message is refused.
@@ -38,6 +41,8 @@ pub enum Violation {
     Rate,
     /// A message size bound.
     TooBig,
+    /// A compressed message where size or byte rules apply.
+    Compressed,
 }
 
 /// The verdict on one [`Ask`].
@@ -79,13 +84,18 @@ pub enum Edit {
     Keep,
     /// Pass these bytes on instead.
     Replace(Vec<u8>),
-    /// gRPC, response not started: end the call with RESOURCE_EXHAUSTED.
+    /// gRPC, response not started: end the call with a trailers-only status.
     RefuseCall {
+        /// The `grpc-status`.
+        status: u32,
         /// The `grpc-message`.
         message: String,
         /// `retry-after` and the rate-limit headers.
         metadata: Vec<(&'static str, String)>,
     },
+    /// gRPC, response started: pass these bytes on instead, and the call
+    /// is cut from now on (see [`GrpcStream`]).
+    Cut(Vec<u8>),
 }
 
 /// One value per direction of a stream.
@@ -121,7 +131,32 @@ fn opposite(direction: Direction) -> Direction {
     }
 }
 
-/// The gRPC status message for a refused call or message.
+/// The gRPC status message for a call refused by a rate.
 pub fn grpc_message(rule: &str, retry_after: u64) -> String {
     format!("rate limited by rule {rule}; retry after {retry_after}s")
+}
+
+/// gRPC's RESOURCE_EXHAUSTED.
+pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+/// gRPC's UNIMPLEMENTED: what a server answers a compression it does not take.
+pub const GRPC_UNIMPLEMENTED: u32 = 12;
+
+/// The gRPC status and message for a message refused by `rule`: a rate
+/// says when to retry; a size bound and a compressed message do not,
+/// since retrying the same message can never pass.
+pub fn grpc_message_refusal(rule: &str, violation: Violation, retry_after: u64) -> (u32, String) {
+    match violation {
+        Violation::Rate => (GRPC_RESOURCE_EXHAUSTED, grpc_message(rule, retry_after)),
+        Violation::TooBig => (
+            GRPC_RESOURCE_EXHAUSTED,
+            format!("message too large for rule {rule}"),
+        ),
+        Violation::Compressed => (
+            GRPC_UNIMPLEMENTED,
+            format!(
+                "compressed messages are refused: rule {rule} limits message sizes; \
+                 send them uncompressed (grpc-encoding: identity)"
+            ),
+        ),
+    }
 }

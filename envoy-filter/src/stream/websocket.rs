@@ -25,6 +25,8 @@ struct WsSide {
     owed: Option<Close>,
     /// Dropping the data frames of the current message.
     dropping: bool,
+    /// The current message is compressed (permessage-deflate).
+    compressed: bool,
     /// Bytes of a dropped frame still to come in later chunks.
     drop_carry: u64,
     /// The start of a frame header kept back from the last chunk, so that
@@ -56,6 +58,7 @@ impl WsSide {
             closed: false,
             owed: None,
             dropping: false,
+            compressed: false,
             drop_carry: 0,
             pending: Vec::new(),
             frame: None,
@@ -171,12 +174,15 @@ impl WebSocketStream {
                         messages: u64::from(frame.starts),
                         bytes: frame.payload,
                         size,
+                        compressed: side.compressed,
                     };
                     let answer = judge.judge(direction, ask);
                     let at = if frame.whole { frame.offset } else { 0 };
                     match answer {
                         Answer::Pass => {}
-                        Answer::Drop { .. } if frame.starts && frame.whole => {
+                        // Dropping a compressed message would leave the
+                        // receiver's decompression context out of step.
+                        Answer::Drop { .. } if frame.starts && frame.whole && !side.compressed => {
                             side.dropping = true;
                             drop_frame(side, &mut removed, chunk.len());
                         }
@@ -192,6 +198,10 @@ impl WebSocketStream {
                                     CloseCode::MESSAGE_TOO_BIG,
                                     format!("message too big: {rule}"),
                                 ),
+                                Violation::Compressed => (
+                                    CloseCode::POLICY_VIOLATION,
+                                    format!("compressed message refused: {rule}"),
+                                ),
                             };
                             cut = Some((at, Close { code, reason }));
                             break;
@@ -199,7 +209,8 @@ impl WebSocketStream {
                     }
                 }
                 Event::MessageCompleted { .. } => side.dropping = false,
-                Event::MessageStarted { .. } | Event::Close { .. } => {}
+                Event::MessageStarted { compressed, .. } => side.compressed = compressed,
+                Event::Close { .. } => {}
             }
         }
 

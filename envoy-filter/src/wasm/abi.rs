@@ -87,6 +87,8 @@ extern "C" {
         value_size: *mut usize,
     ) -> u32;
     fn proxy_continue_stream(stream: u32) -> u32;
+    fn proxy_close_stream(stream: u32) -> u32;
+    fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
     fn proxy_send_local_response(
         status: u32,
         details: *const u8,
@@ -165,6 +167,12 @@ pub fn set_header(map: Map, name: &str, value: &str) -> Result<(), Status> {
             value.len(),
         )
     })
+}
+
+/// Removes one header (absent is fine).
+pub fn remove_header(map: Map, name: &str) -> Result<(), Status> {
+    // SAFETY: pointer and length describe a live string.
+    check(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
 }
 
 /// A property such as `["source", "address"]`; `Ok(None)` when absent.
@@ -275,6 +283,13 @@ pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
 pub fn resume_request() -> Result<(), Status> {
     // SAFETY: no pointers; 0 is the request stream.
     check(unsafe { proxy_continue_stream(0) })
+}
+
+/// Resets the current request's stream (Envoy resets the client's and the
+/// upstream's side alike).
+pub fn reset_stream() -> Result<(), Status> {
+    // SAFETY: no pointers; 0 is the request stream.
+    check(unsafe { proxy_close_stream(0) })
 }
 
 /// Sends a local reply for the current request.

@@ -45,6 +45,22 @@ impl Host for EnvoyHost {
     fn request_header(&self, name: &str) -> Option<String> {
         text(abi::header(abi::Map::RequestHeaders, name).ok().flatten())
     }
+    fn set_request_header(&self, name: &str, value: &str) {
+        if let Err(s) = abi::set_header(abi::Map::RequestHeaders, name, value) {
+            abi::log(
+                LOG_WARN,
+                &format!("sluice: cannot set header {name}: status {}", s.0),
+            );
+        }
+    }
+    fn remove_request_header(&self, name: &str) {
+        if let Err(s) = abi::remove_header(abi::Map::RequestHeaders, name) {
+            abi::log(
+                LOG_WARN,
+                &format!("sluice: cannot remove header {name}: status {}", s.0),
+            );
+        }
+    }
     fn response_header(&self, name: &str) -> Option<String> {
         text(abi::header(abi::Map::ResponseHeaders, name).ok().flatten())
     }
@@ -148,6 +164,16 @@ impl SharedBytes for EnvoyShared {
     }
 }
 
+/// Resets the current stream, towards the client and the upstream alike.
+fn reset() {
+    if let Err(s) = abi::reset_stream() {
+        abi::log(
+            LOG_WARN,
+            &format!("sluice: cannot reset a stream: status {}", s.0),
+        );
+    }
+}
+
 fn send(reply: &LocalReply) {
     let headers: Vec<(&str, &str)> = reply
         .headers
@@ -215,6 +241,7 @@ impl RootContext for Root {
                     let _ = abi::resume_request();
                 }
                 Wake::Reply(reply) => send(&reply),
+                Wake::Reset => reset(),
             }
         }
     }
@@ -266,13 +293,17 @@ impl Http {
                 send(&reply);
                 Action::Pause
             }
+            Step::Reset => {
+                reset();
+                Action::Pause
+            }
         }
     }
 
-    fn body(&self, direction: Direction, size: usize) -> Action {
+    fn body(&self, direction: Direction, size: usize, end_of_stream: bool) -> Action {
         let id = self.context_id;
         let step = self.with_plugin(Step::Continue, |p| {
-            p.on_body(&EnvoyHost, id, direction, size)
+            p.on_body(&EnvoyHost, id, direction, size, end_of_stream)
         });
         self.act(step)
     }
@@ -285,12 +316,12 @@ impl HttpContext for Http {
         self.act(step)
     }
 
-    fn on_http_request_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        self.body(Direction::Client, size)
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        self.body(Direction::Client, size, end_of_stream)
     }
 
-    fn on_http_response_body(&mut self, size: usize, _end_of_stream: bool) -> Action {
-        self.body(Direction::Server, size)
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        self.body(Direction::Server, size, end_of_stream)
     }
 
     fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
