@@ -95,6 +95,68 @@ mod tests {
         );
     }
 
+    /// serde reads a struct from an array of its fields in order; a
+    /// configuration written that way is a mistake, refused where it is.
+    #[test]
+    fn arrays_in_place_of_objects_are_refused() {
+        let cases = [
+            ("[]", "(document)"),
+            (
+                r#"[[{"name":"r","limit":{"count":1,"per":"1s"}}]]"#,
+                "(document)",
+            ),
+            (r#"{"rules":[["r"]]}"#, "rules[0]"),
+            (
+                r#"{"rules":[{"name":"r","limit":[1,"1s"]}]}"#,
+                "rules[0].limit",
+            ),
+            (
+                r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1s"},"match":{"path":["/a"]}}]}"#,
+                "rules[0].match.path",
+            ),
+            (r#"{"client_ip":[1]}"#, "client_ip"),
+        ];
+        for (text, path) in cases {
+            let err = Config::from_json(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&alloc::format!(
+                    "{path}: invalid type: sequence, expected an object"
+                )),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn arrays_in_place_of_objects_are_refused_in_yaml() {
+        let cases = [
+            ("[]", "(document)"),
+            (
+                "rules:
+  - [r, {}, [client_ip]]
+",
+                "rules[0]",
+            ),
+            (
+                "rules:
+  - name: r
+    limit: [1, 1s]
+",
+                "rules[0].limit",
+            ),
+        ];
+        for (text, path) in cases {
+            // serde_norway repeats the path in its own message.
+            let err = Config::from_yaml(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&alloc::format!("{path}: "))
+                    && err.contains("invalid type: sequence, expected an object"),
+                "{text}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn round_trips_through_json() {
         let text = r#"{"rules":[{"name":"r","match":{"methods":["post"],"path":{"glob":"/a/*"}},"key":["header:x-api-key"],"limit":{"count":3,"per":"1m","burst":5},"action":"delay","max_delay":"250ms"}],"exclude_statuses":[503,"5xx"],"client_ip":{"trusted_hops":1}}"#;

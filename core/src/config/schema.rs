@@ -12,9 +12,23 @@ use crate::decision::HeaderSet;
 use crate::store::WhenFull;
 use crate::time::Span;
 
+use super::object::object_only;
+
+object_only!(
+    Config,
+    RuleConfig,
+    MatchConfig,
+    GrpcConfig,
+    PathConfig,
+    HeaderConfig,
+    LimitConfig,
+    HeadersConfig,
+    ClientIpConfig,
+);
+
 /// The whole filter configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct Config {
     /// The rules.
     #[serde(default)]
@@ -39,7 +53,7 @@ pub struct Config {
 
 /// One rule as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct RuleConfig {
     /// Unique name.
     pub name: String,
@@ -82,7 +96,7 @@ pub struct RuleConfig {
 
 /// Match conditions as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct MatchConfig {
     /// HTTP methods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -103,7 +117,7 @@ pub struct MatchConfig {
 
 /// A gRPC method condition as written: globs, each optional.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct GrpcConfig {
     /// Full service name, e.g. `chat.ChatService` or `chat.*`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,7 +157,7 @@ pub enum DirectionConfig {
 
 /// A path condition as written: exactly one field set.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct PathConfig {
     /// The whole path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,7 +172,7 @@ pub struct PathConfig {
 
 /// A header condition as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct HeaderConfig {
     /// Header name.
     pub name: String,
@@ -193,7 +207,7 @@ pub enum ActionKind {
 
 /// A limit as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct LimitConfig {
     /// Permits per period (or the bound, for in_flight and message_size).
     pub count: u64,
@@ -237,7 +251,7 @@ impl SpanText {
 
 /// Header options as written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct HeadersConfig {
     /// Which families to send.
     #[serde(default = "all_header_sets")]
@@ -276,7 +290,7 @@ pub enum StatusSpec {
 
 /// Client address options as written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct ClientIpConfig {
     /// Trusted proxies in front of Envoy.
     #[serde(default)]
