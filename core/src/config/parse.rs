@@ -158,6 +158,37 @@ mod tests {
     }
 
     #[test]
+    fn periods_take_exact_decimals() {
+        let policy = Policy::from_json(
+            r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1.5s"},"action":"delay","max_delay":"0.25s"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(policy.rules[0].quota.per(), Span::from_millis(1500));
+        assert_eq!(
+            policy.rules[0].action,
+            Action::Delay {
+                max: Span::from_millis(250)
+            }
+        );
+        let err = Policy::from_json(
+            r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1.0000000001s"}}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rules[0].limit.per: not a whole number of nanoseconds: use fewer decimals or a smaller unit"
+        );
+        let err = Policy::from_json(r#"{"rules":[{"name":"r","limit":{"count":1,"per":1.5}}]}"#)
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "rules[0].limit.per: expected a duration such as \"500ms\" or \"1.5s\", or a whole number of seconds"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn round_trips_through_json() {
         let text = r#"{"rules":[{"name":"r","match":{"methods":["post"],"path":{"glob":"/a/*"}},"key":["header:x-api-key"],"limit":{"count":3,"per":"1m","burst":5},"action":"delay","max_delay":"250ms"}],"exclude_statuses":[503,"5xx"],"client_ip":{"trusted_hops":1}}"#;
         let config = Config::from_json(text).unwrap();

@@ -222,11 +222,14 @@ pub struct LimitConfig {
 /// A duration kept as written until validation, so a bad one is reported
 /// with its field path rather than as a parse failure of the whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a duration such as \"500ms\" or \"1.5s\", or a whole number of seconds"
+)]
 pub enum SpanText {
     /// A number of seconds.
     Seconds(u64),
-    /// `"500ms"`, `"1m"`, ...
+    /// `"500ms"`, `"1.5s"`, `"1m"`, ...
     Text(String),
 }
 
