@@ -175,9 +175,9 @@ impl Metrics {
     /// live keys displaced, new keys sent to the overflow slot or refused.
     pub fn keys(&self, host: &impl Host, before: SlotStats, now: SlotStats) {
         let deltas = [
-            now.live_evictions - before.live_evictions,
-            now.overflowed - before.overflowed,
-            now.refused - before.refused,
+            now.live_evictions.saturating_sub(before.live_evictions),
+            now.overflowed.saturating_sub(before.overflowed),
+            now.refused.saturating_sub(before.refused),
         ];
         for (id, n) in self.keys.iter().zip(deltas) {
             if let (Some(id), true) = (id, n > 0) {
