@@ -298,4 +298,10 @@ pub struct ClientIpConfig {
     /// Trusted proxies in front of Envoy.
     #[serde(default)]
     pub trusted_hops: u32,
+    /// Leading bits of an IPv4 address that key a client; default 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_prefix: Option<u32>,
+    /// Leading bits of an IPv6 address that key a client; default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u32>,
 }

@@ -5,6 +5,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use super::request::Attributes;
+use crate::client_ip::ClientIpSource;
 
 /// One request attribute that goes into a key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -66,9 +67,15 @@ impl KeySpec {
 
     /// Writes the request's key into `out` (cleared first). Each part is
     /// length-prefixed, so no two different requests share a key by
-    /// accident of punctuation. Returns false if a header or path segment
-    /// the key needs is missing: the rule does not apply then.
-    pub fn build(&self, request: &impl Attributes, out: &mut String) -> bool {
+    /// accident of punctuation. The client address is keyed by its network
+    /// under `clients`' prefix lengths. Returns false if a header or path
+    /// segment the key needs is missing: the rule does not apply then.
+    pub fn build(
+        &self,
+        request: &impl Attributes,
+        clients: &ClientIpSource,
+        out: &mut String,
+    ) -> bool {
         out.clear();
         for part in &self.parts {
             let value: &str;
@@ -76,7 +83,7 @@ impl KeySpec {
             match part {
                 KeyPart::ClientIp => match request.client_ip() {
                     Some(ip) => {
-                        let _ = write!(ip_text, "{ip}");
+                        let _ = write!(ip_text, "{}", clients.key_address(ip));
                         value = ip_text.as_str();
                     }
                     None => value = UNKNOWN_CLIENT,
@@ -149,10 +156,17 @@ mod tests {
         let req = HttpRequest::new("GET", "/room/lobby?x=1")
             .with_header("x-api-key", "k|1")
             .with_client_ip(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)));
+        let host = ClientIpSource {
+            ipv6_prefix: 128,
+            ..ClientIpSource::default()
+        };
         let mut key = String::new();
-        assert!(spec.build(&req, &mut key));
+        assert!(spec.build(&req, &host, &mut key));
         assert_eq!(key, "7:fe80::13:k|13:GET5:lobby");
-        assert!(!spec.build(&HttpRequest::new("GET", "/room"), &mut key));
+        assert!(!spec.build(&HttpRequest::new("GET", "/room"), &host, &mut key));
+        // By default an IPv6 client is keyed by its /64.
+        assert!(spec.build(&req, &ClientIpSource::default(), &mut key));
+        assert_eq!(key, "6:fe80::3:k|13:GET5:lobby");
     }
 
     #[test]
@@ -168,7 +182,8 @@ mod tests {
         let r2 = HttpRequest::new("GET", "/")
             .with_header("a", "x")
             .with_header("b", "1:y");
-        assert!(spec.build(&r1, &mut k1) && spec.build(&r2, &mut k2));
+        let clients = ClientIpSource::default();
+        assert!(spec.build(&r1, &clients, &mut k1) && spec.build(&r2, &clients, &mut k2));
         assert_ne!(k1, k2);
     }
 
