@@ -613,6 +613,34 @@ mod tests {
     }
 
     #[test]
+    fn paths_ignoring_case_share_one_counter() {
+        let config = |ignore_case: bool| {
+            policy(&alloc::format!(
+                r#"{{"rules":[{{"name":"r","match":{{"path":{{"prefix":"/api/","ignore_case":{ignore_case}}}}},"key":["path"],"limit":{{"count":1,"per":"1h"}}}}]}}"#
+            ))
+        };
+        let allowed = |p: &Policy, store: &mut MemoryStore, path: &str| {
+            let request = HttpRequest::new("GET", path);
+            decide(p, store, &request, Nanos(SEC), Span::ZERO)
+                .unwrap()
+                .is_allowed()
+        };
+        let folded = config(true);
+        let mut store = MemoryStore::new(10);
+        assert!(allowed(&folded, &mut store, "/api/x"));
+        assert!(!allowed(&folded, &mut store, "/API/x"));
+        assert!(!allowed(&folded, &mut store, "/Api/X"));
+        assert!(allowed(&folded, &mut store, "/api/y"));
+        let exact = config(false);
+        let mut store = MemoryStore::new(10);
+        assert!(allowed(&exact, &mut store, "/api/x"));
+        assert!(!allowed(&exact, &mut store, "/api/x"));
+        // Not matched at all, so not limited.
+        assert!(allowed(&exact, &mut store, "/API/x"));
+        assert!(allowed(&exact, &mut store, "/API/x"));
+    }
+
+    #[test]
     fn memory_store_stays_within_max_keys() {
         let p = policy(r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1h"}}],"max_keys":64}"#);
         let mut store = MemoryStore::new(p.max_keys);

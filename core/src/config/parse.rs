@@ -190,12 +190,17 @@ mod tests {
 
     #[test]
     fn round_trips_through_json() {
-        let text = r#"{"rules":[{"name":"r","match":{"methods":["post"],"path":{"glob":"/a/*"}},"key":["header:x-api-key"],"limit":{"count":3,"per":"1m","burst":5},"action":"delay","max_delay":"250ms"}],"exclude_statuses":[503,"5xx"],"client_ip":{"trusted_hops":1}}"#;
+        let text = r#"{"rules":[{"name":"r","match":{"methods":["post"],"path":{"glob":"/a/*","ignore_case":true}},"key":["header:x-api-key"],"limit":{"count":3,"per":"1m","burst":5},"action":"delay","max_delay":"250ms"}],"exclude_statuses":[503,"5xx"],"client_ip":{"trusted_hops":1}}"#;
         let config = Config::from_json(text).unwrap();
         let again = Config::from_json(&serde_json::to_string(&config).unwrap()).unwrap();
         assert_eq!(config, again);
         let policy = config.validate().unwrap();
         assert_eq!(policy.rules[0].matcher.methods, ["POST"]);
+        assert!(policy.rules[0]
+            .matcher
+            .path
+            .as_ref()
+            .is_some_and(|p| p.ignores_case() && p.matches("/A/b")));
         assert_eq!(
             policy.rules[0].action,
             Action::Delay {

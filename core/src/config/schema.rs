@@ -155,7 +155,8 @@ pub enum DirectionConfig {
     Both,
 }
 
-/// A path condition as written: exactly one field set.
+/// A path condition as written: exactly one of `exact`, `prefix` and
+/// `glob`, and optionally `ignore_case`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct PathConfig {
@@ -168,6 +169,9 @@ pub struct PathConfig {
     /// A glob pattern.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub glob: Option<String>,
+    /// Compare ASCII letters in either case; default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_case: Option<bool>,
 }
 
 /// A header condition as written.

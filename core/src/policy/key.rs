@@ -49,6 +49,10 @@ impl KeyPart {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeySpec {
     parts: Vec<KeyPart>,
+    /// Whether `path` and `path_segment` parts are lower-cased (ASCII), for
+    /// a rule that matches paths ignoring case: changing the case of a path
+    /// then gets a client no fresh counter.
+    lower_path: bool,
 }
 
 /// What a client address that the host could not tell is keyed as.
@@ -57,7 +61,18 @@ const UNKNOWN_CLIENT: &str = "unknown";
 impl KeySpec {
     /// A key made of `parts`.
     pub fn new(parts: Vec<KeyPart>) -> KeySpec {
-        KeySpec { parts }
+        KeySpec {
+            parts,
+            lower_path: false,
+        }
+    }
+
+    /// This key with its path parts lower-cased (ASCII) when `on`.
+    pub fn lowering_path(self, on: bool) -> KeySpec {
+        KeySpec {
+            lower_path: on,
+            ..self
+        }
     }
 
     /// The parts.
@@ -101,7 +116,13 @@ impl KeySpec {
                 }
                 KeyPart::Method => value = request.method(),
             }
-            let _ = write!(out, "{}:{}", value.len(), value);
+            let _ = write!(out, "{}:", value.len());
+            let from_path = matches!(part, KeyPart::Path | KeyPart::PathSegment(_));
+            if self.lower_path && from_path {
+                out.extend(value.chars().map(|c| c.to_ascii_lowercase()));
+            } else {
+                out.push_str(value);
+            }
         }
         true
     }
@@ -167,6 +188,19 @@ mod tests {
         // By default an IPv6 client is keyed by its /64.
         assert!(spec.build(&req, &ClientIpSource::default(), &mut key));
         assert_eq!(key, "6:fe80::3:k|13:GET5:lobby");
+    }
+
+    #[test]
+    fn path_parts_are_lowered_only_when_asked() {
+        let parts = || vec![KeyPart::Path, KeyPart::PathSegment(1), KeyPart::Method];
+        let req = HttpRequest::new("get", "/Room/LOBBY-É");
+        let clients = ClientIpSource::default();
+        let mut key = String::new();
+        assert!(KeySpec::new(parts()).build(&req, &clients, &mut key));
+        assert_eq!(key, "14:/Room/LOBBY-É8:LOBBY-É3:get");
+        let lowered = KeySpec::new(parts()).lowering_path(true);
+        assert!(lowered.build(&req, &clients, &mut key));
+        assert_eq!(key, "14:/room/lobby-É8:lobby-É3:get");
     }
 
     #[test]
