@@ -1,17 +1,54 @@
 //! Finding the client's address: the peer, or `X-Forwarded-For` only as far
-//! as the configured number of trusted proxies vouches for it.
+//! as the configured number of trusted proxies vouches for it; and the
+//! network a client is keyed by.
 
 use core::net::{IpAddr, SocketAddr};
 
-/// How the client address is chosen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+use crate::access::Cidr;
+
+/// How the client address is chosen, and how much of it keys a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientIpSource {
     /// Proxies in front of Envoy that append to `X-Forwarded-For` and are
     /// trusted to. 0 means `X-Forwarded-For` is ignored.
     pub trusted_hops: u32,
+    /// Leading bits of an IPv4 address that key a client (32: the host).
+    pub ipv4_prefix: u8,
+    /// Leading bits of an IPv6 address that key a client: one host is
+    /// usually given a whole /64, and can pick any address in it.
+    pub ipv6_prefix: u8,
+}
+
+impl Default for ClientIpSource {
+    fn default() -> ClientIpSource {
+        ClientIpSource {
+            trusted_hops: 0,
+            ipv4_prefix: ClientIpSource::DEFAULT_IPV4_PREFIX,
+            ipv6_prefix: ClientIpSource::DEFAULT_IPV6_PREFIX,
+        }
+    }
 }
 
 impl ClientIpSource {
+    /// IPv4 clients are keyed per host by default.
+    pub const DEFAULT_IPV4_PREFIX: u8 = 32;
+    /// IPv6 clients are keyed per /64 by default, the usual end-site subnet.
+    pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+    /// The address `ip` is keyed by: its network at the configured prefix
+    /// length. An IPv4-mapped IPv6 address is taken as the IPv4 address
+    /// (Envoy may report IPv4 clients either way).
+    pub fn key_address(&self, ip: IpAddr) -> IpAddr {
+        let ip = ip.to_canonical();
+        let prefix = match ip {
+            IpAddr::V4(_) => self.ipv4_prefix,
+            IpAddr::V6(_) => self.ipv6_prefix,
+        };
+        // Prefixes are checked when the configuration is read; a bad one
+        // here keys per host.
+        Cidr::new(ip, prefix).map_or(ip, |network| network.network())
+    }
+
     /// The client address for a request from `peer` carrying `forwarded_for`.
     ///
     /// With `n` trusted hops, the peer is the last trusted proxy, and the
@@ -63,6 +100,36 @@ mod tests {
     }
 
     #[test]
+    fn keys_by_network() {
+        let default = ClientIpSource::default();
+        assert_eq!(
+            default.key_address(ip("2001:db8:1:2:aaaa::1")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            default.key_address(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            default.key_address(ip("2001:db8:1:3::1")),
+            ip("2001:db8:1:3::")
+        );
+        assert_eq!(default.key_address(ip("192.0.2.7")), ip("192.0.2.7"));
+        // Mapped IPv4 clients are IPv4 clients, not one shared /64.
+        assert_eq!(default.key_address(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        let custom = ClientIpSource {
+            ipv4_prefix: 24,
+            ipv6_prefix: 128,
+            ..ClientIpSource::default()
+        };
+        assert_eq!(custom.key_address(ip("192.0.2.7")), ip("192.0.2.0"));
+        assert_eq!(
+            custom.key_address(ip("2001:db8:1:2:aaaa::1")),
+            ip("2001:db8:1:2:aaaa::1")
+        );
+    }
+
+    #[test]
     fn untrusted_by_default() {
         let source = ClientIpSource::default();
         assert_eq!(
@@ -73,13 +140,22 @@ mod tests {
 
     #[test]
     fn trusted_hops_count_from_the_right() {
-        let one = ClientIpSource { trusted_hops: 1 };
-        let two = ClientIpSource { trusted_hops: 2 };
+        let one = ClientIpSource {
+            trusted_hops: 1,
+            ..ClientIpSource::default()
+        };
+        let two = ClientIpSource {
+            trusted_hops: 2,
+            ..ClientIpSource::default()
+        };
         let xff = Some("6.6.6.6, 1.2.3.4, 10.0.0.2");
         let peer = Some(ip("10.0.0.1"));
         assert_eq!(one.resolve(peer, xff), Some(ip("10.0.0.2")));
         assert_eq!(two.resolve(peer, xff), Some(ip("1.2.3.4")));
-        let five = ClientIpSource { trusted_hops: 5 };
+        let five = ClientIpSource {
+            trusted_hops: 5,
+            ..ClientIpSource::default()
+        };
         assert_eq!(five.resolve(peer, xff), peer);
         assert_eq!(one.resolve(peer, Some("garbage")), peer);
         assert_eq!(one.resolve(peer, None), peer);
@@ -87,7 +163,10 @@ mod tests {
 
     #[test]
     fn peer_is_read_only_when_needed() {
-        let one = ClientIpSource { trusted_hops: 1 };
+        let one = ClientIpSource {
+            trusted_hops: 1,
+            ..ClientIpSource::default()
+        };
         let unread = || -> Option<IpAddr> { panic!("the peer was read") };
         assert_eq!(
             one.resolve_with(unread, Some("1.2.3.4")),

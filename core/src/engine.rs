@@ -143,7 +143,7 @@ pub fn applicable_rules(policy: &Policy, request: &impl Attributes) -> Vec<(usiz
             continue;
         }
         let mut key = String::new();
-        if rule.key.build(request, &mut key) {
+        if rule.key.build(request, &policy.client_ip, &mut key) {
             out.push((index, key));
         }
     }
@@ -587,6 +587,57 @@ mod tests {
         assert!(!decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO)
             .unwrap()
             .is_allowed());
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_limit_per_network() {
+        let allowed = |p: &Policy, store: &mut MemoryStore, ip: &str| {
+            decide(p, store, &req(ip), Nanos(SEC), Span::ZERO)
+                .unwrap()
+                .is_allowed()
+        };
+        let rule = r#"{"name":"r","limit":{"count":1,"per":"1h"}}"#;
+        let per_64 = policy(&alloc::format!(r#"{{"rules":[{rule}]}}"#));
+        let mut store = MemoryStore::new(10);
+        assert!(allowed(&per_64, &mut store, "2001:db8:0:1::1"));
+        assert!(!allowed(&per_64, &mut store, "2001:db8:0:1::2"));
+        assert!(!allowed(&per_64, &mut store, "2001:db8:0:1:ffff::9"));
+        assert!(allowed(&per_64, &mut store, "2001:db8:0:2::1"));
+        let per_host = policy(&alloc::format!(
+            r#"{{"rules":[{rule}],"client_ip":{{"ipv6_prefix":128}}}}"#
+        ));
+        let mut store = MemoryStore::new(10);
+        assert!(allowed(&per_host, &mut store, "2001:db8:0:1::1"));
+        assert!(allowed(&per_host, &mut store, "2001:db8:0:1::2"));
+        assert!(!allowed(&per_host, &mut store, "2001:db8:0:1::2"));
+    }
+
+    #[test]
+    fn paths_ignoring_case_share_one_counter() {
+        let config = |ignore_case: bool| {
+            policy(&alloc::format!(
+                r#"{{"rules":[{{"name":"r","match":{{"path":{{"prefix":"/api/","ignore_case":{ignore_case}}}}},"key":["path"],"limit":{{"count":1,"per":"1h"}}}}]}}"#
+            ))
+        };
+        let allowed = |p: &Policy, store: &mut MemoryStore, path: &str| {
+            let request = HttpRequest::new("GET", path);
+            decide(p, store, &request, Nanos(SEC), Span::ZERO)
+                .unwrap()
+                .is_allowed()
+        };
+        let folded = config(true);
+        let mut store = MemoryStore::new(10);
+        assert!(allowed(&folded, &mut store, "/api/x"));
+        assert!(!allowed(&folded, &mut store, "/API/x"));
+        assert!(!allowed(&folded, &mut store, "/Api/X"));
+        assert!(allowed(&folded, &mut store, "/api/y"));
+        let exact = config(false);
+        let mut store = MemoryStore::new(10);
+        assert!(allowed(&exact, &mut store, "/api/x"));
+        assert!(!allowed(&exact, &mut store, "/api/x"));
+        // Not matched at all, so not limited.
+        assert!(allowed(&exact, &mut store, "/API/x"));
+        assert!(allowed(&exact, &mut store, "/API/x"));
     }
 
     #[test]

@@ -37,7 +37,7 @@ impl Nanos {
 
 /// A length of time in nanoseconds.
 ///
-/// Written in config as a number with a unit (`"250ms"`, `"1s"`, `"5m"`,
+/// Written in config as a number with a unit (`"250ms"`, `"1.5s"`, `"5m"`,
 /// `"1h"`, `"1d"`), or as a bare integer meaning seconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Span(pub u64);
@@ -78,17 +78,22 @@ impl Span {
         self.0.div_ceil(1_000_000)
     }
 
-    /// Parses `"250ms"`, `"1s"`, `"1.5s"` is not accepted (use `"1500ms"`).
+    /// Parses a number with a unit: `"250ms"`, `"1s"`, `"1.5m"`; a bare
+    /// number is seconds. A decimal is taken exactly, so it must come to a
+    /// whole number of nanoseconds (`"1.5ns"` is refused, not rounded).
     pub fn parse(text: &str) -> Result<Span, SpanError> {
         let text = text.trim();
-        let digits_end = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(digits_end);
-        if number.is_empty() {
+        let (whole, rest) = split_digits(text);
+        if whole.is_empty() {
             return Err(SpanError::NoNumber);
         }
-        let value: u64 = number.parse().map_err(|_| SpanError::TooLarge)?;
+        let (fraction, unit) = match rest.strip_prefix('.') {
+            Some(after) => match split_digits(after) {
+                ("", _) => return Err(SpanError::NoFraction),
+                (digits, unit) => (digits.trim_end_matches('0'), unit),
+            },
+            None => ("", rest),
+        };
         let unit_nanos: u64 = match unit.trim() {
             "ns" => 1,
             "us" | "µs" => 1_000,
@@ -99,11 +104,45 @@ impl Span {
             "d" => 86_400 * 1_000_000_000,
             _ => return Err(SpanError::UnknownUnit),
         };
-        value
-            .checked_mul(unit_nanos)
+        let whole: u64 = whole.parse().map_err(|_| SpanError::TooLarge)?;
+        let whole_nanos = whole.checked_mul(unit_nanos).ok_or(SpanError::TooLarge)?;
+        let fraction_nanos = fraction_of(fraction, unit_nanos)?;
+        whole_nanos
+            .checked_add(fraction_nanos)
             .map(Span)
             .ok_or(SpanError::TooLarge)
     }
+}
+
+/// `text` split after its leading ASCII digits.
+fn split_digits(text: &str) -> (&str, &str) {
+    text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    )
+}
+
+/// The nanoseconds in `0.<digits>` of a unit of `unit_nanos`, when whole.
+/// `digits` has no trailing zeros.
+fn fraction_of(digits: &str, unit_nanos: u64) -> Result<u64, SpanError> {
+    // No unit has more than 19 decimal digits of nanoseconds (a day has
+    // 14), so a longer fraction without trailing zeros cannot be whole.
+    const MAX_DIGITS: usize = 19;
+    if digits.len() > MAX_DIGITS {
+        return Err(SpanError::FinerThanNanos);
+    }
+    if digits.is_empty() {
+        return Ok(0);
+    }
+    let numerator = digits
+        .parse::<u128>()
+        .map_err(|_| SpanError::FinerThanNanos)?
+        * u128::from(unit_nanos);
+    let denominator = 10u128.pow(digits.len() as u32);
+    if numerator % denominator != 0 {
+        return Err(SpanError::FinerThanNanos);
+    }
+    u64::try_from(numerator / denominator).map_err(|_| SpanError::TooLarge)
 }
 
 /// Why a duration could not be read.
@@ -112,6 +151,12 @@ pub enum SpanError {
     /// The text does not start with digits.
     #[error("expected a duration such as \"500ms\", \"1s\", \"5m\", \"1h\" or \"1d\"")]
     NoNumber,
+    /// A decimal point is not followed by digits.
+    #[error("expected digits after the decimal point, as in \"1.5s\"")]
+    NoFraction,
+    /// A decimal that does not come to a whole number of nanoseconds.
+    #[error("not a whole number of nanoseconds: use fewer decimals or a smaller unit")]
+    FinerThanNanos,
     /// The unit is not one of the known ones.
     #[error("unknown unit: use ns, us, ms, s, m, h or d")]
     UnknownUnit,
@@ -187,6 +232,39 @@ mod tests {
         assert_eq!(
             Span::parse("99999999999999999999s"),
             Err(SpanError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn parses_exact_decimals() {
+        assert_eq!(Span::parse("1.5s"), Ok(Span::from_millis(1500)));
+        assert_eq!(Span::parse("0.25m"), Ok(Span::from_secs(15)));
+        assert_eq!(Span::parse("1.5"), Ok(Span::from_millis(1500)));
+        assert_eq!(Span::parse("2.500ms"), Ok(Span(2_500_000)));
+        assert_eq!(Span::parse("0.000000001s"), Ok(Span(1)));
+        // Trailing zeros cost nothing, however many.
+        assert_eq!(
+            Span::parse("1.50000000000000000000000000000s"),
+            Ok(Span::from_millis(1500))
+        );
+        assert_eq!(Span::parse("1.0001d"), Ok(Span(86_408_640_000_000)));
+        assert_eq!(Span::parse("1.5ns"), Err(SpanError::FinerThanNanos));
+        assert_eq!(Span::parse("0.0000000001s"), Err(SpanError::FinerThanNanos));
+        assert_eq!(
+            Span::parse("1.12345678901234567890123s"),
+            Err(SpanError::FinerThanNanos)
+        );
+        assert_eq!(Span::parse("1.s"), Err(SpanError::NoFraction));
+        assert_eq!(Span::parse(".5s"), Err(SpanError::NoNumber));
+        assert_eq!(Span::parse("1.5.5s"), Err(SpanError::UnknownUnit));
+        assert_eq!(
+            Span::parse("18446744073.709551616s"),
+            Err(SpanError::TooLarge)
+        );
+        assert_eq!(Span::parse("18446744073.709551615s"), Ok(Span(u64::MAX)));
+        assert_eq!(
+            SpanError::FinerThanNanos.to_string(),
+            "not a whole number of nanoseconds: use fewer decimals or a smaller unit"
         );
     }
 

@@ -84,3 +84,41 @@ fn instances_match_often_enough_to_test_something() {
         "{matched} of 1000 instances match"
     );
 }
+
+/// A pattern and path over letters in both cases, where ignoring case
+/// changes answers often.
+fn mixed_case(max: usize) -> impl Strategy<Value = String> {
+    text(&["/", "a", "A", "b", "B", "*"], max)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn ignoring_case_agrees_with_the_reference_on_lowered_text(
+        pattern in mixed_case(12),
+        path in text(&["/", "a", "A", "b", "B", "é"], 16),
+    ) {
+        prop_assert_eq!(
+            Glob::ignoring_case(&pattern).matches(&path),
+            glob_matches(&pattern.to_ascii_lowercase(), &path.to_ascii_lowercase())
+        );
+    }
+
+    #[test]
+    fn ignoring_case_agrees_on_instances_in_another_case(
+        (pattern, path) in pattern_and_instance(),
+        flips in prop::collection::vec(any::<bool>(), 64),
+    ) {
+        // The same instance with some letters upper-cased.
+        let path: String = path
+            .chars()
+            .zip(flips.iter().cycle())
+            .map(|(c, &flip)| if flip { c.to_ascii_uppercase() } else { c })
+            .collect();
+        prop_assert_eq!(
+            Glob::ignoring_case(&pattern).matches(&path),
+            glob_matches(&pattern, &path.to_ascii_lowercase())
+        );
+    }
+}

@@ -50,10 +50,12 @@ pub(super) fn validate_match(raw: &MatchConfig, at: &str, errors: &mut Errors) -
             );
             return None;
         }
+        let ignore_case = p.ignore_case.unwrap_or(false);
         Some(match field {
-            "exact" => PathMatch::Exact(text.clone()),
-            "prefix" => PathMatch::Prefix(text.clone()),
-            _ => PathMatch::Glob(Glob::new(text)),
+            "exact" => PathMatch::exact(text, ignore_case),
+            "prefix" => PathMatch::prefix(text, ignore_case),
+            _ if ignore_case => PathMatch::glob(Glob::ignoring_case(text)),
+            _ => PathMatch::glob(Glob::new(text)),
         })
     });
     let mut headers = Vec::new();

@@ -9,10 +9,12 @@
 //! - `parse`: JSON and YAML text into that shape.
 //! - `validate`, `rule`, `conditions`: the shape into a policy, checking
 //!   the whole file, each rule, and each rule's match conditions.
+//! - `object`: structs are read from objects, never from arrays.
 //! - `error`: what a refused configuration reports.
 
 mod conditions;
 mod error;
+mod object;
 mod parse;
 mod rule;
 mod schema;

@@ -95,14 +95,112 @@ mod tests {
         );
     }
 
+    /// serde reads a struct from an array of its fields in order; a
+    /// configuration written that way is a mistake, refused where it is.
+    #[test]
+    fn arrays_in_place_of_objects_are_refused() {
+        let cases = [
+            ("[]", "(document)"),
+            (
+                r#"[[{"name":"r","limit":{"count":1,"per":"1s"}}]]"#,
+                "(document)",
+            ),
+            (r#"{"rules":[["r"]]}"#, "rules[0]"),
+            (
+                r#"{"rules":[{"name":"r","limit":[1,"1s"]}]}"#,
+                "rules[0].limit",
+            ),
+            (
+                r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1s"},"match":{"path":["/a"]}}]}"#,
+                "rules[0].match.path",
+            ),
+            (r#"{"client_ip":[1]}"#, "client_ip"),
+        ];
+        for (text, path) in cases {
+            let err = Config::from_json(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&alloc::format!(
+                    "{path}: invalid type: sequence, expected an object"
+                )),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn arrays_in_place_of_objects_are_refused_in_yaml() {
+        let cases = [
+            ("[]", "(document)"),
+            (
+                "rules:
+  - [r, {}, [client_ip]]
+",
+                "rules[0]",
+            ),
+            (
+                "rules:
+  - name: r
+    limit: [1, 1s]
+",
+                "rules[0].limit",
+            ),
+        ];
+        for (text, path) in cases {
+            // serde_norway repeats the path in its own message.
+            let err = Config::from_yaml(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&alloc::format!("{path}: "))
+                    && err.contains("invalid type: sequence, expected an object"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn periods_take_exact_decimals() {
+        let policy = Policy::from_json(
+            r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1.5s"},"action":"delay","max_delay":"0.25s"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(policy.rules[0].quota.per(), Span::from_millis(1500));
+        assert_eq!(
+            policy.rules[0].action,
+            Action::Delay {
+                max: Span::from_millis(250)
+            }
+        );
+        let err = Policy::from_json(
+            r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1.0000000001s"}}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rules[0].limit.per: not a whole number of nanoseconds: use fewer decimals or a smaller unit"
+        );
+        let err = Policy::from_json(r#"{"rules":[{"name":"r","limit":{"count":1,"per":1.5}}]}"#)
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "rules[0].limit.per: expected a duration such as \"500ms\" or \"1.5s\", or a whole number of seconds"
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn round_trips_through_json() {
-        let text = r#"{"rules":[{"name":"r","match":{"methods":["post"],"path":{"glob":"/a/*"}},"key":["header:x-api-key"],"limit":{"count":3,"per":"1m","burst":5},"action":"delay","max_delay":"250ms"}],"exclude_statuses":[503,"5xx"],"client_ip":{"trusted_hops":1}}"#;
+        let text = r#"{"rules":[{"name":"r","match":{"methods":["post"],"path":{"glob":"/a/*","ignore_case":true}},"key":["header:x-api-key"],"limit":{"count":3,"per":"1m","burst":5},"action":"delay","max_delay":"250ms"}],"exclude_statuses":[503,"5xx"],"client_ip":{"trusted_hops":1}}"#;
         let config = Config::from_json(text).unwrap();
         let again = Config::from_json(&serde_json::to_string(&config).unwrap()).unwrap();
         assert_eq!(config, again);
         let policy = config.validate().unwrap();
         assert_eq!(policy.rules[0].matcher.methods, ["POST"]);
+        assert!(policy.rules[0]
+            .matcher
+            .path
+            .as_ref()
+            .is_some_and(|p| p.ignores_case() && p.matches("/A/b")));
         assert_eq!(
             policy.rules[0].action,
             Action::Delay {

@@ -10,7 +10,7 @@ use super::error::Errors;
 use super::schema::{ActionKind, CountsConfig, DirectionConfig, RuleConfig, ScopeConfig, SpanText};
 use super::validate::{MAX_LOG_COUNT, MAX_RULE_NAME};
 use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
-use crate::policy::{Action, Counts, Flow, KeyPart, KeySpec, Matcher, Rule, Scope};
+use crate::policy::{Action, Counts, Flow, KeyPart, KeySpec, Matcher, PathMatch, Rule, Scope};
 use crate::time::Span;
 
 /// The rule at `at` (`rules[i]`), or `None` after recording why not.
@@ -68,6 +68,10 @@ pub(super) fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> 
             KeySpec::new(spec)
         }
     };
+
+    // A rule matching paths in either case keys them in one case, so a
+    // client cannot get a fresh counter by changing case.
+    let key = key.lowering_path(matcher.path.as_ref().is_some_and(PathMatch::ignores_case));
 
     let counts = validate_counts(raw, &matcher, at, errors);
     // in_flight and message_size are bounds, not rates: no period, no

@@ -12,9 +12,23 @@ use crate::decision::HeaderSet;
 use crate::store::WhenFull;
 use crate::time::Span;
 
+use super::object::object_only;
+
+object_only!(
+    Config,
+    RuleConfig,
+    MatchConfig,
+    GrpcConfig,
+    PathConfig,
+    HeaderConfig,
+    LimitConfig,
+    HeadersConfig,
+    ClientIpConfig,
+);
+
 /// The whole filter configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct Config {
     /// The rules.
     #[serde(default)]
@@ -43,7 +57,7 @@ pub struct Config {
 
 /// One rule as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct RuleConfig {
     /// Unique name.
     pub name: String,
@@ -86,7 +100,7 @@ pub struct RuleConfig {
 
 /// Match conditions as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct MatchConfig {
     /// HTTP methods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -107,7 +121,7 @@ pub struct MatchConfig {
 
 /// A gRPC method condition as written: globs, each optional.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct GrpcConfig {
     /// Full service name, e.g. `chat.ChatService` or `chat.*`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,9 +159,10 @@ pub enum DirectionConfig {
     Both,
 }
 
-/// A path condition as written: exactly one field set.
+/// A path condition as written: exactly one of `exact`, `prefix` and
+/// `glob`, and optionally `ignore_case`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct PathConfig {
     /// The whole path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,11 +173,14 @@ pub struct PathConfig {
     /// A glob pattern.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub glob: Option<String>,
+    /// Compare ASCII letters in either case; default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_case: Option<bool>,
 }
 
 /// A header condition as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct HeaderConfig {
     /// Header name.
     pub name: String,
@@ -197,7 +215,7 @@ pub enum ActionKind {
 
 /// A limit as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct LimitConfig {
     /// Permits per period (or the bound, for in_flight and message_size).
     pub count: u64,
@@ -212,11 +230,14 @@ pub struct LimitConfig {
 /// A duration kept as written until validation, so a bad one is reported
 /// with its field path rather than as a parse failure of the whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a duration such as \"500ms\" or \"1.5s\", or a whole number of seconds"
+)]
 pub enum SpanText {
     /// A number of seconds.
     Seconds(u64),
-    /// `"500ms"`, `"1m"`, ...
+    /// `"500ms"`, `"1.5s"`, `"1m"`, ...
     Text(String),
 }
 
@@ -241,7 +262,7 @@ impl SpanText {
 
 /// Header options as written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct HeadersConfig {
     /// Which families to send.
     #[serde(default = "all_header_sets")]
@@ -280,9 +301,15 @@ pub enum StatusSpec {
 
 /// Client address options as written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct ClientIpConfig {
     /// Trusted proxies in front of Envoy.
     #[serde(default)]
     pub trusted_hops: u32,
+    /// Leading bits of an IPv4 address that key a client; default 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_prefix: Option<u32>,
+    /// Leading bits of an IPv6 address that key a client; default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u32>,
 }

@@ -108,6 +108,20 @@ impl Config {
                 Span::ZERO
             }
         };
+        let ipv4_prefix = validate_prefix(
+            self.client_ip.ipv4_prefix,
+            ClientIpSource::DEFAULT_IPV4_PREFIX,
+            32,
+            "client_ip.ipv4_prefix",
+            &mut errors,
+        );
+        let ipv6_prefix = validate_prefix(
+            self.client_ip.ipv6_prefix,
+            ClientIpSource::DEFAULT_IPV6_PREFIX,
+            128,
+            "client_ip.ipv6_prefix",
+            &mut errors,
+        );
         errors.finish()?;
         Ok(Policy {
             rules,
@@ -116,11 +130,30 @@ impl Config {
             exclude_statuses,
             client_ip: ClientIpSource {
                 trusted_hops: self.client_ip.trusted_hops,
+                ipv4_prefix,
+                ipv6_prefix,
             },
             max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
             when_full: self.when_keys_full.unwrap_or_default(),
             grpc_cut_grace,
         })
+    }
+}
+
+/// A client address prefix length from 1 to `max` bits (`default` when
+/// absent), recording a problem at `path` otherwise.
+fn validate_prefix(raw: Option<u32>, default: u8, max: u8, path: &str, errors: &mut Errors) -> u8 {
+    match raw.map(u8::try_from) {
+        None => default,
+        Some(Ok(bits)) if (1..=max).contains(&bits) => bits,
+        Some(_) => {
+            errors.add(
+                path,
+                "",
+                format!("must be from 1 to {max} (bits of the address that key a client)"),
+            );
+            default
+        }
     }
 }
 
@@ -214,6 +247,34 @@ mod tests {
                 "rules[4].cost: 3 exceeds what the limit can ever grant at once (2); no request could pass",
                 "exclude_statuses[0]: expected a class such as \"5xx\"",
                 "exclude_statuses[1]: must be between 100 and 599",
+            ]
+        );
+    }
+
+    #[test]
+    fn client_ip_prefixes_default_and_are_bounded() {
+        let rule = r#"{"name":"r","limit":{"count":1,"per":"1s"}}"#;
+        let policy = Policy::from_json(&format!(r#"{{"rules":[{rule}]}}"#)).unwrap();
+        assert_eq!(
+            (policy.client_ip.ipv4_prefix, policy.client_ip.ipv6_prefix),
+            (32, 64)
+        );
+        let policy = Policy::from_json(&format!(
+            r#"{{"rules":[{rule}],"client_ip":{{"ipv4_prefix":24,"ipv6_prefix":128}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            (policy.client_ip.ipv4_prefix, policy.client_ip.ipv6_prefix),
+            (24, 128)
+        );
+        let errors = errors_of(&format!(
+            r#"{{"rules":[{rule}],"client_ip":{{"ipv4_prefix":33,"ipv6_prefix":0}}}}"#
+        ));
+        assert_eq!(
+            errors,
+            [
+                "client_ip.ipv4_prefix: must be from 1 to 32 (bits of the address that key a client)",
+                "client_ip.ipv6_prefix: must be from 1 to 128 (bits of the address that key a client)",
             ]
         );
     }

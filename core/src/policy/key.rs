@@ -5,6 +5,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use super::request::Attributes;
+use crate::client_ip::ClientIpSource;
 
 /// One request attribute that goes into a key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -48,6 +49,10 @@ impl KeyPart {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeySpec {
     parts: Vec<KeyPart>,
+    /// Whether `path` and `path_segment` parts are lower-cased (ASCII), for
+    /// a rule that matches paths ignoring case: changing the case of a path
+    /// then gets a client no fresh counter.
+    lower_path: bool,
 }
 
 /// What a client address that the host could not tell is keyed as.
@@ -56,7 +61,18 @@ const UNKNOWN_CLIENT: &str = "unknown";
 impl KeySpec {
     /// A key made of `parts`.
     pub fn new(parts: Vec<KeyPart>) -> KeySpec {
-        KeySpec { parts }
+        KeySpec {
+            parts,
+            lower_path: false,
+        }
+    }
+
+    /// This key with its path parts lower-cased (ASCII) when `on`.
+    pub fn lowering_path(self, on: bool) -> KeySpec {
+        KeySpec {
+            lower_path: on,
+            ..self
+        }
     }
 
     /// The parts.
@@ -66,9 +82,15 @@ impl KeySpec {
 
     /// Writes the request's key into `out` (cleared first). Each part is
     /// length-prefixed, so no two different requests share a key by
-    /// accident of punctuation. Returns false if a header or path segment
-    /// the key needs is missing: the rule does not apply then.
-    pub fn build(&self, request: &impl Attributes, out: &mut String) -> bool {
+    /// accident of punctuation. The client address is keyed by its network
+    /// under `clients`' prefix lengths. Returns false if a header or path
+    /// segment the key needs is missing: the rule does not apply then.
+    pub fn build(
+        &self,
+        request: &impl Attributes,
+        clients: &ClientIpSource,
+        out: &mut String,
+    ) -> bool {
         out.clear();
         for part in &self.parts {
             let value: &str;
@@ -76,7 +98,7 @@ impl KeySpec {
             match part {
                 KeyPart::ClientIp => match request.client_ip() {
                     Some(ip) => {
-                        let _ = write!(ip_text, "{ip}");
+                        let _ = write!(ip_text, "{}", clients.key_address(ip));
                         value = ip_text.as_str();
                     }
                     None => value = UNKNOWN_CLIENT,
@@ -94,7 +116,13 @@ impl KeySpec {
                 }
                 KeyPart::Method => value = request.method(),
             }
-            let _ = write!(out, "{}:{}", value.len(), value);
+            let _ = write!(out, "{}:", value.len());
+            let from_path = matches!(part, KeyPart::Path | KeyPart::PathSegment(_));
+            if self.lower_path && from_path {
+                out.extend(value.chars().map(|c| c.to_ascii_lowercase()));
+            } else {
+                out.push_str(value);
+            }
         }
         true
     }
@@ -149,10 +177,30 @@ mod tests {
         let req = HttpRequest::new("GET", "/room/lobby?x=1")
             .with_header("x-api-key", "k|1")
             .with_client_ip(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)));
+        let host = ClientIpSource {
+            ipv6_prefix: 128,
+            ..ClientIpSource::default()
+        };
         let mut key = String::new();
-        assert!(spec.build(&req, &mut key));
+        assert!(spec.build(&req, &host, &mut key));
         assert_eq!(key, "7:fe80::13:k|13:GET5:lobby");
-        assert!(!spec.build(&HttpRequest::new("GET", "/room"), &mut key));
+        assert!(!spec.build(&HttpRequest::new("GET", "/room"), &host, &mut key));
+        // By default an IPv6 client is keyed by its /64.
+        assert!(spec.build(&req, &ClientIpSource::default(), &mut key));
+        assert_eq!(key, "6:fe80::3:k|13:GET5:lobby");
+    }
+
+    #[test]
+    fn path_parts_are_lowered_only_when_asked() {
+        let parts = || vec![KeyPart::Path, KeyPart::PathSegment(1), KeyPart::Method];
+        let req = HttpRequest::new("get", "/Room/LOBBY-É");
+        let clients = ClientIpSource::default();
+        let mut key = String::new();
+        assert!(KeySpec::new(parts()).build(&req, &clients, &mut key));
+        assert_eq!(key, "14:/Room/LOBBY-É8:LOBBY-É3:get");
+        let lowered = KeySpec::new(parts()).lowering_path(true);
+        assert!(lowered.build(&req, &clients, &mut key));
+        assert_eq!(key, "14:/room/lobby-É8:lobby-É3:get");
     }
 
     #[test]
@@ -168,7 +216,8 @@ mod tests {
         let r2 = HttpRequest::new("GET", "/")
             .with_header("a", "x")
             .with_header("b", "1:y");
-        assert!(spec.build(&r1, &mut k1) && spec.build(&r2, &mut k2));
+        let clients = ClientIpSource::default();
+        assert!(spec.build(&r1, &clients, &mut k1) && spec.build(&r2, &clients, &mut k2));
         assert_ne!(k1, k2);
     }
 

@@ -5,28 +5,65 @@ use alloc::vec::Vec;
 
 use super::request::{grpc_method, Attributes, Protocol};
 
+mod literal;
+
+use literal::Literal;
+
 #[cfg(feature = "reference")]
 #[doc(hidden)]
 pub mod reference;
 
 /// How a rule matches the request path.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathMatch {
-    /// The whole path equals this.
-    Exact(String),
-    /// The path starts with this.
-    Prefix(String),
-    /// `*` matches within one segment, `**` across segments.
+pub struct PathMatch {
+    /// The pattern, which knows whether case matters.
+    pattern: PathPattern,
+}
+
+/// The three ways to match a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PathPattern {
+    Exact(Literal),
+    Prefix(Literal),
     Glob(Glob),
 }
 
 impl PathMatch {
+    /// The whole path equals `path`.
+    pub fn exact(path: &str, ignore_case: bool) -> PathMatch {
+        PathMatch {
+            pattern: PathPattern::Exact(Literal::new(path, ignore_case)),
+        }
+    }
+
+    /// The path starts with `prefix`.
+    pub fn prefix(prefix: &str, ignore_case: bool) -> PathMatch {
+        PathMatch {
+            pattern: PathPattern::Prefix(Literal::new(prefix, ignore_case)),
+        }
+    }
+
+    /// The path matches the glob.
+    pub fn glob(glob: Glob) -> PathMatch {
+        PathMatch {
+            pattern: PathPattern::Glob(glob),
+        }
+    }
+
     /// Whether `path` matches.
     pub fn matches(&self, path: &str) -> bool {
-        match self {
-            PathMatch::Exact(p) => path == p,
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-            PathMatch::Glob(g) => g.matches(path),
+        match &self.pattern {
+            PathPattern::Exact(p) => p.equals(path),
+            PathPattern::Prefix(p) => p.strip_prefix_of(path).is_some(),
+            PathPattern::Glob(g) => g.matches(path),
+        }
+    }
+
+    /// Whether ASCII letters match in either case.
+    pub fn ignores_case(&self) -> bool {
+        match &self.pattern {
+            PathPattern::Exact(p) | PathPattern::Prefix(p) => p.ignores_case(),
+            PathPattern::Glob(g) => g.ignores_case(),
         }
     }
 }
@@ -94,8 +131,9 @@ impl Matcher {
 
 /// A compiled path pattern: `*` matches any run of characters other than
 /// `/`, `**` (or a longer run of `*`) any run of characters, and every other
-/// character itself. `/**/` therefore needs at least `//`, and `/static/**`
-/// matches `/static/` but not `/static`.
+/// character itself (or, ignoring case, an ASCII letter in either case).
+/// `/**/` therefore needs at least `//`, and `/static/**` matches `/static/`
+/// but not `/static`.
 ///
 /// Matching takes O(n·m) time for a text of n bytes and a pattern of m, and
 /// allocates nothing: the pattern is split once, here, at each `**`, then at
@@ -104,6 +142,8 @@ impl Matcher {
 pub struct Glob {
     /// The pattern between `**`s: `chunks[0] ** chunks[1] ** …`; never empty.
     chunks: Vec<Chunk>,
+    /// Whether ASCII letters match in either case.
+    ignore_case: bool,
 }
 
 /// Part of a pattern without `**`, split at each `/`:
@@ -117,21 +157,38 @@ struct Chunk {
 /// `literals[0] * literals[1] * …`; never empty.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Part {
-    literals: Vec<String>,
+    literals: Vec<Literal>,
 }
 
 impl Glob {
     /// Compiles a pattern; every character other than `*` is literal.
     pub fn new(pattern: &str) -> Glob {
+        Glob::compile(pattern, false)
+    }
+
+    /// Compiles a pattern whose ASCII letters match in either case.
+    pub fn ignoring_case(pattern: &str) -> Glob {
+        Glob::compile(pattern, true)
+    }
+
+    fn compile(pattern: &str, ignore_case: bool) -> Glob {
         let mut chunks = Vec::new();
         let mut rest = pattern;
         // The first `**` found starts a run of stars: the whole run is one `**`.
         while let Some((chunk, after)) = rest.split_once("**") {
-            chunks.push(Chunk::new(chunk));
+            chunks.push(Chunk::new(chunk, ignore_case));
             rest = after.trim_start_matches('*');
         }
-        chunks.push(Chunk::new(rest));
-        Glob { chunks }
+        chunks.push(Chunk::new(rest, ignore_case));
+        Glob {
+            chunks,
+            ignore_case,
+        }
+    }
+
+    /// Whether ASCII letters match in either case.
+    pub fn ignores_case(&self) -> bool {
+        self.ignore_case
     }
 
     /// Whether the whole of `text` matches.
@@ -164,9 +221,12 @@ impl Glob {
 // choosing which `/` of the text its first `/` falls on, and each part then
 // matches within one `/`-free piece of the text.
 impl Chunk {
-    fn new(chunk: &str) -> Chunk {
+    fn new(chunk: &str, ignore_case: bool) -> Chunk {
         Chunk {
-            parts: chunk.split('/').map(Part::new).collect(),
+            parts: chunk
+                .split('/')
+                .map(|part| Part::new(part, ignore_case))
+                .collect(),
         }
     }
 
@@ -260,12 +320,15 @@ fn pieces_from(text: &str, from: usize) -> impl Iterator<Item = (usize, &str)> +
 
 // A part's `*`s match any run within a `/`-free piece, so finding each
 // literal at its leftmost place after the previous one is always safe.
-// `str::find` is linear (two-way search), so each of these is
+// Finding a literal is linear (see `literal`), so each of these is
 // O(piece + part).
 impl Part {
-    fn new(part: &str) -> Part {
+    fn new(part: &str, ignore_case: bool) -> Part {
         Part {
-            literals: part.split('*').map(String::from).collect(),
+            literals: part
+                .split('*')
+                .map(|literal| Literal::new(literal, ignore_case))
+                .collect(),
         }
     }
 
@@ -274,13 +337,13 @@ impl Part {
         let Some((first, rest)) = self.literals.split_first() else {
             return false;
         };
-        let Some(piece) = piece.strip_prefix(first.as_str()) else {
+        let Some(piece) = first.strip_prefix_of(piece) else {
             return false;
         };
         match rest.split_last() {
             None => piece.is_empty(),
-            Some((last, middle)) => piece
-                .strip_suffix(last.as_str())
+            Some((last, middle)) => last
+                .strip_suffix_of(piece)
                 .is_some_and(|inner| leftmost_end(middle, inner).is_some()),
         }
     }
@@ -288,7 +351,7 @@ impl Part {
     /// The earliest end of a match starting at 0.
     fn earliest_end_at_start(&self, piece: &str) -> Option<usize> {
         let (first, rest) = self.literals.split_first()?;
-        let after = piece.strip_prefix(first.as_str())?;
+        let after = first.strip_prefix_of(piece)?;
         Some(first.len() + leftmost_end(rest, after)?)
     }
 
@@ -300,8 +363,7 @@ impl Part {
     /// Whether a match ends at the end of `piece`, starting anywhere.
     fn matches_end_of(&self, piece: &str) -> bool {
         self.literals.split_last().is_some_and(|(last, init)| {
-            piece
-                .strip_suffix(last.as_str())
+            last.strip_suffix_of(piece)
                 .is_some_and(|before| leftmost_end(init, before).is_some())
         })
     }
@@ -309,10 +371,10 @@ impl Part {
 
 /// Where the last of `literals` ends when each is found, in order and without
 /// overlap, at its leftmost place in `text`.
-fn leftmost_end(literals: &[String], text: &str) -> Option<usize> {
+fn leftmost_end(literals: &[Literal], text: &str) -> Option<usize> {
     let mut end = 0;
     for literal in literals {
-        end += text.get(end..)?.find(literal.as_str())? + literal.len();
+        end += literal.find_in(text.get(end..)?)? + literal.len();
     }
     Some(end)
 }
@@ -394,6 +456,8 @@ mod tests {
             (Glob::new("/g/**/a/**/a/**/edit/**"), &path),
             (Glob::new("/*a*a*a*a*a*b"), &segment),
             (Glob::new("/**a*a*a*a*a*b**"), &segment),
+            (Glob::ignoring_case("/G/**/A/**/a/**/EDIT"), &path),
+            (Glob::ignoring_case("/**A*a*A*a*A*B**"), &segment),
         ];
         for _ in 0..1000 {
             for (glob, text) in &cases {
@@ -404,13 +468,57 @@ mod tests {
         assert!(cases[1].0.matches(&alloc::format!("{path}/edit/")));
         assert!(cases[2].0.matches(&alloc::format!("{segment}b")));
         assert!(cases[3].0.matches(&alloc::format!("{segment}b")));
+        assert!(cases[4].0.matches(&alloc::format!("{path}/edit")));
+        assert!(cases[5].0.matches(&alloc::format!("{segment}b")));
+    }
+
+    #[test]
+    fn paths_match_ignoring_ascii_case_only_when_asked() {
+        let condition = |kind: &str, pattern: &str, ignore_case: bool| match kind {
+            "exact" => PathMatch::exact(pattern, ignore_case),
+            "prefix" => PathMatch::prefix(pattern, ignore_case),
+            _ if ignore_case => PathMatch::glob(Glob::ignoring_case(pattern)),
+            _ => PathMatch::glob(Glob::new(pattern)),
+        };
+        // (kind, pattern, path, matches ignoring case, matches exactly)
+        let cases: &[(&str, &str, &str, bool, bool)] = &[
+            ("exact", "/Login", "/lOGIN", true, false),
+            ("exact", "/Login", "/Login", true, true),
+            ("exact", "/Login", "/Login/", false, false),
+            ("prefix", "/api/", "/API/x", true, false),
+            ("prefix", "/api/", "/api/x", true, true),
+            ("prefix", "/api/", "/Api", false, false),
+            // Only ASCII letters fold.
+            ("prefix", "/é/", "/É/x", false, false),
+            ("glob", "/api/*/Items", "/API/V1/items", true, false),
+            ("glob", "/api/**", "/aPi/x/Y", true, false),
+            ("glob", "*.PNG", "cat.png", true, false),
+            ("glob", "/a*B*c", "/AxbXC", true, false),
+            ("glob", "/a*B*c", "/axBxc", true, true),
+            ("glob", "/a/*/b", "/A/x/y/B", false, false),
+        ];
+        for &(kind, pattern, path, ignoring, exactly) in cases {
+            let folded = condition(kind, pattern, true);
+            let exact = condition(kind, pattern, false);
+            assert!(folded.ignores_case() && !exact.ignores_case());
+            assert_eq!(
+                folded.matches(path),
+                ignoring,
+                "{kind} {pattern:?} ignoring case on {path:?}"
+            );
+            assert_eq!(
+                exact.matches(path),
+                exactly,
+                "{kind} {pattern:?} on {path:?}"
+            );
+        }
     }
 
     #[test]
     fn matcher_combines_conditions() {
         let m = Matcher {
             methods: ["POST".into()].into(),
-            path: Some(PathMatch::Exact("/login".into())),
+            path: Some(PathMatch::exact("/login", false)),
             headers: [HeaderMatch {
                 name: "x-tier".into(),
                 value: Some("free".into()),
