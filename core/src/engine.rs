@@ -282,8 +282,9 @@ fn attempt<S: StateStore>(
     let blocking = |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action != Action::Shadow;
 
     if (0..claims.len()).any(blocking) {
+        let standing = standing_outcomes(claims, &mut loaded, &outcomes, now);
         give_back(store, claims, loaded, &outcomes, now);
-        let decisions = rule_decisions(claims, &outcomes);
+        let decisions = rule_decisions(claims, &standing);
         let kind = blocked_kind(claims, &outcomes, waited, &blocking);
         return Ok(Some(Verdict {
             kind,
@@ -327,6 +328,33 @@ fn attempt<S: StateStore>(
         decisions: rule_decisions(claims, &final_outcomes),
         charges,
     }))
+}
+
+/// The outcomes to report on a refusal: all or nothing, so a rule that
+/// would have allowed gave nothing and reports its permits as they stand
+/// (its peek reported them after taking the cost).
+fn standing_outcomes<V>(
+    claims: &[Claim<'_>],
+    loaded: &mut [Loaded<V>],
+    outcomes: &[Outcome],
+    now: Nanos,
+) -> Vec<Outcome> {
+    claims
+        .iter()
+        .zip(loaded.iter_mut())
+        .zip(outcomes)
+        .map(|((claim, l), outcome)| {
+            if !outcome.allowed || claim.cost == 0 {
+                return *outcome;
+            }
+            let standing = l.acquire(claim.slot.rule, now, 0, Mode::Peek);
+            Outcome {
+                remaining: standing.remaining,
+                reset_after: standing.reset_after,
+                ..*outcome
+            }
+        })
+        .collect()
 }
 
 /// Gives back states after a refusal: the keys refused are marked
@@ -505,6 +533,26 @@ mod tests {
         let other = HttpRequest::new("GET", "/other").with_client_ip("1.1.1.1".parse().unwrap());
         let v = decide(&p, &mut store, &other, now, Span::ZERO).unwrap();
         assert_eq!(v.decisions[0].decision.remaining, 8);
+    }
+
+    #[test]
+    fn refusal_reports_the_other_rules_as_they_stand() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"wide","limit":{"count":10,"per":"1m"}},
+                {"name":"narrow","limit":{"count":1,"per":"1m"}}
+            ]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let now = Nanos(SEC);
+        let allowed = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
+        let refused = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
+        assert_eq!(refused.kind, VerdictKind::Limited { rule_index: 1 });
+        // Nothing was taken from "wide": 9 left, as the allowed answer said.
+        assert_eq!(refused.decisions[0].decision, allowed.decisions[0].decision);
+        let mut headers = vec![];
+        refused.headers(&p, |n, val| headers.push((n, val.to_string())));
+        assert!(headers.contains(&("ratelimit", "\"wide\";r=9;t=6, \"narrow\";r=0;t=60".into())));
     }
 
     #[test]
