@@ -573,6 +573,45 @@ async fn delay_longer_than_max_delay_is_rejected() {
     s.assert_no_errors().await;
 }
 
+/// `delay` counts the requests already waiting: 1 per 1 s with max_delay
+/// 2 s, three requests arriving together behind a spent permit would pass
+/// at about 1 s, 2 s and 3 s. The third can never make it, which is known
+/// when it arrives: its 429 comes at once, not after 2 s of waiting.
+#[tokio::test]
+async fn delay_refuses_at_once_a_request_queued_beyond_max_delay() {
+    let config = json!({"rules": [with(rule("slow", 1, "1s"), json!({"action": "delay", "max_delay": "2s"}))]});
+    let s = setup("delay_refuses_at_once_beyond_max_delay", config).await;
+    assert_status(&s.get("/").await, 200, "request 1");
+    let (a, b, c) = tokio::join!(s.get("/"), s.get("/"), s.get("/"));
+    let mut replies = [a, b, c];
+    // The refused one first, then the released ones in release order.
+    replies.sort_by_key(|r| (r.status != 429, r.elapsed));
+    let [refused, first, second] = replies;
+    assert_limited(&refused, "slow", 1, 1, "the request queued third");
+    assert!(
+        refused.elapsed < Duration::from_secs(1),
+        "the 429 should come without waiting, took {:?}",
+        refused.elapsed
+    );
+    for (reply, at) in [(&first, 1), (&second, 2)] {
+        assert_status(
+            reply,
+            200,
+            &format!("the request released after about {at} s"),
+        );
+        assert!(
+            reply.elapsed >= Duration::from_millis(at * 1000 - 100)
+                && reply.elapsed <= Duration::from_millis(at * 1000 + 500),
+            "expected about {at} s, took {:?}",
+            reply.elapsed
+        );
+    }
+    assert_eq!(s.upstream.requests(), 3);
+    assert_eq!(s.counter("slow", "delayed").await, 2, "stat slow.delayed");
+    assert_eq!(s.counter("slow", "limited").await, 1, "stat slow.limited");
+    s.assert_no_errors().await;
+}
+
 /// `key: ["header:x-api-key"]`: each key has its own budget; requests
 /// without the header are not limited by the rule.
 #[tokio::test]
