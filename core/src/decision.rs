@@ -50,14 +50,12 @@ impl Decision {
         self.retry_after.as_secs_ceil().clamp(1, CAP)
     }
 
-    /// Seconds a client should read as "until this resets": when limited,
-    /// until it may retry; otherwise until the allowance is whole again.
+    /// Seconds until the allowance is whole again (`X-RateLimit-Reset`, the
+    /// IETF `t`), rounded up. A property of the key's state alone, so the
+    /// allowed answer and the refusal that follows it agree; when to retry
+    /// is `Retry-After`'s to say.
     pub fn reset_secs(&self) -> u64 {
-        if self.allowed {
-            self.reset_after.as_secs_ceil()
-        } else {
-            self.retry_after_secs()
-        }
+        self.reset_after.as_secs_ceil()
     }
 
     /// Which of two decisions a client should be told about: a denial over
@@ -232,9 +230,9 @@ mod tests {
             ("retry-after", "2"),
             ("x-ratelimit-limit", "100"),
             ("x-ratelimit-remaining", "0"),
-            ("x-ratelimit-reset", "2"),
+            ("x-ratelimit-reset", "17"),
             ("ratelimit-policy", "\"api\";q=100;w=60"),
-            ("ratelimit", "\"api\";r=0;t=2"),
+            ("ratelimit", "\"api\";r=0;t=17"),
         ];
         let got: Vec<(&str, &str)> = headers
             .iter()
@@ -275,6 +273,22 @@ mod tests {
         let headers = render(&[("burst", d)], d, HeaderSets::ALL);
         assert!(headers.contains(&("x-ratelimit-limit".into(), "20".into())));
         assert!(headers.contains(&("ratelimit-policy".into(), "\"burst\";q=100;w=60".into())));
+    }
+
+    #[test]
+    fn reset_is_the_same_whether_allowed_or_refused() {
+        let last_allowed = decision(true, 0, 60_000, 0);
+        let refused = decision(false, 0, 60_000, 12_000);
+        let field = |d: Decision, name: &str| {
+            render(&[("api", d)], d, HeaderSets::ALL)
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v)
+        };
+        for name in ["x-ratelimit-reset", "ratelimit"] {
+            assert_eq!(field(last_allowed, name), field(refused, name), "{name}");
+        }
+        assert_eq!(field(refused, "retry-after").as_deref(), Some("12"));
     }
 
     #[test]

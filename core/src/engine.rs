@@ -282,8 +282,9 @@ fn attempt<S: StateStore>(
     let blocking = |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action != Action::Shadow;
 
     if (0..claims.len()).any(blocking) {
+        let standing = standing_outcomes(claims, &mut loaded, &outcomes, now);
         give_back(store, claims, loaded, &outcomes, now);
-        let decisions = rule_decisions(claims, &outcomes);
+        let decisions = rule_decisions(claims, &standing);
         let kind = blocked_kind(claims, &outcomes, waited, &blocking);
         return Ok(Some(Verdict {
             kind,
@@ -327,6 +328,33 @@ fn attempt<S: StateStore>(
         decisions: rule_decisions(claims, &final_outcomes),
         charges,
     }))
+}
+
+/// The outcomes to report on a refusal: all or nothing, so a rule that
+/// would have allowed gave nothing and reports its permits as they stand
+/// (its peek reported them after taking the cost).
+fn standing_outcomes<V>(
+    claims: &[Claim<'_>],
+    loaded: &mut [Loaded<V>],
+    outcomes: &[Outcome],
+    now: Nanos,
+) -> Vec<Outcome> {
+    claims
+        .iter()
+        .zip(loaded.iter_mut())
+        .zip(outcomes)
+        .map(|((claim, l), outcome)| {
+            if !outcome.allowed || claim.cost == 0 {
+                return *outcome;
+            }
+            let standing = l.acquire(claim.slot.rule, now, 0, Mode::Peek);
+            Outcome {
+                remaining: standing.remaining,
+                reset_after: standing.reset_after,
+                ..*outcome
+            }
+        })
+        .collect()
 }
 
 /// Gives back states after a refusal: the keys refused are marked
@@ -387,6 +415,59 @@ fn blocked_kind(
             rule_index: claims.get(longest).map_or(0, |c| c.slot.rule_index),
         }
     }
+}
+
+/// When a request could take `claim`'s permits if `queued` requests of the
+/// same cost were already waiting on its key, each taking its permits as
+/// soon as they free up and nothing else arriving: the wait from `now`, or
+/// `None` when that is later than `within` or never (refuse at once).
+///
+/// Runs the algorithm forward on a copy of the state, one step per queued
+/// request; stops as soon as the wait passes `within`, so the work is
+/// bounded by the requests that fit in it.
+pub fn queued_wait<S: StateStore>(
+    store: &mut S,
+    claim: &Claim<'_>,
+    queued: usize,
+    now: Nanos,
+    within: Span,
+) -> Result<Option<Span>, StoreError> {
+    let loaded = store.load(claim.slot, now)?;
+    let mut copy = Loaded {
+        state: loaded.state.clone(),
+        version: (),
+        room: loaded.room,
+    };
+    store.release(claim.slot, loaded.state, loaded.version, now);
+    if copy.room == Room::Full {
+        return Ok(None);
+    }
+    let deadline = now.plus(within);
+    let mut at = now;
+    for _ in 0..=queued {
+        // Waiting exactly `retry_after` is enough (every algorithm is exact
+        // about it), so the second try passes; a third would be a bug, and
+        // is taken as "never" rather than looped on.
+        let mut taken = false;
+        for _ in 0..2 {
+            let outcome = copy.acquire(claim.slot.rule, at, claim.cost, Mode::Consume);
+            if outcome.allowed {
+                taken = true;
+                break;
+            }
+            if outcome.retry_after == Span::NEVER {
+                return Ok(None);
+            }
+            at = at.plus(outcome.retry_after);
+            if at > deadline {
+                return Ok(None);
+            }
+        }
+        if !taken {
+            return Ok(None);
+        }
+    }
+    Ok(Some(at.since(now)))
 }
 
 /// Gives back the permits of `charges` (a response excluded from
@@ -508,6 +589,26 @@ mod tests {
     }
 
     #[test]
+    fn refusal_reports_the_other_rules_as_they_stand() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"wide","limit":{"count":10,"per":"1m"}},
+                {"name":"narrow","limit":{"count":1,"per":"1m"}}
+            ]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let now = Nanos(SEC);
+        let allowed = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
+        let refused = decide(&p, &mut store, &req("1.1.1.1"), now, Span::ZERO).unwrap();
+        assert_eq!(refused.kind, VerdictKind::Limited { rule_index: 1 });
+        // Nothing was taken from "wide": 9 left, as the allowed answer said.
+        assert_eq!(refused.decisions[0].decision, allowed.decisions[0].decision);
+        let mut headers = vec![];
+        refused.headers(&p, |n, val| headers.push((n, val.to_string())));
+        assert!(headers.contains(&("ratelimit", "\"wide\";r=9;t=6, \"narrow\";r=0;t=60".into())));
+    }
+
+    #[test]
     fn shadow_rules_never_block_and_are_not_shown() {
         let p = policy(
             r#"{"rules":[{"name":"dry","limit":{"count":1,"per":"1m"},"action":"shadow"}]}"#,
@@ -550,6 +651,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.kind, VerdictKind::Limited { rule_index: 0 });
+    }
+
+    #[test]
+    fn queued_wait_counts_the_requests_ahead() {
+        let p = policy(
+            r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"2s"}]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let t0 = Nanos(5 * SEC);
+        assert!(decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO)
+            .unwrap()
+            .is_allowed());
+        let keys = applicable_rules(&p, &req("1.1.1.1"));
+        let claim = claims(&p, keys.iter().map(|(i, k)| (*i, k.as_str(), None)))[0];
+        let two = Span::from_secs(2);
+        let wait = |store: &mut MemoryStore, queued| queued_wait(store, &claim, queued, t0, two);
+        assert_eq!(wait(&mut store, 0), Ok(Some(Span::SECOND)));
+        assert_eq!(wait(&mut store, 1), Ok(Some(two)));
+        assert_eq!(wait(&mut store, 2), Ok(None));
+        // Nothing was taken: the permit frees up after 1 s as before.
+        let v = decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO).unwrap();
+        assert_eq!(v.kind, VerdictKind::Wait { wait: Span::SECOND });
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 use sluice_core::algorithm::{AlgorithmKind, Limiter, Outcome, Quota, State};
+use sluice_core::decision::Decision;
 use sluice_core::time::{Nanos, Span};
 
 const MS: u64 = 1_000_000;
@@ -310,6 +311,51 @@ proptest! {
                 let mut bytes = Vec::new();
                 state.encode(&mut bytes);
                 prop_assert_eq!(State::decode(&bytes), Ok(state.clone()));
+            }
+        }
+    }
+
+    /// (7) The reset a client is told (`X-RateLimit-Reset`, `t`) depends on
+    /// the key's state only: the refusal that follows an allowed request at
+    /// the same instant reports the same reset, to the nanosecond and in
+    /// header seconds. Only `retry_after` (and `allowed`) differ.
+    #[test]
+    fn reset_is_the_same_on_the_refusal_that_follows((q, ops) in forward(true), cost in 1u64..=16) {
+        let ops = absolute(&ops);
+        let now = Nanos(ops.last().map_or(0, |op| op.time));
+        for kind in AlgorithmKind::ALL {
+            let limiter = Limiter::new(kind, q);
+            let mut state = limiter.fresh_state();
+            for op in &ops {
+                let at = Nanos(op.time);
+                match op.action {
+                    Action::Check => {
+                        let _ = limiter.check(&mut state, at, op.cost);
+                    }
+                    Action::Peek => {
+                        let _ = limiter.peek(&mut state, at, op.cost);
+                    }
+                    Action::Refund => limiter.refund(&mut state, at, op.cost),
+                }
+            }
+            // Enough checks to spend any limit of the strategy's quotas.
+            let mut last_allowed = None;
+            for _ in 0..=limit(kind, q) + 1 {
+                let outcome = limiter.check(&mut state, now, cost);
+                if outcome.allowed {
+                    last_allowed = Some(outcome);
+                    continue;
+                }
+                if let Some(allowed) = last_allowed {
+                    prop_assert_eq!(allowed.reset_after, outcome.reset_after, "{:?}", kind);
+                    prop_assert_eq!(
+                        Decision::new(&q, &allowed).reset_secs(),
+                        Decision::new(&q, &outcome).reset_secs(),
+                        "{:?}", kind
+                    );
+                    prop_assert_eq!(allowed.remaining, outcome.remaining, "{:?}", kind);
+                }
+                break;
             }
         }
     }

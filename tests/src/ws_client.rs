@@ -156,6 +156,20 @@ impl RawWs {
         Ok(())
     }
 
+    /// Sends masked frames, each `(fin, opcode, payload)`, in a single
+    /// write: small enough, they reach the proxy as one chunk.
+    pub async fn send_frames(&mut self, frames: &[(bool, u8, &[u8])]) -> Result<()> {
+        let bytes: Vec<u8> = frames
+            .iter()
+            .flat_map(|&(fin, opcode, payload)| {
+                ws_frame::encode(fin, opcode, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+            })
+            .collect();
+        self.stream.write_all(&bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
     /// The next frame from the server.
     pub async fn read_frame(&mut self) -> Result<Frame> {
         tokio::time::timeout(READ_TIMEOUT, self.read_frame_inner())

@@ -325,6 +325,40 @@ async fn boundary_fixed_window() {
     check_boundary("boundary_fixed_window", "fixed_window", None).await;
 }
 
+/// The reset (`X-RateLimit-Reset`, `t`) is the time until the allowance is
+/// whole again, so the last allowed answer and the 429 that follows agree
+/// on it; only `Retry-After` says when to retry. A rule that did not refuse
+/// the 429 gave nothing to it and reports what it really has left.
+#[tokio::test]
+async fn reset_and_remaining_agree_between_the_last_allowed_answer_and_the_429() {
+    // "narrow": 5 per minute (one back every 12 s); "wide": 100 per hour
+    // (one back every 36 s), so nothing refills during the test.
+    let config = json!({"rules": [rule("wide", 100, "1h"), rule("narrow", 5, "1m")]});
+    let s = setup("reset_agrees_on_the_429", config).await;
+    let mut last_allowed = None;
+    for i in 1..=5 {
+        let reply = s.get("/").await;
+        assert_status(&reply, 200, &format!("request {i}"));
+        last_allowed = Some(reply);
+    }
+    let allowed = last_allowed.unwrap();
+    let refused = s.get("/").await;
+    assert_status(&refused, 429, "request 6");
+    assert_header(&refused, "retry-after", "12", "request 6");
+    // 5 permits of "narrow" take 60 s to come back, 5 of "wide" 180 s.
+    let expected = "\"wide\";r=95;t=180, \"narrow\";r=0;t=60";
+    for (reply, what) in [
+        (&allowed, "request 5 (allowed)"),
+        (&refused, "request 6 (429)"),
+    ] {
+        assert_header(reply, "x-ratelimit-reset", "60", what);
+        assert_header(reply, "x-ratelimit-remaining", "0", what);
+        assert_header(reply, "ratelimit", expected, what);
+    }
+    assert_eq!(s.upstream.requests(), 5);
+    s.assert_no_errors().await;
+}
+
 #[tokio::test]
 async fn boundary_sliding_window_log() {
     // The oldest of the 5 leaves the window 60 s after it came.
@@ -536,6 +570,45 @@ async fn delay_longer_than_max_delay_is_rejected() {
         second.elapsed
     );
     assert_eq!(s.upstream.requests(), 1);
+    s.assert_no_errors().await;
+}
+
+/// `delay` counts the requests already waiting: 1 per 1 s with max_delay
+/// 2 s, three requests arriving together behind a spent permit would pass
+/// at about 1 s, 2 s and 3 s. The third can never make it, which is known
+/// when it arrives: its 429 comes at once, not after 2 s of waiting.
+#[tokio::test]
+async fn delay_refuses_at_once_a_request_queued_beyond_max_delay() {
+    let config = json!({"rules": [with(rule("slow", 1, "1s"), json!({"action": "delay", "max_delay": "2s"}))]});
+    let s = setup("delay_refuses_at_once_beyond_max_delay", config).await;
+    assert_status(&s.get("/").await, 200, "request 1");
+    let (a, b, c) = tokio::join!(s.get("/"), s.get("/"), s.get("/"));
+    let mut replies = [a, b, c];
+    // The refused one first, then the released ones in release order.
+    replies.sort_by_key(|r| (r.status != 429, r.elapsed));
+    let [refused, first, second] = replies;
+    assert_limited(&refused, "slow", 1, 1, "the request queued third");
+    assert!(
+        refused.elapsed < Duration::from_secs(1),
+        "the 429 should come without waiting, took {:?}",
+        refused.elapsed
+    );
+    for (reply, at) in [(&first, 1), (&second, 2)] {
+        assert_status(
+            reply,
+            200,
+            &format!("the request released after about {at} s"),
+        );
+        assert!(
+            reply.elapsed >= Duration::from_millis(at * 1000 - 100)
+                && reply.elapsed <= Duration::from_millis(at * 1000 + 500),
+            "expected about {at} s, took {:?}",
+            reply.elapsed
+        );
+    }
+    assert_eq!(s.upstream.requests(), 3);
+    assert_eq!(s.counter("slow", "delayed").await, 2, "stat slow.delayed");
+    assert_eq!(s.counter("slow", "limited").await, 1, "stat slow.limited");
     s.assert_no_errors().await;
 }
 

@@ -654,6 +654,168 @@ async fn fragmented_messages_with_pings_count_once() {
     assert_eq!(s.upstream.texts("/ws"), ["hello world 1", "hello world 2"]);
 }
 
+/// A `drop` size rule and a message over it whose fragments all arrive in
+/// one write: none of it was passed on when the verdict came, so the whole
+/// message is dropped and the connection stays open.
+#[tokio::test]
+async fn fragmented_message_in_one_write_is_dropped_whole() {
+    let s = setup(
+        "ws_fragmented_message_in_one_write_is_dropped_whole",
+        json!([ws_rule(
+            "ws-size",
+            "message_size",
+            json!({"count": 8}),
+            json!({"direction": "client", "action": "drop"})
+        )]),
+    )
+    .await;
+    let mut raw = s.raw("/ws").await;
+    // 5 bytes pass the bound, the second fragment makes 10.
+    raw.send_frames(&[
+        (false, opcode::TEXT, b"abcde"),
+        (true, opcode::PING, b"between"),
+        (true, opcode::CONTINUATION, b"fghij"),
+    ])
+    .await
+    .unwrap();
+    raw.send_frame(true, opcode::TEXT, b"next", 64)
+        .await
+        .unwrap();
+    let (echo, pongs) = read_data(&mut raw, "after the dropped message").await;
+    assert_eq!(
+        (echo.opcode, echo.text()),
+        (opcode::TEXT, "next".to_owned()),
+        "the message after the dropped one: expected its echo, got {echo:?}"
+    );
+    assert_eq!(pongs, ["between"], "the ping inside the dropped message");
+    assert_eq!(
+        s.upstream.texts("/ws"),
+        ["next"],
+        "messages at the upstream"
+    );
+    assert!(
+        s.upstream.closes().is_empty(),
+        "closes at the upstream: {:?}",
+        s.upstream.closes()
+    );
+    assert_eq!(s.counter("ws-size", "dropped").await, 1, "stat dropped");
+    assert_eq!(s.counter("ws-size", "limited").await, 0, "stat limited");
+}
+
+/// Reads frames until a pong, which proves everything written before its
+/// ping went through the filter and the upstream.
+async fn read_pong(raw: &mut RawWs, what: &str) -> String {
+    loop {
+        let frame = raw
+            .read_frame()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_ne!(frame.opcode, opcode::CLOSE, "{what}: closed: {frame:?}");
+        if frame.opcode == opcode::PONG {
+            return frame.text();
+        }
+    }
+}
+
+/// Every message counts exactly once per rule, under what happened to it
+/// (README.md, "Metrics"): a size rule counts what it allows; a message
+/// its `drop` rule discards is `dropped`; a message it cannot drop because
+/// part of it was already passed on closes the connection and is
+/// `limited`, as is every message the closed direction discards after it.
+#[tokio::test]
+async fn stream_outcomes_are_counted_once_each() {
+    let s = setup(
+        "ws_stream_outcomes_are_counted_once_each",
+        json!([
+            ws_rule(
+                "sz-drop",
+                "message_size",
+                json!({"count": 8}),
+                json!({"direction": "client", "action": "drop",
+                    "match": {"websocket": true, "path": {"prefix": "/ws"}}})
+            ),
+            ws_rule(
+                "sz-close",
+                "message_size",
+                json!({"count": 8}),
+                json!({"direction": "client",
+                    "match": {"websocket": true, "path": {"prefix": "/room/"}}})
+            ),
+        ]),
+    )
+    .await;
+
+    // The drop rule: two messages pass, one is dropped, one passes, and
+    // one that grows past the bound after its first fragment went through
+    // closes the connection.
+    let mut raw = s.raw("/ws").await;
+    for text in ["m1", "m2"] {
+        raw.send_frame(true, opcode::TEXT, text.as_bytes(), 64)
+            .await
+            .unwrap();
+        let (echo, _) = read_data(&mut raw, text).await;
+        assert_eq!(echo.text(), text);
+    }
+    raw.send_frame(true, opcode::TEXT, b"0123456789", 64)
+        .await
+        .unwrap();
+    raw.send_frame(true, opcode::TEXT, b"m3", 64).await.unwrap();
+    let (echo, _) = read_data(&mut raw, "m3, after a dropped message").await;
+    assert_eq!(echo.text(), "m3");
+    raw.send_frame(false, opcode::TEXT, b"abcde", 64)
+        .await
+        .unwrap();
+    raw.send_frame(true, opcode::PING, b"passed", 64)
+        .await
+        .unwrap();
+    assert_eq!(read_pong(&mut raw, "first fragment").await, "passed");
+    raw.send_frame(true, opcode::CONTINUATION, b"fghij", 64)
+        .await
+        .unwrap();
+    expect_raw_close(
+        &mut raw,
+        1009,
+        "message too big: sz-drop",
+        "second fragment",
+    )
+    .await;
+    s.upstream_close("/ws", 1009, "message too big: sz-drop")
+        .await
+        .unwrap();
+
+    // The closing rule: one message passes; of two over the bound in one
+    // write, the first closes and the second is discarded with it.
+    let mut raw = s.raw("/room/r").await;
+    raw.send_frame(true, opcode::TEXT, b"ok", 64).await.unwrap();
+    let (echo, _) = read_data(&mut raw, "ok").await;
+    assert_eq!(echo.text(), "ok");
+    raw.send_frames(&[
+        (true, opcode::TEXT, b"too big #1"),
+        (true, opcode::TEXT, b"too big #2"),
+    ])
+    .await
+    .unwrap();
+    expect_raw_close(&mut raw, 1009, "message too big: sz-close", "two too big").await;
+
+    let mut counts = Vec::new();
+    for rule in ["sz-drop", "sz-close"] {
+        for outcome in ["allowed", "dropped", "limited"] {
+            counts.push((rule, outcome, s.counter(rule, outcome).await));
+        }
+    }
+    assert_eq!(
+        counts,
+        [
+            ("sz-drop", "allowed", 3),
+            ("sz-drop", "dropped", 1),
+            ("sz-drop", "limited", 1),
+            ("sz-close", "allowed", 1),
+            ("sz-close", "dropped", 0),
+            ("sz-close", "limited", 2),
+        ]
+    );
+}
+
 /// Envoy (two workers) in front of the `websockets` echo server, which
 /// negotiates permessage-deflate as browsers' servers do.
 async fn deflate_setup(test: &str, rules: Value) -> (PyServer, Envoy) {

@@ -110,6 +110,11 @@ impl<B: SharedBytes> Plugin<B> {
                     return Some(Wake::Resume);
                 }
             };
+        let verdict = if waited == Span::ZERO {
+            self.behind_queue(verdict, &request.keys, now)
+        } else {
+            verdict
+        };
         self.report_keys(host);
         let protocol = request.protocol;
         match verdict.kind {

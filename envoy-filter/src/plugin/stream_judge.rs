@@ -8,7 +8,7 @@ use sluice_core::time::{Nanos, Span};
 
 use crate::host::Host;
 use crate::metrics::{Metrics, Outcome};
-use crate::stream::{Answer, Ask, Judge, Violation};
+use crate::stream::{Answer, Ask, Enforced, Judge, Violation};
 
 /// Decides stream messages against one request's stream rules.
 pub(super) struct StreamJudge<'a, B, H> {
@@ -23,6 +23,30 @@ pub(super) struct StreamJudge<'a, B, H> {
 
 impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
     fn judge(&mut self, direction: Direction, ask: Ask) -> Answer {
+        let answer = self.decide(direction, ask);
+        if answer == Answer::Pass && ask.ends {
+            self.count_sizes(direction, ask.size);
+        }
+        answer
+    }
+
+    fn enforced(&mut self, _: Direction, rule: &str, outcome: Enforced) {
+        let Some(rule_index) = self.policy.rules.iter().position(|r| r.name == rule) else {
+            return;
+        };
+        let outcome = match outcome {
+            Enforced::Dropped => Outcome::Dropped,
+            Enforced::Limited => Outcome::Limited,
+        };
+        self.metrics
+            .count(self.host, self.protocol, rule_index, outcome);
+    }
+}
+
+impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
+    /// The stream rules' verdict on `ask`; refusals are counted by the
+    /// stream once it knows what it did ([`Judge::enforced`]).
+    fn decide(&mut self, direction: Direction, ask: Ask) -> Answer {
         let rules = self
             .keys
             .iter()
@@ -46,12 +70,10 @@ impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
             let Counts::MessageSize(flow) = rule.counts else {
                 continue;
             };
-            if !flow.includes(direction) || ask.size <= rule.quota.count() {
-                continue;
-            }
-            if rule.action == Action::Shadow {
-                self.metrics
-                    .count(self.host, self.protocol, i, Outcome::ShadowLimited);
+            if !flow.includes(direction)
+                || ask.size <= rule.quota.count()
+                || rule.action == Action::Shadow
+            {
                 continue;
             }
             return self.refuse(i, Violation::TooBig, 1, Vec::new());
@@ -115,6 +137,29 @@ impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
 }
 
 impl<B, H: Host> StreamJudge<'_, B, H> {
+    /// Counts the size rules' outcomes for a message that passed whole
+    /// (once per message, at its end, when its size is known).
+    fn count_sizes(&self, direction: Direction, size: u64) {
+        for (i, _) in self.keys {
+            let Some(rule) = self.policy.rules.get(*i) else {
+                continue;
+            };
+            let Counts::MessageSize(flow) = rule.counts else {
+                continue;
+            };
+            if !flow.includes(direction) {
+                continue;
+            }
+            // Only a shadow rule lets a message over its bound pass.
+            let outcome = if size > rule.quota.count() {
+                Outcome::ShadowLimited
+            } else {
+                Outcome::Allowed
+            };
+            self.metrics.count(self.host, self.protocol, *i, outcome);
+        }
+    }
+
     fn refuse(
         &self,
         rule_index: usize,
@@ -127,15 +172,11 @@ impl<B, H: Host> StreamJudge<'_, B, H> {
         };
         let rule_name = rule.name.clone();
         if rule.action == Action::Drop {
-            self.metrics
-                .count(self.host, self.protocol, rule_index, Outcome::Dropped);
             Answer::Drop {
                 violation,
                 rule: rule_name,
             }
         } else {
-            self.metrics
-                .count(self.host, self.protocol, rule_index, Outcome::Limited);
             Answer::Refuse {
                 rule: rule_name,
                 violation,

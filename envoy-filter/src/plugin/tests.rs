@@ -113,6 +113,30 @@ fn delay_waits_then_releases_on_tick() -> Result<(), String> {
 }
 
 #[test]
+fn delay_counts_the_requests_already_waiting() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"action":"delay","max_delay":"2s"}]}"#,
+    )?;
+    host.request("GET", "/", &[]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Pause);
+    assert_eq!(p.on_request_headers(&host, 3), Step::Pause);
+    // Third in line: its turn would come after 3 s.
+    assert_eq!(reply(p.on_request_headers(&host, 4))?.status, 429);
+    assert_eq!(host.counter("sluice_http.rule.slow.outcome.limited"), 1);
+    // The others are woken in turn: one after 1 s, the next after 2 s.
+    host.now.set(host.now.get() + SEC);
+    assert_eq!(p.on_tick(&host), vec![(2, Wake::Resume)]);
+    host.now.set(host.now.get() + SEC);
+    assert_eq!(p.on_tick(&host), vec![(3, Wake::Resume)]);
+    assert_eq!(host.counter("sluice_http.rule.slow.outcome.delayed"), 2);
+    Ok(())
+}
+
+#[test]
 fn delay_beyond_max_is_refused_and_abandoned_requests_are_forgotten() -> Result<(), String> {
     let (host, shared) = (FakeHost::default(), InProcessShared::default());
     let mut p = plugin(

@@ -6,7 +6,7 @@
 use sluice_core::policy::Direction;
 use sluice_core::protocol::{GrpcEvent, GrpcFrameParser};
 
-use super::{grpc_message_refusal, Answer, Ask, Edit, Judge, PerDirection};
+use super::{grpc_message_refusal, Answer, Ask, Edit, Enforced, Judge, PerDirection};
 
 /// The status a cut call ends with when the upstream ends it in time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,8 +21,9 @@ pub struct CutStatus {
 #[derive(Debug, Default)]
 pub struct GrpcStream {
     parsers: PerDirection<GrpcFrameParser>,
-    /// Directions whose messages are no longer passed on.
-    blocked: PerDirection<bool>,
+    /// Directions whose messages are no longer passed on, with the rule
+    /// that cut them (each later message is refused by it).
+    blocked: PerDirection<Option<String>>,
     /// The status to put in the trailers, once a message was refused after
     /// the response started.
     cut: Option<CutStatus>,
@@ -38,13 +39,6 @@ impl GrpcStream {
         bytes: &[u8],
         response_started: bool,
     ) -> Edit {
-        if *self.blocked.get(direction) {
-            return if bytes.is_empty() {
-                Edit::Keep
-            } else {
-                Edit::Replace(Vec::new())
-            };
-        }
         let mut starts: Vec<(usize, u64, bool)> = Vec::new();
         // A malformed stream is the endpoints' business: stop counting and
         // pass it on rather than guess.
@@ -53,12 +47,24 @@ impl GrpcStream {
                 starts.push((at.offset, u64::from(message.len), message.compressed));
             }
         });
-        for (offset, len, compressed) in starts {
+        if let Some(rule) = self.blocked.get(direction) {
+            for _ in &starts {
+                judge.enforced(direction, rule, Enforced::Limited);
+            }
+            return if bytes.is_empty() {
+                Edit::Keep
+            } else {
+                Edit::Replace(Vec::new())
+            };
+        }
+        let mut starts = starts.into_iter();
+        while let Some((offset, len, compressed)) = starts.next() {
             let ask = Ask {
                 messages: 1,
                 bytes: len,
                 size: len,
                 compressed,
+                ends: true,
             };
             let (rule, violation, retry_after, metadata) = match judge.judge(direction, ask) {
                 Answer::Pass => continue,
@@ -71,6 +77,11 @@ impl GrpcStream {
                 // Only WebSocket rules drop; end the call all the same.
                 Answer::Drop { rule, violation } => (rule, violation, 1, Vec::new()),
             };
+            // The refused message and those after it in this chunk are
+            // never passed on.
+            for _ in 0..=starts.len() {
+                judge.enforced(direction, &rule, Enforced::Limited);
+            }
             let (status, message) = grpc_message_refusal(&rule, violation, retry_after);
             if !response_started {
                 return Edit::RefuseCall {
@@ -79,7 +90,7 @@ impl GrpcStream {
                     metadata,
                 };
             }
-            *self.blocked.get_mut(direction) = true;
+            *self.blocked.get_mut(direction) = Some(rule);
             self.cut = Some(CutStatus { status, message });
             // Everything before the refused message passes on.
             let passed = bytes.get(..offset).unwrap_or(bytes);
@@ -96,7 +107,7 @@ impl GrpcStream {
 
     /// Whether messages travelling `direction` are no longer passed on.
     pub fn blocked(&self, direction: Direction) -> bool {
-        *self.blocked.get(direction)
+        self.blocked.get(direction).is_some()
     }
 }
 
@@ -142,6 +153,15 @@ mod tests {
         assert_eq!(
             call.chunk(&mut judge, Direction::Server, &grpc_message_bytes(1), true),
             Edit::Replace(Vec::new())
+        );
+        // Each refused message is counted once: the one that cut the call
+        // and the one discarded after it.
+        assert_eq!(
+            judge.enforced,
+            vec![
+                (Direction::Server, "r".to_owned(), Enforced::Limited),
+                (Direction::Server, "r".to_owned(), Enforced::Limited),
+            ]
         );
         // The client's half-close still goes through.
         assert_eq!(

@@ -32,6 +32,8 @@ pub struct Ask {
     /// The message is compressed, so `bytes` and `size` are not what the
     /// receiver gets: size and byte rules cannot measure it.
     pub compressed: bool,
+    /// The message ends here: `size` is its final size.
+    pub ends: bool,
 }
 
 /// Why a message is refused.
@@ -71,10 +73,25 @@ pub enum Answer {
     },
 }
 
+/// What became of a message a rule refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enforced {
+    /// Discarded, the connection kept (WebSocket `drop`).
+    Dropped,
+    /// Refused: the call ended or was cut, the connection closed, or the
+    /// message discarded because an earlier refusal closed its direction.
+    Limited,
+}
+
 /// Decides messages against the stream rules of one request.
 pub trait Judge {
     /// The verdict for `ask` travelling `direction`.
     fn judge(&mut self, direction: Direction, ask: Ask) -> Answer;
+
+    /// Records what the stream did with a message `rule` refused (once per
+    /// message): the answer alone cannot say, since a drop may have to
+    /// close instead.
+    fn enforced(&mut self, direction: Direction, rule: &str, outcome: Enforced);
 }
 
 /// What to do with a chunk after the stream rules saw it.

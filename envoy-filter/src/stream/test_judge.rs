@@ -2,7 +2,7 @@
 
 use sluice_core::policy::Direction;
 
-use super::{Answer, Ask, Judge, PerDirection, Violation};
+use super::{Answer, Ask, Enforced, Judge, PerDirection, Violation};
 
 /// Allows `budget` messages per direction, then answers `over`.
 pub(super) struct Budget {
@@ -11,6 +11,8 @@ pub(super) struct Budget {
     pub(super) over: Answer,
     /// Every ask seen, in order.
     pub(super) asks: Vec<(Direction, Ask)>,
+    /// Every refusal enforced, in order.
+    pub(super) enforced: Vec<(Direction, String, Enforced)>,
 }
 
 impl Judge for Budget {
@@ -28,6 +30,10 @@ impl Judge for Budget {
             None => self.over.clone(),
         }
     }
+
+    fn enforced(&mut self, direction: Direction, rule: &str, outcome: Enforced) {
+        self.enforced.push((direction, rule.to_owned(), outcome));
+    }
 }
 
 /// `n` messages per direction, then `over`.
@@ -39,6 +45,7 @@ pub(super) fn budget(n: u64, over: Answer) -> Budget {
         },
         over,
         asks: Vec::new(),
+        enforced: Vec::new(),
     }
 }
 

@@ -6,7 +6,7 @@ use sluice_core::policy::Direction;
 use sluice_core::protocol::websocket::{self, CloseCode, Event, FrameParser, Opcode};
 use sluice_core::protocol::ChunkPos;
 
-use super::{opposite, Answer, Ask, Edit, Judge, PerDirection, Violation};
+use super::{opposite, Answer, Ask, Edit, Enforced, Judge, PerDirection, Violation};
 
 /// A close this filter owes one side of a WebSocket connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +21,9 @@ struct WsSide {
     parser: FrameParser,
     /// This direction was closed by the filter: drop what follows.
     closed: bool,
+    /// The rule whose refusal closed this direction: it refuses every
+    /// message discarded after.
+    closed_by: Option<String>,
     /// The filter must close this direction at its next chunk.
     owed: Option<Close>,
     /// Dropping the data frames of the current message.
@@ -49,6 +52,8 @@ struct FrameAt {
     payload: u64,
     /// It is the first frame of a message.
     starts: bool,
+    /// It is the last frame of a message.
+    fin: bool,
 }
 
 impl WsSide {
@@ -56,6 +61,7 @@ impl WsSide {
         WsSide {
             parser: FrameParser::new(direction, deflate),
             closed: false,
+            closed_by: None,
             owed: None,
             dropping: false,
             compressed: false,
@@ -103,6 +109,17 @@ impl WebSocketStream {
             return Edit::Replace(close_towards_receiver(direction, &close));
         }
         if side.closed {
+            if let Some(rule) = &side.closed_by {
+                let mut starts = 0usize;
+                let _ = side.parser.feed(bytes, |e| {
+                    if let Event::MessageStarted { .. } = e {
+                        starts = starts.saturating_add(1);
+                    }
+                });
+                for _ in 0..starts {
+                    judge.enforced(direction, rule, Enforced::Limited);
+                }
+            }
             return if bytes.is_empty() {
                 Edit::Keep
             } else {
@@ -147,18 +164,34 @@ impl WebSocketStream {
             let dropped_here = end.saturating_sub(pending_len) as u64;
             side.drop_carry = carry.saturating_sub(dropped_here);
         }
-        let mut cut: Option<(usize, Close)> = None;
-        for event in events {
+        let mut cut: Option<(usize, Close, String)> = None;
+        // The data frames of the current message in this chunk, while all
+        // of it is here: nothing of it has been passed on, so a drop can
+        // still take it whole.
+        let mut unsent: Option<Vec<FrameAt>> = None;
+        let mut events = events.into_iter();
+        for event in events.by_ref() {
             match event {
                 Event::Frame { at, header } => {
                     let data = !header.opcode.is_control();
-                    side.frame = data.then_some(FrameAt {
+                    let frame = FrameAt {
                         offset: locate(at),
                         whole: usize::from(at.carried) <= pending_len,
                         len: header.frame_len(),
                         payload: header.payload_len,
                         starts: header.opcode != Opcode::Continuation,
-                    });
+                        fin: header.fin,
+                    };
+                    side.frame = data.then_some(frame);
+                    if data {
+                        if frame.starts {
+                            unsent = Some(Vec::new());
+                        }
+                        match unsent.as_mut() {
+                            Some(frames) if frame.whole => frames.push(frame),
+                            _ => unsent = None,
+                        }
+                    }
                     if data && side.dropping {
                         drop_frame(side, &mut removed, chunk.len());
                     }
@@ -175,6 +208,7 @@ impl WebSocketStream {
                         bytes: frame.payload,
                         size,
                         compressed: side.compressed,
+                        ends: frame.fin,
                     };
                     let answer = judge.judge(direction, ask);
                     let at = if frame.whole { frame.offset } else { 0 };
@@ -182,8 +216,18 @@ impl WebSocketStream {
                         Answer::Pass => {}
                         // Dropping a compressed message would leave the
                         // receiver's decompression context out of step.
-                        Answer::Drop { .. } if frame.starts && frame.whole && !side.compressed => {
+                        Answer::Drop { rule, .. } if unsent.is_some() && !side.compressed => {
+                            judge.enforced(direction, &rule, Enforced::Dropped);
                             side.dropping = true;
+                            // The earlier frames are whole and end before
+                            // this one, after anything removed so far.
+                            let earlier = unsent.take().unwrap_or_default();
+                            for f in earlier.iter().take(earlier.len().saturating_sub(1)) {
+                                let end = f
+                                    .offset
+                                    .saturating_add(usize::try_from(f.len).unwrap_or(usize::MAX));
+                                removed.push((f.offset, end.min(chunk.len())));
+                            }
                             drop_frame(side, &mut removed, chunk.len());
                         }
                         Answer::Drop { violation, rule }
@@ -203,7 +247,8 @@ impl WebSocketStream {
                                     format!("compressed message refused: {rule}"),
                                 ),
                             };
-                            cut = Some((at, Close { code, reason }));
+                            judge.enforced(direction, &rule, Enforced::Limited);
+                            cut = Some((at, Close { code, reason }, rule));
                             break;
                         }
                     }
@@ -214,7 +259,7 @@ impl WebSocketStream {
             }
         }
 
-        let Some((at, close)) = cut else {
+        let Some((at, close, rule)) = cut else {
             side.pending = chunk.get(limit..).unwrap_or_default().to_vec();
             return if removed.is_empty() && pending_len == 0 && keep_back == 0 {
                 Edit::Keep
@@ -222,9 +267,16 @@ impl WebSocketStream {
                 Edit::Replace(without(chunk, &removed, limit))
             };
         };
+        // Messages after the refused one in this chunk are discarded with it.
+        for event in events {
+            if let Event::MessageStarted { .. } = event {
+                judge.enforced(direction, &rule, Enforced::Limited);
+            }
+        }
         let mut out = without(chunk, &removed, at.min(limit));
         out.extend_from_slice(&close_towards_receiver(direction, &close));
         side.closed = true;
+        side.closed_by = Some(rule);
         let other = self.sides.get_mut(opposite(direction));
         if !other.closed {
             other.owed = Some(close);
@@ -372,29 +424,108 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn websocket_size_bound_closes_with_1009() -> Result<(), String> {
-        struct SizeJudge;
-        impl Judge for SizeJudge {
-            fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
-                if ask.size > 4 {
-                    refuse(Violation::TooBig)
-                } else {
-                    Answer::Pass
-                }
+    /// Refuses messages over 4 bytes with `over`; records enforcements.
+    struct SizeJudge {
+        over: Answer,
+        enforced: Vec<(String, Enforced)>,
+    }
+
+    impl SizeJudge {
+        fn new(over: Answer) -> SizeJudge {
+            SizeJudge {
+                over,
+                enforced: Vec::new(),
             }
         }
+    }
+
+    impl Judge for SizeJudge {
+        fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
+            if ask.size > 4 {
+                self.over.clone()
+            } else {
+                Answer::Pass
+            }
+        }
+
+        fn enforced(&mut self, _: Direction, rule: &str, outcome: Enforced) {
+            self.enforced.push((rule.to_owned(), outcome));
+        }
+    }
+
+    fn drop_too_big() -> Answer {
+        Answer::Drop {
+            violation: Violation::TooBig,
+            rule: "r".into(),
+        }
+    }
+
+    fn close_too_big() -> Vec<u8> {
+        websocket::close_frame(1009, "message too big: r", Some([0x5a, 0x1c, 0xe0, 0x77]))
+    }
+
+    #[test]
+    fn websocket_size_bound_closes_with_1009() -> Result<(), String> {
+        let mut judge = SizeJudge::new(refuse(Violation::TooBig));
         let mut ws = WebSocketStream::new(false);
         let small = masked_text(b"abcd", false, true);
         let grows = masked_text(b"e", true, false);
         let edit = ws.chunk(
-            &mut SizeJudge,
+            &mut judge,
             Direction::Client,
             &[small.clone(), grows].concat(),
         );
-        let close =
-            websocket::close_frame(1009, "message too big: r", Some([0x5a, 0x1c, 0xe0, 0x77]));
-        assert_eq!(edit, Edit::Replace([small, close].concat()));
+        assert_eq!(edit, Edit::Replace([small, close_too_big()].concat()));
+        assert_eq!(judge.enforced, [("r".to_owned(), Enforced::Limited)]);
+        Ok(())
+    }
+
+    #[test]
+    fn drop_takes_a_message_whole_while_none_of_it_was_passed_on() -> Result<(), String> {
+        let ping = vec![0x89, 0x80, 9, 9, 9, 9];
+        let small = masked_text(b"abcd", false, true);
+        let grows = masked_text(b"e", true, false);
+        let next = masked_text(b"ok", true, true);
+        // All in one chunk: dropped whole, the ping inside it kept.
+        let mut judge = SizeJudge::new(drop_too_big());
+        let mut ws = WebSocketStream::new(false);
+        let edit = ws.chunk(
+            &mut judge,
+            Direction::Client,
+            &[small.clone(), ping.clone(), grows.clone(), next.clone()].concat(),
+        );
+        assert_eq!(edit, Edit::Replace([ping.clone(), next.clone()].concat()));
+        assert_eq!(judge.enforced, [("r".to_owned(), Enforced::Dropped)]);
+        // The first fragment already passed on: the drop has to close.
+        let mut judge = SizeJudge::new(drop_too_big());
+        let mut ws = WebSocketStream::new(false);
+        assert_eq!(ws.chunk(&mut judge, Direction::Client, &small), Edit::Keep);
+        let edit = ws.chunk(&mut judge, Direction::Client, &[grows, next].concat());
+        assert_eq!(edit, Edit::Replace(close_too_big()));
+        // The message that closed, and "ok" discarded with it.
+        let limited = ("r".to_owned(), Enforced::Limited);
+        assert_eq!(judge.enforced, [limited.clone(), limited]);
+        Ok(())
+    }
+
+    #[test]
+    fn messages_discarded_after_a_close_are_refused_by_its_rule() -> Result<(), String> {
+        let mut judge = SizeJudge::new(refuse(Violation::TooBig));
+        let mut ws = WebSocketStream::new(false);
+        let big = masked_text(b"abcdef", true, true);
+        let edit = ws.chunk(
+            &mut judge,
+            Direction::Client,
+            &[big.clone(), big.clone()].concat(),
+        );
+        assert_eq!(edit, Edit::Replace(close_too_big()));
+        ws.chunk(
+            &mut judge,
+            Direction::Client,
+            &masked_text(b"x", true, true),
+        );
+        assert_eq!(judge.enforced.len(), 3);
+        assert!(judge.enforced.iter().all(|(_, o)| *o == Enforced::Limited));
         Ok(())
     }
 }
