@@ -4,6 +4,7 @@
 pub mod key;
 pub mod matcher;
 pub mod request;
+pub mod sync;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -11,6 +12,7 @@ use alloc::vec::Vec;
 pub use key::{KeyPart, KeySpec};
 pub use matcher::{Glob, GrpcMatch, HeaderMatch, Matcher, PathMatch};
 pub use request::{grpc_method, strip_query, Attributes, HttpRequest, Protocol};
+pub use sync::{OnFailure, RuleSync, SyncMode, SyncedRule};
 
 use crate::algorithm::{Limiter, Quota};
 use crate::client_ip::ClientIpSource;
@@ -177,11 +179,22 @@ pub struct Policy {
     pub max_keys: usize,
     /// What a new key gets when every place for it holds a limited key.
     pub when_full: crate::store::WhenFull,
+    /// The rules a quota server decides, by position (a synced rule's
+    /// `quota` and `limiter` are its local fallback limit).
+    pub synced: Vec<SyncedRule>,
 }
 
 impl Policy {
     /// The default bound on keys per rule.
     pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+    /// How the rule at `rule_index` is synced (`None`: decided locally).
+    pub fn sync_of(&self, rule_index: usize) -> Option<&RuleSync> {
+        self.synced
+            .iter()
+            .find(|s| s.rule_index == rule_index)
+            .map(|s| &s.sync)
+    }
 
     /// Lower-case names of the request headers some rule reads (for match
     /// or key), so a host fetches only those.
