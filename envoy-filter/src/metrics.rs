@@ -2,7 +2,8 @@
 //!
 //! Counters `sluice_<protocol>.rule.<rule>.outcome.<outcome>` (protocol
 //! `http`, `grpc` or `websocket`) and gauges `sluice_grpc.rule.<rule>.in_flight`
-//! and `sluice_websocket.rule.<rule>.connections`; the example Envoy configs
+//! and `sluice_websocket.rule.<rule>.connections`, and for synced rules
+//! `sluice_sync.rule.<rule>.outcome.<sync outcome>`; the example Envoy configs
 //! carry `stats_tags` that turn the rule and outcome segments into
 //! Prometheus labels. Labels stay bounded: rules and outcomes, never keys.
 
@@ -46,6 +47,39 @@ impl Outcome {
     }
 }
 
+/// How a synced rule's quota server call went, for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// The quota server decided.
+    Ok,
+    /// The call failed and the rule let the request through (or applied
+    /// its fallback limit).
+    FailedOpen,
+    /// The call failed and the rule refused the request.
+    FailedClosed,
+    /// No answer within the timeout (the failure mode applied).
+    Timeout,
+}
+
+impl SyncOutcome {
+    const ALL: [SyncOutcome; 4] = [
+        SyncOutcome::Ok,
+        SyncOutcome::FailedOpen,
+        SyncOutcome::FailedClosed,
+        SyncOutcome::Timeout,
+    ];
+
+    /// The name in stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncOutcome::Ok => "ok",
+            SyncOutcome::FailedOpen => "failed_open",
+            SyncOutcome::FailedClosed => "failed_closed",
+            SyncOutcome::Timeout => "timeout",
+        }
+    }
+}
+
 fn protocol_slot(protocol: Protocol) -> usize {
     match protocol {
         Protocol::Http => 0,
@@ -83,6 +117,8 @@ struct RuleMetrics {
     outcomes: [[Option<MetricId>; 5]; 3],
     /// Open gRPC calls or WebSocket connections the rule applies to.
     open: Option<MetricId>,
+    /// Per sync outcome (synced rules only).
+    sync: [Option<MetricId>; 4],
 }
 
 /// Metric ids, defined once per VM at configuration time.
@@ -101,8 +137,18 @@ impl Metrics {
         let per_rule = policy
             .rules
             .iter()
-            .map(|rule| {
+            .enumerate()
+            .map(|(rule_index, rule)| {
                 let mut m = RuleMetrics::default();
+                if policy.sync_of(rule_index).is_some() {
+                    m.sync = SyncOutcome::ALL.map(|o| {
+                        host.define_counter(&format!(
+                            "sluice_sync.rule.{}.outcome.{}",
+                            rule.name,
+                            o.name()
+                        ))
+                    });
+                }
                 for &protocol in protocols(rule, tells) {
                     let Some(outcomes) = m.outcomes.get_mut(protocol_slot(protocol)) else {
                         continue;
@@ -153,6 +199,19 @@ impl Metrics {
         }
     }
 
+    /// Counts how the quota server call went for the synced rule at `rule_index`.
+    pub fn sync(&self, host: &impl Host, rule_index: usize, outcome: SyncOutcome) {
+        let id = self
+            .per_rule
+            .get(rule_index)
+            .and_then(|m| m.sync.get(outcome as usize))
+            .copied()
+            .flatten();
+        if let Some(id) = id {
+            host.increment(id, 1);
+        }
+    }
+
     /// Moves the open-streams gauge of the rule at `rule_index`; true if it has one.
     pub fn open(&self, host: &impl Host, rule_index: usize, delta: i64) -> bool {
         match self.per_rule.get(rule_index).and_then(|m| m.open) {
@@ -175,9 +234,9 @@ impl Metrics {
     /// live keys displaced, new keys sent to the overflow slot or refused.
     pub fn keys(&self, host: &impl Host, before: SlotStats, now: SlotStats) {
         let deltas = [
-            now.live_evictions - before.live_evictions,
-            now.overflowed - before.overflowed,
-            now.refused - before.refused,
+            now.live_evictions.saturating_sub(before.live_evictions),
+            now.overflowed.saturating_sub(before.overflowed),
+            now.refused.saturating_sub(before.refused),
         ];
         for (id, n) in self.keys.iter().zip(deltas) {
             if let (Some(id), true) = (id, n > 0) {

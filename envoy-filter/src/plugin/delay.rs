@@ -5,7 +5,7 @@ use sluice_core::policy::Protocol;
 use sluice_core::store::SharedBytes;
 use sluice_core::time::Nanos;
 
-use super::{Plugin, Wake};
+use super::{Decided, Plugin, Wake};
 use crate::host::Host;
 
 /// How often a VM with delayed requests checks them again. A delayed
@@ -73,7 +73,7 @@ impl<B: SharedBytes> Plugin<B> {
         let mut wakes = Vec::new();
         for request in self.delayed.take_due(now) {
             let context_id = request.context_id;
-            if let Some(wake) = self.decide(host, request, now) {
+            if let Decided::Now(wake) = self.decide(host, request, now) {
                 wakes.push((context_id, wake));
             }
         }

@@ -9,10 +9,15 @@
 //! - `lifecycle`: a request from its headers to its end, and the
 //!   in-flight permits it keeps until then.
 //! - `delay`: requests a `delay` rule makes wait, released on ticks.
+//! - `exact`: requests waiting for the quota server's decision on their
+//!   synced rules (sync mode `exact`).
 //! - `stream_judge`: gRPC and WebSocket messages decided against the
 //!   stream rules.
 
 mod delay;
+mod exact;
+#[cfg(test)]
+mod exact_tests;
 mod lifecycle;
 mod stream_judge;
 #[cfg(test)]
@@ -50,6 +55,17 @@ pub enum Wake {
     Reply(LocalReply),
 }
 
+/// How far deciding a request's rules got.
+#[derive(Debug)]
+pub(crate) enum Decided {
+    /// Decided: do this now.
+    Now(Wake),
+    /// Held by a delay rule; a tick decides it again.
+    Delayed,
+    /// Waiting for the quota server; its answer decides it.
+    Asking,
+}
+
 /// See the module doc.
 #[derive(Debug)]
 pub struct Plugin<B> {
@@ -59,6 +75,8 @@ pub struct Plugin<B> {
     needs: Needs,
     requests: HashMap<u32, lifecycle::RequestState>,
     delayed: delay::DelayQueue,
+    /// Requests waiting for the quota server, by call token.
+    asking: HashMap<u32, exact::Asking>,
     /// The store's stats already counted in metrics.
     keys_reported: SlotStats,
 }
@@ -105,6 +123,7 @@ impl<B: SharedBytes> Plugin<B> {
             metrics,
             requests: HashMap::new(),
             delayed: delay::DelayQueue::default(),
+            asking: HashMap::new(),
             keys_reported: SlotStats::default(),
         })
     }
