@@ -214,7 +214,7 @@ pub fn body(which: Body, size: usize) -> Result<Vec<u8>, Status> {
 
 /// The message of a gRPC call's answer, inside that call's callback.
 pub fn grpc_answer(size: usize) -> Result<Vec<u8>, Status> {
-    const GRPC_RECEIVE_BUFFER: u32 = 4;
+    const GRPC_RECEIVE_BUFFER: u32 = 5;
     let (mut data, mut size_out) = (null_mut(), 0usize);
     // SAFETY: the host fills data/size with a buffer it allocated.
     let status =
