@@ -52,10 +52,11 @@ test-fresh:
 	@dir="$$(mktemp -d)"; trap 'rm -rf "$$dir"' EXIT; \
 	git clone --quiet . "$$dir/sluice" && $(MAKE) -C "$$dir/sluice" test
 
-# The engine must stay no_std: build it for both wasm targets without std.
+# The engine and the wire types must stay no_std: build them for both wasm
+# targets without std.
 core-no-std:
-	$(CARGO) build -p sluice-core --no-default-features --target wasm32-unknown-unknown
-	$(CARGO) build -p sluice-core --no-default-features --target $(WASM_TARGET)
+	$(CARGO) build -p sluice-core -p sluice-proto --no-default-features --target wasm32-unknown-unknown
+	$(CARGO) build -p sluice-core -p sluice-proto --no-default-features --target $(WASM_TARGET)
 
 bench: bench-core bench-filter bench-quota
 

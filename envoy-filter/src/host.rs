@@ -1,7 +1,7 @@
 //! What the filter needs from Envoy, as one small trait.
 
 use sluice_core::policy::Direction;
-use sluice_core::time::Nanos;
+use sluice_core::time::{Nanos, Span};
 
 /// A counter defined with the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,17 @@ pub trait Host {
     fn warn(&self, message: &str);
     /// A random number from the host's secure source; `None` if it has none.
     fn random_u64(&self) -> Option<u64>;
+    /// Starts a unary gRPC call of `service`/`method` carrying `message` to
+    /// `cluster`, given up after `timeout`. Its answer comes back with the
+    /// returned token; `None` when the host refused to start it.
+    fn grpc_call(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Span,
+    ) -> Option<u32>;
 }
 
 /// A scripted Envoy for unit tests: one current request at a time.
@@ -56,7 +67,17 @@ pub(crate) mod fake {
 
     use super::{Host, MetricId};
     use sluice_core::policy::Direction;
-    use sluice_core::time::Nanos;
+    use sluice_core::time::{Nanos, Span};
+
+    /// A gRPC call the filter started.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(crate) struct GrpcCall {
+        pub cluster: String,
+        pub service: String,
+        pub method: String,
+        pub message: Vec<u8>,
+        pub timeout: Span,
+    }
 
     #[derive(Default)]
     pub(crate) struct FakeHost {
@@ -73,6 +94,10 @@ pub(crate) mod fake {
         pub bodies: RefCell<[Vec<u8>; 2]>,
         /// What `random_u64` answers (`None`: no random source).
         pub random: Cell<Option<u64>>,
+        /// gRPC calls started; call `i` has token `i + 1`.
+        pub grpc_calls: RefCell<Vec<GrpcCall>>,
+        /// Refuse to start gRPC calls (as Envoy does for an unknown cluster).
+        pub refuse_grpc: Cell<bool>,
     }
 
     impl FakeHost {
@@ -187,6 +212,27 @@ pub(crate) mod fake {
         }
         fn random_u64(&self) -> Option<u64> {
             self.random.get()
+        }
+        fn grpc_call(
+            &self,
+            cluster: &str,
+            service: &str,
+            method: &str,
+            message: &[u8],
+            timeout: Span,
+        ) -> Option<u32> {
+            if self.refuse_grpc.get() {
+                return None;
+            }
+            let mut calls = self.grpc_calls.borrow_mut();
+            calls.push(GrpcCall {
+                cluster: cluster.into(),
+                service: service.into(),
+                method: method.into(),
+                message: message.to_vec(),
+                timeout,
+            });
+            Some(calls.len() as u32)
         }
     }
 }

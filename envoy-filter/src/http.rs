@@ -134,6 +134,34 @@ pub fn refusal(
     }
 }
 
+/// How long a client refused for lack of the quota server should wait.
+const UNAVAILABLE_RETRY_SECS: u64 = 1;
+
+/// The refusal when the quota server cannot decide for `rule`, a synced
+/// rule that fails closed: a 429 (gRPC: RESOURCE_EXHAUSTED) saying so.
+pub fn unavailable(rule: &str, protocol: Protocol) -> LocalReply {
+    let headers = vec![("retry-after", UNAVAILABLE_RETRY_SECS.to_string())];
+    if protocol == Protocol::Grpc {
+        let message = format!(
+            "rate limit of rule {rule} unavailable (quota server not answering); retry after {UNAVAILABLE_RETRY_SECS}s"
+        );
+        return grpc_refusal(GRPC_RESOURCE_EXHAUSTED, headers, &message);
+    }
+    let mut headers = headers;
+    headers.push(("content-type", "application/json".to_owned()));
+    let body = serde_json::json!({
+        "error": "rate_limit_unavailable",
+        "rule": rule,
+        "retry_after": UNAVAILABLE_RETRY_SECS,
+    });
+    LocalReply {
+        status: 429,
+        headers,
+        body: body.to_string().into_bytes(),
+        grpc_status: None,
+    }
+}
+
 /// A trailers-only gRPC `status` carrying `metadata`.
 pub fn grpc_refusal(
     status: u32,

@@ -14,6 +14,7 @@ pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod plugin;
+pub mod quota;
 pub mod stream;
 
 #[cfg(target_arch = "wasm32")]

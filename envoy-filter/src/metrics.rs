@@ -2,7 +2,8 @@
 //!
 //! Counters `sluice_<protocol>.rule.<rule>.outcome.<outcome>` (protocol
 //! `http`, `grpc` or `websocket`) and gauges `sluice_grpc.rule.<rule>.in_flight`
-//! and `sluice_websocket.rule.<rule>.connections`; the example Envoy configs
+//! and `sluice_websocket.rule.<rule>.connections`, and for synced rules
+//! `sluice_sync.rule.<rule>.outcome.<sync outcome>`; the example Envoy configs
 //! carry `stats_tags` that turn the rule and outcome segments into
 //! Prometheus labels. Labels stay bounded: rules and outcomes, never keys.
 
@@ -46,6 +47,39 @@ impl Outcome {
     }
 }
 
+/// How a synced rule's quota server call went, for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// The quota server decided.
+    Ok,
+    /// The call failed and the rule let the request through (or applied
+    /// its fallback limit).
+    FailedOpen,
+    /// The call failed and the rule refused the request.
+    FailedClosed,
+    /// No answer within the timeout (the failure mode applied).
+    Timeout,
+}
+
+impl SyncOutcome {
+    const ALL: [SyncOutcome; 4] = [
+        SyncOutcome::Ok,
+        SyncOutcome::FailedOpen,
+        SyncOutcome::FailedClosed,
+        SyncOutcome::Timeout,
+    ];
+
+    /// The name in stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncOutcome::Ok => "ok",
+            SyncOutcome::FailedOpen => "failed_open",
+            SyncOutcome::FailedClosed => "failed_closed",
+            SyncOutcome::Timeout => "timeout",
+        }
+    }
+}
+
 fn protocol_slot(protocol: Protocol) -> usize {
     match protocol {
         Protocol::Http => 0,
@@ -83,6 +117,8 @@ struct RuleMetrics {
     outcomes: [[Option<MetricId>; 5]; 3],
     /// Open gRPC calls or WebSocket connections the rule applies to.
     open: Option<MetricId>,
+    /// Per sync outcome (synced rules only).
+    sync: [Option<MetricId>; 4],
 }
 
 /// Metric ids, defined once per VM at configuration time.
@@ -101,8 +137,18 @@ impl Metrics {
         let per_rule = policy
             .rules
             .iter()
-            .map(|rule| {
+            .enumerate()
+            .map(|(rule_index, rule)| {
                 let mut m = RuleMetrics::default();
+                if policy.sync_of(rule_index).is_some() {
+                    m.sync = SyncOutcome::ALL.map(|o| {
+                        host.define_counter(&format!(
+                            "sluice_sync.rule.{}.outcome.{}",
+                            rule.name,
+                            o.name()
+                        ))
+                    });
+                }
                 for &protocol in protocols(rule, tells) {
                     let Some(outcomes) = m.outcomes.get_mut(protocol_slot(protocol)) else {
                         continue;
@@ -146,6 +192,19 @@ impl Metrics {
             .get(rule_index)
             .and_then(|m| m.outcomes.get(protocol_slot(protocol)))
             .and_then(|outcomes| outcomes.get(outcome as usize))
+            .copied()
+            .flatten();
+        if let Some(id) = id {
+            host.increment(id, 1);
+        }
+    }
+
+    /// Counts how the quota server call went for the synced rule at `rule_index`.
+    pub fn sync(&self, host: &impl Host, rule_index: usize, outcome: SyncOutcome) {
+        let id = self
+            .per_rule
+            .get(rule_index)
+            .and_then(|m| m.sync.get(outcome as usize))
             .copied()
             .flatten();
         if let Some(id) = id {

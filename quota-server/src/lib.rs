@@ -21,9 +21,11 @@ pub mod controls;
 pub mod launcher;
 pub mod limits;
 pub mod metrics;
-/// Sluice's own gRPC API, generated from `proto/sluice/quota/v1/quota.proto`.
+/// Sluice's own gRPC API: the messages of `sluice-proto` and the tonic
+/// service generated over them.
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
+    pub use sluice_proto::quota::v1::*;
     tonic::include_proto!("sluice.quota.v1");
 }
 pub mod reload;

@@ -66,6 +66,7 @@ pub fn example_params() -> ConfigParams {
         plugin_config: Some(PLUGIN_CONFIG.to_owned()),
         native_local_ratelimit: false,
         access_log: true,
+        quota_port: None,
     }
 }
 

@@ -82,6 +82,22 @@ pub fn wasm_path() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The quota server's `sluice` binary: `SLUICE_BIN`, else
+/// `<target>/debug/sluice`. Errors with a hint to build it when missing.
+pub fn sluice_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("SLUICE_BIN")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| target_dir().join("debug/sluice"), PathBuf::from);
+    if !path.is_file() {
+        bail!(
+            "the quota server is not built: {} is missing; run `cargo build -p sluice-quota-server` \
+             (`make test` does) or set SLUICE_BIN",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The Envoy binary: `SLUICE_ENVOY`, else `<repo>/.venv/bin/envoy`, else
 /// `envoy` on `PATH`.
 pub fn envoy_binary() -> Result<PathBuf> {

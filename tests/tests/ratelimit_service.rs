@@ -9,7 +9,7 @@
 // Test code: failing means panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use sluice_e2e::client::{Client, Reply};
 use sluice_e2e::envoy::Envoy;
 use sluice_e2e::template::Vars;
 use sluice_e2e::upstream::Upstream;
-use sluice_e2e::{free_port, target_dir};
+use sluice_e2e::{free_port, sluice_binary};
 use sluice_quota_server::launcher::{Launcher, QuotaServer};
 
 /// The envoyproxy/ratelimit file both tests use (domain set per test):
@@ -36,23 +36,9 @@ descriptors:
     )
 }
 
-/// The `sluice` binary: `SLUICE_BIN`, else `<target>/debug/sluice`.
-fn sluice_binary() -> PathBuf {
-    let path = std::env::var_os("SLUICE_BIN")
-        .filter(|p| !p.is_empty())
-        .map_or_else(|| target_dir().join("debug/sluice"), PathBuf::from);
-    assert!(
-        path.is_file(),
-        "the quota server is not built: {} is missing; run `cargo build -p sluice-quota-server` \
-         (`make test` does) or set SLUICE_BIN",
-        path.display()
-    );
-    path
-}
-
 /// `sluice serve` on the configuration file at `config`; killed when dropped.
 fn start_sluice(config: &Path) -> QuotaServer {
-    Launcher::new(sluice_binary())
+    Launcher::new(sluice_binary().unwrap_or_else(|e| panic!("{e}")))
         .start_file(config)
         .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -7,8 +7,9 @@
 //!
 //! - `schema`: the shape of the file, as serde reads and writes it.
 //! - `parse`: JSON and YAML text into that shape.
-//! - `validate`, `rule`, `conditions`: the shape into a policy, checking
-//!   the whole file, each rule, and each rule's match conditions.
+//! - `validate`, `rule`, `conditions`, `sync`: the shape into a policy,
+//!   checking the whole file, each rule, each rule's match conditions and
+//!   its link to the quota server.
 //! - `object`: structs are read from objects, never from arrays.
 //! - `error`: what a refused configuration reports.
 
@@ -18,14 +19,16 @@ mod object;
 mod parse;
 mod rule;
 mod schema;
+mod sync;
 mod validate;
 
 pub use error::{ConfigError, ErrorList, FieldError};
 pub use schema::{
-    ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig, GrpcConfig, HeaderConfig,
-    HeadersConfig, LimitConfig, MatchConfig, PathConfig, RuleConfig, ScopeConfig, SpanText,
-    StatusSpec,
+    ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig, FailureModeConfig,
+    GrpcConfig, HeaderConfig, HeadersConfig, LimitConfig, MatchConfig, PathConfig, RuleConfig,
+    ScopeConfig, SpanText, StatusSpec, SyncConfig, SyncModeConfig,
 };
+pub use sync::{DEFAULT_QUOTA_CLUSTER, DEFAULT_SYNC_TIMEOUT, MAX_DOMAIN_NAME, MAX_SYNC_TIMEOUT};
 pub use validate::{
     keys_memory, BYTES_PER_KEY, KEYS_MEMORY_BUDGET, MAX_KEYS_LIMIT, MAX_LOG_COUNT, MAX_RULE_NAME,
     MAX_TRUSTED_HOPS,

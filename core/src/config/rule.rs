@@ -7,14 +7,24 @@ use alloc::vec::Vec;
 
 use super::conditions::validate_match;
 use super::error::Errors;
-use super::schema::{ActionKind, CountsConfig, DirectionConfig, RuleConfig, ScopeConfig, SpanText};
+use super::schema::{
+    ActionKind, CountsConfig, DirectionConfig, LimitConfig, RuleConfig, ScopeConfig, SpanText,
+};
+use super::sync::validate_sync;
 use super::validate::{MAX_LOG_COUNT, MAX_RULE_NAME};
 use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
-use crate::policy::{Action, Counts, Flow, KeyPart, KeySpec, Matcher, PathMatch, Rule, Scope};
+use crate::policy::{
+    Action, Counts, Flow, KeyPart, KeySpec, Matcher, PathMatch, Rule, RuleSync, Scope,
+};
 use crate::time::Span;
 
-/// The rule at `at` (`rules[i]`), or `None` after recording why not.
-pub(super) fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> Option<Rule> {
+/// The rule at `at` (`rules[i]`) and its link to the quota server if it is
+/// synced, or `None` after recording why not.
+pub(super) fn validate_rule(
+    raw: &RuleConfig,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<(Rule, Option<RuleSync>)> {
     let before = errors.count();
     let name_ok = !raw.name.is_empty()
         && raw.name.len() <= MAX_RULE_NAME
@@ -99,55 +109,25 @@ pub(super) fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> 
             other => other.unwrap_or_default(),
         }
     };
-    let per = match (&raw.limit.per, is_bound) {
-        (Some(_), true) => {
-            errors.add(at, ".limit.per", "a bound has no period; remove per".into());
-            Ok(Quota::MIN_PERIOD)
-        }
-        (None, true) => Ok(Quota::MIN_PERIOD),
-        (Some(per), false) => per.parse(),
-        (None, false) => Err("required".to_string()),
-    };
-    if let Err(message) = &per {
-        errors.add(at, ".limit.per", message.clone());
-    }
-    let per_unreadable = per.is_err();
-    let per = per.unwrap_or(Span::ZERO);
-    let quota = match Quota::new(raw.limit.count, per, raw.limit.burst) {
-        Ok(q) => Some(q),
-        Err(e) => {
-            let field = match e {
-                QuotaError::ZeroCount => ".limit.count",
-                QuotaError::PeriodTooShort => ".limit.per",
-                QuotaError::ZeroBurst => ".limit.burst",
-            };
-            // An unreadable `per` was reported already.
-            if !(field == ".limit.per" && per_unreadable) {
-                errors.add(at, field, e.to_string());
-            }
+    // A synced rule's local limit is its fallback, applied only while the
+    // quota server fails; without one it never counts locally.
+    let quota = match (&raw.sync, &raw.limit) {
+        (None, Some(limit)) => validate_quota(limit, ".limit", algorithm, is_bound, at, errors),
+        (None, None) => {
+            errors.add(at, ".limit", "required".into());
             None
         }
+        (Some(sync), _) => match &sync.fallback {
+            Some(fallback) => {
+                validate_quota(fallback, ".sync.fallback", algorithm, is_bound, at, errors)
+            }
+            None => Quota::new(u64::MAX, Span::SECOND, None).ok(),
+        },
     };
-    if algorithm == AlgorithmKind::SlidingWindowLog && raw.limit.count > MAX_LOG_COUNT {
-        errors.add(
-            at,
-            ".limit.count",
-            format!(
-                "sliding_window_log keeps one entry per request: at most {MAX_LOG_COUNT}; use sliding_window_counter for larger limits"
-            ),
-        );
-    }
-    let uses_burst = matches!(
-        algorithm,
-        AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket | AlgorithmKind::Gcra
-    );
-    if raw.limit.burst.is_some() && !uses_burst {
-        errors.add(
-            at,
-            ".limit.burst",
-            format!("{} has no burst; remove it", algorithm.name()),
-        );
-    }
+    let sync = raw
+        .sync
+        .as_ref()
+        .and_then(|s| validate_sync(s, raw, at, errors));
 
     let cost = raw.cost.unwrap_or(1);
     if cost == 0 {
@@ -161,7 +141,11 @@ pub(super) fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> 
         );
     }
     if let (Some(q), false) = (&quota, matches!(counts, Counts::MessageSize(_))) {
-        let capacity = if uses_burst { q.burst() } else { q.count() };
+        let capacity = if uses_burst(algorithm) {
+            q.burst()
+        } else {
+            q.count()
+        };
         if cost > capacity {
             errors.add(
                 at,
@@ -179,7 +163,7 @@ pub(super) fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> 
     let (Some(quota), Some(action)) = (quota, action) else {
         return None;
     };
-    Some(Rule {
+    let rule = Rule {
         name: raw.name.clone(),
         matcher,
         key,
@@ -190,7 +174,76 @@ pub(super) fn validate_rule(raw: &RuleConfig, at: &str, errors: &mut Errors) -> 
         cost,
         action,
         priority: raw.priority.unwrap_or(0),
-    })
+    };
+    Some((rule, sync))
+}
+
+/// The quota of `limit` (the field at `at` + `field`), checked against the
+/// algorithm and what the rule counts.
+fn validate_quota(
+    limit: &LimitConfig,
+    field: &str,
+    algorithm: AlgorithmKind,
+    is_bound: bool,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<Quota> {
+    let per_field = format!("{field}.per");
+    let per = match (&limit.per, is_bound) {
+        (Some(_), true) => {
+            errors.add(at, &per_field, "a bound has no period; remove per".into());
+            Ok(Quota::MIN_PERIOD)
+        }
+        (None, true) => Ok(Quota::MIN_PERIOD),
+        (Some(per), false) => per.parse(),
+        (None, false) => Err("required".to_string()),
+    };
+    if let Err(message) = &per {
+        errors.add(at, &per_field, message.clone());
+    }
+    let per_unreadable = per.is_err();
+    let per = per.unwrap_or(Span::ZERO);
+    let quota = match Quota::new(limit.count, per, limit.burst) {
+        Ok(q) => Some(q),
+        Err(e) => {
+            let part = match e {
+                QuotaError::ZeroCount => ".count",
+                QuotaError::PeriodTooShort => ".per",
+                QuotaError::ZeroBurst => ".burst",
+            };
+            // An unreadable `per` was reported already.
+            if !(part == ".per" && per_unreadable) {
+                errors.add(at, &format!("{field}{part}"), e.to_string());
+            }
+            None
+        }
+    };
+    if algorithm == AlgorithmKind::SlidingWindowLog && limit.count > MAX_LOG_COUNT {
+        errors.add(
+            at,
+            &format!("{field}.count"),
+            format!(
+                "sliding_window_log keeps one entry per request: at most {MAX_LOG_COUNT}; use sliding_window_counter for larger limits"
+            ),
+        );
+    }
+    if limit.burst.is_some() && !uses_burst(algorithm) {
+        errors.add(
+            at,
+            &format!("{field}.burst"),
+            format!("{} has no burst; remove it", algorithm.name()),
+        );
+    }
+
+    quota
+}
+
+/// Whether `algorithm` has a burst (a capacity above its count).
+fn uses_burst(algorithm: AlgorithmKind) -> bool {
+    matches!(
+        algorithm,
+        AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket | AlgorithmKind::Gcra
+    )
 }
 
 /// What the rule counts, checked against what it matches.

@@ -76,8 +76,9 @@ pub struct RuleConfig {
     /// `client`, `server` or `both` (default) for stream counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<DirectionConfig>,
-    /// The limit.
-    pub limit: LimitConfig,
+    /// The limit (absent for a synced rule: the quota server holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitConfig>,
     /// Permits per request; default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<u64>,
@@ -96,6 +97,50 @@ pub struct RuleConfig {
     /// Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// Decided by the quota server for every Envoy, instead of locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncConfig>,
+}
+
+/// A synced rule's link to the quota server, as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// `exact`: one quota server call per request.
+    pub mode: SyncModeConfig,
+    /// The Envoy cluster of the quota server; default `sluice_quota`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The quota server's domain holding a rule of the same name.
+    pub domain: String,
+    /// How long a request waits for the answer; default 50ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<SpanText>,
+    /// `open` (default) or `closed` when the answer does not come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureModeConfig>,
+    /// With `open`: a local limit applied while the quota server fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<LimitConfig>,
+}
+
+/// How a rule is synced, as written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncModeConfig {
+    /// Ask the quota server on every request.
+    #[default]
+    Exact,
+}
+
+/// `open` or `closed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureModeConfig {
+    /// Let requests through (under the fallback limit if one is set).
+    Open,
+    /// Refuse requests.
+    Closed,
 }
 
 /// Match conditions as written.

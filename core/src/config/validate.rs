@@ -2,6 +2,7 @@
 //! excluded statuses, key bound and client address options.
 
 use alloc::format;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::error::{ConfigError, Errors};
@@ -9,7 +10,7 @@ use super::rule::validate_rule;
 use super::schema::{Config, SpanText, StatusSpec};
 use crate::client_ip::ClientIpSource;
 use crate::decision::HeaderSets;
-use crate::policy::{Policy, Rule, Scope, StatusSet};
+use crate::policy::{Policy, Rule, Scope, StatusSet, SyncedRule};
 use crate::time::Span;
 
 /// Longest rule name: it appears in stats names and headers.
@@ -36,19 +37,38 @@ impl Config {
     pub fn validate(&self) -> Result<Policy, ConfigError> {
         let mut errors = Errors::default();
         let mut rules = Vec::with_capacity(self.rules.len());
+        let mut cluster: Option<(usize, String)> = None;
         for (i, raw) in self.rules.iter().enumerate() {
             let at = format!("rules[{i}]");
             if self.rules[..i].iter().any(|r| r.name == raw.name) {
                 errors.add(&at, ".name", format!("duplicate rule name {:?}", raw.name));
             }
-            if let Some(rule) = validate_rule(raw, &at, &mut errors) {
+            if let Some((rule, sync)) = validate_rule(raw, &at, &mut errors) {
+                // One quota server call per request: to one cluster.
+                match (&sync, &cluster) {
+                    (Some(s), Some((first, c))) if s.cluster != *c => errors.add(
+                        &at,
+                        ".sync.cluster",
+                        format!("every synced rule calls one cluster: rules[{first}] uses {c:?}"),
+                    ),
+                    (Some(s), None) => cluster = Some((i, s.cluster.clone())),
+                    _ => {}
+                }
                 if raw.enabled.unwrap_or(true) {
-                    rules.push(rule);
+                    rules.push((rule, sync));
                 }
             }
         }
         // Stable: equal priorities keep config order.
-        rules.sort_by_key(|r: &Rule| core::cmp::Reverse(r.priority));
+        rules.sort_by_key(|(r, _): &(Rule, _)| core::cmp::Reverse(r.priority));
+        let synced = rules
+            .iter()
+            .enumerate()
+            .filter_map(|(rule_index, (_, sync))| {
+                sync.clone().map(|sync| SyncedRule { rule_index, sync })
+            })
+            .collect();
+        let rules: Vec<Rule> = rules.into_iter().map(|(r, _)| r).collect();
 
         let mut exclude_statuses = StatusSet::default();
         for (i, spec) in self.exclude_statuses.iter().enumerate() {
@@ -136,6 +156,7 @@ impl Config {
             max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
             when_full: self.when_keys_full.unwrap_or_default(),
             grpc_cut_grace,
+            synced,
         })
     }
 }

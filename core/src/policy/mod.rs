@@ -4,6 +4,7 @@
 pub mod key;
 pub mod matcher;
 pub mod request;
+pub mod sync;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -11,6 +12,7 @@ use alloc::vec::Vec;
 pub use key::{KeyPart, KeySpec};
 pub use matcher::{Glob, GrpcMatch, HeaderMatch, Matcher, PathMatch};
 pub use request::{grpc_method, strip_query, Attributes, HttpRequest, Protocol};
+pub use sync::{OnFailure, RuleSync, SyncMode, SyncedRule};
 
 use crate::algorithm::{Limiter, Quota};
 use crate::client_ip::ClientIpSource;
@@ -190,6 +192,9 @@ pub struct Policy {
     /// the upstream to end it (the client then sees RESOURCE_EXHAUSTED)
     /// before the filter resets it.
     pub grpc_cut_grace: Span,
+    /// The rules a quota server decides, by position (a synced rule's
+    /// `quota` and `limiter` are its local fallback limit).
+    pub synced: Vec<SyncedRule>,
 }
 
 impl Policy {
@@ -197,6 +202,14 @@ impl Policy {
     pub const DEFAULT_MAX_KEYS: usize = 100_000;
     /// The default `grpc_cut_grace`.
     pub const DEFAULT_GRPC_CUT_GRACE: Span = Span::SECOND;
+
+    /// How the rule at `rule_index` is synced (`None`: decided locally).
+    pub fn sync_of(&self, rule_index: usize) -> Option<&RuleSync> {
+        self.synced
+            .iter()
+            .find(|s| s.rule_index == rule_index)
+            .map(|s| &s.sync)
+    }
 
     /// Lower-case names of the request headers some rule reads (for match
     /// or key), so a host fetches only those.

@@ -6,7 +6,7 @@ use sluice_core::policy::{Action, Protocol};
 use sluice_core::store::{SharedBytes, Slot};
 use sluice_core::time::Nanos;
 
-use super::{Plugin, Wake};
+use super::{Decided, Plugin, Wake};
 use crate::host::Host;
 
 /// How often a VM with delayed requests or cut calls checks them again. A
@@ -80,7 +80,7 @@ impl<B: SharedBytes> Plugin<B> {
         let mut wakes = Vec::new();
         for request in self.delayed.take_due(now) {
             let context_id = request.context_id;
-            if let Some(wake) = self.decide(host, request, now) {
+            if let Decided::Now(wake) = self.decide(host, request, now) {
                 wakes.push((context_id, wake));
             }
         }

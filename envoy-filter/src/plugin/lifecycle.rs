@@ -9,7 +9,7 @@ use sluice_core::time::{Nanos, Span};
 
 use super::delay::{DelayedRequest, DELAY_TICK_MILLIS};
 use super::stream_judge::StreamJudge;
-use super::{Plugin, Step, Wake};
+use super::{Decided, Plugin, Step, Wake};
 use crate::host::Host;
 use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal};
 use crate::metrics::Outcome;
@@ -81,114 +81,65 @@ impl<B: SharedBytes> Plugin<B> {
             stream_keys,
         };
         match self.decide(host, request, now) {
-            Some(Wake::Resume) => Step::Continue,
-            Some(Wake::Reply(reply)) => Step::Reply(reply),
-            Some(Wake::Reset) => Step::Reset,
-            None => {
+            Decided::Now(Wake::Resume) => Step::Continue,
+            Decided::Now(Wake::Reply(reply)) => Step::Reply(reply),
+            Decided::Now(Wake::Reset) => Step::Reset,
+            Decided::Delayed => {
                 host.set_tick_millis(DELAY_TICK_MILLIS);
                 Step::Pause
             }
+            Decided::Asking => Step::Pause,
         }
     }
 
     /// Decides the request-time rules of `request` (first seen at
-    /// `request.since`); `None` means it is delayed until its wait is over.
+    /// `request.since`): the local ones here, then (if they allow it) the
+    /// synced ones by asking the quota server.
     pub(super) fn decide(
         &mut self,
         host: &impl Host,
-        mut request: DelayedRequest,
+        request: DelayedRequest,
         now: Nanos,
-    ) -> Option<Wake> {
+    ) -> Decided {
         let waited = now.since(request.since);
-        let verdict =
-            match engine::decide_keys(&self.policy, &mut self.store, &request.keys, now, waited) {
-                Ok(v) => v,
-                Err(e) => {
-                    // Fail open: a broken counter must not take the service down.
-                    self.metrics.error(host);
-                    host.warn(&format!("sluice: letting request through: {e}"));
-                    return Some(Wake::Resume);
-                }
-            };
+        let (remote, local): (Vec<_>, Vec<_>) = request
+            .keys
+            .iter()
+            .cloned()
+            .partition(|(i, _)| self.policy.sync_of(*i).is_some());
+        let verdict = match engine::decide_keys(&self.policy, &mut self.store, &local, now, waited)
+        {
+            Ok(v) => v,
+            Err(e) => {
+                // Fail open: a broken counter must not take the service down.
+                self.metrics.error(host);
+                host.warn(&format!("sluice: letting request through: {e}"));
+                return Decided::Now(Wake::Resume);
+            }
+        };
         let verdict = if waited == Span::ZERO {
-            self.behind_queue(verdict, &request.keys, now)
+            self.behind_queue(verdict, &local, now)
         } else {
             verdict
         };
         self.report_keys(host);
-        let protocol = request.protocol;
         match verdict.kind {
-            VerdictKind::Allowed => {
-                let delayed = waited > Span::ZERO;
-                for d in &verdict.decisions {
-                    let outcome = match (d.shadow_limited, delayed) {
-                        (true, _) => Outcome::ShadowLimited,
-                        (false, true) => Outcome::Delayed,
-                        (false, false) => Outcome::Allowed,
-                    };
-                    self.metrics.count(host, protocol, d.rule_index, outcome);
-                }
-                let in_flight_permits = verdict
-                    .charges
-                    .iter()
-                    .filter(|c| self.counts(c.rule_index) == Some(Counts::InFlight))
-                    .cloned()
-                    .collect();
-                let gauges: Vec<usize> = request
-                    .keys
-                    .iter()
-                    .chain(&request.stream_keys)
-                    .map(|(i, _)| *i)
-                    .filter(|&i| self.metrics.open(host, i, 1))
-                    .collect();
-                let stream = match (protocol, request.stream_keys.is_empty()) {
-                    (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::default())),
-                    _ => None,
-                };
-                self.requests.insert(
-                    request.context_id,
-                    RequestState {
-                        protocol,
-                        verdict: Some(verdict),
-                        in_flight_permits,
-                        gauges,
-                        stream_keys: std::mem::take(&mut request.stream_keys),
-                        stream,
-                        ..RequestState::default()
-                    },
-                );
-                Some(Wake::Resume)
+            VerdictKind::Allowed if remote.is_empty() => {
+                Decided::Now(self.admit(host, request, verdict, waited > Span::ZERO))
             }
-            VerdictKind::Limited { rule_index } => {
-                for d in verdict.decisions.iter().filter(|d| !d.decision.allowed) {
-                    let outcome = if d.shadow_limited {
-                        Outcome::ShadowLimited
-                    } else {
-                        Outcome::Limited
-                    };
-                    self.metrics.count(host, protocol, d.rule_index, outcome);
-                }
-                // A gRPC call limited by a rule that does not look at
-                // protocols still needs a gRPC answer.
-                let protocol = match protocol {
-                    Protocol::Http if !self.needs.protocol => detect_protocol(host),
-                    p => p,
-                };
-                let reply = refusal(&self.policy, &verdict, rule_index, protocol);
-                self.requests.insert(
-                    request.context_id,
-                    RequestState {
-                        protocol,
-                        answered_locally: true,
-                        ..RequestState::default()
-                    },
-                );
-                Some(Wake::Reply(reply))
-            }
+            VerdictKind::Allowed => self.ask(host, request, verdict, remote, waited > Span::ZERO),
+            VerdictKind::Limited { rule_index } => Decided::Now(self.refuse(
+                host,
+                request.context_id,
+                request.protocol,
+                &verdict,
+                rule_index,
+            )),
             VerdictKind::Wait { wait } => {
+                let mut request = request;
                 request.wake_at = now.plus(wait);
                 self.delayed.push(request);
-                None
+                Decided::Delayed
             }
         }
     }
@@ -217,6 +168,101 @@ impl<B: SharedBytes> Plugin<B> {
             }
             Protocol::Http => {}
         }
+    }
+
+    /// Lets `request` through under its allowing `verdict` (after a delay
+    /// if `delayed`), keeping what its response and end need.
+    pub(super) fn admit(
+        &mut self,
+        host: &impl Host,
+        mut request: DelayedRequest,
+        verdict: Verdict,
+        delayed: bool,
+    ) -> Wake {
+        let protocol = request.protocol;
+        for d in &verdict.decisions {
+            let outcome = match (d.shadow_limited, delayed) {
+                (true, _) => Outcome::ShadowLimited,
+                (false, true) => Outcome::Delayed,
+                (false, false) => Outcome::Allowed,
+            };
+            self.metrics.count(host, protocol, d.rule_index, outcome);
+        }
+        let in_flight_permits = verdict
+            .charges
+            .iter()
+            .filter(|c| self.counts(c.rule_index) == Some(Counts::InFlight))
+            .cloned()
+            .collect();
+        let gauges: Vec<usize> = request
+            .keys
+            .iter()
+            .chain(&request.stream_keys)
+            .map(|(i, _)| *i)
+            .filter(|&i| self.metrics.open(host, i, 1))
+            .collect();
+        let stream = match (protocol, request.stream_keys.is_empty()) {
+            (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::default())),
+            _ => None,
+        };
+        self.requests.insert(
+            request.context_id,
+            RequestState {
+                protocol,
+                verdict: Some(verdict),
+                in_flight_permits,
+                gauges,
+                stream_keys: std::mem::take(&mut request.stream_keys),
+                stream,
+                ..RequestState::default()
+            },
+        );
+        Wake::Resume
+    }
+
+    /// Refuses a request because of the rule at `rule_index`, as `verdict`
+    /// (which took no permits) tells.
+    pub(super) fn refuse(
+        &mut self,
+        host: &impl Host,
+        context_id: u32,
+        protocol: Protocol,
+        verdict: &Verdict,
+        rule_index: usize,
+    ) -> Wake {
+        for d in verdict.decisions.iter().filter(|d| !d.decision.allowed) {
+            let outcome = if d.shadow_limited {
+                Outcome::ShadowLimited
+            } else {
+                Outcome::Limited
+            };
+            self.metrics.count(host, protocol, d.rule_index, outcome);
+        }
+        let protocol = self.answering_protocol(host, protocol);
+        let reply = refusal(&self.policy, verdict, rule_index, protocol);
+        self.answered_locally(context_id, protocol);
+        Wake::Reply(reply)
+    }
+
+    /// The protocol to answer in: a gRPC call limited by a rule that does
+    /// not look at protocols still needs a gRPC answer.
+    pub(super) fn answering_protocol(&self, host: &impl Host, protocol: Protocol) -> Protocol {
+        match protocol {
+            Protocol::Http if !self.needs.protocol => detect_protocol(host),
+            p => p,
+        }
+    }
+
+    /// Remembers that the filter answers `context_id` itself.
+    pub(super) fn answered_locally(&mut self, context_id: u32, protocol: Protocol) {
+        self.requests.insert(
+            context_id,
+            RequestState {
+                protocol,
+                answered_locally: true,
+                ..RequestState::default()
+            },
+        );
     }
 
     /// Adds rate-limit headers to an allowed response, refunds the permits
@@ -364,6 +410,7 @@ impl<B: SharedBytes> Plugin<B> {
     pub fn on_done(&mut self, host: &impl Host, context_id: u32) {
         self.delayed.forget(context_id);
         self.cuts.forget(context_id);
+        self.forget_asking(host, context_id);
         let Some(state) = self.requests.remove(&context_id) else {
             return;
         };
@@ -385,7 +432,7 @@ impl<B: SharedBytes> Plugin<B> {
     }
 
     /// Counts the store's evictions and full-table outcomes since the last report.
-    fn report_keys(&mut self, host: &impl Host) {
+    pub(super) fn report_keys(&mut self, host: &impl Host) {
         let now = self.store.stats();
         self.metrics.keys(host, self.keys_reported, now);
         self.keys_reported = now;

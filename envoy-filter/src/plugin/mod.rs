@@ -11,11 +11,16 @@
 //! - `delay`: requests a `delay` rule makes wait, released on ticks.
 //! - `cuts`: gRPC calls cut after their response started, reset on ticks
 //!   unless the upstream ends them first.
+//! - `exact`: requests waiting for the quota server's decision on their
+//!   synced rules (sync mode `exact`).
 //! - `stream_judge`: gRPC and WebSocket messages decided against the
 //!   stream rules.
 
 mod cuts;
 mod delay;
+mod exact;
+#[cfg(test)]
+mod exact_tests;
 mod lifecycle;
 mod stream_judge;
 #[cfg(test)]
@@ -57,6 +62,17 @@ pub enum Wake {
     Reset,
 }
 
+/// How far deciding a request's rules got.
+#[derive(Debug)]
+pub(crate) enum Decided {
+    /// Decided: do this now.
+    Now(Wake),
+    /// Held by a delay rule; a tick decides it again.
+    Delayed,
+    /// Waiting for the quota server; its answer decides it.
+    Asking,
+}
+
 /// See the module doc.
 #[derive(Debug)]
 pub struct Plugin<B> {
@@ -66,6 +82,8 @@ pub struct Plugin<B> {
     needs: Needs,
     requests: HashMap<u32, lifecycle::RequestState>,
     delayed: delay::DelayQueue,
+    /// Requests waiting for the quota server, by call token.
+    asking: HashMap<u32, exact::Asking>,
     /// The store's stats already counted in metrics.
     keys_reported: SlotStats,
     cuts: cuts::CutCalls,
@@ -113,6 +131,7 @@ impl<B: SharedBytes> Plugin<B> {
             metrics,
             requests: HashMap::new(),
             delayed: delay::DelayQueue::default(),
+            asking: HashMap::new(),
             keys_reported: SlotStats::default(),
             cuts: cuts::CutCalls::default(),
         })

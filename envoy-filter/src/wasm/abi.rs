@@ -220,6 +220,20 @@ pub fn body(which: Body, size: usize) -> Result<Vec<u8>, Status> {
     }
 }
 
+/// The message of a gRPC call's answer, inside that call's callback.
+pub fn grpc_answer(size: usize) -> Result<Vec<u8>, Status> {
+    const GRPC_RECEIVE_BUFFER: u32 = 5;
+    let (mut data, mut size_out) = (null_mut(), 0usize);
+    // SAFETY: the host fills data/size with a buffer it allocated.
+    let status =
+        unsafe { proxy_get_buffer_bytes(GRPC_RECEIVE_BUFFER, 0, size, &mut data, &mut size_out) };
+    match status {
+        OK => Ok(host_bytes(data, size_out).unwrap_or_default()),
+        NOT_FOUND => Ok(Vec::new()),
+        other => Err(Status(other)),
+    }
+}
+
 /// Replaces the first `size` bytes of a body chunk by `value` (Envoy can
 /// replace a prefix or append, nothing else).
 pub fn set_body(which: Body, size: usize, value: &[u8]) -> Result<(), Status> {

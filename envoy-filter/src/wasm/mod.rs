@@ -5,12 +5,13 @@ mod abi;
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use sluice_core::policy::Direction;
 use sluice_core::store::{SharedBytes, StoreError, WriteOutcome};
-use sluice_core::time::Nanos;
+use sluice_core::time::{Nanos, Span};
 
 use crate::host::{Host, MetricId};
 use crate::http::LocalReply;
@@ -125,6 +126,40 @@ impl Host for EnvoyHost {
         // WASI's random_get, which Envoy's V8 runtime provides.
         getrandom::u64().ok()
     }
+    fn grpc_call(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Span,
+    ) -> Option<u32> {
+        // Through the SDK, not `abi`: only its dispatch registers the token,
+        // without which the SDK drops the answer instead of routing it to
+        // `on_grpc_call_response`. It returns Envoy's statuses for a call
+        // that cannot start (unknown cluster: ParseFailure; InternalFailure)
+        // and panics only on ones Envoy does not return for a cluster name.
+        let timeout = Duration::from_nanos(timeout.as_nanos());
+        match proxy_wasm::hostcalls::dispatch_grpc_call(
+            cluster,
+            service,
+            method,
+            Vec::new(),
+            Some(message),
+            timeout,
+        ) {
+            Ok(token) => Some(token),
+            Err(status) => {
+                abi::log(
+                    LOG_WARN,
+                    &format!(
+                        "sluice: cannot call {service}/{method} on cluster {cluster}: {status:?}"
+                    ),
+                );
+                None
+            }
+        }
+    }
 }
 
 fn define(kind: abi::MetricKind, name: &str) -> Option<MetricId> {
@@ -174,6 +209,52 @@ fn reset() {
     }
 }
 
+/// gRPC's INTERNAL: the answer of a successful call could not be read.
+const GRPC_INTERNAL: u32 = 13;
+
+/// Performs a plugin decision on the current request.
+fn wake(wake: Wake) {
+    match wake {
+        Wake::Resume => {
+            let _ = abi::resume_request();
+        }
+        Wake::Reply(reply) => send(&reply),
+        Wake::Reset => reset(),
+    }
+}
+
+/// Hands the answer of gRPC call `token` (status 0: a message of `size`
+/// bytes) to the plugin, then resumes or answers the request that waited
+/// for it. Calls started from a tick answer on the root context, so the
+/// request is made current first.
+fn quota_answer(plugin: &SharedPlugin, token: u32, status: u32, size: usize) {
+    let answer = if status == 0 {
+        abi::grpc_answer(size).map_err(|s| {
+            abi::log(
+                LOG_WARN,
+                &format!(
+                    "sluice: cannot read the quota server's answer: status {}",
+                    s.0
+                ),
+            );
+            GRPC_INTERNAL
+        })
+    } else {
+        Err(status)
+    };
+    let decided = match plugin.try_borrow_mut() {
+        Ok(mut slot) => slot
+            .as_mut()
+            .and_then(|p| p.on_quota_answer(&EnvoyHost, token, answer.as_deref().map_err(|s| *s))),
+        Err(_) => None,
+    };
+    if let Some((context_id, decision)) = decided {
+        if abi::set_effective_context(context_id).is_ok() {
+            wake(decision);
+        }
+    }
+}
+
 fn send(reply: &LocalReply) {
     let headers: Vec<(&str, &str)> = reply
         .headers
@@ -193,7 +274,11 @@ struct Root {
     plugin: SharedPlugin,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        quota_answer(&self.plugin, token_id, status_code, response_size);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -232,16 +317,9 @@ impl RootContext for Root {
                 .unwrap_or_default(),
             Err(_) => return,
         };
-        for (context_id, wake) in wakes {
-            if abi::set_effective_context(context_id).is_err() {
-                continue;
-            }
-            match wake {
-                Wake::Resume => {
-                    let _ = abi::resume_request();
-                }
-                Wake::Reply(reply) => send(&reply),
-                Wake::Reset => reset(),
+        for (context_id, decision) in wakes {
+            if abi::set_effective_context(context_id).is_ok() {
+                wake(decision);
             }
         }
     }
@@ -279,6 +357,10 @@ impl Context for Http {
         let id = self.context_id;
         self.with_plugin((), |p| p.on_done(&EnvoyHost, id));
         true
+    }
+
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        quota_answer(&self.plugin, token_id, status_code, response_size);
     }
 }
 

@@ -245,12 +245,32 @@ pub fn current_limit(limit: &Limit) -> RateLimit {
     }
 }
 
-pub(crate) fn duration(span: Span) -> ProtoDuration {
-    let ns = span.as_nanos();
-    ProtoDuration {
-        seconds: i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX),
-        nanos: i32::try_from(ns % 1_000_000_000).unwrap_or(0),
+/// A protobuf `Duration` of either API: Envoy's (envoy-types) and
+/// Sluice's (`sluice-proto`, prost-types) are distinct Rust types.
+pub(crate) trait WireDuration {
+    /// The duration of `seconds` plus `nanos`.
+    fn from_parts(seconds: i64, nanos: i32) -> Self;
+}
+
+impl WireDuration for ProtoDuration {
+    fn from_parts(seconds: i64, nanos: i32) -> Self {
+        ProtoDuration { seconds, nanos }
     }
+}
+
+impl WireDuration for sluice_proto::Duration {
+    fn from_parts(seconds: i64, nanos: i32) -> Self {
+        sluice_proto::Duration { seconds, nanos }
+    }
+}
+
+/// `span` as a protobuf `Duration` of the API being answered.
+pub(crate) fn duration<D: WireDuration>(span: Span) -> D {
+    let ns = span.as_nanos();
+    D::from_parts(
+        i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX),
+        i32::try_from(ns % 1_000_000_000).unwrap_or(0),
+    )
 }
 
 /// The rate-limit headers (IETF draft and `X-RateLimit-*`) for the
@@ -326,7 +346,7 @@ descriptors:
 
     #[test]
     fn durations_split_seconds_and_nanos() {
-        let d = duration(Span(2_500_000_001));
+        let d: ProtoDuration = duration(Span(2_500_000_001));
         assert_eq!((d.seconds, d.nanos), (2, 500_000_001));
     }
 }

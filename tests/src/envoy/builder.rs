@@ -59,6 +59,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Adds the `sluice_quota` cluster: the quota server's gRPC port on
+    /// 127.0.0.1, for synced rules.
+    pub fn quota_server(mut self, port: u16) -> Self {
+        self.params.quota_port = Some(port);
+        self
+    }
+
     /// Adds the Sluice filter with this plugin configuration.
     pub fn sluice(mut self, config: &Value) -> Self {
         self.params.plugin_config = Some(plugin_json(config));
@@ -254,6 +261,7 @@ impl Envoy {
                 plugin_config: None,
                 native_local_ratelimit: false,
                 access_log: true,
+                quota_port: None,
             },
             wasm_override: None,
             concurrency: 1,

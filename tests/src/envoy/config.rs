@@ -22,6 +22,8 @@ pub struct ConfigParams {
     pub native_local_ratelimit: bool,
     /// One access log line per request on stdout.
     pub access_log: bool,
+    /// The quota server's gRPC port: adds the `sluice_quota` cluster.
+    pub quota_port: Option<u16>,
 }
 
 impl ConfigParams {
@@ -44,7 +46,12 @@ impl ConfigParams {
             )
             .section_if("sluice", self.plugin_config.is_some())
             .section_if("native_local_ratelimit", self.native_local_ratelimit)
-            .section_if("access_log", self.access_log);
+            .section_if("access_log", self.access_log)
+            .section_if("quota", self.quota_port.is_some());
+        let vars = match self.quota_port {
+            Some(port) => vars.set("QUOTA_PORT", port.to_string()),
+            None => vars,
+        };
         template::render(template, &vars, header)
     }
 }
