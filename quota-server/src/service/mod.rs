@@ -59,7 +59,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(rls)
         .add_service(quota)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), {
+        .serve_with_incoming_shutdown(incoming(listener), {
             let stopping = stopping.clone();
             async move {
                 shutdown.await;
@@ -86,9 +86,34 @@ pub async fn serve(
     }
 }
 
+/// The connections `listener` accepts, each with `TCP_NODELAY` set (the
+/// builder's `tcp_nodelay` does not reach a listener passed in): an answer
+/// is several small writes, which Nagle's algorithm would hold back until
+/// the client's delayed ACK, about 40 ms a call.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Binds the configured gRPC address (port 0 picks a free one).
 pub async fn bind(config: &ServerConfig) -> Result<TcpListener, ServeError> {
     TcpListener::bind(&config.listen.grpc)
         .await
         .map_err(ServeError::Listen)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let connection = accepted.next().await.unwrap().unwrap();
+        assert!(connection.nodelay().unwrap());
+    }
 }
