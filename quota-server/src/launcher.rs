@@ -199,6 +199,11 @@ impl QuotaServer {
         format!("http://{}", self.grpc)
     }
 
+    /// The server's process id (to read its memory use in `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's log so far (its standard error).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,6 +1,7 @@
 //! The gRPC server: rate limit service, health, deadlines, graceful shutdown.
 
 pub mod admission;
+pub mod bounds;
 pub mod decide;
 pub mod quota;
 pub mod rls;
@@ -50,8 +51,10 @@ pub async fn serve(
     let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
     let decider = Arc::new(Decider::new(max_keys));
     ready();
-    let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()));
-    let rls = RateLimitServiceServer::new(Rls::new(shared, decider));
+    let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
+    let rls = RateLimitServiceServer::new(Rls::new(shared, decider))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
     let deadline = Duration::from_nanos(config.request_timeout().as_nanos());
     let stopping = Arc::new(tokio::sync::Notify::new());
     let server = Server::builder()

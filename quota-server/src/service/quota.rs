@@ -11,6 +11,7 @@ use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
 use super::admission::{admit, decide, Admission};
+use super::bounds;
 use super::decide::{storage_failed, Decider, Source};
 use super::rls::{duration, headers};
 use super::sync::{self, storage_key, Entry, Grant};
@@ -45,6 +46,7 @@ impl Quota for QuotaService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        bounds::check_request(request.get_ref())?;
         let limits = self.shared.limits();
         let mut groups = Vec::with_capacity(request.get_ref().groups.len());
         for group in &request.get_ref().groups {
@@ -55,6 +57,7 @@ impl Quota for QuotaService {
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
         let request = request.into_inner();
+        bounds::sync_request(&request)?;
         let limits = self.shared.limits();
         let unknown = Lease {
             code: Code::UnknownLimit as i32,

@@ -32,6 +32,7 @@ use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
 use super::admission::{admit, decide, Admission};
+use super::bounds;
 use super::decide::Decider;
 use crate::limits::Limit;
 use crate::shared::Shared;
@@ -66,6 +67,7 @@ impl RateLimitService for Rls {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let request = request.into_inner();
+        bounds::rate_limit_request(&request)?;
         if request.domain.is_empty() {
             return Err(Status::invalid_argument(
                 "rate limit domain must not be empty",
