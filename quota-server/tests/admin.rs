@@ -503,6 +503,7 @@ domains:
             used: 0,
             want: 1,
         }],
+        caller: String::new(),
     };
     let banned = client.sync(sync("mallory")).await.unwrap().into_inner();
     assert_eq!(banned.leases[0].code, QuotaCode::OverLimit as i32);

@@ -185,6 +185,7 @@ async fn requests_beyond_the_bounds_are_refused() {
         domain: "api".into(),
         replicas: 1,
         entries,
+        caller: String::new(),
     };
     assert_refused(quota.sync(sync).await, invalid, "129 entries: at most 128");
 }

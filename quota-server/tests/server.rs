@@ -112,6 +112,7 @@ domains:
     descriptors:
       - key: user
         rate_limit: {unit: hour, requests_per_unit: 3, algorithm: token_bucket}
+    negative_hits: true
 descriptor_files:
   - path: edge.yaml
 "#;
@@ -328,6 +329,7 @@ domains:
     descriptors:
       - key: user
         rate_limit: {unit: hour, requests_per_unit: 3, algorithm: token_bucket}
+    negative_hits: true
 "#;
 
 /// Codes for `calls` requests by user `u` in `domain`, with the latencies.

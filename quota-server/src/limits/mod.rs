@@ -131,6 +131,8 @@ pub struct Domain {
     pub failure_mode: FailureMode,
     /// The local limit enforced during a storage failure (fail-open).
     pub fallback: Option<usize>,
+    /// Whether `is_negative_hits` descriptors may give hits back.
+    pub negative_hits: bool,
     roots: Vec<Node>,
     /// Sluice rules by name (for Sluice's own API, which names them).
     rules: HashMap<String, usize>,

@@ -3,6 +3,7 @@
 pub mod admission;
 pub mod bounds;
 pub mod decide;
+pub mod leases;
 pub mod quota;
 pub mod rls;
 pub mod sync;
@@ -13,9 +14,12 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic::Status;
 
+use crate::auth;
 use crate::config::ServerConfig;
 use crate::proto::quota_server::QuotaServer;
 use crate::shared::Shared;
@@ -51,10 +55,13 @@ pub async fn serve(
     let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
     let decider = Arc::new(Decider::new(max_keys));
     ready();
+    let token = RequireToken(grpc_token(config).map(Arc::from));
     let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()))
         .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
+    let quota = InterceptedService::new(quota, token.clone());
     let rls = RateLimitServiceServer::new(Rls::new(shared, decider))
         .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
+    let rls = InterceptedService::new(rls, token);
     let deadline = Duration::from_nanos(config.request_timeout().as_nanos());
     let stopping = Arc::new(tokio::sync::Notify::new());
     let server = Server::builder()
@@ -85,6 +92,43 @@ pub async fn serve(
         () = grace => {
             tracing::info!("closing idle connections");
             Ok(())
+        }
+    }
+}
+
+/// The environment variable holding the gRPC token (it wins over the file).
+pub const GRPC_TOKEN_ENV: &str = "SLUICE_GRPC_TOKEN";
+
+/// The gRPC token in force: `SLUICE_GRPC_TOKEN`, else `listen.grpc_token`;
+/// empty counts as none.
+pub fn grpc_token(config: &ServerConfig) -> Option<String> {
+    std::env::var(GRPC_TOKEN_ENV)
+        .ok()
+        .or_else(|| config.listen.grpc_token.clone())
+        .filter(|t| !t.is_empty())
+}
+
+/// Refuses rate limit and `Quota` calls without `authorization: Bearer
+/// <token>` metadata when a token is set (health stays open, for probes).
+#[derive(Clone, Debug)]
+struct RequireToken(Option<Arc<str>>);
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let Some(expected) = &self.0 else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer);
+        match presented {
+            Some(t) if auth::matches(t, expected) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong gRPC token")),
+            None => Err(Status::unauthenticated(
+                "missing `authorization: Bearer <token>` metadata (listen.grpc_token or SLUICE_GRPC_TOKEN)",
+            )),
         }
     }
 }
