@@ -82,7 +82,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
 
 impl Launcher {
     /// Starts `binary` (a built `sluice`) with `RUST_LOG=warn`, without
-    /// `SLUICE_ADMIN_TOKEN` (the configuration decides), waiting up to 30 s.
+    /// `SLUICE_ADMIN_TOKEN` or `SLUICE_GRPC_TOKEN` (the configuration
+    /// decides), waiting up to 30 s.
     pub fn new(binary: impl Into<PathBuf>) -> Launcher {
         Launcher {
             binary: binary.into(),
@@ -137,6 +138,7 @@ impl Launcher {
             .arg(config)
             .env("RUST_LOG", &self.log_filter)
             .env_remove("SLUICE_ADMIN_TOKEN")
+            .env_remove("SLUICE_GRPC_TOKEN")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -197,6 +199,11 @@ impl QuotaServer {
     /// The gRPC address as a URL (`http://127.0.0.1:PORT`).
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// The server's process id (to read its memory use in `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The server's log so far (its standard error).

@@ -3,7 +3,8 @@
 //!
 //! Data flows one way, each layer importing only those above it in this
 //! list:
-//! 1. `config` (the file as written) and `metrics` (import nothing here);
+//! 1. `config` (the file as written), `metrics` and `auth` (bearer
+//!    tokens) import nothing here;
 //! 2. `limits` (the validated limits);
 //! 3. `storage` (the counter store) and `controls` (access lists, bans,
 //!    overrides, audit log);
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod controls;

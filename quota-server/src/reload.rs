@@ -1,15 +1,18 @@
 //! Hot reload: the configuration's directory is watched (not the file),
 //! so a replace by rename (`mv tmp sluice.yaml`, as editors save) and a
 //! Kubernetes ConfigMap swap (the `..data` symlink renamed over) are seen,
-//! as well as in-place writes. Events are debounced, then the file is
-//! re-read (see [`ConfigSource::reload`]); every error is logged with its
-//! location, and reloads are counted (ok/failed) in the metrics.
+//! as well as in-place writes. Only events that change content count
+//! (writes, creates, renames, deletes; not the reload's own reads). Events
+//! are debounced, then the file is re-read (see [`ConfigSource::reload`]);
+//! every error is logged with its location, and reloads are counted
+//! (ok/failed) in the metrics.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::config::LoadError;
@@ -59,6 +62,19 @@ impl Drop for Watch {
     }
 }
 
+/// Whether an event can change what the files say: a write, create,
+/// rename or delete. Opens, reads and closes without writing are not (the
+/// reload's own read would otherwise trigger the next reload, forever).
+fn changes_content(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Create(_)
+            | EventKind::Modify(_)
+            | EventKind::Remove(_)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
+
 /// Whether a changed file name can affect the configuration: the file
 /// itself, a ConfigMap's `..data` link, or a YAML file (descriptor files).
 fn relevant(name: &str, config_name: &str) -> bool {
@@ -83,10 +99,15 @@ pub fn watch(source: Arc<ConfigSource>, shared: Arc<Shared>) -> Result<Watch, no
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let wanted = match event {
-            Ok(e) => e.paths.iter().any(|p| {
-                p.file_name()
-                    .is_some_and(|n| relevant(&n.to_string_lossy(), &config_name))
-            }),
+            // A rescan means events were lost: re-read to be safe.
+            Ok(e) if e.need_rescan() => true,
+            Ok(e) => {
+                changes_content(&e.kind)
+                    && e.paths.iter().any(|p| {
+                        p.file_name()
+                            .is_some_and(|n| relevant(&n.to_string_lossy(), &config_name))
+                    })
+            }
             // Lost events (queue overflow): re-read to be safe.
             Err(_) => true,
         };

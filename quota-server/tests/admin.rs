@@ -503,6 +503,7 @@ domains:
             used: 0,
             want: 1,
         }],
+        caller: String::new(),
     };
     let banned = client.sync(sync("mallory")).await.unwrap().into_inner();
     assert_eq!(banned.leases[0].code, QuotaCode::OverLimit as i32);
@@ -597,4 +598,36 @@ async fn a_restart_restores_grants_from_the_audit_log() {
         .lines()
         .count();
     assert_eq!(after, lines, "replayed grants are not recorded again");
+}
+
+/// The status line of a raw HTTP/1.1 GET with this `Authorization` value.
+fn raw_get(admin: std::net::SocketAddr, path: &str, authorization: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, "");
+    let token = support::TOKEN;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let line = raw_get(server.admin, "/rules", &format!("{scheme} {token}"));
+        assert_eq!(line, "HTTP/1.1 200 OK", "scheme {scheme}");
+    }
+    for wrong in [format!("Basic {token}"), format!("Bearer {token}x")] {
+        let line = raw_get(server.admin, "/rules", &wrong);
+        assert_eq!(line, "HTTP/1.1 401 Unauthorized", "{wrong}");
+    }
 }

@@ -7,6 +7,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use support::{config, eventually, write, Sluice};
@@ -128,4 +129,54 @@ async fn an_emptied_file_is_refused() {
     })
     .await;
     assert_eq!(allowance(&server).await, 1, "the old limit still applies");
+}
+
+async fn reloads_failed(server: &Sluice) -> u64 {
+    server
+        .metric("sluice_config_reloads_total{result=\"failed\"}")
+        .await
+}
+
+/// Samples both reload counters for `HOLD` and fails if either moves from
+/// `(ok, failed)`: nothing but an edit may start a reload.
+async fn reloads_stay(server: &Sluice, ok: u64, failed: u64) {
+    const HOLD: Duration = Duration::from_millis(1500);
+    let until = Instant::now() + HOLD;
+    while Instant::now() < until {
+        let now = (reloads_ok(server).await, reloads_failed(server).await);
+        assert_eq!(
+            now,
+            (ok, failed),
+            "reloads (ok, failed) moved without an edit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_edit_reloads_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "sluice.yaml", &limit(1));
+    let server = Sluice::start(&path);
+    // A bad file left in place fails once, not on every read of it.
+    std::fs::write(&path, limit(0)).unwrap();
+    eventually("the bad file fails to load", || async {
+        reloads_failed(&server).await == 1
+    })
+    .await;
+    // A second, known edit: exactly one more failure, then quiet.
+    std::fs::write(&path, format!("{}# still bad\n", limit(0))).unwrap();
+    eventually("the second bad edit fails to load", || async {
+        reloads_failed(&server).await == 2
+    })
+    .await;
+    reloads_stay(&server, 0, 2).await;
+    // A good edit applies once, then quiet too.
+    std::fs::write(&path, limit(2)).unwrap();
+    eventually("the good edit applies", || async {
+        reloads_ok(&server).await == 1
+    })
+    .await;
+    reloads_stay(&server, 1, 2).await;
+    assert_eq!(allowance(&server).await, 2);
 }

@@ -139,6 +139,7 @@ async fn replica(svc: Arc<QuotaService>, seed: u64) -> u64 {
             .sync(Request::new(SyncRequest {
                 domain: "api".into(),
                 replicas: 3,
+                caller: format!("replica-{seed}"),
                 entries: vec![SyncEntry {
                     rule: "leased".into(),
                     key: "k".into(),
@@ -210,6 +211,7 @@ async fn returned_leases_are_credited_back() {
                     used,
                     want,
                 }],
+                caller: String::new(),
             }))
             .await
             .unwrap()
@@ -247,6 +249,7 @@ async fn returned_leases_are_credited_back() {
                 used: 2,
                 want: 0,
             }],
+            caller: String::new(),
         }))
         .await;
     assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
@@ -298,6 +301,7 @@ async fn served_next_to_envoys_api() {
                 used: 0,
                 want: 5,
             }],
+            caller: String::new(),
         })
         .await
         .unwrap()

@@ -1,8 +1,8 @@
 //! The admin HTTP API (JSON) and `/metrics`, on `listen.admin`.
 //!
 //! Every route but `/metrics` requires `Authorization: Bearer <token>`
-//! (`admin.token`, or `SLUICE_ADMIN_TOKEN` which wins); without a token the
-//! listener does not start at all. `/metrics` needs no token so that
+//! (the scheme name in any case; `admin.token`, or `SLUICE_ADMIN_TOKEN`
+//! which wins); without a token the listener does not start at all. `/metrics` needs no token so that
 //! Prometheus scrapes without secrets; it holds no keys or addresses.
 
 pub mod replay;
@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::net::TcpListener;
 
+use crate::auth;
 use crate::config::{AdminConfig, ServerConfig};
 use crate::shared::Shared;
 use crate::source::ConfigSource;
@@ -137,40 +138,13 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(auth::bearer);
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => {
-            Ok(next.run(request).await)
-        }
+        Some(t) if auth::matches(t, &state.token) => Ok(next.run(request).await),
         Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token")),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing `Authorization: Bearer <token>` (the admin.token or SLUICE_ADMIN_TOKEN)",
         )),
-    }
-}
-
-/// Compares without stopping at the first difference, so the time taken
-/// does not tell how much of a guess was right (the length may leak).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, &x) in a.iter().enumerate() {
-        let y = b.get(i % b.len().max(1)).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secreT", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"secret"));
-        assert!(!constant_time_eq(b"secret", b""));
     }
 }

@@ -87,6 +87,13 @@ pub struct DescriptorFileRef {
     /// A local limit enforced while storage is down (fail-open only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackConfig>,
+    /// Whether `is_negative_hits` descriptors may give hits back.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub negative_hits: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// Listen addresses and the per-request deadline.
@@ -102,6 +109,11 @@ pub struct ListenConfig {
     /// Longest any request may take before it is answered with an error.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: SpanText,
+    /// Bearer token every rate limit and `Quota` call must present
+    /// (`authorization` metadata); `SLUICE_GRPC_TOKEN` overrides it.
+    /// Without one the gRPC port is open to whoever reaches it. Never printed.
+    #[serde(default, skip_serializing)]
+    pub grpc_token: Option<String>,
 }
 
 fn default_grpc() -> String {
@@ -122,6 +134,7 @@ impl Default for ListenConfig {
             grpc: default_grpc(),
             admin: default_admin(),
             request_timeout: default_request_timeout(),
+            grpc_token: None,
         }
     }
 }
@@ -237,6 +250,10 @@ pub struct DomainConfig {
     /// A local limit enforced while storage is down (fail-open only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackConfig>,
+    /// Whether `is_negative_hits` descriptors may give hits back (refused
+    /// by default: any caller reaching the port could refill a key).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub negative_hits: bool,
     /// The descriptor tree, in envoyproxy/ratelimit's format.
     #[serde(default)]
     pub descriptors: Vec<DescriptorConfig>,
@@ -325,6 +342,7 @@ impl DescriptorFileRef {
             name: file.domain,
             failure_mode: self.failure_mode,
             fallback: self.fallback.clone(),
+            negative_hits: self.negative_hits,
             descriptors: file.descriptors,
             rules: Vec::new(),
         })

@@ -89,6 +89,7 @@ impl Limits {
                     name: Arc::from(d.name.as_str()),
                     failure_mode: d.failure_mode,
                     fallback,
+                    negative_hits: d.negative_hits,
                     roots,
                     rules,
                 },

@@ -52,13 +52,35 @@ impl Limit {
     }
 
     /// The storage key for a descriptor's entries. Lengths are written out
-    /// so that no choice of keys and values can make two descriptors collide.
+    /// so that no choice of keys and values can make two descriptors
+    /// collide; a part longer than [`MAX_STORED_PART`] is stored as the
+    /// SHA-256 of all of it, so a key's size is bounded whatever a client
+    /// sends, and long values differing anywhere keep distinct counters.
     pub fn storage_key(&self, entries: &[(String, String)]) -> String {
         let mut key = self.key_prefix.clone();
         for (k, v) in entries {
-            let _ = write!(key, ":{}:{k}{}:{v}", k.len(), v.len());
+            key.push(':');
+            write_part(&mut key, k);
+            write_part(&mut key, v);
         }
         key
+    }
+}
+
+/// Longest key or value written into a storage key as it is.
+pub const MAX_STORED_PART: usize = 64;
+
+/// Appends `len:text`, or `len#` and the hex SHA-256 of `text` when it is
+/// longer than [`MAX_STORED_PART`] (`#` never follows a literal's length).
+fn write_part(out: &mut String, text: &str) {
+    if text.len() <= MAX_STORED_PART {
+        let _ = write!(out, "{}:{text}", text.len());
+        return;
+    }
+    let _ = write!(out, "{}#", text.len());
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    for byte in digest.as_ref() {
+        let _ = write!(out, "{byte:02x}");
     }
 }
 
@@ -109,6 +131,8 @@ pub struct Domain {
     pub failure_mode: FailureMode,
     /// The local limit enforced during a storage failure (fail-open).
     pub fallback: Option<usize>,
+    /// Whether `is_negative_hits` descriptors may give hits back.
+    pub negative_hits: bool,
     roots: Vec<Node>,
     /// Sluice rules by name (for Sluice's own API, which names them).
     rules: HashMap<String, usize>,
@@ -291,6 +315,23 @@ descriptors:
         let b = limit.storage_key(&entries(&[("a", "1:b")]));
         assert_ne!(a, b);
         assert!(a.starts_with("sluice:{edge}:fixed_window:"));
+    }
+
+    #[test]
+    fn long_parts_are_hashed_whole() {
+        let (l, _) = build(FILE);
+        let limit = l.limit(0).unwrap();
+        let long = "v".repeat(60_000);
+        let a = limit.storage_key(&entries(&[("user", &format!("{long}a"))]));
+        let b = limit.storage_key(&entries(&[("user", &format!("{long}b"))]));
+        assert_ne!(a, b, "values sharing a long prefix keep distinct keys");
+        assert!(a.len() < limit.key_prefix.len() + 100, "{a}");
+        let short = limit.storage_key(&entries(&[("user", "v")]));
+        assert!(short.ends_with(":4:user1:v"), "{short}");
+        // A literal of hex-like text cannot meet a hashed part's form.
+        let edge = "x".repeat(MAX_STORED_PART);
+        let literal = limit.storage_key(&entries(&[("user", &edge)]));
+        assert!(literal.ends_with(&format!("64:{edge}")), "{literal}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The gRPC server: rate limit service, health, deadlines, graceful shutdown.
 
 pub mod admission;
+pub mod bounds;
 pub mod decide;
+pub mod leases;
 pub mod quota;
 pub mod rls;
 pub mod sync;
@@ -12,9 +14,12 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic::Status;
 
+use crate::auth;
 use crate::config::ServerConfig;
 use crate::proto::quota_server::QuotaServer;
 use crate::shared::Shared;
@@ -50,8 +55,13 @@ pub async fn serve(
     let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
     let decider = Arc::new(Decider::new(max_keys));
     ready();
-    let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()));
-    let rls = RateLimitServiceServer::new(Rls::new(shared, decider));
+    let token = RequireToken(grpc_token(config).map(Arc::from));
+    let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
+    let quota = InterceptedService::new(quota, token.clone());
+    let rls = RateLimitServiceServer::new(Rls::new(shared, decider))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
+    let rls = InterceptedService::new(rls, token);
     let deadline = Duration::from_nanos(config.request_timeout().as_nanos());
     let stopping = Arc::new(tokio::sync::Notify::new());
     let server = Server::builder()
@@ -59,7 +69,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(rls)
         .add_service(quota)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), {
+        .serve_with_incoming_shutdown(incoming(listener), {
             let stopping = stopping.clone();
             async move {
                 shutdown.await;
@@ -86,9 +96,71 @@ pub async fn serve(
     }
 }
 
+/// The environment variable holding the gRPC token (it wins over the file).
+pub const GRPC_TOKEN_ENV: &str = "SLUICE_GRPC_TOKEN";
+
+/// The gRPC token in force: `SLUICE_GRPC_TOKEN`, else `listen.grpc_token`;
+/// empty counts as none.
+pub fn grpc_token(config: &ServerConfig) -> Option<String> {
+    std::env::var(GRPC_TOKEN_ENV)
+        .ok()
+        .or_else(|| config.listen.grpc_token.clone())
+        .filter(|t| !t.is_empty())
+}
+
+/// Refuses rate limit and `Quota` calls without `authorization: Bearer
+/// <token>` metadata when a token is set (health stays open, for probes).
+#[derive(Clone, Debug)]
+struct RequireToken(Option<Arc<str>>);
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let Some(expected) = &self.0 else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer);
+        match presented {
+            Some(t) if auth::matches(t, expected) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong gRPC token")),
+            None => Err(Status::unauthenticated(
+                "missing `authorization: Bearer <token>` metadata (listen.grpc_token or SLUICE_GRPC_TOKEN)",
+            )),
+        }
+    }
+}
+
+/// The connections `listener` accepts, each with `TCP_NODELAY` set (the
+/// builder's `tcp_nodelay` does not reach a listener passed in): an answer
+/// is several small writes, which Nagle's algorithm would hold back until
+/// the client's delayed ACK, about 40 ms a call.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Binds the configured gRPC address (port 0 picks a free one).
 pub async fn bind(config: &ServerConfig) -> Result<TcpListener, ServeError> {
     TcpListener::bind(&config.listen.grpc)
         .await
         .map_err(ServeError::Listen)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let connection = accepted.next().await.unwrap().unwrap();
+        assert!(connection.nodelay().unwrap());
+    }
 }

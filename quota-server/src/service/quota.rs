@@ -4,6 +4,7 @@
 //! `ShouldRateLimit` is (see `super::admission`).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sluice_core::algorithm::Outcome;
 use sluice_core::decision::Decision;
@@ -11,7 +12,9 @@ use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
 use super::admission::{admit, decide, Admission};
+use super::bounds;
 use super::decide::{storage_failed, Decider, Source};
+use super::leases::{LeaseId, Leases, REFUND_GRACE};
 use super::rls::{duration, headers};
 use super::sync::{self, storage_key, Entry, Grant};
 use crate::config::FailureMode;
@@ -30,12 +33,17 @@ use crate::storage::{system_now, Item};
 pub struct QuotaService {
     shared: Arc<Shared>,
     decider: Arc<Decider>,
+    leases: Leases,
 }
 
 impl QuotaService {
     /// A service reading limits from `shared` and deciding with `decider`.
     pub fn new(shared: Arc<Shared>, decider: Arc<Decider>) -> QuotaService {
-        QuotaService { shared, decider }
+        QuotaService {
+            shared,
+            decider,
+            leases: Leases::default(),
+        }
     }
 }
 
@@ -45,6 +53,7 @@ impl Quota for QuotaService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        bounds::check_request(request.get_ref())?;
         let limits = self.shared.limits();
         let mut groups = Vec::with_capacity(request.get_ref().groups.len());
         for group in &request.get_ref().groups {
@@ -55,6 +64,7 @@ impl Quota for QuotaService {
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
         let request = request.into_inner();
+        bounds::sync_request(&request)?;
         let limits = self.shared.limits();
         let unknown = Lease {
             code: Code::UnknownLimit as i32,
@@ -99,6 +109,8 @@ impl Quota for QuotaService {
         };
         let mut entries = Vec::with_capacity(request.entries.len());
         let mut entry_of = Vec::with_capacity(request.entries.len());
+        // Per storage entry, its lease's id and the request's entry.
+        let mut asked = Vec::with_capacity(request.entries.len());
         for (index, e) in request.entries.iter().enumerate() {
             if overridden.unlimited(index) {
                 entry_of.push(Slot::Unlimited(e.want));
@@ -119,11 +131,22 @@ impl Quota for QuotaService {
                 entries.push(Entry {
                     limit,
                     key: e.key.clone(),
-                    unused: e.held - e.used,
+                    unused: 0,
                     want: e.want,
                 });
+                asked.push((
+                    LeaseId::new(&request.caller, &domain.name, &e.rule, &e.key),
+                    e,
+                ));
                 Slot::Entry(entries.len() - 1)
             }));
+        }
+        // Only what this caller was leased and has not had back returns,
+        // whatever it says it held.
+        let now = Instant::now();
+        for (entry, (id, e)) in entries.iter_mut().zip(&asked) {
+            let leased = self.leases.take(id, now);
+            entry.unused = e.held.min(leased).saturating_sub(e.used);
         }
         let replicas = u64::from(request.replicas.max(1));
         // Not timed: a sync is several storage calls, and the latency
@@ -137,7 +160,12 @@ impl Quota for QuotaService {
                 (vec![Grant::none(0); entries.len()], failed_source(domain))
             }
         };
-        for (entry, grant) in entries.iter().zip(&grants) {
+        for ((grant, (id, _)), entry) in grants.iter().zip(&asked).zip(&entries) {
+            if grant.permits > 0 && source == Source::Storage {
+                let expires = Duration::from_nanos(grant.expires_after.as_nanos());
+                self.leases
+                    .record(*id, grant.permits, now + expires + REFUND_GRACE, now);
+            }
             self.shared.metrics.decision(
                 &domain.name,
                 &entry.limit.name,

@@ -5,7 +5,9 @@
 //! - An unknown domain, or a descriptor no limit matches, is `OK` without a
 //!   limit (envoyproxy/ratelimit does the same).
 //! - `hits_addend` (per descriptor, else per request) is the cost; 0 means 1.
-//!   A descriptor with `is_negative_hits` gives its hits back (a refund).
+//!   A descriptor with `is_negative_hits` gives its hits back (a refund, at
+//!   most a full allowance) only in a domain with `negative_hits: true`;
+//!   elsewhere the request is refused (`INVALID_ARGUMENT`).
 //! - All or nothing: a request over one limit consumes nothing from the others.
 //! - Shadow-mode descriptors are counted and reported (remaining, reset)
 //!   but their code stays `OK`, as in envoyproxy/ratelimit.
@@ -32,6 +34,7 @@ use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
 use super::admission::{admit, decide, Admission};
+use super::bounds;
 use super::decide::Decider;
 use crate::limits::Limit;
 use crate::shared::Shared;
@@ -66,6 +69,7 @@ impl RateLimitService for Rls {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let request = request.into_inner();
+        bounds::rate_limit_request(&request)?;
         if request.domain.is_empty() {
             return Err(Status::invalid_argument(
                 "rate limit domain must not be empty",
@@ -90,6 +94,13 @@ impl RateLimitService for Rls {
                 ..RateLimitResponse::default()
             }));
         };
+        if !domain.negative_hits && request.descriptors.iter().any(|d| d.is_negative_hits) {
+            return Err(Status::invalid_argument(format!(
+                "domain {:?} does not accept is_negative_hits (a refund any caller could \
+                 send); set negative_hits: true on the domain to allow it",
+                domain.name
+            )));
+        }
 
         let entries: Vec<Vec<(String, String)>> = request
             .descriptors
@@ -133,7 +144,10 @@ impl RateLimitService for Rls {
                 enforce: !limit.shadow,
             };
             if descriptor.is_negative_hits {
-                refunds.push(item);
+                // At most a full allowance, whatever the count sent.
+                let quota = limit.quota();
+                let cost = item.cost.min(quota.count().max(quota.burst()));
+                refunds.push(Item { cost, ..item });
             } else {
                 charged.push(Charged { index, item });
             }

@@ -8,8 +8,9 @@
 //! grant time, and callers that admit only within their leases never make
 //! the total admitted exceed the limit: no overshoot, only undershoot while
 //! leased permits sit unused. Unused permits come back on the next sync as
-//! a refund. A lease is at most `ceil(remaining / replicas)` so that every
-//! replica can get a share, and at most what the caller wants.
+//! a refund, of at most what the server leased that caller (see
+//! `super::leases`). A lease is at most `ceil(remaining / replicas)` so
+//! that every replica can get a share, and at most what the caller wants.
 //!
 //! Each sync is a few batched storage calls, none per entry: refund the
 //! unused permits, read what remains (a check of cost 0), take the leases
