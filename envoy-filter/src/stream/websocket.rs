@@ -396,7 +396,7 @@ fn without(chunk: &[u8], removed: &[(usize, usize)], limit: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::test_judge::{budget, refuse};
+    use crate::stream::test_judge::{budget, refuse, SizeJudge};
 
     fn masked_text(payload: &[u8], fin: bool, first: bool) -> Vec<u8> {
         let opcode = if first { 0x1 } else { 0x0 };
@@ -495,35 +495,6 @@ mod tests {
             Edit::Replace(ping)
         );
         Ok(())
-    }
-
-    /// Refuses messages over 4 bytes with `over`; records enforcements.
-    struct SizeJudge {
-        over: Answer,
-        enforced: Vec<(String, Enforced)>,
-    }
-
-    impl SizeJudge {
-        fn new(over: Answer) -> SizeJudge {
-            SizeJudge {
-                over,
-                enforced: Vec::new(),
-            }
-        }
-    }
-
-    impl Judge for SizeJudge {
-        fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
-            if ask.size > 4 {
-                self.over.clone()
-            } else {
-                Answer::Pass
-            }
-        }
-
-        fn enforced(&mut self, _: Direction, rule: &str, outcome: Enforced) {
-            self.enforced.push((rule.to_owned(), outcome));
-        }
     }
 
     fn drop_too_big() -> Answer {
