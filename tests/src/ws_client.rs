@@ -170,6 +170,14 @@ impl RawWs {
         Ok(())
     }
 
+    /// Sends `bytes` as they are, in a single write: frames no well-behaved
+    /// client would write.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
     /// The next frame from the server.
     pub async fn read_frame(&mut self) -> Result<Frame> {
         tokio::time::timeout(READ_TIMEOUT, self.read_frame_inner())

@@ -759,3 +759,95 @@ async fn long_server_stream_is_reset_after_the_grace() {
         s.upstream.sent("Subscribe")
     );
 }
+
+/// One `Upload` call whose request body is `body` as it is (gRPC framing
+/// written by hand, sent in one piece, then the half-close): the status it
+/// ended with, trailers-only or in the trailers.
+async fn raw_upload(s: &Setup, body: Vec<u8>) -> Result<Status, String> {
+    use http_body_util::BodyExt as _;
+    use tonic::codegen::{http, Service as _};
+
+    let request = http::Request::post(format!("http://{}/chat.ChatService/Upload", s.envoy.addr()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+        .unwrap();
+    let mut channel = s.channel.clone();
+    let call = async move {
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = channel.call(request).await.map_err(|e| e.to_string())?;
+        if let Some(status) = Status::from_header_map(response.headers()) {
+            return Ok(status);
+        }
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        Ok::<_, String>(
+            Status::from_header_map(&trailers)
+                .unwrap_or_else(|| Status::unknown("no grpc-status in the trailers")),
+        )
+    };
+    bounded("raw Upload", call).await
+}
+
+/// gRPC framing of one plain message: flag, length, payload.
+fn grpc_frame(payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    [&[0u8][..], &len, payload].concat()
+}
+
+/// A message whose prefix declares more than gRPC's default 4 MiB meets
+/// the `message_size` rule like any other (the call ends RESOURCE_EXHAUSTED
+/// before anything reaches the upstream, not counted past); a prefix that
+/// cannot be parsed ends the call with INTERNAL, and what follows it never
+/// reaches the upstream as a clean stream.
+#[tokio::test]
+async fn oversized_and_malformed_prefixes_end_the_call() {
+    use prost::Message as _;
+
+    let config = json!({"rules": [grpc_rule("upload-size", "chat.ChatService", "Upload",
+        json!({"counts": "message_size", "direction": "client", "limit": {"count": 1024}}))]});
+    let s = setup("grpc_oversized_and_malformed_prefixes_end_the_call", config).await;
+    let small = grpc_frame(&ChatMessage { text: "hi".into() }.encode_to_vec());
+
+    // 4 MiB + 1 declared, 10 bytes of it sent, then three small messages.
+    let huge = [
+        &[0u8][..],
+        &((4u32 << 20) + 1).to_be_bytes(),
+        &[7; 10],
+        &small,
+        &small,
+        &small,
+    ]
+    .concat();
+    let status = raw_upload(&s, huge).await.unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.message(), "message too large for rule upload-size");
+    assert_eq!(s.upstream.received("Upload"), 0, "messages at the upstream");
+    assert_eq!(
+        s.counter("upload-size", "limited").await,
+        1,
+        "limited messages"
+    );
+
+    // Flag 2 is neither "plain" nor "compressed".
+    let mut malformed = small.clone();
+    malformed[0] = 2;
+    let status = raw_upload(&s, [small.clone(), malformed, small].concat())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "malformed gRPC message stream: invalid gRPC compressed flag 0x02: must be 0 or 1"
+    );
+    assert_eq!(s.upstream.received("Upload"), 0, "messages at the upstream");
+    assert_eq!(s.upstream.ends("Upload").0, 0, "clean ends at the upstream");
+}

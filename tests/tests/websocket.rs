@@ -21,7 +21,7 @@ use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::stream_stats::{self, Protocol};
 use sluice_e2e::wait;
 use sluice_e2e::ws_client::{connect, kill, next_message, until_closed, RawWs, Upgrade, Ws};
-use sluice_e2e::ws_frame::{opcode, Frame};
+use sluice_e2e::ws_frame::{self, opcode, Frame};
 use sluice_e2e::ws_upstream::{WsUpstream, QUIET_PATH};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -600,6 +600,102 @@ async fn frames_split_across_tcp_writes_are_counted_exactly() {
         .map(|m| m.payload.len())
         .collect();
     assert_eq!(sizes, [4, 300, 70_000], "message sizes at the upstream");
+}
+
+/// A masked client frame of `payload` (under 126 bytes) whose length is
+/// written in the 16-bit form, which RFC 6455 asks senders not to do and
+/// common servers accept.
+fn long_form_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let short = ws_frame::encode(true, opcode, payload, Some([9, 8, 7, 6]));
+    let len = u16::try_from(payload.len()).unwrap();
+    [&[short[0], 0x80 | 126][..], &len.to_be_bytes(), &short[2..]].concat()
+}
+
+/// A frame with its length in a longer form than needed is counted like
+/// any other: over a budget of 1, the next message closes the connection
+/// instead of 100 messages passing uncounted.
+#[tokio::test]
+async fn non_minimal_lengths_are_counted() {
+    let s = setup(
+        "ws_non_minimal_lengths_are_counted",
+        json!([ws_rule(
+            "ws-msgs",
+            "messages",
+            json!({"count": 1, "per": "1h"}),
+            json!({"direction": "client"})
+        )]),
+    )
+    .await;
+    let mut raw = s.raw("/ws").await;
+    let mut bytes = long_form_frame(opcode::TEXT, b"first");
+    for i in 0..100 {
+        bytes.extend(ws_frame::encode(
+            true,
+            opcode::TEXT,
+            format!("more {i}").as_bytes(),
+            Some([1, 2, 3, 4]),
+        ));
+    }
+    raw.send_bytes(&bytes).await.unwrap();
+    // The upstream's echo of "first" races the filter's Close, which takes
+    // the place of the upstream's next chunk: only the Close is sure.
+    expect_raw_close(&mut raw, 1008, "rate limited: ws-msgs", "message 2").await;
+    s.upstream_close("/ws", 1008, "rate limited: ws-msgs")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.upstream.texts("/ws"),
+        ["first"],
+        "messages at the upstream"
+    );
+}
+
+/// Where a size rule took the permessage-deflate offer out, a compressed
+/// message (RSV1) sent anyway closes both ends with 1008; a frame that
+/// breaks the framing closes them with 1002. Nothing after either passes.
+#[tokio::test]
+async fn compressed_and_malformed_frames_close_the_connection() {
+    let s = setup(
+        "ws_compressed_and_malformed_frames_close_the_connection",
+        json!([ws_rule(
+            "ws-size",
+            "message_size",
+            json!({"count": 1024}),
+            json!({"direction": "client"})
+        )]),
+    )
+    .await;
+    let key = Some([1, 2, 3, 4]);
+    let mut compressed = ws_frame::encode(true, opcode::TEXT, b"zzz", key);
+    compressed[0] |= 0x40;
+    // Opcode 0x3 is reserved.
+    let malformed = ws_frame::encode(true, 0x3, b"yyy", key);
+    let cases = [
+        (compressed, 1008, "compressed message refused: ws-size"),
+        (
+            malformed,
+            1002,
+            "malformed frame: unknown WebSocket opcode 0x3",
+        ),
+    ];
+    for (bad, code, reason) in cases {
+        let mut raw = s.raw("/ws").await;
+        raw.send_frames(&[(true, opcode::TEXT, b"before")])
+            .await
+            .unwrap();
+        let (echo, _) = read_data(&mut raw, reason).await;
+        assert_eq!(echo.text(), "before", "{reason}: echo");
+        let after = ws_frame::encode(true, opcode::TEXT, b"after", key);
+        raw.send_bytes(&[bad, after].concat()).await.unwrap();
+        expect_raw_close(&mut raw, code, reason, reason).await;
+        s.upstream_close("/ws", code, reason).await.unwrap();
+    }
+    assert_eq!(
+        s.upstream.texts("/ws"),
+        ["before", "before"],
+        "messages at the upstream"
+    );
+    assert_eq!(s.counter("ws-size", "limited").await, 1, "limited messages");
 }
 
 /// A message in three fragments with pings between them counts once: two

@@ -109,8 +109,18 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
                 return Answer::Pass;
             }
         };
-        match verdict.kind {
-            VerdictKind::Allowed | VerdictKind::Wait { .. } => {
+        let refused_by = match verdict.kind {
+            VerdictKind::Limited { rule_index } => rule_index,
+            // A stream cannot hold a message back: a rule that would delay
+            // it refuses it (validation keeps `delay` off stream rules).
+            VerdictKind::Wait { .. } => verdict
+                .decisions
+                .iter()
+                .find(|d| !d.decision.allowed && !d.shadow_limited)
+                .map(|d| d.rule_index)
+                .or(claims.first().map(|c| c.slot.rule_index))
+                .unwrap_or_default(),
+            VerdictKind::Allowed => {
                 for d in &verdict.decisions {
                     let outcome = if d.shadow_limited {
                         Outcome::ShadowLimited
@@ -120,19 +130,17 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
                     self.metrics
                         .count(self.host, self.protocol, d.rule_index, outcome);
                 }
-                Answer::Pass
+                return Answer::Pass;
             }
-            VerdictKind::Limited { rule_index } => {
-                let mut metadata = Vec::new();
-                verdict.headers(self.policy, |name, value| {
-                    metadata.push((name, value.to_owned()))
-                });
-                let retry_after = verdict
-                    .shown(self.policy)
-                    .map_or(1, |d| d.retry_after_secs());
-                self.refuse(rule_index, Violation::Rate, retry_after, metadata)
-            }
-        }
+        };
+        let mut metadata = Vec::new();
+        verdict.headers(self.policy, |name, value| {
+            metadata.push((name, value.to_owned()))
+        });
+        let retry_after = verdict
+            .shown(self.policy)
+            .map_or(1, |d| d.retry_after_secs());
+        self.refuse(refused_by, Violation::Rate, retry_after, metadata)
     }
 }
 
@@ -184,5 +192,53 @@ impl<B, H: Host> StreamJudge<'_, B, H> {
                 metadata,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::config::Config;
+    use sluice_core::store::InProcessShared;
+
+    use super::*;
+    use crate::host::fake::FakeHost;
+
+    #[test]
+    fn a_message_a_rule_would_delay_is_refused_not_passed() -> Result<(), String> {
+        let json = r#"{"rules":[{"name":"msgs","match":{"websocket":true},"counts":"messages","limit":{"count":1,"per":"1h"}}]}"#;
+        let mut policy = Config::from_json(json)
+            .and_then(|c| c.validate())
+            .map_err(|e| e.to_string())?;
+        // Validation refuses `delay` on stream rules: set it behind its back.
+        policy.rules[0].action = Action::Delay {
+            max: Span(7200 * 1_000_000_000),
+        };
+        let host = FakeHost::default();
+        let shared = InProcessShared::default();
+        let mut store = SlotStore::open(&shared, &policy, || Some(7)).map_err(|e| e.to_string())?;
+        let metrics = Metrics::define(&host, &policy);
+        let keys = [(0, String::from("k"))];
+        let mut judge = StreamJudge {
+            policy: &policy,
+            store: &mut store,
+            metrics: &metrics,
+            host: &host,
+            keys: &keys,
+            protocol: Protocol::WebSocket,
+            now: Nanos(1_800_000_000 * 1_000_000_000),
+        };
+        let ask = Ask {
+            messages: 1,
+            bytes: 2,
+            size: 2,
+            compressed: false,
+            ends: true,
+        };
+        assert_eq!(judge.judge(Direction::Client, ask), Answer::Pass);
+        assert!(matches!(
+            judge.judge(Direction::Client, ask),
+            Answer::Refuse { rule, violation: Violation::Rate, .. } if rule == "msgs"
+        ));
+        Ok(())
     }
 }

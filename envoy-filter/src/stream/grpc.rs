@@ -6,7 +6,9 @@
 use sluice_core::policy::Direction;
 use sluice_core::protocol::{GrpcEvent, GrpcFrameParser};
 
-use super::{grpc_message_refusal, Answer, Ask, Edit, Enforced, Judge, PerDirection};
+use super::{
+    grpc_message_refusal, Answer, Ask, Edit, Enforced, Judge, PerDirection, GRPC_INTERNAL,
+};
 
 /// The status a cut call ends with when the upstream ends it in time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,16 +19,43 @@ pub struct CutStatus {
     pub message: String,
 }
 
+/// Why a direction's messages are no longer passed on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Blocked {
+    /// A rule refused a message: each later message is refused by it.
+    Rule(String),
+    /// The messages could not be parsed: nothing after can be counted.
+    Malformed,
+}
+
 /// A gRPC call's streams.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GrpcStream {
     parsers: PerDirection<GrpcFrameParser>,
-    /// Directions whose messages are no longer passed on, with the rule
-    /// that cut them (each later message is refused by it).
-    blocked: PerDirection<Option<String>>,
+    /// Directions whose messages are no longer passed on, and why.
+    blocked: PerDirection<Option<Blocked>>,
     /// The status to put in the trailers, once a message was refused after
     /// the response started.
     cut: Option<CutStatus>,
+}
+
+impl Default for GrpcStream {
+    fn default() -> Self {
+        // No length cap of its own: the parser skips payloads without
+        // holding them, and a cap would stop the counting at the first
+        // message over it. `message_size` rules bound messages, measured by
+        // the length their prefix declares; without one, the upstream's own
+        // limit (gRPC's default is 4 MiB) applies.
+        let parser = GrpcFrameParser::with_max_message_len(u32::MAX);
+        GrpcStream {
+            parsers: PerDirection {
+                client: parser.clone(),
+                server: parser,
+            },
+            blocked: PerDirection::default(),
+            cut: None,
+        }
+    }
 }
 
 impl GrpcStream {
@@ -40,16 +69,24 @@ impl GrpcStream {
         response_started: bool,
     ) -> Edit {
         let mut starts: Vec<(usize, u64, bool)> = Vec::new();
-        // A malformed stream is the endpoints' business: stop counting and
-        // pass it on rather than guess.
-        let _ = self.parsers.get_mut(direction).feed(bytes, |event| {
-            if let GrpcEvent::Started { at, message } = event {
-                starts.push((at.offset, u64::from(message.len), message.compressed));
-            }
-        });
-        if let Some(rule) = self.blocked.get(direction) {
-            for _ in &starts {
-                judge.enforced(direction, rule, Enforced::Limited);
+        // Where the last message that ended in this chunk ended: a prefix
+        // that cannot be parsed begins there (or at the chunk's start).
+        let mut parsed_to = 0usize;
+        let failure = self
+            .parsers
+            .get_mut(direction)
+            .feed(bytes, |event| match event {
+                GrpcEvent::Started { at, message } => {
+                    starts.push((at.offset, u64::from(message.len), message.compressed));
+                }
+                GrpcEvent::Completed { end, .. } => parsed_to = end,
+            })
+            .err();
+        if let Some(blocked) = self.blocked.get(direction) {
+            if let Blocked::Rule(rule) = blocked {
+                for _ in &starts {
+                    judge.enforced(direction, rule, Enforced::Limited);
+                }
             }
             return if bytes.is_empty() {
                 Edit::Keep
@@ -83,20 +120,59 @@ impl GrpcStream {
                 judge.enforced(direction, &rule, Enforced::Limited);
             }
             let (status, message) = grpc_message_refusal(&rule, violation, retry_after);
-            if !response_started {
-                return Edit::RefuseCall {
-                    status,
-                    message,
-                    metadata,
-                };
-            }
-            *self.blocked.get_mut(direction) = Some(rule);
-            self.cut = Some(CutStatus { status, message });
+            let refusal = Refusal {
+                status,
+                message,
+                metadata,
+                blocked: Blocked::Rule(rule),
+            };
             // Everything before the refused message passes on.
             let passed = bytes.get(..offset).unwrap_or(bytes);
-            return Edit::Cut(passed.to_vec());
+            return self.end(direction, refusal, passed, response_started);
         }
-        Edit::Keep
+        match failure {
+            None => Edit::Keep,
+            // Nothing after the bad prefix can be counted, so none of it
+            // may pass: the call ends as for a refused message.
+            Some(error) => {
+                let refusal = Refusal {
+                    // What a gRPC endpoint answers a message it cannot parse.
+                    status: GRPC_INTERNAL,
+                    message: format!("malformed gRPC message stream: {error}"),
+                    metadata: Vec::new(),
+                    blocked: Blocked::Malformed,
+                };
+                let passed = bytes.get(..parsed_to).unwrap_or(bytes);
+                self.end(direction, refusal, passed, response_started)
+            }
+        }
+    }
+
+    /// Ends the call for `refusal`: cleanly before the response started,
+    /// else by a cut after `passed`, the bytes still passed on.
+    fn end(
+        &mut self,
+        direction: Direction,
+        refusal: Refusal,
+        passed: &[u8],
+        response_started: bool,
+    ) -> Edit {
+        let Refusal {
+            status,
+            message,
+            metadata,
+            blocked,
+        } = refusal;
+        if !response_started {
+            return Edit::RefuseCall {
+                status,
+                message,
+                metadata,
+            };
+        }
+        *self.blocked.get_mut(direction) = Some(blocked);
+        self.cut = Some(CutStatus { status, message });
+        Edit::Cut(passed.to_vec())
     }
 
     /// The status to put in the trailers, if a message was refused after
@@ -111,10 +187,18 @@ impl GrpcStream {
     }
 }
 
+/// How a call ends when a message in it is refused or cannot be parsed.
+struct Refusal {
+    status: u32,
+    message: String,
+    metadata: Vec<(&'static str, String)>,
+    blocked: Blocked,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::test_judge::{budget, refuse};
+    use crate::stream::test_judge::{budget, refuse, SizeJudge};
     use crate::stream::Violation;
 
     fn grpc_message_bytes(len: usize) -> Vec<u8> {
@@ -186,6 +270,90 @@ mod tests {
             call.chunk(&mut judge, Direction::Client, &stream[cut..], false);
             let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.bytes).collect();
             assert_eq!(sizes, [4, 0, 9], "cut at {cut}");
+        }
+        Ok(())
+    }
+
+    /// A prefix announcing `len` bytes, without the payload.
+    fn prefix(len: u32) -> Vec<u8> {
+        [&[0u8][..], &len.to_be_bytes()].concat()
+    }
+
+    #[test]
+    fn a_message_over_four_mebibytes_meets_the_size_rules() -> Result<(), String> {
+        // Its prefix, a little of it, and small messages: all one chunk.
+        let stream = [
+            prefix((4 << 20) + 1),
+            vec![7; 10],
+            grpc_message_bytes(1),
+            grpc_message_bytes(1),
+        ]
+        .concat();
+        let mut judge = SizeJudge::new(refuse(Violation::TooBig));
+        let mut call = GrpcStream::default();
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &stream, false),
+            Edit::RefuseCall {
+                status: 8,
+                message: "message too large for rule r".into(),
+                metadata: vec![("retry-after", "3".into())],
+            }
+        );
+        // Without a size rule, counting goes on past it.
+        let mut judge = budget(10, Answer::Pass);
+        let mut call = GrpcStream::default();
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &stream, false),
+            Edit::Keep
+        );
+        let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.size).collect();
+        assert_eq!(sizes, [(4 << 20) + 1]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_malformed_prefix_ends_the_call() -> Result<(), String> {
+        let good = grpc_message_bytes(3);
+        // Flag 2 is neither "plain" nor "compressed".
+        let mut bad = grpc_message_bytes(1);
+        bad[0] = 2;
+        let stream = [good.clone(), bad, grpc_message_bytes(1)].concat();
+        let message = "malformed gRPC message stream: \
+                       invalid gRPC compressed flag 0x02: must be 0 or 1";
+        let mut judge = budget(10, refuse(Violation::Rate));
+        let mut call = GrpcStream::default();
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &stream, false),
+            Edit::RefuseCall {
+                status: 13,
+                message: message.into(),
+                metadata: Vec::new(),
+            }
+        );
+        // After the response started, the call is cut where the bad prefix
+        // begins, however the chunks fall.
+        for cut in 0..=stream.len() {
+            let mut judge = budget(10, refuse(Violation::Rate));
+            let mut call = GrpcStream::default();
+            let mut passed = Vec::new();
+            for piece in [&stream[..cut], &stream[cut..]] {
+                match call.chunk(&mut judge, Direction::Server, piece, true) {
+                    Edit::Keep => passed.extend_from_slice(piece),
+                    Edit::Cut(b) | Edit::Replace(b) => passed.extend(b),
+                    other => return Err(format!("{other:?}")),
+                }
+            }
+            assert_eq!(passed, good, "cut at {cut}");
+            assert!(call.blocked(Direction::Server), "cut at {cut}");
+            assert_eq!(
+                call.cut(),
+                Some(&CutStatus {
+                    status: 13,
+                    message: message.into()
+                })
+            );
+            assert_eq!(judge.asks.len(), 1, "cut at {cut}");
+            assert!(judge.enforced.is_empty());
         }
         Ok(())
     }

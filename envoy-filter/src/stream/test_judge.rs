@@ -58,3 +58,34 @@ pub(super) fn refuse(violation: Violation) -> Answer {
         metadata: vec![("retry-after", "3".into())],
     }
 }
+
+/// Refuses messages over 4 bytes with `over`; records enforcements.
+pub(super) struct SizeJudge {
+    over: Answer,
+    /// Every refusal enforced, in order.
+    pub(super) enforced: Vec<(String, Enforced)>,
+}
+
+impl SizeJudge {
+    /// Refuses with `over`.
+    pub(super) fn new(over: Answer) -> SizeJudge {
+        SizeJudge {
+            over,
+            enforced: Vec::new(),
+        }
+    }
+}
+
+impl Judge for SizeJudge {
+    fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
+        if ask.size > 4 {
+            self.over.clone()
+        } else {
+            Answer::Pass
+        }
+    }
+
+    fn enforced(&mut self, _: Direction, rule: &str, outcome: Enforced) {
+        self.enforced.push((rule.to_owned(), outcome));
+    }
+}

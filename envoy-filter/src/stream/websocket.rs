@@ -3,7 +3,7 @@
 //! is dropped or the connection is closed (both ways) for a violation.
 
 use sluice_core::policy::Direction;
-use sluice_core::protocol::websocket::{self, CloseCode, Event, FrameParser, Opcode};
+use sluice_core::protocol::websocket::{self, CloseCode, Event, FrameParser, Opcode, WsError};
 use sluice_core::protocol::ChunkPos;
 
 use super::{opposite, Answer, Ask, Edit, Enforced, Judge, PerDirection, Violation};
@@ -126,8 +126,11 @@ impl WebSocketStream {
                 Edit::Replace(Vec::new())
             };
         }
+        // Where the next frame header begins in `bytes`, if no frame header
+        // completes in it before.
+        let tail = side.parser.payload_remaining();
         let mut events: Vec<Event> = Vec::new();
-        let _ = side.parser.feed(bytes, |e| events.push(e));
+        let failure = side.parser.feed(bytes, |e| events.push(e)).err();
         // Work on the header bytes kept back followed by this chunk; keep
         // back again whatever header is still incomplete at its end.
         let pending = std::mem::take(&mut side.pending);
@@ -164,7 +167,9 @@ impl WebSocketStream {
             let dropped_here = end.saturating_sub(pending_len) as u64;
             side.drop_carry = carry.saturating_sub(dropped_here);
         }
-        let mut cut: Option<(usize, Close, String)> = None;
+        let mut cut: Option<(usize, Close, Option<String>)> = None;
+        // The end of the last frame whose header is in this chunk.
+        let mut frame_end: Option<usize> = None;
         // The data frames of the current message in this chunk, while all
         // of it is here: nothing of it has been passed on, so a drop can
         // still take it whole.
@@ -183,6 +188,11 @@ impl WebSocketStream {
                         fin: header.fin,
                     };
                     side.frame = data.then_some(frame);
+                    frame_end = Some(
+                        frame
+                            .offset
+                            .saturating_add(usize::try_from(frame.len).unwrap_or(usize::MAX)),
+                    );
                     if data {
                         if frame.starts {
                             unsent = Some(Vec::new());
@@ -234,21 +244,8 @@ impl WebSocketStream {
                         | Answer::Refuse {
                             violation, rule, ..
                         } => {
-                            let (code, reason) = match violation {
-                                Violation::Rate => {
-                                    (CloseCode::POLICY_VIOLATION, format!("rate limited: {rule}"))
-                                }
-                                Violation::TooBig => (
-                                    CloseCode::MESSAGE_TOO_BIG,
-                                    format!("message too big: {rule}"),
-                                ),
-                                Violation::Compressed => (
-                                    CloseCode::POLICY_VIOLATION,
-                                    format!("compressed message refused: {rule}"),
-                                ),
-                            };
                             judge.enforced(direction, &rule, Enforced::Limited);
-                            cut = Some((at, Close { code, reason }, rule));
+                            cut = Some((at, refusal_close(violation, &rule), Some(rule)));
                             break;
                         }
                     }
@@ -259,6 +256,14 @@ impl WebSocketStream {
             }
         }
 
+        if let (None, Some(error)) = (&cut, failure) {
+            // The frame that broke the framing begins where the last frame
+            // ended, or past what remained of an earlier chunk's frame.
+            let at = frame_end
+                .unwrap_or_else(|| usize::try_from(tail).unwrap_or(usize::MAX).min(chunk.len()));
+            let (close, rule) = malformed_close(judge, direction, &side.parser, error);
+            cut = Some((at.min(chunk.len()), close, rule));
+        }
         let Some((at, close, rule)) = cut else {
             side.pending = chunk.get(limit..).unwrap_or_default().to_vec();
             return if removed.is_empty() && pending_len == 0 && keep_back == 0 {
@@ -268,15 +273,17 @@ impl WebSocketStream {
             };
         };
         // Messages after the refused one in this chunk are discarded with it.
-        for event in events {
-            if let Event::MessageStarted { .. } = event {
-                judge.enforced(direction, &rule, Enforced::Limited);
+        if let Some(rule) = &rule {
+            for event in events {
+                if let Event::MessageStarted { .. } = event {
+                    judge.enforced(direction, rule, Enforced::Limited);
+                }
             }
         }
         let mut out = without(chunk, &removed, at.min(limit));
         out.extend_from_slice(&close_towards_receiver(direction, &close));
         side.closed = true;
-        side.closed_by = Some(rule);
+        side.closed_by = rule;
         let other = self.sides.get_mut(opposite(direction));
         if !other.closed {
             other.owed = Some(close);
@@ -288,6 +295,72 @@ impl WebSocketStream {
     /// `direction` (it is sent with that side's next chunk).
     pub fn owes_close(&self, direction: Direction) -> bool {
         self.sides.get(direction).owed.is_some()
+    }
+}
+
+/// The close for a message `rule` refused for `violation`.
+fn refusal_close(violation: Violation, rule: &str) -> Close {
+    let (code, reason) = match violation {
+        Violation::Rate => (CloseCode::POLICY_VIOLATION, format!("rate limited: {rule}")),
+        Violation::TooBig => (
+            CloseCode::MESSAGE_TOO_BIG,
+            format!("message too big: {rule}"),
+        ),
+        Violation::Compressed => (
+            CloseCode::POLICY_VIOLATION,
+            format!("compressed message refused: {rule}"),
+        ),
+    };
+    Close { code, reason }
+}
+
+/// The close for frames that break RFC 6455, and the rule that refused
+/// them if one did. Nothing after them can be parsed, so nothing after
+/// them can be counted: the connection ends (1002), save for a compressed
+/// message where none was negotiated because the rules keep compression
+/// off: that is the rules' refusal (1008), as if it had been negotiated.
+fn malformed_close(
+    judge: &mut impl Judge,
+    direction: Direction,
+    parser: &FrameParser,
+    error: WsError,
+) -> (Close, Option<String>) {
+    let compressed = !parser.deflate()
+        && matches!(
+            error,
+            WsError::ReservedBits {
+                opcode: Opcode::Text | Opcode::Binary,
+                rsv: 0b100,
+            }
+        );
+    // An ask with no message or byte in it charges nothing: only a rule
+    // that refuses compression can answer it.
+    let ask = Ask {
+        compressed: true,
+        ..Ask::default()
+    };
+    match compressed.then(|| judge.judge(direction, ask)) {
+        Some(
+            Answer::Refuse {
+                rule,
+                violation: Violation::Compressed,
+                ..
+            }
+            | Answer::Drop {
+                rule,
+                violation: Violation::Compressed,
+            },
+        ) => {
+            judge.enforced(direction, &rule, Enforced::Limited);
+            (refusal_close(Violation::Compressed, &rule), Some(rule))
+        }
+        _ => (
+            Close {
+                code: CloseCode::PROTOCOL_ERROR,
+                reason: format!("malformed frame: {error}"),
+            },
+            None,
+        ),
     }
 }
 
@@ -323,7 +396,7 @@ fn without(chunk: &[u8], removed: &[(usize, usize)], limit: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::test_judge::{budget, refuse};
+    use crate::stream::test_judge::{budget, refuse, SizeJudge};
 
     fn masked_text(payload: &[u8], fin: bool, first: bool) -> Vec<u8> {
         let opcode = if first { 0x1 } else { 0x0 };
@@ -424,35 +497,6 @@ mod tests {
         Ok(())
     }
 
-    /// Refuses messages over 4 bytes with `over`; records enforcements.
-    struct SizeJudge {
-        over: Answer,
-        enforced: Vec<(String, Enforced)>,
-    }
-
-    impl SizeJudge {
-        fn new(over: Answer) -> SizeJudge {
-            SizeJudge {
-                over,
-                enforced: Vec::new(),
-            }
-        }
-    }
-
-    impl Judge for SizeJudge {
-        fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
-            if ask.size > 4 {
-                self.over.clone()
-            } else {
-                Answer::Pass
-            }
-        }
-
-        fn enforced(&mut self, _: Direction, rule: &str, outcome: Enforced) {
-            self.enforced.push((rule.to_owned(), outcome));
-        }
-    }
-
     fn drop_too_big() -> Answer {
         Answer::Drop {
             violation: Violation::TooBig,
@@ -526,6 +570,147 @@ mod tests {
         );
         assert_eq!(judge.enforced.len(), 3);
         assert!(judge.enforced.iter().all(|(_, o)| *o == Enforced::Limited));
+        Ok(())
+    }
+
+    fn close_up(code: u16, reason: &str) -> Vec<u8> {
+        websocket::close_frame(code, reason, Some([0x5a, 0x1c, 0xe0, 0x77]))
+    }
+
+    /// Feeds `pieces` travelling from the client; what is passed on.
+    fn pass_on(
+        ws: &mut WebSocketStream,
+        judge: &mut impl Judge,
+        pieces: &[&[u8]],
+    ) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            match ws.chunk(judge, Direction::Client, piece) {
+                Edit::Keep => out.extend_from_slice(piece),
+                Edit::Replace(b) => out.extend(b),
+                other => return Err(format!("{other:?}")),
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn a_non_minimal_length_is_counted_like_any_other() -> Result<(), String> {
+        // "hello" with its length in the 16-bit form.
+        let long_form = [0x81, 0xFE, 0x00, 0x05, 1, 2, 3, 4]
+            .into_iter()
+            .chain(
+                b"hello"
+                    .iter()
+                    .zip([1, 2, 3, 4].iter().cycle())
+                    .map(|(b, k)| b ^ k),
+            )
+            .collect::<Vec<u8>>();
+        let mut judge = budget(1, refuse(Violation::Rate));
+        let mut ws = WebSocketStream::new(false);
+        let mut stream = long_form.clone();
+        for _ in 0..100 {
+            stream.extend(masked_text(b"hi", true, true));
+        }
+        let out = pass_on(&mut ws, &mut judge, &[&stream])?;
+        assert_eq!(out, [long_form, close_up(1008, "rate limited: r")].concat());
+        assert_eq!(judge.asks.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_malformed_frame_closes_with_1002_both_ways() -> Result<(), String> {
+        let good = masked_text(b"hi", true, true);
+        // Opcode 0x3 is reserved.
+        let bad = [0x83, 0x80, 1, 2, 3, 4];
+        let after = masked_text(b"yo", true, true);
+        let stream = [good.clone(), bad.to_vec(), after].concat();
+        let reason = "malformed frame: unknown WebSocket opcode 0x3";
+        let expected = [good.clone(), close_up(1002, reason)].concat();
+        // However the bytes are cut into chunks.
+        for cut in 0..=stream.len() {
+            let mut judge = budget(10, refuse(Violation::Rate));
+            let mut ws = WebSocketStream::new(false);
+            let out = pass_on(&mut ws, &mut judge, &[&stream[..cut], &stream[cut..]])?;
+            assert_eq!(out, expected, "cut at {cut}");
+            assert!(ws.owes_close(Direction::Server), "cut at {cut}");
+            assert!(judge.enforced.is_empty());
+        }
+        let mut judge = budget(10, refuse(Violation::Rate));
+        let mut ws = WebSocketStream::new(false);
+        pass_on(&mut ws, &mut judge, &[&stream])?;
+        assert_eq!(
+            ws.chunk(&mut judge, Direction::Server, &[0x81, 0x02, b'o', b'k']),
+            Edit::Replace(websocket::close_frame(1002, reason, None))
+        );
+        assert_eq!(
+            ws.chunk(&mut judge, Direction::Client, &good),
+            Edit::Replace(Vec::new())
+        );
+        // Only the first message was ever asked about.
+        assert_eq!(judge.asks.len(), 1);
+        Ok(())
+    }
+
+    /// Refuses compressed messages, as a size rule does; records enforcements.
+    struct RefusesCompressed {
+        enforced: Vec<(String, Enforced)>,
+    }
+
+    impl Judge for RefusesCompressed {
+        fn judge(&mut self, _: Direction, ask: Ask) -> Answer {
+            if ask.compressed {
+                refuse(Violation::Compressed)
+            } else {
+                Answer::Pass
+            }
+        }
+
+        fn enforced(&mut self, _: Direction, rule: &str, outcome: Enforced) {
+            self.enforced.push((rule.to_owned(), outcome));
+        }
+    }
+
+    #[test]
+    fn rsv1_without_deflate_is_the_rules_refusal_or_a_protocol_error() -> Result<(), String> {
+        let good = masked_text(b"hi", true, true);
+        let mut compressed = masked_text(b"zz", true, true);
+        compressed[0] |= 0x40;
+        let stream = [good.clone(), compressed, good.clone()].concat();
+        // A rule that kept compression off refuses it: 1008.
+        let mut judge = RefusesCompressed {
+            enforced: Vec::new(),
+        };
+        let mut ws = WebSocketStream::new(false);
+        let out = pass_on(&mut ws, &mut judge, &[&stream])?;
+        let refused = close_up(1008, "compressed message refused: r");
+        assert_eq!(out, [good.clone(), refused].concat());
+        assert_eq!(judge.enforced, [("r".to_owned(), Enforced::Limited)]);
+        // No rule cares about compression: a frame that breaks the framing.
+        let mut judge = budget(10, refuse(Violation::Rate));
+        let mut ws = WebSocketStream::new(false);
+        let out = pass_on(&mut ws, &mut judge, &[&stream])?;
+        let reason = "malformed frame: reserved bits 0b100 not allowed on a Text frame";
+        assert_eq!(out, [good, close_up(1002, reason)].concat());
+        assert!(judge.enforced.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_malformed_frame_after_a_long_payload_is_cut_where_it_begins() -> Result<(), String> {
+        // A 200-byte binary frame over three chunks, then an unmasked frame.
+        let mut long = vec![0x82, 0xFE, 0x00, 200, 1, 2, 3, 4];
+        long.extend(std::iter::repeat_n(0u8, 200));
+        let stream = [long.clone(), vec![0x81, 0x00]].concat();
+        let mut judge = budget(10, refuse(Violation::Rate));
+        let mut ws = WebSocketStream::new(false);
+        let out = pass_on(
+            &mut ws,
+            &mut judge,
+            &[&stream[..50], &stream[50..100], &stream[100..]],
+        )?;
+        let reason = "malformed frame: client-to-server WebSocket frame is not masked";
+        assert_eq!(out, [long, close_up(1002, reason)].concat());
         Ok(())
     }
 }

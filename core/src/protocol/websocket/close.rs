@@ -15,6 +15,8 @@ pub enum CloseCode {}
 impl CloseCode {
     /// 1000: normal closure.
     pub const NORMAL: u16 = 1000;
+    /// 1002: protocol error (a frame that breaks RFC 6455).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// 1008: policy violation (used when a rate limit ends the connection).
     pub const POLICY_VIOLATION: u16 = 1008;
     /// 1009: a message too big to process.

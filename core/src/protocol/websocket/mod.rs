@@ -201,9 +201,6 @@ pub enum WsError {
     /// A close frame with a 1-byte payload, too short for a status code.
     #[error("close frame payload of 1 byte cannot hold a status code")]
     InvalidCloseLength,
-    /// An extended length that fits a shorter encoding (§5.2 "minimal").
-    #[error("payload length {0} not minimally encoded")]
-    NonMinimalLength(u64),
     /// A 64-bit length with its most significant bit set (§5.2).
     #[error("64-bit payload length has its most significant bit set")]
     LengthOverflow,

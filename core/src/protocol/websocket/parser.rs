@@ -93,6 +93,12 @@ impl FrameParser {
         self.header_len == 0 && self.remaining == 0 && self.error.is_none()
     }
 
+    /// Payload bytes of the current frame still to come: where the next
+    /// frame header begins in the next chunk fed (if it is that long).
+    pub const fn payload_remaining(&self) -> u64 {
+        self.remaining
+    }
+
     /// The kind and running wire size of the data message in progress.
     pub fn message_in_progress(&self) -> Option<(MessageKind, u64)> {
         self.message.map(|m| (m.kind, m.size))
@@ -226,20 +232,14 @@ impl FrameParser {
         self.header_need = 2;
 
         let (payload_len, mask_at) = match h[1] & 0x7F {
-            126 => {
-                let len = u64::from(u16::from_be_bytes([h[2], h[3]]));
-                if len < 126 {
-                    return Err(self.fail(WsError::NonMinimalLength(len)));
-                }
-                (len, 4)
-            }
+            // §5.2 asks senders for the shortest length encoding, but common
+            // receivers (Python websockets, Node ws, gorilla) take a longer
+            // one: the endpoints carry on, so the count must too.
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
             127 => {
                 let len = u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]);
                 if len >> 63 != 0 {
                     return Err(self.fail(WsError::LengthOverflow));
-                }
-                if len < 0x1_0000 {
-                    return Err(self.fail(WsError::NonMinimalLength(len)));
                 }
                 (len, 10)
             }

@@ -544,19 +544,33 @@ fn control_frame_rules() {
 }
 
 #[test]
-fn non_minimal_and_oversized_lengths() {
-    assert_eq!(
-        error_of(S2C, false, &[0x82, 0x7E, 0x00, 0x7D]),
-        WsError::NonMinimalLength(125)
-    );
-    assert_eq!(
-        error_of(S2C, false, &[0x82, 0x7F, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF]),
-        WsError::NonMinimalLength(0xFFFF)
-    );
-    assert_eq!(
-        error_of(S2C, false, &[0x82, 0x7F, 0, 0, 0, 0, 0, 0, 0x00, 0x05]),
-        WsError::NonMinimalLength(5)
-    );
+fn non_minimal_lengths_are_taken_and_oversized_ones_refused() {
+    // 5 bytes announced in the 16-bit and 64-bit forms, masked: one message
+    // each, whose payload ends where the announced length says.
+    let sixteen = [
+        0x81, 0xFE, 0x00, 0x05, 1, 2, 3, 4, b'h', b'e', b'l', b'l', b'o',
+    ];
+    let mut sixty_four = Vec::from([0x82, 0xFF, 0, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4]);
+    sixty_four.extend_from_slice(b"world");
+    for (bytes, header_len) in [(&sixteen[..], 8), (&sixty_four[..], 14)] {
+        let mut p = FrameParser::new(C2S, false);
+        let (events, result) = feed(&mut p, bytes);
+        assert_eq!(result, Ok(()));
+        let Some(Event::Frame { header, .. }) = events.first() else {
+            panic!("no frame in {events:?}");
+        };
+        assert_eq!((header.payload_len, header.header_len), (5, header_len));
+        assert!(matches!(
+            events.last(),
+            Some(Event::MessageCompleted { end, size: 5, .. }) if *end == bytes.len()
+        ));
+        assert!(p.at_frame_boundary());
+        // Cut 2 bytes before its end, the frame still owes those 2.
+        let mut p = FrameParser::new(C2S, false);
+        let cut = bytes.len() - 2;
+        assert_eq!(feed(&mut p, &bytes[..cut]).1, Ok(()));
+        assert_eq!(p.payload_remaining(), 2);
+    }
     assert_eq!(
         error_of(S2C, false, &[0x82, 0x7F, 0x80, 0, 0, 0, 0, 0, 0, 0]),
         WsError::LengthOverflow
