@@ -1,6 +1,6 @@
 //! End-to-end tests of the filter's bounded key tables through a real
 //! Envoy: a flood of made-up clients never gives a limited client a fresh
-//! allowance, and configuring costs no time per possible key (or is
+//! allowance nor a client its open connections back, and configuring costs no time per possible key (or is
 //! refused, with a clear error, beyond the memory budget).
 //!
 //! Needs Envoy (`make setup`) and the filter (`make wasm`).
@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sluice_e2e::client::Client;
 use sluice_e2e::envoy::Envoy;
+use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::upstream::Upstream;
+use sluice_e2e::ws_client::{connect, Upgrade, Ws};
+use sluice_e2e::ws_upstream::WsUpstream;
 use tokio::task::JoinSet;
 
 /// Distinct made-up clients in the flood: far more than `max_keys`.
@@ -105,6 +108,60 @@ async fn a_flood_of_new_clients_does_not_reset_a_limited_client() {
         .expect("reading Envoy's stats")
         .unwrap_or(0);
     assert_eq!(errors, 0);
+}
+
+/// A WebSocket upgrade as client `ip`: the open connection, or `None`
+/// when refused (with a 429).
+async fn upgrade_as(envoy: &Envoy, ip: &str) -> Option<Box<Ws>> {
+    match connect(envoy.addr(), "/ws", &[("x-forwarded-for", ip)]).await {
+        Ok(Upgrade::Open(ws)) => Some(ws),
+        Ok(Upgrade::Refused(response)) => {
+            assert_eq!(response.status().as_u16(), 429, "upgrade as {ip}");
+            None
+        }
+        Err(e) => panic!("upgrade as {ip}: {e:#}"),
+    }
+}
+
+/// A client holding its 2 allowed connections, in a table of 4 keys, sees
+/// 8 other clients connect and stay connected: it still may not open a
+/// third (its state, holding permits, is never evicted).
+#[tokio::test]
+async fn new_clients_do_not_give_a_client_its_open_connections_back() {
+    let upstream = WsUpstream::start()
+        .await
+        .expect("starting the WebSocket upstream");
+    let config = json!({
+        "rules": [{"name": "open", "match": {"websocket": true}, "counts": "in_flight", "limit": {"count": 2}}],
+        "client_ip": {"trusted_hops": 1},
+        "max_keys": 4
+    });
+    let test = "new_clients_do_not_give_a_client_its_open_connections_back";
+    let envoy = with_upstreams(Envoy::builder(test), None, Some(upstream.port()))
+        .sluice(&config)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting Envoy with the Sluice filter: {e:#}"));
+    let victim = "192.0.2.1";
+    let mut held = Vec::new();
+    for n in 1..=2 {
+        let ws = upgrade_as(&envoy, victim).await;
+        held.push(ws.unwrap_or_else(|| panic!("the victim's connection {n} was refused")));
+    }
+    for i in 0..8 {
+        // Some are refused once the table is full: they share the overflow.
+        held.extend(upgrade_as(&envoy, &format!("10.1.0.{i}")).await);
+    }
+    assert!(
+        upgrade_as(&envoy, victim).await.is_none(),
+        "the victim opened a third connection"
+    );
+    let evictions = envoy
+        .stat("wasmcustom.sluice_http.live_evictions")
+        .await
+        .expect("reading Envoy's stats")
+        .unwrap_or(0);
+    assert_eq!(evictions, 0, "no key holding connections was evicted");
 }
 
 /// 1,000 per-key rules with 6,000 keys each (6 million possible keys):

@@ -5,7 +5,9 @@ use alloc::vec::Vec;
 
 use hashbrown::HashMap;
 
-use super::{limited_for, no_room, Loaded, Room, Saved, Slot, StateStore, StoreError, WhenFull};
+use super::{
+    limited_for, no_room, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull,
+};
 use crate::algorithm::{Limiter, Outcome, State};
 use crate::policy::Rule;
 use crate::time::Nanos;
@@ -16,8 +18,9 @@ use crate::time::Nanos;
 pub struct EvictionStats {
     /// Keys whose state was back to fresh: dropping them changes nothing.
     pub fresh: u64,
-    /// Keys still in use but not limited, least recently used first: each
-    /// restarts with a full allowance if it comes back.
+    /// Keys still in use but below their limit and holding no in-flight
+    /// permits, least recently used first: each restarts with a full
+    /// allowance if it comes back.
     pub live: u64,
     /// Requests of new keys that shared the overflow state (every key held
     /// was limited).
@@ -63,10 +66,10 @@ pub enum Checkout {
 ///
 /// When a new key arrives at the bound, keys whose state is fresh are
 /// dropped first (no effect on any decision), then the least recently
-/// used keys that are not limited, a sixteenth of the bound at a time so
-/// the sweep's cost is amortised. A limited key is never dropped: if every
-/// key is, the new key uses the rule's overflow state or is refused, as
-/// [`WhenFull`] says.
+/// used [`Standing::Live`] keys, a sixteenth of the bound at a time so the
+/// sweep's cost is amortised. A limited key or one holding in-flight
+/// permits is never dropped: if every key is protected, the new key uses
+/// the rule's overflow state or is refused, as [`WhenFull`] says.
 #[derive(Debug)]
 pub struct MemoryStore {
     partitions: Vec<Partition>,
@@ -207,22 +210,25 @@ impl MemoryStore {
         if now < partition.full_until {
             return false;
         }
-        let before = partition.entries.len();
-        partition
-            .entries
-            .retain(|_, e| !limiter.is_fresh(&e.state, now));
-        let fresh = before - partition.entries.len();
+        let standing = |e: &Entry| Standing::of(limiter, &e.state, e.limited_until, now);
+        let mut fresh = 0;
+        let mut ages: Vec<Nanos> = Vec::new();
+        partition.entries.retain(|_, e| match standing(e) {
+            Standing::Fresh => {
+                fresh += 1;
+                false
+            }
+            Standing::Live => {
+                ages.push(e.last_used);
+                true
+            }
+            Standing::Protected => true,
+        });
         let target = max_keys - (max_keys / 16).max(1);
         let mut live = 0;
         if partition.entries.len() > target {
             let excess = partition.entries.len() - target;
-            let evictable = |e: &Entry| e.limited_until <= now;
-            let mut ages: Vec<Nanos> = partition
-                .entries
-                .values()
-                .filter(|e| evictable(e))
-                .map(|e| e.last_used)
-                .collect();
+            let evictable = |e: &Entry| standing(e) == Standing::Live;
             if let Some(last) = excess.min(ages.len()).checked_sub(1) {
                 let (_, cutoff, _) = ages.select_nth_unstable(last);
                 let cutoff = *cutoff;
@@ -439,6 +445,37 @@ mod tests {
                 "{kind:?}: {evicted:?}"
             );
             assert_eq!(in_place.len(0), 0, "other rules untouched");
+        }
+    }
+
+    #[test]
+    fn a_key_holding_in_flight_permits_is_never_evicted() {
+        let policy = Policy::from_json(
+            r#"{"rules":[{"name":"r","match":{"websocket":true},"counts":"in_flight","limit":{"count":2}}]}"#,
+        )
+        .unwrap();
+        let rule = &policy.rules[0];
+        for in_place in [true, false] {
+            let mut store = MemoryStore::new(4);
+            let ask = |store: &mut MemoryStore, key: &str, now: Nanos| {
+                if in_place {
+                    store.acquire(1, rule, key, now, 1)
+                } else {
+                    checkout(store, rule, key, now, 1)
+                }
+            };
+            let mut now = Nanos(1_000_000_000);
+            assert!(ask(&mut store, "victim", now).allowed);
+            assert!(ask(&mut store, "victim", now).allowed);
+            for i in 0..8 {
+                now = now.plus(Span::SECOND);
+                ask(&mut store, &format!("made-up-{i}"), now);
+            }
+            assert_eq!(store.evictions().live, 0, "every key holds a permit");
+            assert!(
+                !ask(&mut store, "victim", now).allowed,
+                "the victim got its in-flight allowance again (in place: {in_place})"
+            );
         }
     }
 

@@ -14,11 +14,11 @@
 //! random secret kept in shared data ([`SlotStore::open`]) so that clients
 //! cannot aim keys at one another's slots. A new key takes an empty slot,
 //! else one whose state is fresh, else a missing one (created), else the
-//! least recently used slot whose key is not limited (a live eviction,
-//! counted). A key refused by its limit is marked limited until its state
-//! would be fresh again and is never evicted; when all its slots are
-//! limited, a new key shares the rule's overflow slot or is refused, as
-//! [`WhenFull`] says.
+//! least recently used slot whose key is [`Standing::Live`] (a live
+//! eviction, counted). A key refused by its limit is marked limited until
+//! its state would be fresh again, and a key holding in-flight permits
+//! keeps them: neither is evicted. When all its slots are protected, a new
+//! key shares the rule's overflow slot or is refused, as [`WhenFull`] says.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -27,7 +27,7 @@ use core::fmt::Write;
 
 use hashbrown::HashMap;
 
-use super::{limited_for, Loaded, Room, Saved, Slot, StateStore, StoreError, WhenFull};
+use super::{limited_for, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull};
 use crate::algorithm::{Outcome, State};
 use crate::policy::{Policy, Scope};
 use crate::time::{Nanos, Span};
@@ -388,15 +388,13 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                     });
                 }
                 Some(Some(value)) => {
-                    let fresh = State::decode(value.state)
-                        .map_or(true, |s| slot.rule.limiter.is_fresh(&s, now));
-                    if fresh {
-                        (1, Nanos::ZERO)
-                    } else if now < value.limited_until {
-                        // Limited: never the victim.
-                        continue;
-                    } else {
-                        (3, value.last_used)
+                    let standing = State::decode(value.state).map_or(Standing::Fresh, |s| {
+                        Standing::of(&slot.rule.limiter, &s, value.limited_until, now)
+                    });
+                    match standing {
+                        Standing::Fresh => (1, Nanos::ZERO),
+                        Standing::Live => (3, value.last_used),
+                        Standing::Protected => continue,
                     }
                 }
             };
@@ -775,6 +773,43 @@ mod tests {
             "{writes_while_refused} writes"
         );
         assert!(writes_while_refused > 0, "refusals do mark the key");
+    }
+
+    /// An in-flight rule: at most 2 held at once, `max_keys` keys.
+    fn in_flight_policy(max_keys: u64) -> Policy {
+        crate::policy::Policy::from_json(&alloc::format!(
+            r#"{{"rules":[{{"name":"r","match":{{"websocket":true}},"counts":"in_flight","key":["header:k"],"limit":{{"count":2}}}}],"max_keys":{max_keys}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_key_holding_in_flight_permits_is_never_evicted() {
+        let shared = InProcessShared::default();
+        let p = in_flight_policy(4);
+        let mut store = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let mut now = Nanos(SEC);
+        // The victim opens its two streams long before anyone else.
+        for _ in 0..2 {
+            assert!(
+                store
+                    .check(slot(&p, "victim"), 1, now)
+                    .unwrap()
+                    .unwrap()
+                    .allowed
+            );
+        }
+        for i in 0..8 {
+            now = now.plus(Span::SECOND);
+            let key = alloc::format!("made-up-{i}");
+            store.check(slot(&p, &key), 1, now).unwrap().unwrap();
+        }
+        assert_eq!(store.stats().live_evictions, 0, "every key holds a permit");
+        let more = store.check(slot(&p, "victim"), 1, now).unwrap().unwrap();
+        assert!(
+            !more.allowed,
+            "the victim got its in-flight allowance again"
+        );
     }
 
     #[test]

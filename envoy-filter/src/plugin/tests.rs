@@ -555,6 +555,40 @@ fn keys_aimed_with_the_configuration_cannot_evict_a_limited_client() -> Result<(
 }
 
 #[test]
+fn a_flood_of_new_clients_does_not_free_a_clients_open_connections() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"open","match":{"websocket":true},"counts":"in_flight","limit":{"count":2}}],"client_ip":{"trusted_hops":1},"max_keys":4}"#,
+    )?;
+    let mut open = |p: &mut Plugin<&InProcessShared>, id: u32, ip: &str| {
+        host.request(
+            "GET",
+            "/ws",
+            &[("upgrade", "websocket"), ("x-forwarded-for", ip)],
+        );
+        p.on_request_headers(&host, id) == Step::Continue
+    };
+    let victim = "192.0.2.1";
+    assert!(open(&mut p, 1, victim) && open(&mut p, 2, victim));
+    for i in 0..8 {
+        host.now.set(host.now.get() + SEC);
+        open(&mut p, 10 + i, &format!("10.1.0.{i}"));
+    }
+    assert!(
+        !open(&mut p, 3, victim),
+        "the victim got its connections back"
+    );
+    assert_eq!(host.counter("sluice_http.live_evictions"), 0);
+    // Its connections' ends give back exactly what they took.
+    p.on_done(&host, 1);
+    assert!(open(&mut p, 4, victim));
+    assert!(!open(&mut p, 5, victim));
+    Ok(())
+}
+
+#[test]
 fn the_seed_is_random_stored_once_and_shared_by_every_vm() -> Result<(), String> {
     let (host, shared) = (FakeHost::default(), InProcessShared::default());
     plugin(&host, &shared, FLOODED)?;
