@@ -131,7 +131,8 @@ impl MemoryStore {
 
     /// Takes `cost` permits for `key` in place: what `load`, `check`, then
     /// `save` (allowed) or `refuse` (denied) do, with one hash lookup for a
-    /// held key. A new key is stored only when allowed.
+    /// held key. A new key is stored only when allowed. The outcome, and
+    /// where it was decided.
     pub fn acquire(
         &mut self,
         rule_index: usize,
@@ -139,16 +140,17 @@ impl MemoryStore {
         key: &str,
         now: Nanos,
         cost: u64,
-    ) -> Outcome {
+    ) -> (Outcome, Room) {
         if let Some(entry) = self.partition(rule_index).entries.get_mut(key) {
             let outcome = rule.limiter.check(&mut entry.state, now, cost);
             entry.last_used = now;
             if !outcome.allowed {
                 entry.limited_until = entry.limited_until.max(now.plus(limited_for(&outcome)));
             }
-            return outcome;
+            return (outcome, Room::Own);
         }
-        match self.place_new(rule_index, &rule.limiter, now) {
+        let room = self.place_new(rule_index, &rule.limiter, now);
+        let outcome = match room {
             Room::Own => {
                 let mut state = rule.limiter.fresh_state();
                 let outcome = rule.limiter.check(&mut state, now, cost);
@@ -170,7 +172,8 @@ impl MemoryStore {
                 rule.limiter.check(state, now, cost)
             }
             Room::Full => no_room(rule),
-        }
+        };
+        (outcome, room)
     }
 
     fn partition(&mut self, rule_index: usize) -> &mut Partition {
@@ -329,7 +332,7 @@ impl StateStore for MemoryStore {
         slot: Slot<'_>,
         cost: u64,
         now: Nanos,
-    ) -> Result<Option<Outcome>, StoreError> {
+    ) -> Result<Option<(Outcome, Room)>, StoreError> {
         Ok(Some(self.acquire(
             slot.rule_index,
             slot.rule,
@@ -337,6 +340,34 @@ impl StateStore for MemoryStore {
             now,
             cost,
         )))
+    }
+
+    fn load_charged(
+        &mut self,
+        slot: Slot<'_>,
+        room: Room,
+        _now: Nanos,
+    ) -> Result<Option<Loaded<Checkout>>, StoreError> {
+        let partition = self.partition(slot.rule_index);
+        Ok(match room {
+            Room::Own => partition
+                .entries
+                .remove_entry(slot.key)
+                .map(|(key, entry)| Loaded {
+                    state: entry.state,
+                    version: Checkout::Held(key, entry.limited_until),
+                    room,
+                }),
+            Room::Overflow => Some(Loaded {
+                state: partition
+                    .overflow
+                    .take()
+                    .unwrap_or_else(|| slot.rule.limiter.fresh_state()),
+                version: Checkout::Overflow,
+                room,
+            }),
+            Room::Full => None,
+        })
     }
 
     fn release(&mut self, slot: Slot<'_>, state: State, checkout: Checkout, now: Nanos) {
@@ -422,7 +453,7 @@ mod tests {
                 // Strictly increasing: keys used at the same instant tie for
                 // LRU eviction, and two maps may break the tie differently.
                 now = now.plus(Span::from_millis(1 + (seed >> 40) % 300));
-                let a = in_place.acquire(1, &rule, key, now, cost);
+                let (a, _) = in_place.acquire(1, &rule, key, now, cost);
                 let b = checkout(&mut checked_out, &rule, key, now, cost);
                 assert_eq!(a, b, "{kind:?} step {step}");
                 assert_eq!(in_place.len(1), checked_out.len(1), "{kind:?} step {step}");
@@ -459,7 +490,7 @@ mod tests {
             let mut store = MemoryStore::new(4);
             let ask = |store: &mut MemoryStore, key: &str, now: Nanos| {
                 if in_place {
-                    store.acquire(1, rule, key, now, 1)
+                    store.acquire(1, rule, key, now, 1).0
                 } else {
                     checkout(store, rule, key, now, 1)
                 }
@@ -484,9 +515,9 @@ mod tests {
         let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 2, "per": "1m"}"#);
         let mut store = MemoryStore::new(10);
         let now = Nanos(60_000_000_000);
-        assert!(store.acquire(0, &rule, "a", now, 1).allowed);
-        assert!(store.acquire(0, &rule, "a", now, 1).allowed);
-        let third = store.acquire(0, &rule, "a", now, 1);
+        assert!(store.acquire(0, &rule, "a", now, 1).0.allowed);
+        assert!(store.acquire(0, &rule, "a", now, 1).0.allowed);
+        let (third, _) = store.acquire(0, &rule, "a", now, 1);
         assert!(!third.allowed);
         assert_eq!(third.remaining, 0);
         assert_eq!(store.len(0), 1);
@@ -496,7 +527,7 @@ mod tests {
     fn acquire_does_not_store_a_denied_new_key() {
         let rule = rule(AlgorithmKind::TokenBucket, r#"{"count": 2, "per": "1s"}"#);
         let mut store = MemoryStore::new(10);
-        let outcome = store.acquire(0, &rule, "a", Nanos(5), 3);
+        let (outcome, _) = store.acquire(0, &rule, "a", Nanos(5), 3);
         assert!(!outcome.allowed);
         assert_eq!(outcome.retry_after, Span::NEVER);
         assert!(store.is_empty());
@@ -507,10 +538,10 @@ mod tests {
         let old = rule(AlgorithmKind::Gcra, r#"{"count": 1, "per": "1h"}"#);
         let new = rule(AlgorithmKind::TokenBucket, r#"{"count": 1, "per": "1h"}"#);
         let mut store = MemoryStore::new(10);
-        assert!(store.acquire(0, &old, "a", Nanos(5), 1).allowed);
-        assert!(!store.acquire(0, &old, "a", Nanos(6), 1).allowed);
+        assert!(store.acquire(0, &old, "a", Nanos(5), 1).0.allowed);
+        assert!(!store.acquire(0, &old, "a", Nanos(6), 1).0.allowed);
         // The rule changed algorithm: the key starts afresh under the new one.
-        assert!(store.acquire(0, &new, "a", Nanos(7), 1).allowed);
+        assert!(store.acquire(0, &new, "a", Nanos(7), 1).0.allowed);
         assert!(matches!(store.get(0, "a"), Some(State::TokenBucket(_))));
     }
 }

@@ -190,24 +190,38 @@ pub trait StateStore {
         now: Nanos,
     );
 
+    /// Checks out the state a charge taken at `room` went to, to refund
+    /// it, without making room for the key: the key's own state while it
+    /// still holds one ([`Room::Own`]), or the rule's overflow state
+    /// ([`Room::Overflow`]). `None` when the state that took the charge is
+    /// gone (the key was evicted) or there is none ([`Room::Full`]).
+    fn load_charged(
+        &mut self,
+        slot: Slot<'_>,
+        room: Room,
+        now: Nanos,
+    ) -> Result<Option<Loaded<Self::Version>>, StoreError>;
+
     /// Takes `cost` permits at `slot` if allowed, in one step (what a
-    /// decision over a single rule needs); `None` when another writer got
-    /// in first. Stores that can update in place override it; this default
-    /// checks the state out, checks it and saves it.
+    /// decision over a single rule needs): the outcome and where it was
+    /// decided; `None` when another writer got in first. Stores that can
+    /// update in place override it; this default checks the state out,
+    /// checks it and saves it.
     fn check(
         &mut self,
         slot: Slot<'_>,
         cost: u64,
         now: Nanos,
-    ) -> Result<Option<Outcome>, StoreError> {
+    ) -> Result<Option<(Outcome, Room)>, StoreError> {
         let mut l = self.load(slot, now)?;
+        let room = l.room;
         let outcome = l.acquire(slot.rule, now, cost, Mode::Consume);
         if !outcome.allowed {
             self.refuse(slot, l.state, l.version, &outcome, now);
-            return Ok(Some(outcome));
+            return Ok(Some((outcome, room)));
         }
         Ok(match self.save(slot, l.state, l.version, now)? {
-            Saved::Stored => Some(outcome),
+            Saved::Stored => Some((outcome, room)),
             Saved::Conflict => None,
         })
     }

@@ -356,10 +356,31 @@ struct Candidate {
     cas: u32,
 }
 
-impl<B: SharedBytes> StateStore for SlotStore<B> {
-    type Version = SlotVersion;
+/// What probing a key's slots found.
+enum Probed {
+    /// The key's own state.
+    Held(Loaded<SlotVersion>),
+    /// Not there; the best place it could take, if any.
+    Free(Option<Candidate>),
+}
 
-    fn load(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Loaded<SlotVersion>, StoreError> {
+impl SlotVersion {
+    /// The version of a state at `place` that is not the key's own.
+    fn unheld(place: Place, cas: u32) -> SlotVersion {
+        SlotVersion {
+            place,
+            cas,
+            held: false,
+            missing: false,
+            evicts_live: false,
+            limited_until: Nanos::ZERO,
+        }
+    }
+}
+
+impl<B: SharedBytes> SlotStore<B> {
+    /// Looks for the key in its [`PROBES`] slots, ranking the free ones.
+    fn probe(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Probed, StoreError> {
         let mut hashed = [0u8; 16];
         let key = stored_key(slot.key, self.seed, &mut hashed);
         let (home, slots) = self.home(slot.rule_index, key);
@@ -381,11 +402,11 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                         evicts_live: false,
                         limited_until: value.limited_until,
                     };
-                    return Ok(Loaded {
+                    return Ok(Probed::Held(Loaded {
                         state,
                         version,
                         room: Room::Own,
-                    });
+                    }));
                 }
                 Some(Some(value)) => {
                     let standing = State::decode(value.state).map_or(Standing::Fresh, |s| {
@@ -408,6 +429,33 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 best = Some(candidate);
             }
         }
+        Ok(Probed::Free(best))
+    }
+
+    /// Checks out the rule's overflow state.
+    fn load_overflow(&mut self, slot: Slot<'_>) -> Result<Loaded<SlotVersion>, StoreError> {
+        self.set_name(slot.rule_index, OVERFLOW);
+        let (bytes, cas) = self.backend.get(&self.name)?;
+        let state = match bytes.as_deref().and_then(parse_value) {
+            Some(value) => State::decode(value.state).map_err(StoreError::Corrupt)?,
+            None => slot.rule.limiter.fresh_state(),
+        };
+        Ok(Loaded {
+            state,
+            version: SlotVersion::unheld(Place::Overflow, cas),
+            room: Room::Overflow,
+        })
+    }
+}
+
+impl<B: SharedBytes> StateStore for SlotStore<B> {
+    type Version = SlotVersion;
+
+    fn load(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Loaded<SlotVersion>, StoreError> {
+        let best = match self.probe(slot, now)? {
+            Probed::Held(loaded) => return Ok(loaded),
+            Probed::Free(best) => best,
+        };
         let fresh = slot.rule.limiter.fresh_state();
         if let Some(b) = best {
             let version = SlotVersion {
@@ -424,34 +472,36 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 room: Room::Own,
             });
         }
-        let (place, room, state, cas) = match self.when_full {
+        match self.when_full {
             WhenFull::Overflow => {
                 self.stats.overflowed += 1;
-                self.set_name(slot.rule_index, OVERFLOW);
-                let (bytes, cas) = self.backend.get(&self.name)?;
-                let state = match bytes.as_deref().and_then(parse_value) {
-                    Some(value) => State::decode(value.state).map_err(StoreError::Corrupt)?,
-                    None => fresh,
-                };
-                (Place::Overflow, Room::Overflow, state, cas)
+                self.load_overflow(slot)
             }
             WhenFull::Refuse => {
                 self.stats.refused += 1;
-                (Place::Nowhere, Room::Full, fresh, 0)
+                Ok(Loaded {
+                    state: fresh,
+                    version: SlotVersion::unheld(Place::Nowhere, 0),
+                    room: Room::Full,
+                })
             }
-        };
-        Ok(Loaded {
-            state,
-            version: SlotVersion {
-                place,
-                cas,
-                held: false,
-                missing: false,
-                evicts_live: false,
-                limited_until: Nanos::ZERO,
-            },
-            room,
-        })
+        }
+    }
+
+    fn load_charged(
+        &mut self,
+        slot: Slot<'_>,
+        room: Room,
+        now: Nanos,
+    ) -> Result<Option<Loaded<SlotVersion>>, StoreError> {
+        match room {
+            Room::Own => Ok(match self.probe(slot, now)? {
+                Probed::Held(loaded) => Some(loaded),
+                Probed::Free(_) => None,
+            }),
+            Room::Overflow => self.load_overflow(slot).map(Some),
+            Room::Full => Ok(None),
+        }
     }
 
     fn save(
@@ -760,7 +810,7 @@ mod tests {
         let mut writes_while_refused = 0;
         for _ in 0..1_000 {
             let before = shared.writes();
-            let outcome = store.check(slot(&p, "a"), 1, now).unwrap().unwrap();
+            let outcome = store.check(slot(&p, "a"), 1, now).unwrap().unwrap().0;
             if !outcome.allowed {
                 writes_while_refused += shared.writes() - before;
             }
@@ -796,6 +846,7 @@ mod tests {
                     .check(slot(&p, "victim"), 1, now)
                     .unwrap()
                     .unwrap()
+                    .0
                     .allowed
             );
         }
@@ -805,7 +856,7 @@ mod tests {
             store.check(slot(&p, &key), 1, now).unwrap().unwrap();
         }
         assert_eq!(store.stats().live_evictions, 0, "every key holds a permit");
-        let more = store.check(slot(&p, "victim"), 1, now).unwrap().unwrap();
+        let more = store.check(slot(&p, "victim"), 1, now).unwrap().unwrap().0;
         assert!(
             !more.allowed,
             "the victim got its in-flight allowance again"

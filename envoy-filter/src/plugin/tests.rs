@@ -562,7 +562,7 @@ fn a_flood_of_new_clients_does_not_free_a_clients_open_connections() -> Result<(
         &shared,
         r#"{"rules":[{"name":"open","match":{"websocket":true},"counts":"in_flight","limit":{"count":2}}],"client_ip":{"trusted_hops":1},"max_keys":4}"#,
     )?;
-    let mut open = |p: &mut Plugin<&InProcessShared>, id: u32, ip: &str| {
+    let open = |p: &mut Plugin<&InProcessShared>, id: u32, ip: &str| {
         host.request(
             "GET",
             "/ws",
