@@ -41,11 +41,23 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Partition {
     entries: HashMap<String, Entry>,
-    /// The state new keys share while every held key is limited.
+    /// The state new keys share while every held key is protected.
     overflow: Option<State>,
-    /// A sweep found every key limited: no room before this time (the
-    /// earliest end of their limits), so no sweep is tried before it.
-    full_until: Nanos,
+    /// Set by a sweep that freed less than a batch.
+    backoff: Backoff,
+}
+
+/// After a sweep that freed `f` places, fewer than a batch (a sixteenth of
+/// the bound), the next `batch - f` new keys that find no room are turned
+/// away without one, unless enough limits end first: each O(`max_keys`)
+/// sweep is paid for by a batch of new keys or of ended limits, whatever
+/// the keys held.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// New keys still to turn away without a sweep.
+    arrivals: usize,
+    /// When `arrivals` limits will have ended: sweep again from then.
+    until: Nanos,
 }
 
 /// Where a checked-out state came from, to put it back.
@@ -54,6 +66,10 @@ pub enum Checkout {
     /// A held key, taken out of the map (re-inserted without a new
     /// allocation), with its mark.
     Held(String, Nanos),
+    /// A held key checked out for a refund: dropped at the bound if the
+    /// refund made its state fresh (absence means fresh), which frees its
+    /// room at once.
+    Charged(String, Nanos),
     /// A new key with room to be stored.
     New,
     /// The rule's overflow state.
@@ -67,7 +83,9 @@ pub enum Checkout {
 /// When a new key arrives at the bound, keys whose state is fresh are
 /// dropped first (no effect on any decision), then the least recently
 /// used [`Standing::Live`] keys, a sixteenth of the bound at a time so the
-/// sweep's cost is amortised. A limited key or one holding in-flight
+/// sweep's cost is amortised (and a sweep that frees less is not tried
+/// again for a while, see [`Backoff`]). At the bound, a key refunded back
+/// to fresh is dropped at once. A limited key or one holding in-flight
 /// permits is never dropped: if every key is protected, the new key uses
 /// the rule's overflow state or is refused, as [`WhenFull`] says.
 #[derive(Debug)]
@@ -123,10 +141,9 @@ impl MemoryStore {
 
     /// Forgets one key (an admin reset).
     pub fn remove(&mut self, rule_index: usize, key: &str) -> bool {
-        self.partitions.get_mut(rule_index).is_some_and(|p| {
-            p.full_until = Nanos::ZERO;
-            p.entries.remove(key).is_some()
-        })
+        self.partitions
+            .get_mut(rule_index)
+            .is_some_and(|p| p.entries.remove(key).is_some())
     }
 
     /// Takes `cost` permits for `key` in place: what `load`, `check`, then
@@ -202,20 +219,23 @@ impl MemoryStore {
         }
     }
 
-    /// Makes room for one more key if that needs no limited key dropped;
-    /// whether there is room.
+    /// Makes room for one more key if that needs no protected key
+    /// dropped; whether there is room.
     fn make_room(&mut self, rule_index: usize, limiter: &Limiter, now: Nanos) -> bool {
         let max_keys = self.max_keys;
         let partition = self.partition(rule_index);
         if partition.entries.len() < max_keys {
             return true;
         }
-        if now < partition.full_until {
+        let backoff = &mut partition.backoff;
+        if backoff.arrivals > 0 && now < backoff.until {
+            backoff.arrivals -= 1;
             return false;
         }
         let standing = |e: &Entry| Standing::of(limiter, &e.state, e.limited_until, now);
         let mut fresh = 0;
         let mut ages: Vec<Nanos> = Vec::new();
+        let mut limits_end: Vec<Nanos> = Vec::new();
         partition.entries.retain(|_, e| match standing(e) {
             Standing::Fresh => {
                 fresh += 1;
@@ -225,9 +245,15 @@ impl MemoryStore {
                 ages.push(e.last_used);
                 true
             }
-            Standing::Protected => true,
+            Standing::Protected => {
+                if e.limited_until > now {
+                    limits_end.push(e.limited_until);
+                }
+                true
+            }
         });
-        let target = max_keys - (max_keys / 16).max(1);
+        let batch = (max_keys / 16).max(1);
+        let target = max_keys - batch;
         let mut live = 0;
         if partition.entries.len() > target {
             let excess = partition.entries.len() - target;
@@ -244,26 +270,37 @@ impl MemoryStore {
                 });
             }
         }
+        partition.backoff = match batch.checked_sub(fresh + live) {
+            Some(short @ 1..) => Backoff {
+                arrivals: short,
+                until: match limits_end.len().checked_sub(short) {
+                    Some(_) => *limits_end.select_nth_unstable(short - 1).1,
+                    None => Nanos(u64::MAX),
+                },
+            },
+            _ => Backoff::default(),
+        };
         let room = partition.entries.len() < max_keys;
-        if !room {
-            // Every key left is limited: none can go before the first
-            // of their limits ends.
-            partition.full_until = partition
-                .entries
-                .values()
-                .map(|e| e.limited_until)
-                .min()
-                .unwrap_or(Nanos::ZERO);
-        }
         self.evictions.fresh += fresh as u64;
         self.evictions.live += live as u64;
         room
     }
 
     fn put(&mut self, slot: Slot<'_>, checkout: Checkout, state: State, now: Nanos) {
+        let max_keys = self.max_keys;
         let partition = self.partition(slot.rule_index);
         let (key, limited_until) = match checkout {
             Checkout::Held(key, limited_until) => (key, limited_until),
+            Checkout::Charged(key, limited_until) => {
+                // At the bound, a sweep may be backing off: dropping the
+                // key now frees its room for the next new key. Below it,
+                // the key stays, as any fresh key does until a sweep.
+                let full = partition.entries.len() + 1 >= max_keys;
+                if full && slot.rule.limiter.is_fresh(&state, now) {
+                    return;
+                }
+                (key, limited_until)
+            }
             Checkout::New => (slot.key.into(), Nanos::ZERO),
             Checkout::Overflow => {
                 partition.overflow = Some(state);
@@ -355,7 +392,7 @@ impl StateStore for MemoryStore {
                 .remove_entry(slot.key)
                 .map(|(key, entry)| Loaded {
                     state: entry.state,
-                    version: Checkout::Held(key, entry.limited_until),
+                    version: Checkout::Charged(key, entry.limited_until),
                     room,
                 }),
             Room::Overflow => Some(Loaded {
@@ -508,6 +545,68 @@ mod tests {
                 "the victim got its in-flight allowance again (in place: {in_place})"
             );
         }
+    }
+
+    /// 63 keys refused (limited for about an hour) and one live key, in a
+    /// table of 64: the store holding them, and the time after.
+    fn nearly_all_limited(rule: &Rule) -> (MemoryStore, Nanos) {
+        let mut store = MemoryStore::new(64);
+        let mut now = Nanos(3_600_000_000_000);
+        for i in 0..64 {
+            now = now.plus(Span::SECOND);
+            let key = format!("held-{i}");
+            assert!(store.acquire(1, rule, &key, now, 1).0.allowed);
+            if i > 0 {
+                assert!(!store.acquire(1, rule, &key, now, 1).0.allowed);
+            }
+        }
+        (store, now)
+    }
+
+    #[test]
+    fn a_sweep_that_frees_little_is_paid_for_by_the_new_keys_after_it() {
+        let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 1, "per": "1h"}"#);
+        let (mut store, mut now) = nearly_all_limited(&rule);
+        for i in 0..100 {
+            now = now.plus(Span::MILLISECOND);
+            store.acquire(1, &rule, &format!("new-{i}"), now, 1);
+        }
+        // Each sweep frees one key; the next three new keys (a sixteenth
+        // of the table, less what it freed) overflow without a sweep.
+        let evicted = store.evictions();
+        assert!(evicted.live <= 100 / 4 + 1, "{evicted:?}");
+        assert_eq!(evicted.live + evicted.overflowed, 100, "{evicted:?}");
+    }
+
+    #[test]
+    fn new_keys_get_room_again_once_enough_limits_have_ended() {
+        let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 1, "per": "1h"}"#);
+        let (mut store, now) = nearly_all_limited(&rule);
+        assert!(!store.acquire(1, &rule, "held-0", now, 1).0.allowed);
+        let (_, room) = store.acquire(1, &rule, "new", now, 1);
+        assert_eq!(room, Room::Overflow, "every key is limited");
+        // An hour and a quarter later the first limits have ended.
+        let later = now.plus(Span::from_secs(75 * 60));
+        assert_eq!(store.acquire(1, &rule, "newer", later, 1).1, Room::Own);
+    }
+
+    #[test]
+    fn a_key_refunded_back_to_fresh_frees_its_room_at_once() {
+        let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 1, "per": "1h"}"#);
+        let mut store = MemoryStore::new(1);
+        let now = Nanos(3_600_000_000_000);
+        assert!(store.acquire(1, &rule, "a", now, 1).0.allowed);
+        assert!(!store.acquire(1, &rule, "a", now, 1).0.allowed);
+        assert_eq!(store.acquire(1, &rule, "b", now, 1).1, Room::Overflow);
+        // a's response is excluded from counting: its state is fresh again.
+        let slot = Slot {
+            rule_index: 1,
+            rule: &rule,
+            key: "a",
+        };
+        let claim = crate::engine::Claim { slot, cost: 1 };
+        crate::engine::refund_claims(&mut store, &[claim], now).unwrap();
+        assert_eq!(store.acquire(1, &rule, "c", now, 1).1, Room::Own);
     }
 
     #[test]
