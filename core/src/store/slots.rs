@@ -214,18 +214,27 @@ impl<B: SharedBytes> SlotStore<B> {
             return Ok(Saved::Conflict);
         };
         self.set_name(table, index);
-        let created = match self.backend.get(&self.name)?.0 {
+        // Released whatever happened, or every creation would wait for it
+        // to go stale.
+        let created = self.create_unless_present();
+        // A mismatch means our lock was taken over as stale: it is not
+        // ours to release any more.
+        self.set_name(table, LOCK);
+        let released = self.backend.set(&self.name, &[], lock_cas);
+        let created = created?;
+        released?;
+        Ok(created)
+    }
+
+    /// Writes `self.value` at `self.name` unless the name exists.
+    fn create_unless_present(&mut self) -> Result<Saved, StoreError> {
+        Ok(match self.backend.get(&self.name)?.0 {
             Some(_) => Saved::Conflict,
             None => match self.backend.set(&self.name, &self.value, 0)? {
                 WriteOutcome::Written => Saved::Stored,
                 WriteOutcome::CasMismatch => Saved::Conflict,
             },
-        };
-        // A mismatch means our lock was taken over as stale: it is not
-        // ours to release any more.
-        self.set_name(table, LOCK);
-        self.backend.set(&self.name, &[], lock_cas)?;
-        Ok(created)
+        })
     }
 
     /// Takes the table's creation lock; the token to release it with, or
@@ -242,8 +251,15 @@ impl<B: SharedBytes> SlotStore<B> {
                 continue;
             }
             if self.backend.set(&self.name, &stamp, cas)? == WriteOutcome::Written {
-                let (_, token) = self.backend.get(&self.name)?;
-                return Ok(Some(token));
+                return match self.backend.get(&self.name) {
+                    Ok((_, token)) => Ok(Some(token)),
+                    Err(e) => {
+                        // Just taken, so no other VM may hold it yet: give
+                        // it back unconditionally rather than leave it held.
+                        let _ = self.backend.set(&self.name, &[], 0);
+                        Err(e)
+                    }
+                };
             }
         }
         Ok(None)
@@ -536,8 +552,17 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         // An eighth more than needed: a key refused again and again is
         // rewritten at most about eight times per limited period.
         let until = now.plus(limited).plus(Span(limited.as_nanos() / 8));
-        // Losing the race to another writer is fine: it saw the key too.
-        let _ = self.write(slot, &state, version, until, now);
+        if self.write(slot, &state, version, until, now) != Ok(Saved::Conflict) {
+            return;
+        }
+        // Another writer got in first. It may have kept the key (then the
+        // mark must still be set, on the state it wrote) or evicted it for
+        // a new key (then there is nothing left to mark).
+        if let Ok(Probed::Held(current)) = self.probe(slot, now) {
+            if current.version.limited_until < until {
+                let _ = self.write(slot, &current.state, current.version, until, now);
+            }
+        }
     }
 }
 
@@ -823,6 +848,72 @@ mod tests {
             "{writes_while_refused} writes"
         );
         assert!(writes_while_refused > 0, "refusals do mark the key");
+    }
+
+    /// Shared bytes whose reads of one name fail once armed.
+    struct Failing<'a> {
+        inner: &'a InProcessShared,
+        name: &'static str,
+        armed: Cell<bool>,
+    }
+
+    impl SharedBytes for Failing<'_> {
+        fn get(&self, name: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+            if self.armed.get() && name == self.name {
+                return Err(StoreError::Unavailable("test double failure"));
+            }
+            self.inner.get(name)
+        }
+
+        fn set(&mut self, name: &str, value: &[u8], cas: u32) -> Result<WriteOutcome, StoreError> {
+            self.inner.set(name, value, cas)
+        }
+    }
+
+    #[test]
+    fn a_failure_while_creating_a_slot_releases_the_lock() {
+        let shared = InProcessShared::default();
+        let p = policy(1);
+        let failing = Failing {
+            inner: &shared,
+            name: "sluice/r/0",
+            armed: Cell::new(false),
+        };
+        let mut store = SlotStore::open(failing, &p, || Some(1)).unwrap();
+        let now = Nanos(SEC);
+        let a = store.load(slot(&p, "a"), now).unwrap();
+        assert!(a.version.missing);
+        store.backend().armed.set(true);
+        assert!(store.save(slot(&p, "a"), a.state, a.version, now).is_err());
+        assert_eq!(
+            (&shared).get("sluice/r/lock").unwrap().0,
+            Some(Vec::new()),
+            "the creation lock is still held"
+        );
+    }
+
+    #[test]
+    fn a_refusal_losing_a_race_still_marks_the_key() {
+        let shared = InProcessShared::default();
+        let p = policy(8);
+        let rule = &p.rules[0];
+        let mut one = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let mut two = SlotStore::open(&shared, &p, || None).unwrap();
+        let now = Nanos(SEC);
+        for _ in 0..2 {
+            assert!(one.check(slot(&p, "a"), 1, now).unwrap().unwrap().0.allowed);
+        }
+        let mut l = one.load(slot(&p, "a"), now).unwrap();
+        let refused = l.acquire(rule, now, 1, crate::algorithm::Mode::Consume);
+        assert!(!refused.allowed);
+        // Another VM writes the key meanwhile (a request of no cost).
+        assert!(two.check(slot(&p, "a"), 0, now).unwrap().is_some());
+        one.refuse(slot(&p, "a"), l.state, l.version, &refused, now);
+        let again = one.load(slot(&p, "a"), now).unwrap();
+        assert!(
+            again.version.limited_until > now,
+            "the refused key lost its limited mark"
+        );
     }
 
     /// An in-flight rule: at most 2 held at once, `max_keys` keys.
