@@ -27,6 +27,5 @@ pub use schema::{
     StatusSpec,
 };
 pub use validate::{
-    keys_memory, BYTES_PER_KEY, KEYS_MEMORY_BUDGET, MAX_KEYS_LIMIT, MAX_LOG_COUNT, MAX_RULE_NAME,
-    MAX_TRUSTED_HOPS,
+    keys_memory, KEYS_MEMORY_BUDGET, MAX_KEYS_LIMIT, MAX_LOG_COUNT, MAX_RULE_NAME, MAX_TRUSTED_HOPS,
 };

@@ -23,8 +23,8 @@ mod slots;
 
 pub use memory::{EvictionStats, MemoryStore};
 pub use slots::{
-    hash, shared_seed, InProcessShared, SharedBytes, SlotStats, SlotStore, WriteOutcome, PROBES,
-    SEED_NAME,
+    hash, shared_seed, slot_bytes, InProcessShared, SharedBytes, SlotStats, SlotStore,
+    WriteOutcome, MAX_STORED_KEY, PROBES, SEED_NAME, SLOT_OVERHEAD,
 };
 
 use serde::{Deserialize, Serialize};

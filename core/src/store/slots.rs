@@ -29,7 +29,7 @@ use hashbrown::HashMap;
 
 use super::{limited_for, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull};
 use crate::algorithm::{Outcome, State};
-use crate::policy::{Policy, Scope};
+use crate::policy::{Policy, Rule, Scope};
 use crate::time::{Nanos, Span};
 
 /// How many consecutive slots a key may live in.
@@ -128,7 +128,20 @@ pub struct SlotStore<B> {
 /// one of another format) is a free slot.
 const FORMAT: u8 = 2;
 /// Longer keys are stored as a hash of themselves, to keep slots small.
-const MAX_STORED_KEY: usize = 256;
+pub const MAX_STORED_KEY: usize = 256;
+
+/// Bytes of a slot besides its stored key and state: the value's format
+/// byte, key length and two timestamps (19), the name (`sluice/`, a rule
+/// name of up to 64 characters, `/` and an index: at most 80), and the
+/// host's map entry (two strings, a token, allocator headers: about 100).
+pub const SLOT_OVERHEAD: u64 = 200;
+
+/// The most bytes one slot of `rule` takes in shared data: the longest
+/// stored key, the rule's largest state and [`SLOT_OVERHEAD`].
+pub fn slot_bytes(rule: &Rule) -> u64 {
+    let state = State::max_encoded_len(rule.limiter.kind(), rule.quota.count());
+    SLOT_OVERHEAD + MAX_STORED_KEY as u64 + state
+}
 
 impl<B: SharedBytes> SlotStore<B> {
     /// Opens the store for `policy` over `backend`: reads the shared seed
@@ -676,7 +689,7 @@ mod tests {
     #[test]
     fn opening_creates_two_names_per_rule_whatever_max_keys() {
         let shared = InProcessShared::default();
-        let p = policy(5_000_000);
+        let p = policy(2_000_000);
         let store = SlotStore::open(&shared, &p, || Some(7)).unwrap();
         assert_eq!(shared.len(), 3, "seed, lock, overflow");
         assert_eq!(store.seed, 7);

@@ -646,7 +646,7 @@ fn configuring_many_rules_with_a_large_max_keys_creates_no_slots() -> Result<(),
     let rules: Vec<String> = (0..1_000)
         .map(|i| format!(r#"{{"name":"r{i}","limit":{{"count":1,"per":"1s"}}}}"#))
         .collect();
-    let json = format!(r#"{{"rules":[{}],"max_keys":6000}}"#, rules.join(","));
+    let json = format!(r#"{{"rules":[{}],"max_keys":2000}}"#, rules.join(","));
     plugin(&host, &shared, &json)?;
     assert_eq!(
         shared.len(),
