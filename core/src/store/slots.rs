@@ -93,9 +93,9 @@ pub struct SlotVersion {
 #[derive(Debug)]
 struct Table {
     /// `sluice/<rule>/`: names stay the same across config reloads, so a
-    /// reload reuses the table instead of leaking a new one. Counts still
-    /// restart: the seed comes from the config, so a new config puts every
-    /// key in different slots under a different stored key.
+    /// reload reuses the table instead of leaking a new one, and (the seed
+    /// living in shared data) a rule that keeps its name keeps its counts.
+    /// A new `max_keys` moves keys to other slots: those keys start over.
     prefix: String,
     slots: u64,
 }
