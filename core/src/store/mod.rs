@@ -23,7 +23,7 @@ mod slots;
 
 pub use memory::{EvictionStats, MemoryStore};
 pub use slots::{
-    hash, shared_seed, slot_bytes, InProcessShared, SharedBytes, SlotStats, SlotStore,
+    hash, shared_seed, slot_bytes, InProcessShared, Seed, SharedBytes, SlotStats, SlotStore,
     WriteOutcome, MAX_STORED_KEY, PROBES, SEED_NAME, SLOT_OVERHEAD,
 };
 

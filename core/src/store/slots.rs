@@ -26,6 +26,8 @@ use core::cell::{Cell, RefCell};
 use core::fmt::Write;
 
 use hashbrown::HashMap;
+use siphasher::sip::SipHasher13;
+use siphasher::sip128::SipHasher13 as Sip128;
 
 use super::{limited_for, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull};
 use crate::algorithm::{Outcome, State};
@@ -35,8 +37,13 @@ use crate::time::{Nanos, Span};
 /// How many consecutive slots a key may live in.
 pub const PROBES: u64 = 4;
 
-/// The shared-data name holding the key hash's seed.
-pub const SEED_NAME: &str = "sluice/seed";
+/// The shared-data name holding the key hash's 16-byte seed (a new name
+/// for the 128-bit seed, so that a VM of an older Sluice, which kept an
+/// 8-byte one under `sluice/seed`, never overwrites it).
+pub const SEED_NAME: &str = "sluice/seed128";
+
+/// The key hash's secret seed.
+pub type Seed = [u8; 16];
 
 /// A creation lock older than this was left by a VM that died holding it,
 /// and may be taken over. Holding it takes three host calls.
@@ -116,7 +123,7 @@ pub struct SlotStats {
 pub struct SlotStore<B> {
     backend: B,
     tables: Vec<Table>,
-    seed: u64,
+    seed: Seed,
     when_full: WhenFull,
     name: String,
     value: Vec<u8>,
@@ -125,8 +132,10 @@ pub struct SlotStore<B> {
 
 /// Slot value layout: format byte, key length (u16 LE), key, last use (u64
 /// LE), limited until (u64 LE), then the encoded state. An empty value (or
-/// one of another format) is a free slot.
-const FORMAT: u8 = 2;
+/// one of another format) is a free slot. Format 3: keys placed and long
+/// keys stored by SipHash (format 2 slots, placed by another hash, are
+/// free).
+const FORMAT: u8 = 3;
 /// Longer keys are stored as a hash of themselves, to keep slots small.
 pub const MAX_STORED_KEY: usize = 256;
 
@@ -150,7 +159,7 @@ impl<B: SharedBytes> SlotStore<B> {
     pub fn open(
         mut backend: B,
         policy: &Policy,
-        random: impl FnOnce() -> Option<u64>,
+        random: impl FnMut() -> Option<u64>,
     ) -> Result<SlotStore<B>, StoreError> {
         let seed = shared_seed(&mut backend, random)?;
         let mut store = SlotStore::new(backend, policy, seed);
@@ -160,7 +169,7 @@ impl<B: SharedBytes> SlotStore<B> {
 
     /// A store for `policy`'s rules over `backend`, hashing keys with
     /// `seed` (see [`SlotStore::open`], which reads the shared one).
-    pub fn new(backend: B, policy: &Policy, seed: u64) -> SlotStore<B> {
+    pub fn new(backend: B, policy: &Policy, seed: Seed) -> SlotStore<B> {
         let tables = policy
             .rules
             .iter()
@@ -217,7 +226,7 @@ impl<B: SharedBytes> SlotStore<B> {
 
     fn home(&self, table: usize, key: &[u8]) -> (u64, u64) {
         let slots = self.tables.get(table).map_or(1, |t| t.slots);
-        (hash(self.seed, key) % slots, slots)
+        (hash(&self.seed, key) % slots, slots)
     }
 
     /// Writes `self.value` to the missing slot `index` unless someone
@@ -294,32 +303,32 @@ const OVERFLOW: &str = "overflow";
 /// the two writes.
 pub fn shared_seed<B: SharedBytes>(
     backend: &mut B,
-    random: impl FnOnce() -> Option<u64>,
-) -> Result<u64, StoreError> {
-    let read = |backend: &B| -> Result<Option<u64>, StoreError> {
+    mut random: impl FnMut() -> Option<u64>,
+) -> Result<Seed, StoreError> {
+    let read = |backend: &B| -> Result<Option<Seed>, StoreError> {
         Ok(backend
             .get(SEED_NAME)?
             .0
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_le_bytes))
+            .and_then(|v| Seed::try_from(v.as_slice()).ok()))
     };
     if let Some(seed) = read(backend)? {
         return Ok(seed);
     }
-    let candidate = random().ok_or(StoreError::Unavailable(
-        "no random source for the key hash seed",
-    ))?;
-    backend.set(SEED_NAME, &candidate.to_le_bytes(), 0)?;
+    let no_random = StoreError::Unavailable("no random source for the key hash seed");
+    let mut candidate = Seed::default();
+    for half in candidate.chunks_exact_mut(8) {
+        half.copy_from_slice(&random().ok_or(no_random.clone())?.to_le_bytes());
+    }
+    backend.set(SEED_NAME, &candidate, 0)?;
     read(backend)?.ok_or(StoreError::Unavailable("the key hash seed did not stick"))
 }
 
 /// The key as stored: itself, or a hash of itself when long.
-fn stored_key<'a>(key: &'a str, seed: u64, buf: &'a mut [u8; 16]) -> &'a [u8] {
+fn stored_key<'a>(key: &'a str, seed: &Seed, buf: &'a mut [u8; 16]) -> &'a [u8] {
     if key.len() <= MAX_STORED_KEY {
         return key.as_bytes();
     }
-    buf[..8].copy_from_slice(&hash(seed, key.as_bytes()).to_le_bytes());
-    buf[8..].copy_from_slice(&hash(!seed, key.as_bytes()).to_le_bytes());
+    *buf = Sip128::new_with_key(seed).hash(key.as_bytes()).as_bytes();
     buf
 }
 
@@ -360,19 +369,12 @@ fn write_value(out: &mut Vec<u8>, key: &[u8], now: Nanos, limited_until: Nanos, 
     state.encode(out);
 }
 
-/// FNV-1a over the seed and the key, then a final mix so neighbouring
-/// keys spread over the table. Stable across processes and platforms, so
-/// every Envoy worker finds a key in the same slots.
-pub fn hash(seed: u64, key: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h
+/// SipHash-1-3 of the key under the 128-bit secret `seed`: a keyed hash,
+/// so that clients who do not know the seed cannot choose keys that share
+/// slots. Stable across processes and platforms, so every Envoy worker
+/// finds a key in the same slots.
+pub fn hash(seed: &Seed, key: &[u8]) -> u64 {
+    SipHasher13::new_with_key(seed).hash(key)
 }
 
 /// A free place a new key could take; lower ranks first, then older.
@@ -411,7 +413,7 @@ impl<B: SharedBytes> SlotStore<B> {
     /// Looks for the key in its [`PROBES`] slots, ranking the free ones.
     fn probe(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Probed, StoreError> {
         let mut hashed = [0u8; 16];
-        let key = stored_key(slot.key, self.seed, &mut hashed);
+        let key = stored_key(slot.key, &self.seed, &mut hashed);
         let (home, slots) = self.home(slot.rule_index, key);
         let mut best: Option<Candidate> = None;
         for probe in 0..PROBES.min(slots) {
@@ -593,7 +595,7 @@ impl<B: SharedBytes> SlotStore<B> {
         let key = match version.place {
             Place::Slot(index) => {
                 self.set_name(slot.rule_index, index);
-                stored_key(slot.key, self.seed, &mut hashed)
+                stored_key(slot.key, &self.seed, &mut hashed)
             }
             Place::Overflow => {
                 self.set_name(slot.rule_index, OVERFLOW);
@@ -692,11 +694,25 @@ mod tests {
         let p = policy(2_000_000);
         let store = SlotStore::open(&shared, &p, || Some(7)).unwrap();
         assert_eq!(shared.len(), 3, "seed, lock, overflow");
-        assert_eq!(store.seed, 7);
+        assert_eq!(store.seed, [7, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]);
         let writes = shared.writes();
         let again = SlotStore::open(&shared, &p, || None).unwrap();
         assert_eq!(shared.writes(), writes, "a second VM must not write");
-        assert_eq!(again.seed, 7, "every VM uses the stored seed");
+        assert_eq!(again.seed, store.seed, "every VM uses the stored seed");
+    }
+
+    #[test]
+    fn the_key_hash_is_siphash_1_3_under_the_whole_128_bit_seed() {
+        // Worked out with a separate implementation of SipHash-1-3 (itself
+        // checked against the SipHash paper's 2-4 test vector).
+        let seed: Seed = core::array::from_fn(|i| i as u8);
+        assert_eq!(hash(&seed, b""), 0xabac_0158_050f_c4dc);
+        assert_eq!(hash(&seed, b"10.0.0.1"), 0x3028_d8e4_151d_147f);
+        for bit in 0..128 {
+            let mut other = seed;
+            other[bit / 8] ^= 1 << (bit % 8);
+            assert_ne!(hash(&other, b"10.0.0.1"), hash(&seed, b"10.0.0.1"));
+        }
     }
 
     #[test]
@@ -715,8 +731,8 @@ mod tests {
             rule,
             key: "a",
         };
-        let mut one = SlotStore::new(&shared, &p, 1);
-        let mut two = SlotStore::new(&shared, &p, 1);
+        let mut one = SlotStore::new(&shared, &p, [1; 16]);
+        let mut two = SlotStore::new(&shared, &p, [1; 16]);
         one.prepare().unwrap();
         let mut a = one.load(slot, Nanos(0)).unwrap();
         let mut b = two.load(slot, Nanos(0)).unwrap();
@@ -742,7 +758,7 @@ mod tests {
         let shared = InProcessShared::default();
         let p = policy(4);
         let rule = &p.rules[0];
-        let mut store = SlotStore::new(&shared, &p, 3);
+        let mut store = SlotStore::new(&shared, &p, [3; 16]);
         store.prepare().unwrap();
         for (i, key) in ["a", "b", "c", "d", "e"].iter().enumerate() {
             let slot = Slot {
@@ -973,7 +989,7 @@ mod tests {
         let p = policy(2);
         let rule = &p.rules[0];
         let long = "k".repeat(1000);
-        let mut store = SlotStore::new(&shared, &p, 3);
+        let mut store = SlotStore::new(&shared, &p, [3; 16]);
         store.prepare().unwrap();
         let slot = Slot {
             rule_index: 0,
