@@ -198,7 +198,7 @@ fn inplace(store: &mut MemoryStore, rule: &Rule, key: &str, now: Nanos) -> bool 
         rule,
         key,
     };
-    matches!(StateStore::check(store, slot, 1, now), Ok(Some(o)) if o.allowed)
+    matches!(StateStore::check(store, slot, 1, now), Ok(Some((o, _))) if o.allowed)
 }
 
 fn check_after(case: &Case<'_>, id: &str, store: &MemoryStore, last: bool) {

@@ -24,6 +24,9 @@ pub struct Charge {
     pub key: String,
     /// Permits taken.
     pub cost: u64,
+    /// Where they were taken: the key's own state or the rule's overflow
+    /// state. A refund goes back there only.
+    pub room: Room,
 }
 
 /// A request for `cost` permits from one rule's key.
@@ -227,7 +230,7 @@ fn attempt_one<S: StateStore>(
     now: Nanos,
     waited: Span,
 ) -> Result<Option<Verdict>, StoreError> {
-    let Some(outcome) = store.check(claim.slot, claim.cost, now)? else {
+    let Some((outcome, room)) = store.check(claim.slot, claim.cost, now)? else {
         return Ok(None);
     };
     let claims = core::slice::from_ref(claim);
@@ -243,6 +246,7 @@ fn attempt_one<S: StateStore>(
             rule_index: claim.slot.rule_index,
             key: claim.slot.key.into(),
             cost: claim.cost,
+            room,
         };
         (VerdictKind::Allowed, alloc::vec![charge])
     } else {
@@ -293,7 +297,7 @@ fn attempt<S: StateStore>(
         }));
     }
 
-    let mut taken: Vec<Claim<'_>> = Vec::with_capacity(claims.len());
+    let mut taken: Vec<(Claim<'_>, Room)> = Vec::with_capacity(claims.len());
     let mut final_outcomes = outcomes.clone();
     let mut pending = claims.iter().zip(loaded).enumerate();
     while let Some((i, (claim, mut l))) = pending.next() {
@@ -303,24 +307,28 @@ fn attempt<S: StateStore>(
             continue;
         }
         final_outcomes[i] = l.acquire(claim.slot.rule, now, claim.cost, Mode::Consume);
+        let room = l.room;
         let saved = store.save(claim.slot, l.state, l.version, now);
         match saved {
-            Ok(Saved::Stored) => taken.push(*claim),
+            Ok(Saved::Stored) => taken.push((*claim, room)),
             Ok(Saved::Conflict) | Err(_) => {
                 for (_, (claim, rest)) in pending {
                     store.release(claim.slot, rest.state, rest.version, now);
                 }
-                refund_claims(store, &taken, now)?;
+                for (claim, room) in &taken {
+                    refund_at(store, claim, *room, now)?;
+                }
                 return saved.map(|_| None);
             }
         }
     }
     let charges = taken
         .iter()
-        .map(|c| Charge {
+        .map(|(c, room)| Charge {
             rule_index: c.slot.rule_index,
             key: c.slot.key.into(),
             cost: c.cost,
+            room: *room,
         })
         .collect();
     Ok(Some(Verdict {
@@ -471,55 +479,71 @@ pub fn queued_wait<S: StateStore>(
 }
 
 /// Gives back the permits of `charges` (a response excluded from
-/// counting, or the end of a stream holding in-flight permits).
+/// counting, or the end of a stream holding in-flight permits), each to
+/// the state that took it; a charge whose state is gone is dropped.
 pub fn refund<S: StateStore>(
     policy: &Policy,
     store: &mut S,
     charges: &[Charge],
     now: Nanos,
 ) -> Result<(), StoreError> {
-    let claims = claims(
-        policy,
-        charges
-            .iter()
-            .map(|c| (c.rule_index, c.key.as_str(), Some(c.cost))),
-    );
-    refund_claims(store, &claims, now)
+    for charge in charges {
+        let Some(rule) = policy.rules.get(charge.rule_index) else {
+            continue;
+        };
+        let claim = Claim {
+            slot: Slot {
+                rule_index: charge.rule_index,
+                rule,
+                key: &charge.key,
+            },
+            cost: charge.cost,
+        };
+        refund_at(store, &claim, charge.room, now)?;
+    }
+    Ok(())
 }
 
-/// Gives back the permits of `claims`, retrying on conflicts.
+/// Gives back the permits of `claims` to their keys' own states, for
+/// hosts that do not know where they were charged: a key without its own
+/// state (evicted, or charged in the overflow) loses the refund, which
+/// errs on the strict side.
 pub fn refund_claims<S: StateStore>(
     store: &mut S,
     claims: &[Claim<'_>],
     now: Nanos,
 ) -> Result<(), StoreError> {
     for claim in claims {
-        let mut done = false;
-        for _ in 0..MAX_ATTEMPTS {
-            let mut l = store.load(claim.slot, now)?;
-            if l.room == Room::Full {
-                // Never charged: a key without room is refused.
-                store.release(claim.slot, l.state, l.version, now);
-                done = true;
-                break;
-            }
-            claim
-                .slot
-                .rule
-                .limiter
-                .refund(&mut l.state, now, claim.cost);
-            if store.save(claim.slot, l.state, l.version, now)? == Saved::Stored {
-                done = true;
-                break;
-            }
-        }
-        if !done {
-            return Err(StoreError::Unavailable(
-                "too many concurrent writers on one key",
-            ));
-        }
+        refund_at(store, claim, Room::Own, now)?;
     }
     Ok(())
+}
+
+/// Gives back `claim`'s permits to the state at `room` that took them, if
+/// it is still there, retrying on conflicts. Never makes room: a refund
+/// must not evict a key to write to a state that never took the charge.
+fn refund_at<S: StateStore>(
+    store: &mut S,
+    claim: &Claim<'_>,
+    room: Room,
+    now: Nanos,
+) -> Result<(), StoreError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(mut l) = store.load_charged(claim.slot, room, now)? else {
+            return Ok(());
+        };
+        claim
+            .slot
+            .rule
+            .limiter
+            .refund(&mut l.state, now, claim.cost);
+        if store.save(claim.slot, l.state, l.version, now)? == Saved::Stored {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Unavailable(
+        "too many concurrent writers on one key",
+    ))
 }
 
 #[cfg(test)]
@@ -690,6 +714,77 @@ mod tests {
             !decide(&p, &mut store, &req("1.1.1.1"), Nanos(3), Span::ZERO)
                 .unwrap()
                 .is_allowed()
+        );
+    }
+
+    /// Whether `key` (a client address) is allowed at `now`.
+    fn allowed_as<S: StateStore>(p: &Policy, store: &mut S, ip: &str, now: Nanos) -> Verdict {
+        decide(p, store, &req(ip), now, Span::ZERO).unwrap()
+    }
+
+    /// A refund whose key was evicted meanwhile is dropped: it neither
+    /// evicts the key now in its place nor lands in the overflow state.
+    fn refund_of_an_evicted_key_is_dropped<S: StateStore>(mut store: S) {
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":2,"per":"1h"}}],"max_keys":1}"#);
+        let t = |s: u64| Nanos(s * SEC);
+        let a = allowed_as(&p, &mut store, "10.0.0.1", t(1));
+        assert_eq!(a.charges[0].room, Room::Own);
+        // b evicts a, then takes one of its two.
+        assert!(allowed_as(&p, &mut store, "10.0.0.2", t(2)).is_allowed());
+        refund(&p, &mut store, &a.charges, t(3)).unwrap();
+        let b = allowed_as(&p, &mut store, "10.0.0.2", t(4));
+        assert_eq!(
+            b.decisions[0].decision.remaining, 0,
+            "b kept its state: the refund did not evict it"
+        );
+        // b is refused (and so protected); c overflows, using all of it.
+        assert!(!allowed_as(&p, &mut store, "10.0.0.2", t(5)).is_allowed());
+        let c = allowed_as(&p, &mut store, "10.0.0.3", t(6));
+        assert_eq!(c.charges[0].room, Room::Overflow);
+        assert!(allowed_as(&p, &mut store, "10.0.0.4", t(6)).is_allowed());
+        // a's refund finds no own state: the overflow never took it.
+        refund(&p, &mut store, &a.charges, t(7)).unwrap();
+        assert!(
+            !allowed_as(&p, &mut store, "10.0.0.5", t(8)).is_allowed(),
+            "the overflow got a refund it never took"
+        );
+        // c's own refund goes back to the overflow, which took it.
+        refund(&p, &mut store, &c.charges, t(9)).unwrap();
+        assert!(allowed_as(&p, &mut store, "10.0.0.5", t(10)).is_allowed());
+    }
+
+    #[test]
+    fn refunds_go_only_where_they_were_charged() {
+        refund_of_an_evicted_key_is_dropped(MemoryStore::new(1));
+        let shared = crate::store::InProcessShared::default();
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":2,"per":"1h"}}],"max_keys":1}"#);
+        let store = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        refund_of_an_evicted_key_is_dropped(store);
+    }
+
+    #[test]
+    fn an_overflowed_in_flight_permit_goes_back_to_the_overflow() {
+        let p = policy(
+            r#"{"rules":[{"name":"open","counts":"in_flight","match":{"websocket":true},"limit":{"count":2}}],"max_keys":1}"#,
+        );
+        let mut store = MemoryStore::new(1);
+        let ws = |ip: &str| req(ip).with_protocol(crate::policy::Protocol::WebSocket);
+        let open = |store: &mut MemoryStore, ip: &str| {
+            decide(&p, store, &ws(ip), Nanos(SEC), Span::ZERO).unwrap()
+        };
+        let a = open(&mut store, "10.0.0.1");
+        // a holds the only place: b's stream is counted in the overflow.
+        let b = open(&mut store, "10.0.0.2");
+        assert_eq!(b.charges[0].room, Room::Overflow);
+        // a's stream ends, b's next stream gets a's place.
+        refund(&p, &mut store, &a.charges, Nanos(SEC)).unwrap();
+        assert_eq!(open(&mut store, "10.0.0.2").charges[0].room, Room::Own);
+        // b's first stream ends: the overflow gives its permit back.
+        refund(&p, &mut store, &b.charges, Nanos(SEC)).unwrap();
+        assert!(open(&mut store, "10.0.0.2").is_allowed());
+        assert!(
+            !open(&mut store, "10.0.0.2").is_allowed(),
+            "b holds two: its own state was refunded what the overflow took"
         );
     }
 

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use sluice_core::engine::decide_keys;
 use sluice_core::policy::Policy;
-use sluice_core::store::{hash, InProcessShared, MemoryStore, SlotStore, StateStore, PROBES};
+use sluice_core::store::{hash, InProcessShared, MemoryStore, Seed, SlotStore, StateStore, PROBES};
 use sluice_core::time::{Nanos, Span};
 
 /// Helpers (test code: they may unwrap).
@@ -59,7 +59,7 @@ mod support {
     pub fn slot_store<'a>(
         shared: &'a InProcessShared,
         p: &Policy,
-        seed: u64,
+        seed: Seed,
     ) -> SlotStore<&'a InProcessShared> {
         let mut store = SlotStore::new(shared, p, seed);
         store.prepare().unwrap();
@@ -100,7 +100,7 @@ mod support {
     pub fn new_keys_are_refused_when_full_if_configured_and_counted() {
         let p = policy(8, r#","when_keys_full":"refuse""#);
         let shared = InProcessShared::default();
-        let mut store = slot_store(&shared, &p, 7);
+        let mut store = slot_store(&shared, &p, [7; 16]);
         assert_eq!(allowed_to_new_keys_when_full(&p, &mut store, 64, 100), 0);
         // Every newcomer, and the residents that found no slot of their own.
         assert!(store.stats().refused >= 100);
@@ -133,7 +133,7 @@ use support::*;
 fn a_flood_of_new_keys_does_not_reset_a_limited_key_in_slots() {
     let p = policy(64, "");
     let shared = InProcessShared::default();
-    let mut store = slot_store(&shared, &p, 0x5eed);
+    let mut store = slot_store(&shared, &p, [0x5e; 16]);
     let flood = (0..2_000).map(|i| format!("flood-{i}"));
     assert_eq!(allowed_after_flood(&p, &mut store, "victim", flood), 0);
 }
@@ -148,16 +148,15 @@ fn a_flood_of_new_keys_does_not_reset_a_limited_key_in_memory() {
 
 #[test]
 fn keys_crafted_to_share_the_victims_slots_cannot_evict_it() {
-    // The attacker knows the seed (the worst case: today's seed is a hash
-    // of a configuration that may be published).
-    let seed = 0x5eed;
+    // The attacker knows the seed (the worst case: say it leaked).
+    let seed: Seed = [0x5e; 16];
     let p = policy(1_024, "");
     let slots = p.max_keys as u64;
-    let home = hash(seed, b"victim") % slots;
+    let home = hash(&seed, b"victim") % slots;
     let crafted: Vec<String> = (0..)
         .map(|i| format!("crafted-{i}"))
         .filter(|k| {
-            let h = hash(seed, k.as_bytes()) % slots;
+            let h = hash(&seed, k.as_bytes()) % slots;
             (h + slots - home) % slots < PROBES
         })
         .take(20)
@@ -171,7 +170,7 @@ fn keys_crafted_to_share_the_victims_slots_cannot_evict_it() {
 fn new_keys_share_an_overflow_budget_when_every_slot_is_limited() {
     let p = policy(8, "");
     let shared = InProcessShared::default();
-    let mut store = slot_store(&shared, &p, 7);
+    let mut store = slot_store(&shared, &p, [7; 16]);
     // Far more residents than slots: every slot ends up holding a limited
     // key (and residents without a slot drain the overflow budget).
     assert!(allowed_to_new_keys_when_full(&p, &mut store, 64, 100) <= 5);
@@ -189,7 +188,7 @@ proptest! {
     #[test]
     fn an_exhausted_key_stays_refused_until_its_window_ends(
         max_keys in 1usize..32,
-        seed in any::<u64>(),
+        seed in any::<[u8; 16]>(),
         traffic in proptest::collection::vec(0u16..300, 1..400),
     ) {
         let p = policy(max_keys, "");

@@ -1,6 +1,6 @@
 //! End-to-end tests of the filter's bounded key tables through a real
 //! Envoy: a flood of made-up clients never gives a limited client a fresh
-//! allowance, and configuring costs no time per possible key (or is
+//! allowance nor a client its open connections back, and configuring costs no time per possible key (or is
 //! refused, with a clear error, beyond the memory budget).
 //!
 //! Needs Envoy (`make setup`) and the filter (`make wasm`).
@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sluice_e2e::client::Client;
 use sluice_e2e::envoy::Envoy;
+use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::upstream::Upstream;
+use sluice_e2e::ws_client::{connect, Upgrade, Ws};
+use sluice_e2e::ws_upstream::WsUpstream;
 use tokio::task::JoinSet;
 
 /// Distinct made-up clients in the flood: far more than `max_keys`.
@@ -107,12 +110,66 @@ async fn a_flood_of_new_clients_does_not_reset_a_limited_client() {
     assert_eq!(errors, 0);
 }
 
-/// 1,000 per-key rules with 6,000 keys each (6 million possible keys):
+/// A WebSocket upgrade as client `ip`: the open connection, or `None`
+/// when refused (with a 429).
+async fn upgrade_as(envoy: &Envoy, ip: &str) -> Option<Box<Ws>> {
+    match connect(envoy.addr(), "/ws", &[("x-forwarded-for", ip)]).await {
+        Ok(Upgrade::Open(ws)) => Some(ws),
+        Ok(Upgrade::Refused(response)) => {
+            assert_eq!(response.status().as_u16(), 429, "upgrade as {ip}");
+            None
+        }
+        Err(e) => panic!("upgrade as {ip}: {e:#}"),
+    }
+}
+
+/// A client holding its 2 allowed connections, in a table of 4 keys, sees
+/// 8 other clients connect and stay connected: it still may not open a
+/// third (its state, holding permits, is never evicted).
+#[tokio::test]
+async fn new_clients_do_not_give_a_client_its_open_connections_back() {
+    let upstream = WsUpstream::start()
+        .await
+        .expect("starting the WebSocket upstream");
+    let config = json!({
+        "rules": [{"name": "open", "match": {"websocket": true}, "counts": "in_flight", "limit": {"count": 2}}],
+        "client_ip": {"trusted_hops": 1},
+        "max_keys": 4
+    });
+    let test = "new_clients_do_not_give_a_client_its_open_connections_back";
+    let envoy = with_upstreams(Envoy::builder(test), None, Some(upstream.port()))
+        .sluice(&config)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting Envoy with the Sluice filter: {e:#}"));
+    let victim = "192.0.2.1";
+    let mut held = Vec::new();
+    for n in 1..=2 {
+        let ws = upgrade_as(&envoy, victim).await;
+        held.push(ws.unwrap_or_else(|| panic!("the victim's connection {n} was refused")));
+    }
+    for i in 0..8 {
+        // Some are refused once the table is full: they share the overflow.
+        held.extend(upgrade_as(&envoy, &format!("10.1.0.{i}")).await);
+    }
+    assert!(
+        upgrade_as(&envoy, victim).await.is_none(),
+        "the victim opened a third connection"
+    );
+    let evictions = envoy
+        .stat("wasmcustom.sluice_http.live_evictions")
+        .await
+        .expect("reading Envoy's stats")
+        .unwrap_or(0);
+    assert_eq!(evictions, 0, "no key holding connections was evicted");
+}
+
+/// 1,000 per-key rules with 2,000 keys each (2 million possible keys):
 /// Envoy is ready in seconds because slots are created as keys arrive.
 #[tokio::test]
 async fn many_rules_with_a_large_max_keys_start_fast() {
     let upstream = Upstream::start().await.expect("starting the upstream");
-    let config = json!({"rules": rules(1_000, 1), "max_keys": 6_000});
+    let config = json!({"rules": rules(1_000, 1), "max_keys": 2_000});
     let started = Instant::now();
     let envoy = Envoy::builder("many_rules_with_a_large_max_keys_start_fast")
         .upstream(upstream.port())
@@ -143,7 +200,7 @@ async fn a_configuration_over_the_key_memory_budget_is_refused() {
     let expected = "invalid sluice configuration: max_keys: 10000 per-key rules with 100000 keys \
                     each could take";
     assert!(
-        failure.log.contains(expected) && failure.log.contains("set max_keys to at most 668"),
+        failure.log.contains(expected) && failure.log.contains("set max_keys to at most 219,"),
         "log:\n{}",
         failure.log
     );

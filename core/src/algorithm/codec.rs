@@ -10,8 +10,8 @@ use alloc::vec::Vec;
 
 use super::meter::Meter;
 use super::{
-    ConcurrencyState, FixedWindowState, GcraState, LeakyBucketState, SlidingWindowCounterState,
-    SlidingWindowLogState, State, TokenBucketState,
+    AlgorithmKind, ConcurrencyState, FixedWindowState, GcraState, LeakyBucketState,
+    SlidingWindowCounterState, SlidingWindowLogState, State, TokenBucketState,
 };
 use crate::time::Nanos;
 
@@ -52,6 +52,22 @@ pub enum DecodeError {
     /// Sliding log entries that no limiter could have written.
     #[error("sliding window log entries must be in increasing time order, cost at least 1 and not after the last update; discard the state and start fresh")]
     InvalidLog,
+}
+
+/// The most bytes [`encode_state`] writes for a state of `kind` under a
+/// limit of `count`: the sliding log keeps at most `count` entries (each
+/// admission costs at least one), every other state has a fixed size.
+pub(crate) fn max_encoded_len(kind: AlgorithmKind, count: u64) -> u64 {
+    // Version and tag, then the fields (u64 each unless said).
+    let fields = |n: u64| 2 + 8 * n;
+    match kind {
+        AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket => fields(3),
+        AlgorithmKind::FixedWindow | AlgorithmKind::Gcra => fields(2),
+        AlgorithmKind::SlidingWindowCounter => fields(3),
+        AlgorithmKind::Concurrency => fields(1),
+        // The last update, a u32 entry count, then the entries.
+        AlgorithmKind::SlidingWindowLog => fields(1) + 4 + count.saturating_mul(ENTRY_LEN as u64),
+    }
 }
 
 /// Appends the binary form of `state` to `out`.
@@ -230,6 +246,28 @@ mod tests {
             }
             assert_ne!(state, limiter.fresh_state());
             round_trip(&state);
+        }
+    }
+
+    #[test]
+    fn states_never_encode_longer_than_their_bound() {
+        let quota = Quota::new(50, Span::from_secs(1), None).unwrap();
+        let mut kinds = AlgorithmKind::ALL.to_vec();
+        kinds.push(AlgorithmKind::Concurrency);
+        for kind in kinds {
+            let limiter = Limiter::new(kind, quota);
+            let mut state = limiter.fresh_state();
+            let mut longest = round_trip(&state);
+            // Admissions of cost 1 as fast as allowed, then past the window.
+            for t in (0..200u64).chain([5_000_000_000]) {
+                limiter.check(&mut state, Nanos(t * 1_000_000), 1);
+                longest = longest.max(round_trip(&state));
+            }
+            let bound = max_encoded_len(kind, quota.count());
+            assert!(longest as u64 <= bound, "{kind:?}: {longest} > {bound}");
+            if kind == AlgorithmKind::SlidingWindowLog {
+                assert_eq!(longest as u64, bound, "a full log reaches the bound");
+            }
         }
     }
 

@@ -262,6 +262,12 @@ impl State {
     pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
         codec::decode_state(bytes)
     }
+
+    /// The most bytes [`State::encode`] writes for a state of `kind` under
+    /// a limit of `count` (the sliding log grows with `count`).
+    pub fn max_encoded_len(kind: AlgorithmKind, count: u64) -> u64 {
+        codec::max_encoded_len(kind, count)
+    }
 }
 
 impl Limiter {

@@ -11,6 +11,7 @@ use super::schema::{Config, SpanText, StatusSpec};
 use crate::client_ip::ClientIpSource;
 use crate::decision::HeaderSets;
 use crate::policy::{Policy, Rule, Scope, StatusSet, SyncedRule};
+use crate::store::{slot_bytes, MAX_STORED_KEY};
 use crate::time::Span;
 
 /// Longest rule name: it appears in stats names and headers.
@@ -20,12 +21,8 @@ pub const MAX_RULE_NAME: usize = 64;
 pub const MAX_LOG_COUNT: u64 = 10_000;
 /// Largest `max_keys`.
 pub const MAX_KEYS_LIMIT: u64 = 10_000_000;
-/// Worst-case bytes one key's slot takes in Envoy's shared data with a
-/// short key (name, value, the host map's node): what the memory budget
-/// counts per key. Longer keys (up to 256 bytes stored) take more.
-pub const BYTES_PER_KEY: u64 = 160;
-/// The most memory all rules' keys may take together, at
-/// [`BYTES_PER_KEY`] each (1 GiB).
+/// The most memory all rules' keys may take together, each slot at its
+/// worst ([`slot_bytes`]) (1 GiB).
 pub const KEYS_MEMORY_BUDGET: u64 = 1 << 30;
 /// Most trusted hops accepted.
 pub const MAX_TRUSTED_HOPS: u32 = 32;
@@ -92,18 +89,22 @@ impl Config {
                 format!("must be between 1 and {MAX_KEYS_LIMIT}"),
             );
         }
-        let keyed = rules.iter().filter(|r| r.scope == Scope::PerKey).count() as u64;
-        let worst = keys_memory(rules.len() as u64, keyed, max_keys);
+        let worst = keys_memory(&rules, max_keys);
         if worst > KEYS_MEMORY_BUDGET {
-            let fit = (KEYS_MEMORY_BUDGET / BYTES_PER_KEY).saturating_sub(3 * rules.len() as u64)
-                / keyed.max(1);
+            let keyed = rules.iter().filter(|r| r.scope == Scope::PerKey);
+            let per_key: u64 = keyed.clone().map(slot_bytes).sum();
+            let largest = keyed.clone().map(slot_bytes).max().unwrap_or(0);
+            let fit = KEYS_MEMORY_BUDGET.saturating_sub(keys_memory(&rules, 0)) / per_key.max(1);
             errors.add(
                 "max_keys",
                 "",
                 format!(
-                    "{keyed} per-key rules with {max_keys} keys each could take {} MiB \
-                     (about {BYTES_PER_KEY} bytes per key), over the {} MiB budget: \
-                     set max_keys to at most {fit} or use fewer per-key rules",
+                    "{} per-key rules with {max_keys} keys each could take {} MiB \
+                     (up to {largest} bytes per key: a {MAX_STORED_KEY}-byte key, the \
+                     algorithm's largest state and slot overhead), over the {} MiB budget: \
+                     set max_keys to at most {fit}, use fewer per-key rules \
+                     or lower sliding_window_log counts",
+                    keyed.count(),
                     worst >> 20,
                     KEYS_MEMORY_BUDGET >> 20
                 ),
@@ -178,14 +179,21 @@ fn validate_prefix(raw: Option<u32>, default: u8, max: u8, path: &str, errors: &
     }
 }
 
-/// The worst-case memory of the keys of `rules` rules, `keyed` of them per
-/// key with `max_keys` each: every key's slot, plus per rule its global or
-/// overflow slot and its creation lock.
-pub fn keys_memory(rules: u64, keyed: u64, max_keys: u64) -> u64 {
-    keyed
-        .saturating_mul(max_keys)
-        .saturating_add(rules.saturating_mul(3))
-        .saturating_mul(BYTES_PER_KEY)
+/// The worst-case memory of the keys of `rules`, per-key ones with
+/// `max_keys` each: every key's slot at its largest ([`slot_bytes`]), plus
+/// per rule its global or overflow slot and its creation lock (counted as
+/// slots too, which they never exceed).
+pub fn keys_memory(rules: &[Rule], max_keys: u64) -> u64 {
+    rules
+        .iter()
+        .map(|rule| {
+            let slots = match rule.scope {
+                Scope::PerKey => max_keys.saturating_add(3),
+                Scope::Global => 3,
+            };
+            slots.saturating_mul(slot_bytes(rule))
+        })
+        .fold(0, u64::saturating_add)
 }
 
 #[cfg(test)]
@@ -233,15 +241,38 @@ mod tests {
             .to_string();
         assert!(err.starts_with("max_keys: 10000 per-key rules with 100000 keys each could take"));
         assert!(
-            err.ends_with("set max_keys to at most 668 or use fewer per-key rules"),
+            err.ends_with(
+                "(up to 482 bytes per key: a 256-byte key, the algorithm's largest state and \
+                 slot overhead), over the 1024 MiB budget: set max_keys to at most 219, use \
+                 fewer per-key rules or lower sliding_window_log counts"
+            ),
             "{err}"
         );
-        // The suggested bound is accepted.
-        let fits = format!(r#"{{"rules":[{}],"max_keys":668}}"#, rules(10_000));
+        // The suggested bound is accepted, and one more is not.
+        let fits = format!(r#"{{"rules":[{}],"max_keys":219}}"#, rules(10_000));
         assert!(Policy::from_json(&fits).is_ok());
+        let over = format!(r#"{{"rules":[{}],"max_keys":220}}"#, rules(10_000));
+        assert!(Policy::from_json(&over).is_err());
         // Global rules take one slot each, whatever max_keys.
         let global = r#"{"rules":[{"name":"g","scope":"global","limit":{"count":1,"per":"1s"}}],"max_keys":10000000}"#;
         assert!(Policy::from_json(global).is_ok());
+    }
+
+    #[test]
+    fn key_memory_counts_each_algorithms_largest_state() {
+        // A full log of 10,000 entries is about 160 KB a key.
+        let log =
+            r#"{"name":"log","algorithm":"sliding_window_log","limit":{"count":10000,"per":"1m"}}"#;
+        let err = Policy::from_json(&format!(r#"{{"rules":[{log}],"max_keys":100000}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("(up to 160470 bytes per key")
+                && err.contains("set max_keys to at most 6688,"),
+            "{err}"
+        );
+        let fits = format!(r#"{{"rules":[{log}],"max_keys":6688}}"#);
+        assert!(Policy::from_json(&fits).is_ok());
     }
 
     #[test]

@@ -5,7 +5,9 @@ use alloc::vec::Vec;
 
 use hashbrown::HashMap;
 
-use super::{limited_for, no_room, Loaded, Room, Saved, Slot, StateStore, StoreError, WhenFull};
+use super::{
+    limited_for, no_room, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull,
+};
 use crate::algorithm::{Limiter, Outcome, State};
 use crate::policy::Rule;
 use crate::time::Nanos;
@@ -16,8 +18,9 @@ use crate::time::Nanos;
 pub struct EvictionStats {
     /// Keys whose state was back to fresh: dropping them changes nothing.
     pub fresh: u64,
-    /// Keys still in use but not limited, least recently used first: each
-    /// restarts with a full allowance if it comes back.
+    /// Keys still in use but below their limit and holding no in-flight
+    /// permits, least recently used first: each restarts with a full
+    /// allowance if it comes back.
     pub live: u64,
     /// Requests of new keys that shared the overflow state (every key held
     /// was limited).
@@ -38,11 +41,23 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Partition {
     entries: HashMap<String, Entry>,
-    /// The state new keys share while every held key is limited.
+    /// The state new keys share while every held key is protected.
     overflow: Option<State>,
-    /// A sweep found every key limited: no room before this time (the
-    /// earliest end of their limits), so no sweep is tried before it.
-    full_until: Nanos,
+    /// Set by a sweep that freed less than a batch.
+    backoff: Backoff,
+}
+
+/// After a sweep that freed `f` places, fewer than a batch (a sixteenth of
+/// the bound), the next `batch - f` new keys that find no room are turned
+/// away without one, unless enough limits end first: each O(`max_keys`)
+/// sweep is paid for by a batch of new keys or of ended limits, whatever
+/// the keys held.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// New keys still to turn away without a sweep.
+    arrivals: usize,
+    /// When `arrivals` limits will have ended: sweep again from then.
+    until: Nanos,
 }
 
 /// Where a checked-out state came from, to put it back.
@@ -51,6 +66,10 @@ pub enum Checkout {
     /// A held key, taken out of the map (re-inserted without a new
     /// allocation), with its mark.
     Held(String, Nanos),
+    /// A held key checked out for a refund: dropped at the bound if the
+    /// refund made its state fresh (absence means fresh), which frees its
+    /// room at once.
+    Charged(String, Nanos),
     /// A new key with room to be stored.
     New,
     /// The rule's overflow state.
@@ -63,10 +82,12 @@ pub enum Checkout {
 ///
 /// When a new key arrives at the bound, keys whose state is fresh are
 /// dropped first (no effect on any decision), then the least recently
-/// used keys that are not limited, a sixteenth of the bound at a time so
-/// the sweep's cost is amortised. A limited key is never dropped: if every
-/// key is, the new key uses the rule's overflow state or is refused, as
-/// [`WhenFull`] says.
+/// used [`Standing::Live`] keys, a sixteenth of the bound at a time so the
+/// sweep's cost is amortised (and a sweep that frees less is not tried
+/// again for a while, see [`Backoff`]). At the bound, a key refunded back
+/// to fresh is dropped at once. A limited key or one holding in-flight
+/// permits is never dropped: if every key is protected, the new key uses
+/// the rule's overflow state or is refused, as [`WhenFull`] says.
 #[derive(Debug)]
 pub struct MemoryStore {
     partitions: Vec<Partition>,
@@ -120,15 +141,15 @@ impl MemoryStore {
 
     /// Forgets one key (an admin reset).
     pub fn remove(&mut self, rule_index: usize, key: &str) -> bool {
-        self.partitions.get_mut(rule_index).is_some_and(|p| {
-            p.full_until = Nanos::ZERO;
-            p.entries.remove(key).is_some()
-        })
+        self.partitions
+            .get_mut(rule_index)
+            .is_some_and(|p| p.entries.remove(key).is_some())
     }
 
     /// Takes `cost` permits for `key` in place: what `load`, `check`, then
     /// `save` (allowed) or `refuse` (denied) do, with one hash lookup for a
-    /// held key. A new key is stored only when allowed.
+    /// held key. A new key is stored only when allowed. The outcome, and
+    /// where it was decided.
     pub fn acquire(
         &mut self,
         rule_index: usize,
@@ -136,16 +157,17 @@ impl MemoryStore {
         key: &str,
         now: Nanos,
         cost: u64,
-    ) -> Outcome {
+    ) -> (Outcome, Room) {
         if let Some(entry) = self.partition(rule_index).entries.get_mut(key) {
             let outcome = rule.limiter.check(&mut entry.state, now, cost);
             entry.last_used = now;
             if !outcome.allowed {
                 entry.limited_until = entry.limited_until.max(now.plus(limited_for(&outcome)));
             }
-            return outcome;
+            return (outcome, Room::Own);
         }
-        match self.place_new(rule_index, &rule.limiter, now) {
+        let room = self.place_new(rule_index, &rule.limiter, now);
+        let outcome = match room {
             Room::Own => {
                 let mut state = rule.limiter.fresh_state();
                 let outcome = rule.limiter.check(&mut state, now, cost);
@@ -167,7 +189,8 @@ impl MemoryStore {
                 rule.limiter.check(state, now, cost)
             }
             Room::Full => no_room(rule),
-        }
+        };
+        (outcome, room)
     }
 
     fn partition(&mut self, rule_index: usize) -> &mut Partition {
@@ -196,33 +219,45 @@ impl MemoryStore {
         }
     }
 
-    /// Makes room for one more key if that needs no limited key dropped;
-    /// whether there is room.
+    /// Makes room for one more key if that needs no protected key
+    /// dropped; whether there is room.
     fn make_room(&mut self, rule_index: usize, limiter: &Limiter, now: Nanos) -> bool {
         let max_keys = self.max_keys;
         let partition = self.partition(rule_index);
         if partition.entries.len() < max_keys {
             return true;
         }
-        if now < partition.full_until {
+        let backoff = &mut partition.backoff;
+        if backoff.arrivals > 0 && now < backoff.until {
+            backoff.arrivals -= 1;
             return false;
         }
-        let before = partition.entries.len();
-        partition
-            .entries
-            .retain(|_, e| !limiter.is_fresh(&e.state, now));
-        let fresh = before - partition.entries.len();
-        let target = max_keys - (max_keys / 16).max(1);
+        let standing = |e: &Entry| Standing::of(limiter, &e.state, e.limited_until, now);
+        let mut fresh = 0;
+        let mut ages: Vec<Nanos> = Vec::new();
+        let mut limits_end: Vec<Nanos> = Vec::new();
+        partition.entries.retain(|_, e| match standing(e) {
+            Standing::Fresh => {
+                fresh += 1;
+                false
+            }
+            Standing::Live => {
+                ages.push(e.last_used);
+                true
+            }
+            Standing::Protected => {
+                if e.limited_until > now {
+                    limits_end.push(e.limited_until);
+                }
+                true
+            }
+        });
+        let batch = (max_keys / 16).max(1);
+        let target = max_keys - batch;
         let mut live = 0;
         if partition.entries.len() > target {
             let excess = partition.entries.len() - target;
-            let evictable = |e: &Entry| e.limited_until <= now;
-            let mut ages: Vec<Nanos> = partition
-                .entries
-                .values()
-                .filter(|e| evictable(e))
-                .map(|e| e.last_used)
-                .collect();
+            let evictable = |e: &Entry| standing(e) == Standing::Live;
             if let Some(last) = excess.min(ages.len()).checked_sub(1) {
                 let (_, cutoff, _) = ages.select_nth_unstable(last);
                 let cutoff = *cutoff;
@@ -235,26 +270,37 @@ impl MemoryStore {
                 });
             }
         }
+        partition.backoff = match batch.checked_sub(fresh + live) {
+            Some(short @ 1..) => Backoff {
+                arrivals: short,
+                until: match limits_end.len().checked_sub(short) {
+                    Some(_) => *limits_end.select_nth_unstable(short - 1).1,
+                    None => Nanos(u64::MAX),
+                },
+            },
+            _ => Backoff::default(),
+        };
         let room = partition.entries.len() < max_keys;
-        if !room {
-            // Every key left is limited: none can go before the first
-            // of their limits ends.
-            partition.full_until = partition
-                .entries
-                .values()
-                .map(|e| e.limited_until)
-                .min()
-                .unwrap_or(Nanos::ZERO);
-        }
         self.evictions.fresh += fresh as u64;
         self.evictions.live += live as u64;
         room
     }
 
     fn put(&mut self, slot: Slot<'_>, checkout: Checkout, state: State, now: Nanos) {
+        let max_keys = self.max_keys;
         let partition = self.partition(slot.rule_index);
         let (key, limited_until) = match checkout {
             Checkout::Held(key, limited_until) => (key, limited_until),
+            Checkout::Charged(key, limited_until) => {
+                // At the bound, a sweep may be backing off: dropping the
+                // key now frees its room for the next new key. Below it,
+                // the key stays, as any fresh key does until a sweep.
+                let full = partition.entries.len() + 1 >= max_keys;
+                if full && slot.rule.limiter.is_fresh(&state, now) {
+                    return;
+                }
+                (key, limited_until)
+            }
             Checkout::New => (slot.key.into(), Nanos::ZERO),
             Checkout::Overflow => {
                 partition.overflow = Some(state);
@@ -323,7 +369,7 @@ impl StateStore for MemoryStore {
         slot: Slot<'_>,
         cost: u64,
         now: Nanos,
-    ) -> Result<Option<Outcome>, StoreError> {
+    ) -> Result<Option<(Outcome, Room)>, StoreError> {
         Ok(Some(self.acquire(
             slot.rule_index,
             slot.rule,
@@ -331,6 +377,34 @@ impl StateStore for MemoryStore {
             now,
             cost,
         )))
+    }
+
+    fn load_charged(
+        &mut self,
+        slot: Slot<'_>,
+        room: Room,
+        _now: Nanos,
+    ) -> Result<Option<Loaded<Checkout>>, StoreError> {
+        let partition = self.partition(slot.rule_index);
+        Ok(match room {
+            Room::Own => partition
+                .entries
+                .remove_entry(slot.key)
+                .map(|(key, entry)| Loaded {
+                    state: entry.state,
+                    version: Checkout::Charged(key, entry.limited_until),
+                    room,
+                }),
+            Room::Overflow => Some(Loaded {
+                state: partition
+                    .overflow
+                    .take()
+                    .unwrap_or_else(|| slot.rule.limiter.fresh_state()),
+                version: Checkout::Overflow,
+                room,
+            }),
+            Room::Full => None,
+        })
     }
 
     fn release(&mut self, slot: Slot<'_>, state: State, checkout: Checkout, now: Nanos) {
@@ -416,7 +490,7 @@ mod tests {
                 // Strictly increasing: keys used at the same instant tie for
                 // LRU eviction, and two maps may break the tie differently.
                 now = now.plus(Span::from_millis(1 + (seed >> 40) % 300));
-                let a = in_place.acquire(1, &rule, key, now, cost);
+                let (a, _) = in_place.acquire(1, &rule, key, now, cost);
                 let b = checkout(&mut checked_out, &rule, key, now, cost);
                 assert_eq!(a, b, "{kind:?} step {step}");
                 assert_eq!(in_place.len(1), checked_out.len(1), "{kind:?} step {step}");
@@ -443,13 +517,106 @@ mod tests {
     }
 
     #[test]
+    fn a_key_holding_in_flight_permits_is_never_evicted() {
+        let policy = Policy::from_json(
+            r#"{"rules":[{"name":"r","match":{"websocket":true},"counts":"in_flight","limit":{"count":2}}]}"#,
+        )
+        .unwrap();
+        let rule = &policy.rules[0];
+        for in_place in [true, false] {
+            let mut store = MemoryStore::new(4);
+            let ask = |store: &mut MemoryStore, key: &str, now: Nanos| {
+                if in_place {
+                    store.acquire(1, rule, key, now, 1).0
+                } else {
+                    checkout(store, rule, key, now, 1)
+                }
+            };
+            let mut now = Nanos(1_000_000_000);
+            assert!(ask(&mut store, "victim", now).allowed);
+            assert!(ask(&mut store, "victim", now).allowed);
+            for i in 0..8 {
+                now = now.plus(Span::SECOND);
+                ask(&mut store, &format!("made-up-{i}"), now);
+            }
+            assert_eq!(store.evictions().live, 0, "every key holds a permit");
+            assert!(
+                !ask(&mut store, "victim", now).allowed,
+                "the victim got its in-flight allowance again (in place: {in_place})"
+            );
+        }
+    }
+
+    /// 63 keys refused (limited for about an hour) and one live key, in a
+    /// table of 64: the store holding them, and the time after.
+    fn nearly_all_limited(rule: &Rule) -> (MemoryStore, Nanos) {
+        let mut store = MemoryStore::new(64);
+        let mut now = Nanos(3_600_000_000_000);
+        for i in 0..64 {
+            now = now.plus(Span::SECOND);
+            let key = format!("held-{i}");
+            assert!(store.acquire(1, rule, &key, now, 1).0.allowed);
+            if i > 0 {
+                assert!(!store.acquire(1, rule, &key, now, 1).0.allowed);
+            }
+        }
+        (store, now)
+    }
+
+    #[test]
+    fn a_sweep_that_frees_little_is_paid_for_by_the_new_keys_after_it() {
+        let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 1, "per": "1h"}"#);
+        let (mut store, mut now) = nearly_all_limited(&rule);
+        for i in 0..100 {
+            now = now.plus(Span::MILLISECOND);
+            store.acquire(1, &rule, &format!("new-{i}"), now, 1);
+        }
+        // Each sweep frees one key; the next three new keys (a sixteenth
+        // of the table, less what it freed) overflow without a sweep.
+        let evicted = store.evictions();
+        assert!(evicted.live <= 100 / 4 + 1, "{evicted:?}");
+        assert_eq!(evicted.live + evicted.overflowed, 100, "{evicted:?}");
+    }
+
+    #[test]
+    fn new_keys_get_room_again_once_enough_limits_have_ended() {
+        let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 1, "per": "1h"}"#);
+        let (mut store, now) = nearly_all_limited(&rule);
+        assert!(!store.acquire(1, &rule, "held-0", now, 1).0.allowed);
+        let (_, room) = store.acquire(1, &rule, "new", now, 1);
+        assert_eq!(room, Room::Overflow, "every key is limited");
+        // An hour and a quarter later the first limits have ended.
+        let later = now.plus(Span::from_secs(75 * 60));
+        assert_eq!(store.acquire(1, &rule, "newer", later, 1).1, Room::Own);
+    }
+
+    #[test]
+    fn a_key_refunded_back_to_fresh_frees_its_room_at_once() {
+        let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 1, "per": "1h"}"#);
+        let mut store = MemoryStore::new(1);
+        let now = Nanos(3_600_000_000_000);
+        assert!(store.acquire(1, &rule, "a", now, 1).0.allowed);
+        assert!(!store.acquire(1, &rule, "a", now, 1).0.allowed);
+        assert_eq!(store.acquire(1, &rule, "b", now, 1).1, Room::Overflow);
+        // a's response is excluded from counting: its state is fresh again.
+        let slot = Slot {
+            rule_index: 1,
+            rule: &rule,
+            key: "a",
+        };
+        let claim = crate::engine::Claim { slot, cost: 1 };
+        crate::engine::refund_claims(&mut store, &[claim], now).unwrap();
+        assert_eq!(store.acquire(1, &rule, "c", now, 1).1, Room::Own);
+    }
+
+    #[test]
     fn acquire_updates_a_held_key_in_place() {
         let rule = rule(AlgorithmKind::FixedWindow, r#"{"count": 2, "per": "1m"}"#);
         let mut store = MemoryStore::new(10);
         let now = Nanos(60_000_000_000);
-        assert!(store.acquire(0, &rule, "a", now, 1).allowed);
-        assert!(store.acquire(0, &rule, "a", now, 1).allowed);
-        let third = store.acquire(0, &rule, "a", now, 1);
+        assert!(store.acquire(0, &rule, "a", now, 1).0.allowed);
+        assert!(store.acquire(0, &rule, "a", now, 1).0.allowed);
+        let (third, _) = store.acquire(0, &rule, "a", now, 1);
         assert!(!third.allowed);
         assert_eq!(third.remaining, 0);
         assert_eq!(store.len(0), 1);
@@ -459,7 +626,7 @@ mod tests {
     fn acquire_does_not_store_a_denied_new_key() {
         let rule = rule(AlgorithmKind::TokenBucket, r#"{"count": 2, "per": "1s"}"#);
         let mut store = MemoryStore::new(10);
-        let outcome = store.acquire(0, &rule, "a", Nanos(5), 3);
+        let (outcome, _) = store.acquire(0, &rule, "a", Nanos(5), 3);
         assert!(!outcome.allowed);
         assert_eq!(outcome.retry_after, Span::NEVER);
         assert!(store.is_empty());
@@ -470,10 +637,10 @@ mod tests {
         let old = rule(AlgorithmKind::Gcra, r#"{"count": 1, "per": "1h"}"#);
         let new = rule(AlgorithmKind::TokenBucket, r#"{"count": 1, "per": "1h"}"#);
         let mut store = MemoryStore::new(10);
-        assert!(store.acquire(0, &old, "a", Nanos(5), 1).allowed);
-        assert!(!store.acquire(0, &old, "a", Nanos(6), 1).allowed);
+        assert!(store.acquire(0, &old, "a", Nanos(5), 1).0.allowed);
+        assert!(!store.acquire(0, &old, "a", Nanos(6), 1).0.allowed);
         // The rule changed algorithm: the key starts afresh under the new one.
-        assert!(store.acquire(0, &new, "a", Nanos(7), 1).allowed);
+        assert!(store.acquire(0, &new, "a", Nanos(7), 1).0.allowed);
         assert!(matches!(store.get(0, "a"), Some(State::TokenBucket(_))));
     }
 }

@@ -8,11 +8,14 @@
 //! data (compare-and-swap) and a quota server's map.
 //!
 //! Stores are bounded, so a new key may find no room. A store then evicts
-//! a key only if that changes no decision of a key that was refused: a key
-//! refused by its limit is marked limited until its state would be fresh
-//! again (see [`StateStore::refuse`]) and is never the victim. When every
-//! candidate is limited, the new key shares the rule's overflow state or
-//! is refused, as [`WhenFull`] says: keys made up by a flood can then only
+//! a key only if that gives no client more than its normal allowance: a
+//! key refused by its limit is marked limited until its state would be
+//! fresh again (see [`StateStore::refuse`]), and a key holding in-flight
+//! permits keeps them until its streams end; neither is ever the victim
+//! (see [`Standing`]). A key below its limit may be evicted: if it returns
+//! it starts over, with at most its normal allowance. When every candidate
+//! is protected, the new key shares the rule's overflow state or is
+//! refused, as [`WhenFull`] says: keys made up by a flood can then only
 //! limit each other, never give a limited key a fresh allowance.
 
 mod memory;
@@ -20,15 +23,42 @@ mod slots;
 
 pub use memory::{EvictionStats, MemoryStore};
 pub use slots::{
-    hash, shared_seed, InProcessShared, SharedBytes, SlotStats, SlotStore, WriteOutcome, PROBES,
-    SEED_NAME,
+    hash, shared_seed, slot_bytes, InProcessShared, Seed, SharedBytes, SlotStats, SlotStore,
+    WriteOutcome, MAX_STORED_KEY, PROBES, SEED_NAME, SLOT_OVERHEAD,
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::algorithm::{Mode, Outcome, State};
+use crate::algorithm::{AlgorithmKind, Limiter, Mode, Outcome, State};
 use crate::policy::Rule;
 use crate::time::{Nanos, Span};
+
+/// What evicting a stored key to make room for a new one would do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Its state is back to fresh: dropping it changes no decision.
+    Fresh,
+    /// In use, below its limit: if it returns it starts over, with at most
+    /// its normal allowance.
+    Live,
+    /// Refused and still limited, or holding in-flight permits (which
+    /// would be handed out again): never evicted.
+    Protected,
+}
+
+impl Standing {
+    /// The standing at `now` of a key of `limiter`'s rule with `state`,
+    /// marked limited until `limited_until`.
+    pub fn of(limiter: &Limiter, state: &State, limited_until: Nanos, now: Nanos) -> Standing {
+        if limiter.is_fresh(state, now) {
+            Standing::Fresh
+        } else if now < limited_until || limiter.kind() == AlgorithmKind::Concurrency {
+            Standing::Protected
+        } else {
+            Standing::Live
+        }
+    }
+}
 
 /// Which state: a rule (by position in the policy) and a key.
 #[derive(Clone, Copy, Debug)]
@@ -160,24 +190,38 @@ pub trait StateStore {
         now: Nanos,
     );
 
+    /// Checks out the state a charge taken at `room` went to, to refund
+    /// it, without making room for the key: the key's own state while it
+    /// still holds one ([`Room::Own`]), or the rule's overflow state
+    /// ([`Room::Overflow`]). `None` when the state that took the charge is
+    /// gone (the key was evicted) or there is none ([`Room::Full`]).
+    fn load_charged(
+        &mut self,
+        slot: Slot<'_>,
+        room: Room,
+        now: Nanos,
+    ) -> Result<Option<Loaded<Self::Version>>, StoreError>;
+
     /// Takes `cost` permits at `slot` if allowed, in one step (what a
-    /// decision over a single rule needs); `None` when another writer got
-    /// in first. Stores that can update in place override it; this default
-    /// checks the state out, checks it and saves it.
+    /// decision over a single rule needs): the outcome and where it was
+    /// decided; `None` when another writer got in first. Stores that can
+    /// update in place override it; this default checks the state out,
+    /// checks it and saves it.
     fn check(
         &mut self,
         slot: Slot<'_>,
         cost: u64,
         now: Nanos,
-    ) -> Result<Option<Outcome>, StoreError> {
+    ) -> Result<Option<(Outcome, Room)>, StoreError> {
         let mut l = self.load(slot, now)?;
+        let room = l.room;
         let outcome = l.acquire(slot.rule, now, cost, Mode::Consume);
         if !outcome.allowed {
             self.refuse(slot, l.state, l.version, &outcome, now);
-            return Ok(Some(outcome));
+            return Ok(Some((outcome, room)));
         }
         Ok(match self.save(slot, l.state, l.version, now)? {
-            Saved::Stored => Some(outcome),
+            Saved::Stored => Some((outcome, room)),
             Saved::Conflict => None,
         })
     }

@@ -14,11 +14,11 @@
 //! random secret kept in shared data ([`SlotStore::open`]) so that clients
 //! cannot aim keys at one another's slots. A new key takes an empty slot,
 //! else one whose state is fresh, else a missing one (created), else the
-//! least recently used slot whose key is not limited (a live eviction,
-//! counted). A key refused by its limit is marked limited until its state
-//! would be fresh again and is never evicted; when all its slots are
-//! limited, a new key shares the rule's overflow slot or is refused, as
-//! [`WhenFull`] says.
+//! least recently used slot whose key is [`Standing::Live`] (a live
+//! eviction, counted). A key refused by its limit is marked limited until
+//! its state would be fresh again, and a key holding in-flight permits
+//! keeps them: neither is evicted. When all its slots are protected, a new
+//! key shares the rule's overflow slot or is refused, as [`WhenFull`] says.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -26,17 +26,24 @@ use core::cell::{Cell, RefCell};
 use core::fmt::Write;
 
 use hashbrown::HashMap;
+use siphasher::sip::SipHasher13;
+use siphasher::sip128::SipHasher13 as Sip128;
 
-use super::{limited_for, Loaded, Room, Saved, Slot, StateStore, StoreError, WhenFull};
+use super::{limited_for, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull};
 use crate::algorithm::{Outcome, State};
-use crate::policy::{Policy, Scope};
+use crate::policy::{Policy, Rule, Scope};
 use crate::time::{Nanos, Span};
 
 /// How many consecutive slots a key may live in.
 pub const PROBES: u64 = 4;
 
-/// The shared-data name holding the key hash's seed.
-pub const SEED_NAME: &str = "sluice/seed";
+/// The shared-data name holding the key hash's 16-byte seed (a new name
+/// for the 128-bit seed, so that a VM of an older Sluice, which kept an
+/// 8-byte one under `sluice/seed`, never overwrites it).
+pub const SEED_NAME: &str = "sluice/seed128";
+
+/// The key hash's secret seed.
+pub type Seed = [u8; 16];
 
 /// A creation lock older than this was left by a VM that died holding it,
 /// and may be taken over. Holding it takes three host calls.
@@ -93,9 +100,9 @@ pub struct SlotVersion {
 #[derive(Debug)]
 struct Table {
     /// `sluice/<rule>/`: names stay the same across config reloads, so a
-    /// reload reuses the table instead of leaking a new one. Counts still
-    /// restart: the seed comes from the config, so a new config puts every
-    /// key in different slots under a different stored key.
+    /// reload reuses the table instead of leaking a new one, and (the seed
+    /// living in shared data) a rule that keeps its name keeps its counts.
+    /// A new `max_keys` moves keys to other slots: those keys start over.
     prefix: String,
     slots: u64,
 }
@@ -116,7 +123,7 @@ pub struct SlotStats {
 pub struct SlotStore<B> {
     backend: B,
     tables: Vec<Table>,
-    seed: u64,
+    seed: Seed,
     when_full: WhenFull,
     name: String,
     value: Vec<u8>,
@@ -125,10 +132,25 @@ pub struct SlotStore<B> {
 
 /// Slot value layout: format byte, key length (u16 LE), key, last use (u64
 /// LE), limited until (u64 LE), then the encoded state. An empty value (or
-/// one of another format) is a free slot.
-const FORMAT: u8 = 2;
+/// one of another format) is a free slot. Format 3: keys placed and long
+/// keys stored by SipHash (format 2 slots, placed by another hash, are
+/// free).
+const FORMAT: u8 = 3;
 /// Longer keys are stored as a hash of themselves, to keep slots small.
-const MAX_STORED_KEY: usize = 256;
+pub const MAX_STORED_KEY: usize = 256;
+
+/// Bytes of a slot besides its stored key and state: the value's format
+/// byte, key length and two timestamps (19), the name (`sluice/`, a rule
+/// name of up to 64 characters, `/` and an index: at most 80), and the
+/// host's map entry (two strings, a token, allocator headers: about 100).
+pub const SLOT_OVERHEAD: u64 = 200;
+
+/// The most bytes one slot of `rule` takes in shared data: the longest
+/// stored key, the rule's largest state and [`SLOT_OVERHEAD`].
+pub fn slot_bytes(rule: &Rule) -> u64 {
+    let state = State::max_encoded_len(rule.limiter.kind(), rule.quota.count());
+    SLOT_OVERHEAD + MAX_STORED_KEY as u64 + state
+}
 
 impl<B: SharedBytes> SlotStore<B> {
     /// Opens the store for `policy` over `backend`: reads the shared seed
@@ -137,7 +159,7 @@ impl<B: SharedBytes> SlotStore<B> {
     pub fn open(
         mut backend: B,
         policy: &Policy,
-        random: impl FnOnce() -> Option<u64>,
+        random: impl FnMut() -> Option<u64>,
     ) -> Result<SlotStore<B>, StoreError> {
         let seed = shared_seed(&mut backend, random)?;
         let mut store = SlotStore::new(backend, policy, seed);
@@ -147,7 +169,7 @@ impl<B: SharedBytes> SlotStore<B> {
 
     /// A store for `policy`'s rules over `backend`, hashing keys with
     /// `seed` (see [`SlotStore::open`], which reads the shared one).
-    pub fn new(backend: B, policy: &Policy, seed: u64) -> SlotStore<B> {
+    pub fn new(backend: B, policy: &Policy, seed: Seed) -> SlotStore<B> {
         let tables = policy
             .rules
             .iter()
@@ -204,7 +226,7 @@ impl<B: SharedBytes> SlotStore<B> {
 
     fn home(&self, table: usize, key: &[u8]) -> (u64, u64) {
         let slots = self.tables.get(table).map_or(1, |t| t.slots);
-        (hash(self.seed, key) % slots, slots)
+        (hash(&self.seed, key) % slots, slots)
     }
 
     /// Writes `self.value` to the missing slot `index` unless someone
@@ -214,18 +236,27 @@ impl<B: SharedBytes> SlotStore<B> {
             return Ok(Saved::Conflict);
         };
         self.set_name(table, index);
-        let created = match self.backend.get(&self.name)?.0 {
+        // Released whatever happened, or every creation would wait for it
+        // to go stale.
+        let created = self.create_unless_present();
+        // A mismatch means our lock was taken over as stale: it is not
+        // ours to release any more.
+        self.set_name(table, LOCK);
+        let released = self.backend.set(&self.name, &[], lock_cas);
+        let created = created?;
+        released?;
+        Ok(created)
+    }
+
+    /// Writes `self.value` at `self.name` unless the name exists.
+    fn create_unless_present(&mut self) -> Result<Saved, StoreError> {
+        Ok(match self.backend.get(&self.name)?.0 {
             Some(_) => Saved::Conflict,
             None => match self.backend.set(&self.name, &self.value, 0)? {
                 WriteOutcome::Written => Saved::Stored,
                 WriteOutcome::CasMismatch => Saved::Conflict,
             },
-        };
-        // A mismatch means our lock was taken over as stale: it is not
-        // ours to release any more.
-        self.set_name(table, LOCK);
-        self.backend.set(&self.name, &[], lock_cas)?;
-        Ok(created)
+        })
     }
 
     /// Takes the table's creation lock; the token to release it with, or
@@ -242,8 +273,15 @@ impl<B: SharedBytes> SlotStore<B> {
                 continue;
             }
             if self.backend.set(&self.name, &stamp, cas)? == WriteOutcome::Written {
-                let (_, token) = self.backend.get(&self.name)?;
-                return Ok(Some(token));
+                return match self.backend.get(&self.name) {
+                    Ok((_, token)) => Ok(Some(token)),
+                    Err(e) => {
+                        // Just taken, so no other VM may hold it yet: give
+                        // it back unconditionally rather than leave it held.
+                        let _ = self.backend.set(&self.name, &[], 0);
+                        Err(e)
+                    }
+                };
             }
         }
         Ok(None)
@@ -265,32 +303,32 @@ const OVERFLOW: &str = "overflow";
 /// the two writes.
 pub fn shared_seed<B: SharedBytes>(
     backend: &mut B,
-    random: impl FnOnce() -> Option<u64>,
-) -> Result<u64, StoreError> {
-    let read = |backend: &B| -> Result<Option<u64>, StoreError> {
+    mut random: impl FnMut() -> Option<u64>,
+) -> Result<Seed, StoreError> {
+    let read = |backend: &B| -> Result<Option<Seed>, StoreError> {
         Ok(backend
             .get(SEED_NAME)?
             .0
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_le_bytes))
+            .and_then(|v| Seed::try_from(v.as_slice()).ok()))
     };
     if let Some(seed) = read(backend)? {
         return Ok(seed);
     }
-    let candidate = random().ok_or(StoreError::Unavailable(
-        "no random source for the key hash seed",
-    ))?;
-    backend.set(SEED_NAME, &candidate.to_le_bytes(), 0)?;
+    let no_random = StoreError::Unavailable("no random source for the key hash seed");
+    let mut candidate = Seed::default();
+    for half in candidate.chunks_exact_mut(8) {
+        half.copy_from_slice(&random().ok_or(no_random.clone())?.to_le_bytes());
+    }
+    backend.set(SEED_NAME, &candidate, 0)?;
     read(backend)?.ok_or(StoreError::Unavailable("the key hash seed did not stick"))
 }
 
 /// The key as stored: itself, or a hash of itself when long.
-fn stored_key<'a>(key: &'a str, seed: u64, buf: &'a mut [u8; 16]) -> &'a [u8] {
+fn stored_key<'a>(key: &'a str, seed: &Seed, buf: &'a mut [u8; 16]) -> &'a [u8] {
     if key.len() <= MAX_STORED_KEY {
         return key.as_bytes();
     }
-    buf[..8].copy_from_slice(&hash(seed, key.as_bytes()).to_le_bytes());
-    buf[8..].copy_from_slice(&hash(!seed, key.as_bytes()).to_le_bytes());
+    *buf = Sip128::new_with_key(seed).hash(key.as_bytes()).as_bytes();
     buf
 }
 
@@ -331,19 +369,12 @@ fn write_value(out: &mut Vec<u8>, key: &[u8], now: Nanos, limited_until: Nanos, 
     state.encode(out);
 }
 
-/// FNV-1a over the seed and the key, then a final mix so neighbouring
-/// keys spread over the table. Stable across processes and platforms, so
-/// every Envoy worker finds a key in the same slots.
-pub fn hash(seed: u64, key: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h
+/// SipHash-1-3 of the key under the 128-bit secret `seed`: a keyed hash,
+/// so that clients who do not know the seed cannot choose keys that share
+/// slots. Stable across processes and platforms, so every Envoy worker
+/// finds a key in the same slots.
+pub fn hash(seed: &Seed, key: &[u8]) -> u64 {
+    SipHasher13::new_with_key(seed).hash(key)
 }
 
 /// A free place a new key could take; lower ranks first, then older.
@@ -356,12 +387,33 @@ struct Candidate {
     cas: u32,
 }
 
-impl<B: SharedBytes> StateStore for SlotStore<B> {
-    type Version = SlotVersion;
+/// What probing a key's slots found.
+enum Probed {
+    /// The key's own state.
+    Held(Loaded<SlotVersion>),
+    /// Not there; the best place it could take, if any.
+    Free(Option<Candidate>),
+}
 
-    fn load(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Loaded<SlotVersion>, StoreError> {
+impl SlotVersion {
+    /// The version of a state at `place` that is not the key's own.
+    fn unheld(place: Place, cas: u32) -> SlotVersion {
+        SlotVersion {
+            place,
+            cas,
+            held: false,
+            missing: false,
+            evicts_live: false,
+            limited_until: Nanos::ZERO,
+        }
+    }
+}
+
+impl<B: SharedBytes> SlotStore<B> {
+    /// Looks for the key in its [`PROBES`] slots, ranking the free ones.
+    fn probe(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Probed, StoreError> {
         let mut hashed = [0u8; 16];
-        let key = stored_key(slot.key, self.seed, &mut hashed);
+        let key = stored_key(slot.key, &self.seed, &mut hashed);
         let (home, slots) = self.home(slot.rule_index, key);
         let mut best: Option<Candidate> = None;
         for probe in 0..PROBES.min(slots) {
@@ -381,22 +433,20 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                         evicts_live: false,
                         limited_until: value.limited_until,
                     };
-                    return Ok(Loaded {
+                    return Ok(Probed::Held(Loaded {
                         state,
                         version,
                         room: Room::Own,
-                    });
+                    }));
                 }
                 Some(Some(value)) => {
-                    let fresh = State::decode(value.state)
-                        .map_or(true, |s| slot.rule.limiter.is_fresh(&s, now));
-                    if fresh {
-                        (1, Nanos::ZERO)
-                    } else if now < value.limited_until {
-                        // Limited: never the victim.
-                        continue;
-                    } else {
-                        (3, value.last_used)
+                    let standing = State::decode(value.state).map_or(Standing::Fresh, |s| {
+                        Standing::of(&slot.rule.limiter, &s, value.limited_until, now)
+                    });
+                    match standing {
+                        Standing::Fresh => (1, Nanos::ZERO),
+                        Standing::Live => (3, value.last_used),
+                        Standing::Protected => continue,
                     }
                 }
             };
@@ -410,6 +460,33 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 best = Some(candidate);
             }
         }
+        Ok(Probed::Free(best))
+    }
+
+    /// Checks out the rule's overflow state.
+    fn load_overflow(&mut self, slot: Slot<'_>) -> Result<Loaded<SlotVersion>, StoreError> {
+        self.set_name(slot.rule_index, OVERFLOW);
+        let (bytes, cas) = self.backend.get(&self.name)?;
+        let state = match bytes.as_deref().and_then(parse_value) {
+            Some(value) => State::decode(value.state).map_err(StoreError::Corrupt)?,
+            None => slot.rule.limiter.fresh_state(),
+        };
+        Ok(Loaded {
+            state,
+            version: SlotVersion::unheld(Place::Overflow, cas),
+            room: Room::Overflow,
+        })
+    }
+}
+
+impl<B: SharedBytes> StateStore for SlotStore<B> {
+    type Version = SlotVersion;
+
+    fn load(&mut self, slot: Slot<'_>, now: Nanos) -> Result<Loaded<SlotVersion>, StoreError> {
+        let best = match self.probe(slot, now)? {
+            Probed::Held(loaded) => return Ok(loaded),
+            Probed::Free(best) => best,
+        };
         let fresh = slot.rule.limiter.fresh_state();
         if let Some(b) = best {
             let version = SlotVersion {
@@ -426,34 +503,36 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 room: Room::Own,
             });
         }
-        let (place, room, state, cas) = match self.when_full {
+        match self.when_full {
             WhenFull::Overflow => {
                 self.stats.overflowed += 1;
-                self.set_name(slot.rule_index, OVERFLOW);
-                let (bytes, cas) = self.backend.get(&self.name)?;
-                let state = match bytes.as_deref().and_then(parse_value) {
-                    Some(value) => State::decode(value.state).map_err(StoreError::Corrupt)?,
-                    None => fresh,
-                };
-                (Place::Overflow, Room::Overflow, state, cas)
+                self.load_overflow(slot)
             }
             WhenFull::Refuse => {
                 self.stats.refused += 1;
-                (Place::Nowhere, Room::Full, fresh, 0)
+                Ok(Loaded {
+                    state: fresh,
+                    version: SlotVersion::unheld(Place::Nowhere, 0),
+                    room: Room::Full,
+                })
             }
-        };
-        Ok(Loaded {
-            state,
-            version: SlotVersion {
-                place,
-                cas,
-                held: false,
-                missing: false,
-                evicts_live: false,
-                limited_until: Nanos::ZERO,
-            },
-            room,
-        })
+        }
+    }
+
+    fn load_charged(
+        &mut self,
+        slot: Slot<'_>,
+        room: Room,
+        now: Nanos,
+    ) -> Result<Option<Loaded<SlotVersion>>, StoreError> {
+        match room {
+            Room::Own => Ok(match self.probe(slot, now)? {
+                Probed::Held(loaded) => Some(loaded),
+                Probed::Free(_) => None,
+            }),
+            Room::Overflow => self.load_overflow(slot).map(Some),
+            Room::Full => Ok(None),
+        }
     }
 
     fn save(
@@ -488,8 +567,17 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         // An eighth more than needed: a key refused again and again is
         // rewritten at most about eight times per limited period.
         let until = now.plus(limited).plus(Span(limited.as_nanos() / 8));
-        // Losing the race to another writer is fine: it saw the key too.
-        let _ = self.write(slot, &state, version, until, now);
+        if self.write(slot, &state, version, until, now) != Ok(Saved::Conflict) {
+            return;
+        }
+        // Another writer got in first. It may have kept the key (then the
+        // mark must still be set, on the state it wrote) or evicted it for
+        // a new key (then there is nothing left to mark).
+        if let Ok(Probed::Held(current)) = self.probe(slot, now) {
+            if current.version.limited_until < until {
+                let _ = self.write(slot, &current.state, current.version, until, now);
+            }
+        }
     }
 }
 
@@ -507,7 +595,7 @@ impl<B: SharedBytes> SlotStore<B> {
         let key = match version.place {
             Place::Slot(index) => {
                 self.set_name(slot.rule_index, index);
-                stored_key(slot.key, self.seed, &mut hashed)
+                stored_key(slot.key, &self.seed, &mut hashed)
             }
             Place::Overflow => {
                 self.set_name(slot.rule_index, OVERFLOW);
@@ -603,14 +691,28 @@ mod tests {
     #[test]
     fn opening_creates_two_names_per_rule_whatever_max_keys() {
         let shared = InProcessShared::default();
-        let p = policy(5_000_000);
+        let p = policy(2_000_000);
         let store = SlotStore::open(&shared, &p, || Some(7)).unwrap();
         assert_eq!(shared.len(), 3, "seed, lock, overflow");
-        assert_eq!(store.seed, 7);
+        assert_eq!(store.seed, [7, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]);
         let writes = shared.writes();
         let again = SlotStore::open(&shared, &p, || None).unwrap();
         assert_eq!(shared.writes(), writes, "a second VM must not write");
-        assert_eq!(again.seed, 7, "every VM uses the stored seed");
+        assert_eq!(again.seed, store.seed, "every VM uses the stored seed");
+    }
+
+    #[test]
+    fn the_key_hash_is_siphash_1_3_under_the_whole_128_bit_seed() {
+        // Worked out with a separate implementation of SipHash-1-3 (itself
+        // checked against the SipHash paper's 2-4 test vector).
+        let seed: Seed = core::array::from_fn(|i| i as u8);
+        assert_eq!(hash(&seed, b""), 0xabac_0158_050f_c4dc);
+        assert_eq!(hash(&seed, b"10.0.0.1"), 0x3028_d8e4_151d_147f);
+        for bit in 0..128 {
+            let mut other = seed;
+            other[bit / 8] ^= 1 << (bit % 8);
+            assert_ne!(hash(&other, b"10.0.0.1"), hash(&seed, b"10.0.0.1"));
+        }
     }
 
     #[test]
@@ -629,8 +731,8 @@ mod tests {
             rule,
             key: "a",
         };
-        let mut one = SlotStore::new(&shared, &p, 1);
-        let mut two = SlotStore::new(&shared, &p, 1);
+        let mut one = SlotStore::new(&shared, &p, [1; 16]);
+        let mut two = SlotStore::new(&shared, &p, [1; 16]);
         one.prepare().unwrap();
         let mut a = one.load(slot, Nanos(0)).unwrap();
         let mut b = two.load(slot, Nanos(0)).unwrap();
@@ -656,7 +758,7 @@ mod tests {
         let shared = InProcessShared::default();
         let p = policy(4);
         let rule = &p.rules[0];
-        let mut store = SlotStore::new(&shared, &p, 3);
+        let mut store = SlotStore::new(&shared, &p, [3; 16]);
         store.prepare().unwrap();
         for (i, key) in ["a", "b", "c", "d", "e"].iter().enumerate() {
             let slot = Slot {
@@ -762,7 +864,7 @@ mod tests {
         let mut writes_while_refused = 0;
         for _ in 0..1_000 {
             let before = shared.writes();
-            let outcome = store.check(slot(&p, "a"), 1, now).unwrap().unwrap();
+            let outcome = store.check(slot(&p, "a"), 1, now).unwrap().unwrap().0;
             if !outcome.allowed {
                 writes_while_refused += shared.writes() - before;
             }
@@ -777,13 +879,117 @@ mod tests {
         assert!(writes_while_refused > 0, "refusals do mark the key");
     }
 
+    /// Shared bytes whose reads of one name fail once armed.
+    struct Failing<'a> {
+        inner: &'a InProcessShared,
+        name: &'static str,
+        armed: Cell<bool>,
+    }
+
+    impl SharedBytes for Failing<'_> {
+        fn get(&self, name: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+            if self.armed.get() && name == self.name {
+                return Err(StoreError::Unavailable("test double failure"));
+            }
+            self.inner.get(name)
+        }
+
+        fn set(&mut self, name: &str, value: &[u8], cas: u32) -> Result<WriteOutcome, StoreError> {
+            self.inner.set(name, value, cas)
+        }
+    }
+
+    #[test]
+    fn a_failure_while_creating_a_slot_releases_the_lock() {
+        let shared = InProcessShared::default();
+        let p = policy(1);
+        let failing = Failing {
+            inner: &shared,
+            name: "sluice/r/0",
+            armed: Cell::new(false),
+        };
+        let mut store = SlotStore::open(failing, &p, || Some(1)).unwrap();
+        let now = Nanos(SEC);
+        let a = store.load(slot(&p, "a"), now).unwrap();
+        assert!(a.version.missing);
+        store.backend().armed.set(true);
+        assert!(store.save(slot(&p, "a"), a.state, a.version, now).is_err());
+        assert_eq!(
+            (&shared).get("sluice/r/lock").unwrap().0,
+            Some(Vec::new()),
+            "the creation lock is still held"
+        );
+    }
+
+    #[test]
+    fn a_refusal_losing_a_race_still_marks_the_key() {
+        let shared = InProcessShared::default();
+        let p = policy(8);
+        let rule = &p.rules[0];
+        let mut one = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let mut two = SlotStore::open(&shared, &p, || None).unwrap();
+        let now = Nanos(SEC);
+        for _ in 0..2 {
+            assert!(one.check(slot(&p, "a"), 1, now).unwrap().unwrap().0.allowed);
+        }
+        let mut l = one.load(slot(&p, "a"), now).unwrap();
+        let refused = l.acquire(rule, now, 1, crate::algorithm::Mode::Consume);
+        assert!(!refused.allowed);
+        // Another VM writes the key meanwhile (a request of no cost).
+        assert!(two.check(slot(&p, "a"), 0, now).unwrap().is_some());
+        one.refuse(slot(&p, "a"), l.state, l.version, &refused, now);
+        let again = one.load(slot(&p, "a"), now).unwrap();
+        assert!(
+            again.version.limited_until > now,
+            "the refused key lost its limited mark"
+        );
+    }
+
+    /// An in-flight rule: at most 2 held at once, `max_keys` keys.
+    fn in_flight_policy(max_keys: u64) -> Policy {
+        crate::policy::Policy::from_json(&alloc::format!(
+            r#"{{"rules":[{{"name":"r","match":{{"websocket":true}},"counts":"in_flight","key":["header:k"],"limit":{{"count":2}}}}],"max_keys":{max_keys}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_key_holding_in_flight_permits_is_never_evicted() {
+        let shared = InProcessShared::default();
+        let p = in_flight_policy(4);
+        let mut store = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let mut now = Nanos(SEC);
+        // The victim opens its two streams long before anyone else.
+        for _ in 0..2 {
+            assert!(
+                store
+                    .check(slot(&p, "victim"), 1, now)
+                    .unwrap()
+                    .unwrap()
+                    .0
+                    .allowed
+            );
+        }
+        for i in 0..8 {
+            now = now.plus(Span::SECOND);
+            let key = alloc::format!("made-up-{i}");
+            store.check(slot(&p, &key), 1, now).unwrap().unwrap();
+        }
+        assert_eq!(store.stats().live_evictions, 0, "every key holds a permit");
+        let more = store.check(slot(&p, "victim"), 1, now).unwrap().unwrap().0;
+        assert!(
+            !more.allowed,
+            "the victim got its in-flight allowance again"
+        );
+    }
+
     #[test]
     fn long_keys_are_hashed_and_garbage_is_an_error_not_a_panic() {
         let shared = InProcessShared::default();
         let p = policy(2);
         let rule = &p.rules[0];
         let long = "k".repeat(1000);
-        let mut store = SlotStore::new(&shared, &p, 3);
+        let mut store = SlotStore::new(&shared, &p, [3; 16]);
         store.prepare().unwrap();
         let slot = Slot {
             rule_index: 0,
