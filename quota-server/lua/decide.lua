@@ -549,6 +549,14 @@ for i = 1, n do
     local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, true)
     out = {allowed, remaining, reset, retry}
     consumed = it.cost > 0
+  elseif out[1] == 1 and it.cost > 0 then
+    -- Refused as a whole: this item gave nothing, so it reports its
+    -- permits as they stand (its peek counted the cost as taken).
+    local cost = it.cost
+    it.cost = 0
+    local _, remaining, reset = it.alg.acquire(it, it.now, false)
+    it.cost = cost
+    out = {out[1], remaining, reset, out[4]}
   end
   -- A state brought up to date is written back even when nothing was
   -- taken (core's store does the same): it remembers the latest time

@@ -195,8 +195,9 @@ async fn all_or_nothing(backend: &Store) {
     assert_eq!(first[0].remaining, 9);
     let second = backend.check(&both, now).await.unwrap();
     assert!(!second[1].allowed);
-    // A refused request reports what it would have left (as core's peek).
-    assert_eq!(second[0].remaining, 8);
+    // A refused request took nothing: the other limit reports its permits
+    // as they stand (as core's engine does).
+    assert_eq!(second[0].remaining, 9);
     let wide_only = backend.check(&[item(wide, "a", 1)], now).await.unwrap();
     assert_eq!(
         wide_only[0].remaining, 8,
