@@ -242,6 +242,9 @@ impl ChatService for Service {
                     Ok(Some(message)) => {
                         add(&state.received, "Chat");
                         if tx.send(Ok(message)).await.is_err() {
+                            // The response stream is gone: the call was
+                            // torn down before the request ended.
+                            add(&state.broken_ends, "Chat");
                             break;
                         }
                     }

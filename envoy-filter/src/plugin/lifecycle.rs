@@ -380,9 +380,9 @@ impl<B: SharedBytes> Plugin<B> {
                 .cut_request_ends(request_cut && direction == Direction::Client && end_of_stream)
             }
         };
-        if step == Step::Reset {
-            self.cuts.forget(context_id);
-        }
+        // A reset asked for here stays among the cuts until the stream is
+        // done: should the host not reset it from inside a body callback,
+        // the tick still does once the grace has passed.
         self.requests.insert(context_id, state);
         step
     }
