@@ -588,10 +588,14 @@ async fn delay_refuses_at_once_a_request_queued_beyond_max_delay() {
     replies.sort_by_key(|r| (r.status != 429, r.elapsed));
     let [refused, first, second] = replies;
     assert_limited(&refused, "slow", 1, 1, "the request queued third");
+    // Order, not wall-clock windows (a loaded machine stretches every
+    // wait): the 429 comes before the first release, where it used to
+    // come only after max_delay, and no release comes before its permit.
     assert!(
-        refused.elapsed < Duration::from_secs(1),
-        "the 429 should come without waiting, took {:?}",
-        refused.elapsed
+        refused.elapsed < first.elapsed,
+        "the 429 should come without waiting: it took {:?}, the first release {:?}",
+        refused.elapsed,
+        first.elapsed
     );
     for (reply, at) in [(&first, 1), (&second, 2)] {
         assert_status(
@@ -600,9 +604,8 @@ async fn delay_refuses_at_once_a_request_queued_beyond_max_delay() {
             &format!("the request released after about {at} s"),
         );
         assert!(
-            reply.elapsed >= Duration::from_millis(at * 1000 - 100)
-                && reply.elapsed <= Duration::from_millis(at * 1000 + 500),
-            "expected about {at} s, took {:?}",
+            reply.elapsed >= Duration::from_millis(at * 1000 - 100),
+            "released before its permit: expected about {at} s, took {:?}",
             reply.elapsed
         );
     }
