@@ -199,13 +199,13 @@ pub(crate) mod fake {
             assert!(by > 0, "Envoy refuses increments of 0");
             let mut values = self.metric_values.borrow_mut();
             let value = values.entry(metric.0).or_default();
-            *value = value.checked_add(by as i64).expect("test counter overflow");
+            *value = value.saturating_add(i64::try_from(by).unwrap_or(i64::MAX));
         }
         fn add_to_gauge(&self, metric: MetricId, delta: i64) {
             assert!(delta != 0, "Envoy refuses increments of 0");
             let mut values = self.metric_values.borrow_mut();
             let value = values.entry(metric.0).or_default();
-            *value = value.checked_add(delta).expect("test gauge overflow");
+            *value = value.saturating_add(delta);
         }
         fn warn(&self, message: &str) {
             self.warnings.borrow_mut().push(message.into());

@@ -32,3 +32,13 @@ pub use sync::{DEFAULT_QUOTA_CLUSTER, DEFAULT_SYNC_TIMEOUT, MAX_DOMAIN_NAME, MAX
 pub use validate::{
     keys_memory, KEYS_MEMORY_BUDGET, MAX_KEYS_LIMIT, MAX_LOG_COUNT, MAX_RULE_NAME, MAX_TRUSTED_HOPS,
 };
+
+/// Every field error of a configuration expected to be refused (tests).
+#[cfg(test)]
+pub(crate) fn errors_of(json: &str) -> alloc::vec::Vec<alloc::string::String> {
+    use alloc::string::ToString;
+    match crate::policy::Policy::from_json(json) {
+        Err(ConfigError::Invalid(list)) => list.iter().map(|e| e.to_string()).collect(),
+        other => panic!("expected field errors, got {other:?}"),
+    }
+}

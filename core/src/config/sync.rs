@@ -131,19 +131,11 @@ fn check_name(name: &str, at: &str, field: &str, errors: &mut Errors) {
 
 #[cfg(test)]
 mod tests {
-    use alloc::string::String;
     use alloc::vec::Vec;
 
     use super::*;
-    use crate::config::ConfigError;
+    use crate::config::errors_of;
     use crate::policy::Policy;
-
-    fn errors_of(json: &str) -> Vec<String> {
-        match Policy::from_json(json) {
-            Err(ConfigError::Invalid(list)) => list.iter().map(|e| e.to_string()).collect(),
-            other => panic!("expected field errors, got {other:?}"),
-        }
-    }
 
     #[test]
     fn synced_rules_get_defaults_and_keep_their_index_after_sorting() {

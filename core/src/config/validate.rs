@@ -198,19 +198,13 @@ pub fn keys_memory(rules: &[Rule], max_keys: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use alloc::string::{String, ToString};
+    use alloc::string::ToString;
 
     use super::*;
     use crate::algorithm::AlgorithmKind;
+    use crate::config::errors_of;
     use crate::policy::{Action, Counts, Flow, KeyPart};
     use crate::time::Span;
-
-    fn errors_of(json: &str) -> Vec<String> {
-        match Policy::from_json(json) {
-            Err(ConfigError::Invalid(list)) => list.iter().map(|e| e.to_string()).collect(),
-            other => panic!("expected field errors, got {other:?}"),
-        }
-    }
 
     #[test]
     fn minimal_rule_gets_defaults() {
