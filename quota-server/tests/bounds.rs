@@ -11,40 +11,19 @@ mod support;
 use std::time::Duration;
 
 use common::RedisServer;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
-use sluice_quota_server::launcher::QuotaServer;
 use sluice_quota_server::proto::quota_client::QuotaClient;
 use sluice_quota_server::proto::{CheckGroup, CheckRequest, SyncEntry, SyncRequest};
-use support::launcher;
+use support::{client, descriptor, launcher};
 use tonic::transport::Channel;
 
 /// A value as large as a header Envoy accepts by default (60 KiB).
 const VALUE_BYTES: usize = 59_000;
 
 const DOMAINS: &str = "domains: [{name: api, descriptors: [{key: user, rate_limit: {unit: hour, requests_per_unit: 1}}]}]\n";
-
-async fn client(server: &QuotaServer) -> RateLimitServiceClient<Channel> {
-    RateLimitServiceClient::connect(server.grpc_url())
-        .await
-        .unwrap()
-}
-
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: (*k).into(),
-                value: (*v).into(),
-            })
-            .collect(),
-        ..RateLimitDescriptor::default()
-    }
-}
 
 async fn call(
     client: &mut RateLimitServiceClient<Channel>,

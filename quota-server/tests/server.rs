@@ -11,13 +11,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::RedisServer;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{rate_limit::Unit, Code};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use sluice_quota_server::launcher::QuotaServer;
-use support::{launcher, write};
+use support::{client, descriptor, launcher, write};
 use tonic::transport::Channel;
 
 /// The client's own deadline: a correctness bound (the server must answer,
@@ -27,25 +26,6 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(1);
 /// Starts `sluice serve` on the configuration file at `config`.
 fn start(config: &Path) -> QuotaServer {
     launcher().start_file(config).unwrap()
-}
-
-async fn client(server: &QuotaServer) -> RateLimitServiceClient<Channel> {
-    RateLimitServiceClient::connect(server.grpc_url())
-        .await
-        .unwrap()
-}
-
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: (*k).into(),
-                value: (*v).into(),
-            })
-            .collect(),
-        ..RateLimitDescriptor::default()
-    }
 }
 
 /// One call, bounded by the client deadline; returns the answer and how long it took.

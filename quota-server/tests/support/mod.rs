@@ -175,3 +175,24 @@ pub fn config_with_admin(domains: &str, admin: &str) -> String {
          admin: {{token: \"{TOKEN}\"{more}}}\n{domains}"
     )
 }
+
+/// An RLS client connected to `server`'s gRPC port.
+pub async fn client(server: &QuotaServer) -> RateLimitServiceClient<tonic::transport::Channel> {
+    RateLimitServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap()
+}
+
+/// A descriptor of `(key, value)` entries.
+pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        ..RateLimitDescriptor::default()
+    }
+}
