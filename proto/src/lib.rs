@@ -41,6 +41,7 @@ mod tests {
                 .into(),
             }]
             .into(),
+            controls_version: None,
         };
         // groups = 1 { domain = 1 "d", items = 2 { rule = 1 "r", key = 2 "k", cost = 3 2 } }
         let wire = [
@@ -49,6 +50,20 @@ mod tests {
         ];
         assert_eq!(request.encode_to_vec(), wire);
         assert_eq!(CheckRequest::decode(&wire[..]).unwrap(), request);
+    }
+
+    #[test]
+    fn a_controls_version_of_zero_is_sent_and_absent_is_not() {
+        use super::quota::v1::SyncRequest;
+        let absent = SyncRequest::default();
+        assert!(absent.encode_to_vec().is_empty());
+        let zero = SyncRequest {
+            controls_version: Some(0),
+            ..SyncRequest::default()
+        };
+        // controls_version = 5, varint 0: appended after the older fields.
+        assert_eq!(zero.encode_to_vec(), [0x28, 0x00]);
+        assert_eq!(SyncRequest::decode(&[0x28, 0x00][..]).unwrap(), zero);
     }
 
     #[test]
