@@ -459,6 +459,7 @@ domains:
         let response = client
             .check(CheckRequest {
                 groups: vec![group],
+                controls_version: None,
             })
             .await
             .unwrap()
@@ -504,6 +505,7 @@ domains:
             want: 1,
         }],
         caller: String::new(),
+        controls_version: None,
     };
     let banned = client.sync(sync("mallory")).await.unwrap().into_inner();
     assert_eq!(banned.leases[0].code, QuotaCode::OverLimit as i32);

@@ -124,6 +124,7 @@ async fn sync(
             used,
             want,
         }],
+        controls_version: None,
     };
     client
         .sync(request)

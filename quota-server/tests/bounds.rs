@@ -155,7 +155,12 @@ async fn requests_beyond_the_bounds_are_refused() {
     let mut quota = QuotaClient::connect(server.grpc_url()).await.unwrap();
     let groups = vec![CheckGroup::default(); 17];
     assert_refused(
-        quota.check(CheckRequest { groups }).await,
+        quota
+            .check(CheckRequest {
+                groups,
+                controls_version: None,
+            })
+            .await,
         invalid,
         "17 groups: at most 16",
     );
@@ -165,6 +170,7 @@ async fn requests_beyond_the_bounds_are_refused() {
         replicas: 1,
         entries,
         caller: String::new(),
+        controls_version: None,
     };
     assert_refused(quota.sync(sync).await, invalid, "129 entries: at most 128");
 }

@@ -158,7 +158,10 @@ async fn exact_through_a_cluster() {
                         items: vec![item("r"), item("s")],
                     }];
                     let response = svc
-                        .check(Request::new(CheckRequest { groups }))
+                        .check(Request::new(CheckRequest {
+                            groups,
+                            controls_version: None,
+                        }))
                         .await
                         .unwrap()
                         .into_inner();
@@ -190,7 +193,10 @@ async fn exact_through_a_cluster() {
             }],
         }];
         let response = svc
-            .check(Request::new(CheckRequest { groups }))
+            .check(Request::new(CheckRequest {
+                groups,
+                controls_version: None,
+            }))
             .await
             .unwrap();
         assert_eq!(

@@ -65,6 +65,7 @@ async fn check(svc: &QuotaService, items: &[(&str, &str, u64)]) -> GroupResult {
     let response = svc
         .check(Request::new(CheckRequest {
             groups: vec![group],
+            controls_version: None,
         }))
         .await
         .unwrap()
@@ -147,6 +148,7 @@ async fn replica(svc: Arc<QuotaService>, seed: u64) -> u64 {
                     used,
                     want,
                 }],
+                controls_version: None,
             }))
             .await
             .unwrap()
@@ -212,6 +214,7 @@ async fn returned_leases_are_credited_back() {
                     want,
                 }],
                 caller: String::new(),
+                controls_version: None,
             }))
             .await
             .unwrap()
@@ -250,6 +253,7 @@ async fn returned_leases_are_credited_back() {
                 want: 0,
             }],
             caller: String::new(),
+            controls_version: None,
         }))
         .await;
     assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
@@ -280,7 +284,10 @@ async fn served_next_to_envoys_api() {
         },
     ];
     let response = client
-        .check(CheckRequest { groups })
+        .check(CheckRequest {
+            groups,
+            controls_version: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -302,6 +309,7 @@ async fn served_next_to_envoys_api() {
                 want: 5,
             }],
             caller: String::new(),
+            controls_version: None,
         })
         .await
         .unwrap()

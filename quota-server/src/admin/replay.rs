@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use sluice_core::access::wire::check_key;
 use sluice_core::access::{
     AuditAction, AuditEvent, Ban, BanTarget, Cidr, Grant, ListEntry, ListKind, Override,
 };
@@ -130,8 +131,13 @@ fn apply(
         "ban" => {
             // Bans are written as their network or their key; a key that
             // reads as an address bans that address, which matches the same.
-            let target = Cidr::parse(&event.target)
-                .map_or_else(|_| BanTarget::Key(event.target.clone()), BanTarget::Cidr);
+            let target = match Cidr::parse(&event.target) {
+                Ok(cidr) => BanTarget::Cidr(cidr),
+                Err(_) => {
+                    check_key(&event.target).map_err(|e| e.to_string())?;
+                    BanTarget::Key(event.target.clone())
+                }
+            };
             let until = event.until.ok_or("a ban without an expiry")?;
             let ban = Ban {
                 target,
@@ -152,6 +158,7 @@ fn apply(
                     .map(Grant::Limit)
                     .ok_or_else(|| format!("unknown override detail {detail:?}"))?,
             };
+            check_key(&event.target).map_err(|e| e.to_string())?;
             let o = Override {
                 key: event.target.clone(),
                 grant,

@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{middleware, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sluice_core::access::wire::check_key;
 use sluice_core::access::{
     AuditAction, AuditEvent, Ban, BanTarget, Cidr, Full, Grant, ListEntry, ListKind, Override,
 };
@@ -344,7 +345,10 @@ struct BanQuery {
 fn ban_target(cidr: Option<Cidr>, key: Option<String>) -> Result<BanTarget, ApiError> {
     match (cidr, key) {
         (Some(c), None) => Ok(BanTarget::Cidr(c)),
-        (None, Some(k)) if !k.is_empty() => Ok(BanTarget::Key(k)),
+        (None, Some(k)) if !k.is_empty() => {
+            check_key(&k).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(BanTarget::Key(k))
+        }
         _ => Err(ApiError::bad_request(
             "give exactly one of `cidr` (e.g. 10.0.0.0/8) or `key` (e.g. user=mallory)",
         )),
@@ -468,6 +472,7 @@ async fn grant(State(state): State<AdminState>, Json(body): Json<GrantBody>) -> 
             "`key` (e.g. user=alice) and a `reason` are required",
         ));
     }
+    check_key(&body.key).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let o = Override {
         key: body.key.clone(),
         grant,

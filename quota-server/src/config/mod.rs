@@ -7,6 +7,7 @@ mod errors;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sluice_core::access::wire::MAX_SYNCED_ENTRIES;
 use sluice_core::algorithm::AlgorithmKind;
 use sluice_core::config::{ErrorList, FieldError, RuleConfig, SpanText, MAX_KEYS_LIMIT};
 use sluice_core::time::Span;
@@ -403,8 +404,14 @@ impl ServerConfig {
             Ok(_) => problems.add("listen.request_timeout", "must be at least 1ms"),
             Err(e) => problems.add("listen.request_timeout", e),
         }
-        if !(1..=1_000_000).contains(&self.admin.max_entries) {
-            problems.add("admin.max_entries", "must be between 1 and 1000000");
+        if !(1..=MAX_SYNCED_ENTRIES).contains(&self.admin.max_entries) {
+            problems.add(
+                "admin.max_entries",
+                format!(
+                    "must be between 1 and {MAX_SYNCED_ENTRIES} (every Envoy's filter receives \
+                     and checks the whole lists)"
+                ),
+            );
         }
         if self.admin.client_ip_key.is_empty() {
             problems.add("admin.client_ip_key", "must not be empty");

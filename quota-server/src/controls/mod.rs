@@ -6,14 +6,20 @@
 //! entries written `key=value`: a ban of `user=mallory` refuses any request
 //! with that entry, and an override for `user=alice` applies to every
 //! descriptor carrying that entry.
+//!
+//! Callers that enforce the controls themselves (every Envoy's filter) get
+//! them on `Sync` and `Check` answers whenever the version they hold is not
+//! [`Controls::version`]: a digest of the lists, computed again only after
+//! something took them for writing.
 
 pub mod audit;
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use sluice_core::access::{Access, AccessList, Grant, Overrides};
+use sluice_core::access::{wire, Access, AccessList, Grant, Overrides};
 use sluice_core::algorithm::{Limiter, Quota};
 use sluice_core::client_ip::parse_ip;
 use sluice_core::time::Nanos;
@@ -23,6 +29,7 @@ pub use audit::{Audit, AuditError};
 use crate::config::AdminConfig;
 use crate::limits::ticks::tick_micros;
 use crate::limits::{Limit, Resolved};
+use crate::proto;
 
 /// Access lists, overrides and the audit log.
 #[derive(Debug)]
@@ -32,6 +39,10 @@ pub struct Controls {
     client_ip_key: String,
     /// Where grants and revokes are recorded.
     pub audit: Audit,
+    /// The lists were taken for writing since `version` was computed.
+    changed: AtomicBool,
+    /// The version of the lists, as last computed.
+    version: AtomicU64,
 }
 
 /// What the controls decide for a request.
@@ -66,6 +77,8 @@ impl Controls {
             overrides: RwLock::new(Overrides::new(config.max_entries)),
             client_ip_key: config.client_ip_key.clone(),
             audit,
+            changed: AtomicBool::new(true),
+            version: AtomicU64::new(0),
         }
     }
 
@@ -79,7 +92,11 @@ impl Controls {
 
     /// The access lists, for changing.
     pub fn access_mut(&self) -> RwLockWriteGuard<'_, AccessList> {
-        self.access.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.access.write().unwrap_or_else(|p| p.into_inner());
+        // Marked while the lock is held: a reader of the version waits for
+        // the change to end before computing it again.
+        self.changed.store(true, Ordering::Release);
+        guard
     }
 
     /// The overrides, for reading.
@@ -89,7 +106,28 @@ impl Controls {
 
     /// The overrides, for changing.
     pub fn overrides_mut(&self) -> RwLockWriteGuard<'_, Overrides> {
-        self.overrides.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.overrides.write().unwrap_or_else(|p| p.into_inner());
+        self.changed.store(true, Ordering::Release);
+        guard
+    }
+
+    /// The version of the controls in force (`wire::version`): computed
+    /// again only when the lists were taken for writing since.
+    pub fn version(&self, now: Nanos) -> u64 {
+        if self.changed.swap(false, Ordering::AcqRel) {
+            let version = wire::version(&self.access(), &self.overrides(), now);
+            self.version.store(version, Ordering::Release);
+            return version;
+        }
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The controls to send a caller that enforces version `have` (`None`:
+    /// it does not enforce them): nothing when it has the ones in force.
+    pub fn for_caller(&self, have: Option<u64>, now: Nanos) -> Option<proto::Controls> {
+        let have = have?;
+        let version = self.version(now);
+        (have != version).then(|| wire::to_wire(&self.access(), &self.overrides(), version, now))
     }
 
     /// Drops expired entries, so that the lists' fast path (nothing

@@ -1,7 +1,8 @@
 //! Sluice's own API, `sluice.quota.v1.Quota` (`proto/sluice/quota/v1/quota.proto`):
 //! batched checks of named rules, and leases for distributed callers.
 //! Both pass through the admin controls and are counted in the metrics as
-//! `ShouldRateLimit` is (see `super::admission`).
+//! `ShouldRateLimit` is (see `super::admission`), and both answers carry
+//! the controls to a caller whose `controls_version` is stale.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,12 +60,20 @@ impl Quota for QuotaService {
         for group in &request.get_ref().groups {
             groups.push(self.check_group(&limits, group).await?);
         }
-        Ok(Response::new(CheckResponse { groups }))
+        let controls = self
+            .shared
+            .controls
+            .for_caller(request.get_ref().controls_version, system_now());
+        Ok(Response::new(CheckResponse { groups, controls }))
     }
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
         let request = request.into_inner();
         bounds::sync_request(&request)?;
+        let controls = self
+            .shared
+            .controls
+            .for_caller(request.controls_version, system_now());
         let limits = self.shared.limits();
         let unknown = Lease {
             code: Code::UnknownLimit as i32,
@@ -74,6 +83,7 @@ impl Quota for QuotaService {
             return Ok(Response::new(SyncResponse {
                 leases: request.entries.iter().map(|_| unknown).collect(),
                 source: ProtoSource::Storage as i32,
+                controls,
             }));
         };
         if let Some(e) = request.entries.iter().find(|e| e.used > e.held) {
@@ -104,6 +114,7 @@ impl Quota for QuotaService {
                 return Ok(Response::new(SyncResponse {
                     leases,
                     source: ProtoSource::Storage as i32,
+                    controls,
                 }));
             }
         };
@@ -183,6 +194,7 @@ impl Quota for QuotaService {
         Ok(Response::new(SyncResponse {
             leases,
             source: proto_source(source) as i32,
+            controls,
         }))
     }
 }
