@@ -5,7 +5,7 @@ use sluice_core::engine::Verdict;
 use sluice_core::policy::{strip_query, HttpRequest, Policy, Protocol};
 
 use crate::host::Host;
-use crate::stream::{grpc_message, GRPC_RESOURCE_EXHAUSTED};
+use crate::stream::{grpc_message, GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED};
 
 /// Which request attributes the policy reads: computed once per
 /// configuration, so each request fetches only those (every fetch is a
@@ -41,9 +41,15 @@ impl Needs {
     }
 }
 
-/// Fetches from the host what `needs` lists, as a request the policy can
+/// Fetches from the host what `needs` lists (and the client address when
+/// `client_ip`, for the access controls), as a request the policy can
 /// evaluate. Absent headers are simply left out.
-pub fn fetch_request(host: &impl Host, policy: &Policy, needs: &Needs) -> HttpRequest {
+pub fn fetch_request(
+    host: &impl Host,
+    policy: &Policy,
+    needs: &Needs,
+    client_ip: bool,
+) -> HttpRequest {
     let header = |wanted: bool, name: &str| {
         if wanted {
             host.request_header(name)
@@ -51,7 +57,7 @@ pub fn fetch_request(host: &impl Host, policy: &Policy, needs: &Needs) -> HttpRe
             None
         }
     };
-    let client_ip = if needs.client_ip {
+    let client_ip = if needs.client_ip || client_ip {
         let forwarded = header(policy.client_ip.trusted_hops > 0, "x-forwarded-for");
         let peer = || host.peer_address().as_deref().and_then(parse_ip);
         policy.client_ip.resolve_with(peer, forwarded.as_deref())
@@ -158,6 +164,24 @@ pub fn unavailable(rule: &str, protocol: Protocol) -> LocalReply {
         status: 429,
         headers,
         body: body.to_string().into_bytes(),
+        grpc_status: None,
+    }
+}
+
+/// The refusal of a client the quota server's access controls deny
+/// (deny list or ban): a 403 with a JSON body, for gRPC a trailers-only
+/// PERMISSION_DENIED. Neither says when to retry: a ban lasts as long as
+/// the operator chose.
+pub fn forbidden(protocol: Protocol) -> LocalReply {
+    if protocol == Protocol::Grpc {
+        return grpc_refusal(GRPC_PERMISSION_DENIED, Vec::new(), "access denied");
+    }
+    LocalReply {
+        status: 403,
+        headers: vec![("content-type", "application/json".to_owned())],
+        body: serde_json::json!({"error": "access_denied"})
+            .to_string()
+            .into_bytes(),
         grpc_status: None,
     }
 }

@@ -10,6 +10,7 @@
 // Only the raw host calls in `wasm::abi` may be unsafe.
 #![deny(unsafe_code)]
 
+pub mod controls;
 pub mod host;
 pub mod http;
 pub mod metrics;

@@ -3,7 +3,9 @@
 //! Counters `sluice_<protocol>.rule.<rule>.outcome.<outcome>` (protocol
 //! `http`, `grpc` or `websocket`) and gauges `sluice_grpc.rule.<rule>.in_flight`
 //! and `sluice_websocket.rule.<rule>.connections`, and for synced rules
-//! `sluice_sync.rule.<rule>.outcome.<sync outcome>`; the example Envoy configs
+//! `sluice_sync.rule.<rule>.outcome.<sync outcome>`, and with synced rules
+//! `sluice_access.outcome.<allowed|denied>` for requests the quota server's
+//! access controls decided; the example Envoy configs
 //! carry `stats_tags` that turn the rule and outcome segments into
 //! Prometheus labels. Labels stay bounded: rules and outcomes, never keys.
 
@@ -80,6 +82,27 @@ impl SyncOutcome {
     }
 }
 
+/// What the quota server's access controls decided for a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessOutcome {
+    /// Allow-listed: it bypassed every rule.
+    Allowed,
+    /// Deny-listed or banned: refused before the rules.
+    Denied,
+}
+
+impl AccessOutcome {
+    const ALL: [AccessOutcome; 2] = [AccessOutcome::Allowed, AccessOutcome::Denied];
+
+    /// The name in stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            AccessOutcome::Allowed => "allowed",
+            AccessOutcome::Denied => "denied",
+        }
+    }
+}
+
 fn protocol_slot(protocol: Protocol) -> usize {
     match protocol {
         Protocol::Http => 0,
@@ -128,6 +151,8 @@ pub struct Metrics {
     errors: Option<MetricId>,
     /// Counters of [`SlotStats`], field by field.
     keys: [Option<MetricId>; 3],
+    /// Per access outcome (policies with synced rules only).
+    access: [Option<MetricId>; 2],
 }
 
 impl Metrics {
@@ -182,6 +207,19 @@ impl Metrics {
                 "sluice_http.new_keys_refused",
             ]
             .map(|name| host.define_counter(name)),
+            access: if policy.synced.is_empty() {
+                [None; 2]
+            } else {
+                AccessOutcome::ALL
+                    .map(|o| host.define_counter(&format!("sluice_access.outcome.{}", o.name())))
+            },
+        }
+    }
+
+    /// Counts a request the access controls decided.
+    pub fn access(&self, host: &impl Host, outcome: AccessOutcome) {
+        if let Some(Some(id)) = self.access.get(outcome as usize) {
+            host.increment(*id, 1);
         }
     }
 

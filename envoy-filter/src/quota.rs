@@ -1,14 +1,16 @@
 //! The quota server's `sluice.quota.v1.Quota/Check` call for a request's
 //! synced rules: the message sent, and the decisions read from the answer.
 
+use sluice_core::access::wire::span;
 use sluice_core::decision::Decision;
 use sluice_core::policy::Policy;
 use sluice_core::time::Span;
 use sluice_proto::prost::Message;
 use sluice_proto::quota::v1::{
-    CheckGroup, CheckItem, CheckRequest, CheckResponse, Code, ItemResult,
+    CheckGroup, CheckItem, CheckRequest, CheckResponse, Code, Controls, ItemResult,
 };
-use sluice_proto::Duration;
+
+use crate::controls::MAX_CONTROLS_BYTES;
 
 /// The gRPC service of the quota server's own API.
 pub const SERVICE: &str = "sluice.quota.v1.Quota";
@@ -49,6 +51,18 @@ pub enum ItemAnswer {
     Unknown,
 }
 
+/// What the quota server answered.
+#[derive(Debug)]
+pub struct Answer {
+    /// One per synced item, in call order.
+    pub items: Vec<ItemAnswer>,
+    /// Newer access controls than the caller's, if any.
+    pub controls: Option<Controls>,
+}
+
+/// Largest answer read: the controls' bound and room for the items.
+const MAX_ANSWER_BYTES: usize = MAX_CONTROLS_BYTES + (1 << 20);
+
 /// Why an answer could not be read.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AnswerError {
@@ -61,7 +75,9 @@ pub enum AnswerError {
 impl std::fmt::Display for AnswerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AnswerError::Decode => f.write_str("the quota server's answer is not a CheckResponse"),
+            AnswerError::Decode => {
+                f.write_str("the quota server's answer is not a CheckResponse (or over 9 MiB)")
+            }
             AnswerError::Shape => {
                 f.write_str("the quota server's answer has fewer groups or items than asked")
             }
@@ -72,8 +88,10 @@ impl std::fmt::Display for AnswerError {
 impl Call {
     /// The call for `items` (synced rules of `policy` and their keys): one
     /// group per domain, in order of first appearance, each item costing
-    /// its rule's cost. `None` when no item names a synced rule.
-    pub fn new(policy: &Policy, items: &[(usize, String)]) -> Option<Call> {
+    /// its rule's cost, from a caller enforcing access controls of
+    /// `controls_version` (the answer carries newer ones). `None` when no
+    /// item names a synced rule.
+    pub fn new(policy: &Policy, items: &[(usize, String)], controls_version: u64) -> Option<Call> {
         let mut groups: Vec<CheckGroup> = Vec::new();
         let mut placement = Vec::with_capacity(items.len());
         let mut target: Option<(&str, Span)> = None;
@@ -111,23 +129,36 @@ impl Call {
         Some(Call {
             cluster: cluster.to_owned(),
             timeout,
-            message: CheckRequest { groups }.encode_to_vec(),
+            message: CheckRequest {
+                groups,
+                controls_version: Some(controls_version),
+            }
+            .encode_to_vec(),
             placement,
         })
     }
 
     /// Reads the quota server's answer: one [`ItemAnswer`] per synced item,
-    /// in the order they were given to [`Call::new`].
-    pub fn read(&self, answer: &[u8]) -> Result<Vec<ItemAnswer>, AnswerError> {
+    /// in the order they were given to [`Call::new`], and the access
+    /// controls if the caller's were stale.
+    pub fn read(&self, answer: &[u8]) -> Result<Answer, AnswerError> {
+        if answer.len() > MAX_ANSWER_BYTES {
+            return Err(AnswerError::Decode);
+        }
         let response = CheckResponse::decode(answer).map_err(|_| AnswerError::Decode)?;
-        self.placement
+        let items = self
+            .placement
             .iter()
             .map(|&(g, i)| {
                 let group = response.groups.get(g).ok_or(AnswerError::Shape)?;
                 let item = group.items.get(i).ok_or(AnswerError::Shape)?;
                 Ok(item_answer(item, group.allowed))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok(Answer {
+            items,
+            controls: response.controls,
+        })
     }
 }
 
@@ -157,11 +188,4 @@ fn item_answer(item: &ItemResult, group_allowed: bool) -> ItemAnswer {
         refused,
         shadow_limited: over && group_allowed,
     }
-}
-
-/// A protobuf duration as a span (negative parts count as zero).
-fn span(d: &Duration) -> Span {
-    let secs = u64::try_from(d.seconds).unwrap_or(0);
-    let nanos = u64::try_from(d.nanos).unwrap_or(0);
-    Span(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }

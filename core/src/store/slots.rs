@@ -217,6 +217,11 @@ impl<B: SharedBytes> SlotStore<B> {
         &self.backend
     }
 
+    /// The shared bytes, for writing other names than the store's own.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     fn set_name(&mut self, table: usize, suffix: impl core::fmt::Display) {
         self.name.clear();
         if let Some(t) = self.tables.get(table) {

@@ -1,5 +1,6 @@
 //! Requests a `delay` rule makes wait: queued with the time to decide
-//! them again, and released (or refused) on the VM's ticks.
+//! them again, and released (or refused) on the VM's ticks, which also
+//! poll for the quota server's access controls.
 
 use sluice_core::engine::{self, Claim, Verdict, VerdictKind};
 use sluice_core::policy::{Action, Protocol};
@@ -7,6 +8,7 @@ use sluice_core::store::{SharedBytes, Slot};
 use sluice_core::time::Nanos;
 
 use super::{Decided, Plugin, Wake};
+use crate::controls::CONTROLS_TICK_MILLIS;
 use crate::host::Host;
 
 /// How often a VM with delayed requests or cut calls checks them again. A
@@ -76,6 +78,7 @@ impl<B: SharedBytes> Plugin<B> {
     /// Releases or refuses delayed requests whose wait is over, and
     /// resets cut gRPC calls whose grace is over.
     pub fn on_tick(&mut self, host: &impl Host) -> Vec<(u32, Wake)> {
+        self.poll_controls(host);
         let now = host.now();
         let mut wakes = Vec::new();
         for request in self.delayed.take_due(now) {
@@ -94,12 +97,16 @@ impl<B: SharedBytes> Plugin<B> {
         wakes
     }
 
-    /// The tick period to ask for: none once nothing waits.
+    /// The tick period to ask for: often while requests wait or calls
+    /// are cut, else as often as a policy with synced rules polls for
+    /// access controls, else none.
     pub(super) fn tick_millis(&self) -> u32 {
-        if self.delayed.is_empty() && self.cuts.is_empty() {
-            0
-        } else {
+        if !self.delayed.is_empty() || !self.cuts.is_empty() {
             DELAY_TICK_MILLIS
+        } else if !self.policy.synced.is_empty() {
+            CONTROLS_TICK_MILLIS
+        } else {
+            0
         }
     }
 

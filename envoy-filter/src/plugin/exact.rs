@@ -52,7 +52,7 @@ impl<B: SharedBytes> Plugin<B> {
         remote: Vec<(usize, String)>,
         delayed: bool,
     ) -> Decided {
-        let Some(call) = Call::new(&self.policy, &remote) else {
+        let Some(call) = Call::new(&self.policy, &remote, self.controls.version()) else {
             return Decided::Now(self.admit(host, request, local, delayed));
         };
         let token = host.grpc_call(&call.cluster, SERVICE, METHOD, &call.message, call.timeout);
@@ -92,10 +92,20 @@ impl<B: SharedBytes> Plugin<B> {
         let asking = self.asking.remove(&token)?;
         let context_id = asking.request.context_id;
         let items = match answer {
-            Ok(bytes) => asking.call.read(bytes).map_err(|e| {
-                host.warn(&format!("sluice: {e}"));
-                Failure::Failed
-            }),
+            Ok(bytes) => match asking.call.read(bytes) {
+                Ok(answer) => {
+                    // The controls apply from the next request: this one
+                    // the quota server has decided.
+                    if let Some(controls) = &answer.controls {
+                        self.adopt_controls(host, controls);
+                    }
+                    Ok(answer.items)
+                }
+                Err(e) => {
+                    host.warn(&format!("sluice: {e}"));
+                    Err(Failure::Failed)
+                }
+            },
             Err(GRPC_DEADLINE_EXCEEDED) => Err(Failure::Timeout),
             Err(status) => {
                 host.warn(&format!(

@@ -66,6 +66,7 @@ fn answer(groups: Vec<(bool, Vec<ItemResult>)>) -> Vec<u8> {
                 source: Source::Storage as i32,
             })
             .collect(),
+        controls: None,
     }
     .encode_to_vec()
 }
@@ -118,6 +119,8 @@ fn one_call_carries_every_synced_rule_grouped_by_domain() -> Result<(), String> 
                     items: vec![item("other", "8:10.0.0.7", 1)],
                 },
             ],
+            // No access controls yet: the answer is to carry them.
+            controls_version: Some(0),
         }
     );
     Ok(())

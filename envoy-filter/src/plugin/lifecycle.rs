@@ -57,7 +57,8 @@ pub(super) struct RequestState {
 impl<B: SharedBytes> Plugin<B> {
     /// Decides a new request.
     pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) -> Step {
-        let request = fetch_request(host, &self.policy, &self.needs);
+        let with_ip = self.controls.reads_client_ip();
+        let request = fetch_request(host, &self.policy, &self.needs, with_ip);
         let (keys, stream_keys): (Vec<_>, Vec<_>) =
             engine::applicable_rules(&self.policy, &request)
                 .into_iter()
@@ -67,6 +68,9 @@ impl<B: SharedBytes> Plugin<B> {
                         .get(*i)
                         .is_some_and(|r| r.counts.at_request())
                 });
+        if let Some(step) = self.gate(host, context_id, &request, &keys) {
+            return step;
+        }
         if keys.is_empty() && stream_keys.is_empty() {
             return Step::Continue;
         }
@@ -102,11 +106,14 @@ impl<B: SharedBytes> Plugin<B> {
         now: Nanos,
     ) -> Decided {
         let waited = now.since(request.since);
-        let (remote, local): (Vec<_>, Vec<_>) = request
+        let (mut remote, local): (Vec<_>, Vec<_>) = request
             .keys
             .iter()
             .cloned()
             .partition(|(i, _)| self.policy.sync_of(*i).is_some());
+        // An unlimited override lifts a synced rule for its key: nothing
+        // to ask, nothing counted (as the quota server would answer).
+        remote.retain(|(_, key)| !self.controls.is_unlimited(key, now));
         let verdict = match engine::decide_keys(&self.policy, &mut self.store, &local, now, waited)
         {
             Ok(v) => v,

@@ -6,6 +6,7 @@
 //! back into the filter at once, so the glue performs those effects only
 //! after the filter has finished with its own state.
 //!
+//! - `access`: the quota server's access controls, before the rules.
 //! - `lifecycle`: a request from its headers to its end, and the
 //!   in-flight permits it keeps until then.
 //! - `delay`: requests a `delay` rule makes wait, released on ticks.
@@ -16,6 +17,9 @@
 //! - `stream_judge`: gRPC and WebSocket messages decided against the
 //!   stream rules.
 
+mod access;
+#[cfg(test)]
+mod access_tests;
 mod cuts;
 mod delay;
 mod exact;
@@ -32,6 +36,7 @@ use sluice_core::config::{Config, ConfigError};
 use sluice_core::policy::Policy;
 use sluice_core::store::{SharedBytes, SlotStats, SlotStore, StoreError};
 
+use crate::controls::Enforced;
 use crate::host::Host;
 use crate::http::{LocalReply, Needs};
 use crate::metrics::Metrics;
@@ -87,6 +92,8 @@ pub struct Plugin<B> {
     /// The store's stats already counted in metrics.
     keys_reported: SlotStats,
     cuts: cuts::CutCalls,
+    /// The quota server's access controls, as this VM last took them.
+    controls: Enforced,
 }
 
 /// Why a configuration was refused.
@@ -124,7 +131,7 @@ impl<B: SharedBytes> Plugin<B> {
         let store = SlotStore::open(backend, &policy, || host.random_u64())
             .map_err(ConfigureError::Store)?;
         let metrics = Metrics::define(host, &policy);
-        Ok(Plugin {
+        let mut plugin = Plugin {
             needs: Needs::of(&policy),
             policy,
             store,
@@ -134,7 +141,13 @@ impl<B: SharedBytes> Plugin<B> {
             asking: HashMap::new(),
             keys_reported: SlotStats::default(),
             cuts: cuts::CutCalls::default(),
-        })
+            controls: Enforced::default(),
+        };
+        // Controls another VM already has apply at once, and ticks keep
+        // polling for new ones.
+        plugin.poll_controls(host);
+        host.set_tick_millis(plugin.tick_millis());
+        Ok(plugin)
     }
 
     /// The policy in force.

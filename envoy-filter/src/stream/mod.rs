@@ -155,6 +155,8 @@ pub fn grpc_message(rule: &str, retry_after: u64) -> String {
 
 /// gRPC's RESOURCE_EXHAUSTED.
 pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+/// gRPC's PERMISSION_DENIED: a client the access controls refuse.
+pub const GRPC_PERMISSION_DENIED: u32 = 7;
 /// gRPC's INTERNAL: what an endpoint answers a message it cannot parse.
 pub const GRPC_INTERNAL: u32 = 13;
 /// gRPC's UNIMPLEMENTED: what a server answers a compression it does not take.

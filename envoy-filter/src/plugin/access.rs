@@ -1,0 +1,82 @@
+//! The quota server's access controls on every request, before the rules:
+//! deny-listed and banned clients are refused, allow-listed ones bypass
+//! every rule. Only a policy with synced rules enforces them (it is the one
+//! that syncs with a quota server).
+//!
+//! A request's client IP is the filter's own (`client_ip` settings), and
+//! its keys are those its synced rules computed: a key ban matches a
+//! request when it equals one of them, the key the quota server is asked
+//! about for that rule.
+
+use sluice_core::access::Access;
+use sluice_core::policy::HttpRequest;
+use sluice_core::store::SharedBytes;
+use sluice_proto::quota::v1::Controls;
+
+use super::{Plugin, Step};
+use crate::controls::publish;
+use crate::host::Host;
+use crate::http::forbidden;
+use crate::metrics::AccessOutcome;
+
+impl<B: SharedBytes> Plugin<B> {
+    /// Takes the controls another VM published, if they changed, and drops
+    /// expired entries.
+    pub(super) fn poll_controls(&mut self, host: &impl Host) {
+        if self.policy.synced.is_empty() {
+            return;
+        }
+        if let Err(e) = self.controls.poll(self.store.backend()) {
+            self.metrics.error(host);
+            host.warn(&format!("sluice: {e}"));
+        }
+        if !self.controls.is_empty() {
+            self.controls.expire(host.now());
+        }
+    }
+
+    /// Takes `controls` from a quota server's answer, and publishes them
+    /// for the other VMs.
+    pub(super) fn adopt_controls(&mut self, host: &impl Host, controls: &Controls) {
+        let now = host.now();
+        let taken = self
+            .controls
+            .adopt(controls, now)
+            .and_then(|()| publish(self.store.backend_mut(), controls, now));
+        if let Err(e) = taken {
+            self.metrics.error(host);
+            host.warn(&format!("sluice: {e}"));
+        }
+    }
+
+    /// What the controls make of a request whose request-time rules have
+    /// `keys`: a step when they decide it, `None` when its rules do.
+    pub(super) fn gate(
+        &mut self,
+        host: &impl Host,
+        context_id: u32,
+        request: &HttpRequest,
+        keys: &[(usize, String)],
+    ) -> Option<Step> {
+        if self.controls.is_empty() {
+            return None;
+        }
+        let synced = keys
+            .iter()
+            .filter(|(i, _)| self.policy.sync_of(*i).is_some())
+            .map(|(_, key)| key.as_str());
+        match self.controls.judge(request.client_ip, synced, host.now()) {
+            Access::Neutral => None,
+            Access::Allowed => {
+                self.metrics.access(host, AccessOutcome::Allowed);
+                Some(Step::Continue)
+            }
+            Access::Denied => {
+                self.metrics.access(host, AccessOutcome::Denied);
+                let protocol = self.answering_protocol(host, request.protocol);
+                self.answered_locally(context_id, protocol);
+                Some(Step::Reply(forbidden(protocol)))
+            }
+        }
+    }
+}
