@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde_json::Value;
 
-use crate::envoy::ConfigParams;
+use crate::envoy::{ConfigParams, Hosts};
 use crate::repo_root;
 
 /// Where the rendered example lives.
@@ -67,6 +67,7 @@ pub fn example_params() -> ConfigParams {
         native_local_ratelimit: false,
         access_log: true,
         quota_port: None,
+        hosts: Hosts::loopback(),
     }
 }
 

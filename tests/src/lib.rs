@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod grpc_upstream;
 pub mod py_client;
 pub mod routes;
+pub mod stack;
 pub mod stream_stats;
 pub mod template;
 pub mod upstream;
