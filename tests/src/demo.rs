@@ -1,5 +1,6 @@
-//! The demo rule set: used by the `demo` binary and rendered into the
-//! example `envoy/envoy.yaml`.
+//! The example rule set, rendered into the example `envoy/envoy.yaml`
+//! (`make envoy-yaml`). The demo (`make demo`) runs the stack's rules
+//! instead: [`crate::stack::demo`].
 
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ pub fn example_path() -> PathBuf {
     repo_root().join("envoy/envoy.yaml")
 }
 
-/// The demo rules (see README.md, "Filter configuration"), as written into
+/// The example rules (see README.md, "Filter configuration"), as written into
 /// `envoy/envoy.yaml`:
 /// - `login`: `POST /login`, 3 per minute per client IP, sliding window log;
 /// - `api-per-ip`: `/api/`, a token bucket of 20 refilled at 10/s per IP;

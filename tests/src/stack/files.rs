@@ -68,6 +68,19 @@ pub fn sync_modes(filter: &str) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
+/// The local `limit.count` of rule `name` in the filter configuration.
+pub fn local_limit(filter: &str, name: &str) -> Option<u64> {
+    let config: Value = serde_json::from_str(filter).ok()?;
+    config
+        .get("rules")?
+        .as_array()?
+        .iter()
+        .find(|rule| rule.get("name").and_then(Value::as_str) == Some(name))?
+        .get("limit")?
+        .get("count")?
+        .as_u64()
+}
+
 /// The quota server's configuration ([`quota_config_path`]), parsed.
 fn quota_config() -> Result<Yaml> {
     let path = quota_config_path();

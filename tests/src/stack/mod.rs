@@ -12,9 +12,11 @@
 //! - `topology`: addresses and the rendering of the Envoy configuration;
 //! - `local`: the local processes; `state`: what `stack down` stops;
 //! - `children`: starting the processes other than Envoy;
-//! - `upstreams`: what the `upstreams` binary prints.
+//! - `upstreams`: what the `upstreams` binary prints;
+//! - `demo`: the demo's traffic and summary.
 
 mod children;
+pub mod demo;
 pub mod files;
 pub mod local;
 pub mod state;
