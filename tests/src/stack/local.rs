@@ -210,6 +210,7 @@ impl LocalStack {
         }
         Ok(StackState {
             processes,
+            envoys: self.envoys.iter().map(Envoy::addr).collect(),
             description: self.describe(),
         })
     }

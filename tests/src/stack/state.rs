@@ -2,6 +2,7 @@
 //! exactly those: each by its pid and its start time (a pid the kernel gave
 //! to another process since is never signalled).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,8 @@ impl Recorded {
 pub struct StackState {
     /// In start order; stopped in reverse.
     pub processes: Vec<Recorded>,
+    /// The Envoys' HTTP listeners (`envoy-a`, `envoy-b`).
+    pub envoys: Vec<SocketAddr>,
     /// What `stack up` printed about it.
     pub description: String,
 }
