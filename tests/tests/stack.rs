@@ -51,7 +51,7 @@ async fn compose_envoy_config_validates() {
     let config = std::fs::read_to_string(files::compose_envoy_path()).unwrap();
     assert!(config.contains(COMPOSE_WASM_PATH));
     let config = config.replace(COMPOSE_WASM_PATH, &wasm.display().to_string());
-    let file = tempfile::NamedTempFile::new().unwrap();
+    let file = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
     std::fs::write(file.path(), config).unwrap();
     let (ok, output) = sluice_e2e::envoy::validate(file.path()).await.unwrap();
     assert!(ok, "envoy --mode validate:\n{output}");
