@@ -64,7 +64,10 @@ fn demo_admits_the_fleet_limits_through_both_envoys() {
         let row = row(&stdout, what, rule);
         let limit = limits[rule];
         assert_eq!(row.limit, Some(limit), "{what}: the limit of sluice.yaml");
-        assert!(sent as u64 > limit, "{what}: the demo must exceed the limit");
+        assert!(
+            sent as u64 > limit,
+            "{what}: the demo must exceed the limit"
+        );
         assert_eq!(row.allowed[2] + row.limited[2], sent as u64, "{what}");
         if modes[rule] == "exact" {
             // The quota server decides every request: exactly the limit.
@@ -85,7 +88,11 @@ fn demo_admits_the_fleet_limits_through_both_envoys() {
     let messages = row(&stdout, "ws-message", "ws-messages");
     assert!(WS_MESSAGES as u64 > per_connection);
     assert_eq!(messages.limit, None, "a local rule has no fleet limit");
-    assert_eq!(messages.allowed[2], connections * per_connection, "{stdout}");
+    assert_eq!(
+        messages.allowed[2],
+        connections * per_connection,
+        "{stdout}"
+    );
     assert_eq!(messages.limited[2], connections, "{stdout}");
     assert!(
         stdout.contains("Close 1008 \"rate limited: ws-messages\""),
@@ -95,5 +102,8 @@ fn demo_admits_the_fleet_limits_through_both_envoys() {
     // The headers of an allowed and a refused reply are shown.
     assert!(stdout.contains("x-ratelimit-remaining: 0"), "{stdout}");
     assert!(stdout.contains("retry-after: "), "{stdout}");
-    assert!(stdout.contains("Stopped every process of the stack"), "{stdout}");
+    assert!(
+        stdout.contains("Stopped every process of the stack"),
+        "{stdout}"
+    );
 }

@@ -68,7 +68,11 @@ fn compose() -> Yaml {
 fn strings(value: &Yaml) -> Vec<String> {
     value
         .as_sequence()
-        .map(|s| s.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -128,7 +132,11 @@ fn dockerfile(path: &Path) -> (Vec<String>, Vec<String>) {
         match words.as_slice() {
             ["FROM", .., "AS", stage] => stages.push((*stage).to_owned()),
             ["COPY", args @ ..] if !args.iter().any(|a| a.starts_with("--from")) => {
-                let args: Vec<&str> = args.iter().copied().filter(|a| !a.starts_with("--")).collect();
+                let args: Vec<&str> = args
+                    .iter()
+                    .copied()
+                    .filter(|a| !a.starts_with("--"))
+                    .collect();
                 sources.extend(args[..args.len() - 1].iter().map(|s| (*s).to_owned()));
             }
             _ => {}
@@ -146,7 +154,8 @@ fn compose_names_files_that_exist_and_agree_with_the_local_stack() {
             .get(name)
             .unwrap_or_else(|| panic!("compose has no service {name}"))
     };
-    let built_wasm = normalize(&repo_root().join("target/wasm32-wasip1/release/sluice_filter.wasm"));
+    let built_wasm =
+        normalize(&repo_root().join("target/wasm32-wasip1/release/sluice_filter.wasm"));
 
     // Every build: its context, Dockerfile, target stage and COPY sources.
     let mut builds = 0;
@@ -156,7 +165,11 @@ fn compose_names_files_that_exist_and_agree_with_the_local_stack() {
             builds += 1;
             let base = files::compose_path().parent().unwrap().to_path_buf();
             let context = normalize(&base.join(build["context"].as_str().unwrap()));
-            assert_eq!(context, normalize(&repo_root()), "{name}: the context is the repository");
+            assert_eq!(
+                context,
+                normalize(&repo_root()),
+                "{name}: the context is the repository"
+            );
             let path = context.join(build["dockerfile"].as_str().unwrap());
             assert!(path.is_file(), "{name}: {} is missing", path.display());
             let (sources, stages) = dockerfile(&path);
@@ -169,7 +182,10 @@ fn compose_names_files_that_exist_and_agree_with_the_local_stack() {
                 );
             }
             if let Some(target) = build.get("target").and_then(Yaml::as_str) {
-                assert!(stages.iter().any(|s| s == target), "{name}: no stage {target}");
+                assert!(
+                    stages.iter().any(|s| s == target),
+                    "{name}: no stage {target}"
+                );
             }
         }
         // Every bind mount exists, or is the filter `make wasm` builds.
@@ -204,7 +220,10 @@ fn compose_names_files_that_exist_and_agree_with_the_local_stack() {
     let quota = service(COMPOSE_QUOTA_HOST);
     let command = strings(&quota["command"]);
     assert_eq!(arg_after(&command, "--config"), COMPOSE_QUOTA_CONFIG);
-    assert_eq!(mounts(quota)[COMPOSE_QUOTA_CONFIG], files::quota_config_path());
+    assert_eq!(
+        mounts(quota)[COMPOSE_QUOTA_CONFIG],
+        files::quota_config_path()
+    );
     let listen = files::quota_listen().unwrap();
     let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(container_ports(quota), [port]);
@@ -212,15 +231,26 @@ fn compose_names_files_that_exist_and_agree_with_the_local_stack() {
         serde_norway::from_str(&std::fs::read_to_string(files::quota_config_path()).unwrap())
             .unwrap();
     let redis_url = config["storage"]["redis"]["url"].as_str().unwrap();
-    let redis_host = redis_url.trim_start_matches("redis://").split(':').next().unwrap();
+    let redis_host = redis_url
+        .trim_start_matches("redis://")
+        .split(':')
+        .next()
+        .unwrap();
     let redis = service(redis_host);
     let redis_command = strings(&redis["command"]).join(" ");
-    assert!(redis_command.contains("--appendonly yes"), "{redis_command}");
+    assert!(
+        redis_command.contains("--appendonly yes"),
+        "{redis_command}"
+    );
 
     // The upstreams listen where the rendered config sends traffic.
     let (host, ports) = COMPOSE_UPSTREAMS;
     let command = strings(&service(host)["command"]);
-    for (flag, port) in [("--http", ports.http), ("--grpc", ports.grpc), ("--ws", ports.ws)] {
+    for (flag, port) in [
+        ("--http", ports.http),
+        ("--grpc", ports.grpc),
+        ("--ws", ports.ws),
+    ] {
         assert_eq!(arg_after(&command, flag), format!("0.0.0.0:{port}"));
     }
 }
@@ -274,7 +304,10 @@ impl Drop for DownOnDrop<'_> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stack_up_shares_limits_through_both_envoys_and_down_stops_its_processes() {
     wasm_path().unwrap_or_else(|e| panic!("{e:#}"));
-    let dir = tempfile::Builder::new().prefix("sluice-stack-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-stack-")
+        .tempdir()
+        .unwrap();
     let dir = dir.path();
     let _guard = DownOnDrop(dir);
 
@@ -284,11 +317,22 @@ async fn stack_up_shares_limits_through_both_envoys_and_down_stops_its_processes
     let names: Vec<&str> = state.processes.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
-        ["stack", "redis", "quota-server", "upstreams", "envoy-a", "envoy-b"]
+        [
+            "stack",
+            "redis",
+            "quota-server",
+            "upstreams",
+            "envoy-a",
+            "envoy-b"
+        ]
     );
     assert!(state.processes.iter().all(|p| p.is_running()), "{state:?}");
     let again = stack(dir, &["up"]);
-    assert!(!again.status.success(), "a second stack up must refuse: {}", text(&again));
+    assert!(
+        !again.status.success(),
+        "a second stack up must refuse: {}",
+        text(&again)
+    );
 
     // The local Envoys run the compose Envoys' template and filter JSON.
     let filter = files::filter_config().unwrap();
@@ -297,7 +341,11 @@ async fn stack_up_shares_limits_through_both_envoys_and_down_stops_its_processes
     for name in ENVOY_NAMES {
         let local = std::fs::read_to_string(dir.join(format!("{name}.yaml"))).unwrap();
         let (plugin, clusters) = plugin_and_clusters(&local);
-        assert_eq!(plugin.trim(), filter.trim(), "{name}: the stack's filter.json");
+        assert_eq!(
+            plugin.trim(),
+            filter.trim(),
+            "{name}: the stack's filter.json"
+        );
         assert_eq!(plugin, compose_plugin, "{name}");
         assert_eq!(clusters, compose_clusters, "{name}");
     }

@@ -44,7 +44,9 @@ pub const WS_MESSAGE_RULE: &str = "ws-messages";
 /// Allowed and limited counts per Envoy (indexed as [`ENVOY_NAMES`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
+    /// Allowed by each Envoy.
     pub allowed: [u64; 2],
+    /// Limited by each Envoy.
     pub limited: [u64; 2],
 }
 
@@ -72,8 +74,11 @@ impl Tally {
 /// What the demo's clients saw.
 #[derive(Debug)]
 pub struct DemoRun {
+    /// `GET /api/items`.
     pub http: Tally,
+    /// `GetUser` calls.
     pub grpc: Tally,
+    /// Upgrades of `/ws`.
     pub ws_upgrades: Tally,
     /// Messages echoed back, and refused (the connection then closed).
     pub ws_messages: Tally,
@@ -118,7 +123,10 @@ async fn http(stack: &LocalStack, run: &mut DemoRun) -> Result<()> {
         let allowed = match reply.status {
             200 => true,
             429 => false,
-            other => bail!("GET /api/items: unexpected status {other}: {}", reply.text()),
+            other => bail!(
+                "GET /api/items: unexpected status {other}: {}",
+                reply.text()
+            ),
         };
         run.http.count(envoy, allowed);
         let example = if allowed {
@@ -134,14 +142,19 @@ async fn http(stack: &LocalStack, run: &mut DemoRun) -> Result<()> {
 async fn grpc(stack: &LocalStack, run: &mut DemoRun) -> Result<()> {
     let mut clients = Vec::new();
     for envoy in &stack.envoys {
-        clients.push(UserServiceClient::new(crate::grpc::connect(envoy.addr()).await?));
+        clients.push(UserServiceClient::new(
+            crate::grpc::connect(envoy.addr()).await?,
+        ));
     }
     for i in 0..GRPC_CALLS {
         let envoy = i % 2;
         let request = GetUserRequest { user_id: i as u64 };
         let call = clients[envoy].get_user(request);
         let allowed = match tokio::time::timeout(crate::client::REQUEST_TIMEOUT, call).await {
-            Err(_) => bail!("GetUser: no answer within {:?}", crate::client::REQUEST_TIMEOUT),
+            Err(_) => bail!(
+                "GetUser: no answer within {:?}",
+                crate::client::REQUEST_TIMEOUT
+            ),
             Ok(Ok(_)) => true,
             Ok(Err(status)) if status.code() == Code::ResourceExhausted => false,
             Ok(Err(status)) => bail!("GetUser: unexpected status {status:?}"),

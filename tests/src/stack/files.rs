@@ -47,7 +47,8 @@ fn read(path: &Path) -> Result<String> {
 pub fn filter_config() -> Result<String> {
     let path = filter_path();
     let text = read(&path)?;
-    serde_json::from_str::<Value>(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    serde_json::from_str::<Value>(&text)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
     Ok(text)
 }
 

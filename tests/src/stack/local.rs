@@ -44,6 +44,7 @@ pub enum Store {
 pub struct Options {
     /// Logs, rendered configurations and the state file.
     pub dir: PathBuf,
+    /// Where the quota server keeps its counters.
     pub store: Store,
     /// The `upstreams` binary.
     pub upstreams_binary: PathBuf,
@@ -120,7 +121,8 @@ impl LocalStack {
             })
             .await?;
 
-        let mut upstreams = Child::spawn("upstreams", Command::new(&options.upstreams_binary), dir)?;
+        let mut upstreams =
+            Child::spawn("upstreams", Command::new(&options.upstreams_binary), dir)?;
         let upstream_addrs = upstreams.wait_for(READY_WITHIN, parse_output).await?;
 
         let ports = UpstreamPorts {
@@ -232,8 +234,8 @@ async fn start_redis(dir: &Path) -> Result<(Child, u16)> {
         .args(["--appendonly", "yes", "--save", ""])
         .arg("--dir")
         .arg(&data);
-    let mut redis = Child::spawn("redis", command, dir)
-        .context("starting redis-server (run `make setup`)")?;
+    let mut redis =
+        Child::spawn("redis", command, dir).context("starting redis-server (run `make setup`)")?;
     redis
         .wait_for(READY_WITHIN, |_| {
             TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub struct Recorded {
     /// What it is (`envoy-a`, `quota-server`, ...).
     pub name: String,
+    /// Its process id.
     pub pid: u32,
     /// Its start time in clock ticks after boot (`/proc/<pid>/stat`).
     pub started: u64,
@@ -22,8 +23,8 @@ pub struct Recorded {
 impl Recorded {
     /// Records the running process `pid`.
     pub fn of(name: &str, pid: u32) -> Result<Self> {
-        let started = start_time(pid)
-            .ok_or_else(|| anyhow!("{name} (pid {pid}) is not running"))?;
+        let started =
+            start_time(pid).ok_or_else(|| anyhow!("{name} (pid {pid}) is not running"))?;
         Ok(Self {
             name: name.to_owned(),
             pid,
@@ -82,7 +83,8 @@ impl StackState {
         let path = state_path(dir);
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(Some(
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?,
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -144,6 +146,9 @@ mod tests {
             started: me.started + 1,
             ..me.clone()
         };
-        assert!(!reused.is_running(), "another start time is another process");
+        assert!(
+            !reused.is_running(),
+            "another start time is another process"
+        );
     }
 }

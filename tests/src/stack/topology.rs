@@ -40,8 +40,11 @@ pub const COMPOSE_QUOTA_CONFIG: &str = "/etc/sluice/sluice.yaml";
 /// The upstreams' ports (`upstreams --http --grpc --ws`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamPorts {
+    /// HTTP/1.1 and h2c echo.
     pub http: u16,
+    /// gRPC services.
     pub grpc: u16,
+    /// WebSocket echo and rooms.
     pub ws: u16,
 }
 

@@ -10,8 +10,11 @@ pub const READY_LINE: &str = "upstreams: ready";
 /// Where the upstreams listen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamAddrs {
+    /// HTTP/1.1 and h2c echo.
     pub http: SocketAddr,
+    /// gRPC services.
     pub grpc: SocketAddr,
+    /// WebSocket echo and rooms.
     pub ws: SocketAddr,
 }
 
