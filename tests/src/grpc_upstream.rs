@@ -55,9 +55,14 @@ struct State {
 impl GrpcUpstream {
     /// Binds 127.0.0.1:0 and serves in the background (needs a tokio runtime).
     pub async fn start() -> Result<Self> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Binds `addr` and serves in the background (needs a tokio runtime).
+    pub async fn start_on(addr: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(addr)
             .await
-            .context("binding the gRPC upstream on 127.0.0.1:0")?;
+            .with_context(|| format!("binding the gRPC upstream on {addr}"))?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             calls: Mutex::default(),
@@ -82,6 +87,11 @@ impl GrpcUpstream {
             let _ = server.await;
         });
         Ok(Self { addr, state, task })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn port(&self) -> u16 {

@@ -12,8 +12,10 @@
 //!   template's gRPC and WebSocket routes; [`stream_stats`]: their stats;
 //!   [`wait`]: bounded polling; [`py_client`]: independent Python clients
 //!   (grpcio, websockets).
-//! - [`demo`]: the demo rule set (used by the demo binary and rendered into
-//!   `envoy/envoy.yaml`).
+//! - [`demo`]: the example rule set rendered into `envoy/envoy.yaml`.
+//! - [`stack`]: two Envoys sharing global limits through the quota server,
+//!   as local processes (`make stack-up`, `make demo`) or in compose
+//!   (`envoy/compose.yaml`), and the demo's traffic and summary.
 //!
 //! Tests should fail by panicking (`expect`, `assert!`): Envoy's logs under
 //! `.e2e-logs/<test>/` are kept only when the test is panicking while the
@@ -26,6 +28,7 @@ pub mod grpc;
 pub mod grpc_upstream;
 pub mod py_client;
 pub mod routes;
+pub mod stack;
 pub mod stream_stats;
 pub mod template;
 pub mod upstream;

@@ -11,6 +11,15 @@ pub fn with_upstreams(
     grpc: Option<u16>,
     websocket: Option<u16>,
 ) -> EnvoyBuilder {
+    builder.template(
+        &template_path().display().to_string(),
+        upstream_vars(grpc, websocket),
+    )
+}
+
+/// The template's variables and sections for a gRPC upstream on port
+/// `grpc` and a WebSocket upstream on port `websocket`, when given.
+pub fn upstream_vars(grpc: Option<u16>, websocket: Option<u16>) -> Vars {
     let mut vars = Vars::new();
     if let Some(port) = grpc {
         vars = vars
@@ -22,5 +31,5 @@ pub fn with_upstreams(
             .set("WS_UPSTREAM_PORT", port.to_string())
             .section("websocket");
     }
-    builder.template(&template_path().display().to_string(), vars)
+    vars
 }

@@ -34,9 +34,14 @@ pub struct Upstream {
 impl Upstream {
     /// Binds 127.0.0.1:0 and serves in the background (needs a tokio runtime).
     pub async fn start() -> Result<Self> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Binds `addr` and serves in the background (needs a tokio runtime).
+    pub async fn start_on(addr: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(addr)
             .await
-            .context("binding the upstream on 127.0.0.1:0")?;
+            .with_context(|| format!("binding the upstream on {addr}"))?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = watch::channel(false);

@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
 use super::admin::{admin_ready, read_admin_address};
-use super::config::{plugin_json, ConfigParams};
+use super::config::{plugin_json, ConfigParams, Hosts};
 use super::logs::{sanitize, LogFiles};
 use super::os::{die_with_parent, pin_to_cpus, terminate};
 use super::process::{wait_for_admin_address, Envoy, EnvoyFailure, DEFAULT_START_TIMEOUT};
@@ -30,6 +30,8 @@ pub struct EnvoyBuilder {
     cpus: Option<Vec<usize>>,
     /// Another template (path relative to the repository) and its own variables.
     custom: Option<(PathBuf, Vars)>,
+    /// Where Envoy's files go instead of `.e2e-logs/<test>/` (kept).
+    log_dir: Option<PathBuf>,
 }
 
 impl EnvoyBuilder {
@@ -37,6 +39,13 @@ impl EnvoyBuilder {
     /// template, with the usual parameters plus `extra`.
     pub fn template(mut self, path: &str, extra: Vars) -> Self {
         self.custom = Some((PathBuf::from(path), extra));
+        self
+    }
+
+    /// Writes Envoy's files (config, log, stdout, stderr) into `dir`, named
+    /// after the instance, and keeps them.
+    pub fn log_dir(mut self, dir: &Path) -> Self {
+        self.log_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -211,7 +220,10 @@ impl EnvoyBuilder {
     fn spawn(&self) -> Result<(Child, LogFiles)> {
         let binary = envoy_binary()?;
         let config = self.render()?;
-        let files = LogFiles::create(&self.test_name, &self.instance)?;
+        let files = match &self.log_dir {
+            Some(dir) => LogFiles::create_in(dir, &self.instance)?,
+            None => LogFiles::create(&self.test_name, &self.instance)?,
+        };
         std::fs::write(&files.config, &config)
             .with_context(|| format!("writing {}", files.config.display()))?;
         let stdout = File::create(&files.stdout)?;
@@ -262,6 +274,7 @@ impl Envoy {
                 native_local_ratelimit: false,
                 access_log: true,
                 quota_port: None,
+                hosts: Hosts::loopback(),
             },
             wasm_override: None,
             concurrency: 1,
@@ -269,6 +282,7 @@ impl Envoy {
             start_timeout: DEFAULT_START_TIMEOUT,
             cpus: None,
             custom: None,
+            log_dir: None,
         }
     }
 }

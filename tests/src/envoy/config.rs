@@ -24,6 +24,39 @@ pub struct ConfigParams {
     pub access_log: bool,
     /// The quota server's gRPC port: adds the `sluice_quota` cluster.
     pub quota_port: Option<u16>,
+    /// Where the listeners bind and the clusters point.
+    pub hosts: Hosts,
+}
+
+/// The addresses of the template's listeners and clusters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hosts {
+    /// What the admin and HTTP listeners bind.
+    pub bind: String,
+    /// The upstreams' host (HTTP, gRPC and WebSocket).
+    pub upstream: String,
+    /// The quota server's host.
+    pub quota: String,
+    /// `STATIC` for IP addresses, `STRICT_DNS` for host names.
+    pub cluster_type: &'static str,
+}
+
+impl Hosts {
+    /// Everything on 127.0.0.1 (tests, the local stack).
+    pub fn loopback() -> Self {
+        Self {
+            bind: "127.0.0.1".to_owned(),
+            upstream: "127.0.0.1".to_owned(),
+            quota: "127.0.0.1".to_owned(),
+            cluster_type: "STATIC",
+        }
+    }
+}
+
+impl Default for Hosts {
+    fn default() -> Self {
+        Self::loopback()
+    }
 }
 
 impl ConfigParams {
@@ -39,6 +72,10 @@ impl ConfigParams {
             .set("ADMIN_PORT", self.admin_port.to_string())
             .set("LISTEN_PORT", self.listen_port.to_string())
             .set("UPSTREAM_PORT", self.upstream_port.to_string())
+            .set("BIND_ADDRESS", self.hosts.bind.clone())
+            .set("UPSTREAM_HOST", self.hosts.upstream.clone())
+            .set("QUOTA_HOST", self.hosts.quota.clone())
+            .set("CLUSTER_TYPE", self.hosts.cluster_type)
             .set("WASM_PATH", template::yaml_quote(&self.wasm_path))
             .set(
                 "PLUGIN_CONFIG",

@@ -17,12 +17,23 @@ pub(super) struct LogFiles {
     pub(super) admin_address: PathBuf,
     pub(super) base_id: PathBuf,
     pub(super) keep: bool,
+    /// The files live in a directory the caller chose and keeps (the
+    /// stack's): kept without a word when dropped.
+    pub(super) caller_dir: bool,
 }
 
 impl LogFiles {
     /// Fresh files for `instance` of test `test_name` (leftovers removed).
     pub(super) fn create(test_name: &str, instance: &str) -> Result<Self> {
-        let dir = repo_root().join(".e2e-logs").join(test_name);
+        let mut files = Self::create_in(&repo_root().join(".e2e-logs").join(test_name), instance)?;
+        files.keep = std::env::var("SLUICE_KEEP_LOGS").is_ok_and(|v| v == "1");
+        files.caller_dir = false;
+        Ok(files)
+    }
+
+    /// Fresh files for `instance` in `dir`, kept (leftovers removed).
+    pub(super) fn create_in(dir: &Path, instance: &str) -> Result<Self> {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let files = Self {
             config: dir.join(format!("{instance}.yaml")),
@@ -32,7 +43,8 @@ impl LogFiles {
             admin_address: dir.join(format!("{instance}.admin-address")),
             base_id: dir.join(format!("{instance}.base-id")),
             dir,
-            keep: std::env::var("SLUICE_KEEP_LOGS").is_ok_and(|v| v == "1"),
+            keep: true,
+            caller_dir: true,
         };
         // Leftovers of an earlier failed run.
         files.remove();
@@ -102,7 +114,9 @@ impl Drop for LogFiles {
             return;
         }
         if self.keep {
-            eprintln!("Envoy files kept in {}", self.dir.display());
+            if !self.caller_dir {
+                eprintln!("Envoy files kept in {}", self.dir.display());
+            }
             return;
         }
         self.remove();
