@@ -1,5 +1,6 @@
-//! What the benchmarks (`benchfilter`, `benchglobal`) share: wrk runs on
-//! loopback and what they printed, medians, and the load average.
+//! What the benchmarks (`benchfilter`, `benchglobal`) share: options,
+//! the order of interleaved rounds, wrk runs on loopback and what they
+//! printed, medians, and the load average.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -8,6 +9,101 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::envoy::pin_to_cpus;
 use crate::find_on_path;
+
+/// The options every benchmark takes: `--rounds N`, `--duration SECONDS`,
+/// `--warmup SECONDS`, `--connections N`, `--threads N`, `--no-pin`,
+/// `--only NAME[,NAME]`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Interleaved rounds (each variant once per round).
+    pub rounds: usize,
+    /// Seconds of each measured run.
+    pub duration_s: u64,
+    /// Seconds of load before each measured run.
+    pub warmup_s: u64,
+    /// Load generator connections.
+    pub connections: u32,
+    /// Load generator threads.
+    pub threads: u32,
+    /// Pins Envoy and the load generator to separate CPUs.
+    pub pin: bool,
+    /// Runs only these variants.
+    pub only: Option<Vec<String>>,
+}
+
+impl Default for Options {
+    /// 3 rounds of 5 s after 1 s of warm-up, 32 connections, 1 thread,
+    /// pinned, every variant.
+    fn default() -> Options {
+        Options {
+            rounds: 3,
+            duration_s: 5,
+            warmup_s: 1,
+            connections: 32,
+            threads: 1,
+            pin: true,
+            only: None,
+        }
+    }
+}
+
+impl Options {
+    /// Reads `args` (without the program name) over `defaults`; `None`
+    /// after printing the usage of `program` for `-h`/`--help`. Runs stay
+    /// bounded: at most 20 rounds of 120 s.
+    pub fn parse(program: &str, defaults: Options, args: Vec<String>) -> Result<Option<Options>> {
+        let mut options = defaults;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().ok_or_else(|| anyhow!("{arg} needs a value"));
+            match arg.as_str() {
+                "--rounds" => options.rounds = value()?.parse()?,
+                "--duration" => options.duration_s = value()?.parse()?,
+                "--warmup" => options.warmup_s = value()?.parse()?,
+                "--connections" => options.connections = value()?.parse()?,
+                "--threads" => options.threads = value()?.parse()?,
+                "--no-pin" => options.pin = false,
+                "--only" => {
+                    options.only = Some(value()?.split(',').map(str::to_owned).collect());
+                }
+                "-h" | "--help" => {
+                    println!(
+                        "{program} [--rounds N] [--duration S] [--warmup S] [--connections N] \
+                         [--threads N] [--no-pin] [--only NAME,...]"
+                    );
+                    return Ok(None);
+                }
+                other => bail!("unknown argument {other:?}"),
+            }
+        }
+        if options.rounds == 0 || options.duration_s == 0 || options.connections == 0 {
+            bail!("--rounds, --duration and --connections must be at least 1");
+        }
+        if options.duration_s > 120 || options.rounds > 20 {
+            bail!("keep runs bounded: --duration at most 120, --rounds at most 20");
+        }
+        Ok(Some(options))
+    }
+
+    /// Whether variant `name` runs (`--only`).
+    pub fn selects(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|o| o == name))
+    }
+
+    /// Whether to pin: asked, and there are two CPUs to pin to.
+    pub fn pins(&self) -> bool {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.pin && cpus >= 2
+    }
+}
+
+/// The order of `count` variants in round `round` (from 0): rotated by one
+/// each round, so no variant always runs first or after the same one.
+pub fn round_order(round: usize, count: usize) -> impl Iterator<Item = usize> {
+    (0..count).map(move |k| (k + round) % count)
+}
 
 /// How to run wrk (HTTP/1.1, keep-alive connections).
 #[derive(Debug, Clone, Copy)]

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use futures_util::SinkExt as _;
 use serde_json::{json, Value};
-use sluice_e2e::bench::{self, load_average, median, WrkLoad};
+use sluice_e2e::bench::{self, load_average, median, round_order, Options, WrkLoad};
 use sluice_e2e::envoy::{pin_to_cpus, Envoy, EnvoyBuilder};
 use sluice_e2e::grpc_upstream::GrpcUpstream;
 use sluice_e2e::routes::with_upstreams;
@@ -150,17 +150,6 @@ fn ratios() -> Vec<Ratio> {
     ]
 }
 
-#[derive(Debug, Clone)]
-struct Options {
-    rounds: usize,
-    duration_s: u64,
-    warmup_s: u64,
-    connections: u32,
-    threads: u32,
-    pin: bool,
-    only: Option<Vec<String>>,
-}
-
 /// One measured run.
 #[derive(Debug, Clone)]
 struct Run {
@@ -173,8 +162,13 @@ struct Run {
 }
 
 fn main() -> ExitCode {
-    let options = match parse_args(std::env::args().skip(1).collect()) {
-        Ok(options) => options,
+    let options = match Options::parse(
+        "benchfilter",
+        Options::default(),
+        std::env::args().skip(1).collect(),
+    ) {
+        Ok(Some(options)) => options,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("benchfilter: {e:#}");
             return ExitCode::FAILURE;
@@ -200,57 +194,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_args(args: Vec<String>) -> Result<Options> {
-    let mut options = Options {
-        rounds: 3,
-        duration_s: 5,
-        warmup_s: 1,
-        connections: 32,
-        threads: 1,
-        pin: true,
-        only: None,
-    };
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow!("{arg} needs a value"));
-        match arg.as_str() {
-            "--rounds" => options.rounds = value()?.parse()?,
-            "--duration" => options.duration_s = value()?.parse()?,
-            "--warmup" => options.warmup_s = value()?.parse()?,
-            "--connections" => options.connections = value()?.parse()?,
-            "--threads" => options.threads = value()?.parse()?,
-            "--no-pin" => options.pin = false,
-            "--only" => {
-                options.only = Some(value()?.split(',').map(str::to_owned).collect());
-            }
-            "-h" | "--help" => {
-                println!(
-                    "benchfilter [--rounds N] [--duration S] [--warmup S] [--connections N] \
-                     [--threads N] [--no-pin] [--only NAME,...]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
-    if options.rounds == 0 || options.duration_s == 0 || options.connections == 0 {
-        bail!("--rounds, --duration and --connections must be at least 1");
-    }
-    if options.duration_s > 120 || options.rounds > 20 {
-        bail!("keep runs bounded: --duration at most 120, --rounds at most 20");
-    }
-    Ok(options)
-}
-
 async fn run(options: &Options) -> Result<()> {
     let variants: Vec<Variant> = variants()
         .into_iter()
-        .filter(|v| {
-            options
-                .only
-                .as_ref()
-                .is_none_or(|only| only.iter().any(|o| o == v.name))
-        })
+        .filter(|v| options.selects(v.name))
         .collect();
     if variants.is_empty() {
         bail!("no variant selected");
@@ -261,8 +208,7 @@ async fn run(options: &Options) -> Result<()> {
     {
         wasm_path()?;
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pin = options.pin && cpus >= 2;
+    let pin = options.pins();
     println!(
         "benchfilter: {} round(s) x {} variant(s), {} s each (+{} s warm-up), {} connection(s), \
          1 Envoy worker{}",
@@ -292,8 +238,7 @@ async fn run(options: &Options) -> Result<()> {
     };
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
     for round in 0..options.rounds {
-        for k in 0..variants.len() {
-            let index = (k + round) % variants.len();
+        for index in round_order(round, variants.len()) {
             let variant = variants[index];
             let run = run_variant(&variant, options, pin, &upstreams, round).await?;
             println!(
