@@ -40,7 +40,9 @@ pub(super) struct Asking {
 /// a few milliseconds before the filter's clock says the timeout passed:
 /// the last quarter of the timeout counts.
 fn timed_out_from(asked: Nanos, timeout: Span) -> Nanos {
-    asked.plus(Span(timeout.as_nanos().saturating_sub(timeout.as_nanos() / 4)))
+    asked.plus(Span(
+        timeout.as_nanos().saturating_sub(timeout.as_nanos() / 4),
+    ))
 }
 
 /// Why the quota server did not decide.
