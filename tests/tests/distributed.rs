@@ -204,7 +204,7 @@ fn on<'a>(sent: &'a [Sent], path: &str) -> Vec<&'a Sent> {
     sent.iter().filter(|s| s.path == path).collect()
 }
 
-/// Whether a 429 names `rule` and says why: `error` in its JSON body.
+/// The `error` of a 429's JSON body, after checking that it names `rule`.
 fn refusal_of(sent: &Sent, rule: &str) -> String {
     let body = sent.reply.json().unwrap();
     assert_eq!(body["rule"], rule, "{}", sent.reply.text());
