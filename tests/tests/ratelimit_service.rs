@@ -10,14 +10,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_e2e::client::{Client, Reply};
 use sluice_e2e::envoy::Envoy;
+use sluice_e2e::redis::Redis;
+use sluice_e2e::sluice_binary;
 use sluice_e2e::template::Vars;
 use sluice_e2e::upstream::Upstream;
-use sluice_e2e::{free_port, sluice_binary};
 use sluice_quota_server::launcher::{Launcher, QuotaServer};
 
 /// The envoyproxy/ratelimit file both tests use (domain set per test):
@@ -41,41 +41,6 @@ fn start_sluice(config: &Path) -> QuotaServer {
     Launcher::new(sluice_binary().unwrap_or_else(|e| panic!("{e}")))
         .start_file(config)
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A `redis-server` on a free port; killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port().expect("a free port");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting redis-server (run `make setup`)");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Redis { child, port }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 async fn envoy(
@@ -182,7 +147,7 @@ async fn failure_modes_of_server_and_envoy() {
         )
         .unwrap();
     }
-    let mut redis = Redis::start();
+    let mut redis = Redis::start().unwrap();
     let config = dir.path().join("sluice.yaml");
     std::fs::write(
         &config,
@@ -195,7 +160,7 @@ descriptor_files:
   - {{path: open.yaml, failure_mode: open}}
   - {{path: closed.yaml, failure_mode: closed}}
 "#,
-            redis.port
+            redis.port()
         ),
     )
     .unwrap();

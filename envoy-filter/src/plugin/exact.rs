@@ -9,7 +9,7 @@
 use sluice_core::engine::{self, Charge, RuleDecision, Verdict, VerdictKind};
 use sluice_core::policy::OnFailure;
 use sluice_core::store::SharedBytes;
-use sluice_core::time::Span;
+use sluice_core::time::{Nanos, Span};
 
 use super::delay::DelayedRequest;
 use super::{Decided, Plugin, Wake};
@@ -27,8 +27,22 @@ pub(super) struct Asking {
     /// The synced rules and keys asked about, in call order.
     remote: Vec<(usize, String)>,
     call: Call,
+    /// From when a failed call counts as timed out (see [`timed_out_from`]).
+    timed_out_from: Nanos,
     /// A delay rule held the request before.
     delayed: bool,
+}
+
+/// From when a call made at `asked` with `timeout` that fails counts as
+/// timed out. Envoy ends a call whose timeout passed with UNAVAILABLE, as it
+/// does a refused connection, so what tells them apart is when; and its
+/// timer counts from the start of its event loop's turn, so it fires up to
+/// a few milliseconds before the filter's clock says the timeout passed:
+/// the last quarter of the timeout counts.
+fn timed_out_from(asked: Nanos, timeout: Span) -> Nanos {
+    asked.plus(Span(
+        timeout.as_nanos().saturating_sub(timeout.as_nanos() / 4),
+    ))
 }
 
 /// Why the quota server did not decide.
@@ -60,6 +74,7 @@ impl<B: SharedBytes> Plugin<B> {
             request,
             local,
             remote,
+            timed_out_from: timed_out_from(host.now(), call.timeout),
             call,
             delayed,
         };
@@ -106,7 +121,11 @@ impl<B: SharedBytes> Plugin<B> {
                     Err(Failure::Failed)
                 }
             },
-            Err(GRPC_DEADLINE_EXCEEDED) => Err(Failure::Timeout),
+            Err(status)
+                if status == GRPC_DEADLINE_EXCEEDED || host.now() >= asking.timed_out_from =>
+            {
+                Err(Failure::Timeout)
+            }
             Err(status) => {
                 host.warn(&format!(
                     "sluice: the quota server call failed with gRPC status {status}"

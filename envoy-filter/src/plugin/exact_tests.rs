@@ -232,6 +232,26 @@ fn failing_open_lets_requests_through_and_counts_why() -> Result<(), String> {
     );
     // A late answer for a settled call is ignored.
     assert_eq!(p.on_quota_answer(&host, 3, Err(UNAVAILABLE)), None);
+    // Envoy ends a call whose timeout passed with UNAVAILABLE, its timer
+    // firing a little early: in the last quarter of the shortest timeout
+    // (30 ms), that is a timeout too; before, a failure.
+    for (token, after_ms, timeouts, failures) in [(4, 23, 2, 2), (5, 20, 2, 3)] {
+        host.now.set(host.now.get() + 60 * SEC);
+        assert_eq!(p.on_request_headers(&host, token), Step::Pause);
+        host.now.set(host.now.get() + after_ms * 1_000_000);
+        assert_eq!(
+            p.on_quota_answer(&host, token, Err(UNAVAILABLE)),
+            Some((token, Wake::Resume))
+        );
+        assert_eq!(
+            host.counter("sluice_sync.rule.fleet.outcome.timeout"),
+            timeouts
+        );
+        assert_eq!(
+            host.counter("sluice_sync.rule.fleet.outcome.failed_open"),
+            failures
+        );
+    }
     Ok(())
 }
 

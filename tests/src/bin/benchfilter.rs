@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use futures_util::SinkExt as _;
 use serde_json::{json, Value};
+use sluice_e2e::bench::{self, load_average, median, round_order, Options, WrkLoad};
 use sluice_e2e::envoy::{pin_to_cpus, Envoy, EnvoyBuilder};
 use sluice_e2e::grpc_upstream::GrpcUpstream;
 use sluice_e2e::routes::with_upstreams;
@@ -149,17 +150,6 @@ fn ratios() -> Vec<Ratio> {
     ]
 }
 
-#[derive(Debug, Clone)]
-struct Options {
-    rounds: usize,
-    duration_s: u64,
-    warmup_s: u64,
-    connections: u32,
-    threads: u32,
-    pin: bool,
-    only: Option<Vec<String>>,
-}
-
 /// One measured run.
 #[derive(Debug, Clone)]
 struct Run {
@@ -172,8 +162,13 @@ struct Run {
 }
 
 fn main() -> ExitCode {
-    let options = match parse_args(std::env::args().skip(1).collect()) {
-        Ok(options) => options,
+    let options = match Options::parse(
+        "benchfilter",
+        Options::default(),
+        std::env::args().skip(1).collect(),
+    ) {
+        Ok(Some(options)) => options,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("benchfilter: {e:#}");
             return ExitCode::FAILURE;
@@ -199,57 +194,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_args(args: Vec<String>) -> Result<Options> {
-    let mut options = Options {
-        rounds: 3,
-        duration_s: 5,
-        warmup_s: 1,
-        connections: 32,
-        threads: 1,
-        pin: true,
-        only: None,
-    };
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow!("{arg} needs a value"));
-        match arg.as_str() {
-            "--rounds" => options.rounds = value()?.parse()?,
-            "--duration" => options.duration_s = value()?.parse()?,
-            "--warmup" => options.warmup_s = value()?.parse()?,
-            "--connections" => options.connections = value()?.parse()?,
-            "--threads" => options.threads = value()?.parse()?,
-            "--no-pin" => options.pin = false,
-            "--only" => {
-                options.only = Some(value()?.split(',').map(str::to_owned).collect());
-            }
-            "-h" | "--help" => {
-                println!(
-                    "benchfilter [--rounds N] [--duration S] [--warmup S] [--connections N] \
-                     [--threads N] [--no-pin] [--only NAME,...]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
-    if options.rounds == 0 || options.duration_s == 0 || options.connections == 0 {
-        bail!("--rounds, --duration and --connections must be at least 1");
-    }
-    if options.duration_s > 120 || options.rounds > 20 {
-        bail!("keep runs bounded: --duration at most 120, --rounds at most 20");
-    }
-    Ok(options)
-}
-
 async fn run(options: &Options) -> Result<()> {
     let variants: Vec<Variant> = variants()
         .into_iter()
-        .filter(|v| {
-            options
-                .only
-                .as_ref()
-                .is_none_or(|only| only.iter().any(|o| o == v.name))
-        })
+        .filter(|v| options.selects(v.name))
         .collect();
     if variants.is_empty() {
         bail!("no variant selected");
@@ -260,8 +208,7 @@ async fn run(options: &Options) -> Result<()> {
     {
         wasm_path()?;
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pin = options.pin && cpus >= 2;
+    let pin = options.pins();
     println!(
         "benchfilter: {} round(s) x {} variant(s), {} s each (+{} s warm-up), {} connection(s), \
          1 Envoy worker{}",
@@ -291,8 +238,7 @@ async fn run(options: &Options) -> Result<()> {
     };
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
     for round in 0..options.rounds {
-        for k in 0..variants.len() {
-            let index = (k + round) % variants.len();
+        for index in round_order(round, variants.len()) {
             let variant = variants[index];
             let run = run_variant(&variant, options, pin, &upstreams, round).await?;
             println!(
@@ -594,87 +540,20 @@ async fn run_ws(envoy: &Envoy, options: &Options, seconds: u64) -> Result<Run> {
 }
 
 fn run_wrk(envoy: &Envoy, path: &str, options: &Options, seconds: u64, pin: bool) -> Result<Run> {
-    let wrk = match std::env::var_os("SLUICE_WRK").filter(|v| !v.is_empty()) {
-        Some(p) => p.into(),
-        None => find_on_path("wrk").ok_or_else(|| anyhow!("wrk not found: run `make setup`"))?,
-    };
-    let url = envoy.url(path);
-    if !url.starts_with("http://127.0.0.1:") {
-        bail!("refusing to load anything but loopback: {url}");
-    }
-    let mut command = Command::new(wrk);
-    if pin {
-        pin_to_cpus(&mut command, &[1]);
-    }
-    let output = command
-        .arg(format!("-t{}", options.threads))
-        .arg(format!("-c{}", options.connections))
-        .arg(format!("-d{seconds}s"))
-        .arg("--timeout")
-        .arg("5s")
-        .arg(&url)
-        .stdin(Stdio::null())
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !output.status.success() {
-        bail!(
-            "wrk failed ({}): {}{}",
-            output.status,
-            text,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    parse_wrk(&text)
-}
-
-/// Reads `Requests/sec:`, `N requests in`, `Non-2xx or 3xx responses:` and
-/// the average latency from wrk's output.
-fn parse_wrk(text: &str) -> Result<Run> {
-    let mut rps = None;
-    let mut requests = None;
-    let mut non_2xx = 0;
-    let mut latency = String::from("?");
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
-            rps = v.trim().parse::<f64>().ok();
-        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            non_2xx = v.trim().parse().unwrap_or(0);
-        } else if let Some(v) = line.strip_prefix("Latency") {
-            latency = v.split_whitespace().next().unwrap_or("?").to_owned();
-        } else if line.contains(" requests in ") {
-            requests = line.split_whitespace().next().and_then(|n| n.parse().ok());
-        }
-    }
+    let run = bench::run_wrk(
+        &envoy.url(path),
+        WrkLoad {
+            threads: options.threads,
+            connections: options.connections,
+            seconds,
+            cpu: pin.then_some(1),
+        },
+    )?;
     Ok(Run {
-        rps: rps.ok_or_else(|| anyhow!("no Requests/sec in wrk's output:\n{text}"))?,
-        requests: requests.ok_or_else(|| anyhow!("no request count in wrk's output:\n{text}"))?,
-        non_2xx,
-        latency,
+        rps: run.rps,
+        requests: run.requests,
+        non_2xx: run.non_2xx,
+        latency: run.latency_avg,
         cpu_per_request: Duration::ZERO,
     })
-}
-
-/// The 1-minute load average.
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
 }
