@@ -226,6 +226,13 @@ async fn returned_leases_are_credited_back() {
         (3, 0),
         "at most what remains"
     );
+    // The rule's limit and when its budget is whole again, for the
+    // caller's headers and local refusals.
+    assert_eq!(lease.limit, 3);
+    assert!(lease.window.is_some());
+    assert!(lease
+        .reset_after
+        .is_some_and(|d| d.seconds > 0 || d.nanos > 0));
     let exhausted = check(&svc, &[("narrow", "r", 1)]).await;
     assert!(
         !exhausted.allowed,

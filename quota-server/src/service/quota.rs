@@ -157,7 +157,10 @@ impl Quota for QuotaService {
                 storage_failed(&self.shared, domain, &error);
                 // Nothing can be leased without storage: the caller falls
                 // back on its local limit (open) or denies (closed).
-                (vec![Grant::none(0); entries.len()], failed_source(domain))
+                (
+                    vec![Grant::none(0, Span::ZERO); entries.len()],
+                    failed_source(domain),
+                )
             }
         };
         for ((grant, (id, _)), entry) in grants.iter().zip(&asked).zip(&entries) {
@@ -177,7 +180,7 @@ impl Quota for QuotaService {
             .map(|at| match at {
                 Slot::Unknown => unknown,
                 Slot::Unlimited(want) => settled_lease(true, *want),
-                Slot::Entry(i) => lease(&grants[*i], source),
+                Slot::Entry(i) => lease(&grants[*i], entries[*i].limit, source),
             })
             .collect();
         Ok(Response::new(SyncResponse {
@@ -345,7 +348,7 @@ fn settled_lease(allowed: bool, want: u64) -> Lease {
         code: Code::Ok as i32,
         permits: want,
         expires_after: Some(duration(sync::LEASE_TIME)),
-        remaining: 0,
+        ..Lease::default()
     }
 }
 
@@ -366,7 +369,7 @@ fn lease_outcome(entry: &Entry<'_>, grant: &Grant, source: Source) -> MetricOutc
     }
 }
 
-fn lease(grant: &Grant, source: Source) -> Lease {
+fn lease(grant: &Grant, limit: &Limit, source: Source) -> Lease {
     let code = match source {
         Source::FailedClosed => Code::OverLimit,
         _ if grant.permits == 0 && grant.remaining == 0 && source == Source::Storage => {
@@ -379,6 +382,9 @@ fn lease(grant: &Grant, source: Source) -> Lease {
         permits: grant.permits,
         expires_after: Some(duration(grant.expires_after)),
         remaining: grant.remaining,
+        limit: limit.quota().count(),
+        window: Some(duration(limit.quota().per())),
+        reset_after: Some(duration(grant.reset_after)),
     }
 }
 
