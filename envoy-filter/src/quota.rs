@@ -160,7 +160,7 @@ fn item_answer(item: &ItemResult, group_allowed: bool) -> ItemAnswer {
 }
 
 /// A protobuf duration as a span (negative parts count as zero).
-fn span(d: &Duration) -> Span {
+pub fn span(d: &Duration) -> Span {
     let secs = u64::try_from(d.seconds).unwrap_or(0);
     let nanos = u64::try_from(d.nanos).unwrap_or(0);
     Span(secs.saturating_mul(1_000_000_000).saturating_add(nanos))

@@ -67,6 +67,7 @@ pub fn example_params() -> ConfigParams {
         native_local_ratelimit: false,
         access_log: true,
         quota_port: None,
+        sync_service: false,
     }
 }
 

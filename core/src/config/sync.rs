@@ -290,9 +290,10 @@ mod tests {
                 "rules[4].limit: required",
             ]
         );
-        let err = Policy::from_json(r#"{"rules":[{"name":"a","sync":{"mode":"lazy","domain":"d"}}]}"#)
-            .unwrap_err()
-            .to_string();
+        let err =
+            Policy::from_json(r#"{"rules":[{"name":"a","sync":{"mode":"lazy","domain":"d"}}]}"#)
+                .unwrap_err()
+                .to_string();
         assert!(
             err.starts_with("rules[0].sync.mode: unknown variant `lazy`"),
             "{err}"

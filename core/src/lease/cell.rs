@@ -342,7 +342,9 @@ pub fn update<B: SharedBytes, T>(
 ) -> Result<Option<T>, StoreError> {
     let mut bytes = Vec::with_capacity(VALUE_BYTES);
     for _ in 0..TRIES {
-        let Some((mut cell, cas)) = first.take().map_or_else(|| load(backend, name), |c| Ok(Some(c)))?
+        let Some((mut cell, cas)) = first
+            .take()
+            .map_or_else(|| load(backend, name), |c| Ok(Some(c)))?
         else {
             return Ok(None);
         };
@@ -520,10 +522,22 @@ mod tests {
                 ..grant(1)
             },
         );
-        assert!(matches!(cell.take(1, NOW), Take::Taken(Taken { half: 1, .. })));
-        assert!(matches!(cell.take(1, NOW), Take::Taken(Taken { half: 0, .. })));
-        assert!(matches!(cell.take(2, NOW), Take::Empty), "one left, two asked");
-        assert!(matches!(cell.take(1, NOW), Take::Taken(Taken { half: 0, .. })));
+        assert!(matches!(
+            cell.take(1, NOW),
+            Take::Taken(Taken { half: 1, .. })
+        ));
+        assert!(matches!(
+            cell.take(1, NOW),
+            Take::Taken(Taken { half: 0, .. })
+        ));
+        assert!(
+            matches!(cell.take(2, NOW), Take::Empty),
+            "one left, two asked"
+        );
+        assert!(matches!(
+            cell.take(1, NOW),
+            Take::Taken(Taken { half: 0, .. })
+        ));
         assert_eq!(cell.take(1, NOW), Take::Empty);
         assert_eq!(cell.missed, 2);
         assert_eq!(cell.admitted, 3);

@@ -217,6 +217,17 @@ impl<B: SharedBytes> SlotStore<B> {
         &self.backend
     }
 
+    /// The backend, to keep other shared values next to the slots (the
+    /// lease cells of leased rules).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// The key hash's secret seed.
+    pub fn seed(&self) -> &Seed {
+        &self.seed
+    }
+
     fn set_name(&mut self, table: usize, suffix: impl core::fmt::Display) {
         self.name.clear();
         if let Some(t) = self.tables.get(table) {

@@ -12,7 +12,9 @@
 //! - `cuts`: gRPC calls cut after their response started, reset on ticks
 //!   unless the upstream ends them first.
 //! - `exact`: requests waiting for the quota server's decision on their
-//!   synced rules (sync mode `exact`).
+//!   synced rules (sync mode `exact`, and leased keys without a lease).
+//! - `leased`: requests of leased rules decided from this Envoy's leases
+//!   (sync mode `leased`).
 //! - `stream_judge`: gRPC and WebSocket messages decided against the
 //!   stream rules.
 
@@ -21,6 +23,9 @@ mod delay;
 mod exact;
 #[cfg(test)]
 mod exact_tests;
+mod leased;
+#[cfg(test)]
+mod leased_tests;
 mod lifecycle;
 mod stream_judge;
 #[cfg(test)]
@@ -87,6 +92,10 @@ pub struct Plugin<B> {
     /// The store's stats already counted in metrics.
     keys_reported: SlotStats,
     cuts: cuts::CutCalls,
+    /// Keys of leased rules lately sent to the sync service.
+    woken: leased::Woken,
+    /// Scratch for lease cell names.
+    lease_name: String,
 }
 
 /// Why a configuration was refused.
@@ -134,6 +143,8 @@ impl<B: SharedBytes> Plugin<B> {
             asking: HashMap::new(),
             keys_reported: SlotStats::default(),
             cuts: cuts::CutCalls::default(),
+            woken: leased::Woken::default(),
+            lease_name: String::new(),
         })
     }
 
