@@ -332,7 +332,10 @@ impl<B: SharedBytes> SyncService<B> {
         };
         let usage = Usage {
             admitted: retired.admitted.wrapping_sub(leased.admitted_seen),
-            missed: retired.missed.saturating_add(leased.woken),
+            // A worker that found the cell dry counted a miss there and
+            // woke the service: the same demand, counted once. A key with
+            // no cell yet has only the wakes.
+            missed: retired.missed.max(leased.woken),
             over: now.since(leased.last_sync),
             last_grant: retired.held,
         };
