@@ -264,14 +264,15 @@ pub(crate) mod fake {
                 Some(i) => i,
                 None => {
                     queues.push((name.into(), VecDeque::new()));
-                    queues.len() - 1
+                    queues.len().saturating_sub(1)
                 }
             };
-            Some(index as u32 + 1)
+            u32::try_from(index).ok()?.checked_add(1)
         }
         fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
             let mut queues = self.queues.borrow_mut();
-            queues.get_mut(queue as usize - 1)?.1.pop_front()
+            let index = usize::try_from(queue.checked_sub(1)?).ok()?;
+            queues.get_mut(index)?.1.pop_front()
         }
         fn node_id(&self) -> Option<String> {
             self.node.borrow().clone()

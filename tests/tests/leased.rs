@@ -112,7 +112,12 @@ async fn get(client: Client, path: &str, headers: &[(&str, &str)]) -> Reply {
 
 /// Sends `count` requests for `path` with `x-client: key`, going round
 /// `clients`, eight at a time; returns their statuses.
-async fn burst(clients: &[Client], path: &'static str, key: &'static str, count: usize) -> Vec<u16> {
+async fn burst(
+    clients: &[Client],
+    path: &'static str,
+    key: &'static str,
+    count: usize,
+) -> Vec<u16> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     for _ in 0..8 {
@@ -151,6 +156,9 @@ async fn checks(envoys: &[Envoy], rule: &str) -> u64 {
     total
 }
 
+/// A reply to a path, and when it arrived.
+type Seen = (&'static str, Instant, Reply);
+
 /// The documented floor under sustained demand: `limit − 2 × N × L`.
 fn floor(limit: usize, lease: usize) -> usize {
     limit.saturating_sub(2 * ENVOYS * lease)
@@ -166,7 +174,11 @@ async fn three_envoys_never_exceed_a_leased_limit_and_reach_their_share() {
     // Sustained demand from all three on one key: three times the limit.
     let statuses = burst(&clients, "/fleet", "alice", 3 * FLEET_LIMIT).await;
     let admitted = count(&statuses, 200);
-    assert_eq!(admitted + count(&statuses, 429), statuses.len(), "{statuses:?}");
+    assert_eq!(
+        admitted + count(&statuses, 429),
+        statuses.len(),
+        "{statuses:?}"
+    );
     eprintln!(
         "leased fleet: admitted {admitted} of limit {FLEET_LIMIT} (undershoot {}, \
          documented worst case {})",
@@ -180,8 +192,14 @@ async fn three_envoys_never_exceed_a_leased_limit_and_reach_their_share() {
     );
     // Most admissions came from leases, not from per-request calls.
     let asked = checks(&envoys, "fleet").await as usize;
-    eprintln!("leased fleet: {asked} Check calls for {} requests", statuses.len());
-    assert!(asked < admitted / 2, "{asked} Check calls for {admitted} admitted");
+    eprintln!(
+        "leased fleet: {asked} Check calls for {} requests",
+        statuses.len()
+    );
+    assert!(
+        asked < admitted / 2,
+        "{asked} Check calls for {admitted} admitted"
+    );
     // Every Envoy took part.
     for envoy in &envoys {
         assert!(envoy.sluice_counter("fleet", "allowed").await.unwrap() > 0);
@@ -191,7 +209,10 @@ async fn three_envoys_never_exceed_a_leased_limit_and_reach_their_share() {
     let statuses = burst(&clients, "/fleet", "bob", 2 * FLEET_LIMIT).await;
     let bob = count(&statuses, 200);
     eprintln!("leased fleet: bob admitted {bob} of {FLEET_LIMIT}");
-    assert!(bob <= FLEET_LIMIT && bob >= floor(FLEET_LIMIT, FLEET_LEASE), "{bob}");
+    assert!(
+        bob <= FLEET_LIMIT && bob >= floor(FLEET_LIMIT, FLEET_LEASE),
+        "{bob}"
+    );
     // Once demand stops the leases come back; what the fleet admitted in
     // all never exceeds the limit: a last round admits at most the rest.
     tokio::time::sleep(2 * LEASE_TIME).await;
@@ -229,7 +250,10 @@ async fn a_hot_key_is_refilled_on_demand() {
         admitted >= HOT_LIMIT.saturating_sub(2 * HOT_LEASE),
         "the hot key starved: {admitted}"
     );
-    assert!(asked < admitted / 2, "{asked} Check calls for {admitted} admitted");
+    assert!(
+        asked < admitted / 2,
+        "{asked} Check calls for {admitted} admitted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -245,7 +269,7 @@ async fn failure_modes_hold_while_the_quota_server_is_down_and_syncing_resumes()
 
     // Traffic on both rules through every Envoy while the server is killed.
     let stop = Arc::new(AtomicBool::new(false));
-    let seen: Arc<Mutex<Vec<(&'static str, Instant, Reply)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let mut tasks = JoinSet::new();
     for t in 0..4 {
         let (stop, seen, clients) = (Arc::clone(&stop), Arc::clone(&seen), clients.clone());
@@ -280,7 +304,11 @@ async fn failure_modes_hold_while_the_quota_server_is_down_and_syncing_resumes()
             reply.status,
             reply.text()
         );
-        assert!(reply.elapsed < TIMEOUT + MARGIN, "{path} waited {:?}", reply.elapsed);
+        assert!(
+            reply.elapsed < TIMEOUT + MARGIN,
+            "{path} waited {:?}",
+            reply.elapsed
+        );
         if *path == "/open" {
             assert_eq!(reply.status, 200, "open never refuses: {}", reply.text());
         }
@@ -295,9 +323,7 @@ async fn failure_modes_hold_while_the_quota_server_is_down_and_syncing_resumes()
         .expect("no /closed request was refused");
     let admitted_after_expiry = closed
         .iter()
-        .filter(|(_, at, r)| {
-            r.status == 200 && at.duration_since(killed_at) > LEASE_TIME + MARGIN
-        })
+        .filter(|(_, at, r)| r.status == 200 && at.duration_since(killed_at) > LEASE_TIME + MARGIN)
         .count();
     eprintln!("quota server killed: first /closed refusal {first_refusal:?} after");
     assert_eq!(admitted_after_expiry, 0, "a lease outlived its expiry");
@@ -314,7 +340,10 @@ async fn failure_modes_hold_while_the_quota_server_is_down_and_syncing_resumes()
     let deadline = Instant::now() + Duration::from_secs(10);
     for client in &clients {
         while get(*client, "/closed", &[]).await.status != 200 {
-            assert!(Instant::now() < deadline, "the quota server is not used again");
+            assert!(
+                Instant::now() < deadline,
+                "the quota server is not used again"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -323,5 +352,8 @@ async fn failure_modes_hold_while_the_quota_server_is_down_and_syncing_resumes()
     assert_eq!(count(&statuses, 200), 600, "{statuses:?}");
     let asked = checks(&envoys, "closed").await - before;
     eprintln!("after the restart: {asked} Check calls for 600 requests");
-    assert!(asked < 300, "{asked} Check calls: leases are not used again");
+    assert!(
+        asked < 300,
+        "{asked} Check calls: leases are not used again"
+    );
 }

@@ -22,9 +22,10 @@
 //! two cells, renewed alternately every `I`), so at any moment at most
 //! [`worst_case_undershoot`] `= 2 × N × L` permits of a key are taken from
 //! the budget without being admitted yet. They come back within `2 × I`
-//! (the next sync of their cell) while the quota server answers, or are
-//! lost when their lease expires (at most [`LEASE_TIME`], never past a
-//! fixed window's end) when it does not. So per window the fleet admits
+//! (the next sync of their cell) while the quota server answers. When it
+//! does not, they serve until their cell's next sync attempt or their
+//! expiry (at most [`LEASE_TIME`], never past a fixed window's end),
+//! whichever is first, and their unused part is lost for the window. So per window the fleet admits
 //! at least `limit − 2 × N × L` while every Envoy has demand for the key.
 //! With the adaptive want ([`want::want`]), a lease is about one and a half
 //! intervals of its Envoy's recent rate `r`, so the undershoot is typically

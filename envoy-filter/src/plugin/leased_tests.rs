@@ -97,7 +97,7 @@ impl Fleet<'_> {
     fn serve_demand(&mut self) -> (u32, SyncRequest) {
         let before = calls(&self.host);
         self.service.on_queue_ready(&self.host);
-        assert_eq!(calls(&self.host), before + 1, "one Sync call");
+        assert_eq!(calls(&self.host), before.saturating_add(1), "one Sync call");
         let call = last_call(&self.host);
         assert_eq!(
             (call.service.as_str(), call.method.as_str()),
@@ -108,7 +108,12 @@ impl Fleet<'_> {
     }
 
     fn advance(&self, millis: u64) {
-        self.host.now.set(self.host.now.get() + millis * MS);
+        let later = self
+            .host
+            .now
+            .get()
+            .saturating_add(millis.saturating_mul(MS));
+        self.host.now.set(later);
     }
 }
 
