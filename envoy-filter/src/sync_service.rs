@@ -106,6 +106,8 @@ pub struct SyncService<B> {
     calls: HashMap<u32, Vec<Synced>>,
     /// The last call failed (warned once until one succeeds).
     failing: bool,
+    /// Rules the quota server said it does not know (warned once each).
+    unknown: HashSet<usize>,
     name: String,
 }
 
@@ -142,6 +144,7 @@ impl<B: SharedBytes> SyncService<B> {
             cells: HashSet::new(),
             calls: HashMap::new(),
             failing: false,
+            unknown: HashSet::new(),
             name: String::new(),
         };
         if let Some(shortest) = intervals.into_iter().min() {
@@ -422,7 +425,7 @@ impl<B: SharedBytes> SyncService<B> {
         let now = host.now();
         for (s, l) in synced.into_iter().zip(leases) {
             let unknown = Code::try_from(l.code) == Ok(Code::UnknownLimit);
-            if unknown {
+            if unknown && self.unknown.insert(s.rule_index) {
                 host.warn(&format!(
                     "sluice: the quota server has no rule {:?} in the rule's domain",
                     self.policy

@@ -370,3 +370,23 @@ fn the_table_is_bounded_by_max_keys() {
     let sync = SyncRequest::decode(last_call(&f.host).message.as_slice()).unwrap();
     assert_eq!(sync.entries.len(), 16, "one batched call");
 }
+
+#[test]
+fn a_rule_the_quota_server_does_not_know_leases_nothing_and_warns_once() {
+    let shared = InProcessShared::default();
+    let mut f = fleet(&shared);
+    assert_eq!(f.request(1, "alice"), Step::Pause);
+    let unknown = Lease {
+        code: Code::UnknownLimit as i32,
+        ..Lease::default()
+    };
+    for _ in 0..2 {
+        let (token, _) = f.serve_demand();
+        f.service
+            .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![unknown])));
+        f.advance(30);
+        assert_eq!(f.request(2, "alice"), Step::Pause, "asks per request");
+        assert_eq!(last_call(&f.host).method, METHOD);
+    }
+    assert_eq!(f.host.warnings.borrow().len(), 1, "{:?}", f.host.warnings);
+}
