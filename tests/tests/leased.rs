@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use sluice_e2e::client::{Client, Reply};
@@ -34,6 +34,10 @@ const FLEET_LEASE: usize = 20;
 const HOT_LIMIT: usize = 400;
 /// `hot`'s lease bound.
 const HOT_LEASE: usize = 50;
+/// What rule `window` admits per second (fixed windows).
+const WINDOW_LIMIT: usize = 150;
+/// `window`'s lease bound.
+const WINDOW_LEASE: usize = 10;
 /// The timeout of rules `open` and `closed`.
 const TIMEOUT: Duration = Duration::from_millis(200);
 /// What a request may take beyond its rule's timeout (a loaded machine).
@@ -50,6 +54,7 @@ domains:
     rules:
       - {{name: fleet, limit: {{count: {FLEET_LIMIT}, per: 1h}}}}
       - {{name: hot, limit: {{count: {HOT_LIMIT}, per: 1h}}}}
+      - {{name: window, algorithm: fixed_window, limit: {{count: {WINDOW_LIMIT}, per: 1s}}}}
       - {{name: open, limit: {{count: 1000000, per: 1h}}}}
       - {{name: closed, limit: {{count: 1000000, per: 1h}}}}
 "#
@@ -76,6 +81,8 @@ fn filter_config() -> Value {
          "sync": leased(json!({"max_lease": FLEET_LEASE, "failure_mode": "closed"}))},
         {"name": "hot", "match": {"path": {"prefix": "/hot"}}, "key": ["header:x-client"],
          "sync": leased(json!({"max_lease": HOT_LEASE, "failure_mode": "closed"}))},
+        {"name": "window", "match": {"path": {"prefix": "/window"}}, "key": ["header:x-client"],
+         "sync": leased(json!({"max_lease": WINDOW_LEASE, "failure_mode": "closed"}))},
         {"name": "open", "match": {"path": {"prefix": "/open"}},
          "sync": leased(json!({"failure_mode": "open"}))},
         {"name": "closed", "match": {"path": {"prefix": "/closed"}},
@@ -355,5 +362,74 @@ async fn failure_modes_hold_while_the_quota_server_is_down_and_syncing_resumes()
     assert!(
         asked < 300,
         "{asked} Check calls: leases are not used again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_window_stays_within_the_limit_and_near_it_under_sustained_demand() {
+    let server = quota_server(free_port().unwrap());
+    let upstream = Upstream::start().await.unwrap();
+    let envoys = fleet("leased_windows", &upstream, server.grpc.port()).await;
+    let clients: Vec<Client> = envoys.iter().map(Envoy::client).collect();
+    // Twelve clients over the three Envoys for about four seconds: far
+    // more demand than the limit. Each admission is counted in the
+    // (Unix) second its answer arrived in.
+    let until = Instant::now() + Duration::from_millis(4200);
+    let admitted: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut tasks = JoinSet::new();
+    for t in 0..12 {
+        let (clients, admitted) = (clients.clone(), Arc::clone(&admitted));
+        tasks.spawn(async move {
+            for i in 0..20_000 {
+                if Instant::now() >= until {
+                    break;
+                }
+                let reply = get(
+                    clients[(t + i) % clients.len()],
+                    "/window",
+                    &[("x-client", "dave")],
+                )
+                .await;
+                assert!(matches!(reply.status, 200 | 429), "{}", reply.text());
+                if reply.status == 200 {
+                    let second = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    admitted.lock().unwrap().push(second);
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let admitted = std::mem::take(&mut *admitted.lock().unwrap());
+    let (first, last) = (
+        admitted.iter().min().copied().unwrap(),
+        admitted.iter().max().copied().unwrap(),
+    );
+    // Whole windows only: the first and last are partly outside the run.
+    let per_window: Vec<usize> = (first + 1..last)
+        .map(|s| admitted.iter().filter(|&&a| a == s).count())
+        .collect();
+    let floor = floor(WINDOW_LIMIT, WINDOW_LEASE);
+    eprintln!(
+        "fixed windows of {WINDOW_LIMIT}: admitted {per_window:?} per whole window \
+         (documented floor {floor})"
+    );
+    assert!(per_window.len() >= 2, "{per_window:?}");
+    for &n in &per_window {
+        // An admission near a window's end may be answered in the next
+        // second: a few of slack for that, never a whole lease.
+        assert!(n <= WINDOW_LIMIT + 5, "overshoot: {per_window:?}");
+        assert!(n >= floor, "below the documented share: {per_window:?}");
+    }
+    // Over the whole run, never more than the windows it touched allow.
+    let windows = (last - first + 1) as usize;
+    assert!(
+        admitted.len() <= windows * WINDOW_LIMIT,
+        "{} in {windows} windows",
+        admitted.len()
     );
 }
