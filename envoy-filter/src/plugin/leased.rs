@@ -68,7 +68,7 @@ impl<B: SharedBytes> Plugin<B> {
         host: &impl Host,
         request: &DelayedRequest,
         verdict: &mut Verdict,
-        remote: Vec<(usize, String)>,
+        remote: Vec<RuleKey>,
         now: Nanos,
     ) -> Result<(Vec<RuleKey>, Vec<LeaseTaken>), Wake> {
         let mut ask = Vec::new();

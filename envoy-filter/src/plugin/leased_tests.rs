@@ -390,3 +390,16 @@ fn a_rule_the_quota_server_does_not_know_leases_nothing_and_warns_once() {
     }
     assert_eq!(f.host.warnings.borrow().len(), 1, "{:?}", f.host.warnings);
 }
+
+#[test]
+fn without_a_node_id_the_caller_is_a_random_name_kept_for_the_service_life() {
+    let shared = InProcessShared::default();
+    let host = FakeHost::default();
+    host.now.set(1_800_000_000 * SEC);
+    host.random.set(Some(0xabc));
+    let service = SyncService::configure(&host, &shared, CONFIG.as_bytes()).unwrap();
+    assert_eq!(service.caller(), "envoy-0000000000000abc");
+    *host.node.borrow_mut() = Some(String::new());
+    let service = SyncService::configure(&host, &shared, CONFIG.as_bytes()).unwrap();
+    assert!(service.caller().starts_with("envoy-"), "an empty node id");
+}
