@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_core::algorithm::Outcome;
+use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::decision::Decision;
 use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
@@ -166,8 +166,12 @@ impl Quota for QuotaService {
         for ((grant, (id, _)), entry) in grants.iter().zip(&asked).zip(&entries) {
             if grant.permits > 0 && source == Source::Storage {
                 let expires = Duration::from_nanos(grant.expires_after.as_nanos());
-                self.leases
-                    .record(*id, grant.permits, now + expires + REFUND_GRACE, now);
+                self.leases.record(
+                    *id,
+                    grant.permits,
+                    now + expires + refund_grace(entry.limit),
+                    now,
+                );
             }
             self.shared.metrics.decision(
                 &domain.name,
@@ -385,6 +389,18 @@ fn lease(grant: &Grant, limit: &Limit, source: Source) -> Lease {
         limit: limit.quota().count(),
         window: Some(duration(limit.quota().per())),
         reset_after: Some(duration(grant.reset_after)),
+    }
+}
+
+/// How long after a lease's expiry its unused permits may still come
+/// back. None for a fixed window: the lease ends with the window its
+/// permits were counted in, and a refund arriving later would land in the
+/// next window's count, letting it admit more than its limit.
+fn refund_grace(limit: &Limit) -> Duration {
+    if limit.algorithm() == AlgorithmKind::FixedWindow {
+        Duration::ZERO
+    } else {
+        REFUND_GRACE
     }
 }
 
