@@ -360,6 +360,25 @@ mod tests {
     }
 
     #[test]
+    fn leased_cells_are_bounded_together() {
+        let rule = |name: &str| {
+            format!(
+                r#"{{"name":"{name}","sync":{{"mode":"leased","domain":"d","max_keys":65536}}}}"#
+            )
+        };
+        let rules: Vec<alloc::string::String> =
+            ["a", "b", "c", "d", "e"].iter().map(|n| rule(n)).collect();
+        let errors = errors_of(&format!(r#"{{"rules":[{}]}}"#, rules.join(",")));
+        assert_eq!(
+            errors,
+            [
+                "rules[3].sync.max_keys: the leased rules so far could take 75 MiB of shared data \
+              (300 bytes per key), over the 64 MiB budget: lower sync.max_keys"
+            ]
+        );
+    }
+
+    #[test]
     fn synced_rules_call_one_cluster() {
         let errors = errors_of(
             r#"{"rules":[

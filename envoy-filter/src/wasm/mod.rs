@@ -35,9 +35,15 @@ const SYNC_ROOT_ID: &str = "sluice_sync";
 /// not tell this VM's own.
 const DEFAULT_VM_ID: &str = "sluice";
 
+/// How long a worker waits before looking for the demand queue again
+/// after not finding it (no sync service configured, or not started yet).
+const QUEUE_RETRY: Span = Span::SECOND;
+
 thread_local! {
     /// The demand queue's id once resolved (the service registers it).
     static DEMAND_QUEUE_ID: Cell<Option<u32>> = const { Cell::new(None) };
+    /// No lookup of the demand queue before this time (nanoseconds).
+    static DEMAND_QUEUE_RETRY_AT: Cell<u64> = const { Cell::new(0) };
 }
 
 /// The VM's plugin, shared by its root and HTTP contexts.
@@ -203,12 +209,25 @@ fn queue_id(name: &str) -> Option<u32> {
     if let Some(id) = DEMAND_QUEUE_ID.with(Cell::get) {
         return Some(id);
     }
+    let now = abi::now_nanos().unwrap_or(0);
+    if now < DEMAND_QUEUE_RETRY_AT.with(Cell::get) {
+        return None;
+    }
     let vm_id = text(abi::property(&["plugin_vm_id"]).ok().flatten())
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| DEFAULT_VM_ID.to_owned());
-    let id = abi::resolve_queue(&vm_id, name).ok().flatten()?;
-    DEMAND_QUEUE_ID.with(|c| c.set(Some(id)));
-    Some(id)
+    match abi::resolve_queue(&vm_id, name).ok().flatten() {
+        Some(id) => {
+            DEMAND_QUEUE_ID.with(|c| c.set(Some(id)));
+            Some(id)
+        }
+        None => {
+            // Without a service every request of a key without lease would
+            // look again: two host calls each. Once a second is enough.
+            DEMAND_QUEUE_RETRY_AT.with(|c| c.set(Nanos(now).plus(QUEUE_RETRY).get()));
+            None
+        }
+    }
 }
 
 fn define(kind: abi::MetricKind, name: &str) -> Option<MetricId> {
