@@ -440,3 +440,25 @@ async fn each_window_stays_within_the_limit_and_near_it_under_sustained_demand()
         admitted.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_sync_service_every_request_asks_the_quota_server() {
+    let server = quota_server(free_port().unwrap());
+    let upstream = Upstream::start().await.unwrap();
+    let envoy = Envoy::builder("leased_without_service")
+        .upstream(upstream.port())
+        .concurrency(2)
+        .quota_server(server.grpc.port())
+        .sluice(&filter_config())
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting Envoy: {e:#}"));
+    let statuses = burst(&[envoy.client()], "/fleet", "erin", FLEET_LIMIT + 20).await;
+    // No leases: exact, one Check call per request.
+    assert_eq!(count(&statuses, 200), FLEET_LIMIT, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 20, "{statuses:?}");
+    assert_eq!(
+        checks(std::slice::from_ref(&envoy), "fleet").await as usize,
+        FLEET_LIMIT + 20
+    );
+}
