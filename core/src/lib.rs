@@ -17,6 +17,7 @@ pub mod client_ip;
 pub mod config;
 pub mod decision;
 pub mod engine;
+pub mod lease;
 pub mod policy;
 pub mod protocol;
 pub mod store;

@@ -166,6 +166,16 @@ impl Enforced {
     }
 }
 
+/// The version of the controls published in `shared` (0: none, or
+/// unreadable: the quota server then sends them again).
+pub fn published_version(shared: &impl SharedBytes) -> u64 {
+    shared
+        .get(CONTROLS_VERSION_KEY)
+        .ok()
+        .and_then(|(stamp, _)| stamp.as_deref().and_then(le_u64))
+        .unwrap_or(0)
+}
+
 fn le_u64(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_le_bytes)
 }

@@ -57,13 +57,23 @@ pub trait Host {
         message: &[u8],
         timeout: Span,
     ) -> Option<u32>;
+    /// Puts `message` on the shared queue `name` (registered by the sync
+    /// service); false when there is no such queue (yet).
+    fn enqueue(&self, name: &str, message: &[u8]) -> bool;
+    /// Registers this VM as the reader of the shared queue `name`: its id,
+    /// or `None` if the host refused.
+    fn register_queue(&self, name: &str) -> Option<u32>;
+    /// The next message of queue `queue`, `None` when it is empty.
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>>;
+    /// This Envoy's node id (`--service-node`, `node.id`); `None` if unset.
+    fn node_id(&self) -> Option<String>;
 }
 
 /// A scripted Envoy for unit tests: one current request at a time.
 #[cfg(test)]
 pub(crate) mod fake {
     use std::cell::{Cell, RefCell};
-    use std::collections::HashMap;
+    use std::collections::{HashMap, VecDeque};
 
     use super::{Host, MetricId};
     use sluice_core::policy::Direction;
@@ -98,6 +108,10 @@ pub(crate) mod fake {
         pub grpc_calls: RefCell<Vec<GrpcCall>>,
         /// Refuse to start gRPC calls (as Envoy does for an unknown cluster).
         pub refuse_grpc: Cell<bool>,
+        /// Shared queues by name; queue `i` has id `i + 1`.
+        pub queues: RefCell<Vec<(String, VecDeque<Vec<u8>>)>>,
+        /// What `node_id` answers.
+        pub node: RefCell<Option<String>>,
     }
 
     impl FakeHost {
@@ -233,6 +247,35 @@ pub(crate) mod fake {
                 timeout,
             });
             Some(calls.len() as u32)
+        }
+        fn enqueue(&self, name: &str, message: &[u8]) -> bool {
+            let mut queues = self.queues.borrow_mut();
+            match queues.iter_mut().find(|(n, _)| n == name) {
+                Some((_, queue)) => {
+                    queue.push_back(message.to_vec());
+                    true
+                }
+                None => false,
+            }
+        }
+        fn register_queue(&self, name: &str) -> Option<u32> {
+            let mut queues = self.queues.borrow_mut();
+            let index = match queues.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => {
+                    queues.push((name.into(), VecDeque::new()));
+                    queues.len().saturating_sub(1)
+                }
+            };
+            u32::try_from(index).ok()?.checked_add(1)
+        }
+        fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+            let mut queues = self.queues.borrow_mut();
+            let index = usize::try_from(queue.checked_sub(1)?).ok()?;
+            queues.get_mut(index)?.1.pop_front()
+        }
+        fn node_id(&self) -> Option<String> {
+            self.node.borrow().clone()
         }
     }
 }

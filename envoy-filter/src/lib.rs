@@ -2,7 +2,8 @@
 //!
 //! The logic ([`plugin`], [`http`]) talks to Envoy only through the
 //! [`host::Host`] trait, so it is unit-tested natively against a double;
-//! the `wasm` module is the thin proxy-wasm glue that Envoy loads.
+//! [`sync_service`] is the singleton that syncs leased rules' leases; the
+//! `wasm` module is the thin proxy-wasm glue that Envoy loads.
 
 // "Never panics" rests on these: an index out of bounds or an overflow
 // would abort the worker's VM.
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod quota;
 pub mod stream;
+pub mod sync_service;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;

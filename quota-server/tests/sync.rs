@@ -35,6 +35,7 @@ domains:
       - {name: wide, limit: {count: 5, per: 1h}}
       - {name: busy, limit: {count: 50, per: 1h}}
       - {name: leased, limit: {count: 100, per: 1h}}
+      - {name: windowed, algorithm: fixed_window, limit: {count: 5, per: 1s}}
 "#;
 
 fn service(store: Store) -> Arc<QuotaService> {
@@ -229,6 +230,13 @@ async fn returned_leases_are_credited_back() {
         (3, 0),
         "at most what remains"
     );
+    // The rule's limit and when its budget is whole again, for the
+    // caller's headers and local refusals.
+    assert_eq!(lease.limit, 3);
+    assert!(lease.window.is_some());
+    assert!(lease
+        .reset_after
+        .is_some_and(|d| d.seconds > 0 || d.nanos > 0));
     let exhausted = check(&svc, &[("narrow", "r", 1)]).await;
     assert!(
         !exhausted.allowed,
@@ -315,4 +323,44 @@ async fn served_next_to_envoys_api() {
         .unwrap()
         .into_inner();
     assert_eq!(lease.leases[0].permits, 1, "the last permit, leased");
+}
+
+#[tokio::test]
+async fn a_fixed_window_lease_gives_nothing_back_once_its_window_ended() {
+    let svc = service(Store::Memory(MemoryBackend::new(1000)));
+    let sync = |held, used, want| {
+        let svc = svc.clone();
+        async move {
+            svc.sync(Request::new(SyncRequest {
+                domain: "api".into(),
+                replicas: 1,
+                entries: vec![SyncEntry {
+                    rule: "windowed".into(),
+                    key: "k".into(),
+                    held,
+                    used,
+                    want,
+                }],
+                caller: "edge#0".into(),
+                controls_version: None,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .leases
+            .remove(0)
+        }
+    };
+    let lease = sync(0, 0, 3).await;
+    assert_eq!(lease.permits, 3);
+    let expires = lease.expires_after.unwrap();
+    assert!(expires.seconds == 0, "never past the window: {expires:?}");
+    // The next window: its whole budget is taken by others.
+    let ends = Duration::from_nanos(u64::try_from(expires.nanos).unwrap());
+    tokio::time::sleep(ends + Duration::from_millis(20)).await;
+    assert!(check(&svc, &[("windowed", "k", 5)]).await.allowed);
+    // The old lease's unused permits belong to the window that ended: a
+    // refund now would let this window admit more than 5.
+    sync(3, 0, 0).await;
+    assert!(!check(&svc, &[("windowed", "k", 1)]).await.allowed);
 }

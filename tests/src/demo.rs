@@ -69,6 +69,7 @@ pub fn example_params() -> ConfigParams {
         access_log: true,
         quota_port: None,
         hosts: Hosts::loopback(),
+        sync_service: false,
     }
 }
 

@@ -106,7 +106,8 @@ pub struct RuleConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
-    /// `exact`: one quota server call per request.
+    /// `exact`: one quota server call per request; `leased`: local
+    /// decisions from leased permits.
     pub mode: SyncModeConfig,
     /// The Envoy cluster of the quota server; default `sluice_quota`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +123,18 @@ pub struct SyncConfig {
     /// With `open`: a local limit applied while the quota server fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<LimitConfig>,
+    /// Mode `leased`: how often a key in use is synced; default 100ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<SpanText>,
+    /// Mode `leased`: the most permits one lease holds; default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lease: Option<u64>,
+    /// Mode `leased`: how many Envoys share the budget; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Mode `leased`: the most keys leased at once per Envoy; default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<u32>,
 }
 
 /// How a rule is synced, as written.
@@ -131,6 +144,8 @@ pub enum SyncModeConfig {
     /// Ask the quota server on every request.
     #[default]
     Exact,
+    /// Decide locally from leases synced in the background.
+    Leased,
 }
 
 /// `open` or `closed`.

@@ -1,5 +1,5 @@
 //! A synced rule's `sync` object into a [`RuleSync`], checked against the
-//! rest of the rule: what exact mode can decide remotely.
+//! rest of the rule: what exact and leased modes can decide remotely.
 
 use alloc::format;
 use alloc::string::ToString;
@@ -8,7 +8,8 @@ use super::error::Errors;
 use super::schema::{
     ActionKind, CountsConfig, FailureModeConfig, RuleConfig, SyncConfig, SyncModeConfig,
 };
-use crate::policy::{OnFailure, RuleSync, SyncMode};
+use crate::lease::LEASE_TIME;
+use crate::policy::{Leasing, OnFailure, RuleSync, SyncMode};
 use crate::time::Span;
 
 /// The cluster a synced rule calls when it names none.
@@ -19,6 +20,24 @@ pub const DEFAULT_SYNC_TIMEOUT: Span = Span::from_millis(50);
 pub const MAX_SYNC_TIMEOUT: Span = Span::from_secs(10);
 /// Longest domain and cluster name.
 pub const MAX_DOMAIN_NAME: usize = 128;
+/// How often a leased key syncs by default.
+pub const DEFAULT_SYNC_INTERVAL: Span = Span::from_millis(100);
+/// The shortest sync interval: each sync of a key is a quota server call.
+pub const MIN_SYNC_INTERVAL: Span = Span::from_millis(10);
+/// The longest sync interval: half the longest lease, so that each of a
+/// key's two leases is renewed before it expires.
+pub const MAX_SYNC_INTERVAL: Span = Span(LEASE_TIME.0 / 2);
+/// The most permits one lease holds by default.
+pub const DEFAULT_MAX_LEASE: u64 = 100;
+/// The largest `max_lease`.
+pub const MAX_MAX_LEASE: u64 = 1_000_000;
+/// The largest `replicas`.
+pub const MAX_REPLICAS: u32 = 10_000;
+/// Keys leased at once per Envoy and rule by default.
+pub const DEFAULT_LEASED_KEYS: u32 = 1024;
+/// The largest `max_keys` of a leased rule: each key has a shared-data
+/// cell of about 300 bytes (see [`crate::lease::CELL_BYTES`]).
+pub const MAX_LEASED_KEYS: u32 = 65_536;
 
 /// The link of the rule `rule` at `at` (`rules[i]`), or `None` after
 /// recording why not.
@@ -30,7 +49,20 @@ pub(super) fn validate_sync(
 ) -> Option<RuleSync> {
     let before = errors.count();
     let mode = match raw.mode {
-        SyncModeConfig::Exact => SyncMode::Exact,
+        SyncModeConfig::Exact => {
+            for (field, set) in [
+                (".sync.interval", raw.interval.is_some()),
+                (".sync.max_lease", raw.max_lease.is_some()),
+                (".sync.replicas", raw.replicas.is_some()),
+                (".sync.max_keys", raw.max_keys.is_some()),
+            ] {
+                if set {
+                    errors.add(at, field, "only for mode leased; remove it".into());
+                }
+            }
+            SyncMode::Exact
+        }
+        SyncModeConfig::Leased => SyncMode::Leased(validate_leasing(raw, at, errors)),
     };
     if rule.limit.is_some() {
         errors.add(
@@ -113,6 +145,63 @@ pub(super) fn validate_sync(
         timeout,
         on_failure,
     })
+}
+
+/// The options of a leased rule at `at`, recording what is out of range.
+fn validate_leasing(raw: &SyncConfig, at: &str, errors: &mut Errors) -> Leasing {
+    let interval = match raw.interval.as_ref().map(|t| t.parse()) {
+        None => DEFAULT_SYNC_INTERVAL,
+        Some(Ok(t)) if (MIN_SYNC_INTERVAL..=MAX_SYNC_INTERVAL).contains(&t) => t,
+        Some(Ok(_)) => {
+            errors.add(
+                at,
+                ".sync.interval",
+                format!(
+                    "must be between {}ms and {}ms (leases last at most {}ms)",
+                    MIN_SYNC_INTERVAL.as_millis_ceil(),
+                    MAX_SYNC_INTERVAL.as_millis_ceil(),
+                    LEASE_TIME.as_millis_ceil()
+                ),
+            );
+            DEFAULT_SYNC_INTERVAL
+        }
+        Some(Err(message)) => {
+            errors.add(at, ".sync.interval", message);
+            DEFAULT_SYNC_INTERVAL
+        }
+    };
+    let mut bounded = |field: &str, value: Option<u64>, default: u64, max: u64| match value {
+        None => default,
+        Some(v) if (1..=max).contains(&v) => v,
+        Some(_) => {
+            errors.add(at, field, format!("must be between 1 and {max}"));
+            default
+        }
+    };
+    let max_lease = bounded(
+        ".sync.max_lease",
+        raw.max_lease,
+        DEFAULT_MAX_LEASE,
+        MAX_MAX_LEASE,
+    );
+    let replicas = bounded(
+        ".sync.replicas",
+        raw.replicas.map(u64::from),
+        1,
+        u64::from(MAX_REPLICAS),
+    );
+    let max_keys = bounded(
+        ".sync.max_keys",
+        raw.max_keys.map(u64::from),
+        u64::from(DEFAULT_LEASED_KEYS),
+        u64::from(MAX_LEASED_KEYS),
+    );
+    Leasing {
+        interval,
+        max_lease,
+        replicas: u32::try_from(replicas).unwrap_or(1),
+        max_keys: u32::try_from(max_keys).unwrap_or(DEFAULT_LEASED_KEYS),
+    }
 }
 
 /// Checks a domain or cluster name: sent to Envoy and the quota server.
@@ -202,12 +291,90 @@ mod tests {
             ]
         );
         let err =
-            Policy::from_json(r#"{"rules":[{"name":"a","sync":{"mode":"leased","domain":"d"}}]}"#)
+            Policy::from_json(r#"{"rules":[{"name":"a","sync":{"mode":"lazy","domain":"d"}}]}"#)
                 .unwrap_err()
                 .to_string();
         assert!(
-            err.starts_with("rules[0].sync.mode: unknown variant `leased`"),
+            err.starts_with("rules[0].sync.mode: unknown variant `lazy`"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn leased_rules_get_defaults_and_their_options() {
+        let policy = Policy::from_json(
+            r#"{"rules":[
+                {"name":"a","sync":{"mode":"leased","domain":"edge"}},
+                {"name":"b","sync":{"mode":"leased","domain":"edge","interval":"50ms",
+                 "max_lease":20,"replicas":3,"max_keys":64}}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            policy.sync_of(0).unwrap().mode,
+            SyncMode::Leased(Leasing {
+                interval: DEFAULT_SYNC_INTERVAL,
+                max_lease: DEFAULT_MAX_LEASE,
+                replicas: 1,
+                max_keys: DEFAULT_LEASED_KEYS,
+            })
+        );
+        assert_eq!(
+            policy.sync_of(1).unwrap().mode,
+            SyncMode::Leased(Leasing {
+                interval: Span::from_millis(50),
+                max_lease: 20,
+                replicas: 3,
+                max_keys: 64,
+            })
+        );
+    }
+
+    #[test]
+    fn leased_options_are_bounded_and_only_for_leased_rules() {
+        let errors = errors_of(
+            r#"{"rules":[
+                {"name":"a","sync":{"mode":"leased","domain":"d","interval":"5ms","max_lease":0,
+                 "replicas":10001,"max_keys":70000}},
+                {"name":"b","sync":{"mode":"leased","domain":"d","interval":"1s"}},
+                {"name":"c","sync":{"mode":"leased","domain":"d","interval":"soon"}},
+                {"name":"e","sync":{"mode":"exact","domain":"d","interval":"50ms","max_lease":5,
+                 "replicas":2,"max_keys":8}}
+            ]}"#,
+        );
+        assert_eq!(
+            errors,
+            [
+                "rules[0].sync.interval: must be between 10ms and 500ms (leases last at most 1000ms)",
+                "rules[0].sync.max_lease: must be between 1 and 1000000",
+                "rules[0].sync.replicas: must be between 1 and 10000",
+                "rules[0].sync.max_keys: must be between 1 and 65536",
+                "rules[1].sync.interval: must be between 10ms and 500ms (leases last at most 1000ms)",
+                r#"rules[2].sync.interval: expected a duration such as "500ms", "1s", "5m", "1h" or "1d""#,
+                "rules[3].sync.interval: only for mode leased; remove it",
+                "rules[3].sync.max_lease: only for mode leased; remove it",
+                "rules[3].sync.replicas: only for mode leased; remove it",
+                "rules[3].sync.max_keys: only for mode leased; remove it",
+            ]
+        );
+    }
+
+    #[test]
+    fn leased_cells_are_bounded_together() {
+        let rule = |name: &str| {
+            format!(
+                r#"{{"name":"{name}","sync":{{"mode":"leased","domain":"d","max_keys":65536}}}}"#
+            )
+        };
+        let rules: Vec<alloc::string::String> =
+            ["a", "b", "c", "d", "e"].iter().map(|n| rule(n)).collect();
+        let errors = errors_of(&format!(r#"{{"rules":[{}]}}"#, rules.join(",")));
+        assert_eq!(
+            errors,
+            [
+                "rules[3].sync.max_keys: the leased rules so far could take 75 MiB of shared data \
+              (300 bytes per key), over the 64 MiB budget: lower sync.max_keys"
+            ]
         );
     }
 

@@ -10,7 +10,8 @@ use super::rule::validate_rule;
 use super::schema::{Config, SpanText, StatusSpec};
 use crate::client_ip::ClientIpSource;
 use crate::decision::HeaderSets;
-use crate::policy::{Policy, Rule, Scope, StatusSet, SyncedRule};
+use crate::lease::CELL_BYTES;
+use crate::policy::{Policy, Rule, Scope, StatusSet, SyncMode, SyncedRule};
 use crate::store::{slot_bytes, MAX_STORED_KEY};
 use crate::time::Span;
 
@@ -24,6 +25,9 @@ pub const MAX_KEYS_LIMIT: u64 = 10_000_000;
 /// The most memory all rules' keys may take together, each slot at its
 /// worst ([`slot_bytes`]) (1 GiB).
 pub const KEYS_MEMORY_BUDGET: u64 = 1 << 30;
+/// The most memory the lease cells of all leased rules may take together
+/// in shared data, each at [`CELL_BYTES`] (64 MiB).
+pub const LEASE_CELLS_BUDGET: u64 = 64 << 20;
 /// Most trusted hops accepted.
 pub const MAX_TRUSTED_HOPS: u32 = 32;
 /// Longest `grpc_cut_grace`: a cut call's client must learn its fate soon.
@@ -35,6 +39,7 @@ impl Config {
         let mut errors = Errors::default();
         let mut rules = Vec::with_capacity(self.rules.len());
         let mut cluster: Option<(usize, String)> = None;
+        let mut lease_cells = 0u64;
         for (i, raw) in self.rules.iter().enumerate() {
             let at = format!("rules[{i}]");
             if self.rules[..i].iter().any(|r| r.name == raw.name) {
@@ -50,6 +55,23 @@ impl Config {
                     ),
                     (Some(s), None) => cluster = Some((i, s.cluster.clone())),
                     _ => {}
+                }
+                if let Some(SyncMode::Leased(leasing)) = sync.as_ref().map(|s| s.mode) {
+                    let before = lease_cells;
+                    lease_cells += u64::from(leasing.max_keys) * CELL_BYTES;
+                    if lease_cells > LEASE_CELLS_BUDGET && before <= LEASE_CELLS_BUDGET {
+                        errors.add(
+                            &at,
+                            ".sync.max_keys",
+                            format!(
+                                "the leased rules so far could take {} MiB of shared data \
+                                 ({CELL_BYTES} bytes per key), over the {} MiB budget: \
+                                 lower sync.max_keys",
+                                lease_cells >> 20,
+                                LEASE_CELLS_BUDGET >> 20
+                            ),
+                        );
+                    }
                 }
                 if raw.enabled.unwrap_or(true) {
                     rules.push((rule, sync));

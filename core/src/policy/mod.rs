@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 pub use key::{KeyPart, KeySpec};
 pub use matcher::{Glob, GrpcMatch, HeaderMatch, Matcher, PathMatch};
 pub use request::{grpc_method, strip_query, Attributes, HttpRequest, Protocol};
-pub use sync::{OnFailure, RuleSync, SyncMode, SyncedRule};
+pub use sync::{Leasing, OnFailure, RuleSync, SyncMode, SyncedRule};
 
 use crate::algorithm::{Limiter, Quota};
 use crate::client_ip::ClientIpSource;

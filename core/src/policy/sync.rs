@@ -11,6 +11,27 @@ pub enum SyncMode {
     /// Every request asks the quota server (`sluice.quota.v1.Quota/Check`)
     /// and waits for its decision: exact fleet-wide, one call per request.
     Exact,
+    /// Each Envoy decides locally from permits leased from the quota
+    /// server (`sluice.quota.v1.Quota/Sync`), synced in the background:
+    /// never over the limit, under it by what leases hold unused (see
+    /// [`crate::lease`]).
+    Leased(Leasing),
+}
+
+/// How a leased rule syncs (see [`crate::lease`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leasing {
+    /// How often each key in use is synced (its unused permits returned,
+    /// a new lease taken).
+    pub interval: Span,
+    /// The most permits one lease holds.
+    pub max_lease: u64,
+    /// How many Envoys share the budget: a lease is at most the remaining
+    /// budget divided by them.
+    pub replicas: u32,
+    /// The most keys of the rule leased at once per Envoy (each has one
+    /// shared-data cell); further keys ask the quota server per request.
+    pub max_keys: u32,
 }
 
 /// What a synced rule does when the quota server cannot answer in time.

@@ -217,9 +217,15 @@ impl<B: SharedBytes> SlotStore<B> {
         &self.backend
     }
 
-    /// The shared bytes, for writing other names than the store's own.
+    /// The backend, to keep other shared values next to the slots (the
+    /// lease cells of leased rules).
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
+    }
+
+    /// The key hash's secret seed.
+    pub fn seed(&self) -> &Seed {
+        &self.seed
     }
 
     fn set_name(&mut self, table: usize, suffix: impl core::fmt::Display) {

@@ -298,3 +298,59 @@ fn a_poll_reads_the_lists_only_when_the_version_changes() -> Result<(), String> 
     assert_eq!(q.on_request_headers(&host, 3), Step::Continue);
     Ok(())
 }
+
+fn sync_answer(controls: Option<Controls>) -> Vec<u8> {
+    sluice_proto::quota::v1::SyncResponse {
+        leases: Vec::new(),
+        source: Source::Storage as i32,
+        controls,
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn the_sync_service_fetches_controls_without_traffic_and_every_vm_enforces_them(
+) -> Result<(), String> {
+    use crate::sync_service::{SyncService, SYNC_METHOD};
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    host.now.set(1_800_000_000 * SEC);
+    host.random.set(Some(7));
+    let mut service =
+        SyncService::configure(&host, &shared, CONFIG.as_bytes()).map_err(|e| e.to_string())?;
+    // Exact-mode rules lease nothing, but the service still ticks for them.
+    assert_eq!(host.tick_millis.get(), CONTROLS_TICK_MILLIS);
+    let mut p = plugin(&host, &shared, CONFIG)?;
+
+    service.on_tick(&host);
+    let calls = host.grpc_calls.borrow().clone();
+    let [call] = calls.as_slice() else {
+        return Err(format!("expected one call, got {calls:?}"));
+    };
+    assert_eq!(call.method, SYNC_METHOD);
+    let sent = sluice_proto::quota::v1::SyncRequest::decode(call.message.as_slice())
+        .map_err(|e| e.to_string())?;
+    assert!(sent.entries.is_empty(), "an empty Sync, for the controls");
+    assert_eq!(sent.controls_version, Some(0));
+    // No second call before the first answers and the period passes.
+    service.on_tick(&host);
+    assert_eq!(host.grpc_calls.borrow().len(), 1);
+
+    let controls = Controls {
+        version: 9,
+        bans: vec![ban(ban_entry::Target::Cidr("10.0.0.7/32".into()), 60)],
+        ..Controls::default()
+    };
+    service.on_sync_answer(&host, 1, Ok(&sync_answer(Some(controls))));
+    p.on_tick(&host);
+    host.request("GET", "/local", &[]);
+    assert_eq!(reply(p.on_request_headers(&host, 1))?.status, 403);
+
+    // The next call says which version this Envoy holds.
+    host.now.set(host.now().plus(Span::from_millis(100)).get());
+    service.on_tick(&host);
+    let last = host.grpc_calls.borrow().last().cloned().ok_or("no call")?;
+    let sent = sluice_proto::quota::v1::SyncRequest::decode(last.message.as_slice())
+        .map_err(|e| e.to_string())?;
+    assert_eq!(sent.controls_version, Some(9));
+    Ok(())
+}

@@ -1,5 +1,5 @@
-//! Requests whose synced rules (sync mode `exact`) the quota server
-//! decides: once the local rules allow a request, one `Check` call carries
+//! Requests whose synced rules (sync mode `exact`, or `leased` without a
+//! lease with room) the quota server decides: once the local rules allow a request, one `Check` call carries
 //! all its synced rules, and the request waits for the answer.
 //!
 //! All or nothing across local and remote rules: the local rules' permits
@@ -12,6 +12,7 @@ use sluice_core::store::SharedBytes;
 use sluice_core::time::{Nanos, Span};
 
 use super::delay::DelayedRequest;
+use super::leased::LeaseTaken;
 use super::{Decided, Plugin, Wake};
 use crate::host::Host;
 use crate::http::unavailable;
@@ -26,6 +27,8 @@ pub(super) struct Asking {
     local: Verdict,
     /// The synced rules and keys asked about, in call order.
     remote: Vec<(usize, String)>,
+    /// Permits taken from leases for the request's other leased rules.
+    leased: Vec<LeaseTaken>,
     call: Call,
     /// From when a failed call counts as timed out (see [`timed_out_from`]).
     timed_out_from: Nanos,
@@ -64,6 +67,7 @@ impl<B: SharedBytes> Plugin<B> {
         request: DelayedRequest,
         local: Verdict,
         remote: Vec<(usize, String)>,
+        leased: Vec<LeaseTaken>,
         delayed: bool,
     ) -> Decided {
         let Some(call) = Call::new(&self.policy, &remote, self.controls.version()) else {
@@ -75,6 +79,7 @@ impl<B: SharedBytes> Plugin<B> {
             local,
             remote,
             timed_out_from: timed_out_from(host.now(), call.timeout),
+            leased,
             call,
             delayed,
         };
@@ -175,6 +180,7 @@ impl<B: SharedBytes> Plugin<B> {
             }
         }
         if let Some(rule_index) = refused_by {
+            self.give_back_leases(host, &asking.leased);
             return self.refuse_all(host, asking.request, asking.local, rule_index);
         }
         self.fail_over(host, asking, &unknown, Failure::Failed)
@@ -192,6 +198,7 @@ impl<B: SharedBytes> Plugin<B> {
         let Asking {
             request,
             local: mut verdict,
+            leased,
             delayed,
             ..
         } = asking;
@@ -214,6 +221,7 @@ impl<B: SharedBytes> Plugin<B> {
             }
         }
         if let Some(rule_index) = closed_by {
+            self.give_back_leases(host, &leased);
             self.give_back(host, &verdict.charges);
             let protocol = self.answering_protocol(host, request.protocol);
             self.answered_locally(request.context_id, protocol);
@@ -227,6 +235,7 @@ impl<B: SharedBytes> Plugin<B> {
                     verdict.decisions.extend(local.decisions);
                     // Synced rules reject, never delay: Wait does not occur.
                     if let VerdictKind::Limited { rule_index } = local.kind {
+                        self.give_back_leases(host, &leased);
                         return self.refuse_all(host, request, verdict, rule_index);
                     }
                     verdict.charges.extend(local.charges);
@@ -276,12 +285,13 @@ impl<B: SharedBytes> Plugin<B> {
         for token in tokens {
             if let Some(asking) = self.asking.remove(&token) {
                 self.give_back(host, &asking.local.charges);
+                self.give_back_leases(host, &asking.leased);
             }
         }
     }
 
     /// Gives back permits a request took but will not use.
-    fn give_back(&mut self, host: &impl Host, charges: &[Charge]) {
+    pub(super) fn give_back(&mut self, host: &impl Host, charges: &[Charge]) {
         if charges.is_empty() {
             return;
         }

@@ -134,7 +134,19 @@ impl<B: SharedBytes> Plugin<B> {
             VerdictKind::Allowed if remote.is_empty() => {
                 Decided::Now(self.admit(host, request, verdict, waited > Span::ZERO))
             }
-            VerdictKind::Allowed => self.ask(host, request, verdict, remote, waited > Span::ZERO),
+            VerdictKind::Allowed => {
+                let mut verdict = verdict;
+                match self.use_leases(host, &request, &mut verdict, remote, now) {
+                    Err(refused) => Decided::Now(refused),
+                    Ok((remote, _)) if remote.is_empty() => {
+                        verdict.decisions.sort_by_key(|d| d.rule_index);
+                        Decided::Now(self.admit(host, request, verdict, waited > Span::ZERO))
+                    }
+                    Ok((remote, leased)) => {
+                        self.ask(host, request, verdict, remote, leased, waited > Span::ZERO)
+                    }
+                }
+            }
             VerdictKind::Limited { rule_index } => Decided::Now(self.refuse(
                 host,
                 request.context_id,

@@ -13,7 +13,9 @@
 //! - `cuts`: gRPC calls cut after their response started, reset on ticks
 //!   unless the upstream ends them first.
 //! - `exact`: requests waiting for the quota server's decision on their
-//!   synced rules (sync mode `exact`).
+//!   synced rules (sync mode `exact`, and leased keys without a lease).
+//! - `leased`: requests of leased rules decided from this Envoy's leases
+//!   (sync mode `leased`).
 //! - `stream_judge`: gRPC and WebSocket messages decided against the
 //!   stream rules.
 
@@ -25,6 +27,9 @@ mod delay;
 mod exact;
 #[cfg(test)]
 mod exact_tests;
+mod leased;
+#[cfg(test)]
+mod leased_tests;
 mod lifecycle;
 mod stream_judge;
 #[cfg(test)]
@@ -94,6 +99,10 @@ pub struct Plugin<B> {
     cuts: cuts::CutCalls,
     /// The quota server's access controls, as this VM last took them.
     controls: Enforced,
+    /// Keys of leased rules lately sent to the sync service.
+    woken: leased::Woken,
+    /// Scratch for lease cell names.
+    lease_name: String,
 }
 
 /// Why a configuration was refused.
@@ -142,6 +151,8 @@ impl<B: SharedBytes> Plugin<B> {
             keys_reported: SlotStats::default(),
             cuts: cuts::CutCalls::default(),
             controls: Enforced::default(),
+            woken: leased::Woken::default(),
+            lease_name: String::new(),
         };
         // Controls another VM already has apply at once, and ticks keep
         // polling for new ones.

@@ -69,6 +69,16 @@ extern "C" {
         value_size: usize,
         cas: u32,
     ) -> u32;
+    fn proxy_register_shared_queue(name: *const u8, name_size: usize, id: *mut u32) -> u32;
+    fn proxy_resolve_shared_queue(
+        vm_id: *const u8,
+        vm_id_size: usize,
+        name: *const u8,
+        name_size: usize,
+        id: *mut u32,
+    ) -> u32;
+    fn proxy_dequeue_shared_queue(id: u32, value: *mut *mut u8, value_size: *mut usize) -> u32;
+    fn proxy_enqueue_shared_queue(id: u32, value: *const u8, value_size: usize) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
@@ -263,6 +273,53 @@ pub fn set_shared(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
     };
     // SAFETY: pointers and lengths describe live buffers.
     check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas) })
+}
+
+/// Registers this VM as the reader of queue `name`; its id.
+pub fn register_queue(name: &str) -> Result<u32, Status> {
+    let mut id = 0u32;
+    // SAFETY: pointer and length describe a live string; the host writes one u32.
+    check(unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+/// The id of queue `name` registered by a VM of `vm_id`; `Ok(None)` when
+/// none is registered.
+pub fn resolve_queue(vm_id: &str, name: &str) -> Result<Option<u32>, Status> {
+    let mut id = 0u32;
+    // SAFETY: pointers and lengths describe live strings; the host writes one u32.
+    let status = unsafe {
+        proxy_resolve_shared_queue(
+            vm_id.as_ptr(),
+            vm_id.len(),
+            name.as_ptr(),
+            name.len(),
+            &mut id,
+        )
+    };
+    match status {
+        OK => Ok(Some(id)),
+        NOT_FOUND => Ok(None),
+        other => Err(Status(other)),
+    }
+}
+
+/// The next message of queue `id`; `Ok(None)` when it is empty.
+pub fn dequeue(id: u32) -> Result<Option<Vec<u8>>, Status> {
+    const EMPTY: u32 = 7;
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: the host fills data/size with a buffer it allocated.
+    match unsafe { proxy_dequeue_shared_queue(id, &mut data, &mut size) } {
+        OK => Ok(Some(host_bytes(data, size).unwrap_or_default())),
+        EMPTY => Ok(None),
+        other => Err(Status(other)),
+    }
+}
+
+/// Puts `value` on queue `id`.
+pub fn enqueue(id: u32, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointer and length describe a live buffer.
+    check(unsafe { proxy_enqueue_shared_queue(id, value.as_ptr(), value.len()) })
 }
 
 /// Kinds of metric.

@@ -3,7 +3,7 @@
 #[allow(unsafe_code)] // Host calls through the proxy-wasm ABI: each block has its SAFETY note.
 mod abi;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use sluice_core::time::{Nanos, Span};
 use crate::host::{Host, MetricId};
 use crate::http::LocalReply;
 use crate::plugin::{Plugin, Step, Wake};
+use crate::sync_service::SyncService;
 
 const LOG_WARN: u32 = 3;
 const LOG_ERROR: u32 = 4;
@@ -23,9 +24,27 @@ const LOG_ERROR: u32 = 4;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { plugin: Rc::new(RefCell::new(None)) })
+        Box::new(Root { plugin: Rc::new(RefCell::new(None)), service: None })
     });
 }}
+
+/// The `root_id` of the plugin that runs the lease sync service (a
+/// singleton `WasmService`) instead of the HTTP filter.
+const SYNC_ROOT_ID: &str = "sluice_sync";
+/// The `vm_id` the demand queue is looked up under when the host does
+/// not tell this VM's own.
+const DEFAULT_VM_ID: &str = "sluice";
+
+/// How long a worker waits before looking for the demand queue again
+/// after not finding it (no sync service configured, or not started yet).
+const QUEUE_RETRY: Span = Span::SECOND;
+
+thread_local! {
+    /// The demand queue's id once resolved (the service registers it).
+    static DEMAND_QUEUE_ID: Cell<Option<u32>> = const { Cell::new(None) };
+    /// No lookup of the demand queue before this time (nanoseconds).
+    static DEMAND_QUEUE_RETRY_AT: Cell<u64> = const { Cell::new(0) };
+}
 
 /// The VM's plugin, shared by its root and HTTP contexts.
 type SharedPlugin = Rc<RefCell<Option<Plugin<EnvoyShared>>>>;
@@ -160,6 +179,55 @@ impl Host for EnvoyHost {
             }
         }
     }
+    fn enqueue(&self, name: &str, message: &[u8]) -> bool {
+        let Some(id) = queue_id(name) else {
+            return false;
+        };
+        match abi::enqueue(id, message) {
+            Ok(()) => true,
+            Err(_) => {
+                // The service's VM went away: look the queue up again.
+                DEMAND_QUEUE_ID.with(|c| c.set(None));
+                false
+            }
+        }
+    }
+    fn register_queue(&self, name: &str) -> Option<u32> {
+        abi::register_queue(name).ok()
+    }
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+        abi::dequeue(queue).ok().flatten()
+    }
+    fn node_id(&self) -> Option<String> {
+        text(abi::property(&["node", "id"]).ok().flatten())
+    }
+}
+
+/// The id of the shared queue `name` registered by the service of this
+/// VM's `vm_id`, cached once found.
+fn queue_id(name: &str) -> Option<u32> {
+    if let Some(id) = DEMAND_QUEUE_ID.with(Cell::get) {
+        return Some(id);
+    }
+    let now = abi::now_nanos().unwrap_or(0);
+    if now < DEMAND_QUEUE_RETRY_AT.with(Cell::get) {
+        return None;
+    }
+    let vm_id = text(abi::property(&["plugin_vm_id"]).ok().flatten())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| DEFAULT_VM_ID.to_owned());
+    match abi::resolve_queue(&vm_id, name).ok().flatten() {
+        Some(id) => {
+            DEMAND_QUEUE_ID.with(|c| c.set(Some(id)));
+            Some(id)
+        }
+        None => {
+            // Without a service every request of a key without lease would
+            // look again: two host calls each. Once a second is enough.
+            DEMAND_QUEUE_RETRY_AT.with(|c| c.set(Nanos(now).plus(QUEUE_RETRY).get()));
+            None
+        }
+    }
 }
 
 fn define(kind: abi::MetricKind, name: &str) -> Option<MetricId> {
@@ -228,20 +296,7 @@ fn wake(wake: Wake) {
 /// for it. Calls started from a tick answer on the root context, so the
 /// request is made current first.
 fn quota_answer(plugin: &SharedPlugin, token: u32, status: u32, size: usize) {
-    let answer = if status == 0 {
-        abi::grpc_answer(size).map_err(|s| {
-            abi::log(
-                LOG_WARN,
-                &format!(
-                    "sluice: cannot read the quota server's answer: status {}",
-                    s.0
-                ),
-            );
-            GRPC_INTERNAL
-        })
-    } else {
-        Err(status)
-    };
+    let answer = grpc_answer(status, size);
     let decided = match plugin.try_borrow_mut() {
         Ok(mut slot) => slot
             .as_mut()
@@ -270,13 +325,55 @@ fn send(reply: &LocalReply) {
     }
 }
 
+/// A plugin's root: the HTTP filter's (with its HTTP contexts), or the
+/// lease sync service's when the plugin's `root_id` is [`SYNC_ROOT_ID`].
 struct Root {
     plugin: SharedPlugin,
+    service: Option<SyncService<EnvoyShared>>,
+}
+
+/// The answer of gRPC call (status 0: a message of `size` bytes).
+fn grpc_answer(status: u32, size: usize) -> Result<Vec<u8>, u32> {
+    if status != 0 {
+        return Err(status);
+    }
+    abi::grpc_answer(size).map_err(|s| {
+        abi::log(
+            LOG_WARN,
+            &format!(
+                "sluice: cannot read the quota server's answer: status {}",
+                s.0
+            ),
+        );
+        GRPC_INTERNAL
+    })
 }
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        quota_answer(&self.plugin, token_id, status_code, response_size);
+        match self.service.as_mut() {
+            Some(service) => {
+                let answer = grpc_answer(status_code, response_size);
+                service.on_sync_answer(&EnvoyHost, token_id, answer.as_deref().map_err(|s| *s));
+            }
+            None => quota_answer(&self.plugin, token_id, status_code, response_size),
+        }
+    }
+}
+
+impl Root {
+    /// Starts the lease sync service from the plugin configuration.
+    fn configure_service(&mut self, config: &[u8]) -> bool {
+        match SyncService::configure(&EnvoyHost, EnvoyShared, config) {
+            Ok(service) => {
+                self.service = Some(service);
+                true
+            }
+            Err(e) => {
+                abi::log(LOG_ERROR, &e.to_string());
+                false
+            }
+        }
     }
 }
 
@@ -292,6 +389,10 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let root_id = text(abi::property(&["plugin_root_id"]).ok().flatten());
+        if root_id.as_deref() == Some(SYNC_ROOT_ID) {
+            return self.configure_service(&config);
+        }
         match Plugin::configure(&EnvoyHost, EnvoyShared, &config) {
             Ok(plugin) => match self.plugin.try_borrow_mut() {
                 Ok(mut slot) => {
@@ -307,7 +408,17 @@ impl RootContext for Root {
         }
     }
 
+    fn on_queue_ready(&mut self, _queue_id: u32) {
+        if let Some(service) = self.service.as_mut() {
+            service.on_queue_ready(&EnvoyHost);
+        }
+    }
+
     fn on_tick(&mut self) {
+        if let Some(service) = self.service.as_mut() {
+            service.on_tick(&EnvoyHost);
+            return;
+        }
         // Decide first, then act: resuming or replying calls back into the
         // filter, which must find the plugin free.
         let wakes = match self.plugin.try_borrow_mut() {

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_core::algorithm::Outcome;
+use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::decision::Decision;
 use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
@@ -168,14 +168,21 @@ impl Quota for QuotaService {
                 storage_failed(&self.shared, domain, &error);
                 // Nothing can be leased without storage: the caller falls
                 // back on its local limit (open) or denies (closed).
-                (vec![Grant::none(0); entries.len()], failed_source(domain))
+                (
+                    vec![Grant::none(0, Span::ZERO); entries.len()],
+                    failed_source(domain),
+                )
             }
         };
         for ((grant, (id, _)), entry) in grants.iter().zip(&asked).zip(&entries) {
             if grant.permits > 0 && source == Source::Storage {
                 let expires = Duration::from_nanos(grant.expires_after.as_nanos());
-                self.leases
-                    .record(*id, grant.permits, now + expires + REFUND_GRACE, now);
+                self.leases.record(
+                    *id,
+                    grant.permits,
+                    now + expires + refund_grace(entry.limit),
+                    now,
+                );
             }
             self.shared.metrics.decision(
                 &domain.name,
@@ -188,7 +195,7 @@ impl Quota for QuotaService {
             .map(|at| match at {
                 Slot::Unknown => unknown,
                 Slot::Unlimited(want) => settled_lease(true, *want),
-                Slot::Entry(i) => lease(&grants[*i], source),
+                Slot::Entry(i) => lease(&grants[*i], entries[*i].limit, source),
             })
             .collect();
         Ok(Response::new(SyncResponse {
@@ -357,7 +364,7 @@ fn settled_lease(allowed: bool, want: u64) -> Lease {
         code: Code::Ok as i32,
         permits: want,
         expires_after: Some(duration(sync::LEASE_TIME)),
-        remaining: 0,
+        ..Lease::default()
     }
 }
 
@@ -378,7 +385,7 @@ fn lease_outcome(entry: &Entry<'_>, grant: &Grant, source: Source) -> MetricOutc
     }
 }
 
-fn lease(grant: &Grant, source: Source) -> Lease {
+fn lease(grant: &Grant, limit: &Limit, source: Source) -> Lease {
     let code = match source {
         Source::FailedClosed => Code::OverLimit,
         _ if grant.permits == 0 && grant.remaining == 0 && source == Source::Storage => {
@@ -391,6 +398,21 @@ fn lease(grant: &Grant, source: Source) -> Lease {
         permits: grant.permits,
         expires_after: Some(duration(grant.expires_after)),
         remaining: grant.remaining,
+        limit: limit.quota().count(),
+        window: Some(duration(limit.quota().per())),
+        reset_after: Some(duration(grant.reset_after)),
+    }
+}
+
+/// How long after a lease's expiry its unused permits may still come
+/// back. None for a fixed window: the lease ends with the window its
+/// permits were counted in, and a refund arriving later would land in the
+/// next window's count, letting it admit more than its limit.
+fn refund_grace(limit: &Limit) -> Duration {
+    if limit.algorithm() == AlgorithmKind::FixedWindow {
+        Duration::ZERO
+    } else {
+        REFUND_GRACE
     }
 }
 

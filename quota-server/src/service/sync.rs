@@ -1,5 +1,5 @@
-//! Leases for distributed callers (`Quota/Sync`), the API the filter's
-//! distributed mode will use (not yet wired).
+//! Leases for distributed callers (`Quota/Sync`), the API of the filter's
+//! sync mode `leased`.
 //!
 //! A caller decides locally from a lease: a number of permits taken from
 //! the global budget when granted, valid until an expiry. Because the
@@ -55,15 +55,18 @@ pub struct Grant {
     pub expires_after: Span,
     /// The global budget left once they were taken.
     pub remaining: u64,
+    /// Time until the budget is fully restored.
+    pub reset_after: Span,
 }
 
 impl Grant {
-    /// No lease, with what the budget has left.
-    pub fn none(remaining: u64) -> Grant {
+    /// No lease, with what the budget has left and when it is whole again.
+    pub fn none(remaining: u64, reset_after: Span) -> Grant {
         Grant {
             permits: 0,
             expires_after: Span::ZERO,
             remaining,
+            reset_after,
         }
     }
 }
@@ -84,12 +87,12 @@ pub async fn sync(
         store.refund(&returned, None).await?;
     }
     let probe: Vec<Item<'_>> = entries.iter().map(|e| item(e, 0)).collect();
-    let mut remaining: Vec<u64> = store
+    let (mut remaining, mut reset_after): (Vec<u64>, Vec<Span>) = store
         .check(&probe, None)
         .await?
         .iter()
-        .map(|o| o.remaining)
-        .collect();
+        .map(|o| (o.remaining, o.reset_after))
+        .unzip();
     let mut grants: Vec<Option<Grant>> = vec![None; entries.len()];
     for _ in 0..ROUNDS {
         let asks: Vec<(usize, u64)> = (0..entries.len())
@@ -98,7 +101,7 @@ pub async fn sync(
             .collect();
         let (zero, positive): (Vec<_>, Vec<_>) = asks.into_iter().partition(|(_, n)| *n == 0);
         for (i, _) in zero {
-            grants[i] = Some(Grant::none(remaining[i]));
+            grants[i] = Some(Grant::none(remaining[i], reset_after[i]));
         }
         if positive.is_empty() {
             break;
@@ -110,19 +113,21 @@ pub async fn sync(
         let outcomes = store.check(&items, None).await?;
         for (&(i, n), o) in positive.iter().zip(&outcomes) {
             remaining[i] = o.remaining;
+            reset_after[i] = o.reset_after;
             if o.allowed {
                 grants[i] = Some(Grant {
                     permits: n,
                     expires_after: expiry(entries[i].limit, o),
                     remaining: o.remaining,
+                    reset_after: o.reset_after,
                 });
             }
         }
     }
     Ok(grants
         .into_iter()
-        .zip(remaining)
-        .map(|(g, remaining)| g.unwrap_or(Grant::none(remaining)))
+        .zip(remaining.into_iter().zip(reset_after))
+        .map(|(g, (remaining, reset))| g.unwrap_or(Grant::none(remaining, reset)))
         .collect())
 }
 

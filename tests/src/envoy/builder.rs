@@ -75,6 +75,14 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Adds the lease sync service (a singleton `WasmService` with the
+    /// filter's plugin configuration), which rules in sync mode `leased`
+    /// need.
+    pub fn sync_service(mut self, on: bool) -> Self {
+        self.params.sync_service = on;
+        self
+    }
+
     /// Adds the Sluice filter with this plugin configuration.
     pub fn sluice(mut self, config: &Value) -> Self {
         self.params.plugin_config = Some(plugin_json(config));
@@ -275,6 +283,7 @@ impl Envoy {
                 access_log: true,
                 quota_port: None,
                 hosts: Hosts::loopback(),
+                sync_service: false,
             },
             wasm_override: None,
             concurrency: 1,

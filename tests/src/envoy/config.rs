@@ -26,6 +26,8 @@ pub struct ConfigParams {
     pub quota_port: Option<u16>,
     /// Where the listeners bind and the clusters point.
     pub hosts: Hosts,
+    /// Adds the lease sync service (leased rules).
+    pub sync_service: bool,
 }
 
 /// The addresses of the template's listeners and clusters.
@@ -84,7 +86,11 @@ impl ConfigParams {
             .section_if("sluice", self.plugin_config.is_some())
             .section_if("native_local_ratelimit", self.native_local_ratelimit)
             .section_if("access_log", self.access_log)
-            .section_if("quota", self.quota_port.is_some());
+            .section_if("quota", self.quota_port.is_some())
+            .section_if(
+                "sync_service",
+                self.sync_service && self.plugin_config.is_some(),
+            );
         let vars = match self.quota_port {
             Some(port) => vars.set("QUOTA_PORT", port.to_string()),
             None => vars,

@@ -17,7 +17,7 @@ use anyhow::{anyhow, Context as _, Result};
 use super::children::{line_after, Child};
 use super::files;
 use super::state::{Recorded, StackState};
-use super::topology::{stack_vars, UpstreamPorts};
+use super::topology::{needs_sync_service, stack_vars, UpstreamPorts};
 use super::upstreams::{parse_output, UpstreamAddrs};
 use crate::envoy::Envoy;
 use crate::template::template_path;
@@ -130,7 +130,8 @@ impl LocalStack {
             grpc: upstream_addrs.grpc.port(),
             ws: upstream_addrs.ws.port(),
         };
-        let vars = stack_vars(ports, &filter)?;
+        let vars = stack_vars(ports);
+        let sync_service = needs_sync_service(&filter)?;
         let start = |name: &str| {
             Envoy::builder("stack")
                 .instance(name)
@@ -139,6 +140,7 @@ impl LocalStack {
                 .upstream(ports.http)
                 .quota_server(quota_addr.port())
                 .sluice_raw(&filter)
+                .sync_service(sync_service)
                 .template(&template_path().display().to_string(), vars.clone())
                 .start()
         };

@@ -10,10 +10,6 @@ use crate::envoy::{ConfigParams, Hosts};
 use crate::routes::upstream_vars;
 use crate::template::{self, Vars};
 
-/// The sync mode whose rules need the template's `leased` section (the
-/// singleton service that keeps their leases).
-pub const LEASED_MODE: &str = "leased";
-
 /// Compose's Envoys: the HTTP listener inside their containers.
 pub const COMPOSE_LISTEN_PORT: u16 = 10000;
 /// Compose's Envoys: the admin listener inside their containers.
@@ -48,15 +44,18 @@ pub struct UpstreamPorts {
     pub ws: u16,
 }
 
-/// The template's variables and sections beyond [`ConfigParams`] for the
-/// stack: the gRPC and WebSocket routes, and the section each sync mode of
-/// `filter`'s rules needs. Switching the rules' mode in `filter.json` is
-/// all it takes to switch the stack.
-pub fn stack_vars(upstreams: UpstreamPorts, filter: &str) -> Result<Vars> {
-    let leased = files::sync_modes(filter)?
-        .values()
-        .any(|mode| mode == LEASED_MODE);
-    Ok(upstream_vars(Some(upstreams.grpc), Some(upstreams.ws)).section_if(LEASED_MODE, leased))
+/// The template's variables beyond [`ConfigParams`] for the stack: the
+/// gRPC and WebSocket routes.
+pub fn stack_vars(upstreams: UpstreamPorts) -> Vars {
+    upstream_vars(Some(upstreams.grpc), Some(upstreams.ws))
+}
+
+/// Whether the Envoys run the sync service: with any synced rule in
+/// `filter`, since it keeps the leases of leased rules and brings the quota
+/// server's access controls to every Envoy. Switching the rules' mode in
+/// `filter.json` is all it takes to switch the stack.
+pub fn needs_sync_service(filter: &str) -> Result<bool> {
+    Ok(!files::sync_modes(filter)?.is_empty())
 }
 
 /// The text of `envoy/stack/envoy.yaml`: the template rendered for
@@ -84,10 +83,11 @@ pub fn render_compose_envoy() -> Result<String> {
             quota: COMPOSE_QUOTA_HOST.to_owned(),
             cluster_type: "STRICT_DNS",
         },
+        sync_service: needs_sync_service(&filter)?,
     };
     params.render_with(
         &template::load_template()?,
-        stack_vars(upstreams, &filter)?,
+        stack_vars(upstreams),
         "# The Envoys of envoy/compose.yaml (envoy-a and envoy-b run this same file).\n\
          #\n\
          # GENERATED from envoy/sluice-http.template.yaml and envoy/stack/filter.json\n\
