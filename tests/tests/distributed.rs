@@ -624,8 +624,17 @@ async fn slow_quota_server(mode: SyncMode) {
         .await
         .unwrap();
 
-    // Prompt again (once the late answers queued are out): accurate again.
+    // Prompt again once the late answers queued are out (on every
+    // connection: the sync service has its own): accurate again.
     proxy.set_delay(Duration::ZERO);
+    wait::until("the late answers out", RECOVERY, || async {
+        match proxy.queued() {
+            0 => Ok(()),
+            n => Err(format!("{n} chunks queued")),
+        }
+    })
+    .await
+    .unwrap();
     wait_until_decided_again(&clients).await;
     assert_per_key(&fleet, mode, &["gina"]).await;
     fleet.check_vms().await.unwrap();
