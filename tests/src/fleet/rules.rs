@@ -179,9 +179,11 @@ pub fn quota_server_config(port: u16, storage: &Storage, domains: &[Domain]) -> 
     let mut text = format!("listen: {{grpc: \"127.0.0.1:{port}\"}}\n");
     if let Storage::Redis { url } = storage {
         text.push_str("storage:\n  backend: redis\n");
-        // The Redis timeout stays well under the filter's: a down Redis is
-        // the server's failure to handle, not a slow answer.
-        let _ = writeln!(text, "  redis: {{url: \"{url}\", timeout: 50ms}}");
+        // The Redis timeout stays under the filter's (a down Redis is the
+        // server's failure to handle, not a slow answer), yet long enough
+        // that a loaded machine does not make a live Redis look down (its
+        // domain's fallback would then admit beyond the limit).
+        let _ = writeln!(text, "  redis: {{url: \"{url}\", timeout: 150ms}}");
     }
     text.push_str("domains:\n");
     for domain in domains {
