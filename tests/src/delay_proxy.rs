@@ -5,7 +5,7 @@
 //! zero lets answers through again once the chunks already queued are out.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,26 @@ const QUEUED_CHUNKS: usize = 1024;
 pub struct DelayProxy {
     addr: SocketAddr,
     delay_ms: Arc<AtomicU64>,
+    /// Chunks from the server not yet passed on, over every connection.
+    queued: Arc<AtomicUsize>,
     task: JoinHandle<()>,
+}
+
+/// A chunk counted in [`DelayProxy::queued`] until it is dropped (written,
+/// or lost with its connection).
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(queued: &Arc<AtomicUsize>) -> Counted {
+        queued.fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(queued))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl DelayProxy {
@@ -37,15 +56,17 @@ impl DelayProxy {
         let addr = listener.local_addr()?;
         let delay_ms = Arc::new(AtomicU64::new(0));
         let delay = Arc::clone(&delay_ms);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&queued);
         let task = tokio::spawn(async move {
             // Dropped with the accept loop: aborts every connection.
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                let delay = Arc::clone(&delay);
+                let (delay, counter) = (Arc::clone(&delay), Arc::clone(&counter));
                 connections.spawn(async move {
                     // A refused connection to the target closes the client's.
                     if let Ok(server) = TcpStream::connect(target).await {
-                        forward(client, server, delay).await;
+                        forward(client, server, delay, counter).await;
                     }
                 });
                 // Reap finished connections so the set stays small.
@@ -55,8 +76,15 @@ impl DelayProxy {
         Ok(DelayProxy {
             addr,
             delay_ms,
+            queued,
             task,
         })
+    }
+
+    /// Chunks the server sent that the proxy holds back still: 0 once
+    /// every delayed answer is out.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// The port clients connect to.
@@ -79,7 +107,12 @@ impl Drop for DelayProxy {
 
 /// Copies both ways until either side closes: client to server at once,
 /// server to client each chunk `delay` after it arrived.
-async fn forward(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>) {
+async fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    delay_ms: Arc<AtomicU64>,
+    counter: Arc<AtomicUsize>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
@@ -87,7 +120,7 @@ async fn forward(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>)
     let (chunks, queued) = mpsc::channel(QUEUED_CHUNKS);
     tokio::select! {
         () = copy(client_read, server_write) => {}
-        () = read_delayed(server_read, chunks, delay_ms) => {}
+        () = read_delayed(server_read, chunks, delay_ms, counter) => {}
         () = write_when_due(queued, client_write) => {}
     }
 }
@@ -98,8 +131,9 @@ async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
 
 async fn read_delayed(
     mut from: OwnedReadHalf,
-    chunks: mpsc::Sender<(Instant, Vec<u8>)>,
+    chunks: mpsc::Sender<(Instant, Vec<u8>, Counted)>,
     delay_ms: Arc<AtomicU64>,
+    counter: Arc<AtomicUsize>,
 ) {
     let mut buffer = vec![0; 16 * 1024];
     loop {
@@ -108,7 +142,8 @@ async fn read_delayed(
             Ok(n) => n,
         };
         let due = Instant::now() + Duration::from_millis(delay_ms.load(Ordering::Relaxed));
-        if chunks.send((due, buffer[..n].to_vec())).await.is_err() {
+        let chunk = (due, buffer[..n].to_vec(), Counted::new(&counter));
+        if chunks.send(chunk).await.is_err() {
             return;
         }
     }
@@ -118,8 +153,11 @@ async fn read_delayed(
     std::future::pending::<()>().await;
 }
 
-async fn write_when_due(mut queued: mpsc::Receiver<(Instant, Vec<u8>)>, mut to: OwnedWriteHalf) {
-    while let Some((due, chunk)) = queued.recv().await {
+async fn write_when_due(
+    mut queued: mpsc::Receiver<(Instant, Vec<u8>, Counted)>,
+    mut to: OwnedWriteHalf,
+) {
+    while let Some((due, chunk, _counted)) = queued.recv().await {
         tokio::time::sleep_until(due).await;
         if to.write_all(&chunk).await.is_err() {
             return;

@@ -5,10 +5,14 @@
 //! and a quota server slower than the rules' timeout (a delaying TCP proxy
 //! between the Envoys and it). Each fault test checks that every failure
 //! mode does what it says, that no request waits past its rule's timeout,
-//! that no filter VM failed, and that the fleet is exact again afterwards.
+//! that no filter VM failed, and that the fleet is accurate again
+//! afterwards.
 //!
-//! The helpers (`sluice_e2e::fleet`) take the sync mode as a parameter;
-//! these tests run [`MODE`].
+//! Each test body takes the sync mode and runs in both: exact (every
+//! request asks, so the fleet admits exactly the limit) and leased (each
+//! Envoy with its sync service; the fleet admits at most the limit and at
+//! least the documented floor `limit − 2 × N × L`). The quota server
+//! killed in leased mode is in `leased.rs`.
 //!
 //! Needs Envoy (`make setup`), `redis-server`, the filter (`make wasm`) and
 //! the `sluice` binary (`cargo build -p sluice-quota-server`, or
@@ -17,7 +21,7 @@
 // Test code: failing means panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_e2e::client::Client;
@@ -31,13 +35,20 @@ use sluice_e2e::upstream::Upstream;
 use sluice_e2e::{free_port, wait};
 use sluice_quota_server::launcher::QuotaServer;
 
-/// The sync mode under test.
-const MODE: SyncMode = SyncMode::Exact;
 /// Envoys in a fleet, and workers per Envoy.
 const ENVOYS: usize = 3;
 const WORKERS: u32 = 2;
-/// What the quota server admits per key of rule `fleet`, for the fleet.
-const LIMIT: usize = 20;
+/// Leased mode: every Envoy of the fleet shares each budget, 20 permits a
+/// lease at most.
+const LEASED: SyncMode = SyncMode::Leased {
+    replicas: ENVOYS as u64,
+    max_lease: 20,
+};
+/// What the quota server admits per key of rule `fleet` in exact mode.
+const EXACT_LIMIT: usize = 20;
+/// The same in leased mode: large enough that the documented floor
+/// (`300 − 2 × 3 × 20 = 180`) says something.
+const LEASED_LIMIT: usize = 300;
 /// The timeout of rules `open`, `closed` and `fallback`.
 const TIMEOUT: Duration = Duration::from_millis(200);
 /// The timeout of rule `fleet`: long, so that a loaded machine never makes
@@ -58,6 +69,21 @@ const SERVER_FALLBACK: usize = 3;
 const UNLIMITED: u64 = 1_000_000;
 /// How long the quota server may take to be used again after a recovery.
 const RECOVERY: Duration = Duration::from_secs(15);
+/// How long leases may keep serving once the quota server stops granting:
+/// until their next sync attempt (two intervals) or their expiry (1 s),
+/// plus room for a loaded machine.
+const LEASES_GONE: Duration = Duration::from_secs(3);
+/// How long the fleet is probed after sustained demand: past every lease's
+/// expiry, so that what leases held unused is back in the budget.
+const SETTLE: Duration = Duration::from_millis(2_000);
+
+/// What the quota server admits per key of rule `fleet`.
+fn limit(mode: SyncMode) -> usize {
+    match mode {
+        SyncMode::Exact => EXACT_LIMIT,
+        SyncMode::Leased { .. } => LEASED_LIMIT,
+    }
+}
 
 /// The filter's rules: `fleet` per `x-client` (fails closed, so a failed
 /// call can only lower the count), `open`, `closed` and `fallback` (per
@@ -79,7 +105,7 @@ fn filter_config(mode: SyncMode) -> Value {
 /// The quota server's domains, whose failure modes apply when Redis fails:
 /// `edge` falls back on a per-replica limit, `loose` fails open, `strict`
 /// closed.
-fn domains() -> Vec<Domain> {
+fn domains(mode: SyncMode) -> Vec<Domain> {
     let fallback = StorageFailure::Fallback {
         count: SERVER_FALLBACK as u64,
     };
@@ -87,65 +113,113 @@ fn domains() -> Vec<Domain> {
         Domain::new(
             "edge",
             fallback,
-            &[("fleet", LIMIT as u64), ("fallback", UNLIMITED)],
+            &[("fleet", limit(mode) as u64), ("fallback", UNLIMITED)],
         ),
         Domain::new("loose", StorageFailure::Open, &[("open", UNLIMITED)]),
         Domain::new("strict", StorageFailure::Closed, &[("closed", UNLIMITED)]),
     ]
 }
 
-/// A quota server on 127.0.0.1:`port` (0: any) keeping counts in `storage`.
-fn quota_server(port: u16, storage: &Storage) -> QuotaServer {
-    start_quota_server(&quota_server_config(port, storage, &domains()))
+/// A quota server for `mode`'s fleet on 127.0.0.1:`port` (0: any) keeping
+/// counts in `storage`.
+fn quota_server(mode: SyncMode, port: u16, storage: &Storage) -> QuotaServer {
+    start_quota_server(&quota_server_config(port, storage, &domains(mode)))
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// The fleet for `test`, Envoy `i` calling the quota server on
-/// `quota_ports[i % len]`.
-async fn start_fleet(test: &str, upstream: &Upstream, quota_ports: &[u16]) -> Fleet {
+/// The fleet for `test` (suffixed with the mode's name) in `mode`, Envoy
+/// `i` calling the quota server on `quota_ports[i % len]`.
+async fn start_fleet(
+    test: &str,
+    mode: SyncMode,
+    upstream: &Upstream,
+    quota_ports: &[u16],
+) -> Fleet {
     Fleet::start(
-        test,
+        &format!("{test}_{}", mode.name()),
         upstream.port(),
         quota_ports,
         ENVOYS,
         WORKERS,
-        &filter_config(MODE),
+        mode,
+        &filter_config(mode),
     )
     .await
     .unwrap_or_else(|e| panic!("starting the fleet: {e:#}"))
 }
 
 /// The keys' requests to rule `fleet`, all at once: twice the limit each,
-/// spread over every Envoy. The fleet must admit exactly the limit per key,
-/// each request asking the quota server once.
-async fn assert_exact_per_key(fleet: &Fleet, keys: &[&str]) {
+/// spread over every Envoy. Per key, the fleet admits at most the limit and
+/// at least the mode's floor (exact: the limit); the quota server answered
+/// every call, once per request in exact mode, for few requests in leased
+/// mode (most are admitted from leases). Returns what each key admitted.
+async fn assert_per_key(fleet: &Fleet, mode: SyncMode, keys: &[&str]) -> Vec<usize> {
+    let limit = limit(mode);
+    let floor = mode.floor(limit as u64) as usize;
     let clients = fleet.clients();
     let before = fleet.sync_outcomes("fleet").await.unwrap();
     let allowed_before = fleet.allowed("fleet").await.unwrap();
     let bursts = keys.iter().map(|key| {
         let clients = clients.clone();
-        async move { burst(&clients, "/fleet", &[("x-client", key)], 2 * LIMIT, 4).await }
+        async move { burst(&clients, "/fleet", &[("x-client", key)], 2 * limit, 4).await }
     });
     let results = futures_util::future::join_all(bursts).await;
+    let mut admitted = Vec::new();
     for (key, sent) in keys.iter().zip(results) {
         let sent = sent.unwrap();
-        assert_eq!(count(&sent, 200), LIMIT, "{key}: {:?}", statuses(&sent));
-        assert_eq!(count(&sent, 429), LIMIT, "{key}: {:?}", statuses(&sent));
+        let ok = count(&sent, 200);
+        eprintln!(
+            "{} mode, key {key}: admitted {ok} of {limit} (floor {floor})",
+            mode.name()
+        );
+        assert_eq!(
+            ok + count(&sent, 429),
+            sent.len(),
+            "{key}: {:?}",
+            statuses(&sent)
+        );
+        assert!(ok <= limit, "{key}: overshoot: {ok} > {limit}");
+        assert!(ok >= floor, "{key}: {ok} below the floor {floor}");
+        admitted.push(ok);
     }
     let asked = fleet.sync_outcomes("fleet").await.unwrap() - before;
-    let sent = (keys.len() * 2 * LIMIT) as u64;
+    let sent = (keys.len() * 2 * limit) as u64;
+    let total: usize = admitted.iter().sum();
+    eprintln!("{} mode: {asked:?} for {sent} requests", mode.name());
     assert_eq!(
-        asked,
-        SyncOutcomes {
-            ok: sent,
-            ..SyncOutcomes::default()
-        },
-        "every request asked the quota server once"
+        asked.ok,
+        asked.total(),
+        "the quota server answered: {asked:?}"
     );
+    match mode {
+        SyncMode::Exact => assert_eq!(asked.ok, sent, "every request asked once"),
+        SyncMode::Leased { .. } => assert!(
+            (asked.ok as usize) < total / 2,
+            "{asked:?}: most admissions did not come from leases ({total} admitted)"
+        ),
+    }
     assert_eq!(
         fleet.allowed("fleet").await.unwrap() - allowed_before,
-        (keys.len() * LIMIT) as u64
+        total as u64
     );
+    admitted
+}
+
+/// Requests for `key` on rule `fleet`, a few at a time over every Envoy,
+/// for [`SETTLE`]: long enough for every lease to come back or expire.
+/// Returns how many were admitted.
+async fn admitted_while_settling(fleet: &Fleet, key: &str) -> usize {
+    let clients = fleet.clients();
+    let until = Instant::now() + SETTLE;
+    let mut admitted = 0;
+    while Instant::now() < until {
+        let sent = burst(&clients, "/fleet", &[("x-client", key)], ENVOYS, ENVOYS)
+            .await
+            .unwrap();
+        admitted += count(&sent, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admitted
 }
 
 fn statuses(sent: &[Sent]) -> Vec<u16> {
@@ -163,6 +237,26 @@ async fn wait_until_decided_again(clients: &[Client]) {
                 let reply = client.get("/closed").await.map_err(|e| format!("{e:#}"))?;
                 match reply.status {
                     200 => Ok(()),
+                    status => Err(format!("{status} {}", reply.text())),
+                }
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Waits until every client's `/closed` (a rule that fails closed) is
+/// refused as unavailable: each Envoy's leases, if any, are gone.
+async fn wait_until_refused(clients: &[Client]) {
+    for (i, client) in clients.iter().enumerate() {
+        wait::until(
+            &format!("Envoy {i} refusing /closed"),
+            LEASES_GONE,
+            || async {
+                let reply = client.get("/closed").await.map_err(|e| format!("{e:#}"))?;
+                match reply.status {
+                    429 => Ok(()),
                     status => Err(format!("{status} {}", reply.text())),
                 }
             },
@@ -211,48 +305,87 @@ fn refusal_of(sent: &Sent, rule: &str) -> String {
     body["error"].as_str().unwrap().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_envoys_admit_exactly_the_limit_per_key_through_one_quota_server() {
-    let server = quota_server(0, &Storage::Memory);
-    let upstream = Upstream::start().await.unwrap();
-    let fleet = start_fleet("fleet_one_quota_server", &upstream, &[server.grpc.port()]).await;
-
-    // Three keys at once: each its own budget, whatever the others use.
-    assert_exact_per_key(&fleet, &["alice", "bob", "carol"]).await;
+/// Three keys at once through the fleet, each its own budget whatever the
+/// others use; every Envoy takes part; then, once every lease is back or
+/// expired, one key never gets more than its limit in all.
+async fn share_per_key(fleet: &Fleet, mode: SyncMode, upstream: &Upstream) {
+    let admitted = assert_per_key(fleet, mode, &["alice", "bob", "carol"]).await;
     for (i, envoy) in fleet.envoys().iter().enumerate() {
         let allowed = envoy.sluice_counter("fleet", "allowed").await.unwrap();
         assert!(allowed > 0, "Envoy {i} admitted nothing");
     }
-    assert_eq!(upstream.requests(), (3 * LIMIT) as u64);
+    let more = admitted_while_settling(fleet, "alice").await;
+    eprintln!(
+        "{} mode: alice admitted {more} more once her leases were back",
+        mode.name()
+    );
+    assert!(
+        admitted[0] + more <= limit(mode),
+        "{} + {more} > {}",
+        admitted[0],
+        limit(mode)
+    );
+    let total: usize = admitted.iter().sum::<usize>() + more;
+    assert_eq!(
+        upstream.requests(),
+        total as u64,
+        "the upstream saw exactly the admitted requests"
+    );
     fleet.check_vms().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_envoys_admit_exactly_the_limit_per_key_through_two_replicas_on_redis() {
+async fn through_one_quota_server(mode: SyncMode) {
+    let server = quota_server(mode, 0, &Storage::Memory);
+    let upstream = Upstream::start().await.unwrap();
+    let ports = [server.grpc.port()];
+    let fleet = start_fleet("fleet_one_quota_server", mode, &upstream, &ports).await;
+    share_per_key(&fleet, mode, &upstream).await;
+}
+
+async fn through_two_replicas_on_redis(mode: SyncMode) {
     let redis = Redis::start().unwrap();
     let storage = Storage::Redis { url: redis.url() };
-    let replicas = [quota_server(0, &storage), quota_server(0, &storage)];
+    let replicas = [
+        quota_server(mode, 0, &storage),
+        quota_server(mode, 0, &storage),
+    ];
     let upstream = Upstream::start().await.unwrap();
-    // Envoys 0 and 2 call the first replica, Envoy 1 the second.
+    // Envoys 0 and 2 call the first replica, Envoy 1 the second: every
+    // Envoy admitting some means both replicas took part.
     let ports = replicas.each_ref().map(|r| r.grpc.port());
-    let fleet = start_fleet("fleet_two_replicas", &upstream, &ports).await;
-
-    assert_exact_per_key(&fleet, &["alice", "bob", "carol"]).await;
-    // Both replicas took part: every Envoy admitted some.
-    for (i, envoy) in fleet.envoys().iter().enumerate() {
-        let allowed = envoy.sluice_counter("fleet", "allowed").await.unwrap();
-        assert!(allowed > 0, "Envoy {i} admitted nothing");
-    }
-    assert_eq!(upstream.requests(), (3 * LIMIT) as u64);
-    fleet.check_vms().await.unwrap();
+    let fleet = start_fleet("fleet_two_replicas", mode, &upstream, &ports).await;
+    share_per_key(&fleet, mode, &upstream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failure_modes_hold_while_the_quota_server_is_down_and_accuracy_returns() {
+async fn exact_three_envoys_admit_exactly_the_limit_per_key_through_one_quota_server() {
+    through_one_quota_server(SyncMode::Exact).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_three_envoys_stay_within_the_limit_and_reach_their_share_through_one_quota_server()
+{
+    through_one_quota_server(LEASED).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exact_three_envoys_admit_exactly_the_limit_per_key_through_two_replicas_on_redis() {
+    through_two_replicas_on_redis(SyncMode::Exact).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_three_envoys_stay_within_the_limit_and_reach_their_share_through_two_replicas_on_redis(
+) {
+    through_two_replicas_on_redis(LEASED).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exact_failure_modes_hold_while_the_quota_server_is_down_and_accuracy_returns() {
+    let mode = SyncMode::Exact;
     let port = free_port().unwrap();
-    let mut server = quota_server(port, &Storage::Memory);
+    let mut server = quota_server(mode, port, &Storage::Memory);
     let upstream = Upstream::start().await.unwrap();
-    let fleet = start_fleet("fleet_quota_server_down", &upstream, &[port]).await;
+    let fleet = start_fleet("fleet_quota_server_down", mode, &upstream, &[port]).await;
     let clients = fleet.clients();
     wait_until_decided_again(&clients).await;
     let rules = ["open", "closed", "fallback"];
@@ -334,32 +467,33 @@ async fn failure_modes_hold_while_the_quota_server_is_down_and_accuracy_returns(
         .unwrap();
 
     // Back on the same port: the fleet is exact again.
-    let _server = quota_server(port, &Storage::Memory);
+    let _server = quota_server(mode, port, &Storage::Memory);
     wait_until_decided_again(&clients).await;
-    assert_exact_per_key(&fleet, &["carol"]).await;
+    assert_per_key(&fleet, mode, &["carol"]).await;
     fleet.check_vms().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn server_failure_modes_hold_while_redis_is_down_behind_two_replicas_and_accuracy_returns() {
+/// Redis killed behind two replicas mid-traffic, then restarted empty.
+async fn redis_down_behind_two_replicas(mode: SyncMode) {
     let mut redis = Redis::start().unwrap();
     let redis_port = redis.port();
     let storage = Storage::Redis { url: redis.url() };
-    let replicas = [quota_server(0, &storage), quota_server(0, &storage)];
+    let replicas = [
+        quota_server(mode, 0, &storage),
+        quota_server(mode, 0, &storage),
+    ];
     let upstream = Upstream::start().await.unwrap();
     let ports = replicas.each_ref().map(|r| r.grpc.port());
-    let fleet = start_fleet("fleet_redis_down", &upstream, &ports).await;
+    let fleet = start_fleet("fleet_redis_down", mode, &upstream, &ports).await;
     let clients = fleet.clients();
     wait_until_decided_again(&clients).await;
 
-    let traffic = Traffic::start(&clients, &["/open", "/closed"], &[], 4, 300);
+    let traffic = Traffic::start(&clients, &["/open", "/closed"], &[], 4, 3000);
     traffic.wait_for(40, Duration::from_secs(20)).await.unwrap();
     redis.stop();
-    let killed_at = traffic.answered();
-    traffic
-        .wait_for(killed_at + 80, Duration::from_secs(20))
-        .await
-        .unwrap();
+    // Until no Envoy admits /closed any more (in leased mode, once the
+    // leases held at the kill are gone).
+    wait_until_refused(&clients).await;
     let sent = traffic.stop().await.unwrap();
     assert_bounded_and_alive(&sent);
     let closed = on(&sent, "/closed");
@@ -397,19 +531,26 @@ async fn server_failure_modes_hold_while_redis_is_down_behind_two_replicas_and_a
         );
         refusal_of(s, "closed");
     }
+    // Each replica admits at most its fallback limit; in leased mode part
+    // of it may sit unused in leases.
     let dave = on(&down, "/fleet");
     let admitted = dave.iter().filter(|s| s.reply.status == 200).count();
-    assert_eq!(
-        admitted,
-        2 * SERVER_FALLBACK,
-        "each replica admits its fallback limit"
+    let fallbacks = 2 * SERVER_FALLBACK;
+    eprintln!(
+        "{} mode, Redis down: admitted {admitted} of the replicas' {fallbacks}",
+        mode.name()
+    );
+    assert!(admitted <= fallbacks, "{admitted} > {fallbacks}");
+    assert!(
+        admitted >= mode.floor(fallbacks as u64) as usize,
+        "{admitted} below the floor"
     );
     let calls = fleet.sync_outcomes("fleet").await.unwrap() - fleet_before;
-    assert_eq!(
-        calls.ok,
-        dave.len() as u64,
-        "the replicas answered every call: {calls:?}"
-    );
+    assert_eq!(calls.ok, calls.total(), "the replicas answered: {calls:?}");
+    if mode == SyncMode::Exact {
+        assert_eq!(admitted, fallbacks, "each replica admits its fallback");
+        assert_eq!(calls.ok, dave.len() as u64, "one call per request");
+    }
     fleet.check_vms().await.unwrap();
     fleet
         .check_local_rule_on_every_worker("/local")
@@ -417,29 +558,32 @@ async fn server_failure_modes_hold_while_redis_is_down_behind_two_replicas_and_a
         .unwrap();
 
     // Redis back on its port (empty): both replicas use it again, and the
-    // fleet is exact through them.
+    // fleet is accurate through them.
     let _redis = Redis::start_on(redis_port).unwrap();
     wait_until_decided_again(&clients).await;
-    assert_exact_per_key(&fleet, &["erin"]).await;
+    assert_per_key(&fleet, mode, &["erin"]).await;
     fleet.check_vms().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_quota_server_times_out_within_the_rule_timeout_and_accuracy_returns() {
-    let server = quota_server(0, &Storage::Memory);
+/// The quota server's answers delayed past every rule's timeout, then
+/// prompt again.
+async fn slow_quota_server(mode: SyncMode) {
+    let server = quota_server(mode, 0, &Storage::Memory);
     let proxy = DelayProxy::start(server.grpc).await.unwrap();
     let upstream = Upstream::start().await.unwrap();
-    let fleet = start_fleet("fleet_slow_quota_server", &upstream, &[proxy.port()]).await;
+    let fleet = start_fleet("fleet_slow_quota_server", mode, &upstream, &[proxy.port()]).await;
     let clients = fleet.clients();
     wait_until_decided_again(&clients).await;
+
+    // Answers now come back later than any request may wait; in leased
+    // mode, the leases held serve until their next sync fails.
+    proxy.set_delay(SLOW);
+    wait_until_refused(&clients).await;
     let rules = ["open", "closed", "fallback"];
     let mut before = Vec::new();
     for rule in rules {
         before.push(fleet.sync_outcomes(rule).await.unwrap());
     }
-
-    // Answers now come back later than any request may wait.
-    proxy.set_delay(SLOW);
     let per_rule = ENVOYS * (FILTER_FALLBACK + 2);
     let (open, closed, fallback) = tokio::join!(
         burst(&clients, "/open", &[], per_rule, 4),
@@ -461,7 +605,8 @@ async fn a_slow_quota_server_times_out_within_the_rule_timeout_and_accuracy_retu
         ENVOYS * FILTER_FALLBACK,
         "each Envoy its own fallback"
     );
-    // Every call timed out, and the filter counted it so.
+    // No lease left: every request asked, every call timed out, and the
+    // filter counted it so.
     for (rule, before) in rules.iter().zip(before) {
         let calls = fleet.sync_outcomes(rule).await.unwrap() - before;
         assert_eq!(
@@ -479,9 +624,40 @@ async fn a_slow_quota_server_times_out_within_the_rule_timeout_and_accuracy_retu
         .await
         .unwrap();
 
-    // Prompt again (once the late answers queued are out): exact again.
+    // Prompt again once the late answers queued are out (on every
+    // connection: the sync service has its own): accurate again.
     proxy.set_delay(Duration::ZERO);
+    wait::until("the late answers out", RECOVERY, || async {
+        match proxy.queued() {
+            0 => Ok(()),
+            n => Err(format!("{n} chunks queued")),
+        }
+    })
+    .await
+    .unwrap();
     wait_until_decided_again(&clients).await;
-    assert_exact_per_key(&fleet, &["gina"]).await;
+    assert_per_key(&fleet, mode, &["gina"]).await;
     fleet.check_vms().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exact_server_failure_modes_hold_while_redis_is_down_behind_two_replicas_and_accuracy_returns(
+) {
+    redis_down_behind_two_replicas(SyncMode::Exact).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_server_failure_modes_hold_while_redis_is_down_behind_two_replicas_and_accuracy_returns(
+) {
+    redis_down_behind_two_replicas(LEASED).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exact_a_slow_quota_server_times_out_within_the_rule_timeout_and_accuracy_returns() {
+    slow_quota_server(SyncMode::Exact).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_a_slow_quota_server_times_out_within_the_rule_timeout_and_accuracy_returns() {
+    slow_quota_server(LEASED).await;
 }

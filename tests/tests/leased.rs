@@ -1,9 +1,10 @@
 //! Synced rules in leased mode through real Envoys: three Envoys (two
 //! workers each, each with the lease sync service) share budgets kept by
-//! `sluice serve` (memory backend). Checks that the fleet never admits
-//! more than a limit, reaches the documented share under sustained demand,
-//! keeps keys apart, refills a hot key on demand, and keeps requests
-//! flowing per the failure mode while the quota server is down.
+//! `sluice serve` (memory backend). Checks that fixed windows stay within
+//! the limit and near it, that a hot key is refilled on demand, and that
+//! requests keep flowing per the failure mode while the quota server is
+//! down. The fleet's share per key, and Redis or a slow quota server
+//! failing, run in both sync modes in `distributed.rs`.
 //!
 //! Needs Envoy (`make setup`), the filter (`make wasm`) and the `sluice`
 //! binary (`cargo build -p sluice-quota-server`, or `SLUICE_BIN`).
@@ -169,69 +170,6 @@ type Seen = (&'static str, Instant, Reply);
 /// The documented floor under sustained demand: `limit − 2 × N × L`.
 fn floor(limit: usize, lease: usize) -> usize {
     limit.saturating_sub(2 * ENVOYS * lease)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_envoys_never_exceed_a_leased_limit_and_reach_their_share() {
-    let server = quota_server(free_port().unwrap());
-    let upstream = Upstream::start().await.unwrap();
-    let envoys = fleet("three_envoys_leased_limit", &upstream, server.grpc.port()).await;
-    let clients: Vec<Client> = envoys.iter().map(Envoy::client).collect();
-
-    // Sustained demand from all three on one key: three times the limit.
-    let statuses = burst(&clients, "/fleet", "alice", 3 * FLEET_LIMIT).await;
-    let admitted = count(&statuses, 200);
-    assert_eq!(
-        admitted + count(&statuses, 429),
-        statuses.len(),
-        "{statuses:?}"
-    );
-    eprintln!(
-        "leased fleet: admitted {admitted} of limit {FLEET_LIMIT} (undershoot {}, \
-         documented worst case {})",
-        FLEET_LIMIT - admitted.min(FLEET_LIMIT),
-        2 * ENVOYS * FLEET_LEASE
-    );
-    assert!(admitted <= FLEET_LIMIT, "overshoot: {admitted}");
-    assert!(
-        admitted >= floor(FLEET_LIMIT, FLEET_LEASE),
-        "below the documented share: {admitted}"
-    );
-    // Most admissions came from leases, not from per-request calls.
-    let asked = checks(&envoys, "fleet").await as usize;
-    eprintln!(
-        "leased fleet: {asked} Check calls for {} requests",
-        statuses.len()
-    );
-    assert!(
-        asked < admitted / 2,
-        "{asked} Check calls for {admitted} admitted"
-    );
-    // Every Envoy took part.
-    for envoy in &envoys {
-        assert!(envoy.sluice_counter("fleet", "allowed").await.unwrap() > 0);
-    }
-
-    // Another key has its own budget, whatever alice used.
-    let statuses = burst(&clients, "/fleet", "bob", 2 * FLEET_LIMIT).await;
-    let bob = count(&statuses, 200);
-    eprintln!("leased fleet: bob admitted {bob} of {FLEET_LIMIT}");
-    assert!(
-        bob <= FLEET_LIMIT && bob >= floor(FLEET_LIMIT, FLEET_LEASE),
-        "{bob}"
-    );
-    // Once demand stops the leases come back; what the fleet admitted in
-    // all never exceeds the limit: a last round admits at most the rest.
-    tokio::time::sleep(2 * LEASE_TIME).await;
-    let statuses = burst(&clients, "/fleet", "alice", FLEET_LIMIT).await;
-    let more = count(&statuses, 200);
-    eprintln!("leased fleet: alice admitted {more} more after her leases came back");
-    assert!(admitted + more <= FLEET_LIMIT, "{admitted} + {more}");
-    assert_eq!(
-        upstream.requests() as usize,
-        admitted + bob + more,
-        "the upstream saw exactly the admitted requests"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

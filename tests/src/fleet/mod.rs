@@ -19,7 +19,7 @@ use sluice_quota_server::launcher::{Launcher, QuotaServer};
 
 pub use rules::{
     local_rule, quota_server_config, synced_rule, Domain, OnFailure, Storage, StorageFailure,
-    SyncMode,
+    SyncMode, LEASE_INTERVAL,
 };
 pub use traffic::{burst, count, Sent, Traffic};
 
@@ -47,13 +47,15 @@ impl Fleet {
     /// Starts `size` Envoys of `workers` workers each for test `test`, with
     /// the Sluice filter configured by `config`, routing to the upstream on
     /// `upstream`; Envoy `i` calls the quota server on
-    /// `quota_ports[i % quota_ports.len()]` (replicas split the fleet).
+    /// `quota_ports[i % quota_ports.len()]` (replicas split the fleet), and
+    /// runs the sync service if `mode` needs it.
     pub async fn start(
         test: &str,
         upstream: u16,
         quota_ports: &[u16],
         size: usize,
         workers: u32,
+        mode: SyncMode,
         config: &Value,
     ) -> Result<Fleet> {
         if quota_ports.is_empty() {
@@ -66,6 +68,7 @@ impl Fleet {
                 .concurrency(workers)
                 .quota_server(quota_ports[i % quota_ports.len()])
                 .sluice(config)
+                .sync_service(mode.needs_sync_service())
                 .start()
         });
         let envoys = futures_util::future::try_join_all(starts).await?;
@@ -113,7 +116,7 @@ impl Fleet {
     /// Errors unless every Envoy still runs all its filter VMs: none failed
     /// and was reloaded (`wasm.sluice.vm_reload`; a failed VM answers 503
     /// until then), and one per worker plus the main thread's two are
-    /// active.
+    /// active (the sync service shares the main thread's filter VM).
     pub async fn check_vms(&self) -> Result<()> {
         for (i, envoy) in self.envoys.iter().enumerate() {
             let reloads = envoy.stat("wasm.sluice.vm_reload").await?.unwrap_or(0);

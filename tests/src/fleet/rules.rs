@@ -13,7 +13,20 @@ use serde_json::{json, Value};
 pub enum SyncMode {
     /// Every request asks the quota server once and waits for its answer.
     Exact,
+    /// Each Envoy admits from permits its sync service leased (every
+    /// [`LEASE_INTERVAL`], and on demand), `replicas` Envoys sharing each
+    /// budget, at most `max_lease` permits a lease; a request without a
+    /// lease asks the quota server as in exact mode.
+    Leased {
+        /// How many Envoys share each budget (`sync.replicas`).
+        replicas: u64,
+        /// The most permits one lease holds (`sync.max_lease`).
+        max_lease: u64,
+    },
 }
+
+/// How often a leased key syncs (`sync.interval`).
+pub const LEASE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What a synced rule does when the quota server does not answer in time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +47,27 @@ impl SyncMode {
     pub fn name(self) -> &'static str {
         match self {
             SyncMode::Exact => "exact",
+            SyncMode::Leased { .. } => "leased",
+        }
+    }
+
+    /// Whether Envoys need the sync service (`EnvoyBuilder::sync_service`)
+    /// for rules in this mode.
+    pub fn needs_sync_service(self) -> bool {
+        matches!(self, SyncMode::Leased { .. })
+    }
+
+    /// The documented floor of what a fleet admits of `limit` per window
+    /// under sustained demand: the limit itself in exact mode,
+    /// `limit − 2 × replicas × max_lease` in leased mode (README, "Worst-case
+    /// undershoot").
+    pub fn floor(self, limit: u64) -> u64 {
+        match self {
+            SyncMode::Exact => limit,
+            SyncMode::Leased {
+                replicas,
+                max_lease,
+            } => limit.saturating_sub(2 * replicas * max_lease),
         }
     }
 
@@ -53,6 +87,15 @@ impl SyncMode {
         });
         if let Some(fallback) = fallback {
             sync["fallback"] = fallback;
+        }
+        if let SyncMode::Leased {
+            replicas,
+            max_lease,
+        } = self
+        {
+            sync["interval"] = json!(format!("{}ms", LEASE_INTERVAL.as_millis()));
+            sync["replicas"] = json!(replicas);
+            sync["max_lease"] = json!(max_lease);
         }
         sync
     }
@@ -136,9 +179,11 @@ pub fn quota_server_config(port: u16, storage: &Storage, domains: &[Domain]) -> 
     let mut text = format!("listen: {{grpc: \"127.0.0.1:{port}\"}}\n");
     if let Storage::Redis { url } = storage {
         text.push_str("storage:\n  backend: redis\n");
-        // The Redis timeout stays well under the filter's: a down Redis is
-        // the server's failure to handle, not a slow answer.
-        let _ = writeln!(text, "  redis: {{url: \"{url}\", timeout: 50ms}}");
+        // The Redis timeout stays under the filter's (a down Redis is the
+        // server's failure to handle, not a slow answer), yet long enough
+        // that a loaded machine does not make a live Redis look down (its
+        // domain's fallback would then admit beyond the limit).
+        let _ = writeln!(text, "  redis: {{url: \"{url}\", timeout: 150ms}}");
     }
     text.push_str("domains:\n");
     for domain in domains {
