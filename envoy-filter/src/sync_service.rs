@@ -25,7 +25,6 @@
 use std::collections::{HashMap, HashSet};
 
 use sluice_core::access::wire::span;
-use sluice_core::config::Config;
 use sluice_core::lease::{self, cell, demand, want, Grant, Usage, LEASE_TIME};
 use sluice_core::policy::{Leasing, Policy, SyncMode};
 use sluice_core::store::{shared_seed, Seed, SharedBytes};
@@ -35,7 +34,7 @@ use sluice_proto::quota::v1::{Code, Lease, SyncEntry, SyncRequest, SyncResponse}
 
 use crate::controls::{self, CONTROLS_TICK_MILLIS};
 use crate::host::Host;
-use crate::plugin::ConfigureError;
+use crate::plugin::{read_policy, ConfigureError};
 use crate::quota::SERVICE;
 
 /// The quota server's lease method.
@@ -123,16 +122,14 @@ const CONTROLS_EVERY: Span = Span::from_millis(CONTROLS_TICK_MILLIS as u64);
 
 impl<B: SharedBytes> SyncService<B> {
     /// Reads the plugin configuration (the filter's own JSON), registers
-    /// the demand queue and starts the ticks if a rule is leased.
+    /// the demand queue if a rule is leased, and starts the ticks if a rule
+    /// is synced (leases to keep, access controls to fetch).
     pub fn configure(
         host: &impl Host,
         mut backend: B,
         config: &[u8],
     ) -> Result<SyncService<B>, ConfigureError> {
-        let text = String::from_utf8_lossy(config);
-        let policy = Config::from_json(&text)
-            .and_then(|c| c.validate())
-            .map_err(ConfigureError::Config)?;
+        let policy = read_policy(config)?;
         let seed =
             shared_seed(&mut backend, || host.random_u64()).map_err(ConfigureError::Store)?;
         let caller = match host.node_id().filter(|n| !n.is_empty()) {

@@ -105,6 +105,14 @@ pub struct Plugin<B> {
     lease_name: String,
 }
 
+/// The policy of a plugin configuration (the filter's JSON), validated.
+pub fn read_policy(config: &[u8]) -> Result<Policy, ConfigureError> {
+    let text = String::from_utf8_lossy(config);
+    Config::from_json(&text)
+        .and_then(|c| c.validate())
+        .map_err(ConfigureError::Config)
+}
+
 /// Why a configuration was refused.
 #[derive(Debug)]
 pub enum ConfigureError {
@@ -131,10 +139,7 @@ impl<B: SharedBytes> Plugin<B> {
         backend: B,
         config: &[u8],
     ) -> Result<Plugin<B>, ConfigureError> {
-        let text = String::from_utf8_lossy(config);
-        let policy = Config::from_json(&text)
-            .and_then(|c| c.validate())
-            .map_err(ConfigureError::Config)?;
+        let policy = read_policy(config)?;
         // The key hash's seed is a random secret shared by every VM, so
         // that no client can aim keys at another's slots.
         let store = SlotStore::open(backend, &policy, || host.random_u64())
