@@ -13,6 +13,15 @@ use serde_json::{json, Value};
 pub enum SyncMode {
     /// Every request asks the quota server once and waits for its answer.
     Exact,
+    /// Requests are decided from permits leased by the Envoy's sync
+    /// service (which the Envoy must run), every 100 ms (the default
+    /// `interval`).
+    Leased {
+        /// `sync.max_lease`: the most permits one lease holds.
+        max_lease: u64,
+        /// `sync.replicas`: how many Envoys share the budget.
+        replicas: u64,
+    },
 }
 
 /// What a synced rule does when the quota server does not answer in time.
@@ -34,7 +43,13 @@ impl SyncMode {
     pub fn name(self) -> &'static str {
         match self {
             SyncMode::Exact => "exact",
+            SyncMode::Leased { .. } => "leased",
         }
+    }
+
+    /// Whether Envoys need the sync service for this mode.
+    pub fn needs_sync_service(self) -> bool {
+        matches!(self, SyncMode::Leased { .. })
     }
 
     /// The `sync` object of a rule held in quota server domain `domain`,
@@ -53,6 +68,14 @@ impl SyncMode {
         });
         if let Some(fallback) = fallback {
             sync["fallback"] = fallback;
+        }
+        if let SyncMode::Leased {
+            max_lease,
+            replicas,
+        } = self
+        {
+            sync["max_lease"] = json!(max_lease);
+            sync["replicas"] = json!(replicas);
         }
         sync
     }
