@@ -20,7 +20,7 @@ help:
 	@echo "make bench-core    criterion benchmarks of sluice-core"
 	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
 	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling"
-	@echo "make bench-global  fleet-wide limits through Envoy: exact mode vs a local rule vs Envoy's global rate limit filter"
+	@echo "make bench-global  fleet-wide limits through Envoy: exact and leased modes vs a local rule vs Envoy's global rate limit filter; leased accuracy"
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
 	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 30) each; installs cargo-fuzz if missing"
 	@echo "make fuzz-smoke    every fuzz target for a few seconds on its corpus (part of make test)"
@@ -79,8 +79,9 @@ bench-quota:
 	$(CARGO) build --release -p sluice-quota-server --bins
 	$(CARGO) run --release -p sluice-quota-server --bin benchquota
 
-# About 1.5 min: one Envoy worker, interleaved rounds, each variant's
-# latency and throughput against the same run's baseline.
+# About 2.5 min: one Envoy worker, interleaved rounds, each variant's
+# latency and throughput against the same run's baseline; then leased mode's
+# accuracy per fixed window on three Envoys.
 bench-global:
 	@$(MAKE) setup
 	@$(MAKE) wasm

@@ -19,7 +19,8 @@
 //! - [`fleet`]: several Envoys sharing synced rules through quota servers;
 //!   [`redis`]: a real `redis-server`; [`delay_proxy`]: a TCP proxy that
 //!   delays answers (a slow quota server).
-//! - [`bench`]: load generation and figures shared by the benchmarks.
+//! - [`bench`]: load generation and figures shared by the benchmarks;
+//!   [`windows`]: timed load and admissions per fixed window (`benchglobal`).
 //!
 //! Tests should fail by panicking (`expect`, `assert!`): Envoy's logs under
 //! `.e2e-logs/<test>/` are kept only when the test is panicking while the
@@ -41,6 +42,7 @@ pub mod stream_stats;
 pub mod template;
 pub mod upstream;
 pub mod wait;
+pub mod windows;
 pub mod ws_client;
 pub mod ws_frame;
 pub mod ws_upstream;

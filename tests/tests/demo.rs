@@ -9,8 +9,9 @@
 
 use std::process::Command;
 
-use sluice_e2e::stack::demo::{GRPC_CALLS, HTTP_REQUESTS, WS_MESSAGES, WS_UPGRADES};
+use sluice_e2e::stack::demo::{leased_floor, GRPC_CALLS, HTTP_REQUESTS, WS_MESSAGES, WS_UPGRADES};
 use sluice_e2e::stack::files;
+use sluice_e2e::stack::local::ENVOY_NAMES;
 
 /// A table row: allowed and limited for envoy-a, envoy-b and the fleet,
 /// and the fleet-wide limit (`None`: a local rule).
@@ -69,12 +70,30 @@ fn demo_admits_the_fleet_limits_through_both_envoys() {
             "{what}: the demo must exceed the limit"
         );
         assert_eq!(row.allowed[2] + row.limited[2], sent as u64, "{what}");
-        if modes[rule] == "exact" {
+        match modes[rule].as_str() {
             // The quota server decides every request: exactly the limit.
-            assert_eq!(row.allowed[2], limit, "{what}:\n{stdout}");
-        } else {
-            assert!(row.allowed[2] <= limit, "{what}:\n{stdout}");
+            "exact" => assert_eq!(row.allowed[2], limit, "{what}:\n{stdout}"),
+            // From leases: never above the limit, never below the
+            // documented floor (the demand is sustained on both Envoys).
+            "leased" => {
+                let lease = files::max_lease(&filter, rule).unwrap();
+                let floor = leased_floor(limit, ENVOY_NAMES.len() as u64, lease);
+                assert!(
+                    floor > 0 && (floor..=limit).contains(&row.allowed[2]),
+                    "{what}: {} admitted, outside [{floor}, {limit}]:\n{stdout}",
+                    row.allowed[2]
+                );
+                assert!(
+                    stdout.contains(&format!("documented floor {floor} ")),
+                    "{stdout}"
+                );
+            }
+            other => panic!("{what}: unknown mode {other}"),
         }
+        assert!(
+            stdout.contains(&format!("{what:<10}: {}, fleet-wide", modes[rule])),
+            "{what}: its mode is shown:\n{stdout}"
+        );
         assert!(
             row.allowed[0] > 0 && row.allowed[1] > 0,
             "{what}: both Envoys admitted some:\n{stdout}"
@@ -98,6 +117,28 @@ fn demo_admits_the_fleet_limits_through_both_envoys() {
         stdout.contains("Close 1008 \"rate limited: ws-messages\""),
         "{stdout}"
     );
+
+    // The demo shows both modes.
+    assert!(modes.values().any(|m| m == "exact"), "{modes:?}");
+    assert!(modes.values().any(|m| m == "leased"), "{modes:?}");
+
+    // The ban reached both Envoys (403), and its lifting too.
+    for name in ENVOY_NAMES {
+        assert!(
+            stdout.contains(&format!(
+                "banned {name}: HTTP 403 {{\"error\":\"access_denied\"}}"
+            )),
+            "{stdout}"
+        );
+        let lifted = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("lifted {name}: HTTP ")))
+            .unwrap_or_else(|| panic!("no lifted line for {name}:\n{stdout}"));
+        assert!(
+            lifted.starts_with("200") || lifted.starts_with("429"),
+            "{stdout}"
+        );
+    }
 
     // The headers of an allowed and a refused reply are shown.
     assert!(stdout.contains("x-ratelimit-remaining: 0"), "{stdout}");

@@ -5,9 +5,11 @@
 //! `envoy-a` and `envoy-b` against the stack's synced rules (one budget for
 //! the fleet, kept by the quota server); each open WebSocket connection
 //! then sends messages against a local rule of each Envoy, per connection.
+//! Then the clients' address is banned through the quota server's admin
+//! API and the ban lifted ([`super::ban`]).
 //! Every loop is bounded in count, and each exchange in time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -15,6 +17,7 @@ use futures_util::SinkExt as _;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 
+use super::ban::{ban_and_lift, BanRun, BANNED};
 use super::files;
 use super::local::{LocalStack, ENVOY_NAMES};
 use crate::client::Reply;
@@ -23,7 +26,7 @@ use crate::grpc::user::GetUserRequest;
 use crate::ws_client::{connect, next_message, until_closed, Upgrade};
 
 /// `GET /api/items`, against the synced rule `api`.
-pub const HTTP_REQUESTS: usize = 30;
+pub const HTTP_REQUESTS: usize = 300;
 /// `user.UserService/GetUser` calls, against the synced rule `grpc-calls`.
 pub const GRPC_CALLS: usize = 16;
 /// Upgrades of `/ws`, against the synced rule `ws-upgrades`.
@@ -87,8 +90,12 @@ pub struct DemoRun {
     /// The first allowed and the first refused HTTP reply.
     pub http_examples: (Option<Reply>, Option<Reply>),
     /// Quota server answers, summed over both Envoys
-    /// (`sluice_sync.rule.<rule>.outcome.ok`), by synced rule.
+    /// (`sluice_sync.rule.<rule>.outcome.ok`), by synced rule: one per
+    /// request of an exact rule, one per request that found no lease of a
+    /// leased rule.
     pub quota_answers: BTreeMap<String, u64>,
+    /// What both Envoys answered the banned address, then after the ban.
+    pub ban: BanRun,
 }
 
 /// Drives the demo's traffic through `stack`.
@@ -101,10 +108,15 @@ pub async fn drive(stack: &LocalStack) -> Result<DemoRun> {
         ws_closes: Vec::new(),
         http_examples: (None, None),
         quota_answers: BTreeMap::new(),
+        ban: BanRun {
+            during: Vec::new(),
+            after: Vec::new(),
+        },
     };
     http(stack, &mut run).await?;
     grpc(stack, &mut run).await?;
     websocket(stack, &mut run).await?;
+    // Read before the ban: its probes add requests of their own.
     for rule in files::sync_modes(&stack.filter)?.keys() {
         let name = format!("wasmcustom.sluice_sync.rule.{rule}.outcome.ok");
         let mut total = 0;
@@ -113,6 +125,7 @@ pub async fn drive(stack: &LocalStack) -> Result<DemoRun> {
         }
         run.quota_answers.insert(rule.clone(), total);
     }
+    run.ban = ban_and_lift(stack).await?;
     Ok(run)
 }
 
@@ -205,6 +218,12 @@ async fn websocket(stack: &LocalStack, run: &mut DemoRun) -> Result<()> {
     Ok(())
 }
 
+/// The documented least a leased rule admits under sustained demand:
+/// `limit - 2 x envoys x max_lease` (README, "Worst-case undershoot").
+pub fn leased_floor(limit: u64, envoys: u64, max_lease: u64) -> u64 {
+    limit.saturating_sub(2 * envoys * max_lease)
+}
+
 /// The rate-limit headers of a reply, one per line.
 fn rate_limit_headers(reply: &Reply) -> String {
     let mut out = format!("      HTTP {}\n", reply.status);
@@ -231,11 +250,7 @@ fn rate_limit_headers(reply: &Reply) -> String {
 /// (`-` where there is no fleet-wide limit); `tests/tests/demo.rs` reads
 /// them back.
 pub fn summary(run: &DemoRun, filter: &str, limits: &BTreeMap<String, u64>) -> String {
-    let modes: BTreeSet<String> = files::sync_modes(filter)
-        .unwrap_or_default()
-        .into_values()
-        .collect();
-    let mode = modes.into_iter().collect::<Vec<_>>().join(", ");
+    let modes = files::sync_modes(filter).unwrap_or_default();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -277,21 +292,44 @@ pub fn summary(run: &DemoRun, filter: &str, limits: &BTreeMap<String, u64>) -> S
     out.push('\n');
     let _ = writeln!(
         out,
-        "Global limits (sync mode {mode}: the quota server holds one budget for both Envoys):"
+        "Global limits (the quota server holds one budget for both Envoys):"
     );
     for (what, rule, tally) in &rows[..3] {
         let limit = limits.get(*rule).copied().unwrap_or(0);
+        let mode = modes.get(*rule).map_or("?", String::as_str);
+        let answers = run.quota_answers.get(*rule).copied().unwrap_or(0);
         let _ = writeln!(
             out,
-            "  {rule:<12} {what:<10}: fleet-wide {} admitted against a limit of {limit} per minute \
-             ({} by {}, {} by {}); {} quota server answers",
+            "  {rule:<12} {what:<10}: {mode}, fleet-wide {} admitted against a limit of {limit} \
+             per minute ({} by {}, {} by {})",
             tally.fleet_allowed(),
             tally.allowed[0],
             ENVOY_NAMES[0],
             tally.allowed[1],
             ENVOY_NAMES[1],
-            run.quota_answers.get(*rule).copied().unwrap_or(0),
         );
+        match files::max_lease(filter, rule) {
+            Some(lease) => {
+                let envoys = ENVOY_NAMES.len() as u64;
+                let _ = writeln!(
+                    out,
+                    "  {:<23}  each Envoy admits from permits it leased (max_lease {lease}): \
+                     never above the limit, at least the documented floor {} \
+                     (limit - 2 x {envoys} Envoys x {lease}); {answers} of its requests \
+                     found no lease and asked the quota server",
+                    "",
+                    leased_floor(limit, envoys, lease)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  {:<23}  every request asked the quota server ({answers} answers): \
+                     exactly the limit",
+                    ""
+                );
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -322,6 +360,28 @@ pub fn summary(run: &DemoRun, filter: &str, limits: &BTreeMap<String, u64>) -> S
             closes.join(", ")
         }
     );
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "Ban through the quota server's admin API (POST /bans {{\"cidr\": \"{BANNED}\", \
+         \"ttl\": \"1m\"}}), on the Envoys within a sync interval or two:"
+    );
+    for (name, reply) in ENVOY_NAMES.iter().zip(&run.ban.during) {
+        let _ = writeln!(
+            out,
+            "  banned {name}: HTTP {} {}",
+            reply.status,
+            reply.text().trim()
+        );
+    }
+    let _ = writeln!(out, "Lifted (DELETE /bans?cidr={BANNED}):");
+    for (name, reply) in ENVOY_NAMES.iter().zip(&run.ban.after) {
+        let _ = writeln!(
+            out,
+            "  lifted {name}: HTTP {} (the rules decide again)",
+            reply.status
+        );
+    }
     out.push('\n');
     let _ = writeln!(out, "Rate-limit headers a client saw on GET /api/items:");
     for (label, reply) in [

@@ -12,6 +12,10 @@ use serde_norway::{Mapping, Value as Yaml};
 
 use crate::repo_root;
 
+/// The filter's `sync.max_lease` when a leased rule gives none (sluice-core's
+/// `DEFAULT_MAX_LEASE`, which this crate does not depend on).
+const DEFAULT_MAX_LEASE: u64 = 100;
+
 /// `envoy/stack/`: the stack's files.
 pub fn stack_dir() -> PathBuf {
     repo_root().join("envoy/stack")
@@ -69,6 +73,26 @@ pub fn sync_modes(filter: &str) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
+/// The `sync.max_lease` of leased rule `name` in the filter configuration
+/// (the filter's default when not given); `None` for a rule not leased.
+pub fn max_lease(filter: &str, name: &str) -> Option<u64> {
+    let config: Value = serde_json::from_str(filter).ok()?;
+    let sync = config
+        .get("rules")?
+        .as_array()?
+        .iter()
+        .find(|rule| rule.get("name").and_then(Value::as_str) == Some(name))?
+        .get("sync")?;
+    if sync.get("mode")?.as_str()? != "leased" {
+        return None;
+    }
+    Some(
+        sync.get("max_lease")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_MAX_LEASE),
+    )
+}
+
 /// The local `limit.count` of rule `name` in the filter configuration.
 pub fn local_limit(filter: &str, name: &str) -> Option<u64> {
     let config: Value = serde_json::from_str(filter).ok()?;
@@ -119,10 +143,11 @@ pub fn quota_limits() -> Result<BTreeMap<String, u64>> {
     Ok(limits)
 }
 
-/// [`quota_config_path`] for loopback: gRPC on `grpc` (e.g.
-/// `127.0.0.1:0`); counters in memory, or with `redis_url` in that Redis
-/// (the file's other Redis settings kept).
-pub fn local_quota_config(grpc: &str, redis_url: Option<&str>) -> Result<String> {
+/// [`quota_config_path`] for loopback: gRPC on `grpc` and the admin API
+/// on `admin` (e.g. `127.0.0.1:0`; it starts only with a token); counters
+/// in memory, or with `redis_url` in that Redis (the file's other Redis
+/// settings kept).
+pub fn local_quota_config(grpc: &str, admin: &str, redis_url: Option<&str>) -> Result<String> {
     let path = quota_config_path();
     let mut config = quota_config()?;
     let root = config
@@ -130,6 +155,7 @@ pub fn local_quota_config(grpc: &str, redis_url: Option<&str>) -> Result<String>
         .ok_or_else(|| anyhow!("{} is not a mapping", path.display()))?;
     let mut listen = Mapping::new();
     listen.insert("grpc".into(), grpc.into());
+    listen.insert("admin".into(), admin.into());
     root.insert("listen".into(), Yaml::Mapping(listen));
     match redis_url {
         Some(url) => {

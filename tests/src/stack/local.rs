@@ -27,6 +27,8 @@ use crate::{free_port, sluice_binary};
 pub const ENVOY_NAMES: [&str; 2] = ["envoy-a", "envoy-b"];
 /// The line `sluice serve` prints once its gRPC listener serves.
 const QUOTA_LISTENING: &str = "sluice: listening on ";
+/// The line it prints, before that one, once its admin API serves.
+const QUOTA_ADMIN: &str = "sluice: admin on ";
 /// How long each helper process may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
@@ -80,6 +82,10 @@ pub struct LocalStack {
     redis: Option<(Child, u16)>,
     /// The quota server's gRPC address.
     pub quota_addr: SocketAddr,
+    /// The quota server's admin API (bans, lists, overrides).
+    pub admin_addr: SocketAddr,
+    /// Its bearer token, drawn for this stack (also in `<dir>/admin-token`).
+    pub admin_token: String,
     /// The upstreams' addresses.
     pub upstream_addrs: UpstreamAddrs,
     /// The filter configuration the Envoys run (`envoy/stack/filter.json`).
@@ -104,20 +110,26 @@ impl LocalStack {
         let quota_config = dir.join("sluice.yaml");
         std::fs::write(
             &quota_config,
-            files::local_quota_config("127.0.0.1:0", redis_url.as_deref())?,
+            files::local_quota_config("127.0.0.1:0", "127.0.0.1:0", redis_url.as_deref())?,
         )
         .with_context(|| format!("writing {}", quota_config.display()))?;
+        let admin_token = admin_token()?;
+        let token_path = dir.join("admin-token");
+        std::fs::write(&token_path, &admin_token)
+            .with_context(|| format!("writing {}", token_path.display()))?;
         let mut command = Command::new(&options.sluice_binary);
         command
             .args(["serve", "--config"])
             .arg(&quota_config)
             .env("RUST_LOG", "info")
-            .env_remove("SLUICE_ADMIN_TOKEN")
+            .env("SLUICE_ADMIN_TOKEN", &admin_token)
             .env_remove("SLUICE_GRPC_TOKEN");
         let mut quota = Child::spawn("quota-server", command, dir)?;
-        let quota_addr: SocketAddr = quota
+        let (quota_addr, admin_addr): (SocketAddr, SocketAddr) = quota
             .wait_for(READY_WITHIN, |out| {
-                line_after(out, QUOTA_LISTENING).and_then(|a| a.parse().ok())
+                let grpc = line_after(out, QUOTA_LISTENING)?.parse().ok()?;
+                let admin = line_after(out, QUOTA_ADMIN)?.parse().ok()?;
+                Some((grpc, admin))
             })
             .await?;
 
@@ -151,6 +163,8 @@ impl LocalStack {
             quota,
             redis,
             quota_addr,
+            admin_addr,
+            admin_token,
             upstream_addrs,
             filter,
             dir: dir.clone(),
@@ -180,8 +194,11 @@ impl LocalStack {
             Some((_, port)) => format!("counters in redis-server 127.0.0.1:{port} (appendonly)"),
         };
         out.push_str(&format!(
-            "  {:<13} {} (gRPC), {store}\n",
-            "quota server", self.quota_addr
+            "  {:<13} {} (gRPC), {store}; admin API http://{} (token in {})\n",
+            "quota server",
+            self.quota_addr,
+            self.admin_addr,
+            self.dir.join("admin-token").display()
         ));
         let u = &self.upstream_addrs;
         out.push_str(&format!(
@@ -218,6 +235,15 @@ impl LocalStack {
             description: self.describe(),
         })
     }
+}
+
+/// A bearer token for the stack's admin API: 128 bits from the OS.
+fn admin_token() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom for the admin token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn record(name: &str, pid: Option<u32>) -> Result<Recorded> {

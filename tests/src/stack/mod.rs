@@ -13,8 +13,10 @@
 //! - `local`: the local processes; `state`: what `stack down` stops;
 //! - `children`: starting the processes other than Envoy;
 //! - `upstreams`: what the `upstreams` binary prints;
-//! - `demo`: the demo's traffic and summary.
+//! - `demo`: the demo's traffic and summary; `ban`: its ban through the
+//!   quota server's admin API.
 
+pub mod ban;
 mod children;
 pub mod demo;
 pub mod files;
