@@ -357,8 +357,15 @@ impl<B: SharedBytes> SyncService<B> {
         if leased.in_flight {
             return None;
         }
-        let half = leased.next_half;
         lease::cell_name(&mut self.name, &rule.name, leased.cell);
+        // Halves take turns; a worker that found the key running low asks
+        // for the emptier one, so that the other keeps serving meanwhile.
+        let half = match cell::load(&self.backend, &self.name) {
+            Ok(Some((c, _))) if leased.woken > 0 && c.owner == leased.owner => {
+                c.emptier_half(leased.next_half, now)
+            }
+            _ => leased.next_half,
+        };
         let retired = match cell::retire(&mut self.backend, &self.name, leased.owner, half) {
             Ok(Some((retired, _))) => retired,
             Ok(None) => return None, // busy cell: the next tick tries again

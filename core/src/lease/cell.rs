@@ -164,6 +164,32 @@ impl Cell {
             .fold(0, u64::saturating_add)
     }
 
+    /// Whether the key is about to run dry at `now`: at most one half has
+    /// room, and less than half of its grant. A worker then wakes the
+    /// service, which refills the other half while this one still serves,
+    /// so that a hot key is not left without a lease during the round trip.
+    pub fn runs_low(&self, now: Nanos) -> bool {
+        let mut serving = self.halves.iter().filter(|h| h.room(now) > 0);
+        match (serving.next(), serving.next()) {
+            (None, _) => true,
+            (Some(h), None) => h.room(now).saturating_mul(2) < h.granted,
+            (Some(_), Some(_)) => false,
+        }
+    }
+
+    /// The half a sync asked for by a worker should refill: `preferred`
+    /// (the one the service's rotation is at) unless it has more room than
+    /// the other, so that the fuller half keeps serving meanwhile.
+    pub fn emptier_half(&self, preferred: usize, now: Nanos) -> usize {
+        let other = 1usize.saturating_sub(preferred);
+        let room = |i: usize| self.halves.get(i).map_or(0, |h| h.room(now));
+        if room(preferred) > room(other) {
+            other
+        } else {
+            preferred
+        }
+    }
+
     /// Takes `cost` permits at `now` from the half with room that expires
     /// first; without room, counts a miss.
     pub fn take(&mut self, cost: u64, now: Nanos) -> Take {
@@ -509,6 +535,32 @@ mod tests {
         assert_eq!(Cell::decode(&[]), None);
         bytes[0] = 9;
         assert_eq!(Cell::decode(&bytes), None);
+    }
+
+    #[test]
+    fn a_key_runs_low_when_one_half_serves_with_under_half_its_grant() {
+        let mut cell = Cell::fresh(7, None);
+        assert!(cell.runs_low(NOW), "no lease at all");
+        cell.install(0, &grant(4));
+        assert!(!cell.runs_low(NOW));
+        cell.take(2, NOW);
+        assert!(!cell.runs_low(NOW), "half its grant left");
+        cell.take(1, NOW);
+        assert!(cell.runs_low(NOW));
+        cell.install(1, &grant(4));
+        assert!(!cell.runs_low(NOW), "the other half serves next");
+        assert!(cell.runs_low(Nanos(2_000)), "both expired");
+    }
+
+    #[test]
+    fn a_worker_asked_sync_refills_the_emptier_half() {
+        let mut cell = Cell::fresh(7, None);
+        cell.install(0, &grant(4));
+        assert_eq!(cell.emptier_half(0, NOW), 1);
+        assert_eq!(cell.emptier_half(1, NOW), 1);
+        cell.install(1, &grant(8));
+        assert_eq!(cell.emptier_half(1, NOW), 0);
+        assert_eq!(cell.emptier_half(0, NOW), 0);
     }
 
     #[test]

@@ -153,15 +153,20 @@ impl<B: SharedBytes> Plugin<B> {
             }
         };
         match found {
-            Some((index, Take::Taken(taken), cell)) => LeaseUse::Taken(
-                LeaseTaken {
-                    rule_index,
-                    cell: index,
-                    owner,
-                    taken,
-                },
-                cell,
-            ),
+            Some((index, Take::Taken(taken), cell)) => {
+                if cell.runs_low(now) {
+                    self.wake_service(host, rule_index, key, leasing, now);
+                }
+                LeaseUse::Taken(
+                    LeaseTaken {
+                        rule_index,
+                        cell: index,
+                        owner,
+                        taken,
+                    },
+                    cell,
+                )
+            }
             Some((_, Take::Exhausted { retry_at }, cell)) => LeaseUse::Exhausted(cell, retry_at),
             Some((_, Take::Empty, _)) | None => {
                 self.wake_service(host, rule_index, key, leasing, now);

@@ -409,3 +409,40 @@ fn without_a_node_id_the_caller_is_a_random_name_kept_for_the_service_life() {
     let service = SyncService::configure(&host, &shared, CONFIG.as_bytes()).unwrap();
     assert!(service.caller().starts_with("envoy-"), "an empty node id");
 }
+
+#[test]
+fn a_key_running_low_is_refilled_before_its_lease_runs_dry() {
+    let shared = InProcessShared::default();
+    let mut f = fleet(&shared);
+    assert_eq!(f.request(1, "alice"), Step::Pause);
+    let (token, _) = f.serve_demand();
+    f.service
+        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(8, 40)])));
+    f.advance(30);
+    let before = calls(&f.host);
+    // Four of eight left: not low yet, so the service is not woken.
+    for id in 2..6 {
+        assert_eq!(f.request(id, "alice"), Step::Continue);
+    }
+    f.service.on_queue_ready(&f.host);
+    assert_eq!(
+        calls(&f.host),
+        before,
+        "no sync while half the lease is left"
+    );
+    // Three left and nothing else leased: the worker wakes the service,
+    // which refills the empty half while this one still serves.
+    assert_eq!(f.request(6, "alice"), Step::Continue);
+    let (_, sync) = f.serve_demand();
+    assert_eq!(sync.caller, "edge-1#1", "the empty half");
+    assert_eq!((sync.entries[0].held, sync.entries[0].used), (0, 0));
+    assert_eq!(f.request(7, "alice"), Step::Continue, "no gap meanwhile");
+    let checks = f
+        .host
+        .grpc_calls
+        .borrow()
+        .iter()
+        .filter(|c| c.method == METHOD)
+        .count();
+    assert_eq!(checks, 1, "only the first request asked the quota server");
+}
