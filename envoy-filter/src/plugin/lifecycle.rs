@@ -352,10 +352,10 @@ impl<B: SharedBytes> Plugin<B> {
         end_of_stream: bool,
     ) -> Step {
         // Most requests have no stream to watch: one lookup, no move.
-        if !self
+        if self
             .requests
             .get(&context_id)
-            .is_some_and(|s| s.stream.is_some())
+            .is_none_or(|s| s.stream.is_none())
         {
             return Step::Continue;
         }
