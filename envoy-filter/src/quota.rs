@@ -132,6 +132,8 @@ impl Call {
             message: CheckRequest {
                 groups,
                 controls_version: Some(controls_version),
+                // The filter renders headers from the items' numbers.
+                omit_headers: true,
             }
             .encode_to_vec(),
             placement,

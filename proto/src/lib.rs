@@ -42,6 +42,7 @@ mod tests {
             }]
             .into(),
             controls_version: None,
+            omit_headers: false,
         };
         // groups = 1 { domain = 1 "d", items = 2 { rule = 1 "r", key = 2 "k", cost = 3 2 } }
         let wire = [

@@ -460,6 +460,7 @@ domains:
             .check(CheckRequest {
                 groups: vec![group],
                 controls_version: None,
+                omit_headers: false,
             })
             .await
             .unwrap()

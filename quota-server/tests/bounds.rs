@@ -159,6 +159,7 @@ async fn requests_beyond_the_bounds_are_refused() {
             .check(CheckRequest {
                 groups,
                 controls_version: None,
+                omit_headers: false,
             })
             .await,
         invalid,

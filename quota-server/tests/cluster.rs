@@ -161,6 +161,7 @@ async fn exact_through_a_cluster() {
                         .check(Request::new(CheckRequest {
                             groups,
                             controls_version: None,
+                            omit_headers: false,
                         }))
                         .await
                         .unwrap()
@@ -196,6 +197,7 @@ async fn exact_through_a_cluster() {
             .check(Request::new(CheckRequest {
                 groups,
                 controls_version: None,
+                omit_headers: false,
             }))
             .await
             .unwrap();

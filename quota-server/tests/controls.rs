@@ -64,6 +64,7 @@ async fn check(client: &mut QuotaClient<Channel>, have: Option<u64>) -> Option<C
             }],
         }],
         controls_version: have,
+        omit_headers: false,
     };
     client.check(request).await.unwrap().into_inner().controls
 }

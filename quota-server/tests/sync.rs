@@ -52,6 +52,15 @@ fn redis_backend(redis: &RedisServer) -> Store {
 }
 
 async fn check(svc: &QuotaService, items: &[(&str, &str, u64)]) -> GroupResult {
+    check_with(svc, items, false).await
+}
+
+/// [`check`], asking the server to leave the headers out if `omit_headers`.
+async fn check_with(
+    svc: &QuotaService,
+    items: &[(&str, &str, u64)],
+    omit_headers: bool,
+) -> GroupResult {
     let group = CheckGroup {
         domain: "api".into(),
         items: items
@@ -67,6 +76,7 @@ async fn check(svc: &QuotaService, items: &[(&str, &str, u64)]) -> GroupResult {
         .check(Request::new(CheckRequest {
             groups: vec![group],
             controls_version: None,
+            omit_headers,
         }))
         .await
         .unwrap()
@@ -199,6 +209,20 @@ async fn leases_in_redis() {
 }
 
 #[tokio::test]
+async fn a_check_omitting_headers_gets_the_same_numbers_without_headers() {
+    let svc = service(Store::Memory(MemoryBackend::new(1000)));
+    let with = check(&svc, &[("narrow", "h", 1)]).await;
+    let without = check_with(&svc, &[("narrow", "h", 1)], true).await;
+    assert!(!with.headers.is_empty());
+    assert!(without.headers.is_empty(), "{:?}", without.headers);
+    assert!(without.allowed);
+    assert_eq!(without.items[0].code, Code::Ok as i32);
+    assert_eq!(without.items[0].limit, 3);
+    assert_eq!(without.items[0].remaining, 1, "counted like any check");
+    assert_eq!(without.items[0].window, with.items[0].window);
+}
+
+#[tokio::test]
 async fn returned_leases_are_credited_back() {
     let svc = service(Store::Memory(MemoryBackend::new(1000)));
     let sync = |held, used, want| {
@@ -295,6 +319,7 @@ async fn served_next_to_envoys_api() {
         .check(CheckRequest {
             groups,
             controls_version: None,
+            omit_headers: false,
         })
         .await
         .unwrap()

@@ -121,6 +121,8 @@ fn one_call_carries_every_synced_rule_grouped_by_domain() -> Result<(), String> 
             ],
             // No access controls yet: the answer is to carry them.
             controls_version: Some(0),
+            // Headers come from the items' numbers.
+            omit_headers: true,
         }
     );
     Ok(())

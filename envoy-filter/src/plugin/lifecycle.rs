@@ -351,6 +351,14 @@ impl<B: SharedBytes> Plugin<B> {
         size: usize,
         end_of_stream: bool,
     ) -> Step {
+        // Most requests have no stream to watch: one lookup, no move.
+        if self
+            .requests
+            .get(&context_id)
+            .is_none_or(|s| s.stream.is_none())
+        {
+            return Step::Continue;
+        }
         let Some(mut state) = self.requests.remove(&context_id) else {
             return Step::Continue;
         };
@@ -427,12 +435,14 @@ impl<B: SharedBytes> Plugin<B> {
     /// Forgets a finished request (also one the client abandoned while
     /// delayed), giving back its in-flight permits.
     pub fn on_done(&mut self, host: &impl Host, context_id: u32) {
-        self.delayed.forget(context_id);
-        self.cuts.forget(context_id);
-        self.forget_asking(host, context_id);
         let Some(state) = self.requests.remove(&context_id) else {
+            // Never admitted nor answered: it may still be delayed or
+            // waiting for the quota server (an admitted request is neither).
+            self.delayed.forget(context_id);
+            self.forget_asking(host, context_id);
             return;
         };
+        self.cuts.forget(context_id);
         if !state.in_flight_permits.is_empty() {
             let permits = &state.in_flight_permits;
             if let Err(e) = engine::refund(&self.policy, &mut self.store, permits, host.now()) {

@@ -27,6 +27,8 @@ mod delay;
 mod exact;
 #[cfg(test)]
 mod exact_tests;
+#[cfg(test)]
+mod host_calls_tests;
 mod leased;
 #[cfg(test)]
 mod leased_tests;

@@ -56,9 +56,10 @@ impl Quota for QuotaService {
     ) -> Result<Response<CheckResponse>, Status> {
         bounds::check_request(request.get_ref())?;
         let limits = self.shared.limits();
+        let with_headers = !request.get_ref().omit_headers;
         let mut groups = Vec::with_capacity(request.get_ref().groups.len());
         for group in &request.get_ref().groups {
-            groups.push(self.check_group(&limits, group).await?);
+            groups.push(self.check_group(&limits, group, with_headers).await?);
         }
         let controls = self
             .shared
@@ -207,10 +208,12 @@ impl Quota for QuotaService {
 }
 
 impl QuotaService {
+    /// Decides one group; its rate-limit headers only `with_headers`.
     async fn check_group(
         &self,
         limits: &Limits,
         group: &CheckGroup,
+        with_headers: bool,
     ) -> Result<GroupResult, Status> {
         let unknown = || ItemResult {
             code: Code::UnknownLimit as i32,
@@ -297,7 +300,7 @@ impl QuotaService {
         for ((item, outcome), &index) in items.iter().zip(outcomes).zip(&index_of) {
             allowed &= outcome.allowed || !item.enforce;
             results[index] = item_result(item.limit, outcome);
-            if item.enforce {
+            if item.enforce && with_headers {
                 decisions.push((
                     &*item.limit.name,
                     Decision::new(&item.limit.quota(), outcome),

@@ -1,0 +1,227 @@
+//! The host calls a request makes: each is a crossing between the VM and
+//! Envoy (and one that returns bytes also calls back into the VM for
+//! memory), so the hot paths make only those they need.
+
+use std::cell::RefCell;
+
+use sluice_core::store::{InProcessShared, StoreError, WriteOutcome};
+use sluice_core::time::Span;
+use sluice_proto::prost::Message;
+use sluice_proto::quota::v1::{CheckResponse, Code, GroupResult, ItemResult, Source};
+
+use super::*;
+use crate::host::fake::FakeHost;
+use crate::host::MetricId;
+use sluice_core::policy::Direction;
+use sluice_core::time::Nanos;
+
+/// A host that records the name of every call, in order.
+struct Counting<'a> {
+    host: &'a FakeHost,
+    calls: &'a RefCell<Vec<&'static str>>,
+}
+
+impl Counting<'_> {
+    fn note(&self, call: &'static str) {
+        self.calls.borrow_mut().push(call);
+    }
+}
+
+impl Host for Counting<'_> {
+    fn now(&self) -> Nanos {
+        self.note("now");
+        self.host.now()
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.note("request_header");
+        self.host.request_header(name)
+    }
+    fn set_request_header(&self, name: &str, value: &str) {
+        self.note("set_request_header");
+        self.host.set_request_header(name, value);
+    }
+    fn remove_request_header(&self, name: &str) {
+        self.note("remove_request_header");
+        self.host.remove_request_header(name);
+    }
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.note("response_header");
+        self.host.response_header(name)
+    }
+    fn set_response_header(&self, name: &str, value: &str) {
+        self.note("set_response_header");
+        self.host.set_response_header(name, value);
+    }
+    fn peer_address(&self) -> Option<String> {
+        self.note("peer_address");
+        self.host.peer_address()
+    }
+    fn set_response_trailer(&self, name: &str, value: &str) {
+        self.note("set_response_trailer");
+        self.host.set_response_trailer(name, value);
+    }
+    fn body(&self, direction: Direction, size: usize) -> Option<Vec<u8>> {
+        self.note("body");
+        self.host.body(direction, size)
+    }
+    fn set_body(&self, direction: Direction, size: usize, bytes: &[u8]) {
+        self.note("set_body");
+        self.host.set_body(direction, size, bytes);
+    }
+    fn set_tick_millis(&self, millis: u32) {
+        self.note("set_tick_millis");
+        self.host.set_tick_millis(millis);
+    }
+    fn define_counter(&self, name: &str) -> Option<MetricId> {
+        self.note("define_counter");
+        self.host.define_counter(name)
+    }
+    fn define_gauge(&self, name: &str) -> Option<MetricId> {
+        self.note("define_gauge");
+        self.host.define_gauge(name)
+    }
+    fn increment(&self, metric: MetricId, by: u64) {
+        self.note("increment");
+        self.host.increment(metric, by);
+    }
+    fn add_to_gauge(&self, metric: MetricId, delta: i64) {
+        self.note("add_to_gauge");
+        self.host.add_to_gauge(metric, delta);
+    }
+    fn warn(&self, message: &str) {
+        self.note("warn");
+        self.host.warn(message);
+    }
+    fn random_u64(&self) -> Option<u64> {
+        self.note("random_u64");
+        self.host.random_u64()
+    }
+    fn grpc_call(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Span,
+    ) -> Option<u32> {
+        self.note("grpc_call");
+        self.host
+            .grpc_call(cluster, service, method, message, timeout)
+    }
+    fn enqueue(&self, name: &str, message: &[u8]) -> bool {
+        self.note("enqueue");
+        self.host.enqueue(name, message)
+    }
+    fn register_queue(&self, name: &str) -> Option<u32> {
+        self.note("register_queue");
+        self.host.register_queue(name)
+    }
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+        self.note("dequeue");
+        self.host.dequeue(queue)
+    }
+    fn node_id(&self) -> Option<String> {
+        self.note("node_id");
+        self.host.node_id()
+    }
+}
+
+/// Shared data that records its reads and writes.
+struct CountingShared<'a> {
+    inner: &'a InProcessShared,
+    calls: &'a RefCell<Vec<&'static str>>,
+}
+
+impl SharedBytes for CountingShared<'_> {
+    fn get(&self, name: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        self.calls.borrow_mut().push("shared_get");
+        (&self.inner).get(name)
+    }
+    fn set(&mut self, name: &str, value: &[u8], cas: u32) -> Result<WriteOutcome, StoreError> {
+        self.calls.borrow_mut().push("shared_set");
+        let mut inner = self.inner;
+        inner.set(name, value, cas)
+    }
+}
+
+/// How many of `calls` are `name`.
+fn times(calls: &[&str], name: &str) -> usize {
+    calls.iter().filter(|c| **c == name).count()
+}
+
+#[test]
+fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_data(
+) -> Result<(), String> {
+    let fake = FakeHost::default();
+    fake.now.set(1_800_000_000_000_000_000);
+    fake.random.set(Some(7));
+    *fake.peer.borrow_mut() = Some("10.0.0.7:41234".into());
+    let calls = RefCell::new(Vec::new());
+    let host = Counting {
+        host: &fake,
+        calls: &calls,
+    };
+    let inner = InProcessShared::default();
+    let shared = CountingShared {
+        inner: &inner,
+        calls: &calls,
+    };
+    let config = r#"{"rules":[{"name":"fleet","key":["client_ip"],
+        "match":{"path":{"prefix":"/"}},"sync":{"mode":"exact","domain":"edge"}}]}"#;
+    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    // The quota server's answer, once its controls are known (not sent).
+    let answer = CheckResponse {
+        groups: vec![GroupResult {
+            allowed: true,
+            items: vec![ItemResult {
+                code: Code::Ok as i32,
+                limit: 10,
+                remaining: 9,
+                ..ItemResult::default()
+            }],
+            headers: Vec::new(),
+            source: Source::Storage as i32,
+        }],
+        controls: None,
+    }
+    .encode_to_vec();
+    fake.request("GET", "/x", &[]);
+    calls.borrow_mut().clear();
+
+    assert_eq!(p.on_request_headers(&host, 1), Step::Pause);
+    let asked = calls.borrow().clone();
+    assert_eq!(
+        p.on_quota_answer(&host, 1, Ok(&answer)),
+        Some((1, Wake::Resume))
+    );
+    fake.respond(200);
+    p.on_response_headers(&host, 1);
+    p.on_body(&host, 1, Direction::Server, 0, true);
+    p.on_done(&host, 1);
+    let all = calls.borrow().clone();
+
+    assert_eq!(
+        times(&asked, "request_header"),
+        1,
+        "the path only: {asked:?}"
+    );
+    assert_eq!(times(&asked, "peer_address"), 1, "{asked:?}");
+    assert_eq!(times(&asked, "grpc_call"), 1, "{asked:?}");
+    assert_eq!(
+        times(&all, "shared_get") + times(&all, "shared_set"),
+        0,
+        "no local rule, no slot: {all:?}"
+    );
+    assert_eq!(times(&all, "increment"), 2, "sync ok and allowed: {all:?}");
+    assert_eq!(
+        times(&all, "response_header"),
+        0,
+        "nothing reads the status: {all:?}"
+    );
+    assert_eq!(
+        fake.response_header("x-ratelimit-remaining").as_deref(),
+        Some("9")
+    );
+    println!("host calls of one exact request: {all:?}");
+    Ok(())
+}
