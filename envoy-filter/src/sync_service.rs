@@ -371,7 +371,10 @@ impl<B: SharedBytes> SyncService<B> {
             }
         };
         let usage = Usage {
-            admitted: retired.admitted.wrapping_sub(leased.admitted_seen),
+            // A permit given back into the other half after the last
+            // retire lowers the counter below what that retire read: no
+            // demand, not a wrap to the most a lease may hold.
+            admitted: retired.admitted.saturating_sub(leased.admitted_seen),
             // A worker that found the cell dry counted a miss there and
             // woke the service: the same demand, counted once. A key with
             // no cell yet has only the wakes.
