@@ -36,7 +36,7 @@ use sluice_proto::quota::v1::{Code, Lease, SyncEntry, SyncRequest, SyncResponse}
 use crate::controls::{self, CONTROLS_TICK_MILLIS};
 use crate::host::Host;
 use crate::plugin::ConfigureError;
-use crate::quota::SERVICE;
+use crate::quota::{MAX_ANSWER_BYTES, SERVICE};
 
 /// The quota server's lease method.
 pub const SYNC_METHOD: &str = "Sync";
@@ -452,6 +452,9 @@ impl<B: SharedBytes> SyncService<B> {
             return;
         };
         let leases = match answer {
+            Ok(bytes) if bytes.len() > MAX_ANSWER_BYTES => {
+                return self.failed(host, synced, "answer over 9 MiB");
+            }
             Ok(bytes) => match SyncResponse::decode(bytes) {
                 Ok(r) if r.leases.len() >= synced.len() => {
                     if let Some(c) = &r.controls {

@@ -347,6 +347,21 @@ fn a_failed_sync_empties_its_half_and_the_next_tick_tries_again() {
 }
 
 #[test]
+fn an_answer_over_the_bound_is_not_read() {
+    let shared = InProcessShared::default();
+    let mut f = fleet(&shared);
+    assert_eq!(f.request(1, "alice"), Step::Pause);
+    let (token, _) = f.serve_demand();
+    // A well-formed answer padded with an unknown field past the bound.
+    let mut answer = sync_answer(vec![lease(3, 40)]);
+    let padding = crate::quota::MAX_ANSWER_BYTES;
+    sluice_proto::prost::encoding::bytes::encode(15, &vec![0u8; padding], &mut answer);
+    f.service.on_sync_answer(&f.host, token, Ok(&answer));
+    assert!(f.host.warnings.borrow()[0].contains("over 9 MiB"));
+    assert_eq!(f.request(2, "alice"), Step::Pause, "no lease: ask");
+}
+
+#[test]
 fn an_idle_key_gives_its_permits_back_and_leaves_the_table() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
