@@ -103,8 +103,8 @@ impl Enforced {
 
     /// Takes the controls published in `shared` if their version changed
     /// since the last poll; true if it took new ones.
-    pub fn poll(&mut self, shared: &impl SharedBytes) -> Result<bool, ControlsError> {
-        let (stamp, _) = shared
+    pub fn poll(&mut self, shared: &mut impl SharedBytes) -> Result<bool, ControlsError> {
+        let (stamp, stamp_cas) = shared
             .get(CONTROLS_VERSION_KEY)
             .map_err(ControlsError::Shared)?;
         let Some(version) = stamp.as_deref().and_then(le_u64) else {
@@ -128,6 +128,20 @@ impl Enforced {
             return Err(ControlsError::Decode);
         }
         let controls = Controls::decode(message).map_err(|_| ControlsError::Decode)?;
+        if controls.version != version {
+            // Two VMs published at once and the version written last is not
+            // that of the lists written last. Left so, the sync service would
+            // tell the quota server it holds that version and never get its
+            // lists: stamp the lists' own (unless someone published since).
+            shared
+                .set(
+                    CONTROLS_VERSION_KEY,
+                    &controls.version.to_le_bytes(),
+                    stamp_cas,
+                )
+                .map_err(ControlsError::Shared)?;
+            self.seen = Some(controls.version);
+        }
         self.adopt(&controls, Nanos(u64::from_le_bytes(*received_at)))?;
         Ok(true)
     }
@@ -178,4 +192,53 @@ pub fn published_version(shared: &impl SharedBytes) -> u64 {
 
 fn le_u64(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_le_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::store::InProcessShared;
+    use sluice_proto::quota::v1::BanEntry;
+    use sluice_proto::Duration;
+
+    fn controls(version: u64, banned: &str) -> Controls {
+        Controls {
+            version,
+            bans: vec![BanEntry {
+                target: Some(ban_entry::Target::Key(banned.into())),
+                remaining: Some(Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            }],
+            ..Controls::default()
+        }
+    }
+
+    #[test]
+    fn lists_and_version_published_at_once_by_two_vms_end_up_stamped_alike() {
+        let shared = InProcessShared::default();
+        let mut backend = &shared;
+        let now = Nanos(1_000);
+        let (older, newer) = (controls(7, "a"), controls(9, "b"));
+        // One VM writes the older lists after another wrote the newer
+        // ones, and the newer version last.
+        publish(&mut backend, &newer, now).unwrap();
+        let mut value = now.get().to_le_bytes().to_vec();
+        value.extend(older.encode_to_vec());
+        backend.set(CONTROLS_KEY, &value, 0).unwrap();
+        assert_eq!(published_version(&backend), 9);
+        let mut vm = Enforced::default();
+        assert!(vm.poll(&mut backend).unwrap());
+        assert_eq!(vm.version(), 7, "the lists in shared data");
+        assert_eq!(
+            published_version(&backend),
+            7,
+            "stamped as what they are, so the quota server sends the newer ones again"
+        );
+        assert!(!vm.poll(&mut backend).unwrap(), "read once");
+        let mut other = Enforced::default();
+        assert!(other.poll(&mut backend).unwrap());
+        assert_eq!(other.version(), 7);
+    }
 }

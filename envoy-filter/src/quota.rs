@@ -60,8 +60,9 @@ pub struct Answer {
     pub controls: Option<Controls>,
 }
 
-/// Largest answer read: the controls' bound and room for the items.
-const MAX_ANSWER_BYTES: usize = MAX_CONTROLS_BYTES + (1 << 20);
+/// Largest answer read (`Check` or `Sync`): the controls' bound and room
+/// for the items.
+pub const MAX_ANSWER_BYTES: usize = MAX_CONTROLS_BYTES + (1 << 20);
 
 /// Why an answer could not be read.
 #[derive(Debug, PartialEq, Eq)]

@@ -35,7 +35,7 @@ use sluice_proto::quota::v1::{Code, Lease, SyncEntry, SyncRequest, SyncResponse}
 use crate::controls::{self, CONTROLS_TICK_MILLIS};
 use crate::host::Host;
 use crate::plugin::{read_policy, ConfigureError};
-use crate::quota::SERVICE;
+use crate::quota::{MAX_ANSWER_BYTES, SERVICE};
 
 /// The quota server's lease method.
 pub const SYNC_METHOD: &str = "Sync";
@@ -375,7 +375,10 @@ impl<B: SharedBytes> SyncService<B> {
             }
         };
         let usage = Usage {
-            admitted: retired.admitted.wrapping_sub(leased.admitted_seen),
+            // A permit given back into the other half after the last
+            // retire lowers the counter below what that retire read: no
+            // demand, not a wrap to the most a lease may hold.
+            admitted: retired.admitted.saturating_sub(leased.admitted_seen),
             // A worker that found the cell dry counted a miss there and
             // woke the service: the same demand, counted once. A key with
             // no cell yet has only the wakes.
@@ -453,6 +456,9 @@ impl<B: SharedBytes> SyncService<B> {
             return;
         };
         let leases = match answer {
+            Ok(bytes) if bytes.len() > MAX_ANSWER_BYTES => {
+                return self.failed(host, synced, "answer over 9 MiB");
+            }
             Ok(bytes) => match SyncResponse::decode(bytes) {
                 Ok(r) if r.leases.len() >= synced.len() => {
                     if let Some(c) = &r.controls {

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use common::RedisServer;
 use rand::{Rng, SeedableRng};
+use sluice_core::access::{Ban, BanTarget};
+use sluice_core::time::Nanos;
 use sluice_quota_server::config::ServerConfig;
 use sluice_quota_server::controls::Controls;
 use sluice_quota_server::limits::Limits;
@@ -39,10 +41,14 @@ domains:
 "#;
 
 fn service(store: Store) -> Arc<QuotaService> {
+    service_with(store, Controls::default())
+}
+
+fn service_with(store: Store, controls: Controls) -> Arc<QuotaService> {
     let config = ServerConfig::from_yaml(CONFIG).unwrap();
     let limits = Limits::compile(&config, Path::new(".")).unwrap();
     Arc::new(QuotaService::new(
-        Arc::new(Shared::new(limits, Controls::default(), store)),
+        Arc::new(Shared::new(limits, controls, store)),
         Arc::new(Decider::new(1000)),
     ))
 }
@@ -289,6 +295,51 @@ async fn returned_leases_are_credited_back() {
         }))
         .await;
     assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
+
+/// A sync batches the keys of many clients: a banned key gets no lease,
+/// the others of its batch get theirs (and give back what they did not use).
+#[tokio::test]
+async fn a_banned_key_settles_its_own_entry_not_its_batch() {
+    let controls = Controls::default();
+    let ban = Ban {
+        target: BanTarget::Key("7:mallory".into()),
+        until: Nanos(u64::MAX),
+        reason: String::new(),
+    };
+    controls.access_mut().ban(ban, Nanos(0)).unwrap();
+    let svc = service_with(Store::Memory(MemoryBackend::new(1000)), controls);
+    let sync = |held, used| {
+        let svc = svc.clone();
+        async move {
+            let entry = |key: &str| SyncEntry {
+                rule: "narrow".into(),
+                key: key.into(),
+                held,
+                used,
+                want: 3,
+            };
+            svc.sync(Request::new(SyncRequest {
+                domain: "api".into(),
+                replicas: 1,
+                entries: vec![entry("7:mallory"), entry("5:alice")],
+                caller: "edge#0".into(),
+                controls_version: None,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .leases
+        }
+    };
+    let leases = sync(0, 0).await;
+    assert_eq!(
+        (leases[0].code, leases[0].permits),
+        (Code::OverLimit as i32, 0)
+    );
+    assert_eq!((leases[1].code, leases[1].permits), (Code::Ok as i32, 3));
+    let leases = sync(3, 1).await;
+    assert_eq!(leases[1].permits, 2, "two unused came back and were leased");
 }
 
 /// `sluice serve` answers the Quota service on its gRPC port.

@@ -62,7 +62,24 @@ pub(super) fn validate_sync(
             }
             SyncMode::Exact
         }
-        SyncModeConfig::Leased => SyncMode::Leased(validate_leasing(raw, at, errors)),
+        SyncModeConfig::Leased => {
+            let leasing = validate_leasing(raw, at, errors);
+            let cost = rule.cost.unwrap_or(1);
+            if cost > leasing.max_lease {
+                // A lease never holds its cost: every request would ask the
+                // quota server while the leases taken for it sit unused.
+                errors.add(
+                    at,
+                    ".cost",
+                    format!(
+                        "{cost} is more than sync.max_lease ({}): no lease could admit a \
+                         request; raise sync.max_lease",
+                        leasing.max_lease
+                    ),
+                );
+            }
+            SyncMode::Leased(leasing)
+        }
     };
     if rule.limit.is_some() {
         errors.add(
@@ -356,6 +373,22 @@ mod tests {
                 "rules[3].sync.replicas: only for mode leased; remove it",
                 "rules[3].sync.max_keys: only for mode leased; remove it",
             ]
+        );
+    }
+
+    #[test]
+    fn a_leased_rule_costs_at_most_a_lease() {
+        let errors = errors_of(
+            r#"{"rules":[
+                {"name":"a","cost":5,"sync":{"mode":"leased","domain":"d","max_lease":4}},
+                {"name":"b","cost":4,"sync":{"mode":"leased","domain":"d","max_lease":4}},
+                {"name":"c","cost":500,"sync":{"mode":"exact","domain":"d"}}
+            ]}"#,
+        );
+        assert_eq!(
+            errors,
+            ["rules[0].cost: 5 is more than sync.max_lease (4): no lease could admit a request; \
+              raise sync.max_lease"]
         );
     }
 

@@ -26,7 +26,7 @@ impl<B: SharedBytes> Plugin<B> {
         if self.policy.synced.is_empty() {
             return;
         }
-        if let Err(e) = self.controls.poll(self.store.backend()) {
+        if let Err(e) = self.controls.poll(self.store.backend_mut()) {
             self.metrics.error(host);
             host.warn(&format!("sluice: {e}"));
         }

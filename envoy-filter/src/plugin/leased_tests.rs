@@ -85,6 +85,27 @@ fn sync_answer(leases: Vec<Lease>) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The quota server's refusal of the `gate` rule's one item.
+fn gate_refused() -> Vec<u8> {
+    CheckResponse {
+        groups: vec![GroupResult {
+            allowed: false,
+            items: vec![ItemResult {
+                code: Code::OverLimit as i32,
+                limit: 1,
+                window: secs(1),
+                remaining: 0,
+                reset_after: secs(1),
+                retry_after: secs(1),
+            }],
+            headers: Vec::new(),
+            source: Source::Storage as i32,
+        }],
+        controls: None,
+    }
+    .encode_to_vec()
+}
+
 fn last_call(host: &FakeHost) -> GrpcCall {
     host.grpc_calls.borrow().last().cloned().unwrap()
 }
@@ -248,28 +269,47 @@ fn a_permit_taken_for_a_request_refused_by_another_rule_comes_back() {
     assert_eq!(f.plugin.on_request_headers(&f.host, 2), Step::Pause);
     let gate = last_call(&f.host);
     assert_eq!(gate.method, METHOD);
-    let refused = CheckResponse {
-        groups: vec![GroupResult {
-            allowed: false,
-            items: vec![ItemResult {
-                code: Code::OverLimit as i32,
-                limit: 1,
-                window: secs(1),
-                remaining: 0,
-                reset_after: secs(1),
-                retry_after: secs(1),
-            }],
-            headers: Vec::new(),
-            source: Source::Storage as i32,
-        }],
-        controls: None,
-    }
-    .encode_to_vec();
     let token = calls(&f.host) as u32;
-    let wake = f.plugin.on_quota_answer(&f.host, token, Ok(&refused));
+    let wake = f
+        .plugin
+        .on_quota_answer(&f.host, token, Ok(&gate_refused()));
     assert!(matches!(wake, Some((2, Wake::Reply(_)))), "{wake:?}");
     // The leased permit is back: the next request of the key passes.
     assert_eq!(f.request(3, "alice"), Step::Continue);
+}
+
+#[test]
+fn a_permit_given_back_after_the_other_half_was_retired_is_not_seen_as_demand() {
+    let shared = InProcessShared::default();
+    let mut f = fleet(&shared);
+    assert_eq!(f.request(1, "alice"), Step::Pause);
+    let (token, _) = f.serve_demand();
+    f.service
+        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(8, 40)])));
+    // A request takes a permit from half 0, then waits for the exact rule.
+    f.host.request("GET", "/gate", &[("x-client", "alice")]);
+    assert_eq!(f.plugin.on_request_headers(&f.host, 2), Step::Pause);
+    let gate_token = calls(&f.host) as u32;
+    // Meanwhile the service retires half 1, reading the cell's counter
+    // with that permit in it.
+    f.advance(100);
+    f.service.on_tick(&f.host);
+    let token = calls(&f.host) as u32;
+    f.service
+        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(0, 40)])));
+    // The exact rule refuses: the permit goes back into half 0.
+    let wake = f
+        .plugin
+        .on_quota_answer(&f.host, gate_token, Ok(&gate_refused()));
+    assert!(matches!(wake, Some((2, Wake::Reply(_)))), "{wake:?}");
+    // No request was admitted since: the next sync wants nothing, not
+    // the most a lease may hold.
+    f.advance(100);
+    f.service.on_tick(&f.host);
+    let sync = SyncRequest::decode(last_call(&f.host).message.as_slice()).unwrap();
+    assert_eq!(sync.caller, "edge-1#0");
+    assert_eq!((sync.entries[0].held, sync.entries[0].used), (8, 0));
+    assert_eq!(sync.entries[0].want, 0);
 }
 
 #[test]
@@ -304,6 +344,21 @@ fn a_failed_sync_empties_its_half_and_the_next_tick_tries_again() {
     f.advance(100);
     f.service.on_tick(&f.host);
     assert_eq!(f.service.keys(), 1);
+}
+
+#[test]
+fn an_answer_over_the_bound_is_not_read() {
+    let shared = InProcessShared::default();
+    let mut f = fleet(&shared);
+    assert_eq!(f.request(1, "alice"), Step::Pause);
+    let (token, _) = f.serve_demand();
+    // A well-formed answer padded with an unknown field past the bound.
+    let mut answer = sync_answer(vec![lease(3, 40)]);
+    let padding = crate::quota::MAX_ANSWER_BYTES;
+    sluice_proto::prost::encoding::bytes::encode(15, &vec![0u8; padding], &mut answer);
+    f.service.on_sync_answer(&f.host, token, Ok(&answer));
+    assert!(f.host.warnings.borrow()[0].contains("over 9 MiB"));
+    assert_eq!(f.request(2, "alice"), Step::Pause, "no lease: ask");
 }
 
 #[test]

@@ -60,21 +60,33 @@ pub fn admit<'a>(
         Gate::Allowed => return settled(shared, domain, true),
         Gate::Denied => return settled(shared, domain, false),
     };
+    Admission::Limits(overridden(resolved, grants))
+}
+
+/// Each unit's limit once its override (`grants`, in the same order as
+/// `resolved`) applies.
+pub fn overridden(resolved: Vec<Resolved<'_>>, grants: Vec<Option<Grant>>) -> Overridden<'_> {
     let raised = resolved
         .iter()
         .zip(&grants)
         .map(|(r, g)| raise(*r, *g))
         .collect();
-    Admission::Limits(Overridden {
+    Overridden {
         resolved,
         grants,
         raised,
-    })
+    }
 }
 
 fn settled<'a>(shared: &Shared, domain: &Domain, allowed: bool) -> Admission<'a> {
-    shared.metrics.access(&domain.name, allowed);
+    count_settled(shared, domain, allowed);
     Admission::Settled(allowed)
+}
+
+/// Counts a unit the access lists settled (allowed when `allowed`) in the
+/// metrics, under the rule `access`.
+pub fn count_settled(shared: &Shared, domain: &Domain, allowed: bool) {
+    shared.metrics.access(&domain.name, allowed);
 }
 
 /// Decides `items` against storage, recording the round trip and each

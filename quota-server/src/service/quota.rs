@@ -12,13 +12,14 @@ use sluice_core::decision::Decision;
 use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
-use super::admission::{admit, decide, Admission};
+use super::admission::{admit, count_settled, decide, overridden, Admission};
 use super::bounds;
 use super::decide::{storage_failed, Decider, Source};
 use super::leases::{LeaseId, Leases, REFUND_GRACE};
 use super::rls::{duration, headers};
 use super::sync::{self, storage_key, Entry, Grant};
 use crate::config::FailureMode;
+use crate::controls::Gate;
 use crate::limits::{Domain, Limit, Limits, Resolved};
 use crate::metrics::Outcome as MetricOutcome;
 use crate::proto::quota_server::Quota;
@@ -93,39 +94,41 @@ impl Quota for QuotaService {
                 e.rule, e.key, e.used, e.held
             )));
         }
-        let gate = self
-            .shared
-            .controls
-            .gate_keys(request.entries.iter().map(|e| e.key.as_str()), system_now());
+        // A caller batches the keys of many clients: the access lists judge
+        // each key alone, so that one banned or allow-listed key settles
+        // its own entry, not the others'.
+        let now_ns = system_now();
+        let mut verdicts = Vec::with_capacity(request.entries.len());
+        let mut grants = Vec::with_capacity(request.entries.len());
+        for e in &request.entries {
+            let (verdict, grant) = match self.shared.controls.gate_keys([e.key.as_str()], now_ns) {
+                Gate::Limits(g) => (None, g.into_iter().next().flatten()),
+                Gate::Allowed => (Some(true), None),
+                Gate::Denied => (Some(false), None),
+            };
+            if let Some(allowed) = verdict {
+                count_settled(&self.shared, domain, allowed);
+            }
+            verdicts.push(verdict);
+            grants.push(grant);
+        }
         let resolved = request
             .entries
             .iter()
             .map(|e| resolve(&limits, domain, &e.rule))
             .collect();
-        let overridden = match admit(&self.shared, domain, gate, resolved) {
-            Admission::Limits(overridden) => overridden,
-            Admission::Settled(allowed) => {
-                // Nothing is counted: an allowed caller may admit what it
-                // wants for a lease's time, a refused one nothing.
-                let leases = request
-                    .entries
-                    .iter()
-                    .map(|e| settled_lease(allowed, e.want))
-                    .collect();
-                return Ok(Response::new(SyncResponse {
-                    leases,
-                    source: ProtoSource::Storage as i32,
-                    controls,
-                }));
-            }
-        };
+        let overridden = overridden(resolved, grants);
         let mut entries = Vec::with_capacity(request.entries.len());
         let mut entry_of = Vec::with_capacity(request.entries.len());
         // Per storage entry, its lease's id and the request's entry.
         let mut asked = Vec::with_capacity(request.entries.len());
         for (index, e) in request.entries.iter().enumerate() {
+            if let Some(&Some(allowed)) = verdicts.get(index) {
+                entry_of.push(Slot::Settled(allowed, e.want));
+                continue;
+            }
             if overridden.unlimited(index) {
-                entry_of.push(Slot::Unlimited(e.want));
+                entry_of.push(Slot::Settled(true, e.want));
                 continue;
             }
             let limit = overridden.limit(index);
@@ -195,7 +198,7 @@ impl Quota for QuotaService {
             .iter()
             .map(|at| match at {
                 Slot::Unknown => unknown,
-                Slot::Unlimited(want) => settled_lease(true, *want),
+                Slot::Settled(allowed, want) => settled_lease(*allowed, *want),
                 Slot::Entry(i) => lease(&grants[*i], entries[*i].limit, source),
             })
             .collect();
@@ -341,8 +344,9 @@ fn item_result(limit: &Limit, outcome: &Outcome) -> ItemResult {
 enum Slot {
     /// The rule is not configured.
     Unknown,
-    /// An override lifts the limit: the wanted permits, not counted.
-    Unlimited(u64),
+    /// Allow-listed or lifted by an override (`true`: the wanted permits,
+    /// not counted), or banned (`false`: none).
+    Settled(bool, u64),
     /// The position of its storage entry.
     Entry(usize),
 }
