@@ -8,8 +8,9 @@ use alloc::vec::Vec;
 const FORMAT: u8 = 1;
 /// Longest key sent: longer keys are never leased (their requests ask the
 /// quota server each time), which bounds the queue's messages and the
-/// service's table.
-pub const MAX_LEASED_KEY: usize = 1024;
+/// service's table (which holds each key's text: at most 256 bytes times
+/// the leased rules' `max_keys`).
+pub const MAX_LEASED_KEY: usize = 256;
 
 /// The message for `key` of `rule`; `None` when the key is too long to
 /// lease or the rule name too long to frame.
