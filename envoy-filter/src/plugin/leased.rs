@@ -176,7 +176,8 @@ impl<B: SharedBytes> Plugin<B> {
     }
 
     /// Tells the sync service that `key` of the rule at `rule_index` has no
-    /// lease with room, at most once per quarter interval per key and VM.
+    /// lease with room or is running low, at most once per quarter interval
+    /// per key and VM.
     fn wake_service(
         &mut self,
         host: &impl Host,
