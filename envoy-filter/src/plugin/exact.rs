@@ -89,10 +89,10 @@ impl<B: SharedBytes> Plugin<B> {
                 Decided::Asking
             }
             None => {
-                host.warn(&format!(
-                    "sluice: cannot call the quota server on cluster {:?}",
-                    asking.call.cluster
-                ));
+                let cluster = asking.call.cluster.clone();
+                self.quota_failed(host, || {
+                    format!("cannot call the quota server on cluster {cluster:?}")
+                });
                 let failed = asking.remote.clone();
                 Decided::Now(self.fail_over(host, asking, &failed, Failure::Failed))
             }
@@ -114,6 +114,9 @@ impl<B: SharedBytes> Plugin<B> {
         let items = match answer {
             Ok(bytes) => match asking.call.read(bytes) {
                 Ok(answer) => {
+                    if std::mem::take(&mut self.quota_failing) {
+                        host.warn("sluice: the quota server answers again");
+                    }
                     // The controls apply from the next request: this one
                     // the quota server has decided.
                     if let Some(controls) = &answer.controls {
@@ -122,7 +125,7 @@ impl<B: SharedBytes> Plugin<B> {
                     Ok(answer.items)
                 }
                 Err(e) => {
-                    host.warn(&format!("sluice: {e}"));
+                    self.quota_failed(host, || e.to_string());
                     Err(Failure::Failed)
                 }
             },
@@ -132,9 +135,9 @@ impl<B: SharedBytes> Plugin<B> {
                 Err(Failure::Timeout)
             }
             Err(status) => {
-                host.warn(&format!(
-                    "sluice: the quota server call failed with gRPC status {status}"
-                ));
+                self.quota_failed(host, || {
+                    format!("the quota server call failed with gRPC status {status}")
+                });
                 Err(Failure::Failed)
             }
         };
@@ -146,6 +149,18 @@ impl<B: SharedBytes> Plugin<B> {
             }
         };
         Some((context_id, wake))
+    }
+
+    /// Logs why a quota server call failed, once per outage: the failure
+    /// modes' stats (`sluice_sync`) count every failed call.
+    fn quota_failed(&mut self, host: &impl Host, why: impl FnOnce() -> String) {
+        if !std::mem::replace(&mut self.quota_failing, true) {
+            host.warn(&format!(
+                "sluice: {}; the synced rules' failure modes apply, and further failures are \
+                 only counted (sluice_sync) until the quota server answers again",
+                why()
+            ));
+        }
     }
 
     /// Admits or refuses a request from the quota server's answers, one

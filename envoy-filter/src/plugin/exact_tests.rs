@@ -357,3 +357,34 @@ fn a_request_that_ends_while_asking_gives_its_local_permit_back() -> Result<(), 
     assert_eq!(p.on_request_headers(&host, 2), Step::Pause);
     Ok(())
 }
+
+#[test]
+fn an_outage_is_logged_once_not_once_per_request() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(&host, &shared, &config(""))?;
+    let mut ask = |id: u32, outcome: Result<&[u8], u32>| {
+        *host.peer.borrow_mut() = Some(format!("10.0.0.{id}:41234"));
+        host.request("GET", "/", &[]);
+        assert_eq!(p.on_request_headers(&host, id), Step::Pause);
+        let token = host.grpc_calls.borrow().len() as u32;
+        p.on_quota_answer(&host, token, outcome)
+    };
+    for id in 1..=3 {
+        ask(id, Err(UNAVAILABLE));
+    }
+    let logged = |host: &FakeHost| {
+        host.warnings
+            .borrow()
+            .iter()
+            .filter(|w| w.contains("quota server"))
+            .count()
+    };
+    assert_eq!(logged(&host), 1, "{:?}", host.warnings.borrow());
+    let ok = answer(vec![(true, vec![item(Code::Ok, 5, None)])]);
+    ask(4, Ok(&ok));
+    assert_eq!(logged(&host), 2, "recovery is logged once");
+    ask(5, Ok(&ok));
+    ask(6, Err(UNAVAILABLE));
+    assert_eq!(logged(&host), 3, "a new outage is logged again");
+    Ok(())
+}

@@ -96,6 +96,9 @@ pub struct Plugin<B> {
     delayed: delay::DelayQueue,
     /// Requests waiting for the quota server, by call token.
     asking: HashMap<u32, exact::Asking>,
+    /// The last quota server call failed: further failures are not logged
+    /// (one warning per outage, not one per request).
+    quota_failing: bool,
     /// The store's stats already counted in metrics.
     keys_reported: SlotStats,
     cuts: cuts::CutCalls,
@@ -155,6 +158,7 @@ impl<B: SharedBytes> Plugin<B> {
             requests: HashMap::new(),
             delayed: delay::DelayQueue::default(),
             asking: HashMap::new(),
+            quota_failing: false,
             keys_reported: SlotStats::default(),
             cuts: cuts::CutCalls::default(),
             controls: Enforced::default(),
