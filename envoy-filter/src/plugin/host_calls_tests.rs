@@ -225,3 +225,72 @@ fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_dat
     println!("host calls of one exact request: {all:?}");
     Ok(())
 }
+
+/// The host calls of a request, once a first request set its key up (and,
+/// for a leased rule, the sync service leased it permits).
+fn calls_of_a_settled_request(config: &str) -> Result<Vec<&'static str>, String> {
+    use crate::sync_service::SyncService;
+    use sluice_proto::quota::v1::{Lease, SyncResponse};
+    let fake = FakeHost::default();
+    fake.now.set(1_800_000_000_000_000_000);
+    fake.random.set(Some(7));
+    *fake.peer.borrow_mut() = Some("10.0.0.7:41234".into());
+    let calls = RefCell::new(Vec::new());
+    let host = Counting {
+        host: &fake,
+        calls: &calls,
+    };
+    let inner = InProcessShared::default();
+    let shared = CountingShared {
+        inner: &inner,
+        calls: &calls,
+    };
+    let mut service =
+        SyncService::configure(&host, &inner, config.as_bytes()).map_err(|e| e.to_string())?;
+    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    fake.request("GET", "/x", &[]);
+    p.on_request_headers(&host, 1);
+    service.on_queue_ready(&host);
+    let secs = |seconds| Some(sluice_proto::Duration { seconds, nanos: 0 });
+    let answer = SyncResponse {
+        leases: vec![Lease {
+            code: Code::Ok as i32,
+            permits: 1000,
+            expires_after: secs(1),
+            remaining: 5000,
+            limit: 10000,
+            window: secs(60),
+            reset_after: secs(30),
+        }],
+        source: Source::Storage as i32,
+        controls: None,
+    }
+    .encode_to_vec();
+    let token = fake.grpc_calls.borrow().len() as u32;
+    service.on_sync_answer(&host, token, Ok(&answer));
+    fake.request("GET", "/x", &[]);
+    calls.borrow_mut().clear();
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    fake.respond(200);
+    p.on_response_headers(&host, 2);
+    p.on_done(&host, 2);
+    Ok(calls.take())
+}
+
+#[test]
+fn a_request_decided_from_a_lease_costs_the_host_calls_of_a_local_rule() -> Result<(), String> {
+    let local = calls_of_a_settled_request(
+        r#"{"rules":[{"name":"api","key":["client_ip"],"limit":{"count":100000,"per":"1m"}}]}"#,
+    )?;
+    let leased = calls_of_a_settled_request(
+        r#"{"rules":[{"name":"api","key":["client_ip"],
+            "sync":{"mode":"leased","domain":"edge","max_lease":1000}}]}"#,
+    )?;
+    assert_eq!(leased, local);
+    assert_eq!(
+        leased.iter().filter(|c| c.starts_with("shared_")).count(),
+        2,
+        "one read and one compare-and-swap: {leased:?}"
+    );
+    Ok(())
+}
