@@ -181,12 +181,10 @@ impl Quota for QuotaService {
         for ((grant, (id, _)), entry) in grants.iter().zip(&asked).zip(&entries) {
             if grant.permits > 0 && source == Source::Storage {
                 let expires = Duration::from_nanos(grant.expires_after.as_nanos());
-                self.leases.record(
-                    *id,
-                    grant.permits,
-                    now + expires + refund_grace(entry.limit),
-                    now,
-                );
+                let refundable =
+                    refundable_for(entry.limit, expires, self.shared.store.call_bound());
+                self.leases
+                    .record(*id, grant.permits, now + refundable, now);
             }
             self.shared.metrics.decision(
                 &domain.name,
@@ -411,15 +409,21 @@ fn lease(grant: &Grant, limit: &Limit, source: Source) -> Lease {
     }
 }
 
-/// How long after a lease's expiry its unused permits may still come
-/// back. None for a fixed window: the lease ends with the window its
-/// permits were counted in, and a refund arriving later would land in the
-/// next window's count, letting it admit more than its limit.
-fn refund_grace(limit: &Limit) -> Duration {
+/// Least time a fixed window's refund is taken before its lease ends.
+const MIN_REFUND_MARGIN: Duration = Duration::from_millis(10);
+
+/// How long after it was granted a lease of `expires` may give its unused
+/// permits back, when a storage call takes at most `call_bound`. Other
+/// algorithms: until a grace after its expiry. A fixed window: only while
+/// its window surely lasts. The lease ends with the window its permits were
+/// counted in, and a refund is taken from the ledger before the storage
+/// call that applies it, so the margin keeps a late call from landing in
+/// the next window's count (which would then admit more than its limit).
+fn refundable_for(limit: &Limit, expires: Duration, call_bound: Duration) -> Duration {
     if limit.algorithm() == AlgorithmKind::FixedWindow {
-        Duration::ZERO
+        expires.saturating_sub(call_bound.max(MIN_REFUND_MARGIN))
     } else {
-        REFUND_GRACE
+        expires + REFUND_GRACE
     }
 }
 
@@ -435,5 +439,48 @@ fn proto_source(source: Source) -> ProtoSource {
         Source::Storage => ProtoSource::Storage,
         Source::FailedOpen => ProtoSource::FailedOpen,
         Source::FailedClosed => ProtoSource::FailedClosed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendKind, DescriptorFile, DomainConfig, Problems};
+
+    /// Limit `a` (fixed window) and `b` (token bucket) of domain `d`.
+    fn limits() -> Limits {
+        let file: DescriptorFile = serde_norway::from_str(
+            r#"
+domain: d
+descriptors:
+  - {key: a, rate_limit: {unit: second, requests_per_unit: 5, algorithm: fixed_window}}
+  - {key: b, rate_limit: {unit: second, requests_per_unit: 5, algorithm: token_bucket}}
+"#,
+        )
+        .unwrap();
+        let domain = DomainConfig {
+            name: file.domain,
+            descriptors: file.descriptors,
+            ..DomainConfig::default()
+        };
+        let mut problems = Problems::default();
+        let limits = Limits::build(&[("d".into(), domain)], BackendKind::Memory, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        limits
+    }
+
+    #[test]
+    fn a_fixed_window_refund_must_be_taken_a_storage_call_before_its_window_ends() {
+        let limits = limits();
+        let (fixed, bucket) = (limits.limit(0).unwrap(), limits.limit(1).unwrap());
+        assert_eq!(fixed.algorithm(), AlgorithmKind::FixedWindow);
+        let ms = Duration::from_millis;
+        assert_eq!(refundable_for(fixed, ms(400), ms(150)), ms(250));
+        assert_eq!(refundable_for(fixed, ms(400), Duration::ZERO), ms(390));
+        assert_eq!(refundable_for(fixed, ms(5), ms(150)), Duration::ZERO);
+        assert_eq!(
+            refundable_for(bucket, ms(400), ms(150)),
+            ms(400) + REFUND_GRACE
+        );
     }
 }

@@ -120,6 +120,15 @@ impl Store {
         }
     }
 
+    /// The longest a storage call takes before it fails: Redis's timeout;
+    /// a memory call does not wait.
+    pub fn call_bound(&self) -> Duration {
+        match self {
+            Store::Memory(_) => Duration::ZERO,
+            Store::Redis(r) => r.timeout(),
+        }
+    }
+
     /// Gives back each item's cost (e.g. a request that was not served).
     pub async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
         match self {

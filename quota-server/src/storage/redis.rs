@@ -84,6 +84,11 @@ impl std::fmt::Debug for RedisBackend {
 }
 
 impl RedisBackend {
+    /// How long a call may take before it fails.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// A backend for `url` that connects on first use, bounding every call
     /// by `timeout`. Only the URL is checked here: a server may start while
     /// Redis is down, and its domains' failure modes apply meanwhile.
