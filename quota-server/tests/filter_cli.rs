@@ -121,7 +121,7 @@ fn validate_exits_2_when_a_file_cannot_be_read() {
 }
 
 /// The lines of request `#n` of a simulation: its decision and headers.
-fn request<'a>(output: &'a str, n: u64) -> Vec<&'a str> {
+fn request(output: &str, n: u64) -> Vec<&str> {
     let mut lines = output
         .lines()
         .skip_while(|l| !l.starts_with(&format!("#{n:<5} ")));

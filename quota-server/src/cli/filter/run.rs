@@ -9,7 +9,7 @@ use std::path::Path;
 
 use sluice_core::config::ConfigError;
 use sluice_core::engine::{self, Verdict, VerdictKind};
-use sluice_core::policy::{OnFailure, Policy, SyncMode};
+use sluice_core::policy::{Attributes, HttpRequest, OnFailure, Policy, SyncMode};
 use sluice_core::store::{InProcessShared, SlotStore, StoreError};
 use sluice_core::time::{Nanos, Span};
 
@@ -96,13 +96,28 @@ pub fn simulate(
     // The key hash's seed only spreads keys over slots: any fixed one will
     // do for a run no client can aim at.
     let mut store = SlotStore::open(&shared, &policy, || Some(0x5eed))?;
+    // As the filter sees each line's request: its client address taken
+    // from the peer or `X-Forwarded-For` as the configuration says.
+    let requests: Vec<HttpRequest> = script
+        .lines
+        .iter()
+        .map(|line| {
+            let mut request = line.request.clone();
+            let forwarded = request.header("x-forwarded-for");
+            let client_ip = policy.client_ip.resolve(request.client_ip, forwarded);
+            request.client_ip = client_ip;
+            request
+        })
+        .collect();
     let start = synthetic_start(policy.rules.iter().map(|r| r.quota.per()));
     let mut due: BinaryHeap<Due> = BinaryHeap::new();
     let mut number = 0u64;
     for (index, line) in script.lines.iter().enumerate() {
         for i in 0..line.count {
             number += 1;
-            let at = start.plus(line.at).plus(Span(line.every.as_nanos() * i));
+            let at = start
+                .plus(line.at)
+                .plus(Span(line.every.as_nanos().saturating_mul(i)));
             due.push(Reverse((at, number, index, at)));
         }
     }
@@ -110,10 +125,9 @@ pub fn simulate(
     let mut tallies = vec![Tally::default(); policy.rules.len()];
     let (mut allowed, mut delayed, mut limited) = (0u64, 0u64, 0u64);
     while let Some(Reverse((now, number, index, since))) = due.pop() {
-        let Some(line) = script.lines.get(index) else {
+        let Some(request) = requests.get(index) else {
             continue;
         };
-        let request = &line.request;
         let keys: Vec<(usize, String)> = engine::applicable_rules(&policy, request)
             .into_iter()
             .filter(|(i, _)| local.get(*i).copied().unwrap_or(false))
@@ -128,7 +142,9 @@ pub fn simulate(
         };
         match verdict.kind {
             VerdictKind::Wait { wait } => {
-                due.push(Reverse((now.plus(wait), number, index, since)));
+                // At least a nanosecond on, so that the clock always moves.
+                let wake = now.plus(wait.max(Span(1)));
+                due.push(Reverse((wake, number, index, since)));
                 continue;
             }
             VerdictKind::Allowed => {
@@ -291,6 +307,22 @@ mod tests {
         );
         assert!(
             text.contains("rule slow: 2 allowed (1 after a delay), 0 limited"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_client_address_comes_from_trusted_hops() {
+        let text = simulate_text(
+            r#"{"rules": [{"name": "ip", "limit": {"count": 1, "per": "1m"}}],
+                "client_ip": {"trusted_hops": 1}}"#,
+            "GET /a client=10.0.0.9 header:x-forwarded-for=192.0.2.1\n\
+             GET /a client=10.0.0.9 header:x-forwarded-for=192.0.2.2\n\
+             GET /a client=10.0.0.8 header:x-forwarded-for=192.0.2.1\n",
+        );
+        assert!(text.contains("#2     t=0ns allowed"), "{text}");
+        assert!(
+            text.contains("#3     t=0ns limited   GET /a by ip"),
             "{text}"
         );
     }
