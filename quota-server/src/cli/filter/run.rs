@@ -3,7 +3,7 @@
 //! simulated clock (core never reads one).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
@@ -122,6 +122,9 @@ pub fn simulate(
         }
     }
 
+    // Requests held by delay rules, by (rule, key): new requests queue
+    // behind them, as in the filter.
+    let mut held: HashMap<(usize, String), usize> = HashMap::new();
     let mut tallies = vec![Tally::default(); policy.rules.len()];
     let (mut allowed, mut delayed, mut limited) = (0u64, 0u64, 0u64);
     while let Some(Reverse((now, number, index, since))) = due.pop() {
@@ -133,9 +136,19 @@ pub fn simulate(
             .filter(|(i, _)| local.get(*i).copied().unwrap_or(false))
             .collect();
         let waited = now.since(since);
+        if waited > Span::ZERO {
+            hold(&mut held, &keys, false);
+        }
         let verdict = engine::decide_keys(&policy, &mut store, &keys, now, waited)?;
+        let verdict = if waited == Span::ZERO {
+            engine::behind_queue(&policy, &mut store, verdict, &keys, now, |i, k| {
+                held.get(&(i, k.to_owned())).copied().unwrap_or(0)
+            })
+        } else {
+            verdict
+        };
         let what = format!("{} {}", request.method, request.path);
-        let held = if waited > Span::ZERO {
+        let held_for = if waited > Span::ZERO {
             format!(" held {waited}")
         } else {
             String::new()
@@ -145,6 +158,7 @@ pub fn simulate(
                 // At least a nanosecond on, so that the clock always moves.
                 let wake = now.plus(wait.max(Span(1)));
                 due.push(Reverse((wake, number, index, since)));
+                hold(&mut held, &keys, true);
                 continue;
             }
             VerdictKind::Allowed => {
@@ -156,7 +170,7 @@ pub fn simulate(
                 } else {
                     "allowed"
                 };
-                let detail = format!("{what}{held}{names}");
+                let detail = format!("{what}{held_for}{names}");
                 out.write_all(request_line(number, now.since(start), outcome, &detail).as_bytes())?;
                 for d in &verdict.decisions {
                     if let Some(t) = tallies.get_mut(d.rule_index) {
@@ -172,7 +186,7 @@ pub fn simulate(
             VerdictKind::Limited { rule_index } => {
                 limited += 1;
                 let rule = policy.rules.get(rule_index).map_or("", |r| r.name.as_str());
-                let detail = format!("{what}{held} by {rule}");
+                let detail = format!("{what}{held_for} by {rule}");
                 out.write_all(
                     request_line(number, now.since(start), "limited", &detail).as_bytes(),
                 )?;
@@ -205,6 +219,21 @@ pub fn simulate(
         "{allowed} of {number} allowed ({delayed} after a delay), {limited} limited"
     )?;
     Ok(())
+}
+
+/// Counts a request as held on each of its keys (`true`), or as no longer
+/// held.
+fn hold(held: &mut HashMap<(usize, String), usize>, keys: &[(usize, String)], on: bool) {
+    for key in keys {
+        if on {
+            *held.entry(key.clone()).or_default() += 1;
+        } else if let Some(n) = held.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(key);
+            }
+        }
+    }
 }
 
 /// Which rules the run decides locally, by position; writes a note for
@@ -309,6 +338,25 @@ mod tests {
             text.contains("rule slow: 2 allowed (1 after a delay), 0 limited"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_request_queued_past_max_delay_is_refused_at_once() {
+        let text = simulate_text(
+            r#"{"rules": [{"name": "slow", "limit": {"count": 1, "per": "1s"},
+                "action": "delay", "max_delay": "1.5s", "algorithm": "gcra", "key": ["method"]}]}"#,
+            "repeat 3 every 0s GET /a\n",
+        );
+        // The second is held until 1s; the third's turn would come at 2s.
+        assert!(
+            text.contains("#2     t=1s delayed   GET /a held 1s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("#3     t=0ns limited   GET /a by slow"),
+            "{text}"
+        );
+        assert!(text.contains("retry-after: 1"), "{text}");
     }
 
     #[test]
