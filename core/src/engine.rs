@@ -425,6 +425,63 @@ fn blocked_kind(
     }
 }
 
+/// A new request's wait behind the requests already held on its delay
+/// rules' keys (`queued_on(rule index, key)` counts them): a request that
+/// cannot get its permits within a rule's `max_delay` once those ahead
+/// have taken theirs is refused at once (by that rule) instead of being
+/// held in vain; one that can waits until its turn should come. Verdicts
+/// other than [`VerdictKind::Wait`] are returned as they are.
+pub fn behind_queue<S: StateStore>(
+    policy: &Policy,
+    store: &mut S,
+    verdict: Verdict,
+    keys: &[(usize, String)],
+    now: Nanos,
+    queued_on: impl Fn(usize, &str) -> usize,
+) -> Verdict {
+    let VerdictKind::Wait { mut wait } = verdict.kind else {
+        return verdict;
+    };
+    for (rule_index, key) in keys {
+        let Some(rule) = policy.rules.get(*rule_index) else {
+            continue;
+        };
+        let Action::Delay { max } = rule.action else {
+            continue;
+        };
+        let queued = queued_on(*rule_index, key);
+        if queued == 0 {
+            continue;
+        }
+        let claim = Claim {
+            slot: Slot {
+                rule_index: *rule_index,
+                rule,
+                key,
+            },
+            cost: rule.cost,
+        };
+        match queued_wait(store, &claim, queued, now, max) {
+            Ok(Some(turn)) => wait = wait.max(turn),
+            Ok(None) => {
+                return Verdict {
+                    kind: VerdictKind::Limited {
+                        rule_index: *rule_index,
+                    },
+                    ..verdict
+                };
+            }
+            // The engine's own wait stands: the request is decided again
+            // when it wakes.
+            Err(_) => {}
+        }
+    }
+    Verdict {
+        kind: VerdictKind::Wait { wait },
+        ..verdict
+    }
+}
+
 /// When a request could take `claim`'s permits if `queued` requests of the
 /// same cost were already waiting on its key, each taking its permits as
 /// soon as they free up and nothing else arriving: the wait from `now`, or

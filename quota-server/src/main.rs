@@ -42,6 +42,11 @@ enum Command {
     },
     /// Shows what N requests would get from one limit (offline: no server).
     Test(cli::TestArgs),
+    /// Checks the filter's configuration, or simulates traffic through it.
+    Filter {
+        #[command(subcommand)]
+        command: cli::FilterCommand,
+    },
     #[command(flatten)]
     Admin(cli::AdminCommand),
 }
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Filter { command } => cli::filter::run(command),
         Command::Admin(command) => admin_command(command),
     }
 }
@@ -272,33 +278,20 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
-/// The filter's configuration, checked by core.
+/// The filter's configuration, checked by core as `sluice filter validate`
+/// does (a file not ending in `.json` was recognised as YAML).
 fn validate_filter(path: &Path, text: &str) -> ExitCode {
-    let is_json = path.extension().is_some_and(|e| e == "json");
-    let parsed = if is_json {
-        sluice_core::config::Config::from_json(text)
+    use cli::filter::{check, Checked, Format};
+    let format = if path.extension().is_some_and(|e| e == "json") {
+        Format::Json
     } else {
-        sluice_core::config::Config::from_yaml(text)
+        Format::Yaml
     };
-    match parsed.and_then(|c| c.validate()) {
-        Ok(policy) => {
-            println!(
-                "{}: ok ({} rules enabled)",
-                path.display(),
-                policy.rules.len()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(sluice_core::config::ConfigError::Invalid(errors)) => {
-            for e in errors {
-                eprintln!("{}: {e}", path.display());
-            }
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("{}: {e}", path.display());
-            ExitCode::FAILURE
-        }
+    let name = path.display().to_string();
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    match check(&name, text, format, &mut out, &mut err) {
+        Checked::Ok => ExitCode::SUCCESS,
+        Checked::Invalid => ExitCode::FAILURE,
     }
 }
 

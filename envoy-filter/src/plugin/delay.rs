@@ -2,9 +2,9 @@
 //! them again, and released (or refused) on the VM's ticks, which also
 //! poll for the quota server's access controls.
 
-use sluice_core::engine::{self, Claim, Verdict, VerdictKind};
-use sluice_core::policy::{Action, Protocol};
-use sluice_core::store::{SharedBytes, Slot};
+use sluice_core::engine::{self, Verdict};
+use sluice_core::policy::Protocol;
+use sluice_core::store::SharedBytes;
 use sluice_core::time::Nanos;
 
 use super::{Decided, Plugin, Wake};
@@ -111,57 +111,17 @@ impl<B: SharedBytes> Plugin<B> {
     }
 
     /// A new request's wait behind the requests already waiting on its
-    /// delay rules' keys: a request that cannot get its permits within a
-    /// rule's `max_delay` once those ahead have taken theirs is refused at
-    /// once (by that rule) instead of being held in vain; one that can is
-    /// woken when its turn should come.
+    /// delay rules' keys (see [`engine::behind_queue`]).
     pub(super) fn behind_queue(
         &mut self,
         verdict: Verdict,
         keys: &[(usize, String)],
         now: Nanos,
     ) -> Verdict {
-        let VerdictKind::Wait { mut wait } = verdict.kind else {
-            return verdict;
-        };
-        for (rule_index, key) in keys {
-            let Some(rule) = self.policy.rules.get(*rule_index) else {
-                continue;
-            };
-            let Action::Delay { max } = rule.action else {
-                continue;
-            };
-            let queued = self.delayed.queued_on(*rule_index, key);
-            if queued == 0 {
-                continue;
-            }
-            let claim = Claim {
-                slot: Slot {
-                    rule_index: *rule_index,
-                    rule,
-                    key,
-                },
-                cost: rule.cost,
-            };
-            match engine::queued_wait(&mut self.store, &claim, queued, now, max) {
-                Ok(Some(turn)) => wait = wait.max(turn),
-                Ok(None) => {
-                    return Verdict {
-                        kind: VerdictKind::Limited {
-                            rule_index: *rule_index,
-                        },
-                        ..verdict
-                    };
-                }
-                // The engine's own wait stands: the request is decided
-                // again when it wakes.
-                Err(_) => {}
-            }
-        }
-        Verdict {
-            kind: VerdictKind::Wait { wait },
-            ..verdict
-        }
+        let delayed = &self.delayed;
+        engine::behind_queue(&self.policy, &mut self.store, verdict, keys, now, |i, k| {
+            delayed.queued_on(i, k)
+        })
     }
 
     /// Requests currently delayed.

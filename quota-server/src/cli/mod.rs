@@ -1,7 +1,9 @@
 //! The `sluice` subcommands that talk to a running server's admin API,
-//! and `sluice test`, which simulates a limit offline.
+//! `sluice test`, which simulates a limit offline, and `sluice filter`,
+//! which checks and simulates the filter's configuration.
 
 mod client;
+pub mod filter;
 mod simulate;
 
 use std::path::PathBuf;
@@ -11,6 +13,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 pub use client::{Admin, CallError};
+pub use filter::FilterCommand;
 pub use simulate::{simulate, SimulateError, TestArgs};
 
 /// Where the admin API is and how to authenticate.

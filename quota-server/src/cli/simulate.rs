@@ -86,9 +86,7 @@ pub fn simulate(args: &TestArgs) -> Result<String, SimulateError> {
         args.cost
     );
     let mut allowed = 0u64;
-    // A synthetic clock starting at a window boundary, so that fixed
-    // windows do not roll over partway by accident.
-    let start = Nanos(quota.per().as_nanos().saturating_mul(1_000));
+    let start = synthetic_start([quota.per()]);
     for i in 0..args.requests {
         let now = start.plus(Span(interval.as_nanos().saturating_mul(i)));
         let claim = Claim {
@@ -107,19 +105,11 @@ pub fn simulate(args: &TestArgs) -> Result<String, SimulateError> {
         let at = now.since(start);
         if d.allowed {
             allowed += 1;
-            let _ = writeln!(
-                out,
-                "#{:<5} t={at} allowed   remaining {}",
-                i + 1,
-                d.remaining
-            );
+            let detail = format!("remaining {}", d.remaining);
+            out.push_str(&request_line(i + 1, at, "allowed", &detail));
         } else {
-            let _ = writeln!(
-                out,
-                "#{:<5} t={at} DENIED    retry after {}",
-                i + 1,
-                d.retry_after
-            );
+            let detail = format!("retry after {}", d.retry_after);
+            out.push_str(&request_line(i + 1, at, "DENIED", &detail));
         }
     }
     let _ = writeln!(
@@ -129,6 +119,34 @@ pub fn simulate(args: &TestArgs) -> Result<String, SimulateError> {
         args.requests - allowed
     );
     Ok(out)
+}
+
+/// Where a simulation's synthetic clock starts: at a boundary of every one
+/// of `windows` where it can (else of the longest), so that fixed windows
+/// do not roll over partway by accident.
+pub(super) fn synthetic_start(windows: impl IntoIterator<Item = Span>) -> Nanos {
+    let mut common = Some(1u64);
+    let mut longest = 1u64;
+    for w in windows {
+        let w = w.as_nanos().max(1);
+        longest = longest.max(w);
+        common = common.and_then(|c| c.checked_mul(w / gcd(c, w)));
+    }
+    let boundary = common.unwrap_or(longest);
+    Nanos(boundary.checked_mul(1_000).unwrap_or(boundary))
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// One simulated request's line: its number, its time from the start,
+/// what it got and the details.
+pub(super) fn request_line(number: u64, at: Span, outcome: &str, detail: &str) -> String {
+    format!("#{number:<5} t={at} {outcome:<9} {detail}\n")
 }
 
 #[cfg(test)]
@@ -162,5 +180,15 @@ mod tests {
         .unwrap_err();
         assert!(missing.to_string().contains("\"user\""), "{missing}");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_clock_starts_at_every_window_boundary() {
+        let start = synthetic_start([Span::from_secs(60), Span::from_secs(7)]).0;
+        assert_eq!(start % Span::from_secs(420).as_nanos(), 0);
+        assert!(start > 0);
+        // Windows whose common multiple overflows: the longest one's.
+        let odd = [Span(u64::MAX / 3), Span(u64::MAX / 5 + 1)];
+        assert_eq!(synthetic_start(odd).0 % odd[0].as_nanos(), 0);
     }
 }
