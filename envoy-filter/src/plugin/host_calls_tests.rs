@@ -149,13 +149,19 @@ fn times(calls: &[&str], name: &str) -> usize {
     calls.iter().filter(|c| **c == name).count()
 }
 
-#[test]
-fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_data(
-) -> Result<(), String> {
+/// A test host at a fixed time, with a seed and a client address.
+fn client_host() -> FakeHost {
     let fake = FakeHost::default();
     fake.now.set(1_800_000_000_000_000_000);
     fake.random.set(Some(7));
     *fake.peer.borrow_mut() = Some("10.0.0.7:41234".into());
+    fake
+}
+
+#[test]
+fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_data(
+) -> Result<(), String> {
+    let fake = client_host();
     let calls = RefCell::new(Vec::new());
     let host = Counting {
         host: &fake,
@@ -231,10 +237,7 @@ fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_dat
 fn calls_of_a_settled_request(config: &str) -> Result<Vec<&'static str>, String> {
     use crate::sync_service::SyncService;
     use sluice_proto::quota::v1::{Lease, SyncResponse};
-    let fake = FakeHost::default();
-    fake.now.set(1_800_000_000_000_000_000);
-    fake.random.set(Some(7));
-    *fake.peer.borrow_mut() = Some("10.0.0.7:41234".into());
+    let fake = client_host();
     let calls = RefCell::new(Vec::new());
     let host = Counting {
         host: &fake,
