@@ -134,6 +134,18 @@ impl Fleet<'_> {
         (token, SyncRequest::decode(call.message.as_slice()).unwrap())
     }
 
+    /// Request 1 of `key` finds no lease and wakes the service, which is
+    /// granted `permits` with `remaining` left in the budget.
+    fn lease_first(&mut self, key: &str, permits: u64, remaining: u64) {
+        assert_eq!(self.request(1, key), Step::Pause);
+        let (token, _) = self.serve_demand();
+        self.service.on_sync_answer(
+            &self.host,
+            token,
+            Ok(&sync_answer(vec![lease(permits, remaining)])),
+        );
+    }
+
     fn advance(&self, millis: u64) {
         let later = self
             .host
@@ -173,10 +185,7 @@ fn a_key_without_lease_asks_the_quota_server_and_wakes_the_service() {
 fn a_lease_admits_locally_up_to_its_permits_then_asks_again() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
-    assert_eq!(f.request(1, "alice"), Step::Pause);
-    let (token, _) = f.serve_demand();
-    f.service
-        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(2, 40)])));
+    f.lease_first("alice", 2, 40);
     let before = calls(&f.host);
     assert_eq!(f.request(2, "alice"), Step::Continue);
     assert_eq!(f.request(3, "alice"), Step::Continue);
@@ -205,10 +214,7 @@ fn a_lease_admits_locally_up_to_its_permits_then_asks_again() {
 fn halves_alternate_and_report_what_they_held_and_used() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
-    assert_eq!(f.request(1, "alice"), Step::Pause);
-    let (token, _) = f.serve_demand();
-    f.service
-        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(8, 40)])));
+    f.lease_first("alice", 8, 40);
     for id in 2..5 {
         assert_eq!(f.request(id, "alice"), Step::Continue);
     }
@@ -238,10 +244,7 @@ fn halves_alternate_and_report_what_they_held_and_used() {
 fn an_exhausted_budget_is_refused_locally_until_it_resets() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
-    assert_eq!(f.request(1, "alice"), Step::Pause);
-    let (token, _) = f.serve_demand();
-    f.service
-        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(0, 0)])));
+    f.lease_first("alice", 0, 0);
     let before = calls(&f.host);
     let Step::Reply(reply) = f.request(2, "alice") else {
         panic!("expected a local refusal");
@@ -261,10 +264,7 @@ fn an_exhausted_budget_is_refused_locally_until_it_resets() {
 fn a_permit_taken_for_a_request_refused_by_another_rule_comes_back() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
-    assert_eq!(f.request(1, "alice"), Step::Pause);
-    let (token, _) = f.serve_demand();
-    f.service
-        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(1, 40)])));
+    f.lease_first("alice", 1, 40);
     f.host.request("GET", "/gate", &[("x-client", "alice")]);
     assert_eq!(f.plugin.on_request_headers(&f.host, 2), Step::Pause);
     let gate = last_call(&f.host);
@@ -282,10 +282,7 @@ fn a_permit_taken_for_a_request_refused_by_another_rule_comes_back() {
 fn a_permit_given_back_after_the_other_half_was_retired_is_not_seen_as_demand() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
-    assert_eq!(f.request(1, "alice"), Step::Pause);
-    let (token, _) = f.serve_demand();
-    f.service
-        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(8, 40)])));
+    f.lease_first("alice", 8, 40);
     // A request takes a permit from half 0, then waits for the exact rule.
     f.host.request("GET", "/gate", &[("x-client", "alice")]);
     assert_eq!(f.plugin.on_request_headers(&f.host, 2), Step::Pause);
@@ -365,10 +362,7 @@ fn an_answer_over_the_bound_is_not_read() {
 fn an_idle_key_gives_its_permits_back_and_leaves_the_table() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
-    assert_eq!(f.request(1, "alice"), Step::Pause);
-    let (token, _) = f.serve_demand();
-    f.service
-        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(4, 40)])));
+    f.lease_first("alice", 4, 40);
     assert_eq!(f.request(2, "alice"), Step::Continue);
     let idle = idle_after(&sluice_core::policy::Leasing {
         interval: Span::from_millis(100),
@@ -469,10 +463,7 @@ fn without_a_node_id_the_caller_is_a_random_name_kept_for_the_service_life() {
 fn a_key_running_low_is_refilled_before_its_lease_runs_dry() {
     let shared = InProcessShared::default();
     let mut f = fleet(&shared);
-    assert_eq!(f.request(1, "alice"), Step::Pause);
-    let (token, _) = f.serve_demand();
-    f.service
-        .on_sync_answer(&f.host, token, Ok(&sync_answer(vec![lease(8, 40)])));
+    f.lease_first("alice", 8, 40);
     f.advance(30);
     let before = calls(&f.host);
     // Four of eight left: not low yet, so the service is not woken.
