@@ -95,6 +95,31 @@ impl Setup {
         .unwrap();
     }
 
+    /// Waits until Envoy is done with the one call to `method` the filter
+    /// cut, and checks the upstream never saw it end cleanly. Envoy may
+    /// reset the call before its upstream stream is up (the client sent
+    /// faster than the upstream connected): then the upstream never sees
+    /// it. Otherwise it sees one broken end.
+    async fn wait_cut(&self, method: &str) {
+        wait::until("the call done in Envoy", CALL_TIMEOUT, || async {
+            match self
+                .envoy
+                .stat("http.ingress_http.downstream_rq_active")
+                .await
+            {
+                Ok(Some(0)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
+        .unwrap();
+        if self.upstream.calls(method) > 0 {
+            self.wait_ends(method, (0, 1)).await;
+        } else {
+            assert_eq!(self.upstream.ends(method), (0, 0), "{method} ends");
+        }
+    }
+
     async fn counter(&self, rule: &str, outcome: &str) -> u64 {
         stream_stats::outcome(&self.envoy, Protocol::Grpc, rule, outcome)
             .await
@@ -638,8 +663,8 @@ async fn unary_response_over_the_limit_ends_resource_exhausted() {
 
 /// Client streaming, batch client: 8 messages against a limit of 5. The
 /// response has not started, so the call ends RESOURCE_EXHAUSTED; the
-/// upstream's request is reset, never ended cleanly: the upload is not
-/// committed.
+/// upstream's request is reset (or never reached it), never ended cleanly:
+/// the upload is not committed.
 #[tokio::test]
 async fn cut_upload_is_never_committed() {
     let config = json!({"rules": [grpc_rule("upload-msgs", "chat.ChatService", "Upload",
@@ -651,7 +676,7 @@ async fn cut_upload_is_never_committed() {
         "RESOURCE_EXHAUSTED",
         "upload: {report}"
     );
-    s.wait_ends("Upload", (0, 1)).await;
+    s.wait_cut("Upload").await;
     assert!(
         s.upstream.received("Upload") <= 5,
         "messages at the upstream"
@@ -678,22 +703,7 @@ async fn cut_bidi_request_is_reset_not_half_closed() {
         report["ended_s"].as_f64().is_some_and(|t| t < 1.0),
         "batch chat should end at once: {report}"
     );
-    // Envoy may reset the call before its upstream stream is up: then the
-    // upstream never sees it. Otherwise it sees a broken end. Never a clean
-    // one, and never more than the limit.
-    wait::until("the call done in Envoy", CALL_TIMEOUT, || async {
-        match s.envoy.stat("http.ingress_http.downstream_rq_active").await {
-            Ok(Some(0)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await
-    .unwrap();
-    if s.upstream.calls("Chat") > 0 {
-        s.wait_ends("Chat", (0, 1)).await;
-    } else {
-        assert_eq!(s.upstream.ends("Chat"), (0, 0));
-    }
+    s.wait_cut("Chat").await;
     assert!(s.upstream.received("Chat") <= 5, "messages at the upstream");
 }
 
