@@ -11,7 +11,7 @@ use super::schema::{
     ActionKind, CountsConfig, DirectionConfig, LimitConfig, RuleConfig, ScopeConfig, SpanText,
 };
 use super::sync::validate_sync;
-use super::validate::{MAX_LOG_COUNT, MAX_RULE_NAME};
+use super::validate::{check_description, MAX_LOG_COUNT, MAX_RULE_NAME};
 use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
 use crate::policy::{
     Action, Counts, Flow, KeyPart, KeySpec, Matcher, PathMatch, Rule, RuleSync, Scope,
@@ -40,6 +40,7 @@ pub(super) fn validate_rule(
         );
     }
 
+    check_description(raw.description.as_deref(), at, errors);
     let matcher = validate_match(&raw.matcher, at, errors);
 
     let scope = match raw.scope {

@@ -30,6 +30,9 @@ object_only!(
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct Config {
+    /// What the configuration is for: documentation only, never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     /// The rules.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -61,6 +64,9 @@ pub struct Config {
 pub struct RuleConfig {
     /// Unique name.
     pub name: String,
+    /// What the rule is for: documentation only, never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     /// Conditions; absent matches every request.
     #[serde(default, rename = "match")]
     pub matcher: MatchConfig,

@@ -32,11 +32,14 @@ pub const LEASE_CELLS_BUDGET: u64 = 64 << 20;
 pub const MAX_TRUSTED_HOPS: u32 = 32;
 /// Longest `grpc_cut_grace`: a cut call's client must learn its fate soon.
 pub const MAX_GRPC_CUT_GRACE: Span = Span::from_secs(60);
+/// Longest `description`, of the configuration or of a rule (bytes).
+pub const MAX_DESCRIPTION: usize = 4096;
 
 impl Config {
     /// Checks every field and builds the policy, or lists every problem.
     pub fn validate(&self) -> Result<Policy, ConfigError> {
         let mut errors = Errors::default();
+        check_description(self.description.as_deref(), "", &mut errors);
         let mut rules = Vec::with_capacity(self.rules.len());
         let mut cluster: Option<(usize, String)> = None;
         let mut lease_cells = 0u64;
@@ -181,6 +184,19 @@ impl Config {
             grpc_cut_grace,
             synced,
         })
+    }
+}
+
+/// Records a problem if the `description` of the configuration (`at`
+/// empty) or of the rule at `at` is longer than [`MAX_DESCRIPTION`].
+pub(super) fn check_description(text: Option<&str>, at: &str, errors: &mut Errors) {
+    if text.is_some_and(|t| t.len() > MAX_DESCRIPTION) {
+        let (at, field) = if at.is_empty() {
+            ("description", "")
+        } else {
+            (at, ".description")
+        };
+        errors.add(at, field, format!("must be at most {MAX_DESCRIPTION} bytes"));
     }
 }
 
@@ -398,6 +414,28 @@ mod tests {
                 "rules[4].match: a request is either a gRPC call or a WebSocket upgrade: use grpc or websocket",
                 "rules[4].limit.per: required",
                 "rules[5].action: delay only holds requests (counts requests)",
+            ]
+        );
+    }
+
+    #[test]
+    fn descriptions_are_documentation_and_bounded() {
+        let with = Policy::from_json(
+            r#"{"description":"login limits","rules":[{"name":"a","description":"per IP","limit":{"count":1,"per":"1s"}}]}"#,
+        )
+        .unwrap();
+        let without =
+            Policy::from_json(r#"{"rules":[{"name":"a","limit":{"count":1,"per":"1s"}}]}"#).unwrap();
+        assert_eq!(with, without);
+        let long = "x".repeat(MAX_DESCRIPTION + 1);
+        let json = format!(
+            r#"{{"description":"{long}","rules":[{{"name":"a","description":"{long}","limit":{{"count":1,"per":"1s"}}}}]}}"#
+        );
+        assert_eq!(
+            errors_of(&json),
+            [
+                "description: must be at most 4096 bytes",
+                "rules[0].description: must be at most 4096 bytes",
             ]
         );
     }
