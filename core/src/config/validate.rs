@@ -196,7 +196,11 @@ pub(super) fn check_description(text: Option<&str>, at: &str, errors: &mut Error
         } else {
             (at, ".description")
         };
-        errors.add(at, field, format!("must be at most {MAX_DESCRIPTION} bytes"));
+        errors.add(
+            at,
+            field,
+            format!("must be at most {MAX_DESCRIPTION} bytes"),
+        );
     }
 }
 
@@ -425,7 +429,8 @@ mod tests {
         )
         .unwrap();
         let without =
-            Policy::from_json(r#"{"rules":[{"name":"a","limit":{"count":1,"per":"1s"}}]}"#).unwrap();
+            Policy::from_json(r#"{"rules":[{"name":"a","limit":{"count":1,"per":"1s"}}]}"#)
+                .unwrap();
         assert_eq!(with, without);
         let long = "x".repeat(MAX_DESCRIPTION + 1);
         let json = format!(
