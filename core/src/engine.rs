@@ -138,16 +138,32 @@ impl Verdict {
     }
 }
 
-/// The rules that apply to `request`, each with its key.
+/// The rules that apply to `request`, each with its key, in evaluation
+/// order. A rule applies when its match holds and its key can be built.
+///
+/// Precedence: of the rules sharing a `group`, only the first in
+/// evaluation order that applies counts; the group's later rules are
+/// skipped. A `shadow` rule of a group is a dry run of adding it there:
+/// it applies when reached, but does not take the group's place, so the
+/// rule that would apply without it still does. Rules without a group
+/// always apply. Every caller (request rules, stream rules, synced rules,
+/// the simulator) chooses its rules here.
 pub fn applicable_rules(policy: &Policy, request: &impl Attributes) -> Vec<(usize, String)> {
     let mut out = Vec::new();
+    // Groups whose enforcing rule is chosen: few, so a list will do.
+    let mut taken: Vec<&str> = Vec::new();
     for (index, rule) in policy.rules.iter().enumerate() {
-        if !rule.matcher.matches(request) {
+        let group = rule.group.as_deref();
+        if group.is_some_and(|g| taken.contains(&g)) || !rule.matcher.matches(request) {
             continue;
         }
         let mut key = String::new();
-        if rule.key.build(request, &policy.client_ip, &mut key) {
-            out.push((index, key));
+        if !rule.key.build(request, &policy.client_ip, &mut key) {
+            continue;
+        }
+        out.push((index, key));
+        if let Some(g) = group.filter(|_| rule.action != Action::Shadow) {
+            taken.push(g);
         }
     }
     out
@@ -862,6 +878,92 @@ mod tests {
         assert!(!decide(&p, &mut store, &keyed, Nanos(0), Span::ZERO)
             .unwrap()
             .is_allowed());
+    }
+
+    /// The names of the rules that apply to `request`.
+    fn chosen<'p>(p: &'p Policy, request: &HttpRequest) -> Vec<&'p str> {
+        applicable_rules(p, request)
+            .into_iter()
+            .map(|(i, _)| p.rules[i].name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tiers_take_the_first_rule_of_their_group_that_applies() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"anonymous","group":"tier","limit":{"count":2,"per":"1h"}},
+                {"name":"authenticated","group":"tier","key":["header:x-api-key"],"limit":{"count":4,"per":"1h"},"priority":1},
+                {"name":"internal","group":"tier","match":{"headers":[{"name":"x-tier","value":"internal"}]},"scope":"global","limit":{"count":100,"per":"1h"},"priority":2},
+                {"name":"everyone","scope":"global","limit":{"count":1000,"per":"1h"}}
+            ]}"#,
+        );
+        let anonymous = req("1.1.1.1");
+        let keyed = req("1.1.1.1").with_header("x-api-key", "k");
+        let internal = keyed.clone().with_header("x-tier", "internal");
+        assert_eq!(chosen(&p, &anonymous), ["anonymous", "everyone"]);
+        assert_eq!(chosen(&p, &keyed), ["authenticated", "everyone"]);
+        assert_eq!(chosen(&p, &internal), ["internal", "everyone"]);
+        // The keyed client is not held to the anonymous per-IP limit.
+        let mut store = MemoryStore::new(10);
+        let allowed = |store: &mut MemoryStore, r: &HttpRequest| {
+            decide(&p, store, r, Nanos(SEC), Span::ZERO)
+                .unwrap()
+                .is_allowed()
+        };
+        assert!(allowed(&mut store, &anonymous) && allowed(&mut store, &anonymous));
+        assert!(!allowed(&mut store, &anonymous));
+        for _ in 0..4 {
+            assert!(allowed(&mut store, &keyed));
+        }
+        let v = decide(&p, &mut store, &keyed, Nanos(SEC), Span::ZERO).unwrap();
+        let authenticated = p.rules.iter().position(|r| r.name == "authenticated");
+        assert_eq!(
+            v.kind,
+            VerdictKind::Limited {
+                rule_index: authenticated.unwrap()
+            }
+        );
+        assert!(allowed(&mut store, &internal));
+    }
+
+    #[test]
+    fn a_method_override_replaces_the_default_and_an_exception_its_rule() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"default","group":"calls","match":{"grpc":{}},"limit":{"count":100,"per":"1m"}},
+                {"name":"get-product","group":"calls","match":{"grpc":{"service":"shop.Catalog","method":"GetProduct"}},"limit":{"count":500,"per":"1m"},"priority":1},
+                {"name":"customers","group":"customer","key":["header:x-customer"],"limit":{"count":100,"per":"1m"}},
+                {"name":"acme","group":"customer","match":{"headers":[{"name":"x-customer","value":"acme"}]},"key":["header:x-customer"],"limit":{"count":5000,"per":"1m"},"priority":1}
+            ]}"#,
+        );
+        let call = |method: &str| {
+            HttpRequest::new("POST", &alloc::format!("/shop.Catalog/{method}"))
+                .with_client_ip("1.1.1.1".parse().unwrap())
+                .with_protocol(crate::policy::Protocol::Grpc)
+        };
+        assert_eq!(chosen(&p, &call("GetProduct")), ["get-product"]);
+        assert_eq!(chosen(&p, &call("ListProducts")), ["default"]);
+        let from = |customer: &str| call("ListProducts").with_header("x-customer", customer);
+        assert_eq!(chosen(&p, &from("acme")), ["acme", "default"]);
+        assert_eq!(chosen(&p, &from("globex")), ["default", "customers"]);
+    }
+
+    #[test]
+    fn a_shadow_rule_in_a_group_is_a_dry_run_that_takes_no_place() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"default","group":"g","limit":{"count":1,"per":"1h"}},
+                {"name":"trial","group":"g","match":{"path":{"prefix":"/api/"}},"limit":{"count":5,"per":"1h"},"action":"shadow","priority":2},
+                {"name":"above","group":"g","match":{"path":{"prefix":"/api/"}},"limit":{"count":3,"per":"1h"},"priority":1},
+                {"name":"below","group":"g","limit":{"count":1,"per":"1h"},"action":"shadow","priority":-1}
+            ]}"#,
+        );
+        // The dry run applies, and so does the rule it would replace; the
+        // shadow rule after the chosen one is never reached.
+        assert_eq!(chosen(&p, &req("1.1.1.1")), ["trial", "above"]);
+        let other = HttpRequest::new("GET", "/x").with_client_ip("1.1.1.1".parse().unwrap());
+        assert_eq!(chosen(&p, &other), ["default"]);
     }
 
     #[test]

@@ -11,12 +11,11 @@
 //! after the time of receipt (Envoy's wall clock, which every VM shares).
 
 use sluice_core::access::wire::{Synced, WireError};
-use sluice_core::access::Access;
+use sluice_core::access::AccessList;
 use sluice_core::store::{SharedBytes, StoreError};
 use sluice_core::time::Nanos;
 use sluice_proto::prost::Message;
 use sluice_proto::quota::v1::{ban_entry, Controls};
-use std::net::IpAddr;
 
 /// Shared-data name of the latest controls: the time they were received
 /// (nanoseconds since the Unix epoch, 8 bytes little-endian), then the
@@ -164,14 +163,9 @@ impl Enforced {
         self.synced.unlimited.purge(now);
     }
 
-    /// What the lists say about a client at `ip` whose synced rules have `keys`.
-    pub fn judge<'k>(
-        &self,
-        ip: Option<IpAddr>,
-        keys: impl IntoIterator<Item = &'k str>,
-        now: Nanos,
-    ) -> Access {
-        self.synced.access.check(ip, keys, now)
+    /// The allow and deny lists and bans in force.
+    pub fn lists(&self) -> &AccessList {
+        &self.synced.access
     }
 
     /// Whether a synced rule's `key` has an unlimited override.

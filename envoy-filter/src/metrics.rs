@@ -151,7 +151,7 @@ pub struct Metrics {
     errors: Option<MetricId>,
     /// Counters of [`SlotStats`], field by field.
     keys: [Option<MetricId>; 3],
-    /// Per access outcome (policies with synced rules only).
+    /// Per access outcome (policies with synced rules or access lists only).
     access: [Option<MetricId>; 2],
 }
 
@@ -207,7 +207,7 @@ impl Metrics {
                 "sluice_http.new_keys_refused",
             ]
             .map(|name| host.define_counter(name)),
-            access: if policy.synced.is_empty() {
+            access: if policy.synced.is_empty() && policy.access.is_empty() {
                 [None; 2]
             } else {
                 AccessOutcome::ALL

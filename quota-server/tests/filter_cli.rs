@@ -206,6 +206,61 @@ fn simulate_a_login_limit_of_3_per_minute() {
 }
 
 #[test]
+fn simulate_applies_groups_and_the_access_lists() {
+    let dir = TempDir::new().unwrap();
+    let config = write(
+        &dir,
+        "filter.json",
+        r#"{"rules": [
+          {"name": "anonymous", "group": "tier", "limit": {"count": 1, "per": "1m"}},
+          {"name": "keyed", "group": "tier", "key": ["header:x-api-key"], "limit": {"count": 3, "per": "1m"},
+           "priority": 1}
+        ], "access": {"allow": ["10.0.0.0/8"], "deny": ["192.0.2.0/24"]}}"#,
+    );
+    let traffic = write(
+        &dir,
+        "traffic.txt",
+        "repeat 3 every 0s GET /x client=198.51.100.1 header:x-api-key=k
+         repeat 2 every 0s GET /x client=198.51.100.1
+         GET /x client=10.1.2.3
+         GET /x client=192.0.2.7 header:x-api-key=k
+",
+    );
+    let out = sluice(&["filter", "simulate", &config, "--traffic", &traffic], "");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let output = text(&out.stdout);
+    let first = |n: u64| request(&output, n)[0].to_owned();
+    for n in 1..=3 {
+        assert!(
+            first(n).ends_with("allowed   GET /x (rules: keyed)"),
+            "{output}"
+        );
+    }
+    // Keyed requests took nothing from the anonymous tier's counter.
+    assert!(
+        first(4).ends_with("allowed   GET /x (rules: anonymous)"),
+        "{output}"
+    );
+    assert!(
+        first(5).ends_with("limited   GET /x by anonymous"),
+        "{output}"
+    );
+    assert!(
+        first(6).ends_with("allowed   GET /x (allow-listed: no rule applies)"),
+        "{output}"
+    );
+    assert!(
+        first(7).ends_with("denied    GET /x (deny-listed: 403)"),
+        "{output}"
+    );
+    assert!(
+        output
+            .contains("5 of 7 allowed (0 after a delay), 1 limited, 1 denied by the access list\n"),
+        "{output}"
+    );
+}
+
+#[test]
 fn simulate_reports_a_bad_script_line() {
     let dir = TempDir::new().unwrap();
     let config = write(&dir, "filter.json", LOGIN);

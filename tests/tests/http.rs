@@ -640,6 +640,71 @@ async fn key_from_header() {
     s.assert_no_errors().await;
 }
 
+/// `scope: global`: one counter for every client the rule matches.
+#[tokio::test]
+async fn global_scope_shares_one_counter_across_clients() {
+    let config = json!({
+        "rules": [with(rule("everyone", 3, "1h"), json!({"scope": "global"}))],
+        "client_ip": {"trusted_hops": 1}
+    });
+    let s = setup("global_scope_shares_one_counter_across_clients", config).await;
+    let clients = ["198.51.100.1", "198.51.100.2", "198.51.100.3"];
+    for (remaining, ip) in (0..3).rev().zip(clients) {
+        let reply = s.get_with("/", &[("x-forwarded-for", ip)]).await;
+        assert_allowed(&reply, "everyone", 3, 3600, remaining, ip);
+    }
+    for ip in ["198.51.100.4", "198.51.100.1"] {
+        let reply = s.get_with("/", &[("x-forwarded-for", ip)]).await;
+        assert_limited(
+            &reply,
+            "everyone",
+            3,
+            3600,
+            &format!("{ip} after three others"),
+        );
+    }
+    assert_eq!(s.upstream.requests(), 3);
+    s.assert_no_errors().await;
+}
+
+/// `cost: 3` against a limit of 10: three requests take 9 permits, the
+/// fourth finds 1 and is refused, taking nothing.
+#[tokio::test]
+async fn cost_takes_several_permits_per_request() {
+    let config = json!({"rules": [with(rule("heavy", 10, "1h"), json!({"cost": 3}))]});
+    let s = setup("cost_takes_several_permits_per_request", config).await;
+    for remaining in [7, 4, 1] {
+        let reply = s.get("/").await;
+        assert_allowed(&reply, "heavy", 10, 3600, remaining, "a request of cost 3");
+    }
+    let reply = s.get("/").await;
+    assert_status(&reply, 429, "the fourth request of cost 3");
+    assert_header(&reply, "x-ratelimit-remaining", "1", "the fourth request");
+    assert_eq!(
+        reply.json().unwrap()["rule"],
+        "heavy",
+        "{}",
+        describe(&reply)
+    );
+    assert_eq!(s.upstream.requests(), 3);
+    s.assert_no_errors().await;
+}
+
+/// `key: ["path"]`: each path has its own counter; the query string is
+/// not part of the path.
+#[tokio::test]
+async fn path_key_gives_each_path_its_own_counter() {
+    let config = json!({"rules": [with(rule("per-path", 1, "1h"), json!({"key": ["path"]}))]});
+    let s = setup("path_key_gives_each_path_its_own_counter", config).await;
+    let mut statuses = Vec::new();
+    for path in ["/a", "/b", "/a", "/a?page=2", "/b", "/a/b"] {
+        statuses.push(s.get(path).await.status);
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 200]);
+    assert_eq!(s.upstream.requests(), 3);
+    s.assert_no_errors().await;
+}
+
 /// Default `trusted_hops: 0`: the key is the peer address; a forged
 /// X-Forwarded-For does not buy a new budget.
 #[tokio::test]

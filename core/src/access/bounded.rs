@@ -30,7 +30,7 @@ pub struct Full {
 }
 
 /// At most `max` entries, distinct by target.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Bounded<T> {
     entries: Vec<T>,
     max: usize,
@@ -41,6 +41,15 @@ impl<T: Expiring> Bounded<T> {
         Bounded {
             entries: Vec::new(),
             max,
+        }
+    }
+
+    /// Exactly `entries`, and no room for more. Two entries of one target
+    /// are not merged: lookups find either.
+    pub(crate) fn fixed(entries: Vec<T>) -> Bounded<T> {
+        Bounded {
+            max: entries.len(),
+            entries,
         }
     }
 

@@ -94,7 +94,7 @@ impl Expiring for Ban {
 ///
 /// A deny entry or a ban wins over any allow entry, even a narrower one:
 /// refusing is never undone by accident.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AccessList {
     allow: Bounded<ListEntry>,
     deny: Bounded<ListEntry>,
@@ -108,6 +108,26 @@ impl AccessList {
             allow: Bounded::new(max),
             deny: Bounded::new(max),
             bans: Bounded::new(max),
+        }
+    }
+
+    /// Lists of networks that never expire (a configuration's own), with
+    /// no room for more entries and no bans.
+    pub fn fixed(allow: Vec<Cidr>, deny: Vec<Cidr>) -> AccessList {
+        let entries = |cidrs: Vec<Cidr>| {
+            cidrs
+                .into_iter()
+                .map(|cidr| ListEntry {
+                    cidr,
+                    until: None,
+                    reason: String::new(),
+                })
+                .collect()
+        };
+        AccessList {
+            allow: Bounded::fixed(entries(allow)),
+            deny: Bounded::fixed(entries(deny)),
+            bans: Bounded::fixed(Vec::new()),
         }
     }
 
@@ -203,6 +223,36 @@ impl AccessList {
     }
 }
 
+impl Default for AccessList {
+    /// No entries, and no room for any.
+    fn default() -> AccessList {
+        AccessList::fixed(Vec::new(), Vec::new())
+    }
+}
+
+/// What several lists say together about a client at `ip` presenting
+/// `keys`: refused when any list denies or bans it (a deny anywhere wins
+/// over an allow anywhere), else allowed when any list allows it.
+pub fn judge<'a, 'k, K>(
+    lists: impl IntoIterator<Item = &'a AccessList>,
+    ip: Option<IpAddr>,
+    keys: K,
+    now: Nanos,
+) -> Access
+where
+    K: IntoIterator<Item = &'k str> + Clone,
+{
+    let mut verdict = Access::Neutral;
+    for list in lists {
+        match list.check(ip, keys.clone(), now) {
+            Access::Denied => return Access::Denied,
+            Access::Allowed => verdict = Access::Allowed,
+            Access::Neutral => {}
+        }
+    }
+    verdict
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +283,58 @@ mod tests {
         assert_eq!(l.check(ip("192.168.1.1"), [], Nanos(1)), Access::Allowed);
         assert_eq!(l.check(ip("8.8.8.8"), [], Nanos(1)), Access::Neutral);
         assert_eq!(l.check(None, [], Nanos(1)), Access::Neutral);
+    }
+
+    #[test]
+    fn a_deny_in_one_list_wins_over_an_allow_in_another() {
+        let fixed = AccessList::fixed(
+            [Cidr::parse("10.0.0.0/8").unwrap()].into(),
+            [Cidr::parse("203.0.113.0/24").unwrap()].into(),
+        );
+        let mut synced = AccessList::new(10);
+        synced
+            .add(ListKind::Deny, entry("10.9.0.0/16", None), Nanos(0))
+            .unwrap();
+        synced
+            .add(ListKind::Allow, entry("203.0.113.7", None), Nanos(0))
+            .unwrap();
+        synced
+            .ban(
+                Ban {
+                    target: BanTarget::Key("5:alice".to_string()),
+                    until: Nanos(10),
+                    reason: String::new(),
+                },
+                Nanos(0),
+            )
+            .unwrap();
+        let both = |ip: &str, keys: &[&str]| {
+            judge(
+                [&fixed, &synced],
+                Some(ip.parse().unwrap()),
+                keys.iter().copied(),
+                Nanos(1),
+            )
+        };
+        assert_eq!(both("10.1.2.3", &[]), Access::Allowed);
+        assert_eq!(
+            both("10.9.2.3", &[]),
+            Access::Denied,
+            "denied by the other list"
+        );
+        assert_eq!(
+            both("203.0.113.7", &[]),
+            Access::Denied,
+            "allowed by the other list"
+        );
+        assert_eq!(both("10.1.2.3", &["5:alice"]), Access::Denied, "a key ban");
+        assert_eq!(both("192.0.2.1", &[]), Access::Neutral);
+        assert_eq!(judge([], None, [], Nanos(1)), Access::Neutral);
+        // A fixed list takes no more entries.
+        let mut fixed = fixed;
+        assert!(fixed
+            .add(ListKind::Allow, entry("192.0.2.1", None), Nanos(0))
+            .is_err());
     }
 
     #[test]

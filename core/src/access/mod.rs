@@ -5,7 +5,8 @@
 //! [`wire`] carries them from the quota server to every Envoy's filter.
 //!
 //! Precedence, simplest to reason about: a deny entry or a ban always
-//! wins, even over a narrower allow entry inside the denied range.
+//! wins, even over a narrower allow entry inside the denied range, and
+//! across lists ([`judge`]: a configuration's own and the quota server's).
 
 mod bounded;
 mod cidr;
@@ -16,5 +17,5 @@ pub mod wire;
 
 pub use bounded::{Expiring, Full};
 pub use cidr::{Cidr, CidrError};
-pub use list::{Access, AccessList, Ban, BanTarget, ListEntry, ListKind};
+pub use list::{judge, Access, AccessList, Ban, BanTarget, ListEntry, ListKind};
 pub use overrides::{AuditAction, AuditEvent, Grant, Override, Overrides};

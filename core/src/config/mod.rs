@@ -10,11 +10,15 @@
 //! - `validate`, `rule`, `conditions`, `sync`: the shape into a policy,
 //!   checking the whole file, each rule, each rule's match conditions and
 //!   its link to the quota server.
+//! - `groups`: rule groups, checked across the rules sharing one.
+//! - `access`: the configuration's own allow and deny lists.
 //! - `object`: structs are read from objects, never from arrays.
 //! - `error`: what a refused configuration reports.
 
+mod access;
 mod conditions;
 mod error;
+mod groups;
 mod object;
 mod parse;
 mod rule;
@@ -22,11 +26,12 @@ mod schema;
 mod sync;
 mod validate;
 
+pub use access::MAX_ACCESS_ENTRIES;
 pub use error::{ConfigError, ErrorList, FieldError};
 pub use schema::{
-    ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig, FailureModeConfig,
-    GrpcConfig, HeaderConfig, HeadersConfig, LimitConfig, MatchConfig, PathConfig, RuleConfig,
-    ScopeConfig, SpanText, StatusSpec, SyncConfig, SyncModeConfig,
+    AccessConfig, ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig,
+    FailureModeConfig, GrpcConfig, HeaderConfig, HeadersConfig, LimitConfig, MatchConfig,
+    PathConfig, RuleConfig, ScopeConfig, SpanText, StatusSpec, SyncConfig, SyncModeConfig,
 };
 pub use sync::{DEFAULT_QUOTA_CLUSTER, DEFAULT_SYNC_TIMEOUT, MAX_DOMAIN_NAME, MAX_SYNC_TIMEOUT};
 pub use validate::{

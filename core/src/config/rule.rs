@@ -26,13 +26,7 @@ pub(super) fn validate_rule(
     errors: &mut Errors,
 ) -> Option<(Rule, Option<RuleSync>)> {
     let before = errors.count();
-    let name_ok = !raw.name.is_empty()
-        && raw.name.len() <= MAX_RULE_NAME
-        && raw
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !name_ok {
+    if !is_valid_name(&raw.name) {
         errors.add(
             at,
             ".name",
@@ -175,8 +169,19 @@ pub(super) fn validate_rule(
         cost,
         action,
         priority: raw.priority.unwrap_or(0),
+        group: raw.group.clone(),
     };
     Some((rule, sync))
+}
+
+/// Whether `name` is 1 to [`MAX_RULE_NAME`] characters of `A-Z a-z 0-9 - _`
+/// (rule and group names, which appear in stats and headers).
+pub(super) fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_RULE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The quota of `limit` (the field at `at` + `field`), checked against the

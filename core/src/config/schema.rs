@@ -24,6 +24,7 @@ object_only!(
     LimitConfig,
     HeadersConfig,
     ClientIpConfig,
+    AccessConfig,
 );
 
 /// The whole filter configuration.
@@ -56,6 +57,22 @@ pub struct Config {
     /// the upstream to end it before the filter resets it; default 1s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_cut_grace: Option<SpanText>,
+    /// Networks that bypass every rule, and networks refused outright.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessConfig>,
+}
+
+/// Static access lists as written: networks (`10.0.0.0/8`, `2001:db8::/32`
+/// or a bare address).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
+pub struct AccessConfig {
+    /// Clients that bypass every rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Clients refused with 403.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// One rule as written.
@@ -100,6 +117,10 @@ pub struct RuleConfig {
     /// Higher first; default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
+    /// Of the rules sharing a group, only the first that applies to a
+    /// request counts for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,

@@ -5,7 +5,9 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::access::validate_access;
 use super::error::{ConfigError, Errors};
+use super::groups::validate_groups;
 use super::rule::validate_rule;
 use super::schema::{Config, SpanText, StatusSpec};
 use crate::client_ip::ClientIpSource;
@@ -81,6 +83,7 @@ impl Config {
                 }
             }
         }
+        validate_groups(&self.rules, &mut errors);
         // Stable: equal priorities keep config order.
         rules.sort_by_key(|(r, _): &(Rule, _)| core::cmp::Reverse(r.priority));
         let synced = rules
@@ -168,6 +171,7 @@ impl Config {
             "client_ip.ipv6_prefix",
             &mut errors,
         );
+        let access = validate_access(self.access.as_ref(), &mut errors);
         errors.finish()?;
         Ok(Policy {
             rules,
@@ -183,6 +187,7 @@ impl Config {
             when_full: self.when_keys_full.unwrap_or_default(),
             grpc_cut_grace,
             synced,
+            access,
         })
     }
 }

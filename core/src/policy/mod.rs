@@ -14,6 +14,7 @@ pub use matcher::{Glob, GrpcMatch, HeaderMatch, Matcher, PathMatch};
 pub use request::{grpc_method, strip_query, Attributes, HttpRequest, Protocol};
 pub use sync::{Leasing, OnFailure, RuleSync, SyncMode, SyncedRule};
 
+use crate::access::AccessList;
 use crate::algorithm::{Limiter, Quota};
 use crate::client_ip::ClientIpSource;
 use crate::decision::HeaderSets;
@@ -140,6 +141,10 @@ pub struct Rule {
     pub action: Action,
     /// Higher first.
     pub priority: i32,
+    /// The rules of one group stand in for each other: a request counts
+    /// against the first of them that applies to it (see
+    /// [`applicable_rules`](crate::engine::applicable_rules)).
+    pub group: Option<String>,
 }
 
 /// A set of status codes: single codes and whole classes (`5xx`).
@@ -195,6 +200,9 @@ pub struct Policy {
     /// The rules a quota server decides, by position (a synced rule's
     /// `quota` and `limiter` are its local fallback limit).
     pub synced: Vec<SyncedRule>,
+    /// The configuration's own allow and deny lists, judged with the quota
+    /// server's (see [`access::judge`](crate::access::judge)).
+    pub access: AccessList,
 }
 
 impl Policy {
@@ -230,11 +238,14 @@ impl Policy {
         names
     }
 
-    /// Whether any rule keys on the client address.
+    /// Whether evaluating the policy reads the client address: a rule keys
+    /// on it, or the configuration lists networks.
     pub fn needs_client_ip(&self) -> bool {
-        self.rules
-            .iter()
-            .any(|r| r.key.parts().contains(&KeyPart::ClientIp))
+        !self.access.is_empty()
+            || self
+                .rules
+                .iter()
+                .any(|r| r.key.parts().contains(&KeyPart::ClientIp))
     }
 
     /// Whether any rule matches on gRPC or WebSocket, so a host must tell

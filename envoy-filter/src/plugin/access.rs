@@ -1,14 +1,15 @@
-//! The quota server's access controls on every request, before the rules:
-//! deny-listed and banned clients are refused, allow-listed ones bypass
-//! every rule. Only a policy with synced rules enforces them (it is the one
-//! that syncs with a quota server).
+//! Access controls on every request, before the rules: deny-listed and
+//! banned clients are refused, allow-listed ones bypass every rule. The
+//! configuration's own lists and the quota server's (only a policy with
+//! synced rules syncs with a quota server) are judged together: a deny in
+//! either wins over an allow in either.
 //!
 //! A request's client IP is the filter's own (`client_ip` settings), and
 //! its keys are those its synced rules computed: a key ban matches a
 //! request when it equals one of them, the key the quota server is asked
 //! about for that rule.
 
-use sluice_core::access::Access;
+use sluice_core::access::{judge, Access};
 use sluice_core::policy::HttpRequest;
 use sluice_core::store::SharedBytes;
 use sluice_proto::quota::v1::Controls;
@@ -49,8 +50,8 @@ impl<B: SharedBytes> Plugin<B> {
         }
     }
 
-    /// What the controls make of a request whose request-time rules have
-    /// `keys`: a step when they decide it, `None` when its rules do.
+    /// What the access lists make of a request whose request-time rules
+    /// have `keys`: a step when they decide it, `None` when its rules do.
     pub(super) fn gate(
         &mut self,
         host: &impl Host,
@@ -58,14 +59,15 @@ impl<B: SharedBytes> Plugin<B> {
         request: &HttpRequest,
         keys: &[(usize, String)],
     ) -> Option<Step> {
-        if self.controls.is_empty() {
+        if self.policy.access.is_empty() && self.controls.is_empty() {
             return None;
         }
         let synced = keys
             .iter()
             .filter(|(i, _)| self.policy.sync_of(*i).is_some())
             .map(|(_, key)| key.as_str());
-        match self.controls.judge(request.client_ip, synced, host.now()) {
+        let lists = [&self.policy.access, self.controls.lists()];
+        match judge(lists, request.client_ip, synced, host.now()) {
             Access::Neutral => None,
             Access::Allowed => {
                 self.metrics.access(host, AccessOutcome::Allowed);

@@ -1,6 +1,7 @@
-//! The quota server's access controls against a scripted host: published
+//! Access controls against a scripted host: the quota server's published
 //! in shared data, polled on ticks, enforced before the rules, expired by
-//! the filter's clock, and carried back on exact-mode answers.
+//! the filter's clock, and carried back on exact-mode answers; the
+//! configuration's own lists, enforced alone or with the quota server's.
 
 use sluice_core::access::wire::duration;
 use sluice_core::store::{InProcessShared, SharedBytes};
@@ -352,5 +353,71 @@ fn the_sync_service_fetches_controls_without_traffic_and_every_vm_enforces_them(
     let sent = sluice_proto::quota::v1::SyncRequest::decode(last.message.as_slice())
         .map_err(|e| e.to_string())?;
     assert_eq!(sent.controls_version, Some(9));
+    Ok(())
+}
+
+#[test]
+fn a_configurations_lists_apply_without_synced_rules() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    // The only rule keys on a header: the lists alone read the address.
+    let json = r#"{"rules":[{"name":"local","key":["header:x-api-key"],"limit":{"count":1,"per":"1m"}}],
+        "access":{"allow":["10.0.0.0/24"],"deny":["192.0.2.0/24"]}}"#;
+    let mut p = plugin(&host, &shared, json)?;
+    for id in 1..=3 {
+        host.request("GET", "/local", &[("x-api-key", "k")]);
+        assert_eq!(p.on_request_headers(&host, id), Step::Continue);
+    }
+    assert_eq!(host.counter("sluice_access.outcome.allowed"), 3);
+    assert_eq!(host.counter("sluice_http.rule.local.outcome.allowed"), 0);
+
+    *host.peer.borrow_mut() = Some("192.0.2.9:1".into());
+    host.request("GET", "/local", &[("x-api-key", "k")]);
+    let r = reply(p.on_request_headers(&host, 4))?;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, br#"{"error":"access_denied"}"#);
+    host.request("POST", "/a.B/C", &[("content-type", "application/grpc")]);
+    let r = reply(p.on_request_headers(&host, 5))?;
+    assert_eq!(r.grpc_status, Some(PERMISSION_DENIED));
+    assert_eq!(host.counter("sluice_access.outcome.denied"), 2);
+
+    // Neither listed: the rules decide.
+    *host.peer.borrow_mut() = Some("198.51.100.1:1".into());
+    host.request("GET", "/local", &[("x-api-key", "k")]);
+    assert_eq!(p.on_request_headers(&host, 6), Step::Continue);
+    host.request("GET", "/local", &[("x-api-key", "k")]);
+    assert_eq!(reply(p.on_request_headers(&host, 7))?.status, 429);
+    Ok(())
+}
+
+#[test]
+fn a_deny_from_the_quota_server_wins_over_the_configurations_allow() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let json = r#"{"rules":[{"name":"fleet","key":["header:x-api-key"],"sync":{"mode":"exact","domain":"edge"}}],
+        "access":{"allow":["10.0.0.0/8"],"deny":["10.9.0.0/16"]}}"#;
+    let mut p = plugin(&host, &shared, json)?;
+    host.request("GET", "/x", &[("x-api-key", "k1")]);
+    assert_eq!(
+        p.on_request_headers(&host, 1),
+        Step::Continue,
+        "allow-listed"
+    );
+    let controls = Controls {
+        version: 2,
+        deny: vec![network("10.0.0.7", None)],
+        // The configuration's deny is not lifted by the quota server's allow.
+        allow: vec![network("10.9.0.0/16", None)],
+        ..Controls::default()
+    };
+    publish(&mut &shared, &controls, host.now()).map_err(|e| e.to_string())?;
+    p.on_tick(&host);
+    host.request("GET", "/x", &[("x-api-key", "k1")]);
+    assert_eq!(reply(p.on_request_headers(&host, 2))?.status, 403);
+    *host.peer.borrow_mut() = Some("10.9.1.1:1".into());
+    host.request("GET", "/x", &[("x-api-key", "k1")]);
+    assert_eq!(reply(p.on_request_headers(&host, 3))?.status, 403);
+    *host.peer.borrow_mut() = Some("10.1.1.1:1".into());
+    host.request("GET", "/x", &[("x-api-key", "k1")]);
+    assert_eq!(p.on_request_headers(&host, 4), Step::Continue);
+    assert!(host.grpc_calls.borrow().is_empty(), "nothing asked");
     Ok(())
 }

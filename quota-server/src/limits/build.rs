@@ -309,6 +309,7 @@ fn descriptor_rule(name: String, algorithm: AlgorithmKind, quota: Quota, shadow:
             Action::Reject
         },
         priority: 0,
+        group: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
+use sluice_core::access::Access;
 use sluice_core::config::ConfigError;
 use sluice_core::engine::{self, Verdict, VerdictKind};
 use sluice_core::policy::{Attributes, HttpRequest, OnFailure, Policy, SyncMode};
@@ -126,11 +127,30 @@ pub fn simulate(
     // behind them, as in the filter.
     let mut held: HashMap<(usize, String), usize> = HashMap::new();
     let mut tallies = vec![Tally::default(); policy.rules.len()];
-    let (mut allowed, mut delayed, mut limited) = (0u64, 0u64, 0u64);
+    let (mut allowed, mut delayed, mut limited, mut denied) = (0u64, 0u64, 0u64, 0u64);
     while let Some(Reverse((now, number, index, since))) = due.pop() {
         let Some(request) = requests.get(index) else {
             continue;
         };
+        let what = format!("{} {}", request.method, request.path);
+        // The configuration's access lists, before every rule, as in the
+        // filter (the quota server's lists are not known here).
+        let listed = match policy.access.check(request.client_ip, [], now) {
+            Access::Neutral => None,
+            Access::Allowed => {
+                allowed += 1;
+                Some(("allowed", "(allow-listed: no rule applies)"))
+            }
+            Access::Denied => {
+                denied += 1;
+                Some(("denied", "(deny-listed: 403)"))
+            }
+        };
+        if let Some((outcome, why)) = listed {
+            let detail = format!("{what} {why}");
+            out.write_all(request_line(number, now.since(start), outcome, &detail).as_bytes())?;
+            continue;
+        }
         let keys: Vec<(usize, String)> = engine::applicable_rules(&policy, request)
             .into_iter()
             .filter(|(i, _)| local.get(*i).copied().unwrap_or(false))
@@ -147,7 +167,6 @@ pub fn simulate(
         } else {
             verdict
         };
-        let what = format!("{} {}", request.method, request.path);
         let held_for = if waited > Span::ZERO {
             format!(" held {waited}")
         } else {
@@ -214,10 +233,14 @@ pub fn simulate(
         }
         writeln!(out)?;
     }
-    writeln!(
+    write!(
         out,
         "{allowed} of {number} allowed ({delayed} after a delay), {limited} limited"
     )?;
+    if denied > 0 {
+        write!(out, ", {denied} denied by the access list")?;
+    }
+    writeln!(out)?;
     Ok(())
 }
 
