@@ -6,6 +6,7 @@
 //! so requests never see half a config.
 
 mod build;
+pub mod calendar;
 pub mod ticks;
 
 use std::collections::HashMap;
