@@ -1,16 +1,21 @@
 //! Calendar windows (a day, an ISO week, a month of a time zone) through
 //! storage: one test body over memory and Redis, at replayed times around
 //! local boundaries; Redis's choice among the windows the server sends
-//! when its clock differs from the server's; key expiry at the window's end.
+//! when its clock differs from the server's; key expiry at the window's
+//! end; and `sluice serve` answering with the next local boundary.
 
 // Test helpers fail loudly: a panic is the report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod support;
 
 use std::time::Duration;
 
 use common::RedisServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use jiff::ToSpan;
 use sluice_core::algorithm::Outcome;
 use sluice_core::time::{Nanos, Span};
 use sluice_quota_server::config::{
@@ -18,6 +23,8 @@ use sluice_quota_server::config::{
 };
 use sluice_quota_server::limits::calendar::CalendarUnit;
 use sluice_quota_server::limits::{Limit, Limits};
+use sluice_quota_server::proto::quota_client::QuotaClient;
+use sluice_quota_server::proto::{CheckGroup, CheckItem, CheckRequest, SyncEntry, SyncRequest};
 use sluice_quota_server::storage::redis::script_call;
 use sluice_quota_server::storage::{system_now, Item, MemoryBackend, RedisBackend, Store};
 
@@ -95,7 +102,11 @@ async fn calendar_windows(store: &Store) {
         let o = check(store, month, 1, late).await;
         assert!(o.allowed);
         assert_eq!(o.remaining, left);
-        assert_eq!(o.reset_after, Span(march.0 - late.0), "to March 1st, 00:00 Paris");
+        assert_eq!(
+            o.reset_after,
+            Span(march.0 - late.0),
+            "to March 1st, 00:00 Paris"
+        );
     }
     let refused = check(store, month, 1, late).await;
     assert!(!refused.allowed);
@@ -118,7 +129,11 @@ async fn calendar_windows(store: &Store) {
     let o = check(store, day, 1, at(ny, "2024-11-03T23:59")).await;
     assert!(!o.allowed);
     assert_eq!(o.retry_after, Span::from_secs(60));
-    assert!(check(store, day, 2, at(ny, "2024-11-04T00:00")).await.allowed);
+    assert!(
+        check(store, day, 2, at(ny, "2024-11-04T00:00"))
+            .await
+            .allowed
+    );
 
     // Sunday night in Paris is the end of the ISO week (2024-12-23 to 30).
     let sunday = at(paris, "2024-12-29T23:00");
@@ -227,4 +242,180 @@ async fn redis_keys_of_calendar_windows_expire_at_the_window_end() {
     // reset_after counts from Redis's time, in whole microseconds.
     assert!(outcome.reset_after.0 <= end.0 - before.0 + 1_000);
     assert!(outcome.reset_after.0 + 1_000 >= end.0 - after.0);
+}
+
+/// The next local midnight starting a day (`month: false`) or a month in
+/// `zone`, after the current time, computed here from jiff directly.
+fn next_boundary(zone: &str, month: bool) -> Nanos {
+    let tz = jiff::tz::TimeZone::get(zone).unwrap();
+    let today = jiff::Zoned::now().with_time_zone(tz.clone()).date();
+    let next = if month {
+        today.first_of_month().checked_add(1.month()).unwrap()
+    } else {
+        today.tomorrow().unwrap()
+    };
+    let ns = next.to_zoned(tz).unwrap().timestamp().as_nanosecond();
+    Nanos(u64::try_from(ns).unwrap())
+}
+
+/// A proto duration as nanoseconds.
+fn nanos(seconds: i64, nanos: i32) -> u64 {
+    u64::try_from(seconds).unwrap() * 1_000_000_000 + u64::try_from(nanos).unwrap()
+}
+
+/// Through `sluice serve`'s gRPC API (Sluice's `Check` and `Sync`, Envoy's
+/// `ShouldRateLimit`), a calendar window's reset is the time to the next
+/// local boundary as read before and after the call, and Envoy is told
+/// the calendar's own unit.
+async fn answers_reset_at_the_next_local_boundary(storage: &str) {
+    let scratch = tempfile::tempdir().unwrap();
+    let domains = format!(
+        "{storage}\n\
+         domains:\n\
+         - name: api\n\
+         \x20 rules:\n\
+         \x20   - {{name: monthly, key: [\"header:x-api-key\"], \
+                   limit: {{count: 10000, calendar: month, time_zone: Europe/Paris}}}}\n\
+         \x20 descriptors:\n\
+         \x20   - {{key: user, rate_limit: {{calendar: day, time_zone: America/New_York, \
+                   requests_per_unit: 100}}}}\n"
+    );
+    let config = support::write(&scratch, "sluice.yaml", &support::config(&domains));
+    let server = support::Sluice::start(&config);
+    let mut quota = QuotaClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    // Within [end - after, end - before], rounded to Redis's microseconds.
+    let within = |reset: u64, before: Nanos, after: Nanos, end: Nanos, what: &str| {
+        assert!(
+            reset <= end.0 - before.0 + 1_000 && reset + 1_000 >= end.0 - after.0,
+            "{what}: reset in {reset} ns, the boundary is {} ns away",
+            end.0 - before.0
+        );
+    };
+
+    let before = system_now();
+    let check = quota
+        .check(CheckRequest {
+            groups: vec![CheckGroup {
+                domain: "api".into(),
+                items: vec![CheckItem {
+                    rule: "monthly".into(),
+                    key: "5:alice".into(),
+                    cost: 1,
+                }],
+            }],
+            controls_version: None,
+            omit_headers: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let after = system_now();
+    let end = next_boundary("Europe/Paris", true);
+    let item = &check.groups[0].items[0];
+    assert_eq!((item.limit, item.remaining), (10000, 9999));
+    let reset = item.reset_after.unwrap();
+    within(
+        nanos(reset.seconds, reset.nanos),
+        before,
+        after,
+        end,
+        "Check",
+    );
+    let window = item.window.unwrap();
+    let hours = window.seconds / 3_600;
+    assert!(
+        (28 * 24 - 1..=31 * 24 + 1).contains(&hours),
+        "a month's hours: {hours}"
+    );
+    let reset_header = &check.groups[0]
+        .headers
+        .iter()
+        .find(|h| h.name == "x-ratelimit-reset")
+        .unwrap()
+        .value;
+    let secs: u64 = reset_header.parse().unwrap();
+    assert!(
+        secs * 1_000_000_000 >= end.0 - after.0 && (secs - 1) * 1_000_000_000 < end.0 - before.0
+    );
+
+    let before = system_now();
+    let sync = quota
+        .sync(SyncRequest {
+            domain: "api".into(),
+            replicas: 1,
+            entries: vec![SyncEntry {
+                rule: "monthly".into(),
+                key: "5:alice".into(),
+                held: 0,
+                used: 0,
+                want: 10,
+            }],
+            caller: "edge#0".into(),
+            controls_version: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let after = system_now();
+    let lease = &sync.leases[0];
+    assert_eq!((lease.permits, lease.remaining), (10, 9989));
+    let reset = lease.reset_after.unwrap();
+    within(
+        nanos(reset.seconds, reset.nanos),
+        before,
+        after,
+        end,
+        "Lease",
+    );
+    let expires = lease.expires_after.unwrap();
+    assert!(
+        nanos(expires.seconds, expires.nanos) <= 1_000_000_000,
+        "a lease lasts at most 1 s"
+    );
+
+    let mut rls = support::client(&server.server).await;
+    let before = system_now();
+    let answer = rls
+        .should_rate_limit(RateLimitRequest {
+            domain: "api".into(),
+            descriptors: vec![support::descriptor(&[("user", "bob")])],
+            hits_addend: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let after = system_now();
+    let status = &answer.statuses[0];
+    let limit = status.current_limit.as_ref().unwrap();
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit),
+        (100, Unit::Day as i32)
+    );
+    assert_eq!(status.limit_remaining, 99);
+    let reset = status.duration_until_reset.as_ref().unwrap();
+    let end = next_boundary("America/New_York", false);
+    within(
+        nanos(reset.seconds, reset.nanos),
+        before,
+        after,
+        end,
+        "ShouldRateLimit",
+    );
+}
+
+#[tokio::test]
+async fn served_in_memory() {
+    answers_reset_at_the_next_local_boundary("storage: {backend: memory}").await;
+}
+
+#[tokio::test]
+async fn served_on_redis() {
+    let redis = RedisServer::start();
+    let storage = format!(
+        "storage: {{backend: redis, redis: {{url: {:?}, timeout: 2s}}}}",
+        redis.url()
+    );
+    answers_reset_at_the_next_local_boundary(&storage).await;
 }

@@ -112,8 +112,14 @@ impl Limits {
         if d.rules.is_empty() {
             return by_name;
         }
+        let (rules, mut calendars): (Vec<_>, Vec<_>) = d
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.for_core(&format!("{at}.rules[{i}]"), problems))
+            .unzip();
         let config = CoreConfig {
-            rules: d.rules.clone(),
+            rules,
             ..CoreConfig::default()
         };
         let policy = match config.validate() {
@@ -131,12 +137,14 @@ impl Limits {
             let index = d
                 .rules
                 .iter()
-                .position(|r| r.name == rule.name)
+                .position(|r| r.rule.name == rule.name)
                 .unwrap_or(0);
             let here = format!("{at}.rules[{index}].limit");
+            let calendar = calendars.get_mut(index).and_then(Option::take);
             if check_limit(rule.limiter.kind(), rule.quota, backend, &here, problems) {
                 let name = rule.name.clone();
-                by_name.insert(name, self.push(make_limit(rule, &d.name, Vec::new(), None)));
+                let limit = make_limit(rule, &d.name, Vec::new(), calendar);
+                by_name.insert(name, self.push(limit));
             }
         }
         by_name

@@ -196,16 +196,16 @@ mod tests {
         let feb = window(Month, paris, at(paris, "2024-02-29T23:59:59.999"));
         assert_eq!(feb.0, utc("2024-01-31T23:00:00Z"));
         assert_eq!(feb.1, utc("2024-02-29T23:00:00Z"));
-        assert_eq!(feb.1.0 - feb.0.0, 29 * 24 * HOUR);
+        assert_eq!(feb.1 .0 - feb.0 .0, 29 * 24 * HOUR);
         // The first instant of March is March's.
         let march = window(Month, paris, at(paris, "2024-03-01T00:00"));
         assert_eq!(march.0, feb.1);
         // March loses an hour to summer time (last Sunday, 02:00 → 03:00).
         assert_eq!(march.1, utc("2024-03-31T22:00:00Z"));
-        assert_eq!(march.1.0 - march.0.0, (31 * 24 - 1) * HOUR);
+        assert_eq!(march.1 .0 - march.0 .0, (31 * 24 - 1) * HOUR);
         // A common year's February: 28 days.
         let feb23 = window(Month, paris, at(paris, "2023-02-14T12:00"));
-        assert_eq!(feb23.1.0 - feb23.0.0, 28 * 24 * HOUR);
+        assert_eq!(feb23.1 .0 - feb23.0 .0, 28 * 24 * HOUR);
         // Year end: December runs to the next year's January 1st.
         let dec = window(Month, "America/New_York", utc("2025-01-01T04:59:59Z"));
         assert_eq!(dec.0, utc("2024-12-01T05:00:00Z"));
@@ -222,10 +222,10 @@ mod tests {
         let paris = "Europe/Paris";
         let spring = window(Day, paris, at(paris, "2024-03-31T12:00"));
         assert_eq!(spring.0, utc("2024-03-30T23:00:00Z"));
-        assert_eq!(spring.1.0 - spring.0.0, 23 * HOUR);
+        assert_eq!(spring.1 .0 - spring.0 .0, 23 * HOUR);
         let autumn = window(Day, paris, at(paris, "2024-10-27T23:30"));
         assert_eq!(autumn.0, utc("2024-10-26T22:00:00Z"));
-        assert_eq!(autumn.1.0 - autumn.0.0, 25 * HOUR);
+        assert_eq!(autumn.1 .0 - autumn.0 .0, 25 * HOUR);
         let ny = "America/New_York";
         let spring = window(Day, ny, utc("2024-03-10T07:00:00Z"));
         assert_eq!(spring.0, utc("2024-03-10T05:00:00Z"));
@@ -247,7 +247,7 @@ mod tests {
             utc("2018-11-04T12:00:00Z"),
         );
         assert_eq!(w.0, utc("2018-11-04T03:00:00Z"));
-        assert_eq!(w.1.0 - w.0.0, 23 * HOUR);
+        assert_eq!(w.1 .0 - w.0 .0, 23 * HOUR);
     }
 
     #[test]
@@ -266,7 +266,7 @@ mod tests {
         let autumn = window(Week, paris, at(paris, "2024-10-30T10:00"));
         assert_eq!(autumn.0, at(paris, "2024-10-28T00:00"));
         let long = window(Week, paris, at(paris, "2024-10-25T10:00"));
-        assert_eq!(long.1.0 - long.0.0, (7 * 24 + 1) * HOUR);
+        assert_eq!(long.1 .0 - long.0 .0, (7 * 24 + 1) * HOUR);
     }
 
     #[test]

@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
-use sluice_core::algorithm::{AlgorithmKind, FixedWindow, Limiter, Quota};
+use sluice_core::algorithm::{AlgorithmKind, FixedWindow, Limiter, Outcome, Quota};
+use sluice_core::decision::Decision;
 use sluice_core::policy::Rule;
 use sluice_core::time::{Nanos, Span};
 
@@ -68,6 +69,13 @@ impl Limit {
     pub fn window_length(&self, now: Nanos) -> Span {
         self.calendar_window(now)
             .map_or(self.quota().per(), |w| w.length())
+    }
+
+    /// What `outcome` means for headers, with the window of `now`.
+    pub fn decision(&self, outcome: &Outcome, now: Nanos) -> Decision {
+        let mut decision = Decision::new(&self.quota(), outcome);
+        decision.window = self.window_length(now);
+        decision
     }
 
     /// The core rule deciding at `now`: the limit's own, or for a calendar
