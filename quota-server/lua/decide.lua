@@ -10,9 +10,12 @@
 -- ARGV[1]: "check" or "refund".
 -- ARGV[2]: the time in microseconds, or "" to read Redis TIME (tests only
 --          pass one, to replay sequences against the core).
--- ARGV[3]: the number of items; then 7 arguments per item:
+-- ARGV[3]: the number of items; then 8 arguments per item:
 --          algorithm, res (us per tick), count, per (ticks), burst, cost,
---          enforce (1: takes part in all-or-nothing; 0: shadow).
+--          enforce (1: takes part in all-or-nothing; 0: shadow), and for
+--          a calendar window (fixed_window only) "b0,b1,b2,b3" in ticks:
+--          the windows [b0, b1), [b1, b2), [b2, b3) around the server's
+--          time (else empty).
 -- Reply (check): per item allowed (0/1), remaining, reset_after (ticks),
 -- retry_after (ticks, -1 for never).
 
@@ -39,6 +42,23 @@ end
 
 local function window_start(now, per)
   return now - (now - idiv(now, per) * per)
+end
+
+-- The fixed window [start, end) containing `now`: aligned to `per`, or
+-- the calendar window among those the server sent (clamped to the first
+-- or last when Redis's clock is a whole window away from the server's).
+local function fixed_window(it, now)
+  local b = it.calendar
+  if b == nil then
+    local start = window_start(now, it.per)
+    return start, start + it.per
+  end
+  if now < b[2] then
+    return b[1], b[2]
+  elseif now < b[3] then
+    return b[2], b[3]
+  end
+  return b[3], b[4]
 end
 
 local function num(v)
@@ -158,7 +178,7 @@ end
 
 function fixed.acquire(it, now, consume)
   local st = it.st
-  local start = window_start(now, it.per)
+  local start, ending = fixed_window(it, now)
   if start > st.s then
     st.s = start
     st.u = 0
@@ -172,7 +192,12 @@ function fixed.acquire(it, now, consume)
   if allowed and consume then
     st.u = used_after
   end
-  local to_end = st.s + it.per - now
+  if it.calendar == nil then
+    ending = st.s + it.per
+  end
+  -- A state ahead of a calendar window (time went back): its end is not
+  -- known, the window's bounds the report.
+  local to_end = math.max(0, ending - now)
   local reset = to_end
   if used_after == 0 then
     reset = 0
@@ -188,14 +213,16 @@ function fixed.acquire(it, now, consume)
 end
 
 function fixed.refund(it, now)
-  if window_start(now, it.per) <= it.st.s then
+  local start = fixed_window(it, now)
+  if start <= it.st.s then
     it.st.u = math.max(0, it.st.u - it.cost)
   end
 end
 
 function fixed.save(it, now)
   redis.call('HSET', it.key, 's', int(it.st.s), 'u', int(it.st.u))
-  expire_at(it.key, now, it.st.s + it.per, it.res)
+  local _, ending = fixed_window(it, it.st.s)
+  expire_at(it.key, now, ending, it.res)
 end
 
 local counter = {}
@@ -497,7 +524,7 @@ end
 local n = tonumber(ARGV[3])
 local items = {}
 for i = 1, n do
-  local base = 3 + (i - 1) * 7
+  local base = 3 + (i - 1) * 8
   local alg = algorithms[ARGV[base + 1]]
   if alg == nil then
     return redis.error_reply('sluice: unknown algorithm ' .. tostring(ARGV[base + 1]))
@@ -515,6 +542,16 @@ for i = 1, n do
     enforce = ARGV[base + 7] == '1',
     now = math.floor(now_us / res),
   }
+  if ARGV[base + 8] ~= '' then
+    local b = {}
+    for t in string.gmatch(ARGV[base + 8], '%d+') do
+      b[#b + 1] = tonumber(t)
+    end
+    if #b ~= 4 then
+      return redis.error_reply('sluice: a calendar window needs 4 boundaries')
+    end
+    it.calendar = b
+  end
   alg.load(it)
   items[i] = it
 end

@@ -436,7 +436,7 @@ domains:
       - key: user
         rate_limit: {unit: second}
       - key: ip
-        rate_limit: {unit: day, requests_per_unit: 100000000000}
+        rate_limit: {unit: day, requests_per_unit: 100000000000, algorithm: gcra}
 "#,
     );
     let out = sluice(&["config", "validate", bad.to_str().unwrap()]);

@@ -1,6 +1,8 @@
 //! Fixed window: at most `count` permits per window, windows aligned to
 //! multiples of `per` since the epoch (so with the Unix epoch, `1m` windows
-//! start on the minute). `burst` is ignored.
+//! start on the minute), or one window the caller gives (a calendar month
+//! in a time zone, which core cannot compute without a clock's calendar).
+//! `burst` is ignored.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +14,22 @@ use crate::time::{Nanos, Span};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FixedWindow {
     quota: Quota,
+    windows: Windows,
+}
+
+/// Where a fixed window counter's windows fall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Windows {
+    /// Multiples of the quota's period since the epoch.
+    Aligned,
+    /// The window `[start, end)` containing the times decided: the caller
+    /// computes it for each decision (a calendar day, week or month).
+    Given {
+        /// Its first instant.
+        start: Nanos,
+        /// The first instant after it.
+        end: Nanos,
+    },
 }
 
 /// Per-key fixed window state: the current window and what it has used.
@@ -30,9 +48,35 @@ pub(super) fn window_start(now: Nanos, per: Span) -> Nanos {
 }
 
 impl FixedWindow {
-    /// A fixed window counter for `quota`.
+    /// A fixed window counter for `quota`, windows aligned to its period.
     pub fn new(quota: Quota) -> Self {
-        FixedWindow { quota }
+        FixedWindow {
+            quota,
+            windows: Windows::Aligned,
+        }
+    }
+
+    /// A fixed window counter for `quota` deciding in the window
+    /// `[start, end)` only (the quota's period is not used): the caller
+    /// builds one per decision, for the window holding its time.
+    pub fn within(quota: Quota, start: Nanos, end: Nanos) -> Self {
+        FixedWindow {
+            quota,
+            windows: Windows::Given { start, end },
+        }
+    }
+
+    /// Start and end (exclusive, past `u64` for the last aligned window)
+    /// of the window containing `now`.
+    fn window(&self, now: Nanos) -> (Nanos, u128) {
+        match self.windows {
+            Windows::Aligned => {
+                let start = window_start(now, self.quota.per());
+                let end = u128::from(start.0) + u128::from(self.quota.per().0);
+                (start, end)
+            }
+            Windows::Given { start, end } => (start, u128::from(end.0)),
+        }
     }
 
     /// The quota it enforces.
@@ -42,13 +86,13 @@ impl FixedWindow {
 
     /// Moves `state` to the window of `now` and returns the time to decide at
     /// (never before the state's window: time going back is no time).
-    fn roll(&self, state: &mut FixedWindowState, now: Nanos) -> Nanos {
-        let start = window_start(now, self.quota.per());
+    fn roll(&self, state: &mut FixedWindowState, now: Nanos) -> (Nanos, u128) {
+        let (start, end) = self.window(now);
         if start > state.start {
             state.start = start;
             state.used = 0;
         }
-        now.max(state.start)
+        (now.max(state.start), end)
     }
 }
 
@@ -56,7 +100,7 @@ impl Algorithm for FixedWindow {
     type State = FixedWindowState;
 
     fn acquire(&self, state: &mut FixedWindowState, now: Nanos, cost: u64, mode: Mode) -> Outcome {
-        let now = self.roll(state, now);
+        let (now, end) = self.roll(state, now);
         let count = self.quota.count();
         let free = count.saturating_sub(state.used);
         let allowed = cost <= free;
@@ -68,8 +112,14 @@ impl Algorithm for FixedWindow {
         if allowed && mode == Mode::Consume {
             state.used = used_after;
         }
-        let end = u128::from(state.start.0) + u128::from(self.quota.per().0);
-        let to_end = span(end - u128::from(now.0));
+        // A state ahead of the window (time went back) keeps its own
+        // window: an aligned one's end is known; a given one's is not, and
+        // the end given bounds the report (time going back is no time).
+        let end = match self.windows {
+            Windows::Aligned => u128::from(state.start.0) + u128::from(self.quota.per().0),
+            Windows::Given { .. } => end,
+        };
+        let to_end = span(end.saturating_sub(u128::from(now.0)));
         Outcome {
             allowed,
             remaining: count.saturating_sub(used_after),
@@ -87,13 +137,13 @@ impl Algorithm for FixedWindow {
 
     fn refund(&self, state: &mut FixedWindowState, now: Nanos, cost: u64) {
         // Permits of an earlier window are already back.
-        if window_start(now, self.quota.per()) <= state.start {
+        if self.window(now).0 <= state.start {
             state.used = state.used.saturating_sub(cost);
         }
     }
 
     fn is_fresh(&self, state: &FixedWindowState, now: Nanos) -> bool {
-        state.used == 0 || window_start(now, self.quota.per()) > state.start
+        state.used == 0 || self.window(now).0 > state.start
     }
 }
 
@@ -173,6 +223,36 @@ mod tests {
         let o = alg.check(&mut s, Nanos(SEC), 1);
         assert!(!o.allowed);
         assert_eq!(o.retry_after, Span(SEC));
+    }
+
+    #[test]
+    fn a_given_window_is_used_whatever_its_length() {
+        // A 25-hour day (the end of summer time) starting at 100 s.
+        let quota = Quota::new(2, Span(86_400 * SEC), None).unwrap();
+        let (start, end) = (Nanos(100 * SEC), Nanos((100 + 25 * 3_600) * SEC));
+        let alg = FixedWindow::within(quota, start, end);
+        let mut s = FixedWindowState::default();
+        let o = alg.check(&mut s, Nanos(160 * SEC), 2);
+        assert!(o.allowed);
+        assert_eq!(o.reset_after, Span((25 * 3_600 - 60) * SEC));
+        let o = alg.check(&mut s, Nanos(end.0 - 1), 1);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after, Span(1));
+        alg.refund(&mut s, Nanos(200 * SEC), 1);
+        assert_eq!(s.used, 1);
+        // The next window, as the caller gives it, starts afresh.
+        let next = FixedWindow::within(quota, end, Nanos(end.0 + 24 * 3_600 * SEC));
+        assert!(next.is_fresh(&s, end));
+        next.refund(&mut s, end, 1);
+        assert_eq!(s.used, 1, "no refund into an ended window");
+        let o = next.check(&mut s, end, 2);
+        assert!(o.allowed);
+        assert_eq!(o.reset_after, Span(24 * 3_600 * SEC));
+        // Given the previous window again (a clock behind): the state's
+        // later window counts, and nothing is refunded into the old one.
+        let o = alg.check(&mut s, Nanos(end.0 - 1), 1);
+        assert!(!o.allowed);
+        assert_eq!(o.reset_after, Span::ZERO);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use codec::DecodeError;
 pub use concurrency::{Concurrency, ConcurrencyState, RETRY_HINT as CONCURRENCY_RETRY_HINT};
-pub use fixed_window::{FixedWindow, FixedWindowState};
+pub use fixed_window::{FixedWindow, FixedWindowState, Windows};
 pub use gcra::{Gcra, GcraState};
 pub use leaky_bucket::{LeakyBucket, LeakyBucketState};
 pub use sliding_window_counter::{SlidingWindowCounter, SlidingWindowCounterState};

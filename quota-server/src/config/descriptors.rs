@@ -1,6 +1,6 @@
 //! The envoyproxy/ratelimit descriptor format, read as that server reads it,
 //! plus Sluice's optional extensions on `rate_limit` (`algorithm`, `burst`,
-//! `per`).
+//! `per`, `calendar` and `time_zone`).
 
 use serde::{Deserialize, Serialize};
 use sluice_core::algorithm::{AlgorithmKind, Quota};
@@ -8,6 +8,7 @@ use sluice_core::config::SpanText;
 use sluice_core::time::Span;
 
 use super::errors::Problems;
+use crate::limits::calendar::{Calendar, CalendarUnit};
 
 /// One file of envoyproxy/ratelimit: a domain and its descriptor tree.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +115,13 @@ pub struct RateLimitConfig {
     /// Sluice: bucket capacity for the bucket algorithms and GCRA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
+    /// Sluice: a calendar window (`day`, `week`, `month`) in `time_zone`,
+    /// instead of `unit` or `per`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calendar: Option<CalendarUnit>,
+    /// Sluice: the IANA time zone of `calendar` (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 /// One entry of `replaces`.
@@ -135,7 +143,58 @@ pub enum LimitSpec {
         algorithm: AlgorithmKind,
         /// Count, window and burst.
         quota: Quota,
+        /// The calendar its windows follow, if any (then the quota's
+        /// period is the unit's usual length).
+        calendar: Option<Calendar>,
     },
+}
+
+/// Checks a calendar window written at `at` (`calendar` and `time_zone`
+/// fields beside a `per` given or not, under `algorithm`): the calendar,
+/// or `None` after recording why not. Shared by descriptors and rules.
+pub fn validate_calendar(
+    calendar: Option<CalendarUnit>,
+    time_zone: Option<&str>,
+    per_given: bool,
+    algorithm: Option<AlgorithmKind>,
+    at: &str,
+    problems: &mut Problems,
+) -> Option<Calendar> {
+    let Some(unit) = calendar else {
+        if time_zone.is_some() {
+            problems.add(
+                format!("{at}.time_zone"),
+                "only used with calendar: day, week or month",
+            );
+        }
+        return None;
+    };
+    let mut ok = true;
+    if per_given {
+        problems.add(
+            format!("{at}.calendar"),
+            "give one window: calendar, or a fixed length (unit or per), not both",
+        );
+        ok = false;
+    }
+    if let Some(other) = algorithm.filter(|a| *a != AlgorithmKind::FixedWindow) {
+        problems.add(
+            format!("{at}.calendar"),
+            format!(
+                "calendar windows are fixed windows: use algorithm fixed_window (or leave it out), not {}",
+                other.name()
+            ),
+        );
+        ok = false;
+    }
+    let calendar = match Calendar::new(unit, time_zone.unwrap_or("UTC")) {
+        Ok(calendar) => Some(calendar),
+        Err(e) => {
+            problems.add(format!("{at}.time_zone"), e.to_string());
+            None
+        }
+    };
+    calendar.filter(|_| ok)
 }
 
 impl RateLimitConfig {
@@ -144,7 +203,19 @@ impl RateLimitConfig {
         if self.unlimited {
             return Some(LimitSpec::Unlimited);
         }
+        let calendar = validate_calendar(
+            self.calendar,
+            self.time_zone.as_deref(),
+            self.unit.is_some() || self.per.is_some(),
+            self.algorithm,
+            at,
+            problems,
+        );
+        if self.calendar.is_some() && calendar.is_none() {
+            return None;
+        }
         let per = match (&self.unit, &self.per) {
+            _ if calendar.is_some() => calendar.as_ref().map(|c| c.unit().nominal()),
             (Some(unit), None) => Some(unit.span()),
             (None, Some(text)) => match text.parse() {
                 Ok(span) => Some(span),
@@ -160,7 +231,7 @@ impl RateLimitConfig {
             (None, None) => {
                 problems.add(
                     format!("{at}.unit"),
-                    "required: second, minute, hour or day (or Sluice's per: \"10s\"), unless unlimited: true",
+                    "required: second, minute, hour or day (or Sluice's per: \"10s\" or calendar: month), unless unlimited: true",
                 );
                 None
             }
@@ -177,6 +248,7 @@ impl RateLimitConfig {
             Ok(quota) => Some(LimitSpec::Limited {
                 algorithm: self.algorithm.unwrap_or(AlgorithmKind::FixedWindow),
                 quota,
+                calendar,
             }),
             Err(e) => {
                 let field = match e {

@@ -3,19 +3,21 @@
 
 mod descriptors;
 mod errors;
+mod rules;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sluice_core::access::wire::MAX_SYNCED_ENTRIES;
 use sluice_core::algorithm::AlgorithmKind;
-use sluice_core::config::{ErrorList, FieldError, RuleConfig, SpanText, MAX_KEYS_LIMIT};
+use sluice_core::config::{ErrorList, FieldError, SpanText, MAX_KEYS_LIMIT};
 use sluice_core::time::Span;
 
 pub use descriptors::{
     DescriptorConfig, DescriptorFile, LimitSpec, RateLimitConfig, ReplacesConfig, UnitConfig,
 };
 pub use errors::Problems;
+pub use rules::DomainRule;
 
 /// The whole server configuration as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,9 +260,10 @@ pub struct DomainConfig {
     /// The descriptor tree, in envoyproxy/ratelimit's format.
     #[serde(default)]
     pub descriptors: Vec<DescriptorConfig>,
-    /// Sluice rules (core's rule format), named by Sluice's own API.
+    /// Sluice rules (core's rule format, plus calendar windows), named by
+    /// Sluice's own API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rules: Vec<RuleConfig>,
+    pub rules: Vec<DomainRule>,
 }
 
 /// Why a configuration could not be used.

@@ -205,7 +205,7 @@ pub fn raise(resolved: Resolved<'_>, grant: Option<Grant>) -> Option<Limit> {
     // A burst set apart from the count stays (at least the new count).
     let burst = (quota.burst() != quota.count()).then(|| quota.burst().max(count));
     let raised = Quota::new(count, quota.per(), burst).ok()?;
-    let tick_us = Some(tick_micros(&raised).ok()?);
+    let tick_us = Some(tick_micros(limit.algorithm(), &raised).ok()?);
     let mut out = limit.clone();
     out.rule.quota = raised;
     out.rule.limiter = Limiter::new(limit.algorithm(), raised);

@@ -9,6 +9,7 @@ use sluice_core::algorithm::{AlgorithmKind, Limiter, Quota};
 use sluice_core::config::{Config as CoreConfig, ConfigError, MAX_LOG_COUNT};
 use sluice_core::policy::{Action, Counts, KeySpec, Matcher, Rule, Scope};
 
+use super::calendar::Calendar;
 use super::ticks::tick_micros;
 use super::{Domain, Limit, Limits, Node, NodeLimit, ValueMatch};
 use crate::config::{
@@ -111,8 +112,14 @@ impl Limits {
         if d.rules.is_empty() {
             return by_name;
         }
+        let (rules, mut calendars): (Vec<_>, Vec<_>) = d
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.for_core(&format!("{at}.rules[{i}]"), problems))
+            .unzip();
         let config = CoreConfig {
-            rules: d.rules.clone(),
+            rules,
             ..CoreConfig::default()
         };
         let policy = match config.validate() {
@@ -130,12 +137,14 @@ impl Limits {
             let index = d
                 .rules
                 .iter()
-                .position(|r| r.name == rule.name)
+                .position(|r| r.rule.name == rule.name)
                 .unwrap_or(0);
             let here = format!("{at}.rules[{index}].limit");
+            let calendar = calendars.get_mut(index).and_then(Option::take);
             if check_limit(rule.limiter.kind(), rule.quota, backend, &here, problems) {
                 let name = rule.name.clone();
-                by_name.insert(name, self.push(make_limit(rule, &d.name, Vec::new())));
+                let limit = make_limit(rule, &d.name, Vec::new(), calendar);
+                by_name.insert(name, self.push(limit));
             }
         }
         by_name
@@ -165,7 +174,7 @@ impl Limits {
         let spec = quota_or_report(f.count, per, f.burst, at, problems)?;
         let name = format!("{domain}/fallback");
         let rule = descriptor_rule(name, algorithm, spec, false);
-        Some(self.push(make_limit(rule, domain, Vec::new())))
+        Some(self.push(make_limit(rule, domain, Vec::new(), None)))
     }
 
     fn nodes(
@@ -205,13 +214,17 @@ impl Limits {
                 Some(rl) => match rl.validate(&format!("{here}.rate_limit"), problems) {
                     None => NodeLimit::None,
                     Some(LimitSpec::Unlimited) => NodeLimit::Unlimited,
-                    Some(LimitSpec::Limited { algorithm, quota }) => {
+                    Some(LimitSpec::Limited {
+                        algorithm,
+                        quota,
+                        calendar,
+                    }) => {
                         let at = format!("{here}.rate_limit");
                         if check_limit(algorithm, quota, backend, &at, problems) {
                             let name = rl.name.clone().unwrap_or_else(|| path.clone());
                             let replaces = rl.replaces.iter().map(|r| r.name.clone()).collect();
                             let rule = descriptor_rule(name, algorithm, quota, c.shadow_mode);
-                            let limit = make_limit(rule, domain, replaces);
+                            let limit = make_limit(rule, domain, replaces, calendar);
                             NodeLimit::Limited(self.push(limit))
                         } else {
                             NodeLimit::None
@@ -283,7 +296,7 @@ fn check_limit(
         ok = false;
     }
     if backend == BackendKind::Redis {
-        if let Err(e) = tick_micros(&quota) {
+        if let Err(e) = tick_micros(algorithm, &quota) {
             problems.add(at, e.to_string());
             ok = false;
         }
@@ -313,15 +326,21 @@ fn descriptor_rule(name: String, algorithm: AlgorithmKind, quota: Quota, shadow:
     }
 }
 
-fn make_limit(rule: Rule, domain: &str, replaces: Vec<String>) -> Limit {
+fn make_limit(
+    rule: Rule,
+    domain: &str,
+    replaces: Vec<String>,
+    calendar: Option<Calendar>,
+) -> Limit {
     let key_prefix = format!(
         "sluice:{{{domain}}}:{}:{}",
         rule.limiter.kind().name(),
-        quota_tag(&rule.quota)
+        quota_tag(&rule.quota, calendar.as_ref())
     );
     Limit {
         id: 0,
-        tick_us: tick_micros(&rule.quota).ok(),
+        tick_us: tick_micros(rule.limiter.kind(), &rule.quota).ok(),
+        calendar,
         name: Arc::from(rule.name.as_str()),
         shadow: rule.action == Action::Shadow,
         rule,
@@ -330,10 +349,19 @@ fn make_limit(rule: Rule, domain: &str, replaces: Vec<String>) -> Limit {
     }
 }
 
-/// The quota in keys: a changed window starts new counters rather than
-/// reading old state under different units.
-fn quota_tag(quota: &Quota) -> String {
-    format!("{}/{}/{}", quota.count(), quota.per(), quota.burst())
+/// The quota in keys: a changed window (or calendar, or time zone) starts
+/// new counters rather than reading old state under different units.
+fn quota_tag(quota: &Quota, calendar: Option<&Calendar>) -> String {
+    match calendar {
+        None => format!("{}/{}/{}", quota.count(), quota.per(), quota.burst()),
+        Some(c) => format!(
+            "{}/{}@{}/{}",
+            quota.count(),
+            c.unit().name(),
+            c.zone_name(),
+            quota.burst()
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -379,6 +407,47 @@ domains:
                 "domains[0].descriptors[0].rate_limit.requests_per_unit: must be at least 1",
                 "domains[0].descriptors[1].rate_limit.requests_per_unit: required unless unlimited: true",
             ]
+        );
+    }
+
+    #[test]
+    fn calendar_windows_are_checked_with_their_field_paths() {
+        let found = errors(
+            r#"
+domains:
+  - name: api
+    descriptors:
+      - {key: a, rate_limit: {calendar: month, time_zone: Europe/Atlantis, requests_per_unit: 5}}
+      - {key: b, rate_limit: {calendar: day, algorithm: gcra, requests_per_unit: 5}}
+      - {key: c, rate_limit: {calendar: week, unit: day, requests_per_unit: 5}}
+      - {key: d, rate_limit: {unit: day, time_zone: UTC, requests_per_unit: 5}}
+      - {key: e, rate_limit: {calendar: month, time_zone: Europe/Paris, requests_per_unit: 5}}
+"#,
+        );
+        assert_eq!(
+            found,
+            vec![
+                "domains[0].descriptors[0].rate_limit.time_zone: unknown time zone \"Europe/Atlantis\": \
+                 use an IANA name such as \"Europe/Paris\", \"America/New_York\" or \"UTC\"",
+                "domains[0].descriptors[1].rate_limit.calendar: calendar windows are fixed windows: \
+                 use algorithm fixed_window (or leave it out), not gcra",
+                "domains[0].descriptors[2].rate_limit.calendar: give one window: calendar, or a \
+                 fixed length (unit or per), not both",
+                "domains[0].descriptors[3].rate_limit.time_zone: only used with calendar: day, week or month",
+            ]
+        );
+        let config = ServerConfig::from_yaml(
+            "domains: [{name: api, descriptors: [{key: k, rate_limit: {calendar: month, \
+             time_zone: Europe/Paris, requests_per_unit: 10000}}]}]",
+        )
+        .unwrap();
+        let limits = Limits::compile(&config, Path::new(".")).unwrap();
+        let limit = limits.limit(0).unwrap();
+        assert_eq!(limit.algorithm(), AlgorithmKind::FixedWindow);
+        assert_eq!(limit.calendar.as_ref().unwrap().zone_name(), "Europe/Paris");
+        assert_eq!(
+            limit.key_prefix,
+            "sluice:{api}:fixed_window:10000/month@Europe/Paris/10000"
         );
     }
 

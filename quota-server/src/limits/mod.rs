@@ -6,16 +6,21 @@
 //! so requests never see half a config.
 
 mod build;
+pub mod calendar;
 pub mod ticks;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
-use sluice_core::algorithm::{AlgorithmKind, Quota};
+use sluice_core::algorithm::{AlgorithmKind, FixedWindow, Limiter, Outcome, Quota};
+use sluice_core::decision::Decision;
 use sluice_core::policy::Rule;
+use sluice_core::time::{Nanos, Span};
 
 pub use build::load;
+use calendar::{Calendar, Window};
 
 use crate::config::FailureMode;
 
@@ -38,6 +43,9 @@ pub struct Limit {
     pub tick_us: Option<u64>,
     /// Prefix of the storage keys: domain and algorithm, hash-tagged by domain.
     pub key_prefix: String,
+    /// The calendar of a fixed window following one (a month in a time
+    /// zone); its windows replace the quota's period.
+    pub calendar: Option<Calendar>,
 }
 
 impl Limit {
@@ -49,6 +57,39 @@ impl Limit {
     /// The algorithm.
     pub fn algorithm(&self) -> AlgorithmKind {
         self.rule.limiter.kind()
+    }
+
+    /// The calendar window containing `now`, for a limit that has one.
+    pub fn calendar_window(&self, now: Nanos) -> Option<Window> {
+        self.calendar.as_ref().map(|c| c.window_at(now))
+    }
+
+    /// The length of the window containing `now`: the calendar's (a
+    /// month's days, a day's 23 to 25 hours), else the quota's period.
+    pub fn window_length(&self, now: Nanos) -> Span {
+        self.calendar_window(now)
+            .map_or(self.quota().per(), |w| w.length())
+    }
+
+    /// What `outcome` means for headers, with the window of `now`.
+    pub fn decision(&self, outcome: &Outcome, now: Nanos) -> Decision {
+        let mut decision = Decision::new(&self.quota(), outcome);
+        decision.window = self.window_length(now);
+        decision
+    }
+
+    /// The core rule deciding at `now`: the limit's own, or for a calendar
+    /// window a copy whose fixed window is the one containing `now`.
+    pub fn rule_at(&self, now: Nanos) -> Cow<'_, Rule> {
+        match self.calendar_window(now) {
+            None => Cow::Borrowed(&self.rule),
+            Some(w) => {
+                let mut rule = self.rule.clone();
+                rule.limiter =
+                    Limiter::FixedWindow(FixedWindow::within(self.quota(), w.start, w.end));
+                Cow::Owned(rule)
+            }
+        }
     }
 
     /// The storage key for a descriptor's entries. Lengths are written out
@@ -341,6 +382,8 @@ descriptors:
 domain: edge
 descriptors:
   - key: k
+    rate_limit: {unit: day, requests_per_unit: 100000000000, algorithm: gcra}
+  - key: fixed
     rate_limit: {unit: day, requests_per_unit: 100000000000}
 "#,
         );
@@ -349,6 +392,7 @@ descriptors:
             .iter()
             .map(ToString::to_string)
             .collect();
+        // A fixed window only compares counts and times: the same count fits.
         assert_eq!(errors.len(), 1);
         assert!(
             errors[0].starts_with("d.descriptors[0].rate_limit: "),

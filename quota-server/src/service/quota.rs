@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::decision::Decision;
-use sluice_core::time::Span;
+use sluice_core::time::{Nanos, Span};
 use tonic::{Request, Response, Status};
 
 use super::admission::{admit, count_settled, decide, overridden, Admission};
@@ -197,7 +197,7 @@ impl Quota for QuotaService {
             .map(|at| match at {
                 Slot::Unknown => unknown,
                 Slot::Settled(allowed, want) => settled_lease(*allowed, *want),
-                Slot::Entry(i) => lease(&grants[*i], entries[*i].limit, source),
+                Slot::Entry(i) => lease(&grants[*i], entries[*i].limit, source, now_ns),
             })
             .collect();
         Ok(Response::new(SyncResponse {
@@ -285,7 +285,7 @@ impl QuotaService {
                 results[index] = ItemResult {
                     code: Code::Ok as i32,
                     limit: item.limit.quota().count(),
-                    window: Some(duration(item.limit.quota().per())),
+                    window: Some(duration(item.limit.window_length(system_now()))),
                     ..ItemResult::default()
                 };
             }
@@ -297,15 +297,13 @@ impl QuotaService {
             });
         };
         let mut allowed = true;
+        let now = system_now();
         let mut decisions: Vec<(&str, Decision)> = Vec::new();
         for ((item, outcome), &index) in items.iter().zip(outcomes).zip(&index_of) {
             allowed &= outcome.allowed || !item.enforce;
-            results[index] = item_result(item.limit, outcome);
+            results[index] = item_result(item.limit, outcome, now);
             if item.enforce && with_headers {
-                decisions.push((
-                    &*item.limit.name,
-                    Decision::new(&item.limit.quota(), outcome),
-                ));
+                decisions.push((&*item.limit.name, item.limit.decision(outcome, now)));
             }
         }
         Ok(GroupResult {
@@ -323,7 +321,7 @@ impl QuotaService {
     }
 }
 
-fn item_result(limit: &Limit, outcome: &Outcome) -> ItemResult {
+fn item_result(limit: &Limit, outcome: &Outcome, now: Nanos) -> ItemResult {
     ItemResult {
         code: if outcome.allowed {
             Code::Ok
@@ -331,7 +329,7 @@ fn item_result(limit: &Limit, outcome: &Outcome) -> ItemResult {
             Code::OverLimit
         } as i32,
         limit: limit.quota().count(),
-        window: Some(duration(limit.quota().per())),
+        window: Some(duration(limit.window_length(now))),
         remaining: outcome.remaining,
         reset_after: Some(duration(outcome.reset_after)),
         retry_after: (outcome.retry_after != Span::NEVER).then(|| duration(outcome.retry_after)),
@@ -390,7 +388,7 @@ fn lease_outcome(entry: &Entry<'_>, grant: &Grant, source: Source) -> MetricOutc
     }
 }
 
-fn lease(grant: &Grant, limit: &Limit, source: Source) -> Lease {
+fn lease(grant: &Grant, limit: &Limit, source: Source, now: Nanos) -> Lease {
     let code = match source {
         Source::FailedClosed => Code::OverLimit,
         _ if grant.permits == 0 && grant.remaining == 0 && source == Source::Storage => {
@@ -404,7 +402,7 @@ fn lease(grant: &Grant, limit: &Limit, source: Source) -> Lease {
         expires_after: Some(duration(grant.expires_after)),
         remaining: grant.remaining,
         limit: limit.quota().count(),
-        window: Some(duration(limit.quota().per())),
+        window: Some(duration(limit.window_length(now))),
         reset_after: Some(duration(grant.reset_after)),
     }
 }

@@ -14,7 +14,9 @@
 //! - `current_limit` must use a calendar unit: a window that is exactly a
 //!   unit is reported as is; any other window is reported in the smallest
 //!   unit at least as long, with `requests_per_unit` the same rate rounded
-//!   down (5 per 10 s is reported as 30 per minute), at least 1.
+//!   down (5 per 10 s is reported as 30 per minute), at least 1. A
+//!   calendar window is its own unit (`DAY`, `WEEK`, `MONTH`) and count:
+//!   Envoy's units carry no length, so a calendar month is truly `MONTH`.
 //! - Before any limit, the admin controls apply (see `crate::controls`):
 //!   deny list and bans answer `OVER_LIMIT`, the allow list `OK`, both
 //!   without counting; overrides lift or raise a descriptor's limit.
@@ -36,6 +38,7 @@ use tonic::{Request, Response, Status};
 use super::admission::{admit, decide, Admission};
 use super::bounds;
 use super::decide::Decider;
+use crate::limits::calendar::CalendarUnit;
 use crate::limits::Limit;
 use crate::shared::Shared;
 use crate::storage::{system_now, Item};
@@ -156,6 +159,7 @@ impl RateLimitService for Rls {
         let (items, item_of) = merge_same_counter(&charged);
 
         let decided = decide(&self.shared, &self.decider, &limits, domain, &items).await;
+        let now = system_now();
         self.decider.refund(&self.shared, domain, &refunds).await;
         let mut over = false;
         if let Some(outcomes) = &decided.outcomes {
@@ -170,7 +174,7 @@ impl RateLimitService for Rls {
             .iter()
             .flat_map(|outcomes| items.iter().zip(outcomes))
             .filter(|(item, _)| item.enforce)
-            .map(|(item, o)| (&*item.limit.name, Decision::new(&item.limit.quota(), o)))
+            .map(|(item, o)| (&*item.limit.name, item.limit.decision(o, now)))
             .collect();
         Ok(Response::new(RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
@@ -245,6 +249,18 @@ const UNITS: [(Unit, u64); 7] = [
 /// The limit in envoy's terms; see the module doc for windows that are not a unit.
 pub fn current_limit(limit: &Limit) -> RateLimit {
     let quota = limit.quota();
+    if let Some(calendar) = &limit.calendar {
+        let unit = match calendar.unit() {
+            CalendarUnit::Day => Unit::Day,
+            CalendarUnit::Week => Unit::Week,
+            CalendarUnit::Month => Unit::Month,
+        };
+        return RateLimit {
+            name: limit.name.to_string(),
+            requests_per_unit: u32::try_from(quota.count()).unwrap_or(u32::MAX),
+            unit: unit as i32,
+        };
+    }
     let per = u128::from(quota.per().as_nanos());
     let (unit, secs) = UNITS
         .iter()
@@ -341,6 +357,9 @@ descriptors:
   - {key: a, rate_limit: {unit: minute, requests_per_unit: 7}}
   - {key: b, rate_limit: {per: 10s, requests_per_unit: 5}}
   - {key: c, rate_limit: {per: 500ms, requests_per_unit: 3}}
+  - {key: d, rate_limit: {calendar: month, time_zone: Europe/Paris, requests_per_unit: 10000}}
+  - {key: e, rate_limit: {calendar: week, requests_per_unit: 700}}
+  - {key: f, rate_limit: {unit: month, requests_per_unit: 10000}}
 "#,
         );
         let rl = |id| current_limit(l.limit(id).unwrap());
@@ -355,6 +374,19 @@ descriptors:
         assert_eq!(
             (rl(2).requests_per_unit, rl(2).unit),
             (6, Unit::Second as i32)
+        );
+        // Calendar windows are their unit; `unit: month` is 30 days, also MONTH.
+        assert_eq!(
+            (rl(3).requests_per_unit, rl(3).unit),
+            (10000, Unit::Month as i32)
+        );
+        assert_eq!(
+            (rl(4).requests_per_unit, rl(4).unit),
+            (700, Unit::Week as i32)
+        );
+        assert_eq!(
+            (rl(5).requests_per_unit, rl(5).unit),
+            (10000, Unit::Month as i32)
         );
     }
 

@@ -40,7 +40,7 @@ impl MemoryBackend {
 
     /// The all-or-nothing decision, under the lock.
     pub fn decide(&self, items: &[Item<'_>], now: Nanos) -> Result<Vec<Outcome>, StorageError> {
-        let rules = rules(items);
+        let rules = rules(items, now);
         let claims = claims(items, &rules);
         let verdict = self.with_store(|store| decide_claims(store, &claims, now, Span::ZERO))?;
         // The engine reports one decision per claim, in claim order.
@@ -57,25 +57,25 @@ impl MemoryBackend {
     }
 }
 
-/// Each item's rule, as the engine must see it: `enforce: false` is the
+/// Each item's rule at `now`, as the engine must see it: a calendar
+/// limit's fixed window is the one containing `now` (see
+/// [`crate::limits::Limit::rule_at`]), and `enforce: false` is the
 /// engine's shadow action. Items normally agree with their limit's rule;
-/// only fallback limits standing in for shadow ones need a copy.
-fn rules<'a>(items: &'a [Item<'_>]) -> Vec<Cow<'a, Rule>> {
+/// only calendar limits and fallback limits standing in for shadow ones
+/// need a copy.
+fn rules<'a>(items: &'a [Item<'_>], now: Nanos) -> Vec<Cow<'a, Rule>> {
     items
         .iter()
         .map(|it| {
-            let rule = &it.limit.rule;
-            if it.enforce == (rule.action != Action::Shadow) {
-                Cow::Borrowed(rule)
-            } else {
-                let mut copy = rule.clone();
-                copy.action = if it.enforce {
+            let mut rule = it.limit.rule_at(now);
+            if it.enforce != (rule.action != Action::Shadow) {
+                rule.to_mut().action = if it.enforce {
                     Action::Reject
                 } else {
                     Action::Shadow
                 };
-                Cow::Owned(copy)
             }
+            rule
         })
         .collect()
 }
@@ -108,7 +108,7 @@ impl MemoryBackend {
     /// Gives back each item's cost at `now` (default: the system clock).
     pub fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
         let now = now.unwrap_or_else(system_now);
-        let rules = rules(items);
+        let rules = rules(items, now);
         let claims = claims(items, &rules);
         Ok(self.with_store(|store| refund_claims(store, &claims, now))?)
     }

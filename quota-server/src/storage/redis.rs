@@ -15,6 +15,12 @@
 //! refused at validation. At tick times the decisions (allowed, remaining)
 //! equal core's exactly; durations are core's rounded up to the tick, and a
 //! request's time is its tick's start.
+//!
+//! A calendar window (a month in a time zone) is computed here, not in
+//! Lua: each call passes the boundaries of the window containing this
+//! server's time and of its two neighbours, and the script picks the one
+//! containing Redis's time, so servers whose clocks differ a little at a
+//! boundary still agree on the window.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -28,7 +34,7 @@ use sluice_core::time::{Nanos, Span};
 use tokio::sync::OnceCell;
 
 use super::breaker::Breaker;
-use super::{tls, Item, StorageError};
+use super::{system_now, tls, Item, StorageError};
 use crate::config::RedisConfig;
 
 /// The decision script.
@@ -255,7 +261,9 @@ pub struct ScriptCall {
     /// Per item: its state key and its log key.
     pub keys: Vec<String>,
     /// Mode, replayed time (empty: Redis `TIME`), item count, then per
-    /// item: algorithm, tick (µs), count, window (ticks), burst, cost, enforce.
+    /// item: algorithm, tick (µs), count, window (ticks), burst, cost,
+    /// enforce, and a calendar window's neighbourhood (empty, or four
+    /// boundaries in ticks joined by `,`: previous start, start, end, next end).
     pub args: Vec<String>,
 }
 
@@ -267,6 +275,8 @@ pub fn script_call(
     now: Option<Nanos>,
 ) -> Result<ScriptCall, StorageError> {
     let now_arg = now.map_or(String::new(), |n| (n.0 / 1000).to_string());
+    // The calendar is read at this server's time (or the replayed one).
+    let calendar_now = now.unwrap_or_else(system_now);
     let mut call = ScriptCall {
         keys: Vec::with_capacity(items.len() * 2),
         args: vec![mode.to_owned(), now_arg, items.len().to_string()],
@@ -287,6 +297,11 @@ pub fn script_call(
             quota.burst().to_string(),
             it.cost.to_string(),
             u8::from(it.enforce).to_string(),
+            it.limit.calendar.as_ref().map_or(String::new(), |c| {
+                c.around(calendar_now)
+                    .map(|b| (b.0 / (tick_us * 1000)).to_string())
+                    .join(",")
+            }),
         ]);
     }
     Ok(call)
