@@ -4,10 +4,10 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::algorithm::{Mode, Outcome};
+use crate::algorithm::{Limiter, Mode, Outcome, State};
 use crate::decision::{render_headers, Decision};
 use crate::policy::{Action, Attributes, Counts, Policy};
-use crate::store::{Loaded, Room, Saved, Slot, StateStore, StoreError};
+use crate::store::{limited_for, Loaded, Room, Saved, Slot, StateStore, StoreError};
 use crate::time::{Nanos, Span};
 
 /// How often a decision is retried when another writer got in first.
@@ -576,6 +576,48 @@ pub fn refund_claims<S: StateStore>(
     Ok(())
 }
 
+/// Settles a charge whose real cost was learnt after the response (usage
+/// the upstream reported): when `used` is more than was taken, takes the
+/// difference unconditionally (beyond the limit the key goes into debt,
+/// and is marked limited so that no new key evicts it meanwhile); when it
+/// is less, gives the difference back. Either way at the state that took
+/// the charge, if it is still there. The charge then stands at `used`, so
+/// a later refund gives back exactly what was taken.
+pub fn settle<S: StateStore>(
+    policy: &Policy,
+    store: &mut S,
+    charge: &mut Charge,
+    used: u64,
+    now: Nanos,
+) -> Result<(), StoreError> {
+    let Some(rule) = policy.rules.get(charge.rule_index) else {
+        return Ok(());
+    };
+    let slot = Slot {
+        rule_index: charge.rule_index,
+        rule,
+        key: &charge.key,
+    };
+    let taken = charge.cost;
+    if used > taken {
+        update_at(store, slot, charge.room, now, |limiter, state| {
+            let after = limiter.charge(state, now, used - taken);
+            if after.allowed {
+                Span::ZERO
+            } else {
+                limited_for(&after)
+            }
+        })?;
+    } else if used < taken {
+        update_at(store, slot, charge.room, now, |limiter, state| {
+            limiter.refund(state, now, taken - used);
+            Span::ZERO
+        })?;
+    }
+    charge.cost = used;
+    Ok(())
+}
+
 /// Gives back `claim`'s permits to the state at `room` that took them, if
 /// it is still there, retrying on conflicts. Never makes room: a refund
 /// must not evict a key to write to a state that never took the charge.
@@ -585,16 +627,29 @@ fn refund_at<S: StateStore>(
     room: Room,
     now: Nanos,
 ) -> Result<(), StoreError> {
+    update_at(store, claim.slot, room, now, |limiter, state| {
+        limiter.refund(state, now, claim.cost);
+        Span::ZERO
+    })
+}
+
+/// Applies `change` to the state at `room` that took a charge, if it is
+/// still there (never making room for it), retrying on conflicts; `change`
+/// returns how long to mark the key limited (see
+/// [`StateStore::save_marked`]).
+fn update_at<S: StateStore>(
+    store: &mut S,
+    slot: Slot<'_>,
+    room: Room,
+    now: Nanos,
+    mut change: impl FnMut(&Limiter, &mut State) -> Span,
+) -> Result<(), StoreError> {
     for _ in 0..MAX_ATTEMPTS {
-        let Some(mut l) = store.load_charged(claim.slot, room, now)? else {
+        let Some(mut l) = store.load_charged(slot, room, now)? else {
             return Ok(());
         };
-        claim
-            .slot
-            .rule
-            .limiter
-            .refund(&mut l.state, now, claim.cost);
-        if store.save(claim.slot, l.state, l.version, now)? == Saved::Stored {
+        let limited = change(&slot.rule.limiter, &mut l.state);
+        if store.save_marked(slot, l.state, l.version, limited, now)? == Saved::Stored {
             return Ok(());
         }
     }
@@ -772,6 +827,52 @@ mod tests {
                 .unwrap()
                 .is_allowed()
         );
+    }
+
+    /// Settling takes what was used beyond the admission's cost (into
+    /// debt), or gives back what was not, and keeps an indebted key from
+    /// being evicted by a new one.
+    fn settlements_take_and_give_back<S: StateStore>(mut store: S) {
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":10,"per":"10s"}}],"max_keys":1}"#);
+        let t = |ms: u64| Nanos(ms * 1_000_000);
+        let mut a = allowed_as(&p, &mut store, "10.0.0.1", t(0));
+        // 4 used of the 1 taken: 6 left.
+        settle(&p, &mut store, &mut a.charges[0], 4, t(1)).unwrap();
+        assert_eq!(a.charges[0].cost, 4);
+        let b = allowed_as(&p, &mut store, "10.0.0.1", t(2));
+        assert_eq!(b.decisions[0].decision.remaining, 5);
+        // 30 used: 34 spent of 10, a debt repaid at 1 per second.
+        let mut b = b;
+        settle(&p, &mut store, &mut b.charges[0], 30, t(3)).unwrap();
+        let refused = allowed_as(&p, &mut store, "10.0.0.1", t(4));
+        assert_eq!(refused.kind, VerdictKind::Limited { rule_index: 0 });
+        assert_eq!(
+            refused.decisions[0].decision.retry_after,
+            Span(24_996_000_000)
+        );
+        // A new key cannot evict the indebted one: it overflows.
+        let c = allowed_as(&p, &mut store, "10.0.0.2", t(5));
+        assert_eq!(c.charges[0].room, Room::Overflow);
+        assert!(!allowed_as(&p, &mut store, "10.0.0.1", t(6)).is_allowed());
+        // A refund of the settled charge gives back all 30.
+        refund(&p, &mut store, &b.charges, t(7)).unwrap();
+        assert!(allowed_as(&p, &mut store, "10.0.0.1", t(8)).is_allowed());
+        // Less used than taken gives the rest back.
+        let mut d = allowed_as(&p, &mut store, "10.0.0.1", t(9));
+        let before = d.decisions[0].decision.remaining;
+        d.charges[0].cost = 3;
+        settle(&p, &mut store, &mut d.charges[0], 0, t(9)).unwrap();
+        let e = allowed_as(&p, &mut store, "10.0.0.1", t(9));
+        assert_eq!(e.decisions[0].decision.remaining, before + 2);
+    }
+
+    #[test]
+    fn settlements_work_in_both_stores() {
+        settlements_take_and_give_back(MemoryStore::new(1));
+        let shared = crate::store::InProcessShared::default();
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":10,"per":"10s"}}],"max_keys":1}"#);
+        let store = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        settlements_take_and_give_back(store);
     }
 
     /// Whether `key` (a client address) is allowed at `now`.
