@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use crate::algorithm::{Limiter, Mode, Outcome, State};
 use crate::decision::{render_headers, Decision};
-use crate::policy::{Action, Attributes, Counts, Policy};
+use crate::policy::{Action, Attributes, Counts, Policy, Rule};
 use crate::store::{limited_for, Loaded, Room, Saved, Slot, StateStore, StoreError};
 use crate::time::{Nanos, Span};
 
@@ -153,6 +153,37 @@ pub fn applicable_rules(policy: &Policy, request: &impl Attributes) -> Vec<(usiz
     out
 }
 
+/// What a request costs under the rules whose cost it sets (`cost_from`),
+/// by rule position; every other rule takes its own `cost`. Kept with a
+/// request that waits (delay, quota server), whose headers are gone then.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Costs(Vec<(usize, u64)>);
+
+impl Costs {
+    /// The costs `request` sets under the rules of `keys`.
+    pub fn of(policy: &Policy, request: &impl Attributes, keys: &[(usize, String)]) -> Costs {
+        Costs(
+            keys.iter()
+                .filter_map(|(i, _)| {
+                    let rule = policy.rules.get(*i)?;
+                    rule.cost_from.as_ref()?;
+                    Some((*i, rule.request_cost(request)))
+                })
+                .collect(),
+        )
+    }
+
+    /// The request's cost under the rule at `rule_index`, if it set one.
+    pub fn get(&self, rule_index: usize) -> Option<u64> {
+        self.0.iter().find(|(i, _)| *i == rule_index).map(|(_, c)| *c)
+    }
+
+    /// The request's cost under `rule` at `rule_index`.
+    pub fn of_rule(&self, rule_index: usize, rule: &Rule) -> u64 {
+        self.get(rule_index).unwrap_or(rule.cost)
+    }
+}
+
 /// Decides for `request` at `now`, taking permits if it is allowed.
 ///
 /// `waited` is how long the request has already been held by a delay
@@ -165,18 +196,24 @@ pub fn decide<S: StateStore>(
     waited: Span,
 ) -> Result<Verdict, StoreError> {
     let keys = applicable_rules(policy, request);
-    decide_keys(policy, store, &keys, now, waited)
+    let costs = Costs::of(policy, request, &keys);
+    decide_keys(policy, store, &keys, &costs, now, waited)
 }
 
-/// [`decide`] for rules and keys already chosen, each taking its rule's cost.
+/// [`decide`] for rules and keys already chosen, each taking its rule's
+/// cost unless `costs` says otherwise.
 pub fn decide_keys<S: StateStore>(
     policy: &Policy,
     store: &mut S,
     keys: &[(usize, String)],
+    costs: &Costs,
     now: Nanos,
     waited: Span,
 ) -> Result<Verdict, StoreError> {
-    let claims = claims(policy, keys.iter().map(|(i, k)| (*i, k.as_str(), None)));
+    let claims = claims(
+        policy,
+        keys.iter().map(|(i, k)| (*i, k.as_str(), costs.get(*i))),
+    );
     decide_claims(store, &claims, now, waited)
 }
 
@@ -873,6 +910,32 @@ mod tests {
         let p = policy(r#"{"rules":[{"name":"r","limit":{"count":10,"per":"10s"}}],"max_keys":1}"#);
         let store = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
         settlements_take_and_give_back(store);
+    }
+
+    #[test]
+    fn a_request_header_sets_the_cost_within_max() {
+        let p = policy(
+            r#"{"rules":[{"name":"r","limit":{"count":100,"per":"1h"},"cost":2,"cost_from":{"header":"X-Cost","max":40}}]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let with = |v: &str| req("1.1.1.1").with_header("x-cost", v);
+        let remaining = |store: &mut MemoryStore, r: &HttpRequest| {
+            let v = decide(&p, store, r, Nanos(0), Span::ZERO).unwrap();
+            (v.decisions[0].decision.remaining, v.charges[0].cost)
+        };
+        assert_eq!(remaining(&mut store, &with("10")), (90, 10));
+        // Above max: charged max, never less.
+        assert_eq!(remaining(&mut store, &with("1000000000000000000000")), (50, 40));
+        // Missing, unreadable or zero: the rule's cost.
+        assert_eq!(remaining(&mut store, &req("1.1.1.1")), (48, 2));
+        assert_eq!(remaining(&mut store, &with("-5")), (46, 2));
+        assert_eq!(remaining(&mut store, &with("0")), (44, 2));
+        // More than is left is refused and takes nothing.
+        let v = decide(&p, &mut store, &with("40"), Nanos(0), Span::ZERO).unwrap();
+        assert!(v.is_allowed());
+        let v = decide(&p, &mut store, &with("5"), Nanos(0), Span::ZERO).unwrap();
+        assert!(!v.is_allowed());
+        assert_eq!(remaining(&mut store, &with("4")), (0, 4));
     }
 
     /// Whether `key` (a client address) is allowed at `now`.

@@ -13,6 +13,7 @@
 //! - `object`: structs are read from objects, never from arrays.
 //! - `error`: what a refused configuration reports.
 
+mod charging;
 mod conditions;
 mod error;
 mod object;
