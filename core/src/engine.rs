@@ -175,7 +175,10 @@ impl Costs {
 
     /// The request's cost under the rule at `rule_index`, if it set one.
     pub fn get(&self, rule_index: usize) -> Option<u64> {
-        self.0.iter().find(|(i, _)| *i == rule_index).map(|(_, c)| *c)
+        self.0
+            .iter()
+            .find(|(i, _)| *i == rule_index)
+            .map(|(_, c)| *c)
     }
 
     /// The request's cost under `rule` at `rule_index`.
@@ -925,7 +928,10 @@ mod tests {
         };
         assert_eq!(remaining(&mut store, &with("10")), (90, 10));
         // Above max: charged max, never less.
-        assert_eq!(remaining(&mut store, &with("1000000000000000000000")), (50, 40));
+        assert_eq!(
+            remaining(&mut store, &with("1000000000000000000000")),
+            (50, 40)
+        );
         // Missing, unreadable or zero: the rule's cost.
         assert_eq!(remaining(&mut store, &req("1.1.1.1")), (48, 2));
         assert_eq!(remaining(&mut store, &with("-5")), (46, 2));

@@ -94,8 +94,7 @@ pub const GRPC_STATUS_NAMES: [&str; 17] = [
 /// (`14`); `None` for anything else.
 pub fn grpc_status_code(text: &str) -> Option<u8> {
     if let Ok(n) = text.parse::<u8>() {
-        return (usize::from(n) < GRPC_STATUS_NAMES.len() && !text.starts_with('+'))
-            .then_some(n);
+        return (usize::from(n) < GRPC_STATUS_NAMES.len() && !text.starts_with('+')).then_some(n);
     }
     GRPC_STATUS_NAMES
         .iter()
