@@ -356,18 +356,25 @@ fn governor_quanta(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
 fn sluice_engine(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
     let policy = policy(AlgorithmKind::Gcra, case.limit);
     let keys = [(0usize, case.keys[0].clone())];
+    let costs = engine::Costs::default();
     let mut store = MemoryStore::new(policy.max_keys);
     let mut w = Workload::new(case.keys);
     g.bench_function("sluice_engine/gcra", |b| {
         b.iter(|| {
             let (_, now, _) = w.step();
-            let verdict =
-                engine::decide_keys(&policy, &mut store, black_box(&keys), now, Span::ZERO);
+            let verdict = engine::decide_keys(
+                &policy,
+                &mut store,
+                black_box(&keys),
+                &costs,
+                now,
+                Span::ZERO,
+            );
             black_box(verdict.map(|v| v.is_allowed()).unwrap_or(false))
         })
     });
     let (_, now, _) = w.step();
-    let verdict = engine::decide_keys(&policy, &mut store, &keys, now, Span::ZERO).unwrap();
+    let verdict = engine::decide_keys(&policy, &mut store, &keys, &costs, now, Span::ZERO).unwrap();
     assert_eq!(verdict.is_allowed(), case.expect == Expect::Allowed);
 }
 

@@ -4,10 +4,10 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::algorithm::{Mode, Outcome};
+use crate::algorithm::{Limiter, Mode, Outcome, State};
 use crate::decision::{render_headers, Decision};
-use crate::policy::{Action, Attributes, Counts, Policy};
-use crate::store::{Loaded, Room, Saved, Slot, StateStore, StoreError};
+use crate::policy::{Action, Attributes, Counts, Policy, Rule};
+use crate::store::{limited_for, Loaded, Room, Saved, Slot, StateStore, StoreError};
 use crate::time::{Nanos, Span};
 
 /// How often a decision is retried when another writer got in first.
@@ -169,6 +169,40 @@ pub fn applicable_rules(policy: &Policy, request: &impl Attributes) -> Vec<(usiz
     out
 }
 
+/// What a request costs under the rules whose cost it sets (`cost_from`),
+/// by rule position; every other rule takes its own `cost`. Kept with a
+/// request that waits (delay, quota server), whose headers are gone then.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Costs(Vec<(usize, u64)>);
+
+impl Costs {
+    /// The costs `request` sets under the rules of `keys`.
+    pub fn of(policy: &Policy, request: &impl Attributes, keys: &[(usize, String)]) -> Costs {
+        Costs(
+            keys.iter()
+                .filter_map(|(i, _)| {
+                    let rule = policy.rules.get(*i)?;
+                    rule.cost_from.as_ref()?;
+                    Some((*i, rule.request_cost(request)))
+                })
+                .collect(),
+        )
+    }
+
+    /// The request's cost under the rule at `rule_index`, if it set one.
+    pub fn get(&self, rule_index: usize) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|(i, _)| *i == rule_index)
+            .map(|(_, c)| *c)
+    }
+
+    /// The request's cost under `rule` at `rule_index`.
+    pub fn of_rule(&self, rule_index: usize, rule: &Rule) -> u64 {
+        self.get(rule_index).unwrap_or(rule.cost)
+    }
+}
+
 /// Decides for `request` at `now`, taking permits if it is allowed.
 ///
 /// `waited` is how long the request has already been held by a delay
@@ -181,18 +215,24 @@ pub fn decide<S: StateStore>(
     waited: Span,
 ) -> Result<Verdict, StoreError> {
     let keys = applicable_rules(policy, request);
-    decide_keys(policy, store, &keys, now, waited)
+    let costs = Costs::of(policy, request, &keys);
+    decide_keys(policy, store, &keys, &costs, now, waited)
 }
 
-/// [`decide`] for rules and keys already chosen, each taking its rule's cost.
+/// [`decide`] for rules and keys already chosen, each taking its rule's
+/// cost unless `costs` says otherwise.
 pub fn decide_keys<S: StateStore>(
     policy: &Policy,
     store: &mut S,
     keys: &[(usize, String)],
+    costs: &Costs,
     now: Nanos,
     waited: Span,
 ) -> Result<Verdict, StoreError> {
-    let claims = claims(policy, keys.iter().map(|(i, k)| (*i, k.as_str(), None)));
+    let claims = claims(
+        policy,
+        keys.iter().map(|(i, k)| (*i, k.as_str(), costs.get(*i))),
+    );
     decide_claims(store, &claims, now, waited)
 }
 
@@ -592,6 +632,48 @@ pub fn refund_claims<S: StateStore>(
     Ok(())
 }
 
+/// Settles a charge whose real cost was learnt after the response (usage
+/// the upstream reported): when `used` is more than was taken, takes the
+/// difference unconditionally (beyond the limit the key goes into debt,
+/// and is marked limited so that no new key evicts it meanwhile); when it
+/// is less, gives the difference back. Either way at the state that took
+/// the charge, if it is still there. The charge then stands at `used`, so
+/// a later refund gives back exactly what was taken.
+pub fn settle<S: StateStore>(
+    policy: &Policy,
+    store: &mut S,
+    charge: &mut Charge,
+    used: u64,
+    now: Nanos,
+) -> Result<(), StoreError> {
+    let Some(rule) = policy.rules.get(charge.rule_index) else {
+        return Ok(());
+    };
+    let slot = Slot {
+        rule_index: charge.rule_index,
+        rule,
+        key: &charge.key,
+    };
+    let taken = charge.cost;
+    if used > taken {
+        update_at(store, slot, charge.room, now, |limiter, state| {
+            let after = limiter.charge(state, now, used - taken);
+            if after.allowed {
+                Span::ZERO
+            } else {
+                limited_for(&after)
+            }
+        })?;
+    } else if used < taken {
+        update_at(store, slot, charge.room, now, |limiter, state| {
+            limiter.refund(state, now, taken - used);
+            Span::ZERO
+        })?;
+    }
+    charge.cost = used;
+    Ok(())
+}
+
 /// Gives back `claim`'s permits to the state at `room` that took them, if
 /// it is still there, retrying on conflicts. Never makes room: a refund
 /// must not evict a key to write to a state that never took the charge.
@@ -601,16 +683,29 @@ fn refund_at<S: StateStore>(
     room: Room,
     now: Nanos,
 ) -> Result<(), StoreError> {
+    update_at(store, claim.slot, room, now, |limiter, state| {
+        limiter.refund(state, now, claim.cost);
+        Span::ZERO
+    })
+}
+
+/// Applies `change` to the state at `room` that took a charge, if it is
+/// still there (never making room for it), retrying on conflicts; `change`
+/// returns how long to mark the key limited (see
+/// [`StateStore::save_marked`]).
+fn update_at<S: StateStore>(
+    store: &mut S,
+    slot: Slot<'_>,
+    room: Room,
+    now: Nanos,
+    mut change: impl FnMut(&Limiter, &mut State) -> Span,
+) -> Result<(), StoreError> {
     for _ in 0..MAX_ATTEMPTS {
-        let Some(mut l) = store.load_charged(claim.slot, room, now)? else {
+        let Some(mut l) = store.load_charged(slot, room, now)? else {
             return Ok(());
         };
-        claim
-            .slot
-            .rule
-            .limiter
-            .refund(&mut l.state, now, claim.cost);
-        if store.save(claim.slot, l.state, l.version, now)? == Saved::Stored {
+        let limited = change(&slot.rule.limiter, &mut l.state);
+        if store.save_marked(slot, l.state, l.version, limited, now)? == Saved::Stored {
             return Ok(());
         }
     }
@@ -788,6 +883,81 @@ mod tests {
                 .unwrap()
                 .is_allowed()
         );
+    }
+
+    /// Settling takes what was used beyond the admission's cost (into
+    /// debt), or gives back what was not, and keeps an indebted key from
+    /// being evicted by a new one.
+    fn settlements_take_and_give_back<S: StateStore>(mut store: S) {
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":10,"per":"10s"}}],"max_keys":1}"#);
+        let t = |ms: u64| Nanos(ms * 1_000_000);
+        let mut a = allowed_as(&p, &mut store, "10.0.0.1", t(0));
+        // 4 used of the 1 taken: 6 left.
+        settle(&p, &mut store, &mut a.charges[0], 4, t(1)).unwrap();
+        assert_eq!(a.charges[0].cost, 4);
+        let b = allowed_as(&p, &mut store, "10.0.0.1", t(2));
+        assert_eq!(b.decisions[0].decision.remaining, 5);
+        // 30 used: 34 spent of 10, a debt repaid at 1 per second.
+        let mut b = b;
+        settle(&p, &mut store, &mut b.charges[0], 30, t(3)).unwrap();
+        let refused = allowed_as(&p, &mut store, "10.0.0.1", t(4));
+        assert_eq!(refused.kind, VerdictKind::Limited { rule_index: 0 });
+        assert_eq!(
+            refused.decisions[0].decision.retry_after,
+            Span(24_996_000_000)
+        );
+        // A new key cannot evict the indebted one: it overflows.
+        let c = allowed_as(&p, &mut store, "10.0.0.2", t(5));
+        assert_eq!(c.charges[0].room, Room::Overflow);
+        assert!(!allowed_as(&p, &mut store, "10.0.0.1", t(6)).is_allowed());
+        // A refund of the settled charge gives back all 30.
+        refund(&p, &mut store, &b.charges, t(7)).unwrap();
+        assert!(allowed_as(&p, &mut store, "10.0.0.1", t(8)).is_allowed());
+        // Less used than taken gives the rest back.
+        let mut d = allowed_as(&p, &mut store, "10.0.0.1", t(9));
+        let before = d.decisions[0].decision.remaining;
+        d.charges[0].cost = 3;
+        settle(&p, &mut store, &mut d.charges[0], 0, t(9)).unwrap();
+        let e = allowed_as(&p, &mut store, "10.0.0.1", t(9));
+        assert_eq!(e.decisions[0].decision.remaining, before + 2);
+    }
+
+    #[test]
+    fn settlements_work_in_both_stores() {
+        settlements_take_and_give_back(MemoryStore::new(1));
+        let shared = crate::store::InProcessShared::default();
+        let p = policy(r#"{"rules":[{"name":"r","limit":{"count":10,"per":"10s"}}],"max_keys":1}"#);
+        let store = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        settlements_take_and_give_back(store);
+    }
+
+    #[test]
+    fn a_request_header_sets_the_cost_within_max() {
+        let p = policy(
+            r#"{"rules":[{"name":"r","limit":{"count":100,"per":"1h"},"cost":2,"cost_from":{"header":"X-Cost","max":40}}]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let with = |v: &str| req("1.1.1.1").with_header("x-cost", v);
+        let remaining = |store: &mut MemoryStore, r: &HttpRequest| {
+            let v = decide(&p, store, r, Nanos(0), Span::ZERO).unwrap();
+            (v.decisions[0].decision.remaining, v.charges[0].cost)
+        };
+        assert_eq!(remaining(&mut store, &with("10")), (90, 10));
+        // Above max: charged max, never less.
+        assert_eq!(
+            remaining(&mut store, &with("1000000000000000000000")),
+            (50, 40)
+        );
+        // Missing, unreadable or zero: the rule's cost.
+        assert_eq!(remaining(&mut store, &req("1.1.1.1")), (48, 2));
+        assert_eq!(remaining(&mut store, &with("-5")), (46, 2));
+        assert_eq!(remaining(&mut store, &with("0")), (44, 2));
+        // More than is left is refused and takes nothing.
+        let v = decide(&p, &mut store, &with("40"), Nanos(0), Span::ZERO).unwrap();
+        assert!(v.is_allowed());
+        let v = decide(&p, &mut store, &with("5"), Nanos(0), Span::ZERO).unwrap();
+        assert!(!v.is_allowed());
+        assert_eq!(remaining(&mut store, &with("4")), (0, 4));
     }
 
     /// Whether `key` (a client address) is allowed at `now`.

@@ -13,7 +13,12 @@ enum Action {
     Check,
     Peek,
     Refund,
+    /// Takes three times the op's cost unconditionally (a debt).
+    Charge,
 }
+
+/// What a charge op takes: enough to go well beyond any limit.
+const CHARGE_FACTOR: u64 = 3;
 
 /// One call: at a time (a step after the previous one, or an absolute time),
 /// with a cost.
@@ -74,23 +79,31 @@ fn step(q: Quota) -> impl Strategy<Value = u64> {
     ]
 }
 
-fn action(with_refunds: bool) -> impl Strategy<Value = Action> {
-    let refund = if with_refunds { 1 } else { 0 };
+fn action(with_refunds: bool, with_charges: bool) -> impl Strategy<Value = Action> {
     prop_oneof![
         6 => Just(Action::Check),
         2 => Just(Action::Peek),
-        refund => Just(Action::Refund),
+        1 => Just(Action::Refund),
+        1 => Just(Action::Charge),
     ]
+    .prop_filter("action not in this test", move |a| match a {
+        Action::Refund => with_refunds,
+        Action::Charge => with_charges,
+        Action::Check | Action::Peek => true,
+    })
 }
 
-/// A quota and calls whose `time` are steps (time never goes back).
+/// A quota and calls whose `time` are steps (time never goes back); with
+/// refunds, charges too.
 fn forward(with_refunds: bool) -> impl Strategy<Value = (Quota, Vec<Op>)> {
+    forward_with(with_refunds, with_refunds)
+}
+
+/// [`forward`], choosing refunds and charges apart.
+fn forward_with(with_refunds: bool, with_charges: bool) -> impl Strategy<Value = (Quota, Vec<Op>)> {
     quota().prop_flat_map(move |q| {
-        let op = (step(q), cost(q), action(with_refunds)).prop_map(|(time, cost, action)| Op {
-            time,
-            cost,
-            action,
-        });
+        let op = (step(q), cost(q), action(with_refunds, with_charges))
+            .prop_map(|(time, cost, action)| Op { time, cost, action });
         (Just(q), prop::collection::vec(op, 1..60))
     })
 }
@@ -99,7 +112,7 @@ fn forward(with_refunds: bool) -> impl Strategy<Value = (Quota, Vec<Op>)> {
 fn shuffled() -> impl Strategy<Value = (Quota, Vec<Op>)> {
     quota().prop_flat_map(|q| {
         let span = 3 * q.per().as_nanos();
-        let op = (0..=span, cost(q), action(false)).prop_map(|(time, cost, action)| Op {
+        let op = (0..=span, cost(q), action(false, false)).prop_map(|(time, cost, action)| Op {
             time,
             cost,
             action,
@@ -156,9 +169,98 @@ fn admissions(limiter: &Limiter, ops: &[Op]) -> Vec<Admission> {
                 limiter.peek(&mut state, Nanos(op.time), op.cost);
             }
             Action::Refund => limiter.refund(&mut state, Nanos(op.time), op.cost),
+            Action::Charge => {
+                limiter.charge(&mut state, Nanos(op.time), op.cost * CHARGE_FACTOR);
+            }
         }
     }
     admitted
+}
+
+/// Everything a limiter took, in order: admissions and charges (forward
+/// time only), each as `(time, cost, admitted)`.
+fn taken(limiter: &Limiter, ops: &[Op]) -> Vec<(u64, u64, bool)> {
+    let mut state = limiter.fresh_state();
+    let mut taken = Vec::new();
+    for op in ops {
+        let now = Nanos(op.time);
+        match op.action {
+            Action::Check => {
+                if limiter.check(&mut state, now, op.cost).allowed && op.cost > 0 {
+                    taken.push((op.time, op.cost, true));
+                }
+            }
+            Action::Peek => {
+                limiter.peek(&mut state, now, op.cost);
+            }
+            Action::Refund => unreachable!("no refunds here"),
+            Action::Charge => {
+                let cost = op.cost * CHARGE_FACTOR;
+                limiter.charge(&mut state, now, cost);
+                taken.push((op.time, cost, false));
+            }
+        }
+    }
+    taken
+}
+
+/// Fails unless every admission left everything taken up to it (charges
+/// included) within the algorithm's limit: a debt is repaid at the limit's
+/// pace before anything more passes.
+fn assert_debts_repaid(
+    kind: AlgorithmKind,
+    q: Quota,
+    taken: &[(u64, u64, bool)],
+) -> Result<(), TestCaseError> {
+    let per = u128::from(q.per().as_nanos());
+    let count = u128::from(q.count());
+    let window = |t: u64| u128::from(t) / per;
+    let sum = |it: &mut dyn Iterator<Item = &(u64, u64, bool)>| {
+        it.map(|&(_, c, _)| u128::from(c)).sum::<u128>()
+    };
+    for (j, &(b, _, admitted)) in taken.iter().enumerate() {
+        if !admitted {
+            continue;
+        }
+        let upto = &taken[..=j];
+        match kind {
+            AlgorithmKind::FixedWindow => {
+                let in_window = sum(&mut upto.iter().filter(|e| window(e.0) == window(b)));
+                prop_assert!(
+                    in_window <= count,
+                    "{kind:?}: {in_window} in the window of {b}"
+                );
+            }
+            AlgorithmKind::SlidingWindowLog => {
+                let trailing = sum(&mut upto
+                    .iter()
+                    .filter(|e| u128::from(e.0) + per > u128::from(b)));
+                prop_assert!(trailing <= count, "log: {trailing} in ({b} - per, {b}]");
+            }
+            AlgorithmKind::SlidingWindowCounter => {
+                let w = window(b);
+                let elapsed = u128::from(b) % per;
+                let previous = sum(&mut upto.iter().filter(|e| window(e.0) + 1 == w));
+                let current = sum(&mut upto.iter().filter(|e| window(e.0) == w));
+                prop_assert!(
+                    previous * (per - elapsed) + current * per <= count * per,
+                    "counter: estimate over {count} at {b}"
+                );
+            }
+            _ => {
+                // Any interval [a, b]: taken × per <= burst × per + (b − a) × count.
+                for i in 0..=j {
+                    let total = sum(&mut upto[i..].iter());
+                    let d = u128::from(b - taken[i].0);
+                    prop_assert!(
+                        total * per <= u128::from(q.burst()) * per + d * count,
+                        "{kind:?}: {total} taken within {d}ns up to an admission"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fails unless the admissions respect the algorithm's own definition of its limit.
@@ -261,6 +363,17 @@ proptest! {
         }
     }
 
+    /// (8) Charges taken beyond the limit are debts: no admission passes
+    /// until they are repaid at the limit's pace, so everything taken stays
+    /// within the limit over time.
+    #[test]
+    fn debts_are_repaid_before_anything_more_passes((q, ops) in forward_with(false, true)) {
+        let ops = absolute(&ops);
+        for kind in AlgorithmKind::ALL {
+            assert_debts_repaid(kind, q, &taken(&Limiter::new(kind, q), &ops))?;
+        }
+    }
+
     /// (5) Time going back never panics and never admits more.
     #[test]
     fn time_going_back_never_admits_more((q, ops) in shuffled()) {
@@ -289,6 +402,11 @@ proptest! {
                     Action::Refund => {
                         limiter.refund(&mut state, now, op.cost);
                         limiter.refund(&mut unpeeked, now, op.cost);
+                    }
+                    Action::Charge => {
+                        let after = limiter.charge(&mut state, now, op.cost * CHARGE_FACTOR);
+                        limiter.charge(&mut unpeeked, now, op.cost * CHARGE_FACTOR);
+                        prop_assert_eq!(after, limiter.peek(&mut state.clone(), now, 1));
                     }
                     Action::Peek => {
                         let peeked = limiter.peek(&mut state, now, op.cost);
@@ -336,6 +454,9 @@ proptest! {
                         let _ = limiter.peek(&mut state, at, op.cost);
                     }
                     Action::Refund => limiter.refund(&mut state, at, op.cost),
+                    Action::Charge => {
+                        limiter.charge(&mut state, at, op.cost * CHARGE_FACTOR);
+                    }
                 }
             }
             // Enough checks to spend any limit of the strategy's quotas.
@@ -373,6 +494,10 @@ proptest! {
                     tb.refund(&mut a, now, op.cost);
                     gcra.refund(&mut b, now, op.cost);
                 }
+                Action::Charge => prop_assert_eq!(
+                    tb.charge(&mut a, now, op.cost * CHARGE_FACTOR),
+                    gcra.charge(&mut b, now, op.cost * CHARGE_FACTOR)
+                ),
                 Action::Peek => prop_assert_eq!(tb.peek(&mut a, now, op.cost), gcra.peek(&mut b, now, op.cost)),
                 Action::Check => prop_assert_eq!(tb.check(&mut a, now, op.cost), gcra.check(&mut b, now, op.cost)),
             }
@@ -418,7 +543,7 @@ proptest! {
             (
                 prop_oneof![Just(0u64), Just(u64::MAX), Just(u64::MAX - 1), any::<u64>()],
                 prop_oneof![Just(0u64), Just(1), Just(u64::MAX), any::<u64>()],
-                action(true),
+                action(true, true),
             ),
             1..20,
         ),
@@ -432,6 +557,9 @@ proptest! {
                 let now = Nanos(time);
                 match action {
                     Action::Refund => limiter.refund(&mut state, now, cost),
+                    Action::Charge => {
+                        limiter.charge(&mut state, now, cost);
+                    }
                     Action::Peek | Action::Check => {
                         let o = if matches!(action, Action::Peek) {
                             limiter.peek(&mut state, now, cost)

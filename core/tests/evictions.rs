@@ -3,7 +3,7 @@
 //! store (Envoy's shared-data slots, the quota server's memory).
 
 use proptest::prelude::*;
-use sluice_core::engine::decide_keys;
+use sluice_core::engine::{decide_keys, Costs};
 use sluice_core::policy::Policy;
 use sluice_core::store::{hash, InProcessShared, MemoryStore, Seed, SlotStore, StateStore, PROBES};
 use sluice_core::time::{Nanos, Span};
@@ -27,7 +27,7 @@ mod support {
     /// Asks once for `key` at `now`: whether it was allowed.
     pub fn ask(p: &Policy, store: &mut impl StateStore, key: &str, now: Nanos) -> bool {
         let keys = [(0usize, key.to_string())];
-        decide_keys(p, store, &keys, now, Span::ZERO)
+        decide_keys(p, store, &keys, &Costs::default(), now, Span::ZERO)
             .unwrap()
             .is_allowed()
     }

@@ -26,6 +26,8 @@ pub trait Host {
     fn set_response_header(&self, name: &str, value: &str);
     /// The downstream peer address (`ip:port`).
     fn peer_address(&self) -> Option<String>;
+    /// A response trailer of the current request.
+    fn response_trailer(&self, name: &str) -> Option<String>;
     /// Sets (replaces) a response trailer of the current request.
     fn set_response_trailer(&self, name: &str, value: &str);
     /// The first `size` bytes of the current body chunk travelling `direction`.
@@ -125,6 +127,7 @@ pub(crate) mod fake {
                 map.insert((*n).into(), (*v).into());
             }
             self.response.borrow_mut().clear();
+            self.trailers.borrow_mut().clear();
         }
 
         pub fn respond(&self, status: u16) {
@@ -181,6 +184,9 @@ pub(crate) mod fake {
         }
         fn peer_address(&self) -> Option<String> {
             self.peer.borrow().clone()
+        }
+        fn response_trailer(&self, name: &str) -> Option<String> {
+            self.trailers.borrow().get(name).cloned()
         }
         fn set_response_trailer(&self, name: &str, value: &str) {
             self.trailers.borrow_mut().insert(name.into(), value.into());

@@ -3,6 +3,7 @@
 
 use sluice_core::access::wire::span;
 use sluice_core::decision::Decision;
+use sluice_core::engine::Costs;
 use sluice_core::policy::Policy;
 use sluice_core::time::Span;
 use sluice_proto::prost::Message;
@@ -89,10 +90,15 @@ impl std::fmt::Display for AnswerError {
 impl Call {
     /// The call for `items` (synced rules of `policy` and their keys): one
     /// group per domain, in order of first appearance, each item costing
-    /// its rule's cost, from a caller enforcing access controls of
-    /// `controls_version` (the answer carries newer ones). `None` when no
-    /// item names a synced rule.
-    pub fn new(policy: &Policy, items: &[(usize, String)], controls_version: u64) -> Option<Call> {
+    /// what the request costs under its rule (`costs`), from a caller
+    /// enforcing access controls of `controls_version` (the answer carries
+    /// newer ones). `None` when no item names a synced rule.
+    pub fn new(
+        policy: &Policy,
+        items: &[(usize, String)],
+        costs: &Costs,
+        controls_version: u64,
+    ) -> Option<Call> {
         let mut groups: Vec<CheckGroup> = Vec::new();
         let mut placement = Vec::with_capacity(items.len());
         let mut target: Option<(&str, Span)> = None;
@@ -123,7 +129,7 @@ impl Call {
             g.items.push(CheckItem {
                 rule: rule.name.clone(),
                 key: key.clone(),
-                cost: rule.cost,
+                cost: costs.of_rule(*rule_index, rule),
             });
         }
         let (cluster, timeout) = target?;

@@ -57,6 +57,10 @@ impl Algorithm for Concurrency {
         state.held = state.held.saturating_sub(cost);
     }
 
+    fn charge(&self, state: &mut ConcurrencyState, _now: Nanos, cost: u64) {
+        state.held = state.held.saturating_add(cost);
+    }
+
     fn is_fresh(&self, state: &ConcurrencyState, _now: Nanos) -> bool {
         state.held == 0
     }
@@ -81,5 +85,15 @@ mod tests {
         assert!(c.check(&mut s, Nanos(0), 1).allowed);
         c.refund(&mut s, Nanos(0), 5);
         assert!(c.is_fresh(&s, Nanos(0)));
+    }
+
+    #[test]
+    fn a_charge_holds_beyond_max_until_refunded() {
+        let c = Concurrency::new(Quota::new(2, Span::SECOND, None).unwrap());
+        let mut s = ConcurrencyState::default();
+        c.charge(&mut s, Nanos(0), 3);
+        assert!(!c.peek(&mut s, Nanos(0), 1).allowed);
+        c.refund(&mut s, Nanos(0), 2);
+        assert!(c.check(&mut s, Nanos(0), 1).allowed);
     }
 }

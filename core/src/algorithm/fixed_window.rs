@@ -142,6 +142,11 @@ impl Algorithm for FixedWindow {
         }
     }
 
+    fn charge(&self, state: &mut FixedWindowState, now: Nanos, cost: u64) {
+        self.roll(state, now);
+        state.used = state.used.saturating_add(cost);
+    }
+
     fn is_fresh(&self, state: &FixedWindowState, now: Nanos) -> bool {
         state.used == 0 || self.window(now).0 > state.start
     }
@@ -265,5 +270,20 @@ mod tests {
         assert_eq!(o.retry_after, Span::NEVER);
         alg.refund(&mut s, Nanos(u64::MAX), u64::MAX);
         assert!(alg.is_fresh(&s, Nanos(u64::MAX)));
+    }
+
+    #[test]
+    fn a_charge_goes_over_the_limit_until_the_window_rolls() {
+        let alg = fw(10, 10 * SEC);
+        let mut s = FixedWindowState::default();
+        assert!(alg.check(&mut s, Nanos(SEC), 1).allowed);
+        alg.charge(&mut s, Nanos(2 * SEC), 30);
+        let o = alg.peek(&mut s, Nanos(3 * SEC), 1);
+        assert!(!o.allowed);
+        assert_eq!(o.remaining, 0);
+        assert_eq!(o.retry_after, Span(7 * SEC));
+        assert!(!alg.is_fresh(&s, Nanos(10 * SEC - 1)));
+        // The debt ends with its window.
+        assert!(alg.check(&mut s, Nanos(10 * SEC), 10).allowed);
     }
 }

@@ -7,10 +7,13 @@
 //! `1/count` ns so `T` is exact (it is `per` units). `TAT − now` is the token
 //! bucket's spent level, so both admit exactly the same sequences.
 //!
+//! A charge (usage reported after the fact) moves the TAT forward without
+//! the check, possibly beyond `now + τ`: a debt, refused until time catches
+//! up with it.
+//!
 //! Time going back: the state has no "last time", so an earlier `now` is
-//! believed, except that it is taken as no earlier than `TAT − τ` (the
-//! earliest time consistent with the state). A lagging clock therefore sees
-//! at most a full bucket: it can only be stricter, never admit more.
+//! believed; a TAT more than `τ` ahead of it reads as a debt. A lagging
+//! clock can therefore only be stricter, never admit more.
 
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +87,32 @@ impl Gcra {
     }
 }
 
+impl Gcra {
+    /// `TAT ← max(TAT, now) + cost·T`: the new TAT, also stored (saturated
+    /// at the end of time).
+    fn push_back(&self, state: &mut GcraState, now: Nanos, cost: u64) -> (u128, u64) {
+        let count = self.quota.count();
+        let (ns, fraction) = if self.tat_units(state) >= u128::from(now.0) * u128::from(count) {
+            (state.tat.0, state.fraction.min(count - 1))
+        } else {
+            (now.0, 0)
+        };
+        let (ns, fraction) = self.advance(ns, fraction, cost);
+        match u64::try_from(ns) {
+            Ok(ns) => {
+                state.tat = Nanos(ns);
+                state.fraction = fraction;
+            }
+            // Past the end of time: keep the latest representable TAT.
+            Err(_) => {
+                state.tat = Nanos(u64::MAX);
+                state.fraction = count - 1;
+            }
+        }
+        (ns, fraction)
+    }
+}
+
 impl Algorithm for Gcra {
     type State = GcraState;
 
@@ -92,8 +121,9 @@ impl Algorithm for Gcra {
         let per = u128::from(self.quota.per().as_nanos());
         let tat = self.tat_units(state);
         let now_units = u128::from(now.0) * u128::from(count);
-        // How far the TAT is ahead of now: the bucket's spent level.
-        let ahead = tat.saturating_sub(now_units).min(self.tolerance);
+        // How far the TAT is ahead of now: the bucket's spent level (beyond
+        // τ, a debt).
+        let ahead = tat.saturating_sub(now_units);
         let wanted = u128::from(cost) * per;
         let after = if cost <= self.quota.burst() {
             ahead.checked_add(wanted).filter(|&a| a <= self.tolerance)
@@ -103,35 +133,19 @@ impl Algorithm for Gcra {
         let Some(after) = after else {
             return Outcome {
                 allowed: false,
-                remaining: u64::try_from(div(self.tolerance - ahead, per)).unwrap_or(u64::MAX),
+                remaining: u64::try_from(div(self.tolerance.saturating_sub(ahead), per))
+                    .unwrap_or(u64::MAX),
                 reset_after: span_ceil(ahead, count),
                 retry_after: if cost > self.quota.burst() {
                     Span::NEVER
                 } else {
-                    // Denied, so wanted > τ − ahead; written this way it cannot overflow.
-                    span_ceil(wanted - (self.tolerance - ahead), count)
+                    // Denied, so ahead + wanted > τ.
+                    span_ceil(ahead.saturating_add(wanted) - self.tolerance, count)
                 },
             };
         };
         let reset_after = if mode == Mode::Consume && cost > 0 {
-            // ahead < τ here, so the TAT was not clamped: TAT' = max(TAT, now) + n·T.
-            let (ns, fraction) = if tat >= now_units {
-                (state.tat.0, state.fraction.min(count - 1))
-            } else {
-                (now.0, 0)
-            };
-            let (ns, fraction) = self.advance(ns, fraction, cost);
-            match u64::try_from(ns) {
-                Ok(ns) => {
-                    state.tat = Nanos(ns);
-                    state.fraction = fraction;
-                }
-                // Past the end of time: keep the latest representable TAT.
-                Err(_) => {
-                    state.tat = Nanos(u64::MAX);
-                    state.fraction = count - 1;
-                }
-            }
+            let (ns, fraction) = self.push_back(state, now, cost);
             span(ns - u128::from(now.0) + u128::from(fraction != 0))
         } else {
             span_ceil(after, count)
@@ -156,6 +170,10 @@ impl Algorithm for Gcra {
         let ns = div(tat, count);
         state.tat = Nanos(u64::try_from(ns).unwrap_or(u64::MAX));
         state.fraction = u64::try_from(tat - ns * count).unwrap_or(0);
+    }
+
+    fn charge(&self, state: &mut GcraState, now: Nanos, cost: u64) {
+        self.push_back(state, now, cost);
     }
 
     fn is_fresh(&self, state: &GcraState, now: Nanos) -> bool {
@@ -281,16 +299,33 @@ mod tests {
     }
 
     #[test]
-    fn lagging_clock_sees_at_most_a_full_bucket() {
+    fn lagging_clock_reads_as_a_debt() {
         let alg = gcra(1, SEC, None);
         let mut s = GcraState::default();
         assert!(alg.check(&mut s, Nanos(100 * SEC), 1).allowed);
         let o = alg.check(&mut s, Nanos(0), 1);
         assert!(!o.allowed);
         assert_eq!(o.remaining, 0);
-        assert_eq!(o.reset_after, Span(SEC));
-        assert!(alg.check(&mut s, Nanos(0), 0).allowed);
+        // Stricter, never more: the TAT is 101 s ahead of this clock.
+        assert_eq!(o.reset_after, Span(101 * SEC));
+        assert_eq!(o.retry_after, Span(101 * SEC));
         assert!(alg.check(&mut s, Nanos(101 * SEC), 1).allowed);
+    }
+
+    #[test]
+    fn a_charge_moves_the_tat_forward_beyond_the_tolerance() {
+        let alg = gcra(10, SEC, None);
+        let mut s = GcraState::default();
+        assert!(alg.check(&mut s, Nanos(0), 1).allowed);
+        // 25 permits reported: 16 beyond the 9 left, repaid at 10 per second.
+        alg.charge(&mut s, Nanos(0), 25);
+        let o = alg.peek(&mut s, Nanos(0), 1);
+        assert!(!o.allowed);
+        assert_eq!(o.remaining, 0);
+        assert_eq!(o.retry_after, Span(1_700_000_000));
+        assert_eq!(o.reset_after, Span(2_600_000_000));
+        assert!(!alg.check(&mut s, Nanos(1_700_000_000 - 1), 1).allowed);
+        assert!(alg.check(&mut s, Nanos(1_700_000_000), 1).allowed);
     }
 
     #[test]

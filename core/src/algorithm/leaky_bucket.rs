@@ -51,6 +51,10 @@ impl Algorithm for LeakyBucket {
         state.0.refund(&self.bucket, now, cost);
     }
 
+    fn charge(&self, state: &mut LeakyBucketState, now: Nanos, cost: u64) {
+        state.0.charge(&self.bucket, now, cost);
+    }
+
     fn is_fresh(&self, state: &LeakyBucketState, now: Nanos) -> bool {
         state.0.is_empty_at(&self.bucket, now)
     }

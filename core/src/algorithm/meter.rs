@@ -77,7 +77,8 @@ impl Bucket {
     fn split(&self, level: u128) -> (u64, u64) {
         let per = u128::from(self.per());
         let whole = div(level, per);
-        // The remainder is below `per`, a u64; whole <= burst when level <= capacity.
+        // The remainder is below `per`, a u64; whole fits a u64 unless a
+        // debt passed 2^64 permits, where it saturates.
         let frac = u64::try_from(level - whole * per).unwrap_or(u64::MAX);
         (u64::try_from(whole).unwrap_or(u64::MAX), frac)
     }
@@ -95,13 +96,14 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    /// The level at `now` (no earlier than `at`), drained and capped at capacity.
+    /// The level at `now` (no earlier than `at`), drained. Above capacity
+    /// it is a debt (a charge, or a state written under a larger quota):
+    /// it drains at the same rate, and nothing fits until it has.
     pub(super) fn level_at(&self, bucket: &Bucket, now: Nanos) -> u128 {
         // Cannot overflow: (2^64-1)^2 + (2^64-1) < 2^128.
         let stored = bucket.units(self.permits) + u128::from(self.fraction);
         let drained = u128::from(now.since(self.at).as_nanos()) * u128::from(bucket.quota.count());
-        // A state written under a larger quota may hold more than fits now.
-        stored.saturating_sub(drained).min(bucket.capacity)
+        stored.saturating_sub(drained)
     }
 
     fn store(&mut self, now: Nanos, permits: u64, fraction: u64) {
@@ -172,6 +174,17 @@ impl Meter {
         self.store(now, whole, frac);
     }
 
+    /// Adds `cost` permits to the level whatever it holds (see
+    /// [`super::Algorithm::charge`]).
+    pub(super) fn charge(&mut self, bucket: &Bucket, now: Nanos, cost: u64) {
+        let now = now.max(self.at);
+        let level = self
+            .level_at(bucket, now)
+            .saturating_add(bucket.units(cost));
+        let (whole, frac) = bucket.split(level);
+        self.store(now, whole, frac);
+    }
+
     /// Whether the level is zero at `now`, as in a fresh meter.
     pub(super) fn is_empty_at(&self, bucket: &Bucket, now: Nanos) -> bool {
         self.level_at(bucket, now.max(self.at)) == 0
@@ -231,13 +244,28 @@ mod tests {
     }
 
     #[test]
-    fn oversized_stored_level_is_capped() {
+    fn oversized_stored_level_is_a_debt_that_drains() {
         let b = bucket(1, 1_000_000, Some(2));
-        let m = Meter {
+        let mut m = Meter {
             at: Nanos(0),
             permits: u64::MAX,
             fraction: u64::MAX,
         };
-        assert_eq!(m.level_at(&b, Nanos(0)), b.capacity);
+        assert!(m.level_at(&b, Nanos(0)) > b.capacity);
+        let refused = m.acquire(&b, Nanos(0), 1, Mode::Peek);
+        assert!(!refused.allowed);
+        assert_eq!(refused.remaining, 0);
+        // A debt of 3 permits beyond a burst of 2 at 1 per ms: one fits after 2ms.
+        let mut m = Meter::default();
+        m.charge(&b, Nanos(0), 5);
+        assert_eq!(
+            m.acquire(&b, Nanos(0), 1, Mode::Peek).retry_after,
+            Span(4_000_000)
+        );
+        assert!(
+            !m.acquire(&b, Nanos(4_000_000 - 1), 1, Mode::Consume)
+                .allowed
+        );
+        assert!(m.acquire(&b, Nanos(4_000_000), 1, Mode::Consume).allowed);
     }
 }

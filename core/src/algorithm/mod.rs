@@ -130,6 +130,13 @@ pub trait Algorithm {
     /// was excluded from counting). Never raises the allowance above full.
     fn refund(&self, state: &mut Self::State, now: Nanos, cost: u64);
 
+    /// Takes `cost` permits at `now` whether or not they are available
+    /// (usage reported after the fact). Beyond the limit the key is in
+    /// debt: it is refused until the debt is repaid at the limit's own pace
+    /// (buckets: the refill time moves forward; windows: the count stays
+    /// over the limit until the window, or both windows, roll).
+    fn charge(&self, state: &mut Self::State, now: Nanos, cost: u64);
+
     /// Whether `state` is indistinguishable from a fresh one at `now`:
     /// such a state can be dropped without changing any decision made at
     /// `now` or later. (It may remember a later time than `now` if the clock
@@ -345,6 +352,17 @@ impl Limiter {
     /// See [`Algorithm::refund`].
     pub fn refund(&self, state: &mut State, now: Nanos, cost: u64) {
         with_state!(self, state, |alg, st| alg.refund(st, now, cost), ())
+    }
+
+    /// See [`Algorithm::charge`]; returns what a request for one permit
+    /// would get afterwards (refused while the key is in debt). A state of
+    /// another algorithm is replaced by a fresh one first.
+    pub fn charge(&self, state: &mut State, now: Nanos, cost: u64) -> Outcome {
+        with_state!(self, &mut *state, |alg, st| alg.charge(st, now, cost), {
+            *state = self.fresh_state();
+            self.charge(state, now, cost);
+        });
+        self.peek(state, now, 1)
     }
 
     /// See [`Algorithm::is_fresh`]; a state of another algorithm counts as fresh.

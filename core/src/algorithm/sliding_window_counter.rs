@@ -151,6 +151,11 @@ impl Algorithm for SlidingWindowCounter {
         }
     }
 
+    fn charge(&self, state: &mut SlidingWindowCounterState, now: Nanos, cost: u64) {
+        *state = self.rolled(state, now);
+        state.current = state.current.saturating_add(cost);
+    }
+
     fn is_fresh(&self, state: &SlidingWindowCounterState, now: Nanos) -> bool {
         let view = self.rolled(state, now);
         view.previous == 0 && view.current == 0
@@ -277,5 +282,22 @@ mod tests {
         assert!(!o.allowed);
         alg.refund(&mut s, Nanos(u64::MAX), u64::MAX);
         alg.is_fresh(&s, Nanos(u64::MAX));
+    }
+
+    #[test]
+    fn a_charge_weighs_on_the_next_window_too() {
+        let alg = swc(10, 10 * SEC);
+        let mut s = SlidingWindowCounterState::default();
+        alg.charge(&mut s, Nanos(5 * SEC), 20);
+        let o = alg.peek(&mut s, Nanos(5 * SEC), 1);
+        assert!(!o.allowed);
+        // Next window: 20 × (10 − e)/10 + 1 <= 10 once e >= 5.5s.
+        assert_eq!(o.retry_after, Span(10_500_000_000));
+        assert!(
+            !alg.peek(&mut s.clone(), Nanos(15_500_000_000 - 1), 1)
+                .allowed
+        );
+        assert!(alg.peek(&mut s.clone(), Nanos(15_500_000_000), 1).allowed);
+        assert!(alg.is_fresh(&s, Nanos(30 * SEC)));
     }
 }

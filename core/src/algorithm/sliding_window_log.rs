@@ -2,8 +2,10 @@
 //!
 //! Every admission is remembered as `(time, cost)` (admissions at the same
 //! instant merged) until it is `per` old. Memory is bounded by the limit:
-//! live costs sum to at most `count` and each entry costs at least 1, so
-//! there are never more than `count` entries. `burst` is ignored.
+//! an admission is logged only while the live costs sum below `count`, each
+//! entry costs at least 1, and a charge beyond the limit joins the newest
+//! entry once there are `count`, so there are never more than `count`
+//! entries. `burst` is ignored.
 
 use alloc::collections::VecDeque;
 
@@ -49,15 +51,20 @@ impl From<LogForm> for SlidingWindowLogState {
 impl SlidingWindowLogState {
     /// A state holding `entries`, with their total derived.
     pub(super) fn from_parts(last: Nanos, entries: VecDeque<(Nanos, u64)>) -> Self {
-        let total = entries
-            .iter()
-            .fold(0u64, |sum, &(_, c)| sum.saturating_add(c));
+        let total = total_of(&entries);
         SlidingWindowLogState {
             last,
             entries,
             total,
         }
     }
+}
+
+/// The entries' costs summed, saturating.
+fn total_of(entries: &VecDeque<(Nanos, u64)>) -> u64 {
+    entries
+        .iter()
+        .fold(0u64, |sum, &(_, c)| sum.saturating_add(c))
 }
 
 impl SlidingWindowLog {
@@ -83,6 +90,23 @@ impl SlidingWindowLog {
     /// Time from `now` until the entry at `at` leaves the window.
     fn until_expiry(&self, at: Nanos, now: Nanos) -> Span {
         span(self.expiry(at).saturating_sub(u128::from(now.0)))
+    }
+
+    /// Logs `cost` (at least 1) taken at `now` (the state's latest time).
+    /// A log already holding `count` entries (only charges beyond the limit
+    /// get there) adds it to the newest entry, moved to `now`: those
+    /// permits then leave the window later than they would, which is
+    /// stricter, and memory stays bounded by `count` entries.
+    fn record(&self, state: &mut SlidingWindowLogState, now: Nanos, cost: u64) {
+        state.total = state.total.saturating_add(cost);
+        let full = state.entries.len() as u64 >= self.quota.count();
+        match state.entries.back_mut() {
+            Some((at, c)) if *at == now || full => {
+                *at = now;
+                *c = c.saturating_add(cost);
+            }
+            _ => state.entries.push_back((now, cost)),
+        }
     }
 
     /// Shortest wait after which `excess` permits' worth of the oldest
@@ -116,6 +140,7 @@ impl Algorithm for SlidingWindowLog {
     ) -> Outcome {
         let now = now.max(state.last);
         state.last = now;
+        let saturated = state.total == u64::MAX;
         while let Some(&(at, _)) = state.entries.front() {
             if !self.expired(at, now) {
                 break;
@@ -124,16 +149,16 @@ impl Algorithm for SlidingWindowLog {
                 state.total = state.total.saturating_sub(c);
             }
         }
+        // See `refund`.
+        if saturated {
+            state.total = total_of(&state.entries);
+        }
         let used = state.total;
         let count = self.quota.count();
         let allowed = cost <= count.saturating_sub(used);
         if allowed {
             if mode == Mode::Consume && cost > 0 {
-                state.total += cost;
-                match state.entries.back_mut() {
-                    Some((at, c)) if *at == now => *c = c.saturating_add(cost),
-                    _ => state.entries.push_back((now, cost)),
-                }
+                self.record(state, now, cost);
             }
             let newest = if cost > 0 {
                 Some(now)
@@ -165,6 +190,9 @@ impl Algorithm for SlidingWindowLog {
     }
 
     fn refund(&self, state: &mut SlidingWindowLogState, _now: Nanos, cost: u64) {
+        // A saturated total (charges can pass 2^64) no longer tells the
+        // sum after a subtraction: it is summed again below.
+        let saturated = state.total == u64::MAX;
         // The refunded permits are the most recent ones.
         let mut left = cost;
         while left > 0 {
@@ -178,6 +206,18 @@ impl Algorithm for SlidingWindowLog {
             if *c == 0 {
                 state.entries.pop_back();
             }
+        }
+        if saturated {
+            state.total = total_of(&state.entries);
+        }
+    }
+
+    fn charge(&self, state: &mut SlidingWindowLogState, now: Nanos, cost: u64) {
+        // Expires what has left the window and brings `last` up to `now`.
+        self.acquire(state, now, 0, Mode::Peek);
+        if cost > 0 {
+            let now = state.last;
+            self.record(state, now, cost);
         }
     }
 
@@ -299,5 +339,22 @@ mod tests {
         let o = alg.check(&mut s, Nanos(u64::MAX), 1);
         assert_eq!(o.retry_after, Span::NEVER);
         assert_eq!(o.reset_after, Span::NEVER);
+    }
+
+    #[test]
+    fn charges_beyond_the_limit_stay_within_count_entries() {
+        let alg = log(3, 10 * SEC);
+        let mut s = SlidingWindowLogState::default();
+        for t in 0..10 {
+            alg.charge(&mut s, Nanos(t * SEC), 2);
+        }
+        assert!(s.entries.len() <= 3);
+        // 20 permits charged: the newest entry holds the last ones, moved
+        // to 9s, and leaves the window at 19s.
+        let o = alg.peek(&mut s, Nanos(9 * SEC), 1);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after, Span(10 * SEC));
+        assert!(!alg.check(&mut s, Nanos(19 * SEC - 1), 1).allowed);
+        assert!(alg.check(&mut s, Nanos(19 * SEC), 3).allowed);
     }
 }

@@ -47,6 +47,10 @@ impl Algorithm for TokenBucket {
         state.0.refund(&self.bucket, now, cost);
     }
 
+    fn charge(&self, state: &mut TokenBucketState, now: Nanos, cost: u64) {
+        state.0.charge(&self.bucket, now, cost);
+    }
+
     fn is_fresh(&self, state: &TokenBucketState, now: Nanos) -> bool {
         state.0.is_empty_at(&self.bucket, now)
     }
@@ -180,5 +184,20 @@ mod tests {
         let mut s = TokenBucketState::default();
         assert!(!small.check(&mut s, Nanos(u64::MAX), u64::MAX).allowed);
         assert!(small.check(&mut s, Nanos(u64::MAX), 1).allowed);
+    }
+
+    #[test]
+    fn a_charge_beyond_the_bucket_is_repaid_at_the_refill_rate() {
+        let alg = tb(10, SEC, None);
+        let mut s = TokenBucketState::default();
+        assert!(alg.check(&mut s, Nanos(0), 1).allowed);
+        alg.charge(&mut s, Nanos(0), 25);
+        // 26 spent of 10: one token is back once 17 have refilled.
+        let o = alg.peek(&mut s, Nanos(0), 1);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after, Span(1_700_000_000));
+        assert_eq!(o.reset_after, Span(2_600_000_000));
+        assert!(!alg.check(&mut s, Nanos(1_700_000_000 - 1), 1).allowed);
+        assert!(alg.check(&mut s, Nanos(1_700_000_000), 1).allowed);
     }
 }

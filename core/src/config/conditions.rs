@@ -104,7 +104,7 @@ pub(super) fn validate_match(raw: &MatchConfig, at: &str, errors: &mut Errors) -
 }
 
 /// An HTTP token (RFC 9110): what method and header names are made of.
-fn is_token(text: &str) -> bool {
+pub(super) fn is_token(text: &str) -> bool {
     !text.is_empty()
         && text
             .bytes()

@@ -16,6 +16,7 @@
 //! - `error`: what a refused configuration reports.
 
 mod access;
+mod charging;
 mod conditions;
 mod error;
 mod groups;

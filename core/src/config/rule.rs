@@ -5,6 +5,7 @@ use alloc::format;
 use alloc::string::ToString;
 use alloc::vec::Vec;
 
+use super::charging::{validate_charge, validate_cost_from};
 use super::conditions::validate_match;
 use super::error::Errors;
 use super::schema::{
@@ -135,18 +136,32 @@ pub(super) fn validate_rule(
             "each byte costs one permit here; remove cost".into(),
         );
     }
+    let cost_from = raw
+        .cost_from
+        .as_ref()
+        .and_then(|c| validate_cost_from(c, counts, at, errors));
+    let charge = raw
+        .charge
+        .as_ref()
+        .and_then(|c| validate_charge(c, counts, raw.sync.is_some(), at, errors));
     if let (Some(q), false) = (&quota, matches!(counts, Counts::MessageSize(_))) {
         let capacity = if uses_burst(algorithm) {
             q.burst()
         } else {
             q.count()
         };
-        if cost > capacity {
-            errors.add(
-                at,
-                ".cost",
-                format!("{cost} exceeds what the limit can ever grant at once ({capacity}); no request could pass"),
-            );
+        // The largest cost a request can be asked for must be grantable.
+        let most = [(".cost", cost)]
+            .into_iter()
+            .chain(cost_from.as_ref().map(|c| (".cost_from.max", c.max)));
+        for (field, most) in most {
+            if most > capacity {
+                errors.add(
+                    at,
+                    field,
+                    format!("{most} exceeds what the limit can ever grant at once ({capacity}); no request could pass"),
+                );
+            }
         }
     }
 
@@ -167,6 +182,8 @@ pub(super) fn validate_rule(
         limiter: Limiter::new(algorithm, quota),
         quota,
         cost,
+        cost_from,
+        charge,
         action,
         priority: raw.priority.unwrap_or(0),
         group: raw.group.clone(),

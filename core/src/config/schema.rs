@@ -22,6 +22,8 @@ object_only!(
     PathConfig,
     HeaderConfig,
     LimitConfig,
+    CostFromConfig,
+    ChargeConfig,
     HeadersConfig,
     ClientIpConfig,
     AccessConfig,
@@ -105,6 +107,12 @@ pub struct RuleConfig {
     /// Permits per request; default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<u64>,
+    /// Each request's cost from a request header, bounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_from: Option<CostFromConfig>,
+    /// Charge what the upstream reports a request used, after the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge: Option<ChargeConfig>,
     /// Algorithm; default token bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<AlgorithmKind>,
@@ -314,6 +322,31 @@ pub struct LimitConfig {
     pub burst: Option<u64>,
 }
 
+/// `cost_from` as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
+pub struct CostFromConfig {
+    /// The request header holding the cost.
+    pub header: String,
+    /// The most one request is charged.
+    pub max: u64,
+}
+
+/// `charge` as written: exactly one of `response_header` and
+/// `response_trailer`, and `max`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
+pub struct ChargeConfig {
+    /// The response header the upstream reports usage in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header: Option<String>,
+    /// The response trailer the upstream reports usage in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_trailer: Option<String>,
+    /// The most one response is charged.
+    pub max: u64,
+}
+
 /// A duration kept as written until validation, so a bad one is reported
 /// with its field path rather than as a parse failure of the whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,13 +409,13 @@ fn yes() -> bool {
     true
 }
 
-/// A status code (`503`) or class (`"5xx"`).
+/// A status code (`503`), class (`"5xx"`) or gRPC status (`"grpc:UNAVAILABLE"`, `"grpc:14"`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum StatusSpec {
     /// One code.
     Code(u64),
-    /// A class such as `"5xx"`.
+    /// A class such as `"5xx"`, or `"grpc:"` and a gRPC status name or code.
     Class(String),
 }
 

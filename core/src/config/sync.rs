@@ -78,6 +78,19 @@ pub(super) fn validate_sync(
                     ),
                 );
             }
+            if let Some(max) = rule.cost_from.as_ref().map(|c| c.max) {
+                if max > leasing.max_lease {
+                    errors.add(
+                        at,
+                        ".cost_from.max",
+                        format!(
+                            "{max} is more than sync.max_lease ({}): a lease could never admit \
+                             a request of that cost; lower it or raise sync.max_lease",
+                            leasing.max_lease
+                        ),
+                    );
+                }
+            }
             SyncMode::Leased(leasing)
         }
     };

@@ -6,6 +6,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::access::validate_access;
+use super::charging::excluded_grpc_status;
 use super::error::{ConfigError, Errors};
 use super::groups::validate_groups;
 use super::rule::validate_rule;
@@ -100,11 +101,17 @@ impl Config {
             let at = format!("exclude_statuses[{i}]");
             match spec {
                 StatusSpec::Code(code @ 100..=599) => exclude_statuses.add_code(*code as u16),
-                StatusSpec::Class(class) => match class.as_bytes() {
-                    [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                StatusSpec::Class(class) => match (excluded_grpc_status(class), class.as_bytes()) {
+                    (Some(Ok(code)), _) => exclude_statuses.add_grpc(code),
+                    (Some(Err(message)), _) => errors.add(&at, "", message),
+                    (None, [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X']) => {
                         exclude_statuses.add_class(u16::from(d - b'0'))
                     }
-                    _ => errors.add(&at, "", "expected a class such as \"5xx\"".into()),
+                    (None, _) => errors.add(
+                        &at,
+                        "",
+                        "expected a class such as \"5xx\" or a gRPC status such as \"grpc:UNAVAILABLE\"".into(),
+                    ),
                 },
                 StatusSpec::Code(_) => errors.add(&at, "", "must be between 100 and 599".into()),
             }
@@ -338,7 +345,7 @@ mod tests {
                 "rules[3].max_delay: required with action delay",
                 "rules[4].match.path: set exactly one of exact, prefix or glob",
                 "rules[4].cost: 3 exceeds what the limit can ever grant at once (2); no request could pass",
-                "exclude_statuses[0]: expected a class such as \"5xx\"",
+                "exclude_statuses[0]: expected a class such as \"5xx\" or a gRPC status such as \"grpc:UNAVAILABLE\"",
                 "exclude_statuses[1]: must be between 100 and 599",
             ]
         );

@@ -1,6 +1,7 @@
 //! The policy model: named rules, each a match, a key, a limit, an
 //! algorithm and an action, evaluated together on every request.
 
+pub mod charging;
 pub mod key;
 pub mod matcher;
 pub mod request;
@@ -9,6 +10,7 @@ pub mod sync;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+pub use charging::{read_amount, ChargeFrom, CostFrom, ReportedIn};
 pub use key::{KeyPart, KeySpec};
 pub use matcher::{Glob, GrpcMatch, HeaderMatch, Matcher, PathMatch};
 pub use request::{grpc_method, strip_query, Attributes, HttpRequest, Protocol};
@@ -135,8 +137,13 @@ pub struct Rule {
     pub quota: Quota,
     /// The algorithm enforcing it (never consulted for `message_size`).
     pub limiter: Limiter,
-    /// Permits each request takes.
+    /// Permits each request takes (unless `cost_from` reads them).
     pub cost: u64,
+    /// Each request's cost from a request header, when set.
+    pub cost_from: Option<CostFrom>,
+    /// What the upstream reports a request used, charged after the
+    /// response in place of its cost, when set.
+    pub charge: Option<ChargeFrom>,
     /// What happens when it limits.
     pub action: Action,
     /// Higher first.
@@ -147,11 +154,24 @@ pub struct Rule {
     pub group: Option<String>,
 }
 
-/// A set of status codes: single codes and whole classes (`5xx`).
+impl Rule {
+    /// What `request` costs under this rule: `cost`, or the amount its
+    /// `cost_from` header says.
+    pub fn request_cost(&self, request: &impl Attributes) -> u64 {
+        self.cost_from
+            .as_ref()
+            .map_or(self.cost, |from| from.cost(request, self.cost))
+    }
+}
+
+/// A set of status codes: single codes and whole classes (`5xx`), and
+/// gRPC status codes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatusSet {
     codes: Vec<u16>,
     classes: Vec<u16>,
+    /// Bit `n` set: gRPC status `n` (0 to 16) is in the set.
+    grpc: u32,
 }
 
 impl StatusSet {
@@ -170,9 +190,31 @@ impl StatusSet {
         self.codes.contains(&status) || self.classes.contains(&(status / 100))
     }
 
-    /// Whether the set is empty (no response needs its status checked).
+    /// Adds a gRPC status code (0 to 16; others are ignored).
+    pub fn add_grpc(&mut self, code: u8) {
+        if let Some(bit) = 1u32.checked_shl(u32::from(code)) {
+            self.grpc |= bit;
+        }
+    }
+
+    /// Whether gRPC status `code` (as the `grpc-status` value) is in the set.
+    pub fn contains_grpc(&self, code: &str) -> bool {
+        code.parse::<u8>()
+            .ok()
+            .and_then(|c| 1u32.checked_shl(u32::from(c)))
+            .is_some_and(|bit| self.grpc & bit != 0)
+    }
+
+    /// Whether no HTTP status is in the set (no response needs its
+    /// `:status` checked).
     pub fn is_empty(&self) -> bool {
         self.codes.is_empty() && self.classes.is_empty()
+    }
+
+    /// Whether some gRPC status is in the set (gRPC responses need their
+    /// `grpc-status` checked).
+    pub fn has_grpc(&self) -> bool {
+        self.grpc != 0
     }
 }
 
@@ -219,8 +261,8 @@ impl Policy {
             .map(|s| &s.sync)
     }
 
-    /// Lower-case names of the request headers some rule reads (for match
-    /// or key), so a host fetches only those.
+    /// Lower-case names of the request headers some rule reads (for match,
+    /// key or cost), so a host fetches only those.
     pub fn headers_needed(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
         for rule in &self.rules {
@@ -229,7 +271,8 @@ impl Policy {
                 KeyPart::Header(name) => Some(name.as_str()),
                 _ => None,
             });
-            for name in from_match.chain(from_key) {
+            let from_cost = rule.cost_from.iter().map(|c| c.header.as_str());
+            for name in from_match.chain(from_key).chain(from_cost) {
                 if !names.contains(&name) {
                     names.push(name);
                 }

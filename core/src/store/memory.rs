@@ -10,7 +10,7 @@ use super::{
 };
 use crate::algorithm::{Limiter, Outcome, State};
 use crate::policy::Rule;
-use crate::time::Nanos;
+use crate::time::{Nanos, Span};
 
 /// How many keys were dropped to stay within bounds, and what happened
 /// to new keys that found no room.
@@ -405,6 +405,30 @@ impl StateStore for MemoryStore {
             }),
             Room::Full => None,
         })
+    }
+
+    fn save_marked(
+        &mut self,
+        slot: Slot<'_>,
+        state: State,
+        checkout: Checkout,
+        limited: Span,
+        now: Nanos,
+    ) -> Result<Saved, StoreError> {
+        let mark = |until: Nanos| {
+            if limited > Span::ZERO {
+                until.max(now.plus(limited))
+            } else {
+                until
+            }
+        };
+        let checkout = match checkout {
+            Checkout::Held(key, until) => Checkout::Held(key, mark(until)),
+            Checkout::Charged(key, until) => Checkout::Charged(key, mark(until)),
+            other => other,
+        };
+        self.put(slot, checkout, state, now);
+        Ok(Saved::Stored)
     }
 
     fn release(&mut self, slot: Slot<'_>, state: State, checkout: Checkout, now: Nanos) {

@@ -175,6 +175,20 @@ pub trait StateStore {
         now: Nanos,
     ) -> Result<Saved, StoreError>;
 
+    /// [`StateStore::save`] for a state checked out by
+    /// [`StateStore::load_charged`], also marking a key that holds its own
+    /// state limited for at least `limited` ([`Span::ZERO`]: the mark stays
+    /// as it was). A charge that put the key in debt marks it, so that no
+    /// new key evicts it and it never comes back without its debt.
+    fn save_marked(
+        &mut self,
+        slot: Slot<'_>,
+        state: State,
+        version: Self::Version,
+        limited: Span,
+        now: Nanos,
+    ) -> Result<Saved, StoreError>;
+
     /// Gives back a state that was not changed.
     fn release(&mut self, slot: Slot<'_>, state: State, version: Self::Version, now: Nanos);
 

@@ -556,6 +556,22 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         self.write(slot, &state, version, version.limited_until, now)
     }
 
+    fn save_marked(
+        &mut self,
+        slot: Slot<'_>,
+        state: State,
+        version: SlotVersion,
+        limited: Span,
+        now: Nanos,
+    ) -> Result<Saved, StoreError> {
+        let until = if version.held && limited > Span::ZERO {
+            version.limited_until.max(now.plus(limited))
+        } else {
+            version.limited_until
+        };
+        self.write(slot, &state, version, until, now)
+    }
+
     fn release(&mut self, _slot: Slot<'_>, _state: State, _version: SlotVersion, _now: Nanos) {}
 
     fn refuse(

@@ -2,7 +2,7 @@
 //! them again, and released (or refused) on the VM's ticks, which also
 //! poll for the quota server's access controls.
 
-use sluice_core::engine::{self, Verdict};
+use sluice_core::engine::{self, Costs, Verdict};
 use sluice_core::policy::Protocol;
 use sluice_core::store::SharedBytes;
 use sluice_core::time::Nanos;
@@ -30,6 +30,8 @@ pub(super) struct DelayedRequest {
     pub(super) protocol: Protocol,
     /// Request-time rules and their keys.
     pub(super) keys: Vec<(usize, String)>,
+    /// What the request costs under the rules whose cost it sets.
+    pub(super) costs: Costs,
     /// Stream rules and their keys, watched once it is admitted.
     pub(super) stream_keys: Vec<(usize, String)>,
 }

@@ -70,7 +70,8 @@ impl<B: SharedBytes> Plugin<B> {
         leased: Vec<LeaseTaken>,
         delayed: bool,
     ) -> Decided {
-        let Some(call) = Call::new(&self.policy, &remote, self.controls.version()) else {
+        let version = self.controls.version();
+        let Some(call) = Call::new(&self.policy, &remote, &request.costs, version) else {
             return Decided::Now(self.admit(host, request, local, delayed));
         };
         let token = host.grpc_call(&call.cluster, SERVICE, METHOD, &call.message, call.timeout);
@@ -245,7 +246,15 @@ impl<B: SharedBytes> Plugin<B> {
         if !fallback.is_empty() {
             // The fallback limits are the synced rules' local quotas.
             let now = host.now();
-            match engine::decide_keys(&self.policy, &mut self.store, &fallback, now, Span::ZERO) {
+            let costs = &request.costs;
+            match engine::decide_keys(
+                &self.policy,
+                &mut self.store,
+                &fallback,
+                costs,
+                now,
+                Span::ZERO,
+            ) {
                 Ok(local) => {
                     verdict.decisions.extend(local.decisions);
                     // Synced rules reject, never delay: Wait does not occur.

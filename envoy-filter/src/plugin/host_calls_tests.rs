@@ -56,6 +56,10 @@ impl Host for Counting<'_> {
         self.note("peer_address");
         self.host.peer_address()
     }
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        self.note("response_trailer");
+        self.host.response_trailer(name)
+    }
     fn set_response_trailer(&self, name: &str, value: &str) {
         self.note("set_response_trailer");
         self.host.set_response_trailer(name, value);

@@ -78,7 +78,8 @@ impl<B: SharedBytes> Plugin<B> {
                 ask.push((rule_index, key));
                 continue;
             };
-            let decision = match self.take_lease(host, rule_index, &key, leasing, now) {
+            let cost = request.costs.get(rule_index);
+            let decision = match self.take_lease(host, rule_index, &key, cost, leasing, now) {
                 LeaseUse::Taken(t, cell) => {
                     taken.push(t);
                     allowed(&cell, now)
@@ -121,12 +122,14 @@ impl<B: SharedBytes> Plugin<B> {
         }
     }
 
-    /// Takes the rule's cost for `key` from its leases.
+    /// Takes the request's `cost` under the rule (`None`: the rule's own
+    /// cost) for `key` from its leases.
     fn take_lease(
         &mut self,
         host: &impl Host,
         rule_index: usize,
         key: &str,
+        cost: Option<u64>,
         leasing: Leasing,
         now: Nanos,
     ) -> LeaseUse {
@@ -134,7 +137,7 @@ impl<B: SharedBytes> Plugin<B> {
             return LeaseUse::Ask;
         };
         let owner = lease::fingerprint(self.store.seed(), &rule.name, key);
-        let cost = rule.cost;
+        let cost = cost.unwrap_or(rule.cost);
         let found = cell::take(
             self.store.backend_mut(),
             &mut self.lease_name,

@@ -3,8 +3,8 @@
 //! its body chunks, and its in-flight permits given back when it ends.
 
 use sluice_core::engine::{self, Charge, Verdict, VerdictKind};
-use sluice_core::policy::{Action, Counts, Direction, Protocol};
-use sluice_core::store::SharedBytes;
+use sluice_core::policy::{read_amount, Action, Counts, Direction, Policy, Protocol, ReportedIn};
+use sluice_core::store::{SharedBytes, SlotStore};
 use sluice_core::time::{Nanos, Span};
 
 use super::delay::{DelayedRequest, DELAY_TICK_MILLIS};
@@ -12,7 +12,7 @@ use super::stream_judge::StreamJudge;
 use super::{Decided, Plugin, Step, Wake};
 use crate::host::Host;
 use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal};
-use crate::metrics::Outcome;
+use crate::metrics::{Metrics, Outcome};
 use crate::stream::{Edit, GrpcStream, WebSocketStream};
 
 /// The stream a request opened, once there is one to watch.
@@ -81,6 +81,7 @@ impl<B: SharedBytes> Plugin<B> {
             wake_at: now,
             since: now,
             protocol: request.protocol,
+            costs: engine::Costs::of(&self.policy, &request, &keys),
             keys,
             stream_keys,
         };
@@ -114,8 +115,15 @@ impl<B: SharedBytes> Plugin<B> {
         // An unlimited override lifts a synced rule for its key: nothing
         // to ask, nothing counted (as the quota server would answer).
         remote.retain(|(_, key)| !self.controls.is_unlimited(key, now));
-        let verdict = match engine::decide_keys(&self.policy, &mut self.store, &local, now, waited)
-        {
+        let decided = engine::decide_keys(
+            &self.policy,
+            &mut self.store,
+            &local,
+            &request.costs,
+            now,
+            waited,
+        );
+        let verdict = match decided {
             Ok(v) => v,
             Err(e) => {
                 // Fail open: a broken counter must not take the service down.
@@ -285,8 +293,9 @@ impl<B: SharedBytes> Plugin<B> {
     }
 
     /// Adds rate-limit headers to an allowed response, refunds the permits
-    /// if its status is excluded from counting, and starts watching a
-    /// WebSocket connection once it is upgraded.
+    /// if its status is excluded from counting or else charges what the
+    /// upstream reported in its headers, and starts watching a WebSocket
+    /// connection once it is upgraded.
     pub fn on_response_headers(&mut self, host: &impl Host, context_id: u32) {
         let Some(state) = self.requests.get_mut(&context_id) else {
             return;
@@ -309,26 +318,22 @@ impl<B: SharedBytes> Plugin<B> {
                 .is_some_and(|e| e.contains("permessage-deflate"));
             state.stream = Some(Stream::WebSocket(Box::new(WebSocketStream::new(deflate))));
         }
-        let Some(verdict) = state.verdict.as_ref() else {
+        let Some(verdict) = state.verdict.as_mut() else {
             return;
         };
-        if status.is_some_and(|s| self.policy.exclude_statuses.contains(s)) {
-            // In-flight permits are released when the request ends.
-            let refunds: Vec<Charge> = verdict
-                .charges
-                .iter()
-                .filter(|c| {
-                    self.policy
-                        .rules
-                        .get(c.rule_index)
-                        .is_some_and(|r| r.counts == Counts::Requests)
-                })
-                .cloned()
-                .collect();
-            if let Err(e) = engine::refund(&self.policy, &mut self.store, &refunds, host.now()) {
-                self.metrics.error(host);
-                host.warn(&format!("sluice: refund failed: {e}"));
-            }
+        let excluded = status.is_some_and(|s| self.policy.exclude_statuses.contains(s))
+            // A trailers-only gRPC response has its status here.
+            || excluded_grpc(&self.policy, || host.response_header("grpc-status"));
+        let mut response = Response {
+            policy: &self.policy,
+            store: &mut self.store,
+            metrics: &self.metrics,
+            host,
+        };
+        if excluded {
+            response.refund(&mut verdict.charges);
+        } else {
+            response.settle(&mut verdict.charges, Reported::Headers);
         }
         if self.policy.headers_on_allowed && !self.policy.header_sets.is_empty() {
             verdict.headers(&self.policy, |name, value| {
@@ -414,9 +419,31 @@ impl<B: SharedBytes> Plugin<B> {
         step
     }
 
-    /// Rewrites the trailers of a gRPC call cut after the response
-    /// started, so the client sees the cut's status (RESOURCE_EXHAUSTED).
+    /// Refunds a gRPC call whose status is excluded from counting, or
+    /// charges what the upstream reported in trailers; rewrites the
+    /// trailers of a gRPC call cut after the response started, so the
+    /// client sees the cut's status (RESOURCE_EXHAUSTED).
     pub fn on_response_trailers(&mut self, host: &impl Host, context_id: u32) {
+        // The upstream's own status and usage, read before a cut rewrites them.
+        let excluded = excluded_grpc(&self.policy, || host.response_trailer("grpc-status"));
+        let verdict = self
+            .requests
+            .get_mut(&context_id)
+            .filter(|s| !s.answered_locally)
+            .and_then(|s| s.verdict.as_mut());
+        if let Some(verdict) = verdict {
+            let mut response = Response {
+                policy: &self.policy,
+                store: &mut self.store,
+                metrics: &self.metrics,
+                host,
+            };
+            if excluded {
+                response.refund(&mut verdict.charges);
+            } else {
+                response.settle(&mut verdict.charges, Reported::Trailers);
+            }
+        }
         let cut = self
             .requests
             .get(&context_id)
@@ -465,5 +492,90 @@ impl<B: SharedBytes> Plugin<B> {
         let now = self.store.stats();
         self.metrics.keys(host, self.keys_reported, now);
         self.keys_reported = now;
+    }
+}
+
+/// Whether a response's `grpc-status` (read only when gRPC statuses are
+/// excluded) is excluded from counting.
+fn excluded_grpc(policy: &Policy, status: impl FnOnce() -> Option<String>) -> bool {
+    policy.exclude_statuses.has_grpc()
+        && status().is_some_and(|s| policy.exclude_statuses.contains_grpc(&s))
+}
+
+/// Where the upstream's report is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    /// The response headers (and, for a trailers-only response, which has
+    /// no trailers, the usage a `response_trailer` rule reads too).
+    Headers,
+    /// The response trailers.
+    Trailers,
+}
+
+/// What a response settles: the permits an admitted request took.
+struct Response<'a, B, H> {
+    policy: &'a Policy,
+    store: &'a mut SlotStore<B>,
+    metrics: &'a Metrics,
+    host: &'a H,
+}
+
+impl<B: SharedBytes, H: Host> Response<'_, B, H> {
+    /// Gives back the permits of `charges` that count requests (in-flight
+    /// permits are released when the request ends), and forgets them, so
+    /// nothing is given back or charged twice.
+    fn refund(&mut self, charges: &mut Vec<Charge>) {
+        let policy = self.policy;
+        let (requests, others): (Vec<Charge>, Vec<Charge>) =
+            std::mem::take(charges).into_iter().partition(|c| {
+                policy
+                    .rules
+                    .get(c.rule_index)
+                    .is_some_and(|r| r.counts == Counts::Requests)
+            });
+        *charges = others;
+        if let Err(e) = engine::refund(policy, self.store, &requests, self.host.now()) {
+            self.metrics.error(self.host);
+            self.host.warn(&format!("sluice: refund failed: {e}"));
+        }
+    }
+
+    /// Charges each rule with `charge` what the upstream reported in
+    /// `place`, in place of what the request took at admission; a missing
+    /// or unreadable report leaves that.
+    fn settle(&mut self, charges: &mut [Charge], place: Reported) {
+        let policy = self.policy;
+        let host = self.host;
+        // Asked at most once, and only when a trailer rule needs it.
+        let mut trailers_only = None;
+        for charge in charges.iter_mut() {
+            let Some(from) = policy
+                .rules
+                .get(charge.rule_index)
+                .and_then(|r| r.charge.as_ref())
+            else {
+                continue;
+            };
+            let report = match (place, from.reported_in) {
+                (Reported::Headers, ReportedIn::Header) => host.response_header(&from.name),
+                (Reported::Headers, ReportedIn::Trailer) => {
+                    let only = *trailers_only
+                        .get_or_insert_with(|| host.response_header("grpc-status").is_some());
+                    if !only {
+                        continue;
+                    }
+                    host.response_header(&from.name)
+                }
+                (Reported::Trailers, ReportedIn::Trailer) => host.response_trailer(&from.name),
+                (Reported::Trailers, ReportedIn::Header) => continue,
+            };
+            let Some(used) = report.and_then(|v| read_amount(&v, from.max)) else {
+                continue;
+            };
+            if let Err(e) = engine::settle(policy, self.store, charge, used, host.now()) {
+                self.metrics.error(host);
+                host.warn(&format!("sluice: charging reported usage failed: {e}"));
+            }
+        }
     }
 }

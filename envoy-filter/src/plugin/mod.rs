@@ -22,6 +22,8 @@
 mod access;
 #[cfg(test)]
 mod access_tests;
+#[cfg(test)]
+mod charging_tests;
 mod cuts;
 mod delay;
 mod exact;

@@ -7,7 +7,7 @@ use sluice_core::store::{hash, InProcessShared, PROBES, SEED_NAME};
 
 const SEC: u64 = 1_000_000_000;
 
-fn plugin<'a>(
+pub(super) fn plugin<'a>(
     host: &FakeHost,
     shared: &'a InProcessShared,
     json: &str,
@@ -18,7 +18,7 @@ fn plugin<'a>(
     Plugin::configure(host, shared, json.as_bytes()).map_err(|e| e.to_string())
 }
 
-fn reply(step: Step) -> Result<LocalReply, String> {
+pub(super) fn reply(step: Step) -> Result<LocalReply, String> {
     match step {
         Step::Reply(r) => Ok(r),
         other => Err(format!("expected a reply, got {other:?}")),

@@ -95,6 +95,9 @@ impl Host for EnvoyHost {
     fn peer_address(&self) -> Option<String> {
         text(abi::property(&["source", "address"]).ok().flatten())
     }
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        text(abi::header(abi::Map::ResponseTrailers, name).ok().flatten())
+    }
     fn set_response_trailer(&self, name: &str, value: &str) {
         if let Err(s) = abi::set_header(abi::Map::ResponseTrailers, name, value) {
             abi::log(

@@ -316,6 +316,8 @@ fn descriptor_rule(name: String, algorithm: AlgorithmKind, quota: Quota, shadow:
         quota,
         limiter: Limiter::new(algorithm, quota),
         cost: 1,
+        cost_from: None,
+        charge: None,
         action: if shadow {
             Action::Shadow
         } else {

@@ -159,7 +159,8 @@ pub fn simulate(
         if waited > Span::ZERO {
             hold(&mut held, &keys, false);
         }
-        let verdict = engine::decide_keys(&policy, &mut store, &keys, now, waited)?;
+        let costs = engine::Costs::of(&policy, request, &keys);
+        let verdict = engine::decide_keys(&policy, &mut store, &keys, &costs, now, waited)?;
         let verdict = if waited == Span::ZERO {
             engine::behind_queue(&policy, &mut store, verdict, &keys, now, |i, k| {
                 held.get(&(i, k.to_owned())).copied().unwrap_or(0)
