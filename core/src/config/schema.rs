@@ -53,6 +53,10 @@ pub struct Config {
     /// the upstream to end it before the filter resets it; default 1s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_cut_grace: Option<SpanText>,
+    /// The request header telling the upstream which rules degraded a
+    /// request; default `x-sluice-limited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degrade_header: Option<String>,
 }
 
 /// One rule as written.
@@ -85,12 +89,15 @@ pub struct RuleConfig {
     /// Algorithm; default token bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<AlgorithmKind>,
-    /// `reject` (default), `shadow` or `delay`.
+    /// `reject` (default), `shadow`, `delay`, `drop` or `degrade`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<ActionKind>,
     /// The longest wait with `delay`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delay: Option<SpanText>,
+    /// How long a key stays limited once the rule limits it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_duration: Option<SpanText>,
     /// Higher first; default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
@@ -259,7 +266,7 @@ pub enum ScopeConfig {
     Global,
 }
 
-/// `reject`, `shadow`, `delay` or `drop`.
+/// `reject`, `shadow`, `delay`, `drop` or `degrade`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionKind {
@@ -271,6 +278,8 @@ pub enum ActionKind {
     Delay,
     /// Discard the offending WebSocket message.
     Drop,
+    /// Let the request through, marked for the upstream.
+    Degrade,
 }
 
 /// A limit as written.
