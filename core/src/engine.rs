@@ -1022,15 +1022,25 @@ mod tests {
     /// when; attempts while blocked neither take anything nor extend it.
     fn block_holds_until_it_ends<S: StateStore>(p: &Policy, store: &mut S) {
         let at = |ms: u64| Nanos(10 * SEC + ms * 1_000_000);
-        let ask = |store: &mut S, ms| decide(p, store, &req("1.1.1.1"), at(ms), Span::ZERO).unwrap();
+        let ask =
+            |store: &mut S, ms| decide(p, store, &req("1.1.1.1"), at(ms), Span::ZERO).unwrap();
         assert!(ask(store, 0).is_allowed());
         assert!(ask(store, 0).is_allowed());
         let refused = ask(store, 0);
         assert_eq!(refused.kind, VerdictKind::Limited { rule_index: 0 });
         let headers = headers_of(&refused, p);
-        assert!(headers.contains(&("retry-after", "3".into())), "{headers:?}");
-        assert!(headers.contains(&("x-ratelimit-reset", "3".into())), "{headers:?}");
-        assert!(headers.contains(&("ratelimit", "\"b\";r=0;t=3".into())), "{headers:?}");
+        assert!(
+            headers.contains(&("retry-after", "3".into())),
+            "{headers:?}"
+        );
+        assert!(
+            headers.contains(&("x-ratelimit-reset", "3".into())),
+            "{headers:?}"
+        );
+        assert!(
+            headers.contains(&("ratelimit", "\"b\";r=0;t=3".into())),
+            "{headers:?}"
+        );
         // The window rolled over at 1s: the budget allows, the block does not.
         for ms in [1_000, 1_500, 2_999] {
             let v = ask(store, ms);
@@ -1117,7 +1127,10 @@ mod tests {
         for s in [0, 2, 4] {
             let v = allowed_as(&p, &mut store, "1.1.1.1", t(s));
             assert!(v.is_allowed());
-            assert!(v.decisions[0].shadow_limited, "at {s} s: a block would refuse");
+            assert!(
+                v.decisions[0].shadow_limited,
+                "at {s} s: a block would refuse"
+            );
         }
         let v = allowed_as(&p, &mut store, "1.1.1.1", t(5));
         assert!(v.is_allowed() && !v.decisions[0].shadow_limited);
@@ -1190,7 +1203,10 @@ mod tests {
             let charged: Vec<usize> = v.charges.iter().map(|c| c.rule_index).collect();
             assert_eq!(charged, [1], "the degrading rule takes nothing");
             let headers = headers_of(&v, &p);
-            assert!(!headers.iter().any(|(n, _)| *n == "retry-after"), "{headers:?}");
+            assert!(
+                !headers.iter().any(|(n, _)| *n == "retry-after"),
+                "{headers:?}"
+            );
             assert!(headers.contains(&("x-ratelimit-remaining", "0".into())));
         }
         // The reject rule wins: refused, not degraded.

@@ -3,6 +3,9 @@
 //! nothing and never extend it, and both stores (Envoy's shared-data
 //! slots, one process's memory) decide alike.
 
+// Test code: failing means panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use proptest::prelude::*;
 use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::engine::decide_keys;

@@ -70,7 +70,12 @@ async fn a_key_over_its_limit_stays_blocked_until_the_block_ends() {
     }
     let (refused_at, r) = refused_at.expect("requests faster than two a second are refused");
     assert_eq!(r.header_u64("retry-after"), Some(3), "{}", r.headers_text());
-    assert_eq!(r.header_u64("x-ratelimit-reset"), Some(3), "{}", r.headers_text());
+    assert_eq!(
+        r.header_u64("x-ratelimit-reset"),
+        Some(3),
+        "{}",
+        r.headers_text()
+    );
     let ratelimit = r.header("ratelimit").unwrap_or_default();
     assert_eq!(ratelimit, "\"login\";r=0;t=3", "{}", r.headers_text());
 
@@ -87,7 +92,10 @@ async fn a_key_over_its_limit_stays_blocked_until_the_block_ends() {
         let r = s.get_with("/login", &[]).await;
         match r.status {
             200 => Ok(Instant::now()),
-            status => Err(format!("{status} retry-after {:?}", r.header("retry-after"))),
+            status => Err(format!(
+                "{status} retry-after {:?}",
+                r.header("retry-after")
+            )),
         }
     })
     .await
@@ -117,24 +125,35 @@ async fn degraded_requests_reach_the_upstream_marked_and_spoofs_are_stripped() {
         assert_eq!(r.status, 200);
         let echo = r.json().unwrap();
         assert_eq!(echo["headers"].get("x-sluice-limited"), None, "{echo}");
-        assert_eq!(r.header("x-ratelimit-remaining"), None, "on_allowed is false");
+        assert_eq!(
+            r.header("x-ratelimit-remaining"),
+            None,
+            "on_allowed is false"
+        );
     }
     // Over it: through, marked for the upstream (whatever the client sent),
     // and told its limits, with no Retry-After.
     for spoof in [None, Some("nope")] {
-        let headers: Vec<(&str, &str)> =
-            spoof.iter().map(|v| ("x-sluice-limited", *v)).collect();
+        let headers: Vec<(&str, &str)> = spoof.iter().map(|v| ("x-sluice-limited", *v)).collect();
         let r = s.get_with("/a", &headers).await;
         assert_eq!(r.status, 200, "{}", r.headers_text());
         let echo = r.json().unwrap();
         assert_eq!(echo["headers"]["x-sluice-limited"], "cheap", "{echo}");
-        assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{}", r.headers_text());
+        assert_eq!(
+            r.header("x-ratelimit-remaining"),
+            Some("0"),
+            "{}",
+            r.headers_text()
+        );
         assert!(r.header("ratelimit").is_some(), "{}", r.headers_text());
         assert_eq!(r.header("retry-after"), None, "{}", r.headers_text());
     }
     // The reject rule wins once over.
     let r = s.get_with("/a", &[]).await;
     assert_eq!(r.status, 429);
-    assert_eq!(s.envoy.sluice_counter("cheap", "degraded").await.unwrap(), 2);
+    assert_eq!(
+        s.envoy.sluice_counter("cheap", "degraded").await.unwrap(),
+        2
+    );
     assert_eq!(s.envoy.sluice_counter("hard", "limited").await.unwrap(), 1);
 }

@@ -295,8 +295,7 @@ fn validate_action(
         errors.add(
             at,
             ".action",
-            "degrade marks requests for the upstream: it needs counts requests or in_flight"
-                .into(),
+            "degrade marks requests for the upstream: it needs counts requests or in_flight".into(),
         );
         return None;
     }
@@ -344,12 +343,7 @@ fn validate_action(
 
 /// The `block_duration`, checked against what the rule counts and how it
 /// is decided.
-fn validate_block(
-    raw: &RuleConfig,
-    counts: Counts,
-    at: &str,
-    errors: &mut Errors,
-) -> Option<Span> {
+fn validate_block(raw: &RuleConfig, counts: Counts, at: &str, errors: &mut Errors) -> Option<Span> {
     let block = match raw.block_duration.as_ref().map(SpanText::parse)? {
         Ok(block) => block,
         Err(message) => {

@@ -442,7 +442,10 @@ mod tests {
         let policy = Policy::from_json(
             r#"{"rules":[{"name":"a","limit":{"count":1,"per":"1s"},"action":"degrade"}],"degrade_header":"x-degraded"}"#,
         );
-        assert_eq!(policy.unwrap().degrade_header.as_deref(), Some("x-degraded"));
+        assert_eq!(
+            policy.unwrap().degrade_header.as_deref(),
+            Some("x-degraded")
+        );
     }
 
     #[test]

@@ -161,7 +161,14 @@ impl MemoryStore {
     ) -> (Outcome, Room) {
         if let Some(entry) = self.partition(rule_index).entries.get_mut(key) {
             let blocked_until = entry.marks.blocked_until;
-            let outcome = rule_outcome(rule, &mut entry.state, blocked_until, now, cost, Mode::Consume);
+            let outcome = rule_outcome(
+                rule,
+                &mut entry.state,
+                blocked_until,
+                now,
+                cost,
+                Mode::Consume,
+            );
             entry.last_used = now;
             if !outcome.allowed {
                 let limited_until = &mut entry.marks.limited_until;

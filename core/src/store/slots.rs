@@ -977,7 +977,14 @@ mod tests {
         assert!(!refused.allowed);
         // Another VM writes the key meanwhile (a request of no cost).
         assert!(two.check(slot(&p, "a"), 0, now).unwrap().is_some());
-        one.refuse(slot(&p, "a"), l.state, l.version, &refused, Nanos::ZERO, now);
+        one.refuse(
+            slot(&p, "a"),
+            l.state,
+            l.version,
+            &refused,
+            Nanos::ZERO,
+            now,
+        );
         let again = one.load(slot(&p, "a"), now).unwrap();
         assert!(
             again.version.marks.limited_until > now,

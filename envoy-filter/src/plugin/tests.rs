@@ -701,12 +701,18 @@ fn degrade_marks_over_limit_requests_for_the_upstream_and_strips_spoofs() -> Res
     );
     host.respond(200);
     p.on_response_headers(&host, 2);
-    assert_eq!(host.response_header("x-ratelimit-remaining").as_deref(), Some("0"));
+    assert_eq!(
+        host.response_header("x-ratelimit-remaining").as_deref(),
+        Some("0")
+    );
     assert!(host.response_header("ratelimit").is_some());
     assert_eq!(host.response_header("retry-after"), None);
     host.request("GET", "/other", &[]);
     assert_eq!(p.on_request_headers(&host, 3), Step::Continue);
-    assert_eq!(host.request_header("x-sluice-limited").as_deref(), Some("cheap"));
+    assert_eq!(
+        host.request_header("x-sluice-limited").as_deref(),
+        Some("cheap")
+    );
     // The reject rule wins once over.
     host.request("GET", "/other", &[("x-sluice-limited", "cheap")]);
     let r = reply(p.on_request_headers(&host, 4))?;
@@ -726,7 +732,11 @@ fn a_spoofed_degrade_header_is_removed_even_where_no_rule_applies() -> Result<()
         &shared,
         r#"{"rules":[{"name":"cheap","match":{"path":{"prefix":"/api/"}},"limit":{"count":1,"per":"1h"},"action":"degrade"}],"degrade_header":"x-cheaper"}"#,
     )?;
-    host.request("GET", "/static", &[("x-cheaper", "cheap"), ("x-sluice-limited", "kept")]);
+    host.request(
+        "GET",
+        "/static",
+        &[("x-cheaper", "cheap"), ("x-sluice-limited", "kept")],
+    );
     assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
     assert_eq!(host.request_header("x-cheaper"), None);
     assert_eq!(

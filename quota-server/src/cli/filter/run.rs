@@ -232,7 +232,11 @@ pub fn simulate(
             )?;
         }
         if t.degraded > 0 {
-            write!(out, ", {} over its limit (degraded: let through marked)", t.degraded)?;
+            write!(
+                out,
+                ", {} over its limit (degraded: let through marked)",
+                t.degraded
+            )?;
         }
         writeln!(out)?;
     }
@@ -382,10 +386,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("#5     t=3s allowed   POST /login"), "{text}");
-        assert!(text.contains("degraded  GET /search (rules: cheap)"), "{text}");
+        assert!(
+            text.contains("degraded  GET /search (rules: cheap)"),
+            "{text}"
+        );
         assert!(text.contains("upstream x-sluice-limited: cheap"), "{text}");
         assert!(
-            text.contains("rule cheap: 2 allowed, 0 limited, 1 over its limit (degraded: let through marked)"),
+            text.contains(
+                "rule cheap: 2 allowed, 0 limited, 1 over its limit (degraded: let through marked)"
+            ),
             "{text}"
         );
     }
