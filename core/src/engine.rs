@@ -47,6 +47,9 @@ pub struct RuleDecision {
     pub decision: Decision,
     /// A shadow rule that would have limited the request.
     pub shadow_limited: bool,
+    /// A degrade rule that limited the request: it goes through marked,
+    /// having taken nothing from the rule.
+    pub degraded: bool,
 }
 
 /// What to do with the request.
@@ -93,6 +96,21 @@ impl Verdict {
         self.kind == VerdictKind::Allowed
     }
 
+    /// Names of the rules that degraded the request, in policy order
+    /// (none unless it goes through).
+    pub fn degraded_by<'a>(&'a self, policy: &'a Policy) -> impl Iterator<Item = &'a str> + 'a {
+        self.decisions
+            .iter()
+            .filter(|d| d.degraded && self.is_allowed())
+            .filter_map(|d| policy.rules.get(d.rule_index))
+            .map(|r| r.name.as_str())
+    }
+
+    /// Whether some rule degraded the request.
+    pub fn is_degraded(&self) -> bool {
+        self.is_allowed() && self.decisions.iter().any(|d| d.degraded)
+    }
+
     /// The decision shown in `X-RateLimit-*` and `Retry-After`: the
     /// limiting rule's, or the most restrictive rate rule's. Shadow rules
     /// are dry runs and never shown; in-flight bounds have no window to
@@ -130,9 +148,18 @@ impl Verdict {
     }
 
     /// Emits the rate-limit headers for this verdict under `policy`'s
-    /// header options.
+    /// header options. A request that goes through gets no `Retry-After`,
+    /// even when a degrade rule limited it: it needs no retry.
     pub fn headers(&self, policy: &Policy, emit: impl FnMut(&'static str, &str)) {
         if let Some(shown) = self.shown(policy) {
+            let shown = if self.is_allowed() {
+                Decision {
+                    allowed: true,
+                    ..shown
+                }
+            } else {
+                shown
+            };
             render_headers(self.listed(policy), shown, policy.header_sets, emit);
         }
     }
@@ -267,7 +294,11 @@ pub fn decide_claims<S: StateStore>(
     for _ in 0..MAX_ATTEMPTS {
         let verdict = match claims {
             [] => return Ok(Verdict::unlimited()),
-            [claim] => attempt_one(store, claim, now, waited)?,
+            // A block starts on a final refusal only, which `check` cannot
+            // know: such rules take the general path.
+            [claim] if claim.slot.rule.block_duration.is_none() => {
+                attempt_one(store, claim, now, waited)?
+            }
             _ => attempt(store, claims, now, waited)?,
         };
         if let Some(verdict) = verdict {
@@ -291,7 +322,7 @@ fn attempt_one<S: StateStore>(
     };
     let claims = core::slice::from_ref(claim);
     let outcomes = [outcome];
-    let blocking = |_: usize| !outcome.allowed && claim.slot.rule.action != Action::Shadow;
+    let blocking = |_: usize| !outcome.allowed && claim.slot.rule.action.stops();
     let (kind, charges) = if blocking(0) {
         (
             blocked_kind(claims, &outcomes, waited, &blocking),
@@ -339,13 +370,28 @@ fn attempt<S: StateStore>(
         .zip(loaded.iter_mut())
         .map(|(c, l)| l.acquire(c.slot.rule, now, c.cost, Mode::Peek))
         .collect();
-    let blocking = |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action != Action::Shadow;
+    let blocking = |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action.stops();
 
     if (0..claims.len()).any(blocking) {
-        let standing = standing_outcomes(claims, &mut loaded, &outcomes, now);
-        give_back(store, claims, loaded, &outcomes, now);
-        let decisions = rule_decisions(claims, &standing);
         let kind = blocked_kind(claims, &outcomes, waited, &blocking);
+        let refused = matches!(kind, VerdictKind::Limited { .. });
+        let blocks: Vec<Nanos> = claims
+            .iter()
+            .zip(&loaded)
+            .zip(&outcomes)
+            .map(|((claim, l), outcome)| block_from(claim, l, outcome, refused, now))
+            .collect();
+        let standing = standing_outcomes(claims, &mut loaded, &outcomes, &blocks, now);
+        // The refusal is told by the rule that keeps the client out
+        // longest, a block included (blocks only lengthen waits, so the
+        // request stays refused).
+        let kind = if refused {
+            blocked_kind(claims, &standing, waited, &blocking)
+        } else {
+            kind
+        };
+        give_back(store, claims, loaded, &standing, &blocks, now);
+        let decisions = rule_decisions(claims, &standing);
         return Ok(Some(Verdict {
             kind,
             decisions,
@@ -358,8 +404,12 @@ fn attempt<S: StateStore>(
     let mut pending = claims.iter().zip(loaded).enumerate();
     while let Some((i, (claim, mut l))) = pending.next() {
         if !outcomes[i].allowed {
-            // A shadow rule that would limit: it takes nothing.
-            store.refuse(claim.slot, l.state, l.version, &outcomes[i], now);
+            // A shadow or degrade rule that limits: it takes nothing (and
+            // starts its block, if it has one).
+            let block = block_from(claim, &l, &outcomes[i], false, now);
+            final_outcomes[i] = with_block(outcomes[i], block, now);
+            let outcome = &final_outcomes[i];
+            store.refuse(claim.slot, l.state, l.version, outcome, block, now);
             continue;
         }
         final_outcomes[i] = l.acquire(claim.slot.rule, now, claim.cost, Mode::Consume);
@@ -394,22 +444,60 @@ fn attempt<S: StateStore>(
     }))
 }
 
+/// When the block a limit of `claim` (with `outcome`) starts ends: now
+/// plus the rule's `block_duration` if it has one, the key has a state
+/// of its own and is not blocked already (attempts while blocked do not
+/// extend a block), and the limit is final: the request is `refused`, or
+/// the rule only reports or marks it (shadow, degrade). A delay rule's
+/// wait starts nothing. Zero when no block starts.
+fn block_from<V>(
+    claim: &Claim<'_>,
+    loaded: &Loaded<V>,
+    outcome: &Outcome,
+    refused: bool,
+    now: Nanos,
+) -> Nanos {
+    let rule = claim.slot.rule;
+    match rule.block_duration {
+        Some(duration)
+            if !outcome.allowed
+                && loaded.room == Room::Own
+                && now >= loaded.blocked_until
+                && (refused || !rule.action.stops()) =>
+        {
+            now.plus(duration)
+        }
+        _ => Nanos::ZERO,
+    }
+}
+
+/// `outcome` told as the block ending at `block` (zero: none started).
+fn with_block(outcome: Outcome, block: Nanos, now: Nanos) -> Outcome {
+    if block > now {
+        outcome.blocked_until(block, now)
+    } else {
+        outcome
+    }
+}
+
 /// The outcomes to report on a refusal: all or nothing, so a rule that
 /// would have allowed gave nothing and reports its permits as they stand
-/// (its peek reported them after taking the cost).
+/// (its peek reported them after taking the cost); a rule whose limit
+/// starts a block (ending at `blocks`) reports the block.
 fn standing_outcomes<V>(
     claims: &[Claim<'_>],
     loaded: &mut [Loaded<V>],
     outcomes: &[Outcome],
+    blocks: &[Nanos],
     now: Nanos,
 ) -> Vec<Outcome> {
     claims
         .iter()
         .zip(loaded.iter_mut())
-        .zip(outcomes)
-        .map(|((claim, l), outcome)| {
+        .zip(outcomes.iter().zip(blocks))
+        .map(|((claim, l), (outcome, block))| {
             if !outcome.allowed || claim.cost == 0 {
-                return *outcome;
+                return with_block(*outcome, *block, now);
             }
             let standing = l.acquire(claim.slot.rule, now, 0, Mode::Peek);
             Outcome {
@@ -422,19 +510,22 @@ fn standing_outcomes<V>(
 }
 
 /// Gives back states after a refusal: the keys refused are marked
-/// limited (so no new key evicts them), the others released unchanged.
+/// limited (so no new key evicts them) and blocked until `blocks` says,
+/// the others released unchanged.
 fn give_back<S: StateStore>(
     store: &mut S,
     claims: &[Claim<'_>],
     loaded: Vec<Loaded<S::Version>>,
     outcomes: &[Outcome],
+    blocks: &[Nanos],
     now: Nanos,
 ) {
-    for ((claim, l), outcome) in claims.iter().zip(loaded).zip(outcomes) {
+    for ((claim, l), (outcome, block)) in claims.iter().zip(loaded).zip(outcomes.iter().zip(blocks))
+    {
         if outcome.allowed {
             store.release(claim.slot, l.state, l.version, now);
         } else {
-            store.refuse(claim.slot, l.state, l.version, outcome, now);
+            store.refuse(claim.slot, l.state, l.version, outcome, *block, now);
         }
     }
 }
@@ -447,6 +538,7 @@ fn rule_decisions(claims: &[Claim<'_>], outcomes: &[Outcome]) -> Vec<RuleDecisio
             rule_index: claim.slot.rule_index,
             decision: Decision::new(&claim.slot.rule.quota, outcome),
             shadow_limited: !outcome.allowed && claim.slot.rule.action == Action::Shadow,
+            degraded: !outcome.allowed && claim.slot.rule.action == Action::Degrade,
         })
         .collect()
 }
@@ -468,7 +560,7 @@ fn blocked_kind(
     let budget = blockers
         .map(|i| match claims[i].slot.rule.action {
             Action::Delay { max } => Span(max.as_nanos().saturating_sub(waited.as_nanos())),
-            Action::Reject | Action::Shadow | Action::Drop => Span::ZERO,
+            Action::Reject | Action::Shadow | Action::Drop | Action::Degrade => Span::ZERO,
         })
         .min()
         .unwrap_or(Span::ZERO);
@@ -558,6 +650,7 @@ pub fn queued_wait<S: StateStore>(
         state: loaded.state.clone(),
         version: (),
         room: loaded.room,
+        blocked_until: loaded.blocked_until,
     };
     store.release(claim.slot, loaded.state, loaded.version, now);
     if copy.room == Room::Full {
@@ -1185,6 +1278,239 @@ mod tests {
         // Not matched at all, so not limited.
         assert!(allowed(&exact, &mut store, "/API/x"));
         assert!(allowed(&exact, &mut store, "/API/x"));
+    }
+
+    /// The headers a verdict sends, as (name, value) pairs.
+    fn headers_of(v: &Verdict, p: &Policy) -> Vec<(&'static str, String)> {
+        let mut headers = vec![];
+        v.headers(p, |n, val| headers.push((n, val.to_string())));
+        headers
+    }
+
+    /// Two per second, blocked for three seconds once over.
+    const BLOCKING: &str = r#"{"rules":[{"name":"b","limit":{"count":2,"per":"1s"},"algorithm":"fixed_window","block_duration":"3s"}]}"#;
+
+    /// A blocked key is refused until the block ends, with the truth about
+    /// when; attempts while blocked neither take anything nor extend it.
+    fn block_holds_until_it_ends<S: StateStore>(p: &Policy, store: &mut S) {
+        let at = |ms: u64| Nanos(10 * SEC + ms * 1_000_000);
+        let ask =
+            |store: &mut S, ms| decide(p, store, &req("1.1.1.1"), at(ms), Span::ZERO).unwrap();
+        assert!(ask(store, 0).is_allowed());
+        assert!(ask(store, 0).is_allowed());
+        let refused = ask(store, 0);
+        assert_eq!(refused.kind, VerdictKind::Limited { rule_index: 0 });
+        let headers = headers_of(&refused, p);
+        assert!(
+            headers.contains(&("retry-after", "3".into())),
+            "{headers:?}"
+        );
+        assert!(
+            headers.contains(&("x-ratelimit-reset", "3".into())),
+            "{headers:?}"
+        );
+        assert!(
+            headers.contains(&("ratelimit", "\"b\";r=0;t=3".into())),
+            "{headers:?}"
+        );
+        // The window rolled over at 1s: the budget allows, the block does not.
+        for ms in [1_000, 1_500, 2_999] {
+            let v = ask(store, ms);
+            assert_eq!(v.kind, VerdictKind::Limited { rule_index: 0 }, "at {ms} ms");
+            assert_eq!(v.decisions[0].decision.retry_after, at(3_000).since(at(ms)));
+            assert_eq!(v.decisions[0].decision.remaining, 0);
+        }
+        // Not extended by those attempts, and they took nothing: the whole
+        // budget is there when the block ends.
+        let v = ask(store, 3_000);
+        assert!(v.is_allowed());
+        assert_eq!(v.decisions[0].decision.remaining, 1);
+    }
+
+    #[test]
+    fn a_refused_key_stays_blocked_until_the_block_ends() {
+        let p = policy(BLOCKING);
+        block_holds_until_it_ends(&p, &mut MemoryStore::new(10));
+        let shared = crate::store::InProcessShared::default();
+        let mut store = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        block_holds_until_it_ends(&p, &mut store);
+    }
+
+    #[test]
+    fn every_worker_sees_a_block() {
+        let p = policy(BLOCKING);
+        let shared = crate::store::InProcessShared::default();
+        let mut one = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let mut two = crate::store::SlotStore::open(&shared, &p, || None).unwrap();
+        let t = |ms: u64| Nanos(10 * SEC + ms * 1_000_000);
+        for _ in 0..2 {
+            assert!(allowed_as(&p, &mut one, "1.1.1.1", t(0)).is_allowed());
+        }
+        assert!(!allowed_as(&p, &mut one, "1.1.1.1", t(0)).is_allowed());
+        // Another worker, after the window rolled over.
+        let v = allowed_as(&p, &mut two, "1.1.1.1", t(2_000));
+        assert_eq!(v.decisions[0].decision.retry_after, Span::SECOND);
+        assert!(allowed_as(&p, &mut two, "1.1.1.1", t(3_000)).is_allowed());
+    }
+
+    #[test]
+    fn a_blocked_request_takes_nothing_from_other_rules() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"wide","limit":{"count":100,"per":"1h"},"algorithm":"fixed_window"},
+                {"name":"b","limit":{"count":1,"per":"1s"},"algorithm":"fixed_window","block_duration":"1m"}
+            ]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let now = Nanos(3_600 * SEC);
+        assert!(allowed_as(&p, &mut store, "1.1.1.1", now).is_allowed());
+        for s in 0..5 {
+            let v = allowed_as(&p, &mut store, "1.1.1.1", now.plus(Span::from_secs(s)));
+            assert_eq!(v.kind, VerdictKind::Limited { rule_index: 1 });
+            assert_eq!(v.decisions[0].decision.remaining, 99, "wide was charged");
+        }
+    }
+
+    #[test]
+    fn the_longest_wait_tells_a_refusal_block_included() {
+        let p = policy(
+            r#"{"rules":[
+                {"name":"slow","limit":{"count":1,"per":"10s"},"algorithm":"fixed_window"},
+                {"name":"b","limit":{"count":1,"per":"1s"},"algorithm":"fixed_window","block_duration":"1m"}
+            ]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let now = Nanos(100 * SEC);
+        assert!(allowed_as(&p, &mut store, "1.1.1.1", now).is_allowed());
+        let v = allowed_as(&p, &mut store, "1.1.1.1", now);
+        assert_eq!(v.kind, VerdictKind::Limited { rule_index: 1 });
+        assert!(headers_of(&v, &p).contains(&("retry-after", "60".into())));
+    }
+
+    #[test]
+    fn a_shadow_block_only_reports() {
+        let p = policy(
+            r#"{"rules":[{"name":"dry","limit":{"count":1,"per":"1s"},"algorithm":"fixed_window","action":"shadow","block_duration":"5s"}]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let t = |s: u64| Nanos((10 + s) * SEC);
+        let first = allowed_as(&p, &mut store, "1.1.1.1", t(0));
+        assert!(first.is_allowed() && !first.decisions[0].shadow_limited);
+        for s in [0, 2, 4] {
+            let v = allowed_as(&p, &mut store, "1.1.1.1", t(s));
+            assert!(v.is_allowed());
+            assert!(
+                v.decisions[0].shadow_limited,
+                "at {s} s: a block would refuse"
+            );
+        }
+        let v = allowed_as(&p, &mut store, "1.1.1.1", t(5));
+        assert!(v.is_allowed() && !v.decisions[0].shadow_limited);
+    }
+
+    #[test]
+    fn a_delay_blocks_only_once_the_request_is_refused() {
+        let p = policy(
+            r#"{"rules":[{"name":"slow","limit":{"count":1,"per":"1s"},"algorithm":"fixed_window","action":"delay","max_delay":"1500ms","block_duration":"1m"}]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let t0 = Nanos(10 * SEC);
+        assert!(allowed_as(&p, &mut store, "1.1.1.1", t0).is_allowed());
+        // Held, not refused: no block.
+        let v = allowed_as(&p, &mut store, "1.1.1.1", t0);
+        assert_eq!(v.kind, VerdictKind::Wait { wait: Span::SECOND });
+        let woken = Nanos(11 * SEC);
+        assert!(decide(&p, &mut store, &req("1.1.1.1"), woken, Span::SECOND)
+            .unwrap()
+            .is_allowed());
+        // Out of max_delay: refused, and now blocked.
+        let v = decide(&p, &mut store, &req("1.1.1.1"), woken, Span::SECOND).unwrap();
+        assert_eq!(v.kind, VerdictKind::Limited { rule_index: 0 });
+        assert_eq!(v.decisions[0].decision.retry_after, Span::from_secs(60));
+        let later = allowed_as(&p, &mut store, "1.1.1.1", Nanos(20 * SEC));
+        assert_eq!(later.kind, VerdictKind::Limited { rule_index: 0 });
+    }
+
+    #[test]
+    fn a_blocked_key_is_not_evicted_even_when_its_state_is_fresh() {
+        let p = policy(
+            r#"{"rules":[{"name":"b","limit":{"count":1,"per":"1s"},"algorithm":"fixed_window","block_duration":"1h"}],"max_keys":1,"when_keys_full":"refuse"}"#,
+        );
+        let check = |store: &mut dyn FnMut(&str, Nanos) -> Verdict| {
+            assert!(store("10.0.0.1", Nanos(SEC)).is_allowed());
+            assert!(!store("10.0.0.1", Nanos(SEC)).is_allowed());
+            // Long after its window: its state is fresh, its block is not.
+            let later = Nanos(600 * SEC);
+            assert!(!store("10.0.0.2", later).is_allowed(), "no room");
+            assert!(!store("10.0.0.1", later).is_allowed(), "block lifted");
+        };
+        let mut memory = MemoryStore::with_when_full(1, crate::store::WhenFull::Refuse);
+        check(&mut |ip, now| allowed_as(&p, &mut memory, ip, now));
+        let shared = crate::store::InProcessShared::default();
+        let mut slots = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        check(&mut |ip, now| allowed_as(&p, &mut slots, ip, now));
+    }
+
+    /// Degrades over two per hour (client address), rejects over five.
+    const DEGRADING: &str = r#"{"rules":[
+        {"name":"cheap","limit":{"count":2,"per":"1h"},"algorithm":"fixed_window","action":"degrade"},
+        {"name":"hard","limit":{"count":5,"per":"1h"},"algorithm":"fixed_window"}
+    ],"headers":{"on_allowed":false}}"#;
+
+    #[test]
+    fn degrade_lets_the_request_through_marked_and_takes_nothing() {
+        let p = policy(DEGRADING);
+        assert_eq!(p.degrade_header.as_deref(), Some("x-sluice-limited"));
+        let mut store = MemoryStore::new(10);
+        let now = Nanos(3_600 * SEC);
+        for _ in 0..2 {
+            let v = allowed_as(&p, &mut store, "1.1.1.1", now);
+            assert!(v.is_allowed() && !v.is_degraded());
+        }
+        for hard_left in [2, 1, 0] {
+            let v = allowed_as(&p, &mut store, "1.1.1.1", now);
+            assert!(v.is_allowed() && v.is_degraded());
+            assert_eq!(v.degraded_by(&p).collect::<Vec<_>>(), ["cheap"]);
+            assert_eq!(v.decisions[1].decision.remaining, hard_left);
+            let charged: Vec<usize> = v.charges.iter().map(|c| c.rule_index).collect();
+            assert_eq!(charged, [1], "the degrading rule takes nothing");
+            let headers = headers_of(&v, &p);
+            assert!(
+                !headers.iter().any(|(n, _)| *n == "retry-after"),
+                "{headers:?}"
+            );
+            assert!(headers.contains(&("x-ratelimit-remaining", "0".into())));
+        }
+        // The reject rule wins: refused, not degraded.
+        let v = allowed_as(&p, &mut store, "1.1.1.1", now);
+        assert_eq!(v.kind, VerdictKind::Limited { rule_index: 1 });
+        assert!(!v.is_degraded() && v.degraded_by(&p).next().is_none());
+    }
+
+    #[test]
+    fn a_single_degrade_rule_takes_nothing_once_over() {
+        let p = policy(
+            r#"{"rules":[{"name":"cheap","limit":{"count":1,"per":"1h"},"action":"degrade"}]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        assert!(!allowed_as(&p, &mut store, "1.1.1.1", Nanos(SEC)).is_degraded());
+        let v = allowed_as(&p, &mut store, "1.1.1.1", Nanos(SEC));
+        assert!(v.is_allowed() && v.is_degraded() && v.charges.is_empty());
+    }
+
+    #[test]
+    fn a_degrade_block_degrades_until_it_ends() {
+        let p = policy(
+            r#"{"rules":[{"name":"cheap","limit":{"count":1,"per":"1s"},"algorithm":"fixed_window","action":"degrade","block_duration":"10s"}]}"#,
+        );
+        let mut store = MemoryStore::new(10);
+        let t = |s: u64| Nanos((10 + s) * SEC);
+        assert!(!allowed_as(&p, &mut store, "1.1.1.1", t(0)).is_degraded());
+        for s in [0, 5, 9] {
+            let v = allowed_as(&p, &mut store, "1.1.1.1", t(s));
+            assert!(v.is_allowed() && v.is_degraded(), "at {s} s");
+        }
+        assert!(!allowed_as(&p, &mut store, "1.1.1.1", t(10)).is_degraded());
     }
 
     #[test]

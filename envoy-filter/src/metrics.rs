@@ -26,15 +26,18 @@ pub enum Outcome {
     Delayed,
     /// The rule discarded a WebSocket message.
     Dropped,
+    /// A degrade rule limited it: it went through marked for the upstream.
+    Degraded,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Allowed,
         Outcome::Limited,
         Outcome::ShadowLimited,
         Outcome::Delayed,
         Outcome::Dropped,
+        Outcome::Degraded,
     ];
 
     /// The name in stats.
@@ -45,6 +48,7 @@ impl Outcome {
             Outcome::ShadowLimited => "shadow_limited",
             Outcome::Delayed => "delayed",
             Outcome::Dropped => "dropped",
+            Outcome::Degraded => "degraded",
         }
     }
 }
@@ -137,7 +141,7 @@ fn protocols(rule: &Rule, policy_tells_protocols: bool) -> &'static [Protocol] {
 #[derive(Debug, Default)]
 struct RuleMetrics {
     /// Per protocol, per outcome.
-    outcomes: [[Option<MetricId>; 5]; 3],
+    outcomes: [[Option<MetricId>; Outcome::ALL.len()]; 3],
     /// Open gRPC calls or WebSocket connections the rule applies to.
     open: Option<MetricId>,
     /// Per sync outcome (synced rules only).

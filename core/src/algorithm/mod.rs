@@ -104,6 +104,25 @@ pub struct Outcome {
     pub retry_after: Span,
 }
 
+impl Outcome {
+    /// This outcome for a key blocked until `until` (at `now`): refused
+    /// with nothing left, retrying and whole again no sooner than the
+    /// block ends.
+    pub fn blocked_until(self, until: Nanos, now: Nanos) -> Outcome {
+        let left = until.since(now);
+        Outcome {
+            allowed: false,
+            remaining: 0,
+            reset_after: self.reset_after.max(left),
+            retry_after: if self.allowed {
+                left
+            } else {
+                self.retry_after.max(left)
+            },
+        }
+    }
+}
+
 /// Whether an attempt consumes permits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {

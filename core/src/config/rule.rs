@@ -12,7 +12,7 @@ use super::schema::{
     ActionKind, CountsConfig, DirectionConfig, LimitConfig, RuleConfig, ScopeConfig, SpanText,
 };
 use super::sync::validate_sync;
-use super::validate::{check_description, MAX_LOG_COUNT, MAX_RULE_NAME};
+use super::validate::{check_description, MAX_BLOCK_DURATION, MAX_LOG_COUNT, MAX_RULE_NAME};
 use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
 use crate::policy::{
     Action, Counts, Flow, KeyPart, KeySpec, Matcher, PathMatch, Rule, RuleSync, Scope,
@@ -166,6 +166,7 @@ pub(super) fn validate_rule(
     }
 
     let action = validate_action(raw, counts, &matcher, at, errors);
+    let block_duration = validate_block(raw, counts, at, errors);
 
     if errors.count() > before {
         return None;
@@ -185,6 +186,7 @@ pub(super) fn validate_rule(
         cost_from,
         charge,
         action,
+        block_duration,
         priority: raw.priority.unwrap_or(0),
         group: raw.group.clone(),
     };
@@ -312,6 +314,14 @@ fn validate_action(
 ) -> Option<Action> {
     let max_delay = raw.max_delay.as_ref().map(SpanText::parse);
     let kind = raw.action.unwrap_or(ActionKind::Reject);
+    if kind == ActionKind::Degrade && !counts.at_request() {
+        errors.add(
+            at,
+            ".action",
+            "degrade marks requests for the upstream: it needs counts requests or in_flight".into(),
+        );
+        return None;
+    }
     if kind == ActionKind::Delay && counts != Counts::Requests {
         errors.add(
             at,
@@ -350,5 +360,38 @@ fn validate_action(
         (ActionKind::Reject, None) => Some(Action::Reject),
         (ActionKind::Shadow, None) => Some(Action::Shadow),
         (ActionKind::Drop, None) => Some(Action::Drop),
+        (ActionKind::Degrade, None) => Some(Action::Degrade),
     }
+}
+
+/// The `block_duration`, checked against what the rule counts and how it
+/// is decided.
+fn validate_block(raw: &RuleConfig, counts: Counts, at: &str, errors: &mut Errors) -> Option<Span> {
+    let block = match raw.block_duration.as_ref().map(SpanText::parse)? {
+        Ok(block) => block,
+        Err(message) => {
+            errors.add(at, ".block_duration", message);
+            return None;
+        }
+    };
+    let problem = if block == Span::ZERO {
+        Some("must be more than 0".to_string())
+    } else if block > MAX_BLOCK_DURATION {
+        Some("must be at most 24h (Retry-After tells at most a day)".to_string())
+    } else if !counts.at_request() {
+        Some("blocks keys refused at request time: use counts requests or in_flight".to_string())
+    } else if raw.sync.is_some() {
+        Some(
+            "a synced rule is decided by the quota server, a block on this Envoy only: \
+             remove block_duration or sync"
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    if let Some(message) = problem {
+        errors.add(at, ".block_duration", message);
+        return None;
+    }
+    Some(block)
 }

@@ -62,6 +62,10 @@ pub struct Config {
     /// Networks that bypass every rule, and networks refused outright.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessConfig>,
+    /// The request header telling the upstream which rules degraded a
+    /// request; default `x-sluice-limited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degrade_header: Option<String>,
 }
 
 /// Static access lists as written: networks (`10.0.0.0/8`, `2001:db8::/32`
@@ -116,12 +120,15 @@ pub struct RuleConfig {
     /// Algorithm; default token bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<AlgorithmKind>,
-    /// `reject` (default), `shadow` or `delay`.
+    /// `reject` (default), `shadow`, `delay`, `drop` or `degrade`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<ActionKind>,
     /// The longest wait with `delay`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delay: Option<SpanText>,
+    /// How long a key stays limited once the rule limits it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_duration: Option<SpanText>,
     /// Higher first; default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
@@ -294,7 +301,7 @@ pub enum ScopeConfig {
     Global,
 }
 
-/// `reject`, `shadow`, `delay` or `drop`.
+/// `reject`, `shadow`, `delay`, `drop` or `degrade`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionKind {
@@ -306,6 +313,8 @@ pub enum ActionKind {
     Delay,
     /// Discard the offending WebSocket message.
     Drop,
+    /// Let the request through, marked for the upstream.
+    Degrade,
 }
 
 /// A limit as written.

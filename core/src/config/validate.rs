@@ -14,7 +14,7 @@ use super::schema::{Config, SpanText, StatusSpec};
 use crate::client_ip::ClientIpSource;
 use crate::decision::HeaderSets;
 use crate::lease::CELL_BYTES;
-use crate::policy::{Policy, Rule, Scope, StatusSet, SyncMode, SyncedRule};
+use crate::policy::{Action, Policy, Rule, Scope, StatusSet, SyncMode, SyncedRule};
 use crate::store::{slot_bytes, MAX_STORED_KEY};
 use crate::time::Span;
 
@@ -33,6 +33,10 @@ pub const KEYS_MEMORY_BUDGET: u64 = 1 << 30;
 pub const LEASE_CELLS_BUDGET: u64 = 64 << 20;
 /// Most trusted hops accepted.
 pub const MAX_TRUSTED_HOPS: u32 = 32;
+/// Longest `block_duration`: `Retry-After` tells at most a day.
+pub const MAX_BLOCK_DURATION: Span = Span::from_secs(86_400);
+/// Longest `degrade_header` name.
+pub const MAX_DEGRADE_HEADER: usize = 64;
 /// Longest `grpc_cut_grace`: a cut call's client must learn its fate soon.
 pub const MAX_GRPC_CUT_GRACE: Span = Span::from_secs(60);
 /// Longest `description`, of the configuration or of a rule (bytes).
@@ -179,6 +183,11 @@ impl Config {
             &mut errors,
         );
         let access = validate_access(self.access.as_ref(), &mut errors);
+        let degrade_header = validate_degrade_header(
+            self.degrade_header.as_deref(),
+            rules.iter().any(|r| r.action == Action::Degrade),
+            &mut errors,
+        );
         errors.finish()?;
         Ok(Policy {
             rules,
@@ -193,6 +202,7 @@ impl Config {
             max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
             when_full: self.when_keys_full.unwrap_or_default(),
             grpc_cut_grace,
+            degrade_header,
             synced,
             access,
         })
@@ -214,6 +224,64 @@ pub(super) fn check_description(text: Option<&str>, at: &str, errors: &mut Error
             format!("must be at most {MAX_DESCRIPTION} bytes"),
         );
     }
+}
+
+/// The degrade header's name when some rule degrades: `raw` or the
+/// default. A name must be a lower-case HTTP token (HTTP/2 and gRPC
+/// metadata need lower case), not a pseudo-header and not one Envoy or
+/// HTTP itself give a meaning to, so that marking a request never changes
+/// how it is routed or framed.
+fn validate_degrade_header(
+    raw: Option<&str>,
+    some_rule_degrades: bool,
+    errors: &mut Errors,
+) -> Option<String> {
+    const RESERVED: [&str; 10] = [
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "keep-alive",
+        "proxy-connection",
+        "authorization",
+    ];
+    let name = match (raw, some_rule_degrades) {
+        (Some(_), false) => {
+            errors.add(
+                "degrade_header",
+                "",
+                "only used with a rule of action degrade".into(),
+            );
+            return None;
+        }
+        (None, false) => return None,
+        (name, true) => name.unwrap_or(Policy::DEFAULT_DEGRADE_HEADER),
+    };
+    let token = !name.is_empty()
+        && name.len() <= MAX_DEGRADE_HEADER
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !token {
+        errors.add(
+            "degrade_header",
+            "",
+            format!("must be 1 to {MAX_DEGRADE_HEADER} characters of a-z, 0-9, '-' or '_'"),
+        );
+        return None;
+    }
+    if RESERVED.contains(&name) || name.starts_with("x-envoy-") || name.starts_with("grpc-") {
+        errors.add(
+            "degrade_header",
+            "",
+            format!("{name:?} has a meaning of its own to HTTP, gRPC or Envoy; choose another name such as \"x-sluice-limited\""),
+        );
+        return None;
+    }
+    Some(name.into())
 }
 
 /// A client address prefix length from 1 to `max` bits (`default` when
@@ -290,16 +358,16 @@ mod tests {
         assert!(err.starts_with("max_keys: 10000 per-key rules with 100000 keys each could take"));
         assert!(
             err.ends_with(
-                "(up to 482 bytes per key: a 256-byte key, the algorithm's largest state and \
-                 slot overhead), over the 1024 MiB budget: set max_keys to at most 219, use \
+                "(up to 490 bytes per key: a 256-byte key, the algorithm's largest state and \
+                 slot overhead), over the 1024 MiB budget: set max_keys to at most 216, use \
                  fewer per-key rules or lower sliding_window_log counts"
             ),
             "{err}"
         );
         // The suggested bound is accepted, and one more is not.
-        let fits = format!(r#"{{"rules":[{}],"max_keys":219}}"#, rules(10_000));
+        let fits = format!(r#"{{"rules":[{}],"max_keys":216}}"#, rules(10_000));
         assert!(Policy::from_json(&fits).is_ok());
-        let over = format!(r#"{{"rules":[{}],"max_keys":220}}"#, rules(10_000));
+        let over = format!(r#"{{"rules":[{}],"max_keys":217}}"#, rules(10_000));
         assert!(Policy::from_json(&over).is_err());
         // Global rules take one slot each, whatever max_keys.
         let global = r#"{"rules":[{"name":"g","scope":"global","limit":{"count":1,"per":"1s"}}],"max_keys":10000000}"#;
@@ -315,11 +383,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("(up to 160470 bytes per key")
-                && err.contains("set max_keys to at most 6688,"),
+            err.contains("(up to 160478 bytes per key")
+                && err.contains("set max_keys to at most 6687,"),
             "{err}"
         );
-        let fits = format!(r#"{{"rules":[{log}],"max_keys":6688}}"#);
+        let fits = format!(r#"{{"rules":[{log}],"max_keys":6687}}"#);
         assert!(Policy::from_json(&fits).is_ok());
     }
 
@@ -348,6 +416,67 @@ mod tests {
                 "exclude_statuses[0]: expected a class such as \"5xx\" or a gRPC status such as \"grpc:UNAVAILABLE\"",
                 "exclude_statuses[1]: must be between 100 and 599",
             ]
+        );
+    }
+
+    #[test]
+    fn blocks_and_degrade_are_checked_with_their_paths() {
+        let ok = Policy::from_json(
+            r#"{"rules":[
+                {"name":"a","limit":{"count":2,"per":"1h"},"block_duration":"10m"},
+                {"name":"b","limit":{"count":2,"per":"1h"},"action":"degrade","block_duration":"24h"}
+            ],"degrade_header":"x-cheap"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.rules[0].block_duration, Some(Span::from_secs(600)));
+        assert_eq!(ok.rules[1].action, Action::Degrade);
+        assert_eq!(ok.degrade_header.as_deref(), Some("x-cheap"));
+        let none = Policy::from_json(r#"{"rules":[{"name":"a","limit":{"count":2,"per":"1h"}}]}"#);
+        assert_eq!(none.unwrap().degrade_header, None);
+        let errors = errors_of(
+            r#"{"rules":[
+                {"name":"a","limit":{"count":1,"per":"1s"},"block_duration":"0s"},
+                {"name":"b","limit":{"count":1,"per":"1s"},"block_duration":"25h"},
+                {"name":"c","limit":{"count":1,"per":"1s"},"block_duration":"soon"},
+                {"name":"d","match":{"grpc":{}},"counts":"messages","limit":{"count":1,"per":"1s"},"block_duration":"1m"},
+                {"name":"e","sync":{"mode":"exact","domain":"edge"},"block_duration":"1m"},
+                {"name":"f","match":{"grpc":{}},"counts":"messages","limit":{"count":1,"per":"1s"},"action":"degrade"},
+                {"name":"g","sync":{"mode":"exact","domain":"edge"},"action":"degrade"}
+            ],"degrade_header":"X-Limited"}"#,
+        );
+        assert_eq!(
+            errors,
+            [
+                "rules[0].block_duration: must be more than 0",
+                "rules[1].block_duration: must be at most 24h (Retry-After tells at most a day)",
+                "rules[2].block_duration: expected a duration such as \"500ms\", \"1s\", \"5m\", \"1h\" or \"1d\"",
+                "rules[3].block_duration: blocks keys refused at request time: use counts requests or in_flight",
+                "rules[4].block_duration: a synced rule is decided by the quota server, a block on this Envoy only: remove block_duration or sync",
+                "rules[5].action: degrade marks requests for the upstream: it needs counts requests or in_flight",
+                "rules[6].action: a synced rule refuses (action reject); a dry run is the quota server rule's shadow",
+                "degrade_header: only used with a rule of action degrade",
+            ]
+        );
+        let header = |name: &str| {
+            errors_of(&format!(
+                r#"{{"rules":[{{"name":"a","limit":{{"count":1,"per":"1s"}},"action":"degrade"}}],"degrade_header":"{name}"}}"#
+            ))
+        };
+        assert_eq!(
+            header("X-Limited"),
+            ["degrade_header: must be 1 to 64 characters of a-z, 0-9, '-' or '_'"]
+        );
+        assert_eq!(
+            header("host"),
+            ["degrade_header: \"host\" has a meaning of its own to HTTP, gRPC or Envoy; choose another name such as \"x-sluice-limited\""]
+        );
+        assert_eq!(header("grpc-status").len(), 1);
+        let policy = Policy::from_json(
+            r#"{"rules":[{"name":"a","limit":{"count":1,"per":"1s"},"action":"degrade"}],"degrade_header":"x-degraded"}"#,
+        );
+        assert_eq!(
+            policy.unwrap().degrade_header.as_deref(),
+            Some("x-degraded")
         );
     }
 

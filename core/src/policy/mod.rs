@@ -36,6 +36,18 @@ pub enum Action {
     },
     /// Discard the offending WebSocket message, keep the connection.
     Drop,
+    /// Let it through, marked for the upstream (a request header naming
+    /// the rule) so it can serve a cheaper answer; it takes nothing from
+    /// the rule.
+    Degrade,
+}
+
+impl Action {
+    /// Whether a limit of this action stops the request or message: all
+    /// but `shadow` (a dry run) and `degrade` (marked, let through).
+    pub fn stops(self) -> bool {
+        !matches!(self, Action::Shadow | Action::Degrade)
+    }
 }
 
 /// Which way stream messages travel.
@@ -146,6 +158,9 @@ pub struct Rule {
     pub charge: Option<ChargeFrom>,
     /// What happens when it limits.
     pub action: Action,
+    /// How long a key stays limited once the rule limits it, whatever its
+    /// budget says meanwhile (`block_duration`; `None`: no block).
+    pub block_duration: Option<Span>,
     /// Higher first.
     pub priority: i32,
     /// The rules of one group stand in for each other: a request counts
@@ -239,6 +254,10 @@ pub struct Policy {
     /// the upstream to end it (the client then sees RESOURCE_EXHAUSTED)
     /// before the filter resets it.
     pub grpc_cut_grace: Span,
+    /// The request header naming the rules that degraded a request, sent
+    /// upstream (`None` when no rule degrades). Any copy the client sent
+    /// is removed from every request.
+    pub degrade_header: Option<String>,
     /// The rules a quota server decides, by position (a synced rule's
     /// `quota` and `limiter` are its local fallback limit).
     pub synced: Vec<SyncedRule>,
@@ -250,6 +269,8 @@ pub struct Policy {
 impl Policy {
     /// The default bound on keys per rule.
     pub const DEFAULT_MAX_KEYS: usize = 100_000;
+    /// The default `degrade_header`.
+    pub const DEFAULT_DEGRADE_HEADER: &'static str = "x-sluice-limited";
     /// The default `grpc_cut_grace`.
     pub const DEFAULT_GRPC_CUT_GRACE: Span = Span::SECOND;
 

@@ -6,9 +6,10 @@ use alloc::vec::Vec;
 use hashbrown::HashMap;
 
 use super::{
-    limited_for, no_room, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull,
+    limited_for, no_room, rule_outcome, Loaded, Marks, Room, Saved, Slot, Standing, StateStore,
+    StoreError, WhenFull,
 };
-use crate::algorithm::{Limiter, Outcome, State};
+use crate::algorithm::{Limiter, Mode, Outcome, State};
 use crate::policy::Rule;
 use crate::time::{Nanos, Span};
 
@@ -33,8 +34,8 @@ pub struct EvictionStats {
 struct Entry {
     state: State,
     last_used: Nanos,
-    /// Refused until about then: never evicted before.
-    limited_until: Nanos,
+    /// Refused (or blocked) until then: never evicted before.
+    marks: Marks,
 }
 
 /// One rule's keys.
@@ -64,12 +65,12 @@ struct Backoff {
 #[derive(Debug)]
 pub enum Checkout {
     /// A held key, taken out of the map (re-inserted without a new
-    /// allocation), with its mark.
-    Held(String, Nanos),
+    /// allocation), with its marks.
+    Held(String, Marks),
     /// A held key checked out for a refund: dropped at the bound if the
     /// refund made its state fresh (absence means fresh), which frees its
     /// room at once.
-    Charged(String, Nanos),
+    Charged(String, Marks),
     /// A new key with room to be stored.
     New,
     /// The rule's overflow state.
@@ -159,10 +160,19 @@ impl MemoryStore {
         cost: u64,
     ) -> (Outcome, Room) {
         if let Some(entry) = self.partition(rule_index).entries.get_mut(key) {
-            let outcome = rule.limiter.check(&mut entry.state, now, cost);
+            let blocked_until = entry.marks.blocked_until;
+            let outcome = rule_outcome(
+                rule,
+                &mut entry.state,
+                blocked_until,
+                now,
+                cost,
+                Mode::Consume,
+            );
             entry.last_used = now;
             if !outcome.allowed {
-                entry.limited_until = entry.limited_until.max(now.plus(limited_for(&outcome)));
+                let limited_until = &mut entry.marks.limited_until;
+                *limited_until = (*limited_until).max(now.plus(limited_for(&outcome)));
             }
             return (outcome, Room::Own);
         }
@@ -175,7 +185,7 @@ impl MemoryStore {
                     let entry = Entry {
                         state,
                         last_used: now,
-                        limited_until: Nanos::ZERO,
+                        marks: Marks::default(),
                     };
                     self.partition(rule_index).entries.insert(key.into(), entry);
                 }
@@ -232,7 +242,7 @@ impl MemoryStore {
             backoff.arrivals -= 1;
             return false;
         }
-        let standing = |e: &Entry| Standing::of(limiter, &e.state, e.limited_until, now);
+        let standing = |e: &Entry| Standing::of(limiter, &e.state, e.marks, now);
         let mut fresh = 0;
         let mut ages: Vec<Nanos> = Vec::new();
         let mut limits_end: Vec<Nanos> = Vec::new();
@@ -246,8 +256,9 @@ impl MemoryStore {
                 true
             }
             Standing::Protected => {
-                if e.limited_until > now {
-                    limits_end.push(e.limited_until);
+                let until = e.marks.limited_until.max(e.marks.blocked_until);
+                if until > now {
+                    limits_end.push(until);
                 }
                 true
             }
@@ -289,19 +300,20 @@ impl MemoryStore {
     fn put(&mut self, slot: Slot<'_>, checkout: Checkout, state: State, now: Nanos) {
         let max_keys = self.max_keys;
         let partition = self.partition(slot.rule_index);
-        let (key, limited_until) = match checkout {
-            Checkout::Held(key, limited_until) => (key, limited_until),
-            Checkout::Charged(key, limited_until) => {
+        let (key, marks) = match checkout {
+            Checkout::Held(key, marks) => (key, marks),
+            Checkout::Charged(key, marks) => {
                 // At the bound, a sweep may be backing off: dropping the
                 // key now frees its room for the next new key. Below it,
                 // the key stays, as any fresh key does until a sweep.
                 let full = partition.entries.len() + 1 >= max_keys;
-                if full && slot.rule.limiter.is_fresh(&state, now) {
+                let standing = Standing::of(&slot.rule.limiter, &state, marks, now);
+                if full && standing == Standing::Fresh {
                     return;
                 }
-                (key, limited_until)
+                (key, marks)
             }
-            Checkout::New => (slot.key.into(), Nanos::ZERO),
+            Checkout::New => (slot.key.into(), Marks::default()),
             Checkout::Overflow => {
                 partition.overflow = Some(state);
                 return;
@@ -311,7 +323,7 @@ impl MemoryStore {
         let entry = Entry {
             state,
             last_used: now,
-            limited_until,
+            marks,
         };
         partition.entries.insert(key, entry);
     }
@@ -330,8 +342,9 @@ impl StateStore for MemoryStore {
         if let Some((key, entry)) = held {
             return Ok(Loaded {
                 state: entry.state,
-                version: Checkout::Held(key, entry.limited_until),
+                version: Checkout::Held(key, entry.marks),
                 room: Room::Own,
+                blocked_until: entry.marks.blocked_until,
             });
         }
         let room = self.place_new(slot.rule_index, &slot.rule.limiter, now);
@@ -350,6 +363,7 @@ impl StateStore for MemoryStore {
             state,
             version,
             room,
+            blocked_until: Nanos::ZERO,
         })
     }
 
@@ -392,8 +406,9 @@ impl StateStore for MemoryStore {
                 .remove_entry(slot.key)
                 .map(|(key, entry)| Loaded {
                     state: entry.state,
-                    version: Checkout::Charged(key, entry.limited_until),
+                    version: Checkout::Charged(key, entry.marks),
                     room,
+                    blocked_until: entry.marks.blocked_until,
                 }),
             Room::Overflow => Some(Loaded {
                 state: partition
@@ -402,6 +417,7 @@ impl StateStore for MemoryStore {
                     .unwrap_or_else(|| slot.rule.limiter.fresh_state()),
                 version: Checkout::Overflow,
                 room,
+                blocked_until: Nanos::ZERO,
             }),
             Room::Full => None,
         })
@@ -415,11 +431,14 @@ impl StateStore for MemoryStore {
         limited: Span,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
-        let mark = |until: Nanos| {
+        let mark = |marks: Marks| {
             if limited > Span::ZERO {
-                until.max(now.plus(limited))
+                Marks {
+                    limited_until: marks.limited_until.max(now.plus(limited)),
+                    ..marks
+                }
             } else {
-                until
+                marks
             }
         };
         let checkout = match checkout {
@@ -445,12 +464,17 @@ impl StateStore for MemoryStore {
         state: State,
         checkout: Checkout,
         outcome: &Outcome,
+        blocked_until: Nanos,
         now: Nanos,
     ) {
         let checkout = match checkout {
-            Checkout::Held(key, until) => {
-                Checkout::Held(key, until.max(now.plus(limited_for(outcome))))
-            }
+            Checkout::Held(key, marks) => Checkout::Held(
+                key,
+                marks.max(Marks {
+                    limited_until: now.plus(limited_for(outcome)),
+                    blocked_until,
+                }),
+            ),
             other => other,
         };
         self.release(slot, state, checkout, now);
@@ -492,7 +516,7 @@ mod tests {
                 Ok(Saved::Stored)
             );
         } else {
-            store.refuse(slot, state, loaded.version, &outcome, now);
+            store.refuse(slot, state, loaded.version, &outcome, Nanos::ZERO, now);
         }
         outcome
     }

@@ -17,6 +17,13 @@
 //! is protected, the new key shares the rule's overflow state or is
 //! refused, as [`WhenFull`] says: keys made up by a flood can then only
 //! limit each other, never give a limited key a fresh allowance.
+//!
+//! A rule with a `block_duration` blocks a key it refuses: the store keeps
+//! the block's end beside the key's state ([`Marks::blocked_until`]),
+//! written by compare-and-swap like the state itself, so every worker
+//! sharing the store sees it; a blocked key is protected until the block
+//! ends. Only a key with a state of its own is blocked: the overflow
+//! state, shared by many keys, never is.
 
 mod memory;
 mod slots;
@@ -46,13 +53,37 @@ pub enum Standing {
     Protected,
 }
 
+/// What a store remembers about a key besides its state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Marks {
+    /// Refused until about then (see [`StateStore::refuse`]): not evicted
+    /// before.
+    pub limited_until: Nanos,
+    /// Blocked by its rule's `block_duration` until exactly then: refused
+    /// whatever its state says, and not evicted before.
+    pub blocked_until: Nanos,
+}
+
+impl Marks {
+    /// Both marks at their later value.
+    pub fn max(self, other: Marks) -> Marks {
+        Marks {
+            limited_until: self.limited_until.max(other.limited_until),
+            blocked_until: self.blocked_until.max(other.blocked_until),
+        }
+    }
+}
+
 impl Standing {
-    /// The standing at `now` of a key of `limiter`'s rule with `state`,
-    /// marked limited until `limited_until`.
-    pub fn of(limiter: &Limiter, state: &State, limited_until: Nanos, now: Nanos) -> Standing {
-        if limiter.is_fresh(state, now) {
+    /// The standing at `now` of a key of `limiter`'s rule with `state`
+    /// and `marks`. A blocked key is protected even if its state is fresh:
+    /// dropping it would lift the block.
+    pub fn of(limiter: &Limiter, state: &State, marks: Marks, now: Nanos) -> Standing {
+        if now < marks.blocked_until {
+            Standing::Protected
+        } else if limiter.is_fresh(state, now) {
             Standing::Fresh
-        } else if now < limited_until || limiter.kind() == AlgorithmKind::Concurrency {
+        } else if now < marks.limited_until || limiter.kind() == AlgorithmKind::Concurrency {
             Standing::Protected
         } else {
             Standing::Live
@@ -104,16 +135,42 @@ pub struct Loaded<V> {
     pub version: V,
     /// Whose state this is.
     pub room: Room,
+    /// The key is blocked until then (see [`Marks::blocked_until`]; zero
+    /// for a key never blocked).
+    pub blocked_until: Nanos,
 }
 
 impl<V> Loaded<V> {
     /// Runs `rule`'s limiter on the state, or refuses when there is no room.
     pub fn acquire(&mut self, rule: &Rule, now: Nanos, cost: u64, mode: Mode) -> Outcome {
         match self.room {
-            Room::Own | Room::Overflow => rule.limiter.acquire(&mut self.state, now, cost, mode),
+            Room::Own | Room::Overflow => {
+                rule_outcome(rule, &mut self.state, self.blocked_until, now, cost, mode)
+            }
             Room::Full => no_room(rule),
         }
     }
+}
+
+/// `rule`'s limiter run on `state`, unless the key is blocked until
+/// `blocked_until`: then it takes nothing and is refused until the later
+/// of the block's end and when its budget allows again. A block counts
+/// only while the rule has a `block_duration` (a reload that removes it
+/// lifts every block of the rule).
+pub fn rule_outcome(
+    rule: &Rule,
+    state: &mut State,
+    blocked_until: Nanos,
+    now: Nanos,
+    cost: u64,
+    mode: Mode,
+) -> Outcome {
+    if rule.block_duration.is_none() || now >= blocked_until {
+        return rule.limiter.acquire(state, now, cost, mode);
+    }
+    rule.limiter
+        .acquire(state, now, cost, Mode::Peek)
+        .blocked_until(blocked_until, now)
 }
 
 /// The refusal of a new key that found no room: it may try again after a
@@ -194,13 +251,16 @@ pub trait StateStore {
 
     /// Gives back a state whose key was just refused with `outcome`: the
     /// store marks the key limited for [`limited_for`] so that no new key
-    /// evicts it meanwhile.
+    /// evicts it meanwhile, and blocked until `blocked_until` if that is
+    /// later than its current block (an earlier or zero value changes no
+    /// block). Only a key holding a state of its own is marked.
     fn refuse(
         &mut self,
         slot: Slot<'_>,
         state: State,
         version: Self::Version,
         outcome: &Outcome,
+        blocked_until: Nanos,
         now: Nanos,
     );
 
@@ -220,7 +280,9 @@ pub trait StateStore {
     /// decision over a single rule needs): the outcome and where it was
     /// decided; `None` when another writer got in first. Stores that can
     /// update in place override it; this default checks the state out,
-    /// checks it and saves it.
+    /// checks it and saves it. It honours a key's block but never starts
+    /// one: a block starts on a final refusal, which only the engine knows
+    /// (it decides rules with a `block_duration` through `load`).
     fn check(
         &mut self,
         slot: Slot<'_>,
@@ -231,7 +293,7 @@ pub trait StateStore {
         let room = l.room;
         let outcome = l.acquire(slot.rule, now, cost, Mode::Consume);
         if !outcome.allowed {
-            self.refuse(slot, l.state, l.version, &outcome, now);
+            self.refuse(slot, l.state, l.version, &outcome, Nanos::ZERO, now);
             return Ok(Some((outcome, room)));
         }
         Ok(match self.save(slot, l.state, l.version, now)? {

@@ -29,7 +29,9 @@ use hashbrown::HashMap;
 use siphasher::sip::SipHasher13;
 use siphasher::sip128::SipHasher13 as Sip128;
 
-use super::{limited_for, Loaded, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull};
+use super::{
+    limited_for, Loaded, Marks, Room, Saved, Slot, Standing, StateStore, StoreError, WhenFull,
+};
 use crate::algorithm::{Outcome, State};
 use crate::policy::{Policy, Rule, Scope};
 use crate::time::{Nanos, Span};
@@ -93,8 +95,8 @@ pub struct SlotVersion {
     missing: bool,
     /// The slot holds another key whose state is still live.
     evicts_live: bool,
-    /// The key's stored mark (zero for a new key).
-    limited_until: Nanos,
+    /// The key's stored marks (zero for a new key).
+    marks: Marks,
 }
 
 #[derive(Debug)]
@@ -131,19 +133,19 @@ pub struct SlotStore<B> {
 }
 
 /// Slot value layout: format byte, key length (u16 LE), key, last use (u64
-/// LE), limited until (u64 LE), then the encoded state. An empty value (or
-/// one of another format) is a free slot. Format 3: keys placed and long
-/// keys stored by SipHash (format 2 slots, placed by another hash, are
-/// free).
-const FORMAT: u8 = 3;
+/// LE), limited until (u64 LE), blocked until (u64 LE), then the encoded
+/// state. An empty value (or one of another format) is a free slot.
+/// Format 4 added the block (format 3 slots are free: their keys start
+/// over).
+const FORMAT: u8 = 4;
 /// Longer keys are stored as a hash of themselves, to keep slots small.
 pub const MAX_STORED_KEY: usize = 256;
 
 /// Bytes of a slot besides its stored key and state: the value's format
-/// byte, key length and two timestamps (19), the name (`sluice/`, a rule
+/// byte, key length and three timestamps (27), the name (`sluice/`, a rule
 /// name of up to 64 characters, `/` and an index: at most 80), and the
 /// host's map entry (two strings, a token, allocator headers: about 100).
-pub const SLOT_OVERHEAD: u64 = 200;
+pub const SLOT_OVERHEAD: u64 = 208;
 
 /// The most bytes one slot of `rule` takes in shared data: the longest
 /// stored key, the rule's largest state and [`SLOT_OVERHEAD`].
@@ -347,7 +349,7 @@ fn stored_key<'a>(key: &'a str, seed: &Seed, buf: &'a mut [u8; 16]) -> &'a [u8] 
 struct SlotValue<'a> {
     key: &'a [u8],
     last_used: Nanos,
-    limited_until: Nanos,
+    marks: Marks,
     state: &'a [u8],
 }
 
@@ -360,23 +362,28 @@ fn parse_value(bytes: &[u8]) -> Option<SlotValue<'_>> {
     let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
     let (key, rest) = rest.split_at_checked(len)?;
     let (last_used, rest) = rest.split_first_chunk::<8>()?;
-    let (limited_until, state) = rest.split_first_chunk::<8>()?;
+    let (limited_until, rest) = rest.split_first_chunk::<8>()?;
+    let (blocked_until, state) = rest.split_first_chunk::<8>()?;
     Some(SlotValue {
         key,
         last_used: Nanos(u64::from_le_bytes(*last_used)),
-        limited_until: Nanos(u64::from_le_bytes(*limited_until)),
+        marks: Marks {
+            limited_until: Nanos(u64::from_le_bytes(*limited_until)),
+            blocked_until: Nanos(u64::from_le_bytes(*blocked_until)),
+        },
         state,
     })
 }
 
-fn write_value(out: &mut Vec<u8>, key: &[u8], now: Nanos, limited_until: Nanos, state: &State) {
+fn write_value(out: &mut Vec<u8>, key: &[u8], now: Nanos, marks: Marks, state: &State) {
     out.clear();
     out.push(FORMAT);
     // Keys are at most MAX_STORED_KEY bytes, so the length fits in a u16.
     out.extend_from_slice(&(key.len() as u16).to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(&now.get().to_le_bytes());
-    out.extend_from_slice(&limited_until.get().to_le_bytes());
+    out.extend_from_slice(&marks.limited_until.get().to_le_bytes());
+    out.extend_from_slice(&marks.blocked_until.get().to_le_bytes());
     state.encode(out);
 }
 
@@ -415,7 +422,7 @@ impl SlotVersion {
             held: false,
             missing: false,
             evicts_live: false,
-            limited_until: Nanos::ZERO,
+            marks: Marks::default(),
         }
     }
 }
@@ -442,17 +449,18 @@ impl<B: SharedBytes> SlotStore<B> {
                         held: true,
                         missing: false,
                         evicts_live: false,
-                        limited_until: value.limited_until,
+                        marks: value.marks,
                     };
                     return Ok(Probed::Held(Loaded {
                         state,
                         version,
                         room: Room::Own,
+                        blocked_until: value.marks.blocked_until,
                     }));
                 }
                 Some(Some(value)) => {
                     let standing = State::decode(value.state).map_or(Standing::Fresh, |s| {
-                        Standing::of(&slot.rule.limiter, &s, value.limited_until, now)
+                        Standing::of(&slot.rule.limiter, &s, value.marks, now)
                     });
                     match standing {
                         Standing::Fresh => (1, Nanos::ZERO),
@@ -486,6 +494,7 @@ impl<B: SharedBytes> SlotStore<B> {
             state,
             version: SlotVersion::unheld(Place::Overflow, cas),
             room: Room::Overflow,
+            blocked_until: Nanos::ZERO,
         })
     }
 }
@@ -506,12 +515,13 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 held: false,
                 missing: b.rank == 2,
                 evicts_live: b.rank == 3,
-                limited_until: Nanos::ZERO,
+                marks: Marks::default(),
             };
             return Ok(Loaded {
                 state: fresh,
                 version,
                 room: Room::Own,
+                blocked_until: Nanos::ZERO,
             });
         }
         match self.when_full {
@@ -525,6 +535,7 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                     state: fresh,
                     version: SlotVersion::unheld(Place::Nowhere, 0),
                     room: Room::Full,
+                    blocked_until: Nanos::ZERO,
                 })
             }
         }
@@ -553,7 +564,7 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         version: SlotVersion,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
-        self.write(slot, &state, version, version.limited_until, now)
+        self.write(slot, &state, version, version.marks, now)
     }
 
     fn save_marked(
@@ -564,12 +575,15 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         limited: Span,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
-        let until = if version.held && limited > Span::ZERO {
-            version.limited_until.max(now.plus(limited))
+        let marks = if version.held && limited > Span::ZERO {
+            Marks {
+                limited_until: version.marks.limited_until.max(now.plus(limited)),
+                ..version.marks
+            }
         } else {
-            version.limited_until
+            version.marks
         };
-        self.write(slot, &state, version, until, now)
+        self.write(slot, &state, version, marks, now)
     }
 
     fn release(&mut self, _slot: Slot<'_>, _state: State, _version: SlotVersion, _now: Nanos) {}
@@ -580,29 +594,47 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         state: State,
         version: SlotVersion,
         outcome: &Outcome,
+        blocked_until: Nanos,
         now: Nanos,
     ) {
         // Only a key that holds its slot is marked: a new key refused is
-        // not stored, and the overflow slot is never evicted.
+        // not stored, and the overflow slot is never evicted nor blocked.
         if !version.held {
             return;
         }
         let limited = limited_for(outcome);
-        if version.limited_until >= now.plus(limited) {
+        let wanted = Marks {
+            // An eighth more than needed: a key refused again and again is
+            // rewritten at most about eight times per limited period.
+            limited_until: now.plus(limited).plus(Span(limited.as_nanos() / 8)),
+            blocked_until,
+        };
+        let needs = |marks: Marks| {
+            marks.limited_until < now.plus(limited) || marks.blocked_until < blocked_until
+        };
+        if !needs(version.marks) {
             return;
         }
-        // An eighth more than needed: a key refused again and again is
-        // rewritten at most about eight times per limited period.
-        let until = now.plus(limited).plus(Span(limited.as_nanos() / 8));
-        if self.write(slot, &state, version, until, now) != Ok(Saved::Conflict) {
+        let marks = version.marks.max(wanted);
+        if self.write(slot, &state, version, marks, now) != Ok(Saved::Conflict) {
             return;
         }
         // Another writer got in first. It may have kept the key (then the
-        // mark must still be set, on the state it wrote) or evicted it for
-        // a new key (then there is nothing left to mark).
-        if let Ok(Probed::Held(current)) = self.probe(slot, now) {
-            if current.version.limited_until < until {
-                let _ = self.write(slot, &current.state, current.version, until, now);
+        // marks must still be set, on the state it wrote) or evicted it
+        // for a new key (then there is nothing left to mark). A block must
+        // stick, so that every worker refuses the key: keep trying.
+        for _ in 0..crate::engine::MAX_ATTEMPTS {
+            let Ok(Probed::Held(current)) = self.probe(slot, now) else {
+                return;
+            };
+            let marks = current.version.marks;
+            if !needs(marks) {
+                return;
+            }
+            let marks = marks.max(wanted);
+            let written = self.write(slot, &current.state, current.version, marks, now);
+            if written != Ok(Saved::Conflict) {
+                return;
             }
         }
     }
@@ -615,7 +647,7 @@ impl<B: SharedBytes> SlotStore<B> {
         slot: Slot<'_>,
         state: &State,
         version: SlotVersion,
-        limited_until: Nanos,
+        marks: Marks,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
         let mut hashed = [0u8; 16];
@@ -630,7 +662,7 @@ impl<B: SharedBytes> SlotStore<B> {
             }
             Place::Nowhere => return Ok(Saved::Stored),
         };
-        write_value(&mut self.value, key, now, limited_until, state);
+        write_value(&mut self.value, key, now, marks, state);
         let outcome = match (version.place, version.missing) {
             (Place::Slot(index), true) => self.create(slot.rule_index, index, now)?,
             _ => match self.backend.set(&self.name, &self.value, version.cas)? {
@@ -964,10 +996,17 @@ mod tests {
         assert!(!refused.allowed);
         // Another VM writes the key meanwhile (a request of no cost).
         assert!(two.check(slot(&p, "a"), 0, now).unwrap().is_some());
-        one.refuse(slot(&p, "a"), l.state, l.version, &refused, now);
+        one.refuse(
+            slot(&p, "a"),
+            l.state,
+            l.version,
+            &refused,
+            Nanos::ZERO,
+            now,
+        );
         let again = one.load(slot(&p, "a"), now).unwrap();
         assert!(
-            again.version.limited_until > now,
+            again.version.marks.limited_until > now,
             "the refused key lost its limited mark"
         );
     }

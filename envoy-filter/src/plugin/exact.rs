@@ -181,6 +181,7 @@ impl<B: SharedBytes> Plugin<B> {
                         rule_index: *rule_index,
                         decision,
                         shadow_limited,
+                        degraded: false,
                     });
                     if refused {
                         refused_by.get_or_insert(*rule_index);

@@ -95,6 +95,7 @@ impl<B: SharedBytes> Plugin<B> {
                 rule_index,
                 decision,
                 shadow_limited: false,
+                degraded: false,
             });
             if refused {
                 self.give_back_leases(host, &taken);

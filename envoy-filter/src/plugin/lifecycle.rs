@@ -57,6 +57,12 @@ pub(super) struct RequestState {
 impl<B: SharedBytes> Plugin<B> {
     /// Decides a new request.
     pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) -> Step {
+        // Only the filter says which rules degraded a request: a copy the
+        // client sent could fake or hide that, so it never reaches the
+        // upstream, whatever the rules decide.
+        if let Some(name) = &self.policy.degrade_header {
+            host.remove_request_header(name);
+        }
         let with_ip = self.controls.reads_client_ip();
         let request = fetch_request(host, &self.policy, &self.needs, with_ip);
         let (keys, stream_keys): (Vec<_>, Vec<_>) =
@@ -208,13 +214,15 @@ impl<B: SharedBytes> Plugin<B> {
     ) -> Wake {
         let protocol = request.protocol;
         for d in &verdict.decisions {
-            let outcome = match (d.shadow_limited, delayed) {
-                (true, _) => Outcome::ShadowLimited,
-                (false, true) => Outcome::Delayed,
-                (false, false) => Outcome::Allowed,
+            let outcome = match (d.shadow_limited, d.degraded, delayed) {
+                (true, _, _) => Outcome::ShadowLimited,
+                (false, true, _) => Outcome::Degraded,
+                (false, false, true) => Outcome::Delayed,
+                (false, false, false) => Outcome::Allowed,
             };
             self.metrics.count(host, protocol, d.rule_index, outcome);
         }
+        self.mark_degraded(host, &verdict);
         let in_flight_permits = verdict
             .charges
             .iter()
@@ -245,6 +253,19 @@ impl<B: SharedBytes> Plugin<B> {
             },
         );
         Wake::Resume
+    }
+
+    /// Tells the upstream which rules degraded a request going through
+    /// under `verdict` (gRPC metadata, or a WebSocket upgrade's header,
+    /// alike), so it can serve a cheaper answer.
+    fn mark_degraded(&self, host: &impl Host, verdict: &Verdict) {
+        let Some(name) = &self.policy.degrade_header else {
+            return;
+        };
+        let rules: Vec<&str> = verdict.degraded_by(&self.policy).collect();
+        if !rules.is_empty() {
+            host.set_request_header(name, &rules.join(","));
+        }
     }
 
     /// Refuses a request because of the rule at `rule_index`, as `verdict`
@@ -335,7 +356,10 @@ impl<B: SharedBytes> Plugin<B> {
         } else {
             response.settle(&mut verdict.charges, Reported::Headers);
         }
-        if self.policy.headers_on_allowed && !self.policy.header_sets.is_empty() {
+        // A degraded response tells the client about its limits even when
+        // allowed responses do not: it is not the full answer.
+        let tells = self.policy.headers_on_allowed || verdict.is_degraded();
+        if tells && !self.policy.header_sets.is_empty() {
             verdict.headers(&self.policy, |name, value| {
                 host.set_response_header(name, value)
             });

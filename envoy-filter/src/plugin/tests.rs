@@ -672,3 +672,103 @@ fn invalid_config_names_the_field() -> Result<(), String> {
     assert!(Plugin::configure(&host, &shared, b"\xff\xfe").is_err());
     Ok(())
 }
+
+#[test]
+fn degrade_marks_over_limit_requests_for_the_upstream_and_strips_spoofs() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[
+            {"name":"cheap","limit":{"count":1,"per":"1h"},"algorithm":"fixed_window","action":"degrade"},
+            {"name":"search","match":{"path":{"prefix":"/search"}},"limit":{"count":1,"per":"1h"},"algorithm":"fixed_window","action":"degrade"},
+            {"name":"hard","limit":{"count":3,"per":"1h"},"algorithm":"fixed_window"}
+        ],"headers":{"on_allowed":false}}"#,
+    )?;
+    // Within the limit: a client's own header is removed, none added.
+    host.request("GET", "/search", &[("x-sluice-limited", "none")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(host.request_header("x-sluice-limited"), None);
+    host.respond(200);
+    p.on_response_headers(&host, 1);
+    assert_eq!(host.response_header("x-ratelimit-remaining"), None);
+    // Over both degrade rules: marked with both, told its limits, no retry.
+    host.request("GET", "/search", &[("x-sluice-limited", "")]);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    assert_eq!(
+        host.request_header("x-sluice-limited").as_deref(),
+        Some("cheap,search")
+    );
+    host.respond(200);
+    p.on_response_headers(&host, 2);
+    assert_eq!(
+        host.response_header("x-ratelimit-remaining").as_deref(),
+        Some("0")
+    );
+    assert!(host.response_header("ratelimit").is_some());
+    assert_eq!(host.response_header("retry-after"), None);
+    host.request("GET", "/other", &[]);
+    assert_eq!(p.on_request_headers(&host, 3), Step::Continue);
+    assert_eq!(
+        host.request_header("x-sluice-limited").as_deref(),
+        Some("cheap")
+    );
+    // The reject rule wins once over.
+    host.request("GET", "/other", &[("x-sluice-limited", "cheap")]);
+    let r = reply(p.on_request_headers(&host, 4))?;
+    assert_eq!((r.status, header(&r, "retry-after").is_some()), (429, true));
+    assert_eq!(host.counter("sluice_http.rule.cheap.outcome.degraded"), 2);
+    assert_eq!(host.counter("sluice_http.rule.search.outcome.degraded"), 1);
+    assert_eq!(host.counter("sluice_http.rule.hard.outcome.allowed"), 3);
+    assert_eq!(host.counter("sluice_http.rule.hard.outcome.limited"), 1);
+    Ok(())
+}
+
+#[test]
+fn a_spoofed_degrade_header_is_removed_even_where_no_rule_applies() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"cheap","match":{"path":{"prefix":"/api/"}},"limit":{"count":1,"per":"1h"},"action":"degrade"}],"degrade_header":"x-cheaper"}"#,
+    )?;
+    host.request(
+        "GET",
+        "/static",
+        &[("x-cheaper", "cheap"), ("x-sluice-limited", "kept")],
+    );
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(host.request_header("x-cheaper"), None);
+    assert_eq!(
+        host.request_header("x-sluice-limited").as_deref(),
+        Some("kept"),
+        "only the configured name is Sluice's"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_blocked_key_is_refused_with_the_time_its_block_has_left() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let json = r#"{"rules":[{"name":"login","limit":{"count":2,"per":"1s"},"algorithm":"fixed_window","block_duration":"10m"}]}"#;
+    let mut a = plugin(&host, &shared, json)?;
+    let mut b = plugin(&host, &shared, json)?;
+    for id in 0..2 {
+        host.request("POST", "/login", &[]);
+        assert_eq!(a.on_request_headers(&host, id), Step::Continue);
+    }
+    host.request("POST", "/login", &[]);
+    let r = reply(a.on_request_headers(&host, 2))?;
+    assert_eq!(header(&r, "retry-after"), Some("600"));
+    assert_eq!(header(&r, "x-ratelimit-reset"), Some("600"));
+    // Another worker, a minute later: the budget is back, the block is not.
+    host.now.set(host.now.get() + 60 * SEC);
+    host.request("POST", "/login", &[]);
+    let r = reply(b.on_request_headers(&host, 3))?;
+    assert_eq!(header(&r, "retry-after"), Some("540"));
+    assert_eq!(host.counter("sluice_http.rule.login.outcome.limited"), 2);
+    host.now.set(host.now.get() + 540 * SEC);
+    host.request("POST", "/login", &[]);
+    assert_eq!(b.on_request_headers(&host, 4), Step::Continue);
+    Ok(())
+}

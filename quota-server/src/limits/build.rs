@@ -323,6 +323,7 @@ fn descriptor_rule(name: String, algorithm: AlgorithmKind, quota: Quota, shadow:
         } else {
             Action::Reject
         },
+        block_duration: None,
         priority: 0,
         group: None,
     }

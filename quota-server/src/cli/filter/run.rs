@@ -61,6 +61,7 @@ struct Tally {
     delayed: u64,
     limited: u64,
     shadow_limited: u64,
+    degraded: u64,
 }
 
 /// A request due to be decided: when, its number in the script, its
@@ -187,6 +188,8 @@ pub fn simulate(
                 let outcome = if waited > Span::ZERO {
                     delayed += 1;
                     "delayed"
+                } else if verdict.is_degraded() {
+                    "degraded"
                 } else {
                     "allowed"
                 };
@@ -197,16 +200,32 @@ pub fn simulate(
                         t.allowed += 1;
                         t.delayed += u64::from(waited > Span::ZERO);
                         t.shadow_limited += u64::from(d.shadow_limited);
+                        t.degraded += u64::from(d.degraded);
                     }
                 }
-                if policy.headers_on_allowed {
+                if let Some(header) = &policy.degrade_header {
+                    let rules: Vec<&str> = verdict.degraded_by(&policy).collect();
+                    if !rules.is_empty() {
+                        writeln!(out, "       upstream {header}: {}", rules.join(","))?;
+                    }
+                }
+                if policy.headers_on_allowed || verdict.is_degraded() {
                     write_headers(&policy, &verdict, out)?;
                 }
             }
             VerdictKind::Limited { rule_index } => {
                 limited += 1;
-                let rule = policy.rules.get(rule_index).map_or("", |r| r.name.as_str());
-                let detail = format!("{what}{held_for} by {rule}");
+                let rule = policy.rules.get(rule_index);
+                let name = rule.map_or("", |r| r.name.as_str());
+                // Every refusal by a blocking rule starts or serves a block.
+                let blocked = match rule.and_then(|r| r.block_duration) {
+                    Some(_) => verdict
+                        .shown(&policy)
+                        .map(|d| format!(" (blocked, {} left)", d.retry_after))
+                        .unwrap_or_default(),
+                    None => String::new(),
+                };
+                let detail = format!("{what}{held_for} by {name}{blocked}");
                 out.write_all(
                     request_line(number, now.since(start), "limited", &detail).as_bytes(),
                 )?;
@@ -230,6 +249,13 @@ pub fn simulate(
                 out,
                 ", {} over its limit (shadow: let through)",
                 t.shadow_limited
+            )?;
+        }
+        if t.degraded > 0 {
+            write!(
+                out,
+                ", {} over its limit (degraded: let through marked)",
+                t.degraded
             )?;
         }
         writeln!(out)?;
@@ -360,6 +386,39 @@ mod tests {
         );
         assert!(
             text.contains("rule slow: 2 allowed (1 after a delay), 0 limited"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn blocks_and_degraded_requests_are_shown() {
+        let text = simulate_text(
+            r#"{"rules": [
+                {"name": "login", "match": {"path": {"prefix": "/login"}}, "key": ["method"],
+                 "limit": {"count": 2, "per": "1s"}, "algorithm": "fixed_window", "block_duration": "3s"},
+                {"name": "cheap", "match": {"path": {"prefix": "/search"}}, "key": ["method"],
+                 "limit": {"count": 1, "per": "1h"}, "action": "degrade"}
+            ], "headers": {"on_allowed": false}}"#,
+            "repeat 3 every 0s POST /login\nat 1.5s POST /login\nat 3s POST /login\nrepeat 2 every 0s GET /search\n",
+        );
+        assert!(
+            text.contains("#3     t=0ns limited   POST /login by login (blocked, 3s left)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("#4     t=1500ms limited   POST /login by login (blocked, 1500ms left)"),
+            "{text}"
+        );
+        assert!(text.contains("#5     t=3s allowed   POST /login"), "{text}");
+        assert!(
+            text.contains("degraded  GET /search (rules: cheap)"),
+            "{text}"
+        );
+        assert!(text.contains("upstream x-sluice-limited: cheap"), "{text}");
+        assert!(
+            text.contains(
+                "rule cheap: 2 allowed, 0 limited, 1 over its limit (degraded: let through marked)"
+            ),
             "{text}"
         );
     }
