@@ -220,13 +220,23 @@ mod tests {
     fn the_query_is_kept_only_for_rules_that_read_it() -> Result<(), String> {
         let by_path = r#"{"rules":[{"name":"r","match":{"path":{"prefix":"/a"}},"limit":{"count":1,"per":"1s"}}]}"#;
         let request = fetched(by_path, "/a/b?page=2#top")?;
-        assert_eq!((request.path.as_str(), request.query.as_str()), ("/a/b", ""));
-        let by_query = r#"{"rules":[{"name":"r","key":["query:page"],"limit":{"count":1,"per":"1s"}}]}"#;
+        assert_eq!(
+            (request.path.as_str(), request.query.as_str()),
+            ("/a/b", "")
+        );
+        let by_query =
+            r#"{"rules":[{"name":"r","key":["query:page"],"limit":{"count":1,"per":"1s"}}]}"#;
         let request = fetched(by_query, "/a/b?page=2#top")?;
-        assert_eq!((request.path.as_str(), request.query.as_str()), ("", "page=2"));
+        assert_eq!(
+            (request.path.as_str(), request.query.as_str()),
+            ("", "page=2")
+        );
         let by_both = r#"{"rules":[{"name":"r","match":{"path":{"prefix":"/a"},"query":[{"name":"page"}]},"limit":{"count":1,"per":"1s"}}]}"#;
         let request = fetched(by_both, "/a/b?page=2")?;
-        assert_eq!((request.path.as_str(), request.query.as_str()), ("/a/b", "page=2"));
+        assert_eq!(
+            (request.path.as_str(), request.query.as_str()),
+            ("/a/b", "page=2")
+        );
         Ok(())
     }
 }

@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     for pair in query.split('&') {
         let raw_name = pair.split_once('=').map_or(pair, |(n, _)| n);
         let decoded = canonical(raw_name);
-        assert!(canonical_eq(raw_name, &decoded), "{raw_name:?} vs {decoded:?}");
+        assert!(
+            canonical_eq(raw_name, &decoded),
+            "{raw_name:?} vs {decoded:?}"
+        );
         // Some parameter of that name exists, so finding it succeeds.
         assert!(find(query, &decoded).is_some(), "{query:?} has {decoded:?}");
     }

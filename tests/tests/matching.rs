@@ -64,7 +64,7 @@ impl Setup {
 
     /// Sends each request in turn and checks its status (and, for a 429,
     /// the rule named).
-    async fn expect(&self, steps: &[(&str, &[(&str, &str)], u16)], rule: &str) {
+    async fn expect(&self, steps: &[Step<'_>], rule: &str) {
         for (i, (path, headers, status)) in steps.iter().enumerate() {
             let reply = self.get(path, headers).await;
             assert_eq!(
@@ -89,6 +89,9 @@ impl Setup {
         assert_eq!(errors, 0, "sluice_http.errors");
     }
 }
+
+/// A request to send (path, headers) and the status it must get.
+type Step<'a> = (&'a str, &'a [(&'a str, &'a str)], u16);
 
 fn rule(name: &str, prefix: &str, conditions: Value, key: Value) -> Value {
     let mut conditions = conditions;
@@ -194,7 +197,11 @@ async fn fallback_chains_never_mix_their_alternatives() {
             ("/a", &[ip, ("x-user-id", "192.0.2.9")], 200),
             ("/a", &[ip, ("x-user-id", "192.0.2.9")], 429),
             // The API key comes first when both are sent.
-            ("/a", &[ip, ("x-user-id", "u2"), ("x-api-key", "192.0.2.9")], 429),
+            (
+                "/a",
+                &[ip, ("x-user-id", "u2"), ("x-api-key", "192.0.2.9")],
+                429,
+            ),
             ("/a", &[ip, ("x-user-id", "u2"), ("x-api-key", "k2")], 200),
             ("/a", &[("x-forwarded-for", "192.0.2.10")], 200),
         ],
@@ -235,9 +242,7 @@ async fn grpc_metadata_conditions() {
                 .metadata_mut()
                 .insert("x-user-id", user.parse().unwrap());
             for (name, value) in metadata {
-                request
-                    .metadata_mut()
-                    .insert(*name, value.parse().unwrap());
+                request.metadata_mut().insert(*name, value.parse().unwrap());
             }
             tokio::time::timeout(Duration::from_secs(10), client.get_user(request))
                 .await
@@ -278,9 +283,8 @@ impl Issuer {
     fn new() -> Issuer {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                .unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
         Issuer { pair, rng }
     }
 
@@ -296,9 +300,13 @@ impl Issuer {
 
     /// A signed token for `subject`, valid for an hour.
     fn token(&self, subject: &str) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let header = json!({"alg": "ES256", "typ": "JWT", "kid": "test"});
-        let claims = json!({"iss": "https://issuer.example", "sub": subject, "iat": now, "exp": now + 3600});
+        let claims =
+            json!({"iss": "https://issuer.example", "sub": subject, "iat": now, "exp": now + 3600});
         let input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -366,10 +374,22 @@ async fn jwt_subjects_key_limits_and_a_spoofed_claim_header_does_not_escape() {
     let dave = bearer("dave");
     s.expect(
         &[
-            ("/a", &[ip, ("authorization", &dave), ("x-jwt-sub", "erin")], 200),
-            ("/a", &[ip, ("authorization", &dave), ("x-jwt-sub", "frank")], 200),
+            (
+                "/a",
+                &[ip, ("authorization", &dave), ("x-jwt-sub", "erin")],
+                200,
+            ),
+            (
+                "/a",
+                &[ip, ("authorization", &dave), ("x-jwt-sub", "frank")],
+                200,
+            ),
             ("/a", &[ip, ("authorization", &dave)], 429),
-            ("/a", &[("x-forwarded-for", "192.0.2.6"), ("x-jwt-sub", "erin")], 200),
+            (
+                "/a",
+                &[("x-forwarded-for", "192.0.2.6"), ("x-jwt-sub", "erin")],
+                200,
+            ),
         ],
         "per-subject",
     )

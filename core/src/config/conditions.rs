@@ -253,9 +253,9 @@ fn text_problem(text: &str, source: Source) -> Option<String> {
         Source::Header if text.chars().any(|c| c.is_control() && c != '\t') => {
             Some("a header value has no control characters: this never matches".into())
         }
-        Source::Header if text.trim_matches([' ', '\t']) != text => Some(
-            "Envoy trims the whitespace around header values: this never matches".into(),
-        ),
+        Source::Header if text.trim_matches([' ', '\t']) != text => {
+            Some("Envoy trims the whitespace around header values: this never matches".into())
+        }
         Source::Header => None,
     }
 }
@@ -297,7 +297,9 @@ mod tests {
     use crate::policy::{HttpRequest, Policy};
 
     fn rule_with_match(conditions: &str) -> String {
-        format!(r#"{{"rules":[{{"name":"r","match":{conditions},"limit":{{"count":1,"per":"1s"}}}}]}}"#)
+        format!(
+            r#"{{"rules":[{{"name":"r","match":{conditions},"limit":{{"count":1,"per":"1s"}}}}]}}"#
+        )
     }
 
     #[test]
@@ -406,10 +408,14 @@ mod tests {
         let many = |n: usize, item: &dyn Fn(usize) -> String| {
             (0..n).map(item).collect::<Vec<_>>().join(",")
         };
-        let headers = many(MAX_VALUE_CONDITIONS + 1, &|i| format!(r#"{{"name":"h{i}"}}"#));
+        let headers = many(MAX_VALUE_CONDITIONS + 1, &|i| {
+            format!(r#"{{"name":"h{i}"}}"#)
+        });
         let query = many(MAX_VALUE_CONDITIONS, &|i| format!(r#"{{"name":"q{i}"}}"#));
         let values = many(MAX_MATCH_VALUES + 1, &|i| format!(r#""v{i}""#));
-        let networks = many(MAX_CLIENT_NETWORKS + 1, &|i| format!(r#""10.0.{}.{}""#, i / 256, i % 256));
+        let networks = many(MAX_CLIENT_NETWORKS + 1, &|i| {
+            format!(r#""10.0.{}.{}""#, i / 256, i % 256)
+        });
         let errors = errors_of(&rule_with_match(&format!(
             r#"{{"headers":[{headers}],"query":[{query},{{"name":"x","values":[{values}]}}],"client_ip":[{networks}]}}"#
         )));
@@ -424,7 +430,10 @@ mod tests {
         let one_short = errors_of(&rule_with_match(&format!(
             r#"{{"query":[{{"name":"x","values":[{values}]}}],"not":{{}}}}"#
         )));
-        assert_eq!(one_short[0], "rules[0].match.query[0].values: give 1 to 64 values");
+        assert_eq!(
+            one_short[0],
+            "rules[0].match.query[0].values: give 1 to 64 values"
+        );
         assert_eq!(one_short.len(), 2, "{one_short:?}");
     }
 }

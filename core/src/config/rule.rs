@@ -167,11 +167,7 @@ pub const MAX_KEY_PARTS: usize = 8;
 /// The key of a per-key rule at `at`.
 fn validate_key(elements: &[KeyElementConfig], at: &str, errors: &mut Errors) -> KeySpec {
     if elements.is_empty() || elements.len() > MAX_KEY_PARTS {
-        errors.add(
-            at,
-            ".key",
-            format!("give 1 to {MAX_KEY_PARTS} parts"),
-        );
+        errors.add(at, ".key", format!("give 1 to {MAX_KEY_PARTS} parts"));
     }
     let mut spec = Vec::new();
     for (j, element) in elements.iter().enumerate() {
@@ -435,7 +431,9 @@ mod tests {
             ]
         );
         assert_eq!(
-            errors_of(&rule_with_key(r#"["method","method","method","method","method","method","method","method","method"]"#)),
+            errors_of(&rule_with_key(
+                r#"["method","method","method","method","method","method","method","method","method"]"#
+            )),
             ["rules[0].key: give 1 to 8 parts"]
         );
         assert_eq!(

@@ -321,15 +321,22 @@ mod tests {
             .iter()
             .map(|p| KeyPart::parse(p).unwrap())
             .collect();
-        let spec = KeySpec::of(vec![KeyElement::FirstOf(chain), KeyElement::Part(KeyPart::Method)]);
+        let spec = KeySpec::of(vec![
+            KeyElement::FirstOf(chain),
+            KeyElement::Part(KeyPart::Method),
+        ]);
         let clients = ClientIpSource::default();
         let base = || HttpRequest::new("GET", "/").with_client_ip("192.0.2.7".parse().unwrap());
         let mut key = String::new();
         let cases = [
-            (base().with_header("x-api-key", "192.0.2.7"), "0>9:192.0.2.73:GET"),
+            (
+                base().with_header("x-api-key", "192.0.2.7"),
+                "0>9:192.0.2.73:GET",
+            ),
             (base(), "2>9:192.0.2.73:GET"),
             (
-                HttpRequest::new("GET", "/?user=192.0.2.7").with_client_ip("192.0.2.7".parse().unwrap()),
+                HttpRequest::new("GET", "/?user=192.0.2.7")
+                    .with_client_ip("192.0.2.7".parse().unwrap()),
                 "1>9:192.0.2.73:GET",
             ),
             (HttpRequest::new("GET", "/"), "2>7:unknown3:GET"),
@@ -357,7 +364,10 @@ mod tests {
         assert_eq!(KeyPart::parse("ip"), None);
         assert_eq!(KeyPart::parse("query:"), None);
         assert_eq!(KeyPart::parse("query:a\nb"), None);
-        assert_eq!(KeyPart::parse("query:Page"), Some(KeyPart::Query("Page".into())));
+        assert_eq!(
+            KeyPart::parse("query:Page"),
+            Some(KeyPart::Query("Page".into()))
+        );
         assert_eq!(
             KeyPart::parse("path_segment:2"),
             Some(KeyPart::PathSegment(2))

@@ -163,8 +163,7 @@ impl Matcher {
             })
             && self.query.iter().all(|q| {
                 let found = query::find(request.query(), &q.name);
-                q.wanted
-                    .holds(found, |raw, v| query::canonical_eq(raw, v))
+                q.wanted.holds(found, |raw, v| query::canonical_eq(raw, v))
             })
             && (self.client_ip.is_empty()
                 || request

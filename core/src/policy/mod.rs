@@ -246,11 +246,9 @@ impl Policy {
     /// Whether any rule matches on gRPC or WebSocket, so a host must tell
     /// the request's protocol before matching.
     pub fn needs_protocol(&self) -> bool {
-        self.rules.iter().any(|r| {
-            r.matcher
-                .nested()
-                .any(|m| m.grpc.is_some() || m.websocket)
-        })
+        self.rules
+            .iter()
+            .any(|r| r.matcher.nested().any(|m| m.grpc.is_some() || m.websocket))
     }
 
     /// Whether any rule reads the method (a host then skips fetching it).
@@ -267,8 +265,7 @@ impl Policy {
             r.matcher
                 .nested()
                 .any(|m| m.path.is_some() || m.grpc.is_some())
-                || r
-                    .key
+                || r.key
                     .parts()
                     .any(|p| matches!(p, KeyPart::Path | KeyPart::PathSegment(_)))
         })

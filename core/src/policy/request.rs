@@ -136,7 +136,9 @@ impl Attributes for HttpRequest {
 /// everything before `?` or `#`, the query what lies between `?` and `#`.
 pub fn split_target(target: &str) -> (&str, &str) {
     let (before_fragment, _) = target.split_once('#').unwrap_or((target, ""));
-    before_fragment.split_once('?').unwrap_or((before_fragment, ""))
+    before_fragment
+        .split_once('?')
+        .unwrap_or((before_fragment, ""))
 }
 
 #[cfg(test)]

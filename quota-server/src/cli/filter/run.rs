@@ -400,7 +400,10 @@ mod tests {
             text.contains("#5     t=0ns allowed   GET /a?debug (no rule applies)"),
             "{text}"
         );
-        assert!(text.contains("rule per-user: 3 allowed, 1 limited"), "{text}");
+        assert!(
+            text.contains("rule per-user: 3 allowed, 1 limited"),
+            "{text}"
+        );
     }
 
     #[test]
