@@ -2,7 +2,7 @@
 
 use sluice_core::client_ip::parse_ip;
 use sluice_core::engine::Verdict;
-use sluice_core::policy::{strip_query, HttpRequest, Policy, Protocol};
+use sluice_core::policy::{split_target, HttpRequest, Policy, Protocol};
 
 use crate::host::Host;
 use crate::stream::{grpc_message, GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED};
@@ -18,6 +18,8 @@ pub struct Needs {
     pub method: bool,
     /// The path.
     pub path: bool,
+    /// The query string (kept only for rules that read it).
+    pub query: bool,
     /// The client address.
     pub client_ip: bool,
     /// Whether a request is gRPC or WebSocket (some rule matches on it).
@@ -35,6 +37,7 @@ impl Needs {
                 .collect(),
             method: policy.needs_method(),
             path: policy.needs_path(),
+            query: policy.needs_query(),
             client_ip: policy.needs_client_ip(),
             protocol: policy.needs_protocol(),
         }
@@ -69,12 +72,13 @@ pub fn fetch_request(
     } else {
         Protocol::Http
     };
+    let target = header(needs.path || needs.query, ":path").unwrap_or_default();
+    let (path, query) = split_target(&target);
     HttpRequest {
         protocol,
         method: header(needs.method, ":method").unwrap_or_default(),
-        path: header(needs.path, ":path")
-            .map(|p| strip_query(&p).to_owned())
-            .unwrap_or_default(),
+        path: if needs.path { path } else { "" }.to_owned(),
+        query: if needs.query { query } else { "" }.to_owned(),
         headers: needs
             .headers
             .iter()
@@ -197,5 +201,42 @@ pub fn grpc_refusal(
         headers: metadata,
         body: message.as_bytes().to_vec(),
         grpc_status: Some(status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::FakeHost;
+
+    fn fetched(config: &str, target: &str) -> Result<HttpRequest, String> {
+        let policy = Policy::from_json(config).map_err(|e| e.to_string())?;
+        let host = FakeHost::default();
+        host.request("GET", target, &[]);
+        Ok(fetch_request(&host, &policy, &Needs::of(&policy), false))
+    }
+
+    #[test]
+    fn the_query_is_kept_only_for_rules_that_read_it() -> Result<(), String> {
+        let by_path = r#"{"rules":[{"name":"r","match":{"path":{"prefix":"/a"}},"limit":{"count":1,"per":"1s"}}]}"#;
+        let request = fetched(by_path, "/a/b?page=2#top")?;
+        assert_eq!(
+            (request.path.as_str(), request.query.as_str()),
+            ("/a/b", "")
+        );
+        let by_query =
+            r#"{"rules":[{"name":"r","key":["query:page"],"limit":{"count":1,"per":"1s"}}]}"#;
+        let request = fetched(by_query, "/a/b?page=2#top")?;
+        assert_eq!(
+            (request.path.as_str(), request.query.as_str()),
+            ("", "page=2")
+        );
+        let by_both = r#"{"rules":[{"name":"r","match":{"path":{"prefix":"/a"},"query":[{"name":"page"}]},"limit":{"count":1,"per":"1s"}}]}"#;
+        let request = fetched(by_both, "/a/b?page=2")?;
+        assert_eq!(
+            (request.path.as_str(), request.query.as_str()),
+            ("/a/b", "page=2")
+        );
+        Ok(())
     }
 }

@@ -47,7 +47,11 @@ fuzz_target!(|input: &[u8]| {
             1 => {
                 let retired = cell.retire(half);
                 assert!(retired.used <= retired.held);
-                assert_eq!(cell.halves[half].room(now), 0, "a retired half serves no more");
+                assert_eq!(
+                    cell.halves[half].room(now),
+                    0,
+                    "a retired half serves no more"
+                );
             }
             2 => {
                 cell.retire(half);

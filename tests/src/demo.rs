@@ -70,6 +70,7 @@ pub fn example_params() -> ConfigParams {
         quota_port: None,
         hosts: Hosts::loopback(),
         sync_service: false,
+        jwks: None,
     }
 }
 

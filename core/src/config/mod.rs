@@ -28,11 +28,16 @@ mod sync;
 mod validate;
 
 pub use access::MAX_ACCESS_ENTRIES;
+pub use conditions::{
+    MAX_CLIENT_NETWORKS, MAX_MATCH_TEXT, MAX_MATCH_VALUES, MAX_NOT_DEPTH, MAX_VALUE_CONDITIONS,
+};
 pub use error::{ConfigError, ErrorList, FieldError};
+pub use rule::MAX_KEY_PARTS;
 pub use schema::{
     AccessConfig, ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig,
-    FailureModeConfig, GrpcConfig, HeaderConfig, HeadersConfig, LimitConfig, MatchConfig,
+    FailureModeConfig, GrpcConfig, HeadersConfig, KeyElementConfig, LimitConfig, MatchConfig,
     PathConfig, RuleConfig, ScopeConfig, SpanText, StatusSpec, SyncConfig, SyncModeConfig,
+    ValueMatchConfig,
 };
 pub use sync::{DEFAULT_QUOTA_CLUSTER, DEFAULT_SYNC_TIMEOUT, MAX_DOMAIN_NAME, MAX_SYNC_TIMEOUT};
 pub use validate::{

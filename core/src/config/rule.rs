@@ -9,13 +9,14 @@ use super::charging::{validate_charge, validate_cost_from};
 use super::conditions::validate_match;
 use super::error::Errors;
 use super::schema::{
-    ActionKind, CountsConfig, DirectionConfig, LimitConfig, RuleConfig, ScopeConfig, SpanText,
+    ActionKind, CountsConfig, DirectionConfig, KeyElementConfig, LimitConfig, RuleConfig,
+    ScopeConfig, SpanText,
 };
 use super::sync::validate_sync;
 use super::validate::{check_description, MAX_BLOCK_DURATION, MAX_LOG_COUNT, MAX_RULE_NAME};
 use crate::algorithm::{AlgorithmKind, Limiter, Quota, QuotaError};
 use crate::policy::{
-    Action, Counts, Flow, KeyPart, KeySpec, Matcher, PathMatch, Rule, RuleSync, Scope,
+    Action, Counts, Flow, KeyElement, KeyPart, KeySpec, Matcher, PathMatch, Rule, RuleSync, Scope,
 };
 use crate::time::Span;
 
@@ -54,25 +55,7 @@ pub(super) fn validate_rule(
         }
         (None, Scope::Global) => KeySpec::default(),
         (None, Scope::PerKey) => KeySpec::new([KeyPart::ClientIp].into()),
-        (Some(parts), Scope::PerKey) => {
-            if parts.is_empty() {
-                errors.add(at, ".key", "needs at least one part".into());
-            }
-            let mut spec = Vec::new();
-            for (j, part) in parts.iter().enumerate() {
-                match KeyPart::parse(part) {
-                    Some(p) => spec.push(p),
-                    None => errors.add(
-                        at,
-                        &format!(".key[{j}]"),
-                        format!(
-                            "unknown key part {part:?}: use client_ip, header:<name>, path, path_segment:<n> or method"
-                        ),
-                    ),
-                }
-            }
-            KeySpec::new(spec)
-        }
+        (Some(elements), Scope::PerKey) => validate_key(elements, at, errors),
     };
 
     // A rule matching paths in either case keys them in one case, so a
@@ -201,6 +184,75 @@ pub(super) fn is_valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The most elements of a key, and the most parts of a fallback chain.
+pub const MAX_KEY_PARTS: usize = 8;
+
+/// The key of a per-key rule at `at`.
+fn validate_key(elements: &[KeyElementConfig], at: &str, errors: &mut Errors) -> KeySpec {
+    if elements.is_empty() || elements.len() > MAX_KEY_PARTS {
+        errors.add(at, ".key", format!("give 1 to {MAX_KEY_PARTS} parts"));
+    }
+    let mut spec = Vec::new();
+    for (j, element) in elements.iter().enumerate() {
+        match element {
+            KeyElementConfig::Part(text) => {
+                if let Some(part) = key_part(text, &format!(".key[{j}]"), at, errors) {
+                    spec.push(KeyElement::Part(part));
+                }
+            }
+            KeyElementConfig::FirstOf(texts) => {
+                if texts.len() < 2 || texts.len() > MAX_KEY_PARTS {
+                    errors.add(
+                        at,
+                        &format!(".key[{j}]"),
+                        format!(
+                            "a list is a fallback chain of 2 to {MAX_KEY_PARTS} parts; write a single part as a string"
+                        ),
+                    );
+                }
+                let mut chain = Vec::new();
+                // The first part every request has: nothing after it is used.
+                let mut ended_by: Option<&str> = None;
+                for (k, text) in texts.iter().enumerate() {
+                    let field = format!(".key[{j}][{k}]");
+                    if let Some(first) = ended_by {
+                        errors.add(
+                            at,
+                            &field,
+                            format!(
+                                "never used: every request has {first:?} before it; end the chain there"
+                            ),
+                        );
+                    }
+                    if let Some(part) = key_part(text, &field, at, errors) {
+                        if part.always_present() && ended_by.is_none() {
+                            ended_by = Some(text);
+                        }
+                        chain.push(part);
+                    }
+                }
+                spec.push(KeyElement::FirstOf(chain));
+            }
+        }
+    }
+    KeySpec::of(spec)
+}
+
+/// The key part written `text` at `field`, or `None` after recording why not.
+fn key_part(text: &str, field: &str, at: &str, errors: &mut Errors) -> Option<KeyPart> {
+    let part = KeyPart::parse(text);
+    if part.is_none() {
+        errors.add(
+            at,
+            field,
+            format!(
+                "unknown key part {text:?}: use client_ip, header:<name>, query:<name>, path, path_segment:<n> or method"
+            ),
+        );
+    }
+    part
 }
 
 /// The quota of `limit` (the field at `at` + `field`), checked against the
@@ -394,4 +446,71 @@ fn validate_block(raw: &RuleConfig, counts: Counts, at: &str, errors: &mut Error
         return None;
     }
     Some(block)
+}
+
+#[cfg(test)]
+mod tests {
+    use alloc::string::String;
+    use alloc::vec;
+
+    use super::*;
+    use crate::config::errors_of;
+    use crate::policy::Policy;
+
+    fn rule_with_key(key: &str) -> String {
+        format!(r#"{{"rules":[{{"name":"r","key":{key},"limit":{{"count":1,"per":"1s"}}}}]}}"#)
+    }
+
+    #[test]
+    fn keys_take_parts_and_fallback_chains() {
+        let policy = Policy::from_json(&rule_with_key(
+            r#"[["header:X-Api-Key", "query:user", "client_ip"], "method", "query:page"]"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            policy.rules[0].key.elements(),
+            [
+                KeyElement::FirstOf(vec![
+                    KeyPart::Header("x-api-key".into()),
+                    KeyPart::Query("user".into()),
+                    KeyPart::ClientIp,
+                ]),
+                KeyElement::Part(KeyPart::Method),
+                KeyElement::Part(KeyPart::Query("page".into())),
+            ]
+        );
+        assert!(policy.needs_query() && policy.needs_client_ip() && !policy.needs_path());
+        assert_eq!(policy.headers_needed(), ["x-api-key"]);
+    }
+
+    #[test]
+    fn bad_keys_are_reported_with_their_paths() {
+        assert_eq!(
+            errors_of(&rule_with_key(
+                r#"[["client_ip", "header:x-a", "method"], ["path"], ["query:", "header:x-b"]]"#
+            )),
+            [
+                "rules[0].key[0][1]: never used: every request has \"client_ip\" before it; end the chain there",
+                "rules[0].key[0][2]: never used: every request has \"client_ip\" before it; end the chain there",
+                "rules[0].key[1]: a list is a fallback chain of 2 to 8 parts; write a single part as a string",
+                "rules[0].key[2][0]: unknown key part \"query:\": use client_ip, header:<name>, query:<name>, path, path_segment:<n> or method",
+            ]
+        );
+        assert_eq!(
+            errors_of(&rule_with_key(
+                r#"["method","method","method","method","method","method","method","method","method"]"#
+            )),
+            ["rules[0].key: give 1 to 8 parts"]
+        );
+        assert_eq!(
+            errors_of(&rule_with_key("[]")),
+            ["rules[0].key: give 1 to 8 parts"]
+        );
+        let nested = errors_of(&rule_with_key(r#"[[["client_ip"]]]"#));
+        assert_eq!(nested.len(), 1);
+        assert!(
+            nested[0].starts_with("rules[0].key[0]: expected a key part such as \"client_ip\", or a list of parts (the first one present is used)"),
+            "{nested:?}"
+        );
+    }
 }

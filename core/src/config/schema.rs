@@ -2,6 +2,7 @@
 //! default exists, values kept raw until validation so each problem can be
 //! reported with its path.
 
+use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
@@ -20,7 +21,7 @@ object_only!(
     MatchConfig,
     GrpcConfig,
     PathConfig,
-    HeaderConfig,
+    ValueMatchConfig,
     LimitConfig,
     CostFromConfig,
     ChargeConfig,
@@ -93,9 +94,10 @@ pub struct RuleConfig {
     /// Conditions; absent matches every request.
     #[serde(default, rename = "match")]
     pub matcher: MatchConfig,
-    /// Key parts; defaults to `["client_ip"]`.
+    /// Key parts, each a part or a fallback chain; defaults to
+    /// `["client_ip"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<Vec<String>>,
+    pub key: Option<Vec<KeyElementConfig>>,
     /// `per_key` (default) or `global`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<ScopeConfig>,
@@ -212,13 +214,22 @@ pub struct MatchConfig {
     pub path: Option<PathConfig>,
     /// Header conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<HeaderConfig>,
+    pub headers: Vec<ValueMatchConfig>,
+    /// Query parameter conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<ValueMatchConfig>,
+    /// Networks (CIDR) the client address must be in, any of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_ip: Vec<String>,
     /// Only gRPC calls (to these methods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcConfig>,
     /// Only WebSocket upgrades.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub websocket: Option<bool>,
+    /// Conditions that must not all hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not: Option<Box<MatchConfig>>,
 }
 
 /// A gRPC method condition as written: globs, each optional.
@@ -280,15 +291,37 @@ pub struct PathConfig {
     pub ignore_case: Option<bool>,
 }
 
-/// A header condition as written.
+/// A header or query parameter condition as written: `name` alone
+/// (present), with `value` or `values` (one of them), or with
+/// `"present": false` (absent).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
-pub struct HeaderConfig {
-    /// Header name.
+pub struct ValueMatchConfig {
+    /// Header or parameter name.
     pub name: String,
-    /// Exact value; absent means presence is enough.
+    /// The exact value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+    /// Exact values, any of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+    /// `false`: must be absent; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// One element of a key as written: a part (`"header:x-api-key"`), or a
+/// list of parts of which the first the request has is used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected a key part such as \"client_ip\", or a list of parts (the first one present is used)"
+)]
+pub enum KeyElementConfig {
+    /// One part.
+    Part(String),
+    /// A fallback chain.
+    FirstOf(Vec<String>),
 }
 
 /// `per_key` or `global`.

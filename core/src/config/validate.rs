@@ -325,7 +325,7 @@ mod tests {
     use super::*;
     use crate::algorithm::AlgorithmKind;
     use crate::config::errors_of;
-    use crate::policy::{Action, Counts, Flow, KeyPart};
+    use crate::policy::{Action, Counts, Flow, KeyElement, KeyPart};
     use crate::time::Span;
 
     #[test]
@@ -334,7 +334,7 @@ mod tests {
             Policy::from_json(r#"{"rules":[{"name":"r","limit":{"count":5,"per":"1m"}}]}"#)
                 .unwrap();
         let rule = &policy.rules[0];
-        assert_eq!(rule.key.parts(), [KeyPart::ClientIp]);
+        assert_eq!(rule.key.elements(), [KeyElement::Part(KeyPart::ClientIp)]);
         assert_eq!(rule.limiter.kind(), AlgorithmKind::TokenBucket);
         assert_eq!(rule.action, Action::Reject);
         assert_eq!(rule.quota.per(), Span::from_secs(60));
@@ -408,7 +408,7 @@ mod tests {
                 "rules[1].name: duplicate rule name \"ok\"",
                 "rules[1].limit.count: must be at least 1",
                 "rules[2].name: must be 1 to 64 characters of A-Z, a-z, 0-9, '-' or '_'",
-                "rules[2].key[0]: unknown key part \"ip\": use client_ip, header:<name>, path, path_segment:<n> or method",
+                "rules[2].key[0]: unknown key part \"ip\": use client_ip, header:<name>, query:<name>, path, path_segment:<n> or method",
                 "rules[2].limit.per: must be at least 1ms",
                 "rules[3].max_delay: required with action delay",
                 "rules[4].match.path: set exactly one of exact, prefix or glob",
@@ -602,7 +602,7 @@ mod tests {
     fn websocket_false_is_refused() {
         assert_eq!(
             errors_of(r#"{"rules":[{"name":"r","match":{"websocket":false},"limit":{"count":1,"per":"1m"}}]}"#),
-            ["rules[0].match.websocket: only true is a condition: leave websocket out to match every request"]
+            ["rules[0].match.websocket: only true is a condition: leave websocket out to match every request, or use not: {\"websocket\": true}"]
         );
     }
 }

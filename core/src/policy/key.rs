@@ -4,6 +4,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use alloc::borrow::Cow;
+
+use super::query;
 use super::request::Attributes;
 use crate::client_ip::ClientIpSource;
 
@@ -14,6 +17,8 @@ pub enum KeyPart {
     ClientIp,
     /// A request header (or gRPC metadata) by lower-case name.
     Header(String),
+    /// A query parameter by name, decoded (see [`query`]).
+    Query(String),
     /// The path without the query string.
     Path,
     /// The `n`-th non-empty path segment, from 0 (`/room/lobby` → 1 is `lobby`).
@@ -23,7 +28,8 @@ pub enum KeyPart {
 }
 
 impl KeyPart {
-    /// Reads `client_ip`, `header:<name>`, `path`, `path_segment:<n>` or `method`.
+    /// Reads `client_ip`, `header:<name>`, `query:<name>`, `path`,
+    /// `path_segment:<n>` or `method`.
     pub fn parse(text: &str) -> Option<KeyPart> {
         match text {
             "client_ip" => Some(KeyPart::ClientIp),
@@ -36,6 +42,9 @@ impl KeyPart {
                             .bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
                     valid.then(|| KeyPart::Header(name.to_ascii_lowercase()))
+                } else if let Some(name) = text.strip_prefix("query:") {
+                    let valid = !name.is_empty() && !name.chars().any(char::is_control);
+                    valid.then(|| KeyPart::Query(name.into()))
                 } else {
                     let n = text.strip_prefix("path_segment:")?;
                     n.parse().ok().map(KeyPart::PathSegment)
@@ -43,12 +52,48 @@ impl KeyPart {
             }
         }
     }
+
+    /// Whether every request has this part (a missing client address is
+    /// keyed as unknown), so nothing after it in a fallback chain is used.
+    pub fn always_present(&self) -> bool {
+        matches!(self, KeyPart::ClientIp | KeyPart::Path | KeyPart::Method)
+    }
+
+    /// Whether `request` has this part.
+    fn is_in(&self, request: &impl Attributes) -> bool {
+        match self {
+            KeyPart::Header(name) => request.header(name).is_some(),
+            KeyPart::Query(name) => query::find(request.query(), name).is_some(),
+            KeyPart::PathSegment(n) => path_segment(request.path(), *n).is_some(),
+            KeyPart::ClientIp | KeyPart::Path | KeyPart::Method => true,
+        }
+    }
 }
 
-/// The parts of a key, in order. Empty for a rule of global scope.
+/// One element of a key: a part, or a fallback chain of parts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum KeyElement {
+    /// This part; a request lacking it is not keyed.
+    Part(KeyPart),
+    /// The first of these parts the request has; a request lacking them
+    /// all is not keyed.
+    FirstOf(Vec<KeyPart>),
+}
+
+impl KeyElement {
+    /// The parts it may read.
+    pub fn parts(&self) -> &[KeyPart] {
+        match self {
+            KeyElement::Part(part) => core::slice::from_ref(part),
+            KeyElement::FirstOf(parts) => parts,
+        }
+    }
+}
+
+/// The elements of a key, in order. Empty for a rule of global scope.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeySpec {
-    parts: Vec<KeyPart>,
+    elements: Vec<KeyElement>,
     /// Whether `path` and `path_segment` parts are lower-cased (ASCII), for
     /// a rule that matches paths ignoring case: changing the case of a path
     /// then gets a client no fresh counter.
@@ -59,10 +104,15 @@ pub struct KeySpec {
 const UNKNOWN_CLIENT: &str = "unknown";
 
 impl KeySpec {
-    /// A key made of `parts`.
+    /// A key made of `parts`, each required.
     pub fn new(parts: Vec<KeyPart>) -> KeySpec {
+        KeySpec::of(parts.into_iter().map(KeyElement::Part).collect())
+    }
+
+    /// A key made of `elements`.
+    pub fn of(elements: Vec<KeyElement>) -> KeySpec {
         KeySpec {
-            parts,
+            elements,
             lower_path: false,
         }
     }
@@ -75,16 +125,24 @@ impl KeySpec {
         }
     }
 
-    /// The parts.
-    pub fn parts(&self) -> &[KeyPart] {
-        &self.parts
+    /// The elements.
+    pub fn elements(&self) -> &[KeyElement] {
+        &self.elements
+    }
+
+    /// Every part any element may read.
+    pub fn parts(&self) -> impl Iterator<Item = &KeyPart> {
+        self.elements.iter().flat_map(KeyElement::parts)
     }
 
     /// Writes the request's key into `out` (cleared first). Each part is
-    /// length-prefixed, so no two different requests share a key by
-    /// accident of punctuation. The client address is keyed by its network
-    /// under `clients`' prefix lengths. Returns false if a header or path
-    /// segment the key needs is missing: the rule does not apply then.
+    /// length-prefixed (`5:alice`), and a fallback chain's part also by
+    /// its place in the chain (`1>5:alice`), so no two different requests
+    /// share a key by accident of punctuation, nor values of different
+    /// parts of a chain. The client address is keyed by its network under
+    /// `clients`' prefix lengths. Returns false if a part the key needs (a
+    /// header, query parameter or path segment; every part of a chain) is
+    /// missing: the rule does not apply then.
     pub fn build(
         &self,
         request: &impl Attributes,
@@ -92,40 +150,64 @@ impl KeySpec {
         out: &mut String,
     ) -> bool {
         out.clear();
-        for part in &self.parts {
-            let value: &str;
-            let mut ip_text = IpText::default();
-            match part {
-                KeyPart::ClientIp => match request.client_ip() {
-                    Some(ip) => {
-                        let _ = write!(ip_text, "{}", clients.key_address(ip));
-                        value = ip_text.as_str();
-                    }
-                    None => value = UNKNOWN_CLIENT,
-                },
-                KeyPart::Header(name) => match request.header(name) {
-                    Some(v) => value = v,
-                    None => return false,
-                },
-                KeyPart::Path => value = request.path(),
-                KeyPart::PathSegment(n) => {
-                    match request.path().split('/').filter(|s| !s.is_empty()).nth(*n) {
-                        Some(segment) => value = segment,
+        let mut ip_text = IpText::default();
+        for element in &self.elements {
+            let (place, part) = match element {
+                KeyElement::Part(part) => (None, part),
+                KeyElement::FirstOf(parts) => {
+                    match parts.iter().enumerate().find(|(_, p)| p.is_in(request)) {
+                        Some((i, part)) => (Some(i), part),
                         None => return false,
                     }
                 }
-                KeyPart::Method => value = request.method(),
+            };
+            let Some(value) = part_value(part, request, clients, &mut ip_text) else {
+                return false;
+            };
+            if let Some(place) = place {
+                let _ = write!(out, "{place}>");
             }
             let _ = write!(out, "{}:", value.len());
             let from_path = matches!(part, KeyPart::Path | KeyPart::PathSegment(_));
             if self.lower_path && from_path {
                 out.extend(value.chars().map(|c| c.to_ascii_lowercase()));
             } else {
-                out.push_str(value);
+                out.push_str(&value);
             }
         }
         true
     }
+}
+
+/// The text of `part` in `request`, or `None` if the request lacks it.
+/// `ip_text` holds the client address's text.
+fn part_value<'r>(
+    part: &KeyPart,
+    request: &'r impl Attributes,
+    clients: &ClientIpSource,
+    ip_text: &'r mut IpText,
+) -> Option<Cow<'r, str>> {
+    let value = match part {
+        KeyPart::ClientIp => match request.client_ip() {
+            Some(ip) => {
+                *ip_text = IpText::default();
+                let _ = write!(ip_text, "{}", clients.key_address(ip));
+                ip_text.as_str()
+            }
+            None => UNKNOWN_CLIENT,
+        },
+        KeyPart::Header(name) => request.header(name)?,
+        KeyPart::Query(name) => return query::find(request.query(), name).map(query::canonical),
+        KeyPart::Path => request.path(),
+        KeyPart::PathSegment(n) => path_segment(request.path(), *n)?,
+        KeyPart::Method => request.method(),
+    };
+    Some(Cow::Borrowed(value))
+}
+
+/// The `n`-th non-empty segment of `path`, from 0.
+fn path_segment(path: &str, n: usize) -> Option<&str> {
+    path.split('/').filter(|s| !s.is_empty()).nth(n)
 }
 
 /// A stack buffer for an IP address's text (at most 45 bytes for IPv6).
@@ -222,11 +304,70 @@ mod tests {
     }
 
     #[test]
+    fn query_parts_key_the_decoded_first_value() {
+        let spec = KeySpec::new(vec![KeyPart::parse("query:api key").unwrap()]);
+        let clients = ClientIpSource::default();
+        let (mut k1, mut k2) = (String::new(), String::new());
+        let plain = HttpRequest::new("GET", "/?api+key=abc&api%20key=zzz");
+        let escaped = HttpRequest::new("GET", "/?api%20key=%61bc");
+        assert!(spec.build(&plain, &clients, &mut k1) && spec.build(&escaped, &clients, &mut k2));
+        assert_eq!((k1.as_str(), k2.as_str()), ("3:abc", "3:abc"));
+        assert!(!spec.build(&HttpRequest::new("GET", "/?apikey=abc"), &clients, &mut k1));
+    }
+
+    #[test]
+    fn chains_key_the_first_present_part_and_which_it_was() {
+        let chain = ["header:x-api-key", "query:user", "client_ip"]
+            .iter()
+            .map(|p| KeyPart::parse(p).unwrap())
+            .collect();
+        let spec = KeySpec::of(vec![
+            KeyElement::FirstOf(chain),
+            KeyElement::Part(KeyPart::Method),
+        ]);
+        let clients = ClientIpSource::default();
+        let base = || HttpRequest::new("GET", "/").with_client_ip("192.0.2.7".parse().unwrap());
+        let mut key = String::new();
+        let cases = [
+            (
+                base().with_header("x-api-key", "192.0.2.7"),
+                "0>9:192.0.2.73:GET",
+            ),
+            (base(), "2>9:192.0.2.73:GET"),
+            (
+                HttpRequest::new("GET", "/?user=192.0.2.7")
+                    .with_client_ip("192.0.2.7".parse().unwrap()),
+                "1>9:192.0.2.73:GET",
+            ),
+            (HttpRequest::new("GET", "/"), "2>7:unknown3:GET"),
+        ];
+        for (request, expected) in cases {
+            assert!(spec.build(&request, &clients, &mut key));
+            assert_eq!(key, expected);
+        }
+        // A chain without an always-present part: a request lacking all
+        // its parts is not keyed.
+        let optional = KeySpec::of(vec![KeyElement::FirstOf(vec![
+            KeyPart::Header("a".into()),
+            KeyPart::Header("b".into()),
+        ])]);
+        assert!(!optional.build(&base(), &clients, &mut key));
+        assert!(optional.build(&base().with_header("b", "x"), &clients, &mut key));
+        assert_eq!(key, "1>1:x");
+    }
+
+    #[test]
     fn parses_parts() {
         assert_eq!(KeyPart::parse("header:"), None);
         assert_eq!(KeyPart::parse("header:bad name"), None);
         assert_eq!(KeyPart::parse("path_segment:x"), None);
         assert_eq!(KeyPart::parse("ip"), None);
+        assert_eq!(KeyPart::parse("query:"), None);
+        assert_eq!(KeyPart::parse("query:a\nb"), None);
+        assert_eq!(
+            KeyPart::parse("query:Page"),
+            Some(KeyPart::Query("Page".into()))
+        );
         assert_eq!(
             KeyPart::parse("path_segment:2"),
             Some(KeyPart::PathSegment(2))

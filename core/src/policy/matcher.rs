@@ -1,9 +1,12 @@
 //! Which requests a rule applies to.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::query;
 use super::request::{grpc_method, Attributes, Protocol};
+use crate::access::Cidr;
 
 mod literal;
 
@@ -68,13 +71,38 @@ impl PathMatch {
     }
 }
 
-/// A header condition.
+/// A condition on a header or a query parameter, by name.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeaderMatch {
-    /// Lower-case header name.
+pub struct ValueMatch {
+    /// The name: lower-case for a header, as decoded for a query parameter.
     pub name: String,
-    /// Required exact value; `None` means the header only has to be present.
-    pub value: Option<String>,
+    /// What its value must be.
+    pub wanted: Wanted,
+}
+
+/// What a header or query parameter must be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    /// Present, whatever its value.
+    Present,
+    /// Absent.
+    Absent,
+    /// Present with one of these values (exact comparison).
+    OneOf(Vec<String>),
+}
+
+impl Wanted {
+    /// Whether a value found (`None`: absent) meets this, `equals` telling
+    /// whether it is one text: so a query parameter is decoded only to be
+    /// compared.
+    fn holds<V>(&self, found: Option<V>, equals: impl Fn(&V, &str) -> bool) -> bool {
+        match (self, found) {
+            (Wanted::Present, found) => found.is_some(),
+            (Wanted::Absent, found) => found.is_none(),
+            (Wanted::OneOf(values), Some(found)) => values.iter().any(|v| equals(&found, v)),
+            (Wanted::OneOf(_), None) => false,
+        }
+    }
 }
 
 /// A gRPC method condition: globs on the service and the method name.
@@ -104,11 +132,18 @@ pub struct Matcher {
     /// Path condition, if any.
     pub path: Option<PathMatch>,
     /// Header conditions, all required.
-    pub headers: Vec<HeaderMatch>,
+    pub headers: Vec<ValueMatch>,
+    /// Query parameter conditions, all required.
+    pub query: Vec<ValueMatch>,
+    /// Networks the client address must be in (any of them); empty means
+    /// any address. An unknown client address is in none.
+    pub client_ip: Vec<Cidr>,
     /// Only gRPC calls to these methods.
     pub grpc: Option<GrpcMatch>,
     /// Only WebSocket upgrades.
     pub websocket: bool,
+    /// Conditions that must not all hold.
+    pub not: Option<Box<Matcher>>,
 }
 
 impl Matcher {
@@ -122,10 +157,25 @@ impl Matcher {
         protocol_ok
             && (self.methods.is_empty() || self.methods.iter().any(|m| m == request.method()))
             && self.path.as_ref().is_none_or(|p| p.matches(request.path()))
-            && self.headers.iter().all(|h| match request.header(&h.name) {
-                Some(actual) => h.value.as_deref().is_none_or(|v| v == actual),
-                None => false,
+            && self.headers.iter().all(|h| {
+                h.wanted
+                    .holds(request.header(&h.name), |found, v| *found == v)
             })
+            && self.query.iter().all(|q| {
+                let found = query::find(request.query(), &q.name);
+                q.wanted.holds(found, |raw, v| query::canonical_eq(raw, v))
+            })
+            && (self.client_ip.is_empty()
+                || request
+                    .client_ip()
+                    .is_some_and(|ip| self.client_ip.iter().any(|net| net.contains(ip))))
+            && self.not.as_ref().is_none_or(|not| !not.matches(request))
+    }
+
+    /// This matcher and those nested in it by `not`, outermost first: what
+    /// a host must fetch is what any of them reads.
+    pub fn nested(&self) -> impl Iterator<Item = &Matcher> {
+        core::iter::successors(Some(self), |m| m.not.as_deref())
     }
 }
 
@@ -519,9 +569,9 @@ mod tests {
         let m = Matcher {
             methods: ["POST".into()].into(),
             path: Some(PathMatch::exact("/login", false)),
-            headers: [HeaderMatch {
+            headers: [ValueMatch {
                 name: "x-tier".into(),
-                value: Some("free".into()),
+                wanted: Wanted::OneOf(["free".into()].into()),
             }]
             .into(),
             ..Matcher::default()
@@ -532,6 +582,118 @@ mod tests {
         assert!(!m.matches(&HttpRequest::new("POST", "/login").with_header("x-tier", "paid")));
         assert!(!m.matches(&HttpRequest::new("POST", "/login")));
         assert!(Matcher::default().matches(&HttpRequest::new("GET", "/")));
+    }
+
+    fn named(name: &str, wanted: Wanted) -> ValueMatch {
+        ValueMatch {
+            name: name.into(),
+            wanted,
+        }
+    }
+
+    fn one_of(values: &[&str]) -> Wanted {
+        Wanted::OneOf(values.iter().map(|v| (*v).into()).collect())
+    }
+
+    #[test]
+    fn header_conditions_present_absent_and_any_of() {
+        let m = Matcher {
+            headers: [
+                named("x-tier", one_of(&["free", "trial"])),
+                named("x-internal", Wanted::Absent),
+                named("x-user", Wanted::Present),
+            ]
+            .into(),
+            ..Matcher::default()
+        };
+        let req = |tier: &str| {
+            HttpRequest::new("GET", "/")
+                .with_header("x-tier", tier)
+                .with_header("x-user", "")
+        };
+        assert!(m.matches(&req("free")));
+        assert!(m.matches(&req("trial")));
+        assert!(!m.matches(&req("paid")));
+        assert!(!m.matches(&req("Free")));
+        assert!(!m.matches(&req("free").with_header("x-internal", "1")));
+        assert!(!m.matches(&HttpRequest::new("GET", "/").with_header("x-tier", "free")));
+    }
+
+    #[test]
+    fn query_conditions_compare_decoded_first_values() {
+        let m = Matcher {
+            query: [
+                named("tier", one_of(&["free plan"])),
+                named("debug", Wanted::Absent),
+            ]
+            .into(),
+            ..Matcher::default()
+        };
+        for target in [
+            "/x?tier=free+plan",
+            "/x?tier=free%20plan",
+            "/x?%74ier=fre%65+plan&tier=paid",
+            "/x?a=1&tier=free%20plan#debug",
+        ] {
+            assert!(m.matches(&HttpRequest::new("GET", target)), "{target}");
+        }
+        for target in [
+            "/x",
+            "/x?tier=paid&tier=free+plan",
+            "/x?Tier=free+plan",
+            "/x?tier=free+plan&debug",
+            "/x?tier=free%2Bplan",
+        ] {
+            assert!(!m.matches(&HttpRequest::new("GET", target)), "{target}");
+        }
+    }
+
+    #[test]
+    fn client_networks_and_negation() {
+        let internal = Matcher {
+            client_ip: ["10.0.0.0/8", "2001:db8::/32"]
+                .iter()
+                .map(|n| Cidr::parse(n).unwrap())
+                .collect(),
+            ..Matcher::default()
+        };
+        let external = Matcher {
+            path: Some(PathMatch::prefix("/api/", false)),
+            not: Some(Box::new(internal.clone())),
+            ..Matcher::default()
+        };
+        let from = |ip: &str| HttpRequest::new("GET", "/api/x").with_client_ip(ip.parse().unwrap());
+        for (ip, inside) in [
+            ("10.1.2.3", true),
+            ("::ffff:10.0.0.1", true),
+            ("2001:db8::7", true),
+            ("192.0.2.1", false),
+            ("2001:db9::1", false),
+        ] {
+            assert_eq!(internal.matches(&from(ip)), inside, "{ip}");
+            assert_eq!(external.matches(&from(ip)), !inside, "{ip}");
+        }
+        // An unknown address is in no network: the negation holds.
+        assert!(!internal.matches(&HttpRequest::new("GET", "/api/x")));
+        assert!(external.matches(&HttpRequest::new("GET", "/api/x")));
+        assert!(!external.matches(&HttpRequest::new("GET", "/other")));
+        assert_eq!(external.nested().count(), 2);
+    }
+
+    #[test]
+    fn negation_holds_when_not_all_nested_conditions_hold() {
+        // Not (POST and x-admin present).
+        let m = Matcher {
+            not: Some(Box::new(Matcher {
+                methods: ["POST".into()].into(),
+                headers: [named("x-admin", Wanted::Present)].into(),
+                ..Matcher::default()
+            })),
+            ..Matcher::default()
+        };
+        assert!(m.matches(&HttpRequest::new("GET", "/").with_header("x-admin", "1")));
+        assert!(m.matches(&HttpRequest::new("POST", "/")));
+        assert!(!m.matches(&HttpRequest::new("POST", "/").with_header("x-admin", "1")));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod charging;
 pub mod key;
 pub mod matcher;
+pub mod query;
 pub mod request;
 pub mod sync;
 
@@ -11,9 +12,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 pub use charging::{read_amount, ChargeFrom, CostFrom, ReportedIn};
-pub use key::{KeyPart, KeySpec};
-pub use matcher::{Glob, GrpcMatch, HeaderMatch, Matcher, PathMatch};
-pub use request::{grpc_method, strip_query, Attributes, HttpRequest, Protocol};
+pub use key::{KeyElement, KeyPart, KeySpec};
+pub use matcher::{Glob, GrpcMatch, Matcher, PathMatch, ValueMatch, Wanted};
+pub use request::{grpc_method, split_target, Attributes, HttpRequest, Protocol};
 pub use sync::{Leasing, OnFailure, RuleSync, SyncMode, SyncedRule};
 
 use crate::access::AccessList;
@@ -287,8 +288,11 @@ impl Policy {
     pub fn headers_needed(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
         for rule in &self.rules {
-            let from_match = rule.matcher.headers.iter().map(|h| h.name.as_str());
-            let from_key = rule.key.parts().iter().filter_map(|p| match p {
+            let from_match = rule
+                .matcher
+                .nested()
+                .flat_map(|m| m.headers.iter().map(|h| h.name.as_str()));
+            let from_key = rule.key.parts().filter_map(|p| match p {
                 KeyPart::Header(name) => Some(name.as_str()),
                 _ => None,
             });
@@ -303,13 +307,14 @@ impl Policy {
     }
 
     /// Whether evaluating the policy reads the client address: a rule keys
-    /// on it, or the configuration lists networks.
+    /// on it or has a `client_ip` condition, or the configuration lists
+    /// networks.
     pub fn needs_client_ip(&self) -> bool {
         !self.access.is_empty()
-            || self
-                .rules
-                .iter()
-                .any(|r| r.key.parts().contains(&KeyPart::ClientIp))
+            || self.rules.iter().any(|r| {
+                r.key.parts().any(|p| *p == KeyPart::ClientIp)
+                    || r.matcher.nested().any(|m| !m.client_ip.is_empty())
+            })
     }
 
     /// Whether any rule matches on gRPC or WebSocket, so a host must tell
@@ -317,25 +322,34 @@ impl Policy {
     pub fn needs_protocol(&self) -> bool {
         self.rules
             .iter()
-            .any(|r| r.matcher.grpc.is_some() || r.matcher.websocket)
+            .any(|r| r.matcher.nested().any(|m| m.grpc.is_some() || m.websocket))
     }
 
     /// Whether any rule reads the method (a host then skips fetching it).
     pub fn needs_method(&self) -> bool {
-        self.rules
-            .iter()
-            .any(|r| !r.matcher.methods.is_empty() || r.key.parts().contains(&KeyPart::Method))
+        self.rules.iter().any(|r| {
+            r.matcher.nested().any(|m| !m.methods.is_empty())
+                || r.key.parts().any(|p| *p == KeyPart::Method)
+        })
     }
 
     /// Whether any rule reads the path.
     pub fn needs_path(&self) -> bool {
         self.rules.iter().any(|r| {
-            r.matcher.path.is_some()
-                || r.matcher.grpc.is_some()
+            r.matcher
+                .nested()
+                .any(|m| m.path.is_some() || m.grpc.is_some())
                 || r.key
                     .parts()
-                    .iter()
                     .any(|p| matches!(p, KeyPart::Path | KeyPart::PathSegment(_)))
+        })
+    }
+
+    /// Whether any rule reads the query string (a host keeps it only then).
+    pub fn needs_query(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.matcher.nested().any(|m| !m.query.is_empty())
+                || r.key.parts().any(|p| matches!(p, KeyPart::Query(_)))
         })
     }
 }

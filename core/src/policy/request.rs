@@ -48,6 +48,9 @@ pub trait Attributes {
     fn method(&self) -> &str;
     /// The path without the query string.
     fn path(&self) -> &str;
+    /// The raw query string, without `?` (empty when there is none, or
+    /// when the host did not fetch it: no rule reads it).
+    fn query(&self) -> &str;
     /// A header's value by lower-case name.
     fn header(&self, name: &str) -> Option<&str>;
     /// The client address, already resolved from the peer and trusted hops.
@@ -63,6 +66,8 @@ pub struct HttpRequest {
     pub method: String,
     /// See [`Attributes::path`].
     pub path: String,
+    /// See [`Attributes::query`].
+    pub query: String,
     /// Lower-case names with their values.
     pub headers: Vec<(String, String)>,
     /// See [`Attributes::client_ip`].
@@ -72,11 +77,14 @@ pub struct HttpRequest {
 }
 
 impl HttpRequest {
-    /// A request with a method and a path (any query string is dropped).
-    pub fn new(method: &str, path: &str) -> HttpRequest {
+    /// A request with a method and a request target: a path, possibly
+    /// with a query string (kept) and a fragment (dropped).
+    pub fn new(method: &str, target: &str) -> HttpRequest {
+        let (path, query) = split_target(target);
         HttpRequest {
             method: method.into(),
-            path: strip_query(path).into(),
+            path: path.into(),
+            query: query.into(),
             ..HttpRequest::default()
         }
     }
@@ -107,6 +115,9 @@ impl Attributes for HttpRequest {
     fn path(&self) -> &str {
         &self.path
     }
+    fn query(&self) -> &str {
+        &self.query
+    }
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -121,12 +132,13 @@ impl Attributes for HttpRequest {
     }
 }
 
-/// The path part of a request target: everything before `?` or `#`.
-pub fn strip_query(target: &str) -> &str {
-    match target.find(['?', '#']) {
-        Some(end) => &target[..end],
-        None => target,
-    }
+/// The path and the query string of a request target: the path is
+/// everything before `?` or `#`, the query what lies between `?` and `#`.
+pub fn split_target(target: &str) -> (&str, &str) {
+    let (before_fragment, _) = target.split_once('#').unwrap_or((target, ""));
+    before_fragment
+        .split_once('?')
+        .unwrap_or((before_fragment, ""))
 }
 
 #[cfg(test)]
@@ -155,6 +167,15 @@ mod tests {
             Protocol::detect(Some("application/grp"), Some("h2c")),
             Protocol::Http
         );
+    }
+
+    #[test]
+    fn splits_targets() {
+        assert_eq!(split_target("/a/b"), ("/a/b", ""));
+        assert_eq!(split_target("/a?x=1&y"), ("/a", "x=1&y"));
+        assert_eq!(split_target("/a?x=?#f?g"), ("/a", "x=?"));
+        assert_eq!(split_target("/a#f?x=1"), ("/a", ""));
+        assert_eq!(split_target("/a?"), ("/a", ""));
     }
 
     #[test]

@@ -83,6 +83,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Adds JWT verification before the Sluice filter, with the issuer's
+    /// keys `jwks` (JWKS JSON): see the template's section `jwt`.
+    pub fn jwt(mut self, jwks: &str) -> Self {
+        self.params.jwks = Some(jwks.to_owned());
+        self
+    }
+
     /// Adds the Sluice filter with this plugin configuration.
     pub fn sluice(mut self, config: &Value) -> Self {
         self.params.plugin_config = Some(plugin_json(config));
@@ -284,6 +291,7 @@ impl Envoy {
                 quota_port: None,
                 hosts: Hosts::loopback(),
                 sync_service: false,
+                jwks: None,
             },
             wasm_override: None,
             concurrency: 1,

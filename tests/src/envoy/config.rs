@@ -28,6 +28,9 @@ pub struct ConfigParams {
     pub hosts: Hosts,
     /// Adds the lease sync service (leased rules).
     pub sync_service: bool,
+    /// The JWT issuer's keys (JWKS JSON): adds JWT verification that puts
+    /// a verified token's `sub` into `x-jwt-sub`.
+    pub jwks: Option<String>,
 }
 
 /// The addresses of the template's listeners and clusters.
@@ -93,6 +96,10 @@ impl ConfigParams {
             );
         let vars = match self.quota_port {
             Some(port) => vars.set("QUOTA_PORT", port.to_string()),
+            None => vars,
+        };
+        let vars = match &self.jwks {
+            Some(jwks) => vars.set("JWKS", template::yaml_quote(jwks)).section("jwt"),
             None => vars,
         };
         template::render(template, &vars, header)

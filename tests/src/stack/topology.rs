@@ -84,6 +84,7 @@ pub fn render_compose_envoy() -> Result<String> {
             cluster_type: "STRICT_DNS",
         },
         sync_service: needs_sync_service(&filter)?,
+        jwks: None,
     };
     params.render_with(
         &template::load_template()?,

@@ -133,7 +133,10 @@ pub fn simulate(
         let Some(request) = requests.get(index) else {
             continue;
         };
-        let what = format!("{} {}", request.method, request.path);
+        let what = match request.query.as_str() {
+            "" => format!("{} {}", request.method, request.path),
+            query => format!("{} {}?{query}", request.method, request.path),
+        };
         // The configuration's access lists, before every rule, as in the
         // filter (the quota server's lists are not known here).
         let listed = match policy.access.check(request.client_ip, [], now) {
@@ -454,6 +457,34 @@ mod tests {
         assert!(text.contains("#2     t=0ns allowed"), "{text}");
         assert!(
             text.contains("#3     t=0ns limited   GET /a by ip"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn query_strings_in_the_script_are_matched_and_keyed() {
+        let text = simulate_text(
+            r#"{"rules": [{"name": "per-user", "limit": {"count": 1, "per": "1m"},
+                "match": {"query": [{"name": "debug", "present": false}]},
+                "key": [["query:user", "client_ip"]]}]}"#,
+            "GET /a?user=ann client=10.0.0.1\n\
+             GET /a?user=%61nn client=10.0.0.2\n\
+             GET /a?user=bob client=10.0.0.1\n\
+             GET /a client=10.0.0.1\n\
+             GET /a?debug client=10.0.0.1\n",
+        );
+        assert!(
+            text.contains("#2     t=0ns limited   GET /a?user=%61nn by per-user"),
+            "{text}"
+        );
+        assert!(text.contains("#3     t=0ns allowed"), "{text}");
+        assert!(text.contains("#4     t=0ns allowed"), "{text}");
+        assert!(
+            text.contains("#5     t=0ns allowed   GET /a?debug (no rule applies)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rule per-user: 3 allowed, 1 limited"),
             "{text}"
         );
     }

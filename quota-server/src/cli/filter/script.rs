@@ -10,8 +10,9 @@
 //!
 //! A line starts at the time of the previous line's last request, moved
 //! by `at TIME` (from the start) or `after SPAN`; `repeat N every SPAN`
-//! sends N requests SPAN apart. Then the method, the path, and any of
-//! `client=IP`, `header:NAME=VALUE` and `protocol=http|grpc|websocket`.
+//! sends N requests SPAN apart. Then the method, the path (with any query
+//! string, as rules read it), and any of `client=IP`, `header:NAME=VALUE`
+//! and `protocol=http|grpc|websocket`.
 
 use std::net::IpAddr;
 
