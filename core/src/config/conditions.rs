@@ -8,7 +8,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::error::Errors;
-use super::schema::{MatchConfig, ValueMatchConfig};
+use super::schema::{MatchConfig, PathConfig, PathsConfig, ValueMatchConfig};
 use crate::access::Cidr;
 use crate::policy::{Glob, GrpcMatch, Matcher, PathMatch, ValueMatch, Wanted};
 
@@ -55,42 +55,25 @@ fn validate_conditions(
             );
         }
     }
-    let path = raw.path.as_ref().and_then(|p| {
-        let set = [&p.exact, &p.prefix, &p.glob]
-            .iter()
-            .filter(|v| v.is_some())
-            .count();
-        if set != 1 {
-            errors.add(
-                at,
-                &format!("{field}.path"),
-                "set exactly one of exact, prefix or glob".into(),
-            );
-            return None;
+    let paths = match &raw.path {
+        None => Vec::new(),
+        Some(PathsConfig::One(p)) => validate_path(p, at, &format!("{field}.path"), errors)
+            .into_iter()
+            .collect(),
+        Some(PathsConfig::AnyOf(list)) => {
+            if list.is_empty() || list.len() > MAX_MATCH_VALUES {
+                errors.add(
+                    at,
+                    &format!("{field}.path"),
+                    format!("give 1 to {MAX_MATCH_VALUES} path conditions"),
+                );
+            }
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, p)| validate_path(p, at, &format!("{field}.path[{i}]"), errors))
+                .collect()
         }
-        let (kind, text) = match (&p.exact, &p.prefix, &p.glob) {
-            (Some(t), _, _) => ("exact", t),
-            (_, Some(t), _) => ("prefix", t),
-            (_, _, Some(t)) => ("glob", t),
-            _ => return None,
-        };
-        let anchored = text.starts_with('/') || (kind == "glob" && text.starts_with('*'));
-        if !anchored {
-            errors.add(
-                at,
-                &format!("{field}.path.{kind}"),
-                "must start with '/'".into(),
-            );
-            return None;
-        }
-        let ignore_case = p.ignore_case.unwrap_or(false);
-        Some(match kind {
-            "exact" => PathMatch::exact(text, ignore_case),
-            "prefix" => PathMatch::prefix(text, ignore_case),
-            _ if ignore_case => PathMatch::glob(Glob::ignoring_case(text)),
-            _ => PathMatch::glob(Glob::new(text)),
-        })
-    });
+    };
     let headers = validate_values(&raw.headers, Source::Header, at, field, errors);
     let query = validate_values(&raw.query, Source::Query, at, field, errors);
     let client_ip = validate_networks(&raw.client_ip, at, field, errors);
@@ -136,7 +119,7 @@ fn validate_conditions(
     });
     Matcher {
         methods,
-        path,
+        paths,
         headers,
         query,
         client_ip,
@@ -280,6 +263,36 @@ fn validate_networks(raw: &[String], at: &str, field: &str, errors: &mut Errors)
     networks
 }
 
+/// One path condition at `field`, or `None` after recording why not.
+fn validate_path(p: &PathConfig, at: &str, field: &str, errors: &mut Errors) -> Option<PathMatch> {
+    let set = [&p.exact, &p.prefix, &p.glob]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
+    if set != 1 {
+        errors.add(at, field, "set exactly one of exact, prefix or glob".into());
+        return None;
+    }
+    let (kind, text) = match (&p.exact, &p.prefix, &p.glob) {
+        (Some(t), _, _) => ("exact", t),
+        (_, Some(t), _) => ("prefix", t),
+        (_, _, Some(t)) => ("glob", t),
+        _ => return None,
+    };
+    let anchored = text.starts_with('/') || (kind == "glob" && text.starts_with('*'));
+    if !anchored {
+        errors.add(at, &format!("{field}.{kind}"), "must start with '/'".into());
+        return None;
+    }
+    let ignore_case = p.ignore_case.unwrap_or(false);
+    Some(match kind {
+        "exact" => PathMatch::exact(text, ignore_case),
+        "prefix" => PathMatch::prefix(text, ignore_case),
+        _ if ignore_case => PathMatch::glob(Glob::ignoring_case(text)),
+        _ => PathMatch::glob(Glob::new(text)),
+    })
+}
+
 /// An HTTP token (RFC 9110): what method and header names are made of.
 pub(super) fn is_token(text: &str) -> bool {
     !text.is_empty()
@@ -374,6 +387,40 @@ mod tests {
         );
         // A query value may hold anything once decoded, a newline too.
         assert!(!errors.iter().any(|e| e.contains("query[1]")));
+    }
+
+    #[test]
+    fn a_list_of_paths_matches_any_of_them() {
+        let policy = Policy::from_json(&rule_with_match(
+            r#"{"path":[{"exact":"/api/search"},{"prefix":"/api/export/"}]}"#,
+        ))
+        .unwrap();
+        let matcher = &policy.rules[0].matcher;
+        for (path, expected) in [
+            ("/api/search", true),
+            ("/api/export/csv", true),
+            ("/api/searching", false),
+            ("/api/export", false),
+        ] {
+            assert_eq!(
+                matcher.matches(&HttpRequest::new("GET", path)),
+                expected,
+                "{path}"
+            );
+        }
+        assert_eq!(
+            errors_of(&rule_with_match(
+                r#"{"path":[{"exact":"/a"},{"prefix":"b"},{"exact":"/c","glob":"/d"}]}"#
+            )),
+            [
+                "rules[0].match.path[1].prefix: must start with '/'",
+                "rules[0].match.path[2]: set exactly one of exact, prefix or glob",
+            ]
+        );
+        assert_eq!(
+            errors_of(&rule_with_match(r#"{"path":[]}"#)),
+            ["rules[0].match.path: give 1 to 64 path conditions"]
+        );
     }
 
     #[test]

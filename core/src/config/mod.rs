@@ -36,8 +36,8 @@ pub use rule::MAX_KEY_PARTS;
 pub use schema::{
     AccessConfig, ActionKind, ClientIpConfig, Config, CountsConfig, DirectionConfig,
     FailureModeConfig, GrpcConfig, HeadersConfig, KeyElementConfig, LimitConfig, MatchConfig,
-    PathConfig, RuleConfig, ScopeConfig, SpanText, StatusSpec, SyncConfig, SyncModeConfig,
-    ValueMatchConfig,
+    PathConfig, PathsConfig, RuleConfig, ScopeConfig, SpanText, StatusSpec, SyncConfig,
+    SyncModeConfig, ValueMatchConfig,
 };
 pub use sync::{DEFAULT_QUOTA_CLUSTER, DEFAULT_SYNC_TIMEOUT, MAX_DOMAIN_NAME, MAX_SYNC_TIMEOUT};
 pub use validate::{

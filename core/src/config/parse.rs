@@ -111,8 +111,8 @@ mod tests {
                 "rules[0].limit",
             ),
             (
-                r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1s"},"match":{"path":["/a"]}}]}"#,
-                "rules[0].match.path",
+                r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1s"},"match":{"grpc":["a"]}}]}"#,
+                "rules[0].match.grpc",
             ),
             (r#"{"client_ip":[1]}"#, "client_ip"),
         ];
@@ -196,11 +196,8 @@ mod tests {
         assert_eq!(config, again);
         let policy = config.validate().unwrap();
         assert_eq!(policy.rules[0].matcher.methods, ["POST"]);
-        assert!(policy.rules[0]
-            .matcher
-            .path
-            .as_ref()
-            .is_some_and(|p| p.ignores_case() && p.matches("/A/b")));
+        assert!(matches!(&policy.rules[0].matcher.paths[..],
+            [p] if p.ignores_case() && p.matches("/A/b")));
         assert_eq!(
             policy.rules[0].action,
             Action::Delay {

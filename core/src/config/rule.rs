@@ -60,7 +60,7 @@ pub(super) fn validate_rule(
 
     // A rule matching paths in either case keys them in one case, so a
     // client cannot get a fresh counter by changing case.
-    let key = key.lowering_path(matcher.path.as_ref().is_some_and(PathMatch::ignores_case));
+    let key = key.lowering_path(matcher.paths.iter().any(PathMatch::ignores_case));
 
     let counts = validate_counts(raw, &matcher, at, errors);
     // in_flight and message_size are bounds, not rates: no period, no

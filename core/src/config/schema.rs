@@ -209,9 +209,9 @@ pub struct MatchConfig {
     /// HTTP methods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
-    /// One of `exact`, `prefix`, `glob`.
+    /// One of `exact`, `prefix`, `glob`; or a list of them, any matching.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<PathConfig>,
+    pub path: Option<PathsConfig>,
     /// Header conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<ValueMatchConfig>,
@@ -289,6 +289,19 @@ pub struct PathConfig {
     /// Compare ASCII letters in either case; default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_case: Option<bool>,
+}
+
+/// A path condition, or a list of them of which any may match.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected a path condition such as {\"prefix\": \"/api/\"} (one of exact, prefix or glob, and ignore_case), or a list of them (any one matching)"
+)]
+pub enum PathsConfig {
+    /// One condition.
+    One(PathConfig),
+    /// Any of these.
+    AnyOf(Vec<PathConfig>),
 }
 
 /// A header or query parameter condition as written: `name` alone

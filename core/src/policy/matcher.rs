@@ -129,8 +129,8 @@ impl GrpcMatch {
 pub struct Matcher {
     /// Upper-case methods; empty means any.
     pub methods: Vec<String>,
-    /// Path condition, if any.
-    pub path: Option<PathMatch>,
+    /// Path conditions, any of which must hold; empty means any path.
+    pub paths: Vec<PathMatch>,
     /// Header conditions, all required.
     pub headers: Vec<ValueMatch>,
     /// Query parameter conditions, all required.
@@ -156,7 +156,7 @@ impl Matcher {
         };
         protocol_ok
             && (self.methods.is_empty() || self.methods.iter().any(|m| m == request.method()))
-            && self.path.as_ref().is_none_or(|p| p.matches(request.path()))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(request.path())))
             && self.headers.iter().all(|h| {
                 h.wanted
                     .holds(request.header(&h.name), |found, v| *found == v)
@@ -433,6 +433,7 @@ fn leftmost_end(literals: &[Literal], text: &str) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::policy::request::HttpRequest;
+    use alloc::vec;
 
     #[test]
     fn globs() {
@@ -568,7 +569,7 @@ mod tests {
     fn matcher_combines_conditions() {
         let m = Matcher {
             methods: ["POST".into()].into(),
-            path: Some(PathMatch::exact("/login", false)),
+            paths: vec![PathMatch::exact("/login", false)],
             headers: [ValueMatch {
                 name: "x-tier".into(),
                 wanted: Wanted::OneOf(["free".into()].into()),
@@ -658,7 +659,7 @@ mod tests {
             ..Matcher::default()
         };
         let external = Matcher {
-            path: Some(PathMatch::prefix("/api/", false)),
+            paths: vec![PathMatch::prefix("/api/", false)],
             not: Some(Box::new(internal.clone())),
             ..Matcher::default()
         };

@@ -338,7 +338,7 @@ impl Policy {
         self.rules.iter().any(|r| {
             r.matcher
                 .nested()
-                .any(|m| m.path.is_some() || m.grpc.is_some())
+                .any(|m| !m.paths.is_empty() || m.grpc.is_some())
                 || r.key
                     .parts()
                     .any(|p| matches!(p, KeyPart::Path | KeyPart::PathSegment(_)))
