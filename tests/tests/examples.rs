@@ -16,16 +16,31 @@ use futures_util::SinkExt as _;
 use serde_json::Value;
 use sluice_e2e::client::{Client, Reply};
 use sluice_e2e::envoy::Envoy;
+use sluice_e2e::grpc::chat::chat_service_client::ChatServiceClient;
+use sluice_e2e::grpc::chat::{ChatMessage, SubscribeRequest};
+use sluice_e2e::grpc::user::user_service_client::UserServiceClient;
+use sluice_e2e::grpc::user::ListUsersRequest;
 use sluice_e2e::grpc_upstream::GrpcUpstream;
 use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::upstream::Upstream;
 use sluice_e2e::ws_client::{connect, next_message, until_closed, Upgrade, Ws};
 use sluice_e2e::ws_upstream::WsUpstream;
 use tokio_tungstenite::tungstenite::Message;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
 
 /// Every file in `envoy/examples/`, by name without `.json`: each has a
 /// test below.
-const EXAMPLES: &[&str] = &["slowstack-per-ip", "websocket-rooms"];
+const EXAMPLES: &[&str] = &[
+    "slowstack-per-ip",
+    "websocket-rooms",
+    "grpc-per-method",
+    "grpc-profiles",
+];
+
+/// How long one gRPC call, or one message of a stream, may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../envoy/examples")
@@ -84,6 +99,14 @@ impl Setup {
             .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
     }
 
+    /// A gRPC connection through Envoy.
+    async fn grpc(&self) -> Grpc {
+        let channel = sluice_e2e::grpc::connect(self.envoy.addr())
+            .await
+            .expect("gRPC channel to Envoy");
+        Grpc(channel)
+    }
+
     /// A WebSocket upgrade of `path` from `client` (`X-Forwarded-For`).
     async fn upgrade(&self, path: &str, client: &str) -> Upgrade {
         connect(self.envoy.addr(), path, &[("x-forwarded-for", client)])
@@ -99,10 +122,128 @@ fn refused_by(reply: &Reply) -> String {
     body["rule"].as_str().unwrap_or_default().to_owned()
 }
 
-/// Whole seconds started since `since`: how many permits a rule refilling
-/// one a second may have gained.
-fn refills_since(since: Instant) -> u64 {
-    since.elapsed().as_secs() + 1
+/// Intervals of `every` started since `since`: how many permits a rule
+/// refilling one per `every` may have gained.
+fn refills_since(since: Instant, every: Duration) -> u64 {
+    let whole = since.elapsed().as_nanos() / every.as_nanos();
+    u64::try_from(whole).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// gRPC metadata of a call: (name, value) pairs.
+type Metadata<'a> = &'a [(&'static str, &'a str)];
+
+/// gRPC calls on one connection through Envoy. Each says whether the
+/// filter let it through (`Ok`) or which rule refused it (`Err`).
+struct Grpc(Channel);
+
+impl Grpc {
+    /// A call of `path` (`/<service>/<method>`) with an empty message. The
+    /// upstream serves `user.UserService` and `chat.ChatService` and
+    /// answers UNIMPLEMENTED to any other method, so any path shows what
+    /// the filter decided.
+    async fn call(&self, path: &str, metadata: Metadata<'_>) -> Result<(), String> {
+        let mut grpc = tonic::client::Grpc::new(self.0.clone());
+        grpc.ready().await.expect("the gRPC channel is ready");
+        let route = PathAndQuery::try_from(path).expect("a gRPC path");
+        let codec = tonic_prost::ProstCodec::<(), ()>::default();
+        let answer = bounded(path, grpc.unary(request((), metadata), route, codec)).await;
+        match answer {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::Unimplemented => Ok(()),
+            Err(status) => Err(refusing_rule(&status, path)),
+        }
+    }
+
+    /// Calls `path` until the filter refuses a call: how many passed
+    /// before, and the rule that refused it.
+    async fn calls_until_refused(&self, path: &str, metadata: Metadata<'_>) -> (u64, String) {
+        for passed in 0..10_000 {
+            if let Err(rule) = self.call(path, metadata).await {
+                return (passed, rule);
+            }
+        }
+        panic!("{path}: 10000 calls passed without a refusal");
+    }
+
+    /// A `Subscribe` stream holding after its first message, once that
+    /// message arrived (the call surely holds its permits).
+    async fn held_subscription(
+        &self,
+        metadata: Metadata<'_>,
+    ) -> Result<Streaming<ChatMessage>, String> {
+        let subscribe = SubscribeRequest {
+            count: 1,
+            hold: true,
+            interval_ms: 0,
+        };
+        let mut client = ChatServiceClient::new(self.0.clone());
+        let what = "Subscribe";
+        let mut stream = bounded(what, client.subscribe(request(subscribe, metadata)))
+            .await
+            .map_err(|status| refusing_rule(&status, what))?
+            .into_inner();
+        let first = bounded(what, stream.message()).await;
+        assert!(
+            matches!(&first, Ok(Some(m)) if m.text == "event-1"),
+            "{what}: expected event-1, got {first:?}"
+        );
+        Ok(stream)
+    }
+
+    /// `ListUsers` asking for `count` users: the users received before the
+    /// stream ended, and how it ended (`Err`: the rule that cut it).
+    async fn list_users(&self, count: u32, metadata: Metadata<'_>) -> (u64, Result<(), String>) {
+        let mut client = UserServiceClient::new(self.0.clone());
+        let what = "ListUsers";
+        let started = bounded(
+            what,
+            client.list_users(request(ListUsersRequest { count }, metadata)),
+        );
+        let mut stream = match started.await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return (0, Err(refusing_rule(&status, what))),
+        };
+        let mut received = 0;
+        loop {
+            match bounded(what, stream.message()).await {
+                Ok(Some(_user)) => received += 1,
+                Ok(None) => return (received, Ok(())),
+                Err(status) => return (received, Err(refusing_rule(&status, what))),
+            }
+        }
+    }
+}
+
+/// A request of `message` carrying `metadata`.
+fn request<T>(message: T, metadata: Metadata<'_>) -> Request<T> {
+    let mut request = Request::new(message);
+    for &(name, value) in metadata {
+        let value = value.parse().expect("an ASCII metadata value");
+        request.metadata_mut().insert(name, value);
+    }
+    request
+}
+
+/// The rule a RESOURCE_EXHAUSTED names (`rate limited by rule <name>; …`).
+fn refusing_rule(status: &Status, what: &str) -> String {
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{what}: expected a refusal, got {status:?}"
+    );
+    status
+        .message()
+        .strip_prefix("rate limited by rule ")
+        .and_then(|rest| rest.split_once(';'))
+        .map(|(rule, _)| rule.to_owned())
+        .unwrap_or_else(|| panic!("{what}: grpc-message {:?}", status.message()))
+}
+
+/// `call`, failing the test if it takes longer than [`CALL_TIMEOUT`].
+async fn bounded<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {CALL_TIMEOUT:?}"))
 }
 
 #[test]
@@ -197,7 +338,10 @@ async fn slowstack_per_ip() {
             break reply;
         }
         admitted += 1;
-        assert!(admitted <= 9 + refills_since(since), "admitted {admitted}");
+        assert!(
+            admitted <= 9 + refills_since(since, Duration::from_secs(1)),
+            "admitted {admitted}"
+        );
     };
     assert_eq!(refused_by(&refusal), "per-ip");
     assert!(
@@ -241,12 +385,151 @@ async fn websocket_rooms() {
         .await
         .open("sixth member");
     let (passed, close) = until_refused(&mut late, Message::text("late")).await;
-    let refilled = since.elapsed().as_millis() / 120 + 1;
+    let refilled = refills_since(since, Duration::from_millis(120));
     assert!(
-        u128::from(passed) <= refilled,
+        passed <= refilled,
         "{passed} messages passed after the room's 500"
     );
     assert_eq!(close, (1008, "rate limited: room-msgs".to_owned()));
+}
+
+/// grpc-per-method.json: per-method budgets per caller, keyed by
+/// `x-user-id` or else the client IP; unlisted methods share a default.
+/// Every caller here comes from 127.0.0.1.
+#[tokio::test]
+async fn grpc_per_method() {
+    let s = start("grpc-per-method").await;
+    let grpc = s.grpc().await;
+    let delete_user = "/user.UserService/DeleteUser";
+    let alice: Metadata = &[("x-user-id", "alice")];
+    // DeleteUser: 5 a minute (one more every 12 s).
+    let since = Instant::now();
+    let (passed, rule) = grpc.calls_until_refused(delete_user, alice).await;
+    assert_eq!(rule, "delete-user");
+    let refilled = refills_since(since, Duration::from_secs(12));
+    assert!(
+        (5..=5 + refilled).contains(&passed),
+        "alice's DeleteUser refused after {passed}"
+    );
+    // Other methods have budgets of their own, and other users too.
+    let get_user = "/user.UserService/GetUser";
+    assert_eq!(grpc.call(get_user, alice).await, Ok(()), "alice's GetUser");
+    let (users, end) = grpc.list_users(3, alice).await;
+    assert_eq!((users, end), (3, Ok(())), "alice's ListUsers");
+    let bob: Metadata = &[("x-user-id", "bob")];
+    assert_eq!(
+        grpc.call(delete_user, bob).await,
+        Ok(()),
+        "bob's DeleteUser"
+    );
+    // A caller without x-user-id is keyed by its address; a user whose id
+    // reads like that address keeps a budget of its own.
+    let since = Instant::now();
+    let (passed, rule) = grpc.calls_until_refused(delete_user, &[]).await;
+    assert_eq!(rule, "delete-user");
+    let refilled = refills_since(since, Duration::from_secs(12));
+    assert!(
+        (5..=5 + refilled).contains(&passed),
+        "127.0.0.1's DeleteUser refused after {passed}"
+    );
+    let lookalike: Metadata = &[("x-user-id", "127.0.0.1")];
+    assert_eq!(
+        grpc.call(delete_user, lookalike).await,
+        Ok(()),
+        "DeleteUser of user 127.0.0.1"
+    );
+    // Orders: CreateOrder 5 a minute.
+    let create_order = "/order.OrderService/CreateOrder";
+    let since = Instant::now();
+    let (passed, rule) = grpc.calls_until_refused(create_order, bob).await;
+    assert_eq!(rule, "create-order");
+    let refilled = refills_since(since, Duration::from_secs(12));
+    assert!(
+        (5..=5 + refilled).contains(&passed),
+        "bob's CreateOrder refused after {passed}"
+    );
+    // Unlisted methods share the default's 100 a minute (one more every
+    // 600 ms), and take nothing from the methods with a rule.
+    let dave: Metadata = &[("x-user-id", "dave")];
+    let since = Instant::now();
+    let (passed, rule) = grpc
+        .calls_until_refused("/user.UserService/UpdateUser", dave)
+        .await;
+    assert_eq!(rule, "default");
+    let (more, rule) = grpc
+        .calls_until_refused("/product.ProductService/SearchProducts", dave)
+        .await;
+    assert_eq!(rule, "default");
+    let refilled = refills_since(since, Duration::from_millis(600));
+    assert!(
+        (100..=100 + refilled).contains(&(passed + more)),
+        "dave's unlisted methods refused after {passed} + {more}"
+    );
+    for path in [get_user, delete_user, create_order] {
+        assert_eq!(grpc.call(path, dave).await, Ok(()), "dave's {path}");
+    }
+}
+
+/// grpc-profiles.json: internal, authenticated and public tiers of calls,
+/// open calls and messages. Clients are told apart by `X-Forwarded-For`
+/// (the example trusts one proxy).
+#[tokio::test]
+async fn grpc_profiles() {
+    let s = start("grpc-profiles").await;
+    let grpc = s.grpc().await;
+    let get_user = "/user.UserService/GetUser";
+    // A public caller: 60 calls a minute (one more a second)...
+    let public: Metadata = &[("x-forwarded-for", "192.0.2.1")];
+    let since = Instant::now();
+    let (passed, rule) = grpc.calls_until_refused(get_user, public).await;
+    assert_eq!(rule, "public-calls");
+    let refilled = refills_since(since, Duration::from_secs(1));
+    assert!(
+        (60..=60 + refilled).contains(&passed),
+        "public caller refused after {passed}"
+    );
+    // ...while an authenticated caller from the same address is counted
+    // by its key only.
+    let authenticated: Metadata = &[("x-forwarded-for", "192.0.2.1"), ("x-api-key", "key-1")];
+    assert_eq!(
+        grpc.call(get_user, authenticated).await,
+        Ok(()),
+        "authenticated caller from the public caller's address"
+    );
+    // An internal caller passes beyond the authenticated 300, its API key
+    // notwithstanding: the internal tier comes first.
+    let internal: Metadata = &[("x-forwarded-for", "10.1.2.3"), ("x-api-key", "key-2")];
+    for i in 0..400 {
+        assert_eq!(
+            grpc.call(get_user, internal).await,
+            Ok(()),
+            "internal call {i}"
+        );
+    }
+    // A public caller holds 5 calls open at once; the 6th is refused, but
+    // an authenticated caller from the same address may open more.
+    let public: Metadata = &[("x-forwarded-for", "192.0.2.2")];
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let stream = grpc.held_subscription(public).await;
+        held.push(stream.unwrap_or_else(|rule| panic!("public subscription {i}: {rule}")));
+    }
+    let refused = grpc.held_subscription(public).await.err();
+    assert_eq!(refused.as_deref(), Some("public-concurrent"));
+    let authenticated: Metadata = &[("x-forwarded-for", "192.0.2.2"), ("x-api-key", "key-3")];
+    let stream = grpc.held_subscription(authenticated).await;
+    held.push(stream.expect("an authenticated subscription beside 5 public ones"));
+    // A public caller's stream is cut after 600 messages a minute (one
+    // more every 100 ms): the request message and 599 users.
+    let public: Metadata = &[("x-forwarded-for", "192.0.2.3")];
+    let since = Instant::now();
+    let (users, end) = grpc.list_users(1000, public).await;
+    assert_eq!(end, Err("public-stream-msgs".to_owned()));
+    let refilled = refills_since(since, Duration::from_millis(100));
+    assert!(
+        (599..=599 + refilled).contains(&users),
+        "public stream cut after {users} users"
+    );
 }
 
 /// Sends `first`, then more messages, until the filter closes the
