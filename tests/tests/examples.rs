@@ -37,6 +37,8 @@ const EXAMPLES: &[&str] = &[
     "websocket-rooms",
     "grpc-per-method",
     "grpc-profiles",
+    "mahavishnu-defaults",
+    "ratethrottle-login",
 ];
 
 /// How long one gRPC call, or one message of a stream, may take.
@@ -567,4 +569,132 @@ async fn open(s: &Setup, path: &str, client: &str) -> Box<Ws> {
     let mut ws = s.upgrade(path, client).await.open(path);
     echo(&mut ws, &format!("hello {path}")).await;
     ws
+}
+
+/// A GET from `client` (`X-Forwarded-For`) with extra `headers`.
+async fn get_from(s: &Setup, path: &str, client: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut all = vec![("x-forwarded-for", client)];
+    all.extend_from_slice(headers);
+    s.client()
+        .get_with(path, &all)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} from {client}: {e:#}"))
+}
+
+/// What the upstream saw of the degrade header on an admitted request.
+fn degraded_as(reply: &Reply) -> Option<String> {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = reply.json().expect("the upstream's echo");
+    seen["headers"]["x-sluice-limited"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// mahavishnu-defaults.json: expensive endpoints share a budget, signed-in
+/// users and anonymous addresses are held to different rules, and the API
+/// as a whole degrades rather than refuses past its global rate.
+#[tokio::test]
+async fn mahavishnu_defaults() {
+    let s = start("mahavishnu-defaults").await;
+    let since = Instant::now();
+    // Requests the global rule counted (admitted, not degraded).
+    let mut counted = 0u64;
+    // Search and export share 10 a minute per user.
+    let alice = [("x-user-id", "alice")];
+    let mut expensive = 0u64;
+    let refusal = loop {
+        let path = ["/api/search", "/api/export"][(expensive % 2) as usize];
+        let reply = get_from(&s, path, "192.0.2.1", &alice).await;
+        if reply.status != 200 {
+            break reply;
+        }
+        assert_eq!(degraded_as(&reply), None);
+        expensive += 1;
+        counted += 1;
+        assert!(
+            expensive <= 10 + refills_since(since, Duration::from_secs(6)),
+            "alice made {expensive} expensive calls"
+        );
+    };
+    assert!(expensive >= 10, "alice refused after {expensive}");
+    assert_eq!(refused_by(&refusal), "expensive_operations");
+    // A signed-in user gets 100 a minute, more than the 50 of an address:
+    // bob passes 60 from one address where an anonymous client stops at 50.
+    for i in 0..60 {
+        let reply = get_from(&s, "/api/items", "192.0.2.2", &[("x-user-id", "bob")]).await;
+        assert_eq!(reply.status, 200, "bob's request {i}: {}", reply.text());
+        counted += 1;
+    }
+    let mut anonymous = 0u64;
+    let refusal = loop {
+        let reply = get_from(&s, "/api/items", "192.0.2.2", &[]).await;
+        if reply.status != 200 {
+            break reply;
+        }
+        anonymous += 1;
+        counted += 1;
+        assert!(
+            anonymous <= 50 + refills_since(since, Duration::from_millis(1200)),
+            "{anonymous} anonymous requests"
+        );
+    };
+    assert!(anonymous >= 50, "anonymous refused after {anonymous}");
+    assert_eq!(refused_by(&refusal), "api_per_ip");
+    // Past 1000 a minute for the whole API, requests still pass, marked.
+    let mut client = 10u32;
+    let mut from_client = 0u32;
+    let marked = loop {
+        let address = format!("192.0.2.{client}");
+        let reply = get_from(&s, "/api/items", &address, &[]).await;
+        from_client += 1;
+        if from_client == 45 {
+            client += 1;
+            from_client = 0;
+        }
+        if let Some(rules) = degraded_as(&reply) {
+            break rules;
+        }
+        counted += 1;
+        assert!(
+            counted <= 1000 + refills_since(since, Duration::from_millis(60)),
+            "{counted} requests passed unmarked"
+        );
+    };
+    assert!(counted >= 1000, "degraded after {counted}");
+    assert_eq!(marked, "api_global");
+}
+
+/// ratethrottle-login.json: the 6th login attempt in a minute locks the
+/// client out of the login for 15 minutes, not just until its window
+/// slides; other endpoints still serve it.
+#[tokio::test]
+async fn ratethrottle_login() {
+    let s = start("ratethrottle-login").await;
+    let since = Instant::now();
+    let mut attempts = 0u64;
+    let refusal = loop {
+        let reply = s.get("/api/auth").await;
+        if reply.status != 200 {
+            break reply;
+        }
+        attempts += 1;
+        assert!(
+            attempts <= 5 + refills_since(since, Duration::from_secs(12)),
+            "{attempts} login attempts passed"
+        );
+    };
+    assert!(attempts >= 5, "login refused after {attempts}");
+    assert_eq!(refused_by(&refusal), "auth_strict");
+    // The lockout, not the window, sets Retry-After: near 15 minutes.
+    let retry = refusal.header_u64("retry-after").expect("retry-after");
+    assert!((880..=900).contains(&retry), "retry-after {retry}");
+    let again = s.get("/api/auth").await;
+    assert_eq!(refused_by(&again), "auth_strict");
+    let retry_again = again.header_u64("retry-after").expect("retry-after");
+    assert!(
+        retry_again <= retry && retry_again >= 880,
+        "retry-after {retry_again}"
+    );
+    // Other endpoints count against the hourly budget only.
+    assert_eq!(s.get("/api/profile").await.status, 200);
 }
