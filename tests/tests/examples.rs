@@ -308,6 +308,31 @@ fn readme_examples_are_the_tested_files() {
     assert!(shown > 0, "README shows at least one example");
 }
 
+/// Every JSON block in README.md is a configuration, or one rule of one,
+/// that core's validator accepts: the documentation cannot drift from what
+/// the filter reads.
+#[test]
+fn readme_json_blocks_are_valid() {
+    let readme_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&readme_path).expect("README.md");
+    let mut checked = 0;
+    for block in readme.split("```json\n").skip(1) {
+        let text = block.split("```").next().unwrap_or_default();
+        let value: Value = serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("README JSON block is not JSON ({e}):\n{text}"));
+        let config = if value.get("name").is_some() {
+            serde_json::json!({ "rules": [value] }).to_string()
+        } else {
+            text.to_owned()
+        };
+        if let Err(e) = sluice_core::policy::Policy::from_json(&config) {
+            panic!("README JSON block refused: {e}\n{text}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} JSON blocks found");
+}
+
 /// slowstack-per-ip.json: 10 requests per 10 s per IP, 1 per second per IP
 /// and endpoint, failed requests not counted.
 #[tokio::test]
