@@ -2,6 +2,10 @@
 //!
 //! - `/status/<code>` answers with that status;
 //! - anything else answers 200;
+//! - a request header `x-echo-usage: <value>` comes back as the response
+//!   header `x-tokens-used: <value>` (verbatim, so tests can send bad values
+//!   too): an upstream reporting what a request used (README.md, "Charging
+//!   by usage");
 //! - every body is JSON: `{"method", "path", "query", "headers": {name: value}}`
 //!   (repeated headers joined with ", "), so tests can see what Envoy forwarded;
 //! - [`Upstream::requests`] counts the requests received.
@@ -22,6 +26,12 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// The request header whose value the upstream reports as usage.
+pub const ECHO_USAGE: &str = "x-echo-usage";
+
+/// The response header (or trailer) in which the test upstreams report usage.
+pub const USAGE: &str = "x-tokens-used";
 
 /// A running upstream; stops when dropped.
 pub struct Upstream {
@@ -144,5 +154,8 @@ async fn handle(req: Request<Incoming>, requests: &AtomicU64) -> Response<Full<B
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    if let Some(usage) = parts.headers.get(ECHO_USAGE) {
+        response.headers_mut().insert(USAGE, usage.clone());
+    }
     response
 }
