@@ -19,14 +19,14 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice_e2e::client::{Client, Reply};
+use sluice_e2e::client::{Client, Protocol, Reply};
 use sluice_e2e::envoy::Envoy;
 use sluice_e2e::grpc::connect;
 use sluice_e2e::grpc::user::user_service_client::UserServiceClient;
 use sluice_e2e::grpc::user::{GetUserRequest, ListUsersRequest, User};
 use sluice_e2e::grpc_upstream::{GrpcUpstream, FAIL_WITH};
 use sluice_e2e::routes::with_upstreams;
-use sluice_e2e::upstream::{Upstream, ECHO_USAGE, USAGE};
+use sluice_e2e::upstream::{Upstream, ECHO_USAGE, ECHO_USAGE_TRAILER, USAGE};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -119,10 +119,14 @@ impl Http {
     }
 
     async fn post(&self, headers: &[(&str, &str)]) -> Reply {
+        self.post_in(Protocol::Http1, headers).await
+    }
+
+    async fn post_in(&self, protocol: Protocol, headers: &[(&str, &str)]) -> Reply {
         self.client
-            .post("/v1/chat", headers)
+            .request_in(protocol, "POST", "/v1/chat", headers)
             .await
-            .unwrap_or_else(|e| panic!("POST /v1/chat {headers:?}: {e:#}"))
+            .unwrap_or_else(|e| panic!("POST /v1/chat {protocol:?} {headers:?}: {e:#}"))
     }
 
     /// A request that must be let through: its `x-ratelimit-remaining`.
@@ -319,6 +323,54 @@ async fn reported_usage_settles_a_reservation() {
     assert!(
         expected.contains(&retry_after),
         "retry-after {retry_after}: expected within {expected:?} (1701 tokens at 1000/h)"
+    );
+    s.assert_no_errors().await;
+}
+
+/// `charge` from an HTTP response trailer (over h2c, where trailers pass):
+/// charged once the trailers arrive, after the response's headers were
+/// sent, so the usage shows in the next response; a header of the same
+/// name is not read.
+#[tokio::test]
+async fn usage_reported_in_an_http_trailer_is_charged() {
+    let config = json!({"rules": [{
+        "name": "llm-tokens", "key": ["header:x-api-key"],
+        "limit": {"count": 1000, "per": "1h"},
+        "charge": {"response_trailer": USAGE, "max": 5000}
+    }]});
+    let s = Http::start("usage_reported_in_an_http_trailer_is_charged", &config).await;
+    let bucket = Bucket::new(1000, HOUR);
+    let key = ("x-api-key", "alice");
+    let reply = s
+        .post_in(Protocol::H2c, &[key, (ECHO_USAGE_TRAILER, "600")])
+        .await;
+    assert_eq!(reply.status, 200, "first request: {}", describe(&reply));
+    let reported = reply.trailers.as_ref().and_then(|t| t.get(USAGE));
+    assert_eq!(
+        reported.and_then(|v| v.to_str().ok()),
+        Some("600"),
+        "the upstream's trailer reaches the client: {:?}",
+        reply.trailers
+    );
+    bucket.assert_remaining(
+        reply.header_u64("x-ratelimit-remaining"),
+        999,
+        "first request",
+    );
+    // A report in a header is not what the rule reads: the admission stays.
+    let reply = s.post_in(Protocol::H2c, &[key, (ECHO_USAGE, "300")]).await;
+    assert_eq!(reply.status, 200, "after 600 used: {}", describe(&reply));
+    bucket.assert_remaining(
+        reply.header_u64("x-ratelimit-remaining"),
+        399,
+        "after 600 used",
+    );
+    let reply = s.post_in(Protocol::H2c, &[key]).await;
+    assert_eq!(reply.status, 200, "after 601 used: {}", describe(&reply));
+    bucket.assert_remaining(
+        reply.header_u64("x-ratelimit-remaining"),
+        398,
+        "after 601 used",
     );
     s.assert_no_errors().await;
 }
