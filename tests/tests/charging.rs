@@ -1,8 +1,8 @@
 //! End-to-end tests of what a request costs when it is not a rule's fixed
 //! `cost`, through a real Envoy: `cost_from` (a request header), `charge`
-//! (usage the upstream reports in a response header or a gRPC trailer) and
-//! gRPC statuses in `exclude_statuses` (README.md, "Rules" and "Charging by
-//! usage").
+//! (usage the upstream reports in a response header, an HTTP trailer or a
+//! gRPC trailer) and gRPC statuses in `exclude_statuses` (README.md, "Rules"
+//! and "Charging by usage").
 //!
 //! Needs Envoy (`make setup`) and the filter (`make wasm`). Limits are token
 //! buckets of an hour or more, so they refill a little while a test runs:
