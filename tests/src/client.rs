@@ -1,6 +1,6 @@
-//! A small HTTP/1.1 client for the tests: one fresh TCP connection per
-//! request (so requests spread over Envoy's workers), every request bounded by
-//! a timeout.
+//! A small HTTP/1.1 and h2c client for the tests: one fresh TCP connection
+//! per request (so requests spread over Envoy's workers), every request
+//! bounded by a timeout.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context as _, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
 use hyper::header::HeaderMap;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
@@ -23,6 +24,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The trailers, if the response had any (HTTP/2 carries them).
+    pub trailers: Option<HeaderMap>,
     /// From just before connecting to the end of the body.
     pub elapsed: Duration,
 }
@@ -60,6 +63,14 @@ impl Reply {
     }
 }
 
+/// The protocol a request is sent in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 over cleartext, with prior knowledge (no upgrade).
+    H2c,
+}
+
 /// Sends requests to one address (Envoy's listener).
 #[derive(Debug, Clone, Copy)]
 pub struct Client {
@@ -94,47 +105,99 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Reply> {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, format!("{}", self.addr));
+        self.request_in(Protocol::Http1, method, path, headers)
+            .await
+    }
+
+    /// Sends `method path` with `headers` and an empty body in `protocol`.
+    pub async fn request_in(
+        &self,
+        protocol: Protocol,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply> {
+        let mut builder = Request::builder().method(method);
+        builder = match protocol {
+            Protocol::Http1 => builder
+                .uri(path)
+                .header(hyper::header::HOST, format!("{}", self.addr)),
+            // HTTP/2 takes the scheme and authority from the URI.
+            Protocol::H2c => builder.uri(format!("http://{}{path}", self.addr)),
+        };
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
         let request = builder
             .body(Full::new(Bytes::new()))
             .with_context(|| format!("building {method} {path}"))?;
-        send(self.addr, request).await
+        send_in(protocol, self.addr, request).await
     }
 }
 
-/// Sends one request over a new connection to `addr`.
+/// Sends one HTTP/1.1 request over a new connection to `addr`.
 pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Reply> {
+    send_in(Protocol::Http1, addr, request).await
+}
+
+/// Sends one request in `protocol` over a new connection to `addr`.
+pub async fn send_in(
+    protocol: Protocol,
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> Result<Reply> {
     let what = format!("{} {} via {addr}", request.method(), request.uri());
-    tokio::time::timeout(REQUEST_TIMEOUT, send_inner(addr, request))
+    tokio::time::timeout(REQUEST_TIMEOUT, send_inner(protocol, addr, request))
         .await
         .map_err(|_| anyhow!("{what}: no complete response within {REQUEST_TIMEOUT:?}"))?
         .with_context(|| what.clone())
 }
 
-async fn send_inner(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Reply> {
+async fn send_inner(
+    protocol: Protocol,
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> Result<Reply> {
     let start = Instant::now();
     let stream = TcpStream::connect(addr).await.context("connecting")?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP/1.1 handshake")?;
-    let conn_task = tokio::spawn(conn);
-    let response = sender.send_request(request).await.context("sending")?;
+    let io = TokioIo::new(stream);
+    // Each sender is kept until the body is read, then the connection dropped.
+    match protocol {
+        Protocol::Http1 => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .context("HTTP/1.1 handshake")?;
+            let conn_task = tokio::spawn(conn);
+            let response = sender.send_request(request).await.context("sending")?;
+            let reply = read_reply(start, response).await;
+            conn_task.abort();
+            reply
+        }
+        Protocol::H2c => {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .context("HTTP/2 handshake")?;
+            let conn_task = tokio::spawn(conn);
+            let response = sender.send_request(request).await.context("sending")?;
+            let reply = read_reply(start, response).await;
+            conn_task.abort();
+            reply
+        }
+    }
+}
+
+/// Reads `response` in full (sent at `start`).
+async fn read_reply(start: Instant, response: hyper::Response<Incoming>) -> Result<Reply> {
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.context("reading the body")?.to_bytes();
-    let elapsed = start.elapsed();
-    drop(sender);
-    conn_task.abort();
+    let collected = body.collect().await.context("reading the body")?;
+    let trailers = collected.trailers().cloned();
     Ok(Reply {
         status: parts.status.as_u16(),
         headers: parts.headers,
-        body,
-        elapsed,
+        body: collected.to_bytes(),
+        trailers,
+        elapsed: start.elapsed(),
     })
 }

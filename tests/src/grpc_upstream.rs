@@ -12,6 +12,15 @@
 //!   (the client's end of stream: an upload is committed) or broken (a reset).
 //!
 //! It takes gzip-compressed messages, as many servers do.
+//!
+//! `GetUser` and `ListUsers` answer as their request metadata asks:
+//! - `x-echo-usage: <value>`: the call's trailers carry `x-tokens-used:
+//!   <value>` (verbatim), an upstream reporting what the call used (README.md,
+//!   "Charging by usage"); a failed unary call carries it in its
+//!   trailers-only response;
+//! - `x-fail-with: <code>` (0–16): the call ends with that gRPC status:
+//!   `GetUser` at once, a trailers-only response; `ListUsers` after sending
+//!   its users, in trailers after the response.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,18 +31,26 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use http_body_util::BodyExt as _;
+use hyper::header::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::Stream;
 use tonic::codec::CompressionEncoding;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tower::util::MapResponseLayer;
 
 use crate::grpc::chat::chat_service_server::{ChatService, ChatServiceServer};
 use crate::grpc::chat::{ChatMessage, SubscribeRequest, UploadReply};
 use crate::grpc::user::user_service_server::{UserService, UserServiceServer};
 use crate::grpc::user::{GetUserRequest, ListUsersRequest, User};
+use crate::upstream::{ECHO_USAGE, USAGE};
+
+/// The request metadata naming the gRPC status a call should end with.
+pub const FAIL_WITH: &str = "x-fail-with";
 
 /// A running gRPC upstream; stops when dropped.
 pub struct GrpcUpstream {
@@ -75,6 +92,7 @@ impl GrpcUpstream {
         });
         let service = Service(Arc::clone(&state));
         let server = tonic::transport::Server::builder()
+            .layer(MapResponseLayer::new(usage_into_trailers))
             .add_service(
                 UserServiceServer::new(service.clone())
                     .accept_compressed(CompressionEncoding::Gzip),
@@ -178,6 +196,79 @@ impl Service {
     }
 }
 
+/// What a call's request metadata asks of its answer (see the module docs).
+struct Asked {
+    usage: Option<HeaderValue>,
+    fail_with: Option<Code>,
+}
+
+/// The usage a successful response (or one failing after its messages)
+/// reports in its trailers: set by a handler in the response's extensions,
+/// moved into the trailers by [`usage_into_trailers`], since tonic has no
+/// trailing metadata of its own for a successful call.
+#[derive(Clone)]
+struct TrailerUsage(HeaderValue);
+
+impl Asked {
+    fn of<T>(request: &Request<T>) -> Self {
+        let metadata = request.metadata();
+        let usage = metadata
+            .get(ECHO_USAGE)
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+        let fail_with = metadata
+            .get(FAIL_WITH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+            .map(Code::from_i32);
+        Self { usage, fail_with }
+    }
+
+    /// The status a call asked to fail with, reporting its usage in the
+    /// status's metadata (which a trailers-only response carries).
+    fn failure(&self) -> Option<Status> {
+        let code = self.fail_with?;
+        let mut metadata = MetadataMap::new();
+        if let Some(usage) = self.usage.as_ref().and_then(|u| u.to_str().ok()) {
+            if let Ok(value) = usage.parse() {
+                metadata.insert(USAGE, value);
+            }
+        }
+        Some(Status::with_metadata(
+            code,
+            "the test asked to fail",
+            metadata,
+        ))
+    }
+
+    /// `message` as the answer, reporting the asked usage in its trailers.
+    fn answer<T>(&self, message: T) -> Response<T> {
+        let mut response = Response::new(message);
+        if let Some(usage) = &self.usage {
+            response
+                .extensions_mut()
+                .insert(TrailerUsage(usage.clone()));
+        }
+        response
+    }
+}
+
+/// Adds the [`TrailerUsage`] a handler set to the response's trailers.
+fn usage_into_trailers(
+    response: hyper::Response<tonic::body::Body>,
+) -> hyper::Response<tonic::body::Body> {
+    let Some(TrailerUsage(usage)) = response.extensions().get::<TrailerUsage>().cloned() else {
+        return response;
+    };
+    response.map(|body| {
+        tonic::body::Body::new(body.map_frame(move |mut frame| {
+            if let Some(trailers) = frame.trailers_mut() {
+                trailers.insert(USAGE, usage.clone());
+            }
+            frame
+        }))
+    })
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn user(user_id: u64) -> User {
@@ -191,7 +282,11 @@ fn user(user_id: u64) -> User {
 impl UserService for Service {
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
         self.single("GetUser");
-        Ok(Response::new(user(request.into_inner().user_id)))
+        let asked = Asked::of(&request);
+        if let Some(failure) = asked.failure() {
+            return Err(failure);
+        }
+        Ok(asked.answer(user(request.into_inner().user_id)))
     }
 
     type ListUsersStream = BoxStream<User>;
@@ -201,9 +296,12 @@ impl UserService for Service {
         request: Request<ListUsersRequest>,
     ) -> Result<Response<Self::ListUsersStream>, Status> {
         self.single("ListUsers");
+        let asked = Asked::of(&request);
         let count = u64::from(request.into_inner().count);
-        let users = (1..=count).map(|id| Ok(user(id)));
-        Ok(Response::new(Box::pin(tokio_stream::iter(users))))
+        let users = (1..=count)
+            .map(|id| Ok(user(id)))
+            .chain(asked.failure().map(Err));
+        Ok(asked.answer(Box::pin(tokio_stream::iter(users))))
     }
 }
 

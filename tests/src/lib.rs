@@ -1,11 +1,12 @@
 //! End-to-end harness for Sluice.
 //!
 //! - [`upstream::Upstream`]: an in-process HTTP/1.1 + h2c server that counts
-//!   the requests it receives and echoes the request headers as JSON.
+//!   the requests it receives and echoes the request headers as JSON (and
+//!   reports usage in a response header or trailer when asked).
 //! - [`envoy::Envoy`]: the real Envoy binary with the configuration rendered
 //!   from `envoy/sluice-http.template.yaml` ([`template`]), waited for through
 //!   its admin `/ready` endpoint, with helpers to read its stats.
-//! - [`client`]: a small HTTP client (one connection per request).
+//! - [`client`]: a small HTTP/1.1 and h2c client (one connection per request).
 //! - [`grpc_upstream::GrpcUpstream`] and [`ws_upstream::WsUpstream`]: tonic
 //!   and WebSocket upstreams that record what reached them; [`grpc`] and
 //!   [`ws_client`]: clients for them through Envoy; [`routes`]: the

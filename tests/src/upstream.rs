@@ -2,19 +2,28 @@
 //!
 //! - `/status/<code>` answers with that status;
 //! - anything else answers 200;
+//! - a request header `x-echo-usage: <value>` comes back as the response
+//!   header `x-tokens-used: <value>` (verbatim, so tests can send bad values
+//!   too): an upstream reporting what a request used (README.md, "Charging
+//!   by usage"); `x-echo-usage-trailer: <value>` reports it as the trailer
+//!   `x-tokens-used` instead, which reaches Envoy over h2c (an HTTP/1.1
+//!   response here has a length, hence no trailers);
 //! - every body is JSON: `{"method", "path", "query", "headers": {name: value}}`
 //!   (repeated headers joined with ", "), so tests can see what Envoy forwarded;
 //! - [`Upstream::requests`] counts the requests received.
 
 use std::convert::Infallible;
+use std::future::{ready, Ready};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
+use http_body_util::combinators::WithTrailers;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
+use hyper::header::HeaderMap;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,6 +31,15 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// The request header whose value the upstream reports as usage.
+pub const ECHO_USAGE: &str = "x-echo-usage";
+
+/// The request header whose value the upstream reports as a usage trailer.
+pub const ECHO_USAGE_TRAILER: &str = "x-echo-usage-trailer";
+
+/// The response header (or trailer) in which the test upstreams report usage.
+pub const USAGE: &str = "x-tokens-used";
 
 /// A running upstream; stops when dropped.
 pub struct Upstream {
@@ -107,7 +125,10 @@ async fn accept_loop(
     }
 }
 
-async fn handle(req: Request<Incoming>, requests: &AtomicU64) -> Response<Full<Bytes>> {
+/// A response body, with the trailers a request asked for.
+type Body = WithTrailers<Full<Bytes>, Ready<Option<Result<HeaderMap, Infallible>>>>;
+
+async fn handle(req: Request<Incoming>, requests: &AtomicU64) -> Response<Body> {
     requests.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     // Drain the request body so keep-alive works.
@@ -138,11 +159,20 @@ async fn handle(req: Request<Incoming>, requests: &AtomicU64) -> Response<Full<B
         "query": parts.uri.query(),
         "headers": headers,
     });
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let trailers = parts.headers.get(ECHO_USAGE_TRAILER).map(|usage| {
+        let mut trailers = HeaderMap::new();
+        trailers.insert(USAGE, usage.clone());
+        Ok(trailers)
+    });
+    let body = Full::new(Bytes::from(body.to_string())).with_trailers(ready(trailers));
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    if let Some(usage) = parts.headers.get(ECHO_USAGE) {
+        response.headers_mut().insert(USAGE, usage.clone());
+    }
     response
 }
