@@ -151,10 +151,9 @@ impl Http {
     async fn assert_no_errors(&self) {
         let errors = self
             .envoy
-            .stat("wasmcustom.sluice_http.errors")
+            .filter_errors()
             .await
-            .expect("reading Envoy's stats")
-            .unwrap_or(0);
+            .expect("reading Envoy's stats");
         assert_eq!(errors, 0, "sluice_http.errors");
     }
 }

@@ -351,11 +351,7 @@ impl<B: SharedBytes> Plugin<B> {
             metrics: &self.metrics,
             host,
         };
-        if excluded {
-            response.refund(&mut verdict.charges);
-        } else {
-            response.settle(&mut verdict.charges, Reported::Headers);
-        }
+        response.conclude(&mut verdict.charges, excluded, Reported::Headers);
         // A degraded response tells the client about its limits even when
         // allowed responses do not: it is not the full answer.
         let tells = self.policy.headers_on_allowed || verdict.is_degraded();
@@ -462,11 +458,7 @@ impl<B: SharedBytes> Plugin<B> {
                 metrics: &self.metrics,
                 host,
             };
-            if excluded {
-                response.refund(&mut verdict.charges);
-            } else {
-                response.settle(&mut verdict.charges, Reported::Trailers);
-            }
+            response.conclude(&mut verdict.charges, excluded, Reported::Trailers);
         }
         let cut = self
             .requests
@@ -545,6 +537,16 @@ struct Response<'a, B, H> {
 }
 
 impl<B: SharedBytes, H: Host> Response<'_, B, H> {
+    /// Ends `charges` with a response seen in `place`: given back if its
+    /// status is excluded, else settled with what the upstream reported.
+    fn conclude(&mut self, charges: &mut Vec<Charge>, excluded: bool, place: Reported) {
+        if excluded {
+            self.refund(charges);
+        } else {
+            self.settle(charges, place);
+        }
+    }
+
     /// Gives back the permits of `charges` that count requests (in-flight
     /// permits are released when the request ends), and forgets them, so
     /// nothing is given back or charged twice.

@@ -45,6 +45,15 @@ impl Envoy {
             .unwrap_or(0))
     }
 
+    /// The filter's internal failures (`sluice_http.errors`, 0 if none
+    /// was ever counted): a test that expects none checks this is 0.
+    pub async fn filter_errors(&self) -> Result<u64> {
+        Ok(self
+            .stat("wasmcustom.sluice_http.errors")
+            .await?
+            .unwrap_or(0))
+    }
+
     /// Connections accepted by each worker on the HTTP listener (from
     /// `listener.<configured address>.worker_<n>.downstream_cx_total`).
     pub async fn worker_connections(&self) -> Result<Vec<u64>> {
