@@ -326,17 +326,15 @@ function gcra.load(it)
   it.st = {t = num(v[1]), f = math.min(num(v[2]), it.count - 1)}
 end
 
--- How far the TAT is ahead of `now`, in 1/count ticks, capped at tolerance.
+-- How far the TAT is ahead of `now`, in 1/count ticks. Beyond the
+-- tolerance it reads as a debt, as in the core: a clock that went back is
+-- stricter, never more generous.
 function gcra.ahead(it, now)
-  local tolerance = it.burst * it.per
   local d = it.st.t - now
   if d < 0 then
     return 0
   end
-  if d > ceildiv(tolerance, it.count) then
-    return tolerance
-  end
-  return math.min(d * it.count + it.st.f, tolerance)
+  return d * it.count + it.st.f
 end
 
 function gcra.acquire(it, now, consume)
@@ -346,9 +344,9 @@ function gcra.acquire(it, now, consume)
   if it.cost > it.burst or ahead + wanted > tolerance then
     local retry = NEVER
     if it.cost <= it.burst then
-      retry = ceildiv(wanted - (tolerance - ahead), it.count)
+      retry = ceildiv(ahead + wanted - tolerance, it.count)
     end
-    return 0, idiv(tolerance - ahead, it.per), ceildiv(ahead, it.count), retry
+    return 0, idiv(math.max(0, tolerance - ahead), it.per), ceildiv(ahead, it.count), retry
   end
   local after = ahead + wanted
   if consume and it.cost > 0 then
