@@ -109,6 +109,23 @@ impl Cidr {
     }
 }
 
+impl Cidr {
+    /// The network's first and last address, as integers of its family
+    /// (an IPv4 address as its `u32`).
+    pub fn range(&self) -> (u128, u128) {
+        match self.network {
+            IpAddr::V4(n) => {
+                let first = u32::from(n);
+                (first.into(), (first | !mask32(self.prefix)).into())
+            }
+            IpAddr::V6(n) => {
+                let first = u128::from(n);
+                (first, first | !mask128(self.prefix))
+            }
+        }
+    }
+}
+
 fn max_prefix(addr: IpAddr) -> u8 {
     match addr {
         IpAddr::V4(_) => 32,

@@ -99,6 +99,66 @@ pub struct AccessList {
     allow: Bounded<ListEntry>,
     deny: Bounded<ListEntry>,
     bans: Bounded<Ban>,
+    /// For lists that never change or expire (a configuration's own, up
+    /// to 10,000 networks each, looked up on every request): the networks
+    /// of `allow` and `deny` as sorted ranges. Dropped by any change.
+    index: Option<FixedIndex>,
+}
+
+/// The networks of a fixed allow and deny list, for lookups in
+/// logarithmic time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FixedIndex {
+    allow: Ranges,
+    deny: Ranges,
+}
+
+/// Networks as sorted, disjoint ranges of addresses, per family (an
+/// IPv4-mapped IPv6 address is looked up as IPv4, as [`Cidr::contains`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ranges {
+    v4: Vec<(u128, u128)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl Ranges {
+    fn of(cidrs: &[Cidr]) -> Ranges {
+        let family = |v4: bool| {
+            let mut ranges: Vec<(u128, u128)> = cidrs
+                .iter()
+                .filter(|c| c.network().is_ipv4() == v4)
+                .map(Cidr::range)
+                .collect();
+            ranges.sort_unstable();
+            // Merge overlapping ranges, so that at most one can hold an address.
+            let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+            for (first, last) in ranges {
+                match merged.last_mut() {
+                    Some((_, end)) if first <= *end => *end = (*end).max(last),
+                    _ => merged.push((first, last)),
+                }
+            }
+            merged
+        };
+        Ranges {
+            v4: family(true),
+            v6: family(false),
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let (ranges, at) = match ip.to_canonical() {
+            IpAddr::V4(a) => (&self.v4, u128::from(u32::from(a))),
+            IpAddr::V6(a) => (&self.v6, u128::from(a)),
+        };
+        // The last range starting at or before the address is the only
+        // one that can hold it.
+        let after = ranges.partition_point(|&(first, _)| first <= at);
+        after
+            .checked_sub(1)
+            .and_then(|i| ranges.get(i))
+            .is_some_and(|&(_, last)| at <= last)
+    }
 }
 
 impl AccessList {
@@ -108,12 +168,17 @@ impl AccessList {
             allow: Bounded::new(max),
             deny: Bounded::new(max),
             bans: Bounded::new(max),
+            index: None,
         }
     }
 
     /// Lists of networks that never expire (a configuration's own), with
     /// no room for more entries and no bans.
     pub fn fixed(allow: Vec<Cidr>, deny: Vec<Cidr>) -> AccessList {
+        let index = FixedIndex {
+            allow: Ranges::of(&allow),
+            deny: Ranges::of(&deny),
+        };
         let entries = |cidrs: Vec<Cidr>| {
             cidrs
                 .into_iter()
@@ -128,10 +193,13 @@ impl AccessList {
             allow: Bounded::fixed(entries(allow)),
             deny: Bounded::fixed(entries(deny)),
             bans: Bounded::fixed(Vec::new()),
+            index: Some(index),
         }
     }
 
+    /// A list to change: the index no longer tells it.
     fn list(&mut self, kind: ListKind) -> &mut Bounded<ListEntry> {
+        self.index = None;
         match kind {
             ListKind::Allow => &mut self.allow,
             ListKind::Deny => &mut self.deny,
@@ -197,13 +265,17 @@ impl AccessList {
         now: Nanos,
     ) -> Access {
         let in_list =
-            |list: &Bounded<ListEntry>, ip: IpAddr| list.live(now).any(|e| e.cidr.contains(ip));
+            |list: &Bounded<ListEntry>, indexed: Option<&Ranges>, ip: IpAddr| match indexed {
+                Some(ranges) => ranges.contains(ip),
+                None => list.live(now).any(|e| e.cidr.contains(ip)),
+            };
+        let index = self.index.as_ref();
         if let Some(ip) = ip {
             let banned = self
                 .bans
                 .live(now)
                 .any(|b| matches!(&b.target, BanTarget::Cidr(c) if c.contains(ip)));
-            if banned || in_list(&self.deny, ip) {
+            if banned || in_list(&self.deny, index.map(|i| &i.deny), ip) {
                 return Access::Denied;
             }
         }
@@ -217,7 +289,7 @@ impl AccessList {
             }
         }
         match ip {
-            Some(ip) if in_list(&self.allow, ip) => Access::Allowed,
+            Some(ip) if in_list(&self.allow, index.map(|i| &i.allow), ip) => Access::Allowed,
             _ => Access::Neutral,
         }
     }
@@ -399,5 +471,91 @@ mod tests {
         l.add(ListKind::Deny, entry("1.0.0.3", None), Nanos(10))
             .unwrap();
         assert_eq!(l.entries(ListKind::Deny, Nanos(10)).len(), 1);
+    }
+
+    /// A network from a few bits of the address space, so that random
+    /// lists overlap, nest and touch.
+    fn small_cidr() -> impl proptest::strategy::Strategy<Value = Cidr> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<u8>(), 0u8..=32).prop_map(|(b, p)| {
+                Cidr::new(IpAddr::V4([10, b & 0xf0, b, 0].into()), p).unwrap()
+            }),
+            (any::<u8>(), 0u8..=128).prop_map(|(b, p)| {
+                let a = core::net::Ipv6Addr::new(0x2001, 0xdb8, u16::from(b), 0, 0, 0, 0, 1);
+                Cidr::new(IpAddr::V6(a), p).unwrap()
+            }),
+        ]
+    }
+
+    fn some_ip() -> impl proptest::strategy::Strategy<Value = IpAddr> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<u8>(), any::<u8>()).prop_map(|(b, c)| IpAddr::V4([10, b & 0xf0, b, c].into())),
+            any::<u32>().prop_map(|a| IpAddr::V4(a.into())),
+            (any::<u8>(), any::<u16>()).prop_map(|(b, c)| {
+                IpAddr::V6(core::net::Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    u16::from(b),
+                    0,
+                    0,
+                    0,
+                    0,
+                    c,
+                ))
+            }),
+            // IPv4-mapped: looked up as IPv4.
+            (any::<u8>(), any::<u8>()).prop_map(|(b, c)| {
+                IpAddr::V6(core::net::Ipv4Addr::from([10, b & 0xf0, b, c]).to_ipv6_mapped())
+            }),
+            Just(IpAddr::V6(core::net::Ipv6Addr::UNSPECIFIED)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The sorted ranges of a configuration's lists say what a scan of
+        /// every entry says.
+        #[test]
+        fn fixed_lists_look_up_as_a_scan_would(
+            allow in proptest::collection::vec(small_cidr(), 0..20),
+            deny in proptest::collection::vec(small_cidr(), 0..20),
+            ips in proptest::collection::vec(some_ip(), 1..20),
+        ) {
+            let fixed = AccessList::fixed(allow.clone(), deny.clone());
+            let mut scanned = AccessList::new(100);
+            for (kind, list) in [(ListKind::Allow, &allow), (ListKind::Deny, &deny)] {
+                for cidr in list {
+                    scanned.add(kind, ListEntry { cidr: *cidr, until: None, reason: String::new() }, Nanos(0)).unwrap();
+                }
+            }
+            proptest::prop_assert!(fixed.index.is_some() && scanned.index.is_none());
+            // Every network's edges and their neighbours, besides the random addresses.
+            let edges = allow.iter().chain(&deny).flat_map(|c| {
+                let (first, last) = c.range();
+                [first.wrapping_sub(1), first, last, last.wrapping_add(1)].map(|at| {
+                    match c.network() {
+                        IpAddr::V4(_) => IpAddr::V4(core::net::Ipv4Addr::from(at as u32)),
+                        IpAddr::V6(_) => IpAddr::V6(core::net::Ipv6Addr::from(at)),
+                    }
+                })
+            });
+            for ip in ips.into_iter().chain(edges) {
+                proptest::prop_assert_eq!(
+                    fixed.check(Some(ip), [], Nanos(1)),
+                    scanned.check(Some(ip), [], Nanos(1)),
+                    "{}", ip
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn changing_a_fixed_list_drops_its_index() {
+        let mut l = AccessList::fixed(Vec::new(), [Cidr::parse("10.0.0.0/8").unwrap()].into());
+        assert_eq!(l.check(ip("10.1.1.1"), [], Nanos(1)), Access::Denied);
+        l.remove(ListKind::Deny, &Cidr::parse("10.0.0.0/8").unwrap());
+        assert!(l.index.is_none());
+        assert_eq!(l.check(ip("10.1.1.1"), [], Nanos(1)), Access::Neutral);
     }
 }

@@ -313,6 +313,11 @@ mod tests {
         assert!(spec.build(&plain, &clients, &mut k1) && spec.build(&escaped, &clients, &mut k2));
         assert_eq!((k1.as_str(), k2.as_str()), ("3:abc", "3:abc"));
         assert!(!spec.build(&HttpRequest::new("GET", "/?apikey=abc"), &clients, &mut k1));
+        // Bytes that are not UTF-8 text key alike however they are spelled.
+        let lower = HttpRequest::new("GET", "/?api+key=x%ff");
+        let upper = HttpRequest::new("GET", "/?api%20key=%78%FF");
+        assert!(spec.build(&lower, &clients, &mut k1) && spec.build(&upper, &clients, &mut k2));
+        assert_eq!((k1.as_str(), k2.as_str()), ("4:x%FF", "4:x%FF"));
     }
 
     #[test]

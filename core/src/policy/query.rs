@@ -4,9 +4,11 @@
 //! parameter without one has the empty value). Names and values are read
 //! as a form (`application/x-www-form-urlencoded`, as most web frameworks
 //! read a query): `%XX` is the byte XX, `+` a space, and a `%` not followed
-//! by two hex digits stays as written. When the decoded bytes are not UTF-8
-//! the text as written is used instead, so every parameter has one text,
-//! compared by matching and written into keys alike. Names are
+//! by two hex digits stays as written. A decoded byte that is not part of
+//! UTF-8 text is written back as `%XX` (upper-case hex), so every spelling
+//! of the same bytes (`%ff`, `%FF`, `a+%FF`, `a%20%ff`) has one text,
+//! compared by matching and written into keys alike: a client cannot get a
+//! fresh counter by spelling a value differently. Names are
 //! case-sensitive; the first parameter of a name is the one read.
 //!
 //! Nothing here allocates in proportion to the query, except
@@ -15,6 +17,7 @@
 use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::fmt::Write;
 
 /// The raw value of the first parameter named `name` (compared as decoded
 /// text), or `None`.
@@ -25,20 +28,31 @@ pub fn find<'q>(query: &'q str, name: &str) -> Option<&'q str> {
     })
 }
 
-/// The text of a raw name or value: decoded, or as written when the
-/// decoded bytes are not UTF-8.
+/// The text of a raw name or value: decoded, each byte that is not part
+/// of UTF-8 text written `%XX` (upper-case hex digits).
 pub fn canonical(raw: &str) -> Cow<'_, str> {
     if !is_encoded(raw) {
         return Cow::Borrowed(raw);
     }
-    match String::from_utf8(decoded(raw).collect()) {
+    let bytes: Vec<u8> = decoded(raw).collect();
+    match String::from_utf8(bytes) {
         Ok(text) => Cow::Owned(text),
-        Err(_) => Cow::Borrowed(raw),
+        Err(e) => {
+            let bytes = e.into_bytes();
+            let mut text = String::with_capacity(bytes.len().saturating_mul(3));
+            for chunk in bytes.utf8_chunks() {
+                text.push_str(chunk.valid());
+                for byte in chunk.invalid() {
+                    let _ = write!(text, "%{byte:02X}");
+                }
+            }
+            Cow::Owned(text)
+        }
     }
 }
 
 /// Whether the text of `raw` ([`canonical`]) is `text`, without allocating
-/// unless `raw` is literally `text` and holds an escape.
+/// unless the decoded bytes are not UTF-8 and `text` holds a `%`.
 pub fn canonical_eq(raw: &str, text: &str) -> bool {
     if !is_encoded(raw) {
         return raw == text;
@@ -47,8 +61,8 @@ pub fn canonical_eq(raw: &str, text: &str) -> bool {
     if decoded(raw).eq(text.bytes()) {
         return true;
     }
-    // Otherwise `raw` is `text` only if it stands as written.
-    raw == text && core::str::from_utf8(&decoded(raw).collect::<Vec<u8>>()).is_err()
+    // Otherwise only a text with a byte written `%XX` can still be it.
+    text.contains('%') && canonical(raw) == text
 }
 
 /// Whether decoding could change `raw`.
@@ -96,9 +110,10 @@ mod tests {
             ("100%", "100%"),
             ("%zz%4", "%zz%4"),
             ("%C3%A9", "é"),
-            // Not UTF-8 once decoded: the text as written.
+            // Bytes that are not UTF-8 text: written back as `%XX`.
             ("%FF", "%FF"),
             ("%C3", "%C3"),
+            ("%25FF", "%FF"),
         ];
         for (raw, text) in cases {
             assert_eq!(canonical(raw), text, "{raw:?}");
@@ -107,6 +122,26 @@ mod tests {
         assert!(!canonical_eq("a%20b", "a%20b"));
         assert!(!canonical_eq("%61", "%61"));
         assert!(!canonical_eq("a+b", "a+b"));
+        assert!(!canonical_eq("%ff", "%ff"));
+    }
+
+    #[test]
+    fn every_spelling_of_bytes_that_are_not_utf8_has_one_text() {
+        // A client must not get a fresh key by spelling the same bytes
+        // another way: hex digits' case, `+` or `%20`, a letter escaped.
+        let spellings = ["%FF", "%ff", "%Ff"];
+        for raw in spellings {
+            assert_eq!(canonical(raw), "%FF", "{raw:?}");
+            assert!(canonical_eq(raw, "%FF"), "{raw:?}");
+        }
+        let spellings = ["a+%FFb%C3%A9", "a%20%ffb%c3%a9", "%61 %fF%62é"];
+        for raw in spellings {
+            assert_eq!(canonical(raw), "a %FFbé", "{raw:?}");
+            assert!(canonical_eq(raw, "a %FFbé"), "{raw:?}");
+        }
+        // A lone lead byte, then text.
+        assert_eq!(canonical("%E2%82x"), "%E2%82x");
+        assert!(!canonical_eq("%E2%82x", "%e2%82x"));
     }
 
     #[test]

@@ -431,16 +431,7 @@ impl StateStore for MemoryStore {
         limited: Span,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
-        let mark = |marks: Marks| {
-            if limited > Span::ZERO {
-                Marks {
-                    limited_until: marks.limited_until.max(now.plus(limited)),
-                    ..marks
-                }
-            } else {
-                marks
-            }
-        };
+        let mark = |marks: Marks| marks.limited_for_at_least(limited, now);
         let checkout = match checkout {
             Checkout::Held(key, until) => Checkout::Held(key, mark(until)),
             Checkout::Charged(key, until) => Checkout::Charged(key, mark(until)),

@@ -65,6 +65,18 @@ pub struct Marks {
 }
 
 impl Marks {
+    /// These marks with the key limited for at least `limited` from
+    /// `now` ([`Span::ZERO`]: unchanged), as a charge into debt marks it.
+    pub fn limited_for_at_least(self, limited: Span, now: Nanos) -> Marks {
+        if limited == Span::ZERO {
+            return self;
+        }
+        Marks {
+            limited_until: self.limited_until.max(now.plus(limited)),
+            ..self
+        }
+    }
+
     /// Both marks at their later value.
     pub fn max(self, other: Marks) -> Marks {
         Marks {
@@ -300,5 +312,25 @@ pub trait StateStore {
             Saved::Stored => Some((outcome, room)),
             Saved::Conflict => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_mark_only_lengthens() {
+        let marks = Marks {
+            limited_until: Nanos(50),
+            blocked_until: Nanos(70),
+        };
+        assert_eq!(marks.limited_for_at_least(Span::ZERO, Nanos(100)), marks);
+        assert_eq!(marks.limited_for_at_least(Span(10), Nanos(30)), marks);
+        let longer = marks.limited_for_at_least(Span(10), Nanos(100));
+        assert_eq!(longer.limited_until, Nanos(110));
+        assert_eq!(longer.blocked_until, Nanos(70));
+        let end = marks.limited_for_at_least(Span::NEVER, Nanos(100));
+        assert_eq!(end.limited_until, Nanos(u64::MAX));
     }
 }

@@ -575,11 +575,8 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
         limited: Span,
         now: Nanos,
     ) -> Result<Saved, StoreError> {
-        let marks = if version.held && limited > Span::ZERO {
-            Marks {
-                limited_until: version.marks.limited_until.max(now.plus(limited)),
-                ..version.marks
-            }
+        let marks = if version.held {
+            version.marks.limited_for_at_least(limited, now)
         } else {
             version.marks
         };

@@ -345,13 +345,13 @@ impl<B: SharedBytes> Plugin<B> {
         let excluded = status.is_some_and(|s| self.policy.exclude_statuses.contains(s))
             // A trailers-only gRPC response has its status here.
             || excluded_grpc(&self.policy, || host.response_header("grpc-status"));
-        let mut response = Response {
+        Response {
             policy: &self.policy,
             store: &mut self.store,
             metrics: &self.metrics,
             host,
-        };
-        response.conclude(&mut verdict.charges, excluded, Reported::Headers);
+        }
+        .account(&mut verdict.charges, excluded, Reported::Headers);
         // A degraded response tells the client about its limits even when
         // allowed responses do not: it is not the full answer.
         let tells = self.policy.headers_on_allowed || verdict.is_degraded();
@@ -452,13 +452,13 @@ impl<B: SharedBytes> Plugin<B> {
             .filter(|s| !s.answered_locally)
             .and_then(|s| s.verdict.as_mut());
         if let Some(verdict) = verdict {
-            let mut response = Response {
+            Response {
                 policy: &self.policy,
                 store: &mut self.store,
                 metrics: &self.metrics,
                 host,
-            };
-            response.conclude(&mut verdict.charges, excluded, Reported::Trailers);
+            }
+            .account(&mut verdict.charges, excluded, Reported::Trailers);
         }
         let cut = self
             .requests
@@ -537,9 +537,9 @@ struct Response<'a, B, H> {
 }
 
 impl<B: SharedBytes, H: Host> Response<'_, B, H> {
-    /// Ends `charges` with a response seen in `place`: given back if its
-    /// status is excluded, else settled with what the upstream reported.
-    fn conclude(&mut self, charges: &mut Vec<Charge>, excluded: bool, place: Reported) {
+    /// Refunds `charges` if the response's status is `excluded` from
+    /// counting, else charges what the upstream reported in `place`.
+    fn account(&mut self, charges: &mut Vec<Charge>, excluded: bool, place: Reported) {
         if excluded {
             self.refund(charges);
         } else {
