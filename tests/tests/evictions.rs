@@ -196,7 +196,7 @@ async fn a_configuration_over_the_key_memory_budget_is_refused() {
     let expected = "invalid sluice configuration: max_keys: 10000 per-key rules with 100000 keys \
                     each could take";
     assert!(
-        failure.log.contains(expected) && failure.log.contains("set max_keys to at most 219,"),
+        failure.log.contains(expected) && failure.log.contains("set max_keys to at most 216,"),
         "log:\n{}",
         failure.log
     );
