@@ -433,7 +433,7 @@ fn an_allowed_request_of_one_per_ip_rule_with_default_headers() -> Result<(), St
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
-            allocations: 13,
+            allocations: 6,
         }
     );
     Ok(())
@@ -455,7 +455,7 @@ fn an_allowed_request_of_one_per_ip_rule_without_headers() -> Result<(), String>
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
-            allocations: 10,
+            allocations: 5,
         }
     );
     Ok(())
@@ -477,10 +477,10 @@ fn a_limited_request_of_one_per_ip_rule() -> Result<(), String> {
                 ("increment", 1),
                 ("now", 1),
                 ("peer_address", 1),
-                ("request_header", 2),
+                ("request_header", 1),
                 ("shared_get", 1)
             ]),
-            allocations: 30,
+            allocations: 13,
         }
     );
     Ok(())
@@ -521,7 +521,7 @@ fn a_grpc_unary_call_under_a_requests_rule() -> Result<(), String> {
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
-            allocations: 15,
+            allocations: 8,
         }
     );
     Ok(())
