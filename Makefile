@@ -70,6 +70,7 @@ bench-core:
 bench-filter:
 	@$(MAKE) setup
 	@$(MAKE) wasm
+	$(CARGO) build -p sluice-noop-filter --target $(WASM_TARGET) --release
 	$(CARGO) run --release -p sluice-e2e --bin benchfilter
 
 # Loopback only, about 20 s: memory and Redis behind the server, then the

@@ -146,7 +146,14 @@ pub fn render_headers<'a>(
     sets: HeaderSets,
     mut emit: impl FnMut(&'static str, &str),
 ) {
-    let mut value = String::new();
+    // One buffer for every value, sized once: the longest is an IETF field
+    // listing every rule (name, quotes and separators, two numbers).
+    const NUMBERS: usize = 2 * 20 + 12;
+    let longest = rules
+        .clone()
+        .map(|(name, _)| name.len().saturating_add(NUMBERS))
+        .fold(NUMBERS, usize::saturating_add);
+    let mut value = String::with_capacity(longest);
     if !shown.allowed {
         let _ = write!(value, "{}", shown.retry_after_secs());
         emit(names::RETRY_AFTER, &value);

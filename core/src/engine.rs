@@ -184,7 +184,7 @@ pub fn applicable_rules(policy: &Policy, request: &impl Attributes) -> Vec<(usiz
         if group.is_some_and(|g| taken.contains(&g)) || !rule.matcher.matches(request) {
             continue;
         }
-        let mut key = String::new();
+        let mut key = String::with_capacity(KEY_CAPACITY);
         if !rule.key.build(request, &policy.client_ip, &mut key) {
             continue;
         }
@@ -195,6 +195,10 @@ pub fn applicable_rules(policy: &Policy, request: &impl Attributes) -> Vec<(usiz
     }
     out
 }
+
+/// Room reserved for a key as it is built: most keys (an address, a user
+/// id, each with its length prefix) fit, so building one allocates once.
+const KEY_CAPACITY: usize = 48;
 
 /// What a request costs under the rules whose cost it sets (`cost_from`),
 /// by rule position; every other rule takes its own `cost`. Kept with a
@@ -256,11 +260,34 @@ pub fn decide_keys<S: StateStore>(
     now: Nanos,
     waited: Span,
 ) -> Result<Verdict, StoreError> {
+    if let [(rule_index, key)] = keys {
+        // One rule, the common case: no list of claims to build.
+        let claim = claim(policy, *rule_index, key, costs.get(*rule_index));
+        return decide_claims(store, claim.as_slice(), now, waited);
+    }
     let claims = claims(
         policy,
         keys.iter().map(|(i, k)| (*i, k.as_str(), costs.get(*i))),
     );
     decide_claims(store, &claims, now, waited)
+}
+
+/// The claim of the rule at `rule_index` on `key`, at `cost` (`None`: the
+/// rule's own); `None` for an unknown rule.
+fn claim<'a>(
+    policy: &'a Policy,
+    rule_index: usize,
+    key: &'a str,
+    cost: Option<u64>,
+) -> Option<Claim<'a>> {
+    policy.rules.get(rule_index).map(|rule| Claim {
+        slot: Slot {
+            rule_index,
+            rule,
+            key,
+        },
+        cost: cost.unwrap_or(rule.cost),
+    })
 }
 
 /// The claims for `(rule index, key, cost)` triples; `None` takes the
@@ -270,16 +297,7 @@ fn claims<'a>(
     items: impl Iterator<Item = (usize, &'a str, Option<u64>)>,
 ) -> Vec<Claim<'a>> {
     items
-        .filter_map(|(rule_index, key, cost)| {
-            policy.rules.get(rule_index).map(|rule| Claim {
-                slot: Slot {
-                    rule_index,
-                    rule,
-                    key,
-                },
-                cost: cost.unwrap_or(rule.cost),
-            })
-        })
+        .filter_map(|(rule_index, key, cost)| claim(policy, rule_index, key, cost))
         .collect()
 }
 

@@ -1,5 +1,7 @@
 //! HTTP specifics: the request as rules see it, and the 429 reply.
 
+use std::fmt::Write as _;
+
 use sluice_core::client_ip::parse_ip;
 use sluice_core::engine::Verdict;
 use sluice_core::policy::{split_target, HttpRequest, Policy, Protocol};
@@ -119,7 +121,8 @@ pub fn refusal(
     rule_index: usize,
     protocol: Protocol,
 ) -> LocalReply {
-    let mut headers = Vec::new();
+    // Room for every rate-limit header and the content type.
+    let mut headers = Vec::with_capacity(8);
     verdict.headers(policy, |name, value| headers.push((name, value.to_owned())));
     let rule = policy.rules.get(rule_index).map_or("", |r| r.name.as_str());
     let retry_after = verdict.shown(policy).map_or(1, |d| d.retry_after_secs());
@@ -131,15 +134,10 @@ pub fn refusal(
         );
     }
     headers.push(("content-type", "application/json".to_owned()));
-    let body = serde_json::json!({
-        "error": "rate_limited",
-        "rule": rule,
-        "retry_after": retry_after,
-    });
     LocalReply {
         status: 429,
         headers,
-        body: body.to_string().into_bytes(),
+        body: json_body("rate_limited", Some((rule, retry_after))),
         grpc_status: None,
     }
 }
@@ -159,15 +157,13 @@ pub fn unavailable(rule: &str, protocol: Protocol) -> LocalReply {
     }
     let mut headers = headers;
     headers.push(("content-type", "application/json".to_owned()));
-    let body = serde_json::json!({
-        "error": "rate_limit_unavailable",
-        "rule": rule,
-        "retry_after": UNAVAILABLE_RETRY_SECS,
-    });
     LocalReply {
         status: 429,
         headers,
-        body: body.to_string().into_bytes(),
+        body: json_body(
+            "rate_limit_unavailable",
+            Some((rule, UNAVAILABLE_RETRY_SECS)),
+        ),
         grpc_status: None,
     }
 }
@@ -183,11 +179,23 @@ pub fn forbidden(protocol: Protocol) -> LocalReply {
     LocalReply {
         status: 403,
         headers: vec![("content-type", "application/json".to_owned())],
-        body: serde_json::json!({"error": "access_denied"})
-            .to_string()
-            .into_bytes(),
+        body: json_body("access_denied", None),
         grpc_status: None,
     }
+}
+
+/// A refusal's JSON body: `{"error":…}`, with `retry_after` and `rule`
+/// when `limited` by a rule, keys in sorted order. Written directly: the
+/// error codes are constants and rule names (`A-Z a-z 0-9 - _`, checked
+/// by the configuration) need no escaping.
+fn json_body(error: &'static str, limited: Option<(&str, u64)>) -> Vec<u8> {
+    let mut body = String::with_capacity(80);
+    let _ = write!(body, r#"{{"error":"{error}""#);
+    if let Some((rule, retry_after)) = limited {
+        let _ = write!(body, r#","retry_after":{retry_after},"rule":"{rule}""#);
+    }
+    body.push('}');
+    body.into_bytes()
 }
 
 /// A trailers-only gRPC `status` carrying `metadata`.
@@ -214,6 +222,23 @@ mod tests {
         let host = FakeHost::default();
         host.request("GET", target, &[]);
         Ok(fetch_request(&host, &policy, &Needs::of(&policy), false))
+    }
+
+    #[test]
+    fn refusal_bodies_are_the_json_of_their_fields() {
+        let cases = [
+            (
+                json_body("rate_limited", Some(("per-ip_2", 60))),
+                serde_json::json!({"error": "rate_limited", "rule": "per-ip_2", "retry_after": 60}),
+            ),
+            (
+                json_body("access_denied", None),
+                serde_json::json!({"error": "access_denied"}),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(String::from_utf8_lossy(&body), expected.to_string());
+        }
     }
 
     #[test]

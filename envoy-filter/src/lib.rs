@@ -11,6 +11,8 @@
 // Only the raw host calls in `wasm::abi` may be unsafe.
 #![deny(unsafe_code)]
 
+#[cfg(test)]
+mod alloc_count;
 pub mod controls;
 pub mod host;
 pub mod http;

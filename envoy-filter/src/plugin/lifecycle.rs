@@ -2,6 +2,8 @@
 //! rate-limit headers (or refunded) at its response, its stream watched in
 //! its body chunks, and its in-flight permits given back when it ends.
 
+use std::borrow::Cow;
+
 use sluice_core::engine::{self, Charge, Verdict, VerdictKind};
 use sluice_core::policy::{read_amount, Action, Counts, Direction, Policy, Protocol, ReportedIn};
 use sluice_core::store::{SharedBytes, SlotStore};
@@ -14,6 +16,18 @@ use crate::host::Host;
 use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal};
 use crate::metrics::{Metrics, Outcome};
 use crate::stream::{Edit, GrpcStream, WebSocketStream};
+
+/// `items` split into those `first` holds for and the others, in order;
+/// without a copy when they all go one way.
+fn split<T>(items: Vec<T>, first: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
+    if items.iter().all(&first) {
+        (items, Vec::new())
+    } else if !items.iter().any(&first) {
+        (Vec::new(), items)
+    } else {
+        items.into_iter().partition(first)
+    }
+}
 
 /// The stream a request opened, once there is one to watch.
 #[derive(Debug)]
@@ -65,15 +79,16 @@ impl<B: SharedBytes> Plugin<B> {
         }
         let with_ip = self.controls.reads_client_ip();
         let request = fetch_request(host, &self.policy, &self.needs, with_ip);
-        let (keys, stream_keys): (Vec<_>, Vec<_>) =
-            engine::applicable_rules(&self.policy, &request)
-                .into_iter()
-                .partition(|(i, _)| {
-                    self.policy
-                        .rules
-                        .get(*i)
-                        .is_some_and(|r| r.counts.at_request())
-                });
+        let at_request = |i: usize| {
+            self.policy
+                .rules
+                .get(i)
+                .is_some_and(|r| r.counts.at_request())
+        };
+        let (keys, stream_keys) = split(
+            engine::applicable_rules(&self.policy, &request),
+            |(i, _)| at_request(*i),
+        );
         if let Some(step) = self.gate(host, context_id, &request, &keys) {
             return step;
         }
@@ -113,11 +128,14 @@ impl<B: SharedBytes> Plugin<B> {
         now: Nanos,
     ) -> Decided {
         let waited = now.since(request.since);
-        let (mut remote, local): (Vec<_>, Vec<_>) = request
-            .keys
-            .iter()
-            .cloned()
-            .partition(|(i, _)| self.policy.sync_of(*i).is_some());
+        let synced = |i: usize| self.policy.sync_of(i).is_some();
+        // Most requests have local rules only: their keys are used as they are.
+        let (local, mut remote) = if request.keys.iter().any(|(i, _)| synced(*i)) {
+            let (remote, local) = split(request.keys.clone(), |(i, _)| synced(*i));
+            (Cow::Owned(local), remote)
+        } else {
+            (Cow::Borrowed(request.keys.as_slice()), Vec::new())
+        };
         // An unlimited override lifts a synced rule for its key: nothing
         // to ask, nothing counted (as the quota server would answer).
         remote.retain(|(_, key)| !self.controls.is_unlimited(key, now));
@@ -223,7 +241,7 @@ impl<B: SharedBytes> Plugin<B> {
             self.metrics.count(host, protocol, d.rule_index, outcome);
         }
         self.mark_degraded(host, &verdict);
-        let in_flight_permits = verdict
+        let in_flight_permits: Vec<Charge> = verdict
             .charges
             .iter()
             .filter(|c| self.counts(c.rule_index) == Some(Counts::InFlight))
@@ -240,6 +258,14 @@ impl<B: SharedBytes> Plugin<B> {
             (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::default())),
             _ => None,
         };
+        let kept = !in_flight_permits.is_empty()
+            || !gauges.is_empty()
+            || !request.stream_keys.is_empty()
+            || self.response_reads(&verdict);
+        if !kept {
+            // Nothing to do at its response or end: no state to keep.
+            return Wake::Resume;
+        }
         self.requests.insert(
             request.context_id,
             RequestState {
@@ -253,6 +279,25 @@ impl<B: SharedBytes> Plugin<B> {
             },
         );
         Wake::Resume
+    }
+
+    /// Whether the response of a request admitted under `verdict` has work
+    /// to do with it: rate-limit headers to add, or charges to give back
+    /// (statuses excluded from counting) or to settle (usage reported).
+    fn response_reads(&self, verdict: &Verdict) -> bool {
+        let policy = &self.policy;
+        let tells =
+            (policy.headers_on_allowed || verdict.is_degraded()) && !policy.header_sets.is_empty();
+        let excludes = !policy.exclude_statuses.is_empty() || policy.exclude_statuses.has_grpc();
+        let settles = || {
+            verdict.charges.iter().any(|c| {
+                policy
+                    .rules
+                    .get(c.rule_index)
+                    .is_some_and(|r| r.charge.is_some())
+            })
+        };
+        tells || (!verdict.charges.is_empty() && (excludes || settles()))
     }
 
     /// Tells the upstream which rules degraded a request going through
@@ -293,10 +338,18 @@ impl<B: SharedBytes> Plugin<B> {
     }
 
     /// The protocol to answer in: a gRPC call limited by a rule that does
-    /// not look at protocols still needs a gRPC answer.
+    /// not look at protocols still needs a gRPC answer. Only gRPC is
+    /// answered differently, so `upgrade` is read only for a request whose
+    /// `content-type` says gRPC (an upgrade to WebSocket wins over it).
     pub(super) fn answering_protocol(&self, host: &impl Host, protocol: Protocol) -> Protocol {
         match protocol {
-            Protocol::Http if !self.needs.protocol => detect_protocol(host),
+            Protocol::Http if !self.needs.protocol => {
+                let content_type = host.request_header("content-type");
+                match Protocol::detect(content_type.as_deref(), None) {
+                    Protocol::Grpc => detect_protocol(host),
+                    _ => Protocol::Http,
+                }
+            }
             p => p,
         }
     }

@@ -185,13 +185,10 @@ pub fn remove_header(map: Map, name: &str) -> Result<(), Status> {
     check(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
 }
 
-/// A property such as `["source", "address"]`; `Ok(None)` when absent.
-pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
-    let mut encoded = Vec::new();
-    for part in path {
-        encoded.extend_from_slice(part.as_bytes());
-        encoded.push(0);
-    }
+/// A property by its path as the ABI encodes it, each segment followed by
+/// a NUL (`b"source\0address\0"`: written out, so no request builds it);
+/// `Ok(None)` when absent.
+pub fn property(encoded: &[u8]) -> Result<Option<Vec<u8>>, Status> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: the host fills data/size with a buffer it allocated.
     let status =

@@ -52,8 +52,12 @@ type SharedPlugin = Rc<RefCell<Option<Plugin<EnvoyShared>>>>;
 /// Envoy through the raw ABI; host failures are logged, never fatal.
 struct EnvoyHost;
 
+/// The host's bytes as text: in place when they are UTF-8 (as header
+/// values nearly always are), else a lossy copy.
 fn text(bytes: Option<Vec<u8>>) -> Option<String> {
-    bytes.map(|b| String::from_utf8_lossy(&b).into_owned())
+    bytes.map(|b| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
 }
 
 impl Host for EnvoyHost {
@@ -93,7 +97,7 @@ impl Host for EnvoyHost {
         }
     }
     fn peer_address(&self) -> Option<String> {
-        text(abi::property(&["source", "address"]).ok().flatten())
+        text(abi::property(b"source\0address\0").ok().flatten())
     }
     fn response_trailer(&self, name: &str) -> Option<String> {
         text(abi::header(abi::Map::ResponseTrailers, name).ok().flatten())
@@ -202,7 +206,7 @@ impl Host for EnvoyHost {
         abi::dequeue(queue).ok().flatten()
     }
     fn node_id(&self) -> Option<String> {
-        text(abi::property(&["node", "id"]).ok().flatten())
+        text(abi::property(b"node\0id\0").ok().flatten())
     }
 }
 
@@ -216,7 +220,7 @@ fn queue_id(name: &str) -> Option<u32> {
     if now < DEMAND_QUEUE_RETRY_AT.with(Cell::get) {
         return None;
     }
-    let vm_id = text(abi::property(&["plugin_vm_id"]).ok().flatten())
+    let vm_id = text(abi::property(b"plugin_vm_id\0").ok().flatten())
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| DEFAULT_VM_ID.to_owned());
     match abi::resolve_queue(&vm_id, name).ok().flatten() {
@@ -392,7 +396,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let root_id = text(abi::property(&["plugin_root_id"]).ok().flatten());
+        let root_id = text(abi::property(b"plugin_root_id\0").ok().flatten());
         if root_id.as_deref() == Some(SYNC_ROOT_ID) {
             return self.configure_service(&config);
         }

@@ -4,6 +4,8 @@
 //! work), a load generator on loopback. Variants (see [`variants`]):
 //! - `nofilter`: no HTTP filter but the router;
 //! - `native`: Envoy's `local_ratelimit` with a bucket that never empties;
+//! - `noop-wasm`: an empty proxy-wasm filter (`tests/noop-filter`: every
+//!   callback continues), what any proxy-wasm filter costs;
 //! - `sluice`: the Sluice filter with one per-IP token bucket that never
 //!   limits;
 //! - `grpc-nofilter`, `grpc-sluice`: unary `user.UserService/GetUser` calls
@@ -19,9 +21,13 @@
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
 //! Envoy is pinned to CPU 0 and the load generator to CPU 1 (`--no-pin` to
-//! disable). Prints every run, the medians and the ratios
-//! (`filter_vs_nofilter_rps_ratio: X`, `filter_vs_native_rps_ratio: X`,
-//! `grpc_vs_nofilter_rps_ratio: X`, `ws_vs_nofilter_msgs_ratio: X`).
+//! disable). Prints every run, the medians (Envoy's CPU time per request
+//! first: on shared cores requests per second measure the bottleneck as
+//! much as the filter), the ratios of requests per second
+//! (`filter_vs_noop_wasm_rps_ratio: X`, `filter_vs_nofilter_rps_ratio: X`,
+//! `filter_vs_native_rps_ratio: X`, `grpc_vs_nofilter_rps_ratio: X`,
+//! `ws_vs_nofilter_msgs_ratio: X`) and the CPU each filter adds per request
+//! (`filter_over_noop_wasm_cpu_us: X`).
 //!
 //! To add a variant, add a [`Load`] kind with its runner in [`run_load`], a
 //! [`Variant`] in [`variants`], and the [`Ratio`]s to print in [`ratios`].
@@ -43,7 +49,7 @@ use sluice_e2e::routes::with_upstreams;
 use sluice_e2e::upstream::Upstream;
 use sluice_e2e::ws_client::{self, next_message, Upgrade};
 use sluice_e2e::ws_upstream::WsUpstream;
-use sluice_e2e::{find_on_path, wasm_path};
+use sluice_e2e::{find_on_path, target_dir, wasm_path};
 use tokio_tungstenite::tungstenite::Message;
 
 /// How a variant's Envoy is set up.
@@ -51,6 +57,8 @@ use tokio_tungstenite::tungstenite::Message;
 enum Filters {
     None,
     NativeLocalRatelimit,
+    /// The empty proxy-wasm filter.
+    NoopWasm,
     /// Sluice with one per-IP token bucket of 10^9 per second.
     SluiceNeverLimits,
     /// Sluice limiting gRPC calls and messages at 10^9 per second.
@@ -98,6 +106,11 @@ fn variants() -> Vec<Variant> {
             load: http,
         },
         Variant {
+            name: "noop-wasm",
+            filters: Filters::NoopWasm,
+            load: http,
+        },
+        Variant {
             name: "sluice",
             filters: Filters::SluiceNeverLimits,
             load: http,
@@ -127,6 +140,11 @@ fn variants() -> Vec<Variant> {
 
 fn ratios() -> Vec<Ratio> {
     vec![
+        Ratio {
+            label: "filter_vs_noop_wasm_rps_ratio",
+            numerator: "sluice",
+            denominator: "noop-wasm",
+        },
         Ratio {
             label: "filter_vs_nofilter_rps_ratio",
             numerator: "sluice",
@@ -202,11 +220,19 @@ async fn run(options: &Options) -> Result<()> {
     if variants.is_empty() {
         bail!("no variant selected");
     }
+    if variants.iter().any(|v| {
+        !matches!(
+            v.filters,
+            Filters::None | Filters::NativeLocalRatelimit | Filters::NoopWasm
+        )
+    }) {
+        wasm_path()?;
+    }
     if variants
         .iter()
-        .any(|v| !matches!(v.filters, Filters::None | Filters::NativeLocalRatelimit))
+        .any(|v| matches!(v.filters, Filters::NoopWasm))
     {
-        wasm_path()?;
+        noop_wasm_path()?;
     }
     let pin = options.pins();
     println!(
@@ -242,13 +268,13 @@ async fn run(options: &Options) -> Result<()> {
             let variant = variants[index];
             let run = run_variant(&variant, options, pin, &upstreams, round).await?;
             println!(
-                "round {} {:<10} {:>10.0} req/s  {:>9} requests  latency avg {:<9} envoy cpu {:>6.2} us/req{}",
+                "round {} {:<13} envoy cpu {:>6.2} us/req  {:>10.0} req/s  {:>9} requests  latency avg {:<9}{}",
                 round + 1,
                 variant.name,
+                run.cpu_per_request.as_secs_f64() * 1e6,
                 run.rps,
                 run.requests,
                 run.latency,
-                run.cpu_per_request.as_secs_f64() * 1e6,
                 if run.non_2xx > 0 {
                     format!("  NON-2XX: {}", run.non_2xx)
                 } else {
@@ -277,19 +303,24 @@ async fn run(options: &Options) -> Result<()> {
                 .collect(),
         );
         println!(
-            "  {:<10} {:>10.0} req/s  envoy cpu {:>6.2} us/req",
-            variant.name, rps, cpu
+            "  {:<13} envoy cpu {:>6.2} us/req  {:>10.0} req/s",
+            variant.name, cpu, rps
         );
-        medians.push((variant.name, rps));
+        medians.push((variant.name, rps, cpu));
     }
     println!();
+    let find = |name: &str| medians.iter().find(|(n, _, _)| *n == name);
     for ratio in ratios() {
-        let find = |name: &str| medians.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
-        if let (Some(num), Some(den)) = (find(ratio.numerator), find(ratio.denominator)) {
-            if den > 0.0 {
+        if let (Some((_, num, _)), Some((_, den, _))) =
+            (find(ratio.numerator), find(ratio.denominator))
+        {
+            if *den > 0.0 {
                 println!("{}: {:.3}", ratio.label, num / den);
             }
         }
+    }
+    if let (Some((_, _, sluice)), Some((_, _, noop))) = (find("sluice"), find("noop-wasm")) {
+        println!("filter_over_noop_wasm_cpu_us: {:.2}", sluice - noop);
     }
     Ok(())
 }
@@ -322,7 +353,7 @@ async fn run_variant(
     if pin {
         builder = builder.cpu_affinity(&[0]);
     }
-    builder = configure(builder, variant.filters);
+    builder = configure(builder, variant.filters)?;
     let envoy = builder
         .start()
         .await
@@ -357,6 +388,19 @@ async fn run_variant(
     Ok(run)
 }
 
+/// The empty proxy-wasm filter, built by `make bench-filter`.
+fn noop_wasm_path() -> Result<std::path::PathBuf> {
+    let path = target_dir().join("wasm32-wasip1/release/sluice_noop_filter.wasm");
+    if !path.is_file() {
+        bail!(
+            "the empty proxy-wasm filter is not built: {} is missing; run `make bench-filter` \
+             (cargo build -p sluice-noop-filter --target wasm32-wasip1 --release)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A rule that never limits: `count` per second, 10^9 of them.
 fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
     json!({
@@ -368,10 +412,14 @@ fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
     })
 }
 
-fn configure(builder: EnvoyBuilder, filters: Filters) -> EnvoyBuilder {
-    match filters {
+fn configure(builder: EnvoyBuilder, filters: Filters) -> Result<EnvoyBuilder> {
+    Ok(match filters {
         Filters::None => builder,
         Filters::NativeLocalRatelimit => builder.native_local_ratelimit(true),
+        // Any configuration: the empty filter reads none.
+        Filters::NoopWasm => builder
+            .wasm(&noop_wasm_path()?)
+            .sluice(&json!({"rules": []})),
         Filters::SluiceNeverLimits => builder.sluice(&json!({
             "rules": [{
                 "name": "bench-per-ip",
@@ -388,7 +436,7 @@ fn configure(builder: EnvoyBuilder, filters: Filters) -> EnvoyBuilder {
             never_limits("bench-ws-msgs", json!({"websocket": true}), "messages"),
             never_limits("bench-ws-bytes", json!({"websocket": true}), "bytes"),
         ]})),
-    }
+    })
 }
 
 async fn run_load(
