@@ -4,19 +4,25 @@
 //! Labels are bounded: domains and limit names come from the configuration
 //! (and the bounded runtime rules), never from request keys; decisions for
 //! domains the configuration does not know are not recorded. Recording a
-//! decision allocates nothing: the names are shared (`Arc<str>`) with the
-//! limits, and the outcome is an enum.
+//! decision takes no lock and allocates nothing: each limit of the limits
+//! in force has its counters ([`DecisionCounters`], bound when the limits
+//! are put in force), and the storage latency histogram is atomic.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::LabelValueEncoder;
-use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{
+    prometheus_text, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+use crate::limits::Limit;
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -55,6 +61,9 @@ impl Outcome {
     }
 }
 
+/// How many outcomes there are: [`DecisionCounters`] holds one counter each.
+const OUTCOMES: usize = 7;
+
 impl EncodeLabelValue for Outcome {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         encoder.write_str(self.label())
@@ -90,6 +99,111 @@ struct ReloadLabels {
     result: ReloadResult,
 }
 
+/// One limit's `sluice_decisions_total` counters, one per outcome: each is
+/// looked up in the family at its first decision (so a series appears
+/// only once it counts something, and a reload that keeps a limit's
+/// domain and name keeps counting in the same series), then incremented
+/// with one atomic add.
+#[derive(Debug)]
+pub struct DecisionCounters {
+    family: Family<DecisionLabels, Counter>,
+    domain: Arc<str>,
+    rule: Arc<str>,
+    by_outcome: [OnceLock<Counter>; OUTCOMES],
+}
+
+impl DecisionCounters {
+    fn count(&self, outcome: Outcome) {
+        let Some(slot) = self.by_outcome.get(outcome as usize) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.family
+                .get_or_create(&DecisionLabels {
+                    domain: self.domain.clone(),
+                    rule: self.rule.clone(),
+                    outcome,
+                })
+                .clone()
+        })
+        .inc();
+    }
+}
+
+/// The decision counters bound to a limit of the limits in force (none
+/// for a limit built but not yet put in force). Not part of what a limit
+/// is: two limits equal in configuration are equal whatever their
+/// counters.
+#[derive(Clone, Debug, Default)]
+pub struct BoundCounters(pub Option<Arc<DecisionCounters>>);
+
+impl PartialEq for BoundCounters {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for BoundCounters {}
+
+/// A histogram of durations in atomic counters: observing takes no lock
+/// (prometheus-client's `Histogram` takes a mutex per observation).
+#[derive(Clone, Debug, Default)]
+struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    /// Observations per bucket of [`BUCKETS`], not cumulative; the last
+    /// one is above every bound (`+Inf`).
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let index = BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(BUCKETS.len());
+        let cells = &self.0;
+        if let Some(bucket) = cells.buckets.get(index) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        cells.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        cells.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let cells = &self.0;
+        let bounds = BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&cells.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // Relaxed loads while observations go on: the count may differ
+        // from the buckets' total by the observations in flight.
+        let sum = Duration::from_nanos(cells.sum_nanos.load(Ordering::Relaxed)).as_secs_f64();
+        encoder.encode_histogram::<NoLabelSet>(
+            sum,
+            cells.count.load(Ordering::Relaxed),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Upper bounds of the storage latency buckets, in seconds: the Redis
 /// timeout is tens of milliseconds, so the buckets are dense below it.
 const BUCKETS: [f64; 12] = [
@@ -104,7 +218,7 @@ const ACCESS_RULE: &str = "access";
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
-    storage_latency: Histogram,
+    storage_latency: AtomicHistogram,
     storage_errors: Counter,
     fallbacks: Counter,
     reloads: Family<ReloadLabels, Counter>,
@@ -114,7 +228,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let decisions = Family::<DecisionLabels, Counter>::default();
-        let storage_latency = Histogram::new(BUCKETS);
+        let storage_latency = AtomicHistogram::default();
         let storage_errors = Counter::default();
         let fallbacks = Counter::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
@@ -161,8 +275,27 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one decision of `domain`'s limit `rule`.
-    pub fn decision(&self, domain: &Arc<str>, rule: &Arc<str>, outcome: Outcome) {
+    /// The counters of `domain`'s limit named `rule`, for [`Metrics::decision`].
+    pub fn decision_counters(&self, domain: &Arc<str>, rule: &Arc<str>) -> DecisionCounters {
+        DecisionCounters {
+            family: self.decisions.clone(),
+            domain: domain.clone(),
+            rule: rule.clone(),
+            by_outcome: Default::default(),
+        }
+    }
+
+    /// Counts one decision of `domain`'s limit `limit`: through the
+    /// counters bound to it (see [`crate::limits::Limits::bind_metrics`]),
+    /// else through a look-up in the family.
+    pub fn decision(&self, domain: &Arc<str>, limit: &Limit, outcome: Outcome) {
+        match &limit.counters.0 {
+            Some(counters) => counters.count(outcome),
+            None => self.count(domain, &limit.name, outcome),
+        }
+    }
+
+    fn count(&self, domain: &Arc<str>, rule: &Arc<str>, outcome: Outcome) {
         let labels = DecisionLabels {
             domain: domain.clone(),
             rule: rule.clone(),
@@ -179,12 +312,12 @@ impl Metrics {
         } else {
             Outcome::Denied
         };
-        self.decision(domain, &self.access_rule, outcome);
+        self.count(domain, &self.access_rule, outcome);
     }
 
     /// Records how long one storage call took.
     pub fn storage_call(&self, elapsed: Duration) {
-        self.storage_latency.observe(elapsed.as_secs_f64());
+        self.storage_latency.observe(elapsed);
     }
 
     /// Counts a failed storage call; returns how many there were so far.
@@ -228,8 +361,9 @@ mod tests {
     fn renders_counters_and_cumulative_buckets() {
         let m = Metrics::default();
         let (api, rule): (Arc<str>, Arc<str>) = (Arc::from("api"), Arc::from("user \"x\""));
-        m.decision(&api, &rule, Outcome::OverLimit);
-        m.decision(&api, &rule, Outcome::OverLimit);
+        // Once through bound counters, once through the family: one series.
+        m.decision_counters(&api, &rule).count(Outcome::OverLimit);
+        m.count(&api, &rule, Outcome::OverLimit);
         m.access(&api, false);
         m.storage_call(Duration::from_micros(300));
         m.storage_call(Duration::from_secs(2));

@@ -23,11 +23,13 @@ pub struct Shared {
 
 impl Shared {
     /// Starts with `limits`, `controls` and counters in `store`.
-    pub fn new(limits: Limits, controls: Controls, store: Store) -> Shared {
+    pub fn new(mut limits: Limits, controls: Controls, store: Store) -> Shared {
+        let metrics = Metrics::default();
+        limits.bind_metrics(&metrics);
         Shared {
             limits: RwLock::new(Arc::new(limits)),
             controls,
-            metrics: Metrics::default(),
+            metrics,
             store,
         }
     }
@@ -42,7 +44,8 @@ impl Shared {
     }
 
     /// Puts `limits` in force for every later request.
-    pub fn replace(&self, limits: Limits) {
+    pub fn replace(&self, mut limits: Limits) {
+        limits.bind_metrics(&self.metrics);
         *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
     }
 }

@@ -14,6 +14,18 @@
 //!
 //! The ratio divides the server's decisions/s with Redis by the higher of
 //! the two ceilings, so it is never flattered by a slow baseline.
+//!
+//! With the memory backend it also drives the server with `h2load` (an
+//! independent HTTP/2 client, [`H2_CLIENTS`] connections of [`H2_STREAMS`]
+//! streams each, the way Envoy calls a rate limit service), interleaved
+//! round by round with the same `h2load` against the server's gRPC health
+//! check: the health check is the same transport and framing with no
+//! decision behind it, so `quota_memory_vs_health_ratio` is the share of a
+//! call's cost the decision leaves, on this machine in this run. `h2load`
+//! counts HTTP statuses only, and a gRPC error is an HTTP 200 with a
+//! `grpc-status` trailer: so the decisions counted are the server's own
+//! (its `/metrics`), never more than `h2load`'s answered requests, and a
+//! round where they disagree fails the bench.
 
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
@@ -23,13 +35,16 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use prost::Message as _;
 use sluice_quota_server::config::ServerConfig;
 use sluice_quota_server::launcher::Launcher;
 use sluice_quota_server::limits::{Limit, Limits, Resolved};
 use sluice_quota_server::storage::redis::script_call;
 use sluice_quota_server::storage::{Item, RedisBackend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 /// Callers in flight at any time.
@@ -41,13 +56,32 @@ const KEYS: usize = 1000;
 /// gRPC connections the callers share (Envoy opens one per worker).
 const CHANNELS: usize = 4;
 
+/// `h2load` connections (`-c`) and concurrent streams on each (`-m`).
+const H2_CLIENTS: usize = 16;
+/// See [`H2_CLIENTS`].
+const H2_STREAMS: usize = 16;
+/// Interleaved rounds of the `h2load` runs.
+const H2_ROUNDS: usize = 3;
+/// How long each `h2load` run lasts.
+const H2_DURATION: Duration = Duration::from_secs(4);
+
 /// The envoyproxy/ratelimit file every run uses: high enough that nearly
-/// every call is allowed (and so consumes, the expensive path).
+/// every call is allowed (and so consumes, the expensive path). `h2load`
+/// sends one body, so one key: it has its own, higher limit.
 const DESCRIPTORS: &str = "domain: bench
 descriptors:
   - key: remote_address
     rate_limit: {unit: second, requests_per_unit: 100000}
+  - key: h2load
+    rate_limit: {unit: second, requests_per_unit: 100000000}
 ";
+
+/// The rate limit method's path.
+const RLS_PATH: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+/// The gRPC health check's path.
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/Check";
+/// The admin token of the benched server (loopback only, for `/metrics`).
+const ADMIN_TOKEN: &str = "bench";
 
 /// Why a run could not complete.
 #[derive(Debug, thiserror::Error)]
@@ -87,12 +121,17 @@ impl Measured {
     }
 
     fn print(&self, name: &str) {
+        self.print_per(name, "decisions");
+    }
+
+    /// Prints throughput as `what`/s (a health check is no decision).
+    fn print_per(&self, name: &str, what: &str) {
         let p99 = self.p99.map_or_else(
             || "n/a".to_owned(),
             |d| format!("{:.3} ms", d.as_secs_f64() * 1e3),
         );
         println!(
-            "{name}: {:.0} decisions/s, p50 {:.3} ms, p99 {p99}",
+            "{name}: {:.0} {what}/s, p50 {:.3} ms, p99 {p99}",
             self.per_sec,
             self.p50.as_secs_f64() * 1e3,
         );
@@ -140,6 +179,11 @@ async fn run() -> Result<(), BenchError> {
 }
 
 async fn measure_all(dir: &Path) -> Result<(), BenchError> {
+    if which("h2load").is_some() {
+        h2load_memory(dir).await?;
+    } else {
+        println!("quota_memory_h2load: skipped (h2load not on PATH; run `make setup`)");
+    }
     let memory = serve_and_load(dir, "memory", "backend: memory").await?;
     memory.print("quota_memory");
 
@@ -171,7 +215,9 @@ async fn measure_all(dir: &Path) -> Result<(), BenchError> {
 
 fn config(dir: &Path, storage: &str) -> Result<ServerConfig, BenchError> {
     let yaml = format!(
-        "listen: {{grpc: \"127.0.0.1:0\", request_timeout: 1s}}\nstorage:\n  {storage}\ndescriptor_files: [{{path: bench.yaml}}]\n"
+        "listen: {{grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", request_timeout: 1s}}\n\
+         storage:\n  {storage}\ndescriptor_files: [{{path: bench.yaml}}]\n\
+         admin: {{token: {ADMIN_TOKEN}}}\n"
     );
     std::fs::write(dir.join("sluice.yaml"), &yaml)?;
     ServerConfig::from_yaml(&yaml).map_err(|e| BenchError::Setup(e.to_string()))
@@ -212,13 +258,163 @@ async fn serve_and_load(dir: &Path, name: &str, storage: &str) -> Result<Measure
                 }],
                 hits_addend: 1,
             };
-            client.should_rate_limit(request).await?;
-            Ok(())
+            let reply = client.should_rate_limit(request).await?.into_inner();
+            if reply.overall_code == Code::Ok as i32 {
+                Ok(())
+            } else {
+                Err(BenchError::Setup(format!("a call was answered {reply:?}")))
+            }
         }
     })
     .await;
     drop(server);
     measured
+}
+
+/// `h2load` against the memory backend's rate limit method and its
+/// health check, interleaved; prints each one's median round and the ratio.
+async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
+    config(dir, "backend: memory")?;
+    let server = Launcher::new(sluice_binary()?)
+        .log_filter("error")
+        .start_file(&dir.join("sluice.yaml"))
+        .map_err(|e| BenchError::Setup(format!("sluice (memory, h2load): {e}")))?;
+    let admin = server
+        .admin
+        .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
+    let request = RateLimitRequest {
+        domain: "bench".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "h2load".into(),
+                value: "client".into(),
+            }],
+            ..RateLimitDescriptor::default()
+        }],
+        hits_addend: 1,
+    };
+    let rls_body = dir.join("rls.grpc");
+    std::fs::write(&rls_body, grpc_frame(&request.encode_to_vec()))?;
+    let health_body = dir.join("health.grpc");
+    // An empty `HealthCheckRequest` (all services).
+    std::fs::write(&health_body, grpc_frame(&[]))?;
+    println!(
+        "h2load: -c{H2_CLIENTS} -m{H2_STREAMS}, {} s per run, {H2_ROUNDS} interleaved rounds, one port",
+        H2_DURATION.as_secs()
+    );
+    let (mut rls, mut health) = (Vec::new(), Vec::new());
+    for _ in 0..H2_ROUNDS {
+        let before = decisions(admin).await?;
+        let run = h2load(dir, server.grpc, RLS_PATH, &rls_body)?;
+        let decided = decisions(admin).await? - before;
+        // Every answered request must be a decision the server made: a
+        // gRPC error would be an HTTP 200 without one.
+        if decided < run.answered {
+            return Err(BenchError::Setup(format!(
+                "h2load got {} answers but the server made {decided} decisions",
+                run.answered
+            )));
+        }
+        rls.push(run.measured);
+        health.push(h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured);
+    }
+    drop(server);
+    let median = |runs: &mut Vec<Measured>| {
+        runs.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+        runs.swap_remove(runs.len() / 2)
+    };
+    let (rls, health) = (median(&mut rls), median(&mut health));
+    rls.print("quota_memory_h2load");
+    health.print_per("grpc_health_h2load", "calls");
+    println!(
+        "quota_memory_vs_health_ratio: {:.2}",
+        rls.per_sec / health.per_sec
+    );
+    Ok(())
+}
+
+/// A gRPC message frame: uncompressed flag, big-endian length, message.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(message.len()).unwrap_or(u32::MAX);
+    let mut frame = vec![0];
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(message);
+    frame
+}
+
+/// What one `h2load` run answered.
+struct H2Answered {
+    measured: Measured,
+    /// Requests answered with HTTP 200.
+    answered: u64,
+}
+
+/// Runs `h2load` for [`H2_DURATION`] posting `body` to `path`; latencies
+/// from its per-request log.
+fn h2load(
+    dir: &Path,
+    server: std::net::SocketAddr,
+    path: &str,
+    body: &Path,
+) -> Result<H2Answered, BenchError> {
+    let log = dir.join("h2load.log");
+    let output = Command::new("h2load")
+        .args(["-c", &H2_CLIENTS.to_string(), "-m", &H2_STREAMS.to_string()])
+        .args(["-t", "1", "-D", &H2_DURATION.as_secs().to_string()])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(body)
+        .arg(format!("--log-file={}", log.display()))
+        .arg(format!("http://{server}{path}"))
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(BenchError::Setup(format!("h2load failed: {text}")));
+    }
+    // "status codes: 149390 2xx, 0 3xx, 0 4xx, 0 5xx"
+    let answered = text
+        .lines()
+        .find_map(|l| l.strip_prefix("status codes: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| BenchError::Setup(format!("cannot read h2load's output: {text}")))?;
+    // Tab-separated: start (µs since the epoch), status, duration (µs).
+    let mut latencies = Vec::new();
+    let (mut first, mut last) = (u64::MAX, 0);
+    for line in std::fs::read_to_string(&log)?.lines() {
+        let mut columns = line.split('\t').map(|c| c.parse::<u64>().ok());
+        let (Some(Some(start)), Some(Some(status)), Some(Some(micros))) =
+            (columns.next(), columns.next(), columns.next())
+        else {
+            continue;
+        };
+        if status == 200 {
+            latencies.push(Duration::from_micros(micros));
+            first = first.min(start);
+            last = last.max(start + micros);
+        }
+    }
+    let elapsed = Duration::from_micros(last.saturating_sub(first));
+    Ok(H2Answered {
+        measured: Measured::from_latencies(latencies, elapsed),
+        answered,
+    })
+}
+
+/// Decisions the server counted so far (`sluice_decisions_total` of the
+/// bench domain, every outcome), read from its `/metrics`.
+async fn decisions(admin: std::net::SocketAddr) -> Result<u64, BenchError> {
+    let mut stream = tokio::net::TcpStream::connect(admin).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("sluice_decisions_total{domain=\"bench\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
 }
 
 /// The key caller `caller` uses on its `i`-th call: spread over [`KEYS`].

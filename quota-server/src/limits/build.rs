@@ -16,6 +16,7 @@ use crate::config::{
     self, BackendKind, DescriptorConfig, DomainConfig, FailureMode, FallbackConfig, LimitSpec,
     LoadError, Problems, ServerConfig,
 };
+use crate::metrics::BoundCounters;
 
 /// Reads the configuration at `path` and builds its limits; descriptor
 /// files and the TLS CA file are resolved against the file's directory,
@@ -349,6 +350,7 @@ fn make_limit(
         rule,
         replaces,
         key_prefix,
+        counters: BoundCounters::default(),
     }
 }
 

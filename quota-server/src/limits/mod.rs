@@ -23,6 +23,7 @@ pub use build::load;
 use calendar::{Calendar, Window};
 
 use crate::config::FailureMode;
+use crate::metrics::{BoundCounters, Metrics};
 
 /// One limit of the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct Limit {
     /// The calendar of a fixed window following one (a month in a time
     /// zone); its windows replace the quota's period.
     pub calendar: Option<Calendar>,
+    /// Its decision counters once the limits are in force.
+    pub counters: BoundCounters,
 }
 
 impl Limit {
@@ -240,6 +243,40 @@ impl Limits {
                 .map_or(Resolved::NoLimit, Resolved::Limited),
             Some(NodeLimit::None) | None => Resolved::NoLimit,
         }
+    }
+}
+
+impl Limits {
+    /// Binds every limit to its decision counters in `metrics`, so that
+    /// counting a decision is one atomic add (see [`Metrics::decision`]):
+    /// done as the limits are put in force.
+    pub fn bind_metrics(&mut self, metrics: &Metrics) {
+        let mut domain_of: Vec<Option<Arc<str>>> = vec![None; self.limits.len()];
+        for domain in self.domains.values() {
+            let mut ids: Vec<usize> = domain.rules.values().copied().collect();
+            limit_ids(&domain.roots, &mut ids);
+            for id in ids {
+                if let Some(slot) = domain_of.get_mut(id) {
+                    *slot = Some(domain.name.clone());
+                }
+            }
+        }
+        for (limit, domain) in self.limits.iter_mut().zip(domain_of) {
+            if let Some(domain) = domain {
+                let counters = metrics.decision_counters(&domain, &limit.name);
+                limit.counters = BoundCounters(Some(Arc::new(counters)));
+            }
+        }
+    }
+}
+
+/// Appends the ids of the limits of `nodes` and their descendants.
+fn limit_ids(nodes: &[Node], ids: &mut Vec<usize>) {
+    for node in nodes {
+        if let NodeLimit::Limited(id) = node.limit {
+            ids.push(id);
+        }
+        limit_ids(&node.children, ids);
     }
 }
 

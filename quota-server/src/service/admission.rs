@@ -112,9 +112,7 @@ pub async fn decide(
             (Source::Storage, Some(o)) if !o.allowed => MetricOutcome::Shadow,
             (Source::Storage, _) => MetricOutcome::Ok,
         };
-        shared
-            .metrics
-            .decision(&domain.name, &item.limit.name, outcome);
+        shared.metrics.decision(&domain.name, item.limit, outcome);
     }
     decided
 }

@@ -188,7 +188,7 @@ impl Quota for QuotaService {
             }
             self.shared.metrics.decision(
                 &domain.name,
-                &entry.limit.name,
+                entry.limit,
                 lease_outcome(entry, grant, source),
             );
         }

@@ -71,7 +71,7 @@ impl RateLimitService for Rls {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         bounds::rate_limit_request(&request)?;
         if request.domain.is_empty() {
             return Err(Status::invalid_argument(
@@ -105,13 +105,14 @@ impl RateLimitService for Rls {
             )));
         }
 
+        // Moved out of the request (read no further), not copied.
         let entries: Vec<Vec<(String, String)>> = request
             .descriptors
-            .iter()
+            .iter_mut()
             .map(|d| {
-                d.entries
-                    .iter()
-                    .map(|e| (e.key.clone(), e.value.clone()))
+                std::mem::take(&mut d.entries)
+                    .into_iter()
+                    .map(|e| (e.key, e.value))
                     .collect()
             })
             .collect();
