@@ -18,9 +18,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use jiff::ToSpan;
 use sluice_core::algorithm::Outcome;
 use sluice_core::time::{Nanos, Span};
-use sluice_quota_server::config::{
-    BackendKind, DescriptorConfig, DomainConfig, Problems, RateLimitConfig,
-};
+use sluice_quota_server::config::RateLimitConfig;
 use sluice_quota_server::limits::calendar::CalendarUnit;
 use sluice_quota_server::limits::{Limit, Limits};
 use sluice_quota_server::proto::quota_client::QuotaClient;
@@ -40,29 +38,12 @@ fn at(zone: &str, local: &str) -> Nanos {
 
 /// Limits `k0`, `k1`... of domain `t`: `count` per calendar `unit` in `zone`.
 fn limits(cases: &[(CalendarUnit, &str, u64)]) -> Limits {
-    let descriptors = cases
-        .iter()
-        .enumerate()
-        .map(|(i, (unit, zone, count))| DescriptorConfig {
-            key: format!("k{i}"),
-            rate_limit: Some(RateLimitConfig {
-                requests_per_unit: Some(*count),
-                calendar: Some(*unit),
-                time_zone: Some((*zone).into()),
-                ..RateLimitConfig::default()
-            }),
-            ..DescriptorConfig::default()
-        })
-        .collect();
-    let domain = DomainConfig {
-        name: "t".into(),
-        descriptors,
-        ..DomainConfig::default()
-    };
-    let mut problems = Problems::default();
-    let limits = Limits::build(&[("t".into(), domain)], BackendKind::Redis, &mut problems);
-    assert!(problems.is_empty(), "{problems:?}");
-    limits
+    common::domain_limits(cases.iter().map(|(unit, zone, count)| RateLimitConfig {
+        requests_per_unit: Some(*count),
+        calendar: Some(*unit),
+        time_zone: Some((*zone).into()),
+        ..RateLimitConfig::default()
+    }))
 }
 
 fn item<'a>(limit: &'a Limit, cost: u64) -> Item<'a> {

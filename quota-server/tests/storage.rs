@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use common::RedisServer;
 use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::time::{Nanos, Span};
-use sluice_quota_server::config::{
-    BackendKind, DescriptorConfig, DomainConfig, Problems, RateLimitConfig, ServerConfig,
-};
+use sluice_quota_server::config::{RateLimitConfig, ServerConfig};
 use sluice_quota_server::limits::{Limit, Limits};
 use sluice_quota_server::storage::{Item, MemoryBackend, RedisBackend, Store};
 
@@ -25,30 +23,17 @@ const START: Nanos = Nanos(1_795_000_000_000_000_000);
 
 /// Test limits: `(algorithm, count, per, burst)`, domain `t`, keys `k0`, `k1`...
 fn limits(cases: &[(AlgorithmKind, u64, &str, Option<u64>)]) -> Limits {
-    let descriptors = cases
-        .iter()
-        .enumerate()
-        .map(|(i, (algorithm, count, per, burst))| DescriptorConfig {
-            key: format!("k{i}"),
-            rate_limit: Some(RateLimitConfig {
+    common::domain_limits(
+        cases
+            .iter()
+            .map(|(algorithm, count, per, burst)| RateLimitConfig {
                 requests_per_unit: Some(*count),
                 per: Some(sluice_core::config::SpanText::Text((*per).into())),
                 algorithm: Some(*algorithm),
                 burst: *burst,
                 ..RateLimitConfig::default()
             }),
-            ..DescriptorConfig::default()
-        })
-        .collect();
-    let domain = DomainConfig {
-        name: "t".into(),
-        descriptors,
-        ..DomainConfig::default()
-    };
-    let mut problems = Problems::default();
-    let limits = Limits::build(&[("t".into(), domain)], BackendKind::Redis, &mut problems);
-    assert!(problems.is_empty(), "{problems:?}");
-    limits
+    )
 }
 
 fn item<'a>(limit: &'a Limit, key: &str, cost: u64) -> Item<'a> {

@@ -363,32 +363,23 @@ descriptors:
   - {key: f, rate_limit: {unit: month, requests_per_unit: 10000}}
 "#,
         );
-        let rl = |id| current_limit(l.limit(id).unwrap());
-        assert_eq!(
-            (rl(0).requests_per_unit, rl(0).unit),
-            (7, Unit::Minute as i32)
-        );
-        assert_eq!(
-            (rl(1).requests_per_unit, rl(1).unit),
-            (30, Unit::Minute as i32)
-        );
-        assert_eq!(
-            (rl(2).requests_per_unit, rl(2).unit),
-            (6, Unit::Second as i32)
-        );
         // Calendar windows are their unit; `unit: month` is 30 days, also MONTH.
-        assert_eq!(
-            (rl(3).requests_per_unit, rl(3).unit),
-            (10000, Unit::Month as i32)
-        );
-        assert_eq!(
-            (rl(4).requests_per_unit, rl(4).unit),
-            (700, Unit::Week as i32)
-        );
-        assert_eq!(
-            (rl(5).requests_per_unit, rl(5).unit),
-            (10000, Unit::Month as i32)
-        );
+        let expected = [
+            (7, Unit::Minute),
+            (30, Unit::Minute),
+            (6, Unit::Second),
+            (10000, Unit::Month),
+            (700, Unit::Week),
+            (10000, Unit::Month),
+        ];
+        for (id, (count, unit)) in expected.into_iter().enumerate() {
+            let rl = current_limit(l.limit(id).unwrap());
+            assert_eq!(
+                (rl.requests_per_unit, rl.unit),
+                (count, unit as i32),
+                "limit {id}"
+            );
+        }
     }
 
     #[test]

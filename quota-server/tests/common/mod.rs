@@ -180,3 +180,33 @@ fn openssl(args: &[&str], paths: &[(&str, &Path)]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Limits of domain `t` with keys `k0`, `k1`... in the order of `rates`,
+/// built for the Redis backend (whose bounds are the tighter).
+pub fn domain_limits(
+    rates: impl IntoIterator<Item = sluice_quota_server::config::RateLimitConfig>,
+) -> sluice_quota_server::limits::Limits {
+    use sluice_quota_server::config::{BackendKind, DescriptorConfig, DomainConfig, Problems};
+    let descriptors = rates
+        .into_iter()
+        .enumerate()
+        .map(|(i, rate_limit)| DescriptorConfig {
+            key: format!("k{i}"),
+            rate_limit: Some(rate_limit),
+            ..DescriptorConfig::default()
+        })
+        .collect();
+    let domain = DomainConfig {
+        name: "t".into(),
+        descriptors,
+        ..DomainConfig::default()
+    };
+    let mut problems = Problems::default();
+    let limits = sluice_quota_server::limits::Limits::build(
+        &[("t".into(), domain)],
+        BackendKind::Redis,
+        &mut problems,
+    );
+    assert!(problems.is_empty(), "{problems:?}");
+    limits
+}
