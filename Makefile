@@ -16,7 +16,7 @@ help:
 	@echo "make wasm          build the Envoy filter: target/$(WASM_TARGET)/release/sluice_filter.wasm"
 	@echo "make test          setup + lint + wasm + every test (unit, filter natively, end-to-end, demo) + fuzz-smoke"
 	@echo "make test-fresh    make test in a fresh clone of HEAD (what CI sees), in a temporary directory"
-	@echo "make bench         bench-core + bench-filter + bench-quota + bench-global"
+	@echo "make bench         bench-core + bench-filter + bench-quota + bench-global, then a table of the headline figures"
 	@echo "make bench-core    criterion benchmarks of sluice-core"
 	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
 	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling"
@@ -61,7 +61,16 @@ core-no-std:
 	$(CARGO) build -p sluice-core -p sluice-proto --no-default-features --target wasm32-unknown-unknown
 	$(CARGO) build -p sluice-core -p sluice-proto --no-default-features --target $(WASM_TARGET)
 
-bench: bench-core bench-filter bench-quota bench-global
+# Every harness in turn, each log kept under target/bench/, then one table of
+# the headline figures against their targets (scripts/bench-summary.py).
+BENCH_LOGS := target/bench
+bench:
+	@mkdir -p $(BENCH_LOGS)
+	@for part in core filter quota global; do \
+		$(MAKE) bench-$$part 2>&1 | tee $(BENCH_LOGS)/$$part.txt; \
+	done
+	@echo
+	python3 scripts/bench-summary.py $(BENCH_LOGS)/core.txt $(BENCH_LOGS)/filter.txt $(BENCH_LOGS)/quota.txt $(BENCH_LOGS)/global.txt | tee $(BENCH_LOGS)/summary.md
 
 bench-core:
 	$(CARGO) bench -p sluice-core --bench algorithms
