@@ -51,8 +51,8 @@ playground:
 	@$(MAKE) setup
 	CARGO=$(CARGO) bash scripts/playground.sh serve
 
-# The wasm's size, then a million requests through the simulation natively
-# (release build) and in headless Chromium (the page's own wasm).
+# The wasm's size, then the time to simulate a million requests natively
+# (release build; the page runs the same code as wasm).
 bench-playground: playground-build
 	@echo "playground wasm: $$(stat -c %s target/playground/sluice_playground_bg.wasm) bytes (after wasm-bindgen; inlined as base64 in sluice_playground_wasm.js: $$(stat -c %s target/playground/sluice_playground_wasm.js) bytes)"
 	$(CARGO) run --release -p sluice-playground --example bench
