@@ -40,7 +40,10 @@ fn main() {
         assert_eq!(report.total, 1_000_000, "the traffic is a million requests");
     }
     rounds.sort();
-    let shown: Vec<String> = rounds.iter().map(|r| format!("{:.0} ms", r.as_secs_f64() * 1e3)).collect();
+    let shown: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.0} ms", r.as_secs_f64() * 1e3))
+        .collect();
     println!(
         "native (release, one core): 1,000,000 requests generated, simulated and reported in {} (rounds: {})",
         shown[0],
