@@ -15,6 +15,7 @@ help:
 	@echo "make build         build every workspace crate natively"
 	@echo "make wasm          build the Envoy filter: target/$(WASM_TARGET)/release/sluice_filter.wasm"
 	@echo "make playground    build the policy playground (target/playground/) and serve it on 127.0.0.1, printing the URL"
+	@echo "make playground-build  only build it (make test does, for the browser test)"
 	@echo "make bench-playground  the playground's wasm size and the time to simulate 1,000,000 requests"
 	@echo "make test          setup + lint + wasm + every test (unit, filter natively, end-to-end, demo) + fuzz-smoke"
 	@echo "make test-fresh    make test in a fresh clone of HEAD (what CI sees), in a temporary directory"

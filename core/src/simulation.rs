@@ -272,6 +272,14 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
+/// A request as a log line shows it: `GET /path?query`.
+pub fn request_text(request: &HttpRequest) -> String {
+    match request.query.as_str() {
+        "" => alloc::format!("{} {}", request.method, request.path),
+        query => alloc::format!("{} {}?{query}", request.method, request.path),
+    }
+}
+
 /// The verdict's headers as (name, value) pairs, as the filter sends them.
 pub fn headers(policy: &Policy, verdict: &Verdict) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();

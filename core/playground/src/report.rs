@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 use sluice_core::engine::VerdictKind;
-use sluice_core::policy::{HttpRequest, Policy, SyncMode};
+use sluice_core::policy::{Policy, SyncMode};
 use sluice_core::simulation::{self, Decided, Outcome, RuleMode, Tally};
 use sluice_core::store::StoreError;
 use sluice_core::time::Span;
@@ -322,7 +322,7 @@ fn note(mode: RuleMode) -> Option<String> {
 /// One request in detail.
 fn view(policy: &Policy, traffic: &Requests, fate: &Decided, class: Class) -> RequestView {
     let request = traffic.requests.get(fate.request);
-    let what = request.map_or_else(String::new, describe);
+    let what = request.map_or_else(String::new, simulation::request_text);
     let rule_name = |i: usize| {
         policy
             .rules
@@ -383,13 +383,5 @@ fn view(policy: &Policy, traffic: &Requests, fate: &Decided, class: Class) -> Re
         held_ms: fate.held.as_nanos() as f64 / 1e6,
         rules,
         headers,
-    }
-}
-
-/// `GET /path?query`.
-fn describe(request: &HttpRequest) -> String {
-    match request.query.as_str() {
-        "" => format!("{} {}", request.method, request.path),
-        query => format!("{} {}?{query}", request.method, request.path),
     }
 }

@@ -150,10 +150,7 @@ fn write_fate(
     fate: &Decided,
     out: &mut impl Write,
 ) -> std::io::Result<()> {
-    let what = match request.query.as_str() {
-        "" => format!("{} {}", request.method, request.path),
-        query => format!("{} {}?{query}", request.method, request.path),
-    };
+    let what = simulation::request_text(request);
     let line = |outcome: &str, detail: &str| request_line(fate.number, fate.at, outcome, detail);
     let verdict = match &fate.outcome {
         Outcome::AccessAllowed => {
