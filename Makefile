@@ -53,10 +53,11 @@ playground:
 	CARGO=$(CARGO) bash scripts/playground.sh serve
 
 # The wasm's size, then the time to simulate a million requests natively
-# (release build; the page runs the same code as wasm).
+# (release build) and in headless Chromium (the page's wasm).
 bench-playground: playground-build
 	@echo "playground wasm: $$(stat -c %s target/playground/sluice_playground_bg.wasm) bytes (after wasm-bindgen; inlined as base64 in sluice_playground_wasm.js: $$(stat -c %s target/playground/sluice_playground_wasm.js) bytes)"
 	$(CARGO) run --release -p sluice-playground --example bench
+	$(CARGO) run -p sluice-e2e --bin benchplayground
 
 # The filter's unit tests run natively; the end-to-end tests use the wasm
 # built above and run the quota server's binary (built first) and the demo.

@@ -10,249 +10,13 @@
 // Test code: failing means panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-use base64::Engine as _;
-use bytes::Bytes;
-use http_body_util::Full;
 use serde_json::{json, Value};
-use sluice_e2e::client;
-use sluice_e2e::envoy::{die_with_parent, terminate, Envoy};
+use sluice_e2e::browser::Browser;
+use sluice_e2e::envoy::Envoy;
+use sluice_e2e::repo_root;
 use sluice_e2e::upstream::Upstream;
-use sluice_e2e::wait;
 use sluice_playground::report::Report;
 use sluice_playground::Traffic;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A process this test started (it gets SIGTERM should the test die),
-/// stopped by its PID when dropped: SIGTERM, so Chromium ends its own
-/// helpers, then SIGKILL after 5 s.
-struct Started(Child);
-
-impl Started {
-    fn spawn(mut command: Command, what: &str) -> Started {
-        die_with_parent(&mut command);
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what} (make setup installs it): {e}"));
-        Started(child)
-    }
-}
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        terminate(&mut self.0);
-    }
-}
-
-/// A loopback port free a moment ago (for chromedriver, which cannot be
-/// asked to pick one).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding a loopback port")
-        .port()
-}
-
-/// Headless Chromium, and chromedriver attached to it, with one session.
-struct Browser {
-    _chromium: Started,
-    _driver: Started,
-    _profile: tempfile::TempDir,
-    driver: std::net::SocketAddr,
-    session: String,
-}
-
-impl Browser {
-    async fn start() -> Browser {
-        let profile = tempfile::tempdir().expect("a profile directory");
-        let mut chromium = Command::new("chromium");
-        chromium.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--window-size=1200,1500",
-            "--remote-debugging-address=127.0.0.1",
-            "--remote-debugging-port=0",
-        ]);
-        chromium
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank");
-        let chromium = Started::spawn(chromium, "chromium");
-        // Chromium writes the port it chose into the profile.
-        let active = profile.path().join("DevToolsActivePort");
-        let devtools_port =
-            wait::until("chromium's DevTools port", Duration::from_secs(30), || {
-                let active = active.clone();
-                async move {
-                    std::fs::read_to_string(&active)
-                        .ok()
-                        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u16>().ok()))
-                        .ok_or_else(|| "no DevToolsActivePort yet".to_owned())
-                }
-            })
-            .await
-            .unwrap();
-        let port = free_port();
-        let mut driver = Command::new("chromedriver");
-        driver.arg(format!("--port={port}"));
-        let driver_process = Started::spawn(driver, "chromedriver (chromium-driver)");
-        let driver: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-        wait::until("chromedriver", Duration::from_secs(30), || async move {
-            match call(driver, "GET", "/status", None).await {
-                Ok(v) if v["value"]["ready"] == true => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await
-        .unwrap();
-        let capabilities = json!({"capabilities": {"alwaysMatch": {
-            "goog:chromeOptions": {"debuggerAddress": format!("127.0.0.1:{devtools_port}")}
-        }}});
-        let created = call(driver, "POST", "/session", Some(capabilities))
-            .await
-            .expect("a WebDriver session");
-        let session = created["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session: {created}"))
-            .to_owned();
-        Browser {
-            _chromium: chromium,
-            _driver: driver_process,
-            _profile: profile,
-            driver,
-            session,
-        }
-    }
-
-    /// A WebDriver command of this session; its `value`.
-    async fn command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let path = format!("/session/{}{path}", self.session);
-        let reply = call(self.driver, method, &path, body)
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        if reply["value"]["error"].is_string() {
-            panic!("{method} {path}: {}", reply["value"]);
-        }
-        reply["value"].clone()
-    }
-
-    async fn open(&self, url: &str) {
-        self.command("POST", "/url", Some(json!({ "url": url })))
-            .await;
-    }
-
-    /// Runs `script` (a function body) in the page; what it returns.
-    async fn run(&self, script: &str) -> Value {
-        self.command(
-            "POST",
-            "/execute/sync",
-            Some(json!({"script": script, "args": []})),
-        )
-        .await
-    }
-
-    /// The WebDriver id of the element `css` selects.
-    async fn element(&self, css: &str) -> String {
-        let found = self
-            .command(
-                "POST",
-                "/element",
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await;
-        found
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("no element {css}: {found}"))
-            .to_owned()
-    }
-
-    /// Replaces a field's text by typing `text` into it.
-    async fn type_into(&self, css: &str, text: &str) {
-        let id = self.element(css).await;
-        self.command("POST", &format!("/element/{id}/clear"), Some(json!({})))
-            .await;
-        self.command(
-            "POST",
-            &format!("/element/{id}/value"),
-            Some(json!({ "text": text })),
-        )
-        .await;
-    }
-
-    async fn click(&self, css: &str) {
-        let id = self.element(css).await;
-        self.command("POST", &format!("/element/{id}/click"), Some(json!({})))
-            .await;
-    }
-
-    /// Polls `script` until it returns something other than null.
-    async fn until(&self, what: &str, script: &str) -> Value {
-        wait::until(what, Duration::from_secs(20), || async {
-            match self.run(script).await {
-                Value::Null => Err("null".to_owned()),
-                v => Ok(v),
-            }
-        })
-        .await
-        .unwrap()
-    }
-
-    async fn screenshot(&self, path: &Path) {
-        let png = self.command("GET", "/screenshot", None).await;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(png.as_str().expect("base64 PNG"))
-            .expect("base64 PNG");
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, png).unwrap();
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // The processes are killed by PID just after (fields drop after).
-        let (driver, session) = (self.driver, self.session.clone());
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .map(|rt| rt.block_on(call(driver, "DELETE", &format!("/session/{session}"), None)))
-        })
-        .join();
-    }
-}
-
-/// One WebDriver HTTP call to chromedriver at `driver`.
-async fn call(
-    driver: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, String> {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", driver.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let reply = client::send(driver, request)
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    reply.json().map_err(|e| format!("{e:#}"))
-}
 
 /// The engine's answer, run natively.
 fn native(config: &str, traffic: &Traffic) -> Report {
@@ -282,36 +46,41 @@ fn pasted_traffic() -> String {
 
 #[tokio::test]
 async fn the_page_shows_errors_and_the_engines_counts() {
-    let page = workspace().join("target/playground/index.html");
+    let page = repo_root().join("target/playground/index.html");
     assert!(
         page.exists(),
         "{} is missing: run make playground-build",
         page.display()
     );
-    let browser = Browser::start().await;
+    let browser = Browser::start()
+        .await
+        .expect("starting headless Chromium and chromedriver");
     browser
         .open(&format!(
             "file://{}",
             page.canonicalize().unwrap().display()
         ))
-        .await;
+        .await
+        .unwrap();
     browser
         .until(
             "the engine to load",
             "return document.querySelector('#status[data-state=ready]') && true || null",
         )
-        .await;
+        .await
+        .unwrap();
 
     // An error: its path and line appear beside the text.
     let broken =
         "{\"rules\": [\n  {\"name\": \"r\", \"limit\": {\"count\": 5, \"per\": \"soon\"}}\n]}";
-    browser.type_into("#config", broken).await;
+    browser.type_into("#config", broken).await.unwrap();
     let shown = browser
         .until(
             "the error beside the configuration",
             "const e = document.querySelector('#problems li[data-path=\"rules[0].limit.per\"]'); return e && e.textContent",
         )
-        .await;
+        .await
+        .unwrap();
     let shown = shown.as_str().unwrap();
     assert!(
         shown.contains("expected a duration") && shown.contains("line 2"),
@@ -319,17 +88,18 @@ async fn the_page_shows_errors_and_the_engines_counts() {
     );
 
     // A scenario: the plotted counts are the native engine's.
-    browser.type_into("#config", CONFIG).await;
+    browser.type_into("#config", CONFIG).await.unwrap();
     browser
         .until(
             "the configuration to validate",
             "return document.querySelector('#problems.ok') && true || null",
         )
-        .await;
-    browser.run("const k = document.getElementById('traffic-kind'); k.value = 'list'; k.dispatchEvent(new Event('change'));").await;
+        .await
+        .unwrap();
+    browser.run("const k = document.getElementById('traffic-kind'); k.value = 'list'; k.dispatchEvent(new Event('change'));").await.unwrap();
     let text = pasted_traffic();
-    browser.type_into("#list", &text).await;
-    browser.click("#run").await;
+    browser.type_into("#list", &text).await.unwrap();
+    browser.click("#run").await.unwrap();
     let page = browser
         .until(
             "the results",
@@ -343,7 +113,8 @@ async fn the_page_shows_errors_and_the_engines_counts() {
                headers: document.getElementById('headers').textContent,
              };",
         )
-        .await;
+        .await
+        .unwrap();
     let expected = native(CONFIG, &Traffic::List { text });
     let counts = |c: &sluice_playground::report::Counts| json!({"allowed": c.allowed, "delayed": c.delayed, "limited": c.limited});
     assert_eq!(page["total"], expected.total);
@@ -387,14 +158,15 @@ async fn the_page_shows_errors_and_the_engines_counts() {
     );
 
     // The comparison runs every algorithm on the same traffic.
-    browser.click("#compare").await;
+    browser.click("#compare").await.unwrap();
     let compared = browser
         .until(
             "the comparison",
             "const cards = [...document.querySelectorAll('#compared [data-algorithm]')];
              return cards.length ? cards.map((c) => [c.dataset.algorithm, +c.dataset.limited]) : null;",
         )
-        .await;
+        .await
+        .unwrap();
     let native_compared: Vec<Value> = sluice_playground::compare(
         CONFIG,
         &Traffic::List {
@@ -408,23 +180,25 @@ async fn the_page_shows_errors_and_the_engines_counts() {
     assert_eq!(compared, Value::from(native_compared));
 
     // Shared as a URL, the scenario comes back and runs on load.
-    browser.click("#share").await;
-    let url = browser.run("return location.href").await;
+    browser.click("#share").await.unwrap();
+    let url = browser.run("return location.href").await.unwrap();
     let url = url.as_str().unwrap().to_owned();
     assert!(url.contains("#s="), "{url}");
-    browser.open("about:blank").await;
-    browser.open(&url).await;
+    browser.open("about:blank").await.unwrap();
+    browser.open(&url).await.unwrap();
     let restored = browser
         .until(
             "the shared scenario's results",
             "const t = document.getElementById('totals'); return t && +t.dataset.limited",
         )
-        .await;
+        .await
+        .unwrap();
     assert_eq!(restored, expected.totals.limited);
 
     browser
-        .screenshot(&workspace().join("target/playground-test/page.png"))
-        .await;
+        .screenshot(&repo_root().join("target/playground-test/page.png"))
+        .await
+        .unwrap();
 }
 
 /// Requests sent to Envoy in one burst, well inside every rule's hour-long

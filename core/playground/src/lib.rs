@@ -3,6 +3,7 @@
 //! browser with wasm-bindgen. The page (`www/`) calls [`validate_json`],
 //! [`simulate_json`] and [`compare_json`]; each takes and gives JSON text.
 
+pub mod bench;
 pub mod locate;
 pub mod report;
 pub mod traffic;

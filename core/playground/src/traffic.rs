@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sluice_core::policy::HttpRequest;
 use sluice_core::time::Span;
 
@@ -17,7 +17,7 @@ pub const MAX_REQUESTS: u64 = 1_000_000;
 pub const CLIENT_HEADER: &str = "x-client";
 
 /// A scenario's traffic, as the page describes it (JSON).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Traffic {
     /// Clients, each sending with its own shape, for `duration`.
@@ -35,7 +35,7 @@ pub enum Traffic {
 }
 
 /// One client of generated traffic.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Client {
     /// An IP address, or any other name (sent in [`CLIENT_HEADER`]).
@@ -59,7 +59,7 @@ fn default_path() -> String {
 }
 
 /// When a client sends its requests.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Shape {
     /// `rate` requests a second, evenly spaced, from the start.
