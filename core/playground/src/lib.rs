@@ -263,6 +263,24 @@ mod tests {
     }
 
     #[test]
+    fn a_held_request_is_plotted_as_delayed() {
+        let config = r#"{"rules": [{"name": "slow", "key": ["method"], "limit": {"count": 1, "per": "1s"},
+            "action": "delay", "max_delay": "2s", "algorithm": "gcra"}]}"#;
+        let traffic = Traffic::List {
+            text: "0 10.0.0.1 GET /\n0 10.0.0.1 GET /".into(),
+        };
+        let report = simulate(config, &traffic).unwrap();
+        assert_eq!((report.totals.allowed, report.totals.delayed), (1, 1));
+        assert_eq!(report.lanes[0].totals.delayed, 1);
+        assert_eq!(report.rules[0].delayed, 1);
+        let held = &report.requests[1];
+        assert_eq!(
+            (held.class, held.held_ms, held.at_ms),
+            (report::Class::Delayed, 1000.0, 1000.0)
+        );
+    }
+
+    #[test]
     fn a_comparison_runs_every_algorithm_on_the_same_traffic() {
         let runs = compare(CONFIG, &steady(10.0, "3s")).unwrap();
         assert_eq!(runs.len(), COMPARED.len());
