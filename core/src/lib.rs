@@ -20,5 +20,6 @@ pub mod engine;
 pub mod lease;
 pub mod policy;
 pub mod protocol;
+pub mod simulation;
 pub mod store;
 pub mod time;

@@ -20,6 +20,7 @@
 //! - [`fleet`]: several Envoys sharing synced rules through quota servers;
 //!   [`redis`]: a real `redis-server`; [`delay_proxy`]: a TCP proxy that
 //!   delays answers (a slow quota server).
+//! - [`browser`]: headless Chromium over WebDriver (the playground's page).
 //! - [`bench`]: load generation and figures shared by the benchmarks;
 //!   [`windows`]: timed load and admissions per fixed window (`benchglobal`).
 //!
@@ -28,6 +29,7 @@
 //! [`envoy::Envoy`] is dropped (or when `SLUICE_KEEP_LOGS=1`).
 
 pub mod bench;
+pub mod browser;
 pub mod client;
 pub mod delay_proxy;
 pub mod demo;

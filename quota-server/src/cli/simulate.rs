@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 use sluice_core::engine::{decide_claims, Claim};
+use sluice_core::simulation::synthetic_start;
 use sluice_core::store::{MemoryStore, Slot};
-use sluice_core::time::{Nanos, Span};
+use sluice_core::time::Span;
 
 use crate::config::LoadError;
 use crate::limits;
@@ -121,28 +122,6 @@ pub fn simulate(args: &TestArgs) -> Result<String, SimulateError> {
     Ok(out)
 }
 
-/// Where a simulation's synthetic clock starts: at a boundary of every one
-/// of `windows` where it can (else of the longest), so that fixed windows
-/// do not roll over partway by accident.
-pub(super) fn synthetic_start(windows: impl IntoIterator<Item = Span>) -> Nanos {
-    let mut common = Some(1u64);
-    let mut longest = 1u64;
-    for w in windows {
-        let w = w.as_nanos().max(1);
-        longest = longest.max(w);
-        common = common.and_then(|c| c.checked_mul(w / gcd(c, w)));
-    }
-    let boundary = common.unwrap_or(longest);
-    Nanos(boundary.checked_mul(1_000).unwrap_or(boundary))
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
 /// One simulated request's line: its number, its time from the start,
 /// what it got and the details.
 pub(super) fn request_line(number: u64, at: Span, outcome: &str, detail: &str) -> String {
@@ -180,15 +159,5 @@ mod tests {
         .unwrap_err();
         assert!(missing.to_string().contains("\"user\""), "{missing}");
         let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn the_clock_starts_at_every_window_boundary() {
-        let start = synthetic_start([Span::from_secs(60), Span::from_secs(7)]).0;
-        assert_eq!(start % Span::from_secs(420).as_nanos(), 0);
-        assert!(start > 0);
-        // Windows whose common multiple overflows: the longest one's.
-        let odd = [Span(u64::MAX / 3), Span(u64::MAX / 5 + 1)];
-        assert_eq!(synthetic_start(odd).0 % odd[0].as_nanos(), 0);
     }
 }

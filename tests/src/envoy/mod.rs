@@ -41,7 +41,7 @@ mod stats;
 
 pub use builder::EnvoyBuilder;
 pub use config::{plugin_json, ConfigParams, Hosts};
-pub(crate) use os::{die_with_parent, terminate};
+pub use os::{die_with_parent, terminate};
 pub use os::{pin_this_thread, pin_to_cpus, process_cpu_time};
 pub use process::{validate, Envoy, EnvoyFailure, DEFAULT_START_TIMEOUT};
 pub use stats::{find_stat, prometheus_value};

@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context as _, Result};
 /// ends, so a test binary killed mid-run (timeout, Ctrl-C) leaves no Envoy
 /// behind. The harness starts Envoy from the thread that owns it (the test's
 /// thread, or `block_on`'s), which outlives it.
-pub(crate) fn die_with_parent(command: &mut Command) {
+pub fn die_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt as _;
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe.
     unsafe {
@@ -98,7 +98,7 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration> {
 }
 
 /// SIGTERM, up to 5 s for a clean exit (which flushes the log), then SIGKILL.
-pub(crate) fn terminate(process: &mut Child) {
+pub fn terminate(process: &mut Child) {
     if matches!(process.try_wait(), Ok(Some(_))) {
         return;
     }

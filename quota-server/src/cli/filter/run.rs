@@ -1,22 +1,20 @@
-//! `sluice filter simulate`: a traffic script through core's engine, over
-//! the same slot store the filter keeps in Envoy's shared data, on a
-//! simulated clock (core never reads one).
+//! `sluice filter simulate`: a traffic script through core's simulation
+//! (`sluice_core::simulation`: the engine over the same slot store the
+//! filter keeps in Envoy's shared data, on a simulated clock), printed.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
-use sluice_core::access::Access;
 use sluice_core::config::ConfigError;
-use sluice_core::engine::{self, Verdict, VerdictKind};
-use sluice_core::policy::{Attributes, HttpRequest, OnFailure, Policy, SyncMode};
-use sluice_core::store::{InProcessShared, SlotStore, StoreError};
-use sluice_core::time::{Nanos, Span};
+use sluice_core::engine::{Verdict, VerdictKind};
+use sluice_core::policy::{HttpRequest, Policy, SyncMode};
+use sluice_core::simulation::{self, Decided, Outcome, RuleMode, Tally};
+use sluice_core::store::StoreError;
+use sluice_core::time::Span;
 
 use super::script::{self, ScriptError};
 use super::{read_input, read_policy, shown, Format};
-use crate::cli::simulate::{request_line, synthetic_start};
+use crate::cli::simulate::request_line;
 
 /// Why a simulation could not run.
 #[derive(Debug, thiserror::Error)]
@@ -54,21 +52,6 @@ pub enum FilterSimulateError {
     Output(#[from] std::io::Error),
 }
 
-/// How one rule fared over the run.
-#[derive(Clone, Copy, Debug, Default)]
-struct Tally {
-    allowed: u64,
-    delayed: u64,
-    limited: u64,
-    shadow_limited: u64,
-    degraded: u64,
-}
-
-/// A request due to be decided: when, its number in the script, its
-/// script line, and when it was first seen (earlier when a delay rule
-/// holds it).
-type Due = Reverse<(Nanos, u64, usize, Nanos)>;
-
 /// Runs `traffic` through the filter configuration `config`, writing each
 /// request's decision, its headers, and a summary per rule to `out`.
 pub fn simulate(
@@ -92,153 +75,39 @@ pub fn simulate(
         path: shown(traffic),
         source,
     })?;
-    let local = simulated_rules(&policy, out)?;
+    write_notes(&policy, out)?;
 
-    let shared = InProcessShared::default();
-    // The key hash's seed only spreads keys over slots: any fixed one will
-    // do for a run no client can aim at.
-    let mut store = SlotStore::open(&shared, &policy, || Some(0x5eed))?;
-    // As the filter sees each line's request: its client address taken
-    // from the peer or `X-Forwarded-For` as the configuration says.
-    let requests: Vec<HttpRequest> = script
-        .lines
-        .iter()
-        .map(|line| {
-            let mut request = line.request.clone();
-            let forwarded = request.header("x-forwarded-for");
-            let client_ip = policy.client_ip.resolve(request.client_ip, forwarded);
-            request.client_ip = client_ip;
-            request
+    let requests: Vec<HttpRequest> = script.lines.iter().map(|l| l.request.clone()).collect();
+    let arrivals = script.lines.iter().enumerate().flat_map(|(index, line)| {
+        (0..line.count).map(move |i| {
+            let spread = line.every.as_nanos().saturating_mul(i);
+            (Span(line.at.as_nanos().saturating_add(spread)), index)
         })
-        .collect();
-    let start = synthetic_start(policy.rules.iter().map(|r| r.quota.per()));
-    let mut due: BinaryHeap<Due> = BinaryHeap::new();
-    let mut number = 0u64;
-    for (index, line) in script.lines.iter().enumerate() {
-        for i in 0..line.count {
-            number += 1;
-            let at = start
-                .plus(line.at)
-                .plus(Span(line.every.as_nanos().saturating_mul(i)));
-            due.push(Reverse((at, number, index, at)));
-        }
-    }
-
-    // Requests held by delay rules, by (rule, key): new requests queue
-    // behind them, as in the filter.
-    let mut held: HashMap<(usize, String), usize> = HashMap::new();
+    });
     let mut tallies = vec![Tally::default(); policy.rules.len()];
-    let (mut allowed, mut delayed, mut limited, mut denied) = (0u64, 0u64, 0u64, 0u64);
-    while let Some(Reverse((now, number, index, since))) = due.pop() {
-        let Some(request) = requests.get(index) else {
-            continue;
+    let (mut total, mut allowed, mut delayed, mut limited, mut denied) = (0u64, 0, 0, 0, 0);
+    let mut written = Ok(());
+    simulation::run(&policy, &requests, arrivals, |fate| {
+        total += 1;
+        let Some(request) = requests.get(fate.request) else {
+            return;
         };
-        let what = match request.query.as_str() {
-            "" => format!("{} {}", request.method, request.path),
-            query => format!("{} {}?{query}", request.method, request.path),
+        let tally = match &fate.outcome {
+            Outcome::AccessAllowed => (1, 0, 0, 0),
+            Outcome::AccessDenied => (0, 0, 0, 1),
+            Outcome::Decided(v) if v.is_allowed() => (1, u64::from(fate.held > Span::ZERO), 0, 0),
+            Outcome::Decided(_) => (0, 0, 1, 0),
         };
-        // The configuration's access lists, before every rule, as in the
-        // filter (the quota server's lists are not known here).
-        let listed = match policy.access.check(request.client_ip, [], now) {
-            Access::Neutral => None,
-            Access::Allowed => {
-                allowed += 1;
-                Some(("allowed", "(allow-listed: no rule applies)"))
-            }
-            Access::Denied => {
-                denied += 1;
-                Some(("denied", "(deny-listed: 403)"))
-            }
-        };
-        if let Some((outcome, why)) = listed {
-            let detail = format!("{what} {why}");
-            out.write_all(request_line(number, now.since(start), outcome, &detail).as_bytes())?;
-            continue;
+        allowed += tally.0;
+        delayed += tally.1;
+        limited += tally.2;
+        denied += tally.3;
+        Tally::add(&mut tallies, &fate);
+        if written.is_ok() {
+            written = write_fate(&policy, request, &fate, out);
         }
-        let keys: Vec<(usize, String)> = engine::applicable_rules(&policy, request)
-            .into_iter()
-            .filter(|(i, _)| local.get(*i).copied().unwrap_or(false))
-            .collect();
-        let waited = now.since(since);
-        if waited > Span::ZERO {
-            hold(&mut held, &keys, false);
-        }
-        let costs = engine::Costs::of(&policy, request, &keys);
-        let verdict = engine::decide_keys(&policy, &mut store, &keys, &costs, now, waited)?;
-        let verdict = if waited == Span::ZERO {
-            engine::behind_queue(&policy, &mut store, verdict, &keys, now, |i, k| {
-                held.get(&(i, k.to_owned())).copied().unwrap_or(0)
-            })
-        } else {
-            verdict
-        };
-        let held_for = if waited > Span::ZERO {
-            format!(" held {waited}")
-        } else {
-            String::new()
-        };
-        match verdict.kind {
-            VerdictKind::Wait { wait } => {
-                // At least a nanosecond on, so that the clock always moves.
-                let wake = now.plus(wait.max(Span(1)));
-                due.push(Reverse((wake, number, index, since)));
-                hold(&mut held, &keys, true);
-                continue;
-            }
-            VerdictKind::Allowed => {
-                allowed += 1;
-                let names = names(&policy, &verdict);
-                let outcome = if waited > Span::ZERO {
-                    delayed += 1;
-                    "delayed"
-                } else if verdict.is_degraded() {
-                    "degraded"
-                } else {
-                    "allowed"
-                };
-                let detail = format!("{what}{held_for}{names}");
-                out.write_all(request_line(number, now.since(start), outcome, &detail).as_bytes())?;
-                for d in &verdict.decisions {
-                    if let Some(t) = tallies.get_mut(d.rule_index) {
-                        t.allowed += 1;
-                        t.delayed += u64::from(waited > Span::ZERO);
-                        t.shadow_limited += u64::from(d.shadow_limited);
-                        t.degraded += u64::from(d.degraded);
-                    }
-                }
-                if let Some(header) = &policy.degrade_header {
-                    let rules: Vec<&str> = verdict.degraded_by(&policy).collect();
-                    if !rules.is_empty() {
-                        writeln!(out, "       upstream {header}: {}", rules.join(","))?;
-                    }
-                }
-                if policy.headers_on_allowed || verdict.is_degraded() {
-                    write_headers(&policy, &verdict, out)?;
-                }
-            }
-            VerdictKind::Limited { rule_index } => {
-                limited += 1;
-                let rule = policy.rules.get(rule_index);
-                let name = rule.map_or("", |r| r.name.as_str());
-                // Every refusal by a blocking rule starts or serves a block.
-                let blocked = match rule.and_then(|r| r.block_duration) {
-                    Some(_) => verdict
-                        .shown(&policy)
-                        .map(|d| format!(" (blocked, {} left)", d.retry_after))
-                        .unwrap_or_default(),
-                    None => String::new(),
-                };
-                let detail = format!("{what}{held_for} by {name}{blocked}");
-                out.write_all(
-                    request_line(number, now.since(start), "limited", &detail).as_bytes(),
-                )?;
-                if let Some(t) = tallies.get_mut(rule_index) {
-                    t.limited += 1;
-                }
-                write_headers(&policy, &verdict, out)?;
-            }
-        }
-    }
+    })?;
+    written?;
 
     writeln!(out)?;
     for (rule, t) in policy.rules.iter().zip(&tallies) {
@@ -265,7 +134,7 @@ pub fn simulate(
     }
     write!(
         out,
-        "{allowed} of {number} allowed ({delayed} after a delay), {limited} limited"
+        "{allowed} of {total} allowed ({delayed} after a delay), {limited} limited"
     )?;
     if denied > 0 {
         write!(out, ", {denied} denied by the access list")?;
@@ -274,59 +143,100 @@ pub fn simulate(
     Ok(())
 }
 
-/// Counts a request as held on each of its keys (`true`), or as no longer
-/// held.
-fn hold(held: &mut HashMap<(usize, String), usize>, keys: &[(usize, String)], on: bool) {
-    for key in keys {
-        if on {
-            *held.entry(key.clone()).or_default() += 1;
-        } else if let Some(n) = held.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(key);
+/// One request's line, and its headers when the filter sends any.
+fn write_fate(
+    policy: &Policy,
+    request: &HttpRequest,
+    fate: &Decided,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let what = simulation::request_text(request);
+    let line = |outcome: &str, detail: &str| request_line(fate.number, fate.at, outcome, detail);
+    let verdict = match &fate.outcome {
+        Outcome::AccessAllowed => {
+            let detail = format!("{what} (allow-listed: no rule applies)");
+            return out.write_all(line("allowed", &detail).as_bytes());
+        }
+        Outcome::AccessDenied => {
+            let detail = format!("{what} (deny-listed: 403)");
+            return out.write_all(line("denied", &detail).as_bytes());
+        }
+        Outcome::Decided(verdict) => verdict,
+    };
+    let held_for = if fate.held > Span::ZERO {
+        format!(" held {}", fate.held)
+    } else {
+        String::new()
+    };
+    match verdict.kind {
+        VerdictKind::Limited { rule_index } => {
+            let rule = policy.rules.get(rule_index);
+            let name = rule.map_or("", |r| r.name.as_str());
+            // Every refusal by a blocking rule starts or serves a block.
+            let blocked = match rule.and_then(|r| r.block_duration) {
+                Some(_) => verdict
+                    .shown(policy)
+                    .map(|d| format!(" (blocked, {} left)", d.retry_after))
+                    .unwrap_or_default(),
+                None => String::new(),
+            };
+            let detail = format!("{what}{held_for} by {name}{blocked}");
+            out.write_all(line("limited", &detail).as_bytes())?;
+            write_headers(policy, verdict, out)
+        }
+        _ => {
+            let outcome = if fate.held > Span::ZERO {
+                "delayed"
+            } else if verdict.is_degraded() {
+                "degraded"
+            } else {
+                "allowed"
+            };
+            let detail = format!("{what}{held_for}{}", names(policy, verdict));
+            out.write_all(line(outcome, &detail).as_bytes())?;
+            if let Some(header) = &policy.degrade_header {
+                let rules: Vec<&str> = verdict.degraded_by(policy).collect();
+                if !rules.is_empty() {
+                    writeln!(out, "       upstream {header}: {}", rules.join(","))?;
+                }
             }
+            if policy.headers_on_allowed || verdict.is_degraded() {
+                write_headers(policy, verdict, out)?;
+            }
+            Ok(())
         }
     }
 }
 
-/// Which rules the run decides locally, by position; writes a note for
-/// each rule it cannot simulate as the filter would.
-fn simulated_rules(policy: &Policy, out: &mut impl Write) -> std::io::Result<Vec<bool>> {
-    let mut local = Vec::with_capacity(policy.rules.len());
-    for (index, rule) in policy.rules.iter().enumerate() {
+/// Writes a note for each rule the run cannot simulate as the filter would.
+fn write_notes(policy: &Policy, out: &mut impl Write) -> std::io::Result<()> {
+    for (rule, mode) in policy.rules.iter().zip(simulation::rule_modes(policy)) {
         let name = &rule.name;
-        let simulated = if !rule.counts.at_request() {
-            writeln!(
+        let mode_name = |mode| match mode {
+            SyncMode::Exact => "exact",
+            SyncMode::Leased(_) => "leased",
+        };
+        match mode {
+            RuleMode::Local => {}
+            RuleMode::SkippedStreams => writeln!(
                 out,
                 "note: rule {name} counts stream messages or bytes: not simulated"
-            )?;
-            false
-        } else if let Some(sync) = policy.sync_of(index) {
-            let mode = match sync.mode {
-                SyncMode::Exact => "exact",
-                SyncMode::Leased(_) => "leased",
-            };
-            if sync.on_failure == OnFailure::Fallback {
-                writeln!(
-                    out,
-                    "note: rule {name} is synced ({mode}): the quota server decides it for the \
-                     fleet, which cannot be simulated here; simulated with its local fallback limit"
-                )?;
-                true
-            } else {
-                writeln!(
-                    out,
-                    "note: rule {name} is synced ({mode}): the quota server decides it for the \
-                     fleet, which cannot be simulated here, and it has no fallback limit: skipped"
-                )?;
-                false
-            }
-        } else {
-            true
-        };
-        local.push(simulated);
+            )?,
+            RuleMode::Fallback(sync) => writeln!(
+                out,
+                "note: rule {name} is synced ({}): the quota server decides it for the \
+                 fleet, which cannot be simulated here; simulated with its local fallback limit",
+                mode_name(sync)
+            )?,
+            RuleMode::SkippedSynced(sync) => writeln!(
+                out,
+                "note: rule {name} is synced ({}): the quota server decides it for the \
+                 fleet, which cannot be simulated here, and it has no fallback limit: skipped",
+                mode_name(sync)
+            )?,
+        }
     }
-    Ok(local)
+    Ok(())
 }
 
 /// ` (rules: a, b)`: the rules that allowed a request, if any.
@@ -345,13 +255,10 @@ fn names(policy: &Policy, verdict: &Verdict) -> String {
 
 /// The headers the filter sends with this verdict, one a line, indented.
 fn write_headers(policy: &Policy, verdict: &Verdict, out: &mut impl Write) -> std::io::Result<()> {
-    let mut result = Ok(());
-    verdict.headers(policy, |name, value| {
-        if result.is_ok() {
-            result = writeln!(out, "       {name}: {value}");
-        }
-    });
-    result
+    for (name, value) in simulation::headers(policy, verdict) {
+        writeln!(out, "       {name}: {value}")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
