@@ -22,7 +22,7 @@ help:
 	@echo "make bench         bench-core + bench-filter + bench-quota + bench-global, then a table of the headline figures"
 	@echo "make bench-core    criterion benchmarks of sluice-core"
 	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
-	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling"
+	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling; behind Envoy's native rate limit filter"
 	@echo "make bench-global  fleet-wide limits through Envoy: exact and leased modes vs a local rule vs Envoy's global rate limit filter; leased accuracy"
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
 	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 30) each; installs cargo-fuzz if missing"
@@ -103,12 +103,15 @@ bench-filter:
 	$(CARGO) build -p sluice-noop-filter --target $(WASM_TARGET) --release
 	$(CARGO) run --release -p sluice-e2e --bin benchfilter
 
-# Loopback only, about 20 s: memory and Redis behind the server, then the
-# same script straight to Redis (redis-benchmark and the server's client).
+# Loopback only, about 1.5 min: memory and Redis behind the server, then the
+# same script straight to Redis (redis-benchmark and the server's client);
+# then the server behind Envoy's native rate limit filter against the same
+# Envoy without the filter (benchrls).
 bench-quota:
 	@$(MAKE) setup
 	$(CARGO) build --release -p sluice-quota-server --bins
 	$(CARGO) run --release -p sluice-quota-server --bin benchquota
+	$(CARGO) run --release -p sluice-e2e --bin benchrls
 
 # About 2.5 min: one Envoy worker, interleaved rounds, each variant's
 # latency and throughput against the same run's baseline; then leased mode's

@@ -16,7 +16,6 @@ use sluice_e2e::client::{Client, Reply};
 use sluice_e2e::envoy::Envoy;
 use sluice_e2e::redis::Redis;
 use sluice_e2e::sluice_binary;
-use sluice_e2e::template::Vars;
 use sluice_e2e::upstream::Upstream;
 use sluice_quota_server::launcher::{Launcher, QuotaServer};
 
@@ -54,13 +53,7 @@ async fn envoy(
     Envoy::builder(test)
         .instance(instance)
         .upstream(upstream)
-        .template(
-            "envoy/ratelimit-service.template.yaml",
-            Vars::new()
-                .set("QUOTA_PORT", quota.to_string())
-                .set("DOMAIN", domain)
-                .set("FAILURE_MODE_DENY", deny.to_string()),
-        )
+        .rate_limit_service(quota, domain, deny, true)
         .start()
         .await
         .unwrap_or_else(|e| panic!("starting Envoy with the ratelimit filter: {e:#}"))

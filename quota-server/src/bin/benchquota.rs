@@ -25,7 +25,11 @@
 //! counts HTTP statuses only, and a gRPC error is an HTTP 200 with a
 //! `grpc-status` trailer: so the decisions counted are the server's own
 //! (its `/metrics`), never more than `h2load`'s answered requests, and a
-//! round where they disagree fails the bench.
+//! round where they disagree fails the bench. Both are measured twice in
+//! the same interleaved rounds: with the default runtime (one worker per
+//! CPU) and with `listen.worker_threads: 1` (suffix `_1thread`), since on
+//! a small machine shared with the client the hand-offs between threads
+//! can cost more than the second core gives.
 
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
@@ -64,6 +68,9 @@ const H2_STREAMS: usize = 16;
 const H2_ROUNDS: usize = 3;
 /// How long each `h2load` run lasts.
 const H2_DURATION: Duration = Duration::from_secs(4);
+/// The server runtimes the `h2load` runs compare: the name suffix of
+/// their figures and their `listen` settings.
+const H2_RUNTIMES: [(&str, &str); 2] = [("", ""), ("_1thread", ", worker_threads: 1")];
 
 /// The envoyproxy/ratelimit file every run uses: high enough that nearly
 /// every call is allowed (and so consumes, the expensive path). `h2load`
@@ -214,12 +221,23 @@ async fn measure_all(dir: &Path) -> Result<(), BenchError> {
 }
 
 fn config(dir: &Path, storage: &str) -> Result<ServerConfig, BenchError> {
+    config_file(dir, "sluice.yaml", storage, "")
+}
+
+/// Writes the bench's server configuration to `dir/name`, with `listen`
+/// settings `listen_extra` (`, key: value`...) added.
+fn config_file(
+    dir: &Path,
+    name: &str,
+    storage: &str,
+    listen_extra: &str,
+) -> Result<ServerConfig, BenchError> {
     let yaml = format!(
-        "listen: {{grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", request_timeout: 1s}}\n\
+        "listen: {{grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", request_timeout: 1s{listen_extra}}}\n\
          storage:\n  {storage}\ndescriptor_files: [{{path: bench.yaml}}]\n\
          admin: {{token: {ADMIN_TOKEN}}}\n"
     );
-    std::fs::write(dir.join("sluice.yaml"), &yaml)?;
+    std::fs::write(dir.join(name), &yaml)?;
     ServerConfig::from_yaml(&yaml).map_err(|e| BenchError::Setup(e.to_string()))
 }
 
@@ -272,16 +290,22 @@ async fn serve_and_load(dir: &Path, name: &str, storage: &str) -> Result<Measure
 }
 
 /// `h2load` against the memory backend's rate limit method and its
-/// health check, interleaved; prints each one's median round and the ratio.
+/// health check, interleaved, on a server of each of [`H2_RUNTIMES`];
+/// prints each one's median round and the ratio.
 async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
-    config(dir, "backend: memory")?;
-    let server = Launcher::new(sluice_binary()?)
-        .log_filter("error")
-        .start_file(&dir.join("sluice.yaml"))
-        .map_err(|e| BenchError::Setup(format!("sluice (memory, h2load): {e}")))?;
-    let admin = server
-        .admin
-        .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
+    let mut servers = Vec::new();
+    for (suffix, listen) in H2_RUNTIMES {
+        let name = format!("sluice{suffix}.yaml");
+        config_file(dir, &name, "backend: memory", listen)?;
+        let server = Launcher::new(sluice_binary()?)
+            .log_filter("error")
+            .start_file(&dir.join(name))
+            .map_err(|e| BenchError::Setup(format!("sluice (memory{suffix}, h2load): {e}")))?;
+        let admin = server
+            .admin
+            .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
+        servers.push((suffix, server, admin));
+    }
     let request = RateLimitRequest {
         domain: "bench".into(),
         descriptors: vec![RateLimitDescriptor {
@@ -302,34 +326,38 @@ async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
         "h2load: -c{H2_CLIENTS} -m{H2_STREAMS}, {} s per run, {H2_ROUNDS} interleaved rounds, one port",
         H2_DURATION.as_secs()
     );
-    let (mut rls, mut health) = (Vec::new(), Vec::new());
+    let mut runs: Vec<(Vec<Measured>, Vec<Measured>)> =
+        servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
     for _ in 0..H2_ROUNDS {
-        let before = decisions(admin).await?;
-        let run = h2load(dir, server.grpc, RLS_PATH, &rls_body)?;
-        let decided = decisions(admin).await? - before;
-        // Every answered request must be a decision the server made: a
-        // gRPC error would be an HTTP 200 without one.
-        if decided < run.answered {
-            return Err(BenchError::Setup(format!(
-                "h2load got {} answers but the server made {decided} decisions",
-                run.answered
-            )));
+        for ((_, server, admin), (rls, health)) in servers.iter().zip(&mut runs) {
+            let before = decisions(*admin).await?;
+            let run = h2load(dir, server.grpc, RLS_PATH, &rls_body)?;
+            let decided = decisions(*admin).await? - before;
+            // Every answered request must be a decision the server made: a
+            // gRPC error would be an HTTP 200 without one.
+            if decided < run.answered {
+                return Err(BenchError::Setup(format!(
+                    "h2load got {} answers but the server made {decided} decisions",
+                    run.answered
+                )));
+            }
+            rls.push(run.measured);
+            health.push(h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured);
         }
-        rls.push(run.measured);
-        health.push(h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured);
     }
-    drop(server);
     let median = |runs: &mut Vec<Measured>| {
         runs.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
         runs.swap_remove(runs.len() / 2)
     };
-    let (rls, health) = (median(&mut rls), median(&mut health));
-    rls.print("quota_memory_h2load");
-    health.print_per("grpc_health_h2load", "calls");
-    println!(
-        "quota_memory_vs_health_ratio: {:.2}",
-        rls.per_sec / health.per_sec
-    );
+    for ((suffix, _, _), (mut rls, mut health)) in servers.into_iter().zip(runs) {
+        let (rls, health) = (median(&mut rls), median(&mut health));
+        rls.print(&format!("quota_memory_h2load{suffix}"));
+        health.print_per(&format!("grpc_health_h2load{suffix}"), "calls");
+        println!(
+            "quota_memory_vs_health_ratio{suffix}: {:.2}",
+            rls.per_sec / health.per_sec
+        );
+    }
     Ok(())
 }
 

@@ -117,7 +117,15 @@ pub struct ListenConfig {
     /// Without one the gRPC port is open to whoever reaches it. Never printed.
     #[serde(default, skip_serializing)]
     pub grpc_token: Option<String>,
+    /// Threads serving calls: 0 (the default) one per CPU; 1 serves every
+    /// call on one thread, with no hand-off between threads.
+    #[serde(default)]
+    pub worker_threads: u32,
 }
+
+/// Most `listen.worker_threads`: far above any machine's CPUs, so a typo
+/// cannot start thousands of threads.
+pub const MAX_WORKER_THREADS: u32 = 1024;
 
 fn default_grpc() -> String {
     "127.0.0.1:8081".into()
@@ -138,6 +146,7 @@ impl Default for ListenConfig {
             admin: default_admin(),
             request_timeout: default_request_timeout(),
             grpc_token: None,
+            worker_threads: 0,
         }
     }
 }
@@ -401,6 +410,12 @@ impl ServerConfig {
                     format!("{addr:?} is not an address such as \"127.0.0.1:8081\""),
                 );
             }
+        }
+        if self.listen.worker_threads > MAX_WORKER_THREADS {
+            problems.add(
+                "listen.worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS} (0: one per CPU)"),
+            );
         }
         match self.listen.request_timeout.parse() {
             Ok(s) if s >= Span::MILLISECOND => {}

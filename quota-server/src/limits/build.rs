@@ -393,7 +393,7 @@ mod tests {
     fn errors_name_their_fields() {
         let found = errors(
             r#"
-listen: {grpc: "nowhere"}
+listen: {grpc: "nowhere", worker_threads: 5000}
 storage: {backend: redis}
 domains:
   - name: api
@@ -408,6 +408,7 @@ domains:
             found,
             vec![
                 "listen.grpc: \"nowhere\" is not an address such as \"127.0.0.1:8081\"",
+                "listen.worker_threads: must be at most 1024 (0: one per CPU)",
                 "storage.redis: required when backend is redis",
                 "domains[0].descriptors[0].rate_limit.requests_per_unit: must be at least 1",
                 "domains[0].descriptors[1].rate_limit.requests_per_unit: required unless unlimited: true",

@@ -55,20 +55,35 @@ pub async fn serve(
     let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
     let decider = Arc::new(Decider::new(max_keys));
     ready();
-    let token = RequireToken(grpc_token(config).map(Arc::from));
     let quota = QuotaServer::new(QuotaService::new(shared.clone(), decider.clone()))
         .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
-    let quota = InterceptedService::new(quota, token.clone());
     let rls = RateLimitServiceServer::new(Rls::new(shared, decider))
         .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
-    let rls = InterceptedService::new(rls, token);
+    // Without a token the services are added as they are: an interceptor
+    // that lets everything through still takes every call apart and
+    // together again.
+    let (open, guarded) = match grpc_token(config) {
+        None => ((Some(rls), Some(quota)), (None, None)),
+        Some(token) => {
+            let token = RequireToken(Arc::from(token));
+            (
+                (None, None),
+                (
+                    Some(InterceptedService::new(rls, token.clone())),
+                    Some(InterceptedService::new(quota, token)),
+                ),
+            )
+        }
+    };
     let deadline = Duration::from_nanos(config.request_timeout().as_nanos());
     let stopping = Arc::new(tokio::sync::Notify::new());
     let server = Server::builder()
         .timeout(deadline)
         .add_service(health_service)
-        .add_service(rls)
-        .add_service(quota)
+        .add_optional_service(open.0)
+        .add_optional_service(open.1)
+        .add_optional_service(guarded.0)
+        .add_optional_service(guarded.1)
         .serve_with_incoming_shutdown(incoming(listener), {
             let stopping = stopping.clone();
             async move {
@@ -109,15 +124,13 @@ pub fn grpc_token(config: &ServerConfig) -> Option<String> {
 }
 
 /// Refuses rate limit and `Quota` calls without `authorization: Bearer
-/// <token>` metadata when a token is set (health stays open, for probes).
+/// <token>` metadata (health stays open, for probes).
 #[derive(Clone, Debug)]
-struct RequireToken(Option<Arc<str>>);
+struct RequireToken(Arc<str>);
 
 impl Interceptor for RequireToken {
     fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        let Some(expected) = &self.0 else {
-            return Ok(request);
-        };
+        let expected = &self.0;
         let presented = request
             .metadata()
             .get("authorization")

@@ -46,7 +46,6 @@ use serde_json::{json, Value};
 use sluice_e2e::bench::{self, load_average, median, round_order, Options, WrkLoad};
 use sluice_e2e::envoy::{pin_this_thread, process_cpu_time, Envoy};
 use sluice_e2e::fleet::{synced_rule, OnFailure, SyncMode};
-use sluice_e2e::template::Vars;
 use sluice_e2e::upstream::Upstream;
 use sluice_e2e::windows::{admitted_per_window, timed_load};
 use sluice_e2e::{sluice_release_binary, wasm_path};
@@ -528,13 +527,9 @@ async fn start_envoy(
         builder = builder.cpu_affinity(&[0]);
     }
     builder = match variant.setup {
-        Setup::NativeGlobal => builder.template(
-            "envoy/ratelimit-service.template.yaml",
-            Vars::new()
-                .set("QUOTA_PORT", quota.grpc.port().to_string())
-                .set("DOMAIN", RLS_DOMAIN)
-                .set("FAILURE_MODE_DENY", "true"),
-        ),
+        Setup::NativeGlobal => {
+            builder.rate_limit_service(quota.grpc.port(), RLS_DOMAIN, true, true)
+        }
         Setup::Synced(mode) => builder
             .quota_server(quota.grpc.port())
             .sync_service(mode.needs_sync_service()),

@@ -42,6 +42,27 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Renders `envoy/ratelimit-service.template.yaml`: Envoy's native
+    /// global rate limit filter calling the quota server on `quota_port`
+    /// for `domain` (denying when it cannot answer if `failure_mode_deny`);
+    /// with `filter` false, the same configuration without the filter.
+    pub fn rate_limit_service(
+        self,
+        quota_port: u16,
+        domain: &str,
+        failure_mode_deny: bool,
+        filter: bool,
+    ) -> Self {
+        self.template(
+            "envoy/ratelimit-service.template.yaml",
+            Vars::new()
+                .set("QUOTA_PORT", quota_port.to_string())
+                .set("DOMAIN", domain)
+                .set("FAILURE_MODE_DENY", failure_mode_deny.to_string())
+                .section_if("rate_limit_filter", filter),
+        )
+    }
+
     /// Writes Envoy's files (config, log, stdout, stderr) into `dir`, named
     /// after the instance, and keeps them.
     pub fn log_dir(mut self, dir: &Path) -> Self {
