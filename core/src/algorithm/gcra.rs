@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::meter::{div, span, span_ceil};
+use super::meter::{div, span, span_ceil, Divisor};
 use super::{Algorithm, Mode, Outcome, Quota};
 use crate::time::{Nanos, Span};
 
@@ -31,6 +31,8 @@ pub struct Gcra {
     interval_rem: u64,
     /// `τ = burst × T` in scaled units: `burst × per`.
     tolerance: u128,
+    /// Divides by `per`: units to permits.
+    per_divisor: Divisor,
 }
 
 /// Per-key GCRA state: the theoretical arrival time `tat + fraction / count` ns.
@@ -52,6 +54,7 @@ impl Gcra {
             interval_ns: per / count,
             interval_rem: per % count,
             tolerance: u128::from(quota.burst()) * u128::from(per),
+            per_divisor: Divisor::new(per),
         }
     }
 
@@ -92,7 +95,9 @@ impl Gcra {
     /// at the end of time).
     fn push_back(&self, state: &mut GcraState, now: Nanos, cost: u64) -> (u128, u64) {
         let count = self.quota.count();
-        let (ns, fraction) = if self.tat_units(state) >= u128::from(now.0) * u128::from(count) {
+        // The fraction is below `count`, so comparing whole nanoseconds
+        // compares the TATs: no scaled multiplication.
+        let (ns, fraction) = if state.tat >= now {
             (state.tat.0, state.fraction.min(count - 1))
         } else {
             (now.0, 0)
@@ -119,11 +124,16 @@ impl Algorithm for Gcra {
     fn acquire(&self, state: &mut GcraState, now: Nanos, cost: u64, mode: Mode) -> Outcome {
         let count = self.quota.count();
         let per = u128::from(self.quota.per().as_nanos());
-        let tat = self.tat_units(state);
-        let now_units = u128::from(now.0) * u128::from(count);
         // How far the TAT is ahead of now: the bucket's spent level (beyond
-        // τ, a debt).
-        let ahead = tat.saturating_sub(now_units);
+        // τ, a debt). `TAT − now` in scaled units, with one multiplication;
+        // a TAT behind now is nothing ahead, as its fraction is below one
+        // nanosecond.
+        let ahead = match state.tat.0.checked_sub(now.0) {
+            Some(ns) => {
+                u128::from(ns) * u128::from(count) + u128::from(state.fraction.min(count - 1))
+            }
+            None => 0,
+        };
         let wanted = u128::from(cost) * per;
         let after = if cost <= self.quota.burst() {
             ahead.checked_add(wanted).filter(|&a| a <= self.tolerance)
@@ -133,8 +143,11 @@ impl Algorithm for Gcra {
         let Some(after) = after else {
             return Outcome {
                 allowed: false,
-                remaining: u64::try_from(div(self.tolerance.saturating_sub(ahead), per))
-                    .unwrap_or(u64::MAX),
+                remaining: u64::try_from(
+                    self.per_divisor
+                        .divide(self.tolerance.saturating_sub(ahead)),
+                )
+                .unwrap_or(u64::MAX),
                 reset_after: span_ceil(ahead, count),
                 retry_after: if cost > self.quota.burst() {
                     Span::NEVER
@@ -152,7 +165,8 @@ impl Algorithm for Gcra {
         };
         Outcome {
             allowed: true,
-            remaining: u64::try_from(div(self.tolerance - after, per)).unwrap_or(u64::MAX),
+            remaining: u64::try_from(self.per_divisor.divide(self.tolerance - after))
+                .unwrap_or(u64::MAX),
             reset_after,
             retry_after: Span::ZERO,
         }
