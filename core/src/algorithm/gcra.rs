@@ -33,6 +33,8 @@ pub struct Gcra {
     tolerance: u128,
     /// Divides by `per`: units to permits.
     per_divisor: Divisor,
+    /// Divides by `count`: units to nanoseconds.
+    count_divisor: Divisor,
 }
 
 /// Per-key GCRA state: the theoretical arrival time `tat + fraction / count` ns.
@@ -55,6 +57,7 @@ impl Gcra {
             interval_rem: per % count,
             tolerance: u128::from(quota.burst()) * u128::from(per),
             per_divisor: Divisor::new(per),
+            count_divisor: Divisor::new(count),
         }
     }
 
@@ -91,9 +94,8 @@ impl Gcra {
 }
 
 impl Gcra {
-    /// `TAT ← max(TAT, now) + cost·T`: the new TAT, also stored (saturated
-    /// at the end of time).
-    fn push_back(&self, state: &mut GcraState, now: Nanos, cost: u64) -> (u128, u64) {
+    /// `TAT ← max(TAT, now) + cost·T`, saturated at the end of time.
+    fn push_back(&self, state: &mut GcraState, now: Nanos, cost: u64) {
         let count = self.quota.count();
         // The fraction is below `count`, so comparing whole nanoseconds
         // compares the TATs: no scaled multiplication.
@@ -103,6 +105,11 @@ impl Gcra {
             (now.0, 0)
         };
         let (ns, fraction) = self.advance(ns, fraction, cost);
+        self.set_tat(state, ns, fraction);
+    }
+
+    /// Stores the TAT `ns + fraction / count` (`fraction < count`).
+    fn set_tat(&self, state: &mut GcraState, ns: u128, fraction: u64) {
         match u64::try_from(ns) {
             Ok(ns) => {
                 state.tat = Nanos(ns);
@@ -111,10 +118,9 @@ impl Gcra {
             // Past the end of time: keep the latest representable TAT.
             Err(_) => {
                 state.tat = Nanos(u64::MAX);
-                state.fraction = count - 1;
+                state.fraction = self.quota.count() - 1;
             }
         }
-        (ns, fraction)
     }
 }
 
@@ -158,8 +164,12 @@ impl Algorithm for Gcra {
             };
         };
         let reset_after = if mode == Mode::Consume && cost > 0 {
-            let (ns, fraction) = self.push_back(state, now, cost);
-            span(ns - u128::from(now.0) + u128::from(fraction != 0))
+            // TAT ← max(TAT, now) + cost·T, which is now + `after` units:
+            // split into whole nanoseconds and a fraction below `count`.
+            let whole = self.count_divisor.divide(after);
+            let fraction = u64::try_from(after - whole * u128::from(count)).unwrap_or(0);
+            self.set_tat(state, u128::from(now.0) + whole, fraction);
+            span(whole + u128::from(fraction != 0))
         } else {
             span_ceil(after, count)
         };

@@ -23,18 +23,20 @@ pub(super) fn div(a: u128, b: u128) -> u128 {
 }
 
 /// Division by a divisor fixed when a limiter is built, as a multiplication
-/// and a shift: the hot path divides by the quota's period on every
-/// decision, and a hardware division costs tens of cycles.
+/// and shifts: the hot path divides by the quota's period and count on
+/// every decision, and a hardware division costs tens of cycles.
 ///
 /// With `k = ceil(log2 d)` and `m = ceil(2^(63+k) / d)` (below 2^64),
 /// `floor(n·m / 2^(63+k)) = floor(n / d)` for every `n < 2^63`: the error
 /// `e = m·d − 2^(63+k)` is below `d ≤ 2^k`, so `n·e < 2^(63+k)` and the
 /// product overshoots `n / d` by less than `1 / d`, never reaching the
-/// next multiple. Larger numerators divide in hardware.
+/// next multiple. `n·m / 2^(63+k)` is the high word of `2n·m` shifted
+/// right by `k`. Larger numerators divide in hardware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Divisor {
     divisor: u64,
     multiplier: u64,
+    /// `k`, up to 64.
     shift: u32,
 }
 
@@ -46,24 +48,27 @@ impl Divisor {
     pub(super) fn new(divisor: u64) -> Divisor {
         let divisor = divisor.max(1);
         let k = u64::BITS - (divisor - 1).leading_zeros();
-        let shift = 63 + k;
-        // 2^shift + d - 1 < 2^128 since shift ≤ 127; the quotient is below 2^64.
-        let multiplier = ((1u128 << shift) + u128::from(divisor) - 1) / u128::from(divisor);
+        // 2^(63+k) + d - 1 < 2^128 since k ≤ 64; the quotient is below 2^64.
+        let multiplier = ((1u128 << (63 + k)) + u128::from(divisor) - 1) / u128::from(divisor);
         Divisor {
             divisor,
             multiplier: u64::try_from(multiplier).unwrap_or(u64::MAX),
-            shift,
+            shift: k,
         }
     }
 
     /// `n / d`, rounded down.
     #[inline]
     pub(super) fn divide(&self, n: u128) -> u128 {
-        if n < Self::FAST_BELOW {
-            // Both factors below 2^64 and n below 2^63: no overflow.
-            (n * u128::from(self.multiplier)) >> self.shift
-        } else {
-            div(n, u128::from(self.divisor))
+        match u64::try_from(n) {
+            Ok(n) if u128::from(n) < Self::FAST_BELOW => {
+                // 2n fits in 64 bits; the product's high word, shifted by
+                // k (a shift by 64, for d above 2^63, gives 0 = n / d).
+                let high = (u128::from(2 * n) * u128::from(self.multiplier)) >> 64;
+                let high = u64::try_from(high).unwrap_or(u64::MAX);
+                u128::from(high.checked_shr(self.shift).unwrap_or(0))
+            }
+            _ => div(n, u128::from(self.divisor)),
         }
     }
 }
@@ -299,7 +304,16 @@ mod tests {
         for d in divisors.into_iter().chain(random) {
             let d = d.max(1);
             let divisor = Divisor::new(d);
-            let edges = [0, 1, d - 1, d, d.saturating_add(1), (1 << 63) - 1, 1 << 63, u64::MAX];
+            let edges = [
+                0,
+                1,
+                d - 1,
+                d,
+                d.saturating_add(1),
+                (1 << 63) - 1,
+                1 << 63,
+                u64::MAX,
+            ];
             let mut numerators: Vec<u128> = edges.into_iter().map(u128::from).collect();
             numerators.extend([u128::MAX, u128::from(u64::MAX) * 3]);
             numerators.extend((0..200).map(|_| u128::from(next())));
