@@ -48,8 +48,8 @@ impl Divisor {
     pub(super) fn new(divisor: u64) -> Divisor {
         let divisor = divisor.max(1);
         let k = u64::BITS - (divisor - 1).leading_zeros();
-        // 2^(63+k) + d - 1 < 2^128 since k ≤ 64; the quotient is below 2^64.
-        let multiplier = ((1u128 << (63 + k)) + u128::from(divisor) - 1) / u128::from(divisor);
+        // 2^(63+k) fits since k ≤ 64; the quotient is below 2^64.
+        let multiplier = (1u128 << (63 + k)).div_ceil(u128::from(divisor));
         Divisor {
             divisor,
             multiplier: u64::try_from(multiplier).unwrap_or(u64::MAX),
