@@ -16,8 +16,9 @@
 //! - `hot_key_denied` (for information): one key, 1 per hour; after the
 //!   first call every call is denied.
 //!
-//! After each benchmark one more call checks the expected decision, that
-//! nothing was evicted (`max_keys` is 2,000,000) and, for `distinct_1m`,
+//! Every call's decision is checked against the expected one (counted
+//! in the timed loop, asserted after it); after each benchmark one more
+//! call checks that nothing was evicted (`max_keys` is 2,000,000) and, for `distinct_1m`,
 //! that every key is held.
 //!
 //! # Time: the fairest setup
@@ -48,26 +49,47 @@
 //!   one-step keyed decision, which the engine uses for a single rule; for
 //!   `MemoryStore` it is [`MemoryStore::acquire`]: one hash lookup and the
 //!   check on the state in place.
-//! - `governor_keyed_fake_clock`: `check_key(&String)` on governor's keyed
-//!   limiter with its default store (`DashMap`) and default hasher
-//!   (`RandomState`, SipHash-1-3). `_foldhash` gives governor's map the
-//!   hasher Sluice's map uses (hashbrown's default, foldhash), to separate
-//!   hashing from the rest.
+//! - `governor_keyed_fake_clock_foldhash`: `check_key(&String)` on
+//!   governor's keyed limiter with its default store (`DashMap`), given
+//!   the hasher Sluice's `MemoryStore` uses (hashbrown's default,
+//!   foldhash). `_siphash` (for information) keeps governor's default
+//!   hasher (`RandomState`, SipHash-1-3), which a governor user gets.
 //! - `governor_direct_*` (for information): the non-keyed limiter, `check()`.
 //!
-//! Governor implements GCRA only; the headline ratio is
-//! `hot_key/sluice_inplace/gcra` over `hot_key/governor_keyed_fake_clock`
-//! (criterion medians); the checkout path's ratio is printed beside it.
+//! Production paths (for information, hot key, GCRA):
+//!
+//! - `sluice_engine_slot_store/gcra`: what the Envoy filter runs per
+//!   request: `engine::decide_keys` over a [`SlotStore`], whose
+//!   `StateStore::check` reads the key's slot, decodes it, decides and
+//!   writes it back by compare-and-swap. The shared bytes are
+//!   [`InProcessShared`], the in-process double of Envoy's shared data: a
+//!   map that copies the value on every get and set, where Envoy makes a
+//!   host call.
+//! - `sluice_engine_sharded_mutex/gcra`: the quota server's in-memory
+//!   path as core sees it: the key's shard picked by SipHash (the
+//!   server's `RandomState`), that shard's `Mutex<MemoryStore>` locked
+//!   (uncontended) and `engine::decide_claims` over it. Without the
+//!   server's request parsing and reply.
+//!
+//! # The headline: the same work on both sides
+//!
+//! Governor implements GCRA only; `core_vs_governor_ratio` is
+//! `hot_key/sluice_inplace/gcra` over
+//! `hot_key/governor_keyed_fake_clock_foldhash` (criterion medians): both
+//! hash the same `String` key with foldhash, look it up in a hash map,
+//! take one GCRA step on the same simulated time and answer allowed or
+//! denied; every answer is checked against the expected one (a wrong
+//! answer fails the bench). The checkout path's ratio and the SipHash
+//! governor's are printed beside it, for information.
 //!
 //! # Not the same thing
 //!
 //! Governor's keyed store is concurrent: a sharded `DashMap` (a shard read
 //! lock) and an atomic compare-and-swap per call, usable from many threads
 //! at once through `&self`. Sluice's `MemoryStore` is single-owner (`&mut
-//! self`, no synchronisation); the quota server puts one behind a mutex
-//! (not measured here). The Envoy filter does not use it: its workers share
-//! counters through a `SlotStore` over Envoy's shared data (compare-and-swap
-//! per write, also not measured here). Everything runs on
+//! self`, no synchronisation); the quota server shards it behind mutexes
+//! (`sluice_engine_sharded_mutex`), and the Envoy filter shares counters
+//! through a `SlotStore` (`sluice_engine_slot_store`). Everything runs on
 //! one thread, so governor's synchronisation is uncontended but still
 //! paid. Sluice's `Outcome` also carries more (remaining, reset and retry
 //! times) than governor's `Result`.
@@ -75,8 +97,10 @@
 // Benchmark setup: a failure to build the fixture should abort loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::hash::{BuildHasher, RandomState};
 use std::hint::black_box;
 use std::num::NonZeroU32;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
@@ -88,13 +112,18 @@ use governor::{Quota as GovQuota, RateLimiter};
 use sluice_core::algorithm::AlgorithmKind;
 use sluice_core::engine;
 use sluice_core::policy::{Policy, Rule};
-use sluice_core::store::{MemoryStore, Slot, StateStore};
+use sluice_core::store::{InProcessShared, MemoryStore, Slot, SlotStore, StateStore};
 use sluice_core::time::{Nanos, Span};
 
 /// Distinct keys in the `distinct_1m` workload.
 const DISTINCT_KEYS: usize = 1_000_000;
-/// Per-rule key bound: above `DISTINCT_KEYS`, so nothing is evicted.
+/// Per-rule key bound of the `MemoryStore`s: above `DISTINCT_KEYS`, so
+/// nothing is evicted.
 const MAX_KEYS: usize = 2 * DISTINCT_KEYS;
+/// The policies' `max_keys`, which sizes only the hot-key `SlotStore`
+/// table: config bounds it by what a `SlotStore` in shared data could
+/// take, which the sliding log's large state would exceed at `MAX_KEYS`.
+const POLICY_MAX_KEYS: usize = 1000;
 /// Calls between two ticks of the simulated clock (a power of two).
 const CALLS_PER_TICK: u64 = 1024;
 const _: () = assert!(CALLS_PER_TICK.is_power_of_two());
@@ -111,16 +140,38 @@ struct Workload<'k> {
     next: usize,
     calls: u64,
     now: Nanos,
+    /// The decision every call must get.
+    expect_allowed: bool,
+    /// Calls that got another decision.
+    wrong: u64,
 }
 
 impl<'k> Workload<'k> {
-    fn new(keys: &'k [String]) -> Self {
+    fn new(keys: &'k [String], expect: Expect) -> Self {
         Workload {
             keys,
             next: 0,
             calls: 0,
             now: SLUICE_EPOCH,
+            expect_allowed: expect == Expect::Allowed,
+            wrong: 0,
         }
+    }
+
+    /// Counts a decision that is not the expected one.
+    #[inline(always)]
+    fn tally(&mut self, allowed: bool) -> bool {
+        self.wrong += u64::from(allowed != self.expect_allowed);
+        allowed
+    }
+
+    /// Fails the bench if any call got an unexpected decision.
+    fn assert_all_expected(&self, id: &str) {
+        assert_eq!(
+            self.wrong, 0,
+            "{id}: {} of {} calls decided wrongly",
+            self.wrong, self.calls
+        );
     }
 
     /// The next key and time; `true` when the clock ticked on this call.
@@ -164,7 +215,7 @@ struct Case<'k> {
 fn policy(kind: AlgorithmKind, limit: &str) -> Policy {
     let json = format!(
         r#"{{"rules": [{{"name": "bench", "limit": {limit}, "algorithm": "{}"}}],
-            "max_keys": {MAX_KEYS}}}"#,
+            "max_keys": {POLICY_MAX_KEYS}}}"#,
         kind.name()
     );
     Policy::from_json(&json).expect("bench policy is valid")
@@ -201,13 +252,42 @@ fn inplace(store: &mut MemoryStore, rule: &Rule, key: &str, now: Nanos) -> bool 
     matches!(StateStore::check(store, slot, 1, now), Ok(Some((o, _))) if o.allowed)
 }
 
-fn check_after(case: &Case<'_>, id: &str, store: &MemoryStore, last: bool) {
-    assert_eq!(
-        last,
-        case.expect == Expect::Allowed,
-        "{}/{id}: unexpected decision",
-        case.group
-    );
+/// Untimed calls before measuring: every key once for a prefilled case
+/// (the steady state), else one call (a denied case's first call is its
+/// only allowed one). Then the count of wrong decisions starts over.
+fn prime<'k>(
+    case: &Case<'_>,
+    w: &mut Workload<'k>,
+    mut call: impl FnMut(&mut Workload<'k>) -> bool,
+) {
+    let calls = if case.prefill { case.keys.len() } else { 1 };
+    for _ in 0..calls {
+        call(w);
+    }
+    w.wrong = 0;
+}
+
+/// Measures `call` as `id`, checking every decision it makes.
+fn measure<'k>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    case: &Case<'k>,
+    id: &str,
+    mut call: impl FnMut(&mut Workload<'k>) -> bool,
+) {
+    let mut w = Workload::new(case.keys, case.expect);
+    prime(case, &mut w, &mut call);
+    g.bench_function(id, |b| {
+        b.iter(|| {
+            let allowed = call(&mut w);
+            black_box(w.tally(allowed))
+        })
+    });
+    let allowed = call(&mut w);
+    w.tally(allowed);
+    w.assert_all_expected(&format!("{}/{id}", case.group));
+}
+
+fn check_store(case: &Case<'_>, id: &str, store: &MemoryStore) {
     assert_eq!(
         store.evictions().live + store.evictions().fresh,
         0,
@@ -229,43 +309,21 @@ fn sluice_rows(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
         let rule = &policy.rules[0];
 
         let id = format!("sluice_checkout/{}", kind.name());
-        let mut store = MemoryStore::new(policy.max_keys);
-        let mut w = Workload::new(case.keys);
-        if case.prefill {
-            for _ in 0..case.keys.len() {
-                let (key, now, _) = w.step();
-                checkout(&mut store, rule, key, now);
-            }
-        }
-        g.bench_function(&id, |b| {
-            b.iter(|| {
-                let (key, now, _) = w.step();
-                black_box(checkout(&mut store, rule, black_box(key), now))
-            })
+        let mut store = MemoryStore::new(MAX_KEYS);
+        measure(g, case, &id, |w| {
+            let (key, now, _) = w.step();
+            checkout(&mut store, rule, black_box(key), now)
         });
-        let (key, now, _) = w.step();
-        let last = checkout(&mut store, rule, key, now);
-        check_after(case, &id, &store, last);
+        check_store(case, &id, &store);
         drop(store);
 
         let id = format!("sluice_inplace/{}", kind.name());
-        let mut store = MemoryStore::new(policy.max_keys);
-        let mut w = Workload::new(case.keys);
-        if case.prefill {
-            for _ in 0..case.keys.len() {
-                let (key, now, _) = w.step();
-                inplace(&mut store, rule, key, now);
-            }
-        }
-        g.bench_function(&id, |b| {
-            b.iter(|| {
-                let (key, now, _) = w.step();
-                black_box(inplace(&mut store, rule, black_box(key), now))
-            })
+        let mut store = MemoryStore::new(MAX_KEYS);
+        measure(g, case, &id, |w| {
+            let (key, now, _) = w.step();
+            inplace(&mut store, rule, black_box(key), now)
         });
-        let (key, now, _) = w.step();
-        let last = inplace(&mut store, rule, key, now);
-        check_after(case, &id, &store, last);
+        check_store(case, &id, &store);
     }
 }
 
@@ -276,7 +334,7 @@ fn governor_keyed_fake<S>(
     id: &str,
     hasher: S,
 ) where
-    S: std::hash::BuildHasher + Default + Clone,
+    S: BuildHasher + Default + Clone,
 {
     let clock = FakeRelativeClock::default();
     let limiter: RateLimiter<
@@ -286,22 +344,13 @@ fn governor_keyed_fake<S>(
         NoOpMiddleware<<FakeRelativeClock as Clock>::Instant>,
     > = RateLimiter::dashmap_with_clock_and_hasher(case.governor, clock.clone(), hasher);
     let tick = Duration::from_nanos(TICK.as_nanos());
-    let mut w = Workload::new(case.keys);
-    let call = |w: &mut Workload<'_>| {
+    measure(g, case, id, |w| {
         let (key, _, ticked) = w.step();
         if ticked {
             clock.advance(tick);
         }
         limiter.check_key(black_box(key)).is_ok()
-    };
-    if case.prefill {
-        for _ in 0..case.keys.len() {
-            call(&mut w);
-        }
-    }
-    g.bench_function(id, |b| b.iter(|| black_box(call(&mut w))));
-    let last = call(&mut w);
-    assert_eq!(last, case.expect == Expect::Allowed, "{}/{id}", case.group);
+    });
     if case.prefill {
         assert_eq!(limiter.len(), case.keys.len(), "{id}: keys held");
     }
@@ -312,74 +361,120 @@ fn governor_direct_fake(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
     let clock = FakeRelativeClock::default();
     let limiter = RateLimiter::direct_with_clock(case.governor, clock.clone());
     let tick = Duration::from_nanos(TICK.as_nanos());
-    let mut w = Workload::new(case.keys);
-    let call = |w: &mut Workload<'_>| {
+    measure(g, case, "governor_direct_fake_clock", |w| {
         let (_, _, ticked) = w.step();
         if ticked {
             clock.advance(tick);
         }
         limiter.check().is_ok()
-    };
-    g.bench_function("governor_direct_fake_clock", |b| {
-        b.iter(|| black_box(call(&mut w)))
     });
-    assert_eq!(call(&mut w), case.expect == Expect::Allowed);
 }
 
 /// Governor with its default clock (`QuantaClock`), keyed and direct: for information.
 fn governor_quanta(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
     let keyed = RateLimiter::keyed(case.governor);
-    let mut w = Workload::new(case.keys);
-    g.bench_function("governor_keyed_quanta_clock", |b| {
-        b.iter(|| {
-            let (key, _, _) = w.step();
-            black_box(keyed.check_key(black_box(key)).is_ok())
-        })
+    measure(g, case, "governor_keyed_quanta_clock", |w| {
+        let (key, _, _) = w.step();
+        keyed.check_key(black_box(key)).is_ok()
     });
-    assert_eq!(
-        keyed.check_key(&case.keys[0]).is_ok(),
-        case.expect == Expect::Allowed
-    );
-
     let direct = RateLimiter::direct(case.governor);
-    let mut w = Workload::new(case.keys);
-    g.bench_function("governor_direct_quanta_clock", |b| {
-        b.iter(|| {
-            let _ = w.step();
-            black_box(direct.check().is_ok())
-        })
+    measure(g, case, "governor_direct_quanta_clock", |w| {
+        let _ = w.step();
+        direct.check().is_ok()
     });
-    assert_eq!(direct.check().is_ok(), case.expect == Expect::Allowed);
 }
 
-/// The whole engine decision for one rule on the hot key (information).
+/// The whole engine decision for one rule on the hot key over a
+/// single-owner `MemoryStore` (information).
 fn sluice_engine(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
     let policy = policy(AlgorithmKind::Gcra, case.limit);
     let keys = [(0usize, case.keys[0].clone())];
     let costs = engine::Costs::default();
-    let mut store = MemoryStore::new(policy.max_keys);
-    let mut w = Workload::new(case.keys);
-    g.bench_function("sluice_engine/gcra", |b| {
-        b.iter(|| {
-            let (_, now, _) = w.step();
-            let verdict = engine::decide_keys(
-                &policy,
-                &mut store,
-                black_box(&keys),
-                &costs,
-                now,
-                Span::ZERO,
-            );
-            black_box(verdict.map(|v| v.is_allowed()).unwrap_or(false))
-        })
+    let mut store = MemoryStore::new(MAX_KEYS);
+    measure(g, case, "sluice_engine/gcra", |w| {
+        let (_, now, _) = w.step();
+        let verdict = engine::decide_keys(
+            &policy,
+            &mut store,
+            black_box(&keys),
+            &costs,
+            now,
+            Span::ZERO,
+        );
+        verdict.unwrap().is_allowed()
     });
-    let (_, now, _) = w.step();
-    let verdict = engine::decide_keys(&policy, &mut store, &keys, &costs, now, Span::ZERO).unwrap();
-    assert_eq!(verdict.is_allowed(), case.expect == Expect::Allowed);
+}
+
+/// The Envoy filter's path: the engine over a `SlotStore` on the
+/// in-process double of Envoy's shared data (see the module doc).
+fn sluice_engine_slot_store(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
+    let policy = policy(AlgorithmKind::Gcra, case.limit);
+    let keys = [(0usize, case.keys[0].clone())];
+    let costs = engine::Costs::default();
+    let shared = InProcessShared::default();
+    let seed = 0x5eed_u64;
+    let mut store = SlotStore::open(&shared, &policy, || Some(seed)).unwrap();
+    measure(g, case, "sluice_engine_slot_store/gcra", |w| {
+        let (_, now, _) = w.step();
+        let verdict = engine::decide_keys(
+            &policy,
+            &mut store,
+            black_box(&keys),
+            &costs,
+            now,
+            Span::ZERO,
+        );
+        verdict.unwrap().is_allowed()
+    });
+}
+
+/// The quota server's in-memory path: a SipHash-picked shard's
+/// `Mutex<MemoryStore>` and the engine over it (see the module doc).
+fn sluice_engine_sharded_mutex(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
+    /// The shard count the server picks on a 2-core machine (4 per core).
+    const SHARDS: usize = 8;
+    let policy = policy(AlgorithmKind::Gcra, case.limit);
+    let rule = &policy.rules[0];
+    let shards: Vec<Mutex<MemoryStore>> = (0..SHARDS)
+        .map(|_| Mutex::new(MemoryStore::new(MAX_KEYS / SHARDS)))
+        .collect();
+    let hasher = RandomState::new();
+    measure(g, case, "sluice_engine_sharded_mutex/gcra", |w| {
+        let (key, now, _) = w.step();
+        let key = black_box(key.as_str());
+        let shard = (hasher.hash_one(key) % SHARDS as u64) as usize;
+        let mut store = shards[shard].lock().unwrap();
+        let claim = engine::Claim {
+            slot: Slot {
+                rule_index: 0,
+                rule,
+                key,
+            },
+            cost: rule.cost,
+        };
+        let verdict = engine::decide_claims(&mut *store, &[claim], now, Span::ZERO);
+        verdict.unwrap().is_allowed()
+    });
 }
 
 fn big_governor_quota() -> GovQuota {
     GovQuota::per_second(NonZeroU32::new(BIG_COUNT).unwrap())
+}
+
+/// Governor keyed with Sluice's hasher (the fair pair) and with its own.
+fn governor_rows(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
+    governor_keyed_fake(
+        g,
+        case,
+        "governor_keyed_fake_clock_foldhash",
+        hashbrown::DefaultHashBuilder::default(),
+    );
+    governor_keyed_fake(
+        g,
+        case,
+        "governor_keyed_fake_clock_siphash",
+        RandomState::new(),
+    );
 }
 
 fn benches(c: &mut Criterion) {
@@ -403,18 +498,9 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group(hot_case.group);
     sluice_rows(&mut g, &hot_case);
     sluice_engine(&mut g, &hot_case);
-    governor_keyed_fake(
-        &mut g,
-        &hot_case,
-        "governor_keyed_fake_clock",
-        std::hash::RandomState::new(),
-    );
-    governor_keyed_fake(
-        &mut g,
-        &hot_case,
-        "governor_keyed_fake_clock_foldhash",
-        hashbrown::DefaultHashBuilder::default(),
-    );
+    sluice_engine_slot_store(&mut g, &hot_case);
+    sluice_engine_sharded_mutex(&mut g, &hot_case);
+    governor_rows(&mut g, &hot_case);
     governor_direct_fake(&mut g, &hot_case);
     governor_quanta(&mut g, &hot_case);
     g.finish();
@@ -430,18 +516,7 @@ fn benches(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group(distinct_case.group);
     sluice_rows(&mut g, &distinct_case);
-    governor_keyed_fake(
-        &mut g,
-        &distinct_case,
-        "governor_keyed_fake_clock",
-        std::hash::RandomState::new(),
-    );
-    governor_keyed_fake(
-        &mut g,
-        &distinct_case,
-        "governor_keyed_fake_clock_foldhash",
-        hashbrown::DefaultHashBuilder::default(),
-    );
+    governor_rows(&mut g, &distinct_case);
     g.finish();
 
     let denied_case = Case {
@@ -455,18 +530,13 @@ fn benches(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group(denied_case.group);
     sluice_rows(&mut g, &denied_case);
-    governor_keyed_fake(
-        &mut g,
-        &denied_case,
-        "governor_keyed_fake_clock",
-        std::hash::RandomState::new(),
-    );
+    governor_rows(&mut g, &denied_case);
     governor_direct_fake(&mut g, &denied_case);
     g.finish();
 }
 
 fn config() -> Criterion {
-    // ~45 benchmarks: about 2 s each keeps the run near 2 minutes on 2 cores.
+    // ~50 benchmarks: about 2 s each keeps the run near 2 minutes on 2 cores.
     Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(400))

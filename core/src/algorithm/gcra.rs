@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::meter::{div, span, span_ceil};
+use super::meter::{div, span, span_ceil, Divisor};
 use super::{Algorithm, Mode, Outcome, Quota};
 use crate::time::{Nanos, Span};
 
@@ -31,6 +31,10 @@ pub struct Gcra {
     interval_rem: u64,
     /// `τ = burst × T` in scaled units: `burst × per`.
     tolerance: u128,
+    /// Divides by `per`: units to permits.
+    per_divisor: Divisor,
+    /// Divides by `count`: units to nanoseconds.
+    count_divisor: Divisor,
 }
 
 /// Per-key GCRA state: the theoretical arrival time `tat + fraction / count` ns.
@@ -52,6 +56,8 @@ impl Gcra {
             interval_ns: per / count,
             interval_rem: per % count,
             tolerance: u128::from(quota.burst()) * u128::from(per),
+            per_divisor: Divisor::new(per),
+            count_divisor: Divisor::new(count),
         }
     }
 
@@ -88,16 +94,22 @@ impl Gcra {
 }
 
 impl Gcra {
-    /// `TAT ← max(TAT, now) + cost·T`: the new TAT, also stored (saturated
-    /// at the end of time).
-    fn push_back(&self, state: &mut GcraState, now: Nanos, cost: u64) -> (u128, u64) {
+    /// `TAT ← max(TAT, now) + cost·T`, saturated at the end of time.
+    fn push_back(&self, state: &mut GcraState, now: Nanos, cost: u64) {
         let count = self.quota.count();
-        let (ns, fraction) = if self.tat_units(state) >= u128::from(now.0) * u128::from(count) {
+        // The fraction is below `count`, so comparing whole nanoseconds
+        // compares the TATs: no scaled multiplication.
+        let (ns, fraction) = if state.tat >= now {
             (state.tat.0, state.fraction.min(count - 1))
         } else {
             (now.0, 0)
         };
         let (ns, fraction) = self.advance(ns, fraction, cost);
+        self.set_tat(state, ns, fraction);
+    }
+
+    /// Stores the TAT `ns + fraction / count` (`fraction < count`).
+    fn set_tat(&self, state: &mut GcraState, ns: u128, fraction: u64) {
         match u64::try_from(ns) {
             Ok(ns) => {
                 state.tat = Nanos(ns);
@@ -106,10 +118,9 @@ impl Gcra {
             // Past the end of time: keep the latest representable TAT.
             Err(_) => {
                 state.tat = Nanos(u64::MAX);
-                state.fraction = count - 1;
+                state.fraction = self.quota.count() - 1;
             }
         }
-        (ns, fraction)
     }
 }
 
@@ -119,11 +130,16 @@ impl Algorithm for Gcra {
     fn acquire(&self, state: &mut GcraState, now: Nanos, cost: u64, mode: Mode) -> Outcome {
         let count = self.quota.count();
         let per = u128::from(self.quota.per().as_nanos());
-        let tat = self.tat_units(state);
-        let now_units = u128::from(now.0) * u128::from(count);
         // How far the TAT is ahead of now: the bucket's spent level (beyond
-        // τ, a debt).
-        let ahead = tat.saturating_sub(now_units);
+        // τ, a debt). `TAT − now` in scaled units, with one multiplication;
+        // a TAT behind now is nothing ahead, as its fraction is below one
+        // nanosecond.
+        let ahead = match state.tat.0.checked_sub(now.0) {
+            Some(ns) => {
+                u128::from(ns) * u128::from(count) + u128::from(state.fraction.min(count - 1))
+            }
+            None => 0,
+        };
         let wanted = u128::from(cost) * per;
         let after = if cost <= self.quota.burst() {
             ahead.checked_add(wanted).filter(|&a| a <= self.tolerance)
@@ -133,8 +149,11 @@ impl Algorithm for Gcra {
         let Some(after) = after else {
             return Outcome {
                 allowed: false,
-                remaining: u64::try_from(div(self.tolerance.saturating_sub(ahead), per))
-                    .unwrap_or(u64::MAX),
+                remaining: u64::try_from(
+                    self.per_divisor
+                        .divide(self.tolerance.saturating_sub(ahead)),
+                )
+                .unwrap_or(u64::MAX),
                 reset_after: span_ceil(ahead, count),
                 retry_after: if cost > self.quota.burst() {
                     Span::NEVER
@@ -145,14 +164,19 @@ impl Algorithm for Gcra {
             };
         };
         let reset_after = if mode == Mode::Consume && cost > 0 {
-            let (ns, fraction) = self.push_back(state, now, cost);
-            span(ns - u128::from(now.0) + u128::from(fraction != 0))
+            // TAT ← max(TAT, now) + cost·T, which is now + `after` units:
+            // split into whole nanoseconds and a fraction below `count`.
+            let whole = self.count_divisor.divide(after);
+            let fraction = u64::try_from(after - whole * u128::from(count)).unwrap_or(0);
+            self.set_tat(state, u128::from(now.0) + whole, fraction);
+            span(whole + u128::from(fraction != 0))
         } else {
             span_ceil(after, count)
         };
         Outcome {
             allowed: true,
-            remaining: u64::try_from(div(self.tolerance - after, per)).unwrap_or(u64::MAX),
+            remaining: u64::try_from(self.per_divisor.divide(self.tolerance - after))
+                .unwrap_or(u64::MAX),
             reset_after,
             retry_after: Span::ZERO,
         }

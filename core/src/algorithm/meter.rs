@@ -22,6 +22,57 @@ pub(super) fn div(a: u128, b: u128) -> u128 {
     }
 }
 
+/// Division by a divisor fixed when a limiter is built, as a multiplication
+/// and shifts: the hot path divides by the quota's period and count on
+/// every decision, and a hardware division costs tens of cycles.
+///
+/// With `k = ceil(log2 d)` and `m = ceil(2^(63+k) / d)` (below 2^64),
+/// `floor(n·m / 2^(63+k)) = floor(n / d)` for every `n < 2^63`: the error
+/// `e = m·d − 2^(63+k)` is below `d ≤ 2^k`, so `n·e < 2^(63+k)` and the
+/// product overshoots `n / d` by less than `1 / d`, never reaching the
+/// next multiple. `n·m / 2^(63+k)` is the high word of `2n·m` shifted
+/// right by `k`. Larger numerators divide in hardware.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Divisor {
+    divisor: u64,
+    multiplier: u64,
+    /// `k`, up to 64.
+    shift: u32,
+}
+
+impl Divisor {
+    /// Numerators below this are divided by multiplication.
+    const FAST_BELOW: u128 = 1 << 63;
+
+    /// The divisor `d` (at least 1).
+    pub(super) fn new(divisor: u64) -> Divisor {
+        let divisor = divisor.max(1);
+        let k = u64::BITS - (divisor - 1).leading_zeros();
+        // 2^(63+k) fits since k ≤ 64; the quotient is below 2^64.
+        let multiplier = (1u128 << (63 + k)).div_ceil(u128::from(divisor));
+        Divisor {
+            divisor,
+            multiplier: u64::try_from(multiplier).unwrap_or(u64::MAX),
+            shift: k,
+        }
+    }
+
+    /// `n / d`, rounded down.
+    #[inline]
+    pub(super) fn divide(&self, n: u128) -> u128 {
+        match u64::try_from(n) {
+            Ok(n) if u128::from(n) < Self::FAST_BELOW => {
+                // 2n fits in 64 bits; the product's high word, shifted by
+                // k (a shift by 64, for d above 2^63, gives 0 = n / d).
+                let high = (u128::from(2 * n) * u128::from(self.multiplier)) >> 64;
+                let high = u64::try_from(high).unwrap_or(u64::MAX);
+                u128::from(high.checked_shr(self.shift).unwrap_or(0))
+            }
+            _ => div(n, u128::from(self.divisor)),
+        }
+    }
+}
+
 /// `ceil(units / per_ns)` nanoseconds, saturating at [`Span::NEVER`].
 #[inline]
 pub(super) fn span_ceil(units: u128, per_ns: u64) -> Span {
@@ -200,6 +251,8 @@ fn free_permits(burst: u64, whole: u64, frac: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use alloc::vec::Vec;
+
     use super::*;
 
     fn bucket(count: u64, per_ns: u64, burst: Option<u64>) -> Bucket {
@@ -216,6 +269,63 @@ mod tests {
         assert_eq!(div(u128::MAX, 0), u128::MAX);
         assert_eq!(div(u128::MAX, 1), u128::MAX);
         assert_eq!(div(10, 3), 3);
+    }
+
+    #[test]
+    fn divisor_matches_hardware_division() {
+        let divisors = [
+            1,
+            2,
+            3,
+            7,
+            10,
+            1_000_000,
+            1_000_000_000,
+            3_000_000_000,
+            (1 << 32) - 1,
+            1 << 32,
+            (1 << 32) + 1,
+            (1 << 63) - 1,
+            1 << 63,
+            (1 << 63) + 1,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        // Random values of every magnitude: xorshift, shifted right by its
+        // own low bits.
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed >> (seed % 64)
+        };
+        let random: Vec<u64> = (0..200).map(|_| next()).collect();
+        for d in divisors.into_iter().chain(random) {
+            let d = d.max(1);
+            let divisor = Divisor::new(d);
+            let edges = [
+                0,
+                1,
+                d - 1,
+                d,
+                d.saturating_add(1),
+                (1 << 63) - 1,
+                1 << 63,
+                u64::MAX,
+            ];
+            let mut numerators: Vec<u128> = edges.into_iter().map(u128::from).collect();
+            numerators.extend([u128::MAX, u128::from(u64::MAX) * 3]);
+            numerators.extend((0..200).map(|_| u128::from(next())));
+            // Multiples of d and their neighbours, where rounding bites.
+            for _ in 0..50 {
+                let m = u128::from(d) * u128::from(next());
+                numerators.extend([m.saturating_sub(1), m, m + 1]);
+            }
+            for n in numerators {
+                assert_eq!(divisor.divide(n), n / u128::from(d), "{n} / {d}");
+            }
+        }
     }
 
     #[test]

@@ -203,12 +203,21 @@ impl MemoryStore {
         (outcome, room)
     }
 
+    /// The partition of the rule at `rule_index`, created on first use.
+    #[inline]
     fn partition(&mut self, rule_index: usize) -> &mut Partition {
         if self.partitions.len() <= rule_index {
-            self.partitions
-                .resize_with(rule_index + 1, Partition::default);
+            self.add_partitions(rule_index);
         }
         &mut self.partitions[rule_index]
+    }
+
+    /// Out of line: once per rule, so the lookup above stays small.
+    #[cold]
+    #[inline(never)]
+    fn add_partitions(&mut self, rule_index: usize) {
+        self.partitions
+            .resize_with(rule_index + 1, Partition::default);
     }
 
     /// Where a new key goes: its own entry if there is or can be made
