@@ -578,8 +578,21 @@ local function refund(items)
   return {}
 end
 
+-- A lone item is its own all-or-nothing: decided and taken in one pass
+-- (the peek below would only repeat it).
+local function check_one(it)
+  local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, true)
+  if (allowed == 1 and it.cost > 0) or it.existed then
+    it.alg.save(it, it.now)
+  end
+  return {allowed, remaining, reset, retry}
+end
+
 local function check(items)
   local n = #items
+  if n == 1 then
+    return check_one(items[1])
+  end
   -- Peek everything first: an enforced item over its limit means nothing
   -- is taken from any item (the core engine's all-or-nothing).
   local reply = {}
