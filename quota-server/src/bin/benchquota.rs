@@ -647,7 +647,11 @@ async fn raw_redis_benchmark(
         .args(["-c", &CONCURRENCY.to_string()])
         .args(["-n", &REDIS_BENCHMARK_CALLS.to_string()])
         .args(["-r", &KEYS.to_string()])
-        .args(["EVALSHA", raw.script.get_hash(), &call.keys.len().to_string()])
+        .args([
+            "EVALSHA",
+            raw.script.get_hash(),
+            &call.keys.len().to_string(),
+        ])
         .args(&call.keys)
         .args(call.argv_alone())
         .output()?;
@@ -671,7 +675,11 @@ async fn raw_redis_benchmark(
     // "  latency summary (msec):" then a header "avg min p50 p95 p99 max"
     // and the values.
     let mut lines = text.lines().skip_while(|l| !l.contains("latency summary"));
-    let header: Vec<&str> = lines.nth(1).ok_or_else(unreadable)?.split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .nth(1)
+        .ok_or_else(unreadable)?
+        .split_whitespace()
+        .collect();
     let values: Vec<f64> = lines
         .next()
         .ok_or_else(unreadable)?
