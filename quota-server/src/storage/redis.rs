@@ -52,6 +52,11 @@ pub const MAX_BATCH: usize = 64;
 /// Most items one script call carries; a larger decision goes alone.
 pub const MAX_BATCH_ITEMS: usize = 256;
 
+/// Script calls a lane keeps out at once: two, so that Redis finds the
+/// next batch waiting when it finishes one (no idle round trip), while a
+/// batch still gathers everything that queued meanwhile.
+const IN_FLIGHT: usize = 2;
+
 /// Decisions a lane holds waiting (beyond it, callers wait to queue,
 /// within their timeout).
 const LANE_QUEUE: usize = 4 * MAX_BATCH;
@@ -366,42 +371,45 @@ fn decision_reply(reply: Value) -> Result<Vec<i64>, StorageError> {
 }
 
 /// A lane's task: takes whatever queued (at least one decision, waiting
-/// for it without a timer), sends it as script calls (one per hash tag
-/// with a cluster, each within the batch bounds) in parallel, and waits for
-/// them before taking the next batch. Ends when the backend is dropped.
+/// for it without a timer) and sends it as script calls (one per hash tag
+/// with a cluster, each within the batch bounds), keeping at most
+/// [`IN_FLIGHT`] calls out: what queues meanwhile is the next batch. Ends
+/// when the backend is dropped, once its calls are answered.
 async fn run_lane(link: Arc<Link>, lane: usize, mut queue: mpsc::Receiver<Job>) {
     let mut taken = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut taken, MAX_BATCH).await > 0 {
-        // A caller that gave up (timed out, cancelled) needs no decision.
-        let jobs: Vec<Job> = taken.drain(..).filter(|j| !j.reply.is_closed()).collect();
-        if jobs.is_empty() {
-            continue;
-        }
-        let connection = match tokio::time::timeout(link.timeout, link.connection(lane)).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => {
-                answer_all(jobs, &error);
-                continue;
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            taken_now = queue.recv_many(&mut taken, MAX_BATCH), if in_flight.len() < IN_FLIGHT => {
+                if taken_now == 0 {
+                    break;
+                }
+                // A caller that gave up (timed out, cancelled) needs no decision.
+                let jobs: Vec<Job> = taken.drain(..).filter(|j| !j.reply.is_closed()).collect();
+                if jobs.is_empty() {
+                    continue;
+                }
+                let connection =
+                    match tokio::time::timeout(link.timeout, link.connection(lane)).await {
+                        Ok(Ok(connection)) => connection,
+                        Ok(Err(error)) => {
+                            answer_all(jobs, &error);
+                            continue;
+                        }
+                        Err(_) => {
+                            answer_all(jobs, &StorageError::Timeout(link.timeout));
+                            continue;
+                        }
+                    };
+                for jobs in batches(jobs, link.is_cluster()) {
+                    let (link, connection) = (link.clone(), connection.clone());
+                    in_flight.spawn(async move { link.call(connection, jobs).await });
+                }
             }
-            Err(_) => {
-                answer_all(jobs, &StorageError::Timeout(link.timeout));
-                continue;
-            }
-        };
-        let mut calls = batches(jobs, link.is_cluster());
-        if calls.len() == 1 {
-            if let Some(jobs) = calls.pop() {
-                link.call(connection, jobs).await;
-            }
-            continue;
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
-        let mut running = tokio::task::JoinSet::new();
-        for jobs in calls {
-            let (link, connection) = (link.clone(), connection.clone());
-            running.spawn(async move { link.call(connection, jobs).await });
-        }
-        while running.join_next().await.is_some() {}
     }
+    while in_flight.join_next().await.is_some() {}
 }
 
 /// Splits taken decisions into script calls: within [`MAX_BATCH_ITEMS`]
