@@ -117,8 +117,10 @@ enum BenchError {
 struct Measured {
     per_sec: f64,
     p50: Duration,
-    /// Unknown for `redis-benchmark -q`, which reports the median only.
+    /// Unknown when `redis-benchmark`'s summary leaves it out.
     p99: Option<Duration>,
+    /// Calls answered.
+    answered: u64,
 }
 
 impl Measured {
@@ -132,6 +134,7 @@ impl Measured {
             per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
             p50: at(0.50),
             p99: Some(at(0.99)),
+            answered: latencies.len() as u64,
         }
     }
 
@@ -222,10 +225,20 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Setup(format!("sluice (redis): {e}")))?;
     let raw = Arc::new(RawRedis::connect(&url).await?);
     let (mut served, mut rust, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    // Redis's own time in the script: the server's calls, and the raw ones.
+    let (mut served_cost, mut raw_cost) = (RedisCost::default(), RedisCost::default());
     for _ in 0..REDIS_ROUNDS {
-        served.push(load_server(server.grpc).await?);
-        rust.push(raw.load(&limit).await?);
+        let before = raw.evalsha_counts().await?;
+        let m = load_server(server.grpc).await?;
+        served_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+        served.push(m);
+        let before = raw.evalsha_counts().await?;
+        let m = raw.load(&limit).await?;
+        raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+        rust.push(m);
+        let before = raw.evalsha_counts().await?;
         if let Some(m) = raw_redis_benchmark(&limit, redis_port, &raw).await? {
+            raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
             c.push(m);
         }
     }
@@ -235,14 +248,28 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
     served.print("quota_redis");
     let rust = median(&mut rust);
     rust.print("raw_redis_rust_evalsha");
+    println!(
+        "quota_redis_vs_raw_redis_rust_ratio: {:.2}",
+        served.per_sec / rust.per_sec
+    );
     let ceiling = if c.is_empty() {
         println!("raw_redis_benchmark_evalsha: skipped (redis-benchmark not on PATH)");
         rust.per_sec
     } else {
         let c = median(&mut c);
         c.print("raw_redis_benchmark_evalsha");
+        println!(
+            "quota_redis_vs_raw_redis_benchmark_ratio: {:.2}",
+            served.per_sec / c.per_sec
+        );
         c.per_sec.max(rust.per_sec)
     };
+    println!(
+        "redis_script_us_per_decision: server {:.1} ({:.1} decisions per call), raw {:.1}",
+        served_cost.per_decision(),
+        served_cost.decisions as f64 / served_cost.calls.max(1) as f64,
+        raw_cost.per_decision()
+    );
     println!(
         "quota_redis_vs_raw_redis_ratio: {:.2}",
         served.per_sec / ceiling
@@ -575,9 +602,8 @@ impl RawRedis {
         .await
     }
 
-    /// `EVALSHA` calls Redis counted so far, and how many of them failed
-    /// or were rejected (an error reply).
-    async fn evalsha_counts(&self) -> Result<(u64, u64), BenchError> {
+    /// Redis's counts of `EVALSHA` so far.
+    async fn evalsha_counts(&self) -> Result<Evalsha, BenchError> {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(&mut self.connection.clone())
@@ -593,10 +619,40 @@ impl RawRedis {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        Ok((
-            field("calls"),
-            field("rejected_calls") + field("failed_calls"),
-        ))
+        Ok(Evalsha {
+            calls: field("calls"),
+            errors: field("rejected_calls") + field("failed_calls"),
+            usec: field("usec"),
+        })
+    }
+}
+
+/// Redis's `INFO commandstats` for `EVALSHA`.
+struct Evalsha {
+    calls: u64,
+    /// Failed or rejected calls (error replies).
+    errors: u64,
+    /// Time spent in the calls, µs.
+    usec: u64,
+}
+
+/// Redis's time in the script over some runs, and the decisions made.
+#[derive(Default)]
+struct RedisCost {
+    usec: u64,
+    calls: u64,
+    decisions: u64,
+}
+
+impl RedisCost {
+    fn add(&mut self, before: &Evalsha, after: &Evalsha, decisions: u64) {
+        self.usec += after.usec - before.usec;
+        self.calls += after.calls - before.calls;
+        self.decisions += decisions;
+    }
+
+    fn per_decision(&self) -> f64 {
+        self.usec as f64 / self.decisions.max(1) as f64
     }
 }
 
@@ -641,7 +697,7 @@ async fn raw_redis_benchmark(
         args: call.args.clone(),
     };
     raw.decide(&probe).await?;
-    let (calls_before, errors_before) = raw.evalsha_counts().await?;
+    let before = raw.evalsha_counts().await?;
     let output = Command::new(bench)
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", &CONCURRENCY.to_string()])
@@ -655,12 +711,12 @@ async fn raw_redis_benchmark(
         .args(&call.keys)
         .args(call.argv_alone())
         .output()?;
-    let (calls_after, errors_after) = raw.evalsha_counts().await?;
-    if errors_after != errors_before || calls_after - calls_before < REDIS_BENCHMARK_CALLS {
+    let after = raw.evalsha_counts().await?;
+    if after.errors != before.errors || after.calls - before.calls < REDIS_BENCHMARK_CALLS {
         return Err(BenchError::Setup(format!(
             "redis-benchmark: {} EVALSHA calls, {} errors, for {REDIS_BENCHMARK_CALLS} requests",
-            calls_after - calls_before,
-            errors_after - errors_before
+            after.calls - before.calls,
+            after.errors - before.errors
         )));
     }
     let text = String::from_utf8_lossy(&output.stdout);
@@ -697,6 +753,7 @@ async fn raw_redis_benchmark(
         per_sec,
         p50: at("p50").ok_or_else(unreadable)?,
         p99: at("p99"),
+        answered: REDIS_BENCHMARK_CALLS,
     }))
 }
 
