@@ -52,10 +52,11 @@ pub const MAX_BATCH: usize = 64;
 /// Most items one script call carries; a larger decision goes alone.
 pub const MAX_BATCH_ITEMS: usize = 256;
 
-/// Script calls a lane keeps out at once: two, so that Redis finds the
-/// next batch waiting when it finishes one (no idle round trip), while a
-/// batch still gathers everything that queued meanwhile.
-const IN_FLIGHT: usize = 2;
+/// Script calls a lane keeps out at once: Redis finds the next batch
+/// waiting when it finishes one (no idle round trip), and a lane serves up
+/// to `IN_FLIGHT × MAX_BATCH` decisions per round trip (measured on a busy
+/// 2-core machine: 2 calls out capped a connection well below Redis's pace).
+const IN_FLIGHT: usize = 4;
 
 /// Decisions a lane holds waiting (beyond it, callers wait to queue,
 /// within their timeout).
