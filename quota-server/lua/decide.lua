@@ -6,18 +6,26 @@
 -- limits that could exceed it (see storage/redis.rs), and `now` in
 -- microseconds since the Unix epoch stays below 2^52 until the year 2112.
 --
--- KEYS: per item, the state hash then the log list (same hash tag).
--- ARGV[1]: "check" or "refund".
--- ARGV[2]: the time in microseconds, or "" to read Redis TIME (tests only
---          pass one, to replay sequences against the core).
--- ARGV[3]: the number of items; then 8 arguments per item:
---          algorithm, res (us per tick), count, per (ticks), burst, cost,
---          enforce (1: takes part in all-or-nothing; 0: shadow), and for
---          a calendar window (fixed_window only) "b0,b1,b2,b3" in ticks:
---          the windows [b0, b1), [b1, b2), [b2, b3) around the server's
---          time (else empty).
--- Reply (check): per item allowed (0/1), remaining, reset_after (ticks),
--- retry_after (ticks, -1 for never).
+-- One call carries a batch of decisions (the requests that queued while
+-- the previous call was in flight), each decided on its own and in order,
+-- all at one Redis time: a decision is all-or-nothing over its own items
+-- only, exactly as if it had been a call of its own.
+--
+-- KEYS: per item of every decision in order, the state hash then the log
+-- list (same hash tag).
+-- ARGV[1]: the number of decisions; then per decision:
+--   "check" or "refund";
+--   the time in microseconds, or "" to read Redis TIME (tests only pass
+--   one, to replay sequences against the core);
+--   the number of items; then 8 arguments per item: algorithm, res (us
+--   per tick), count, per (ticks), burst, cost, enforce (1: takes part in
+--   all-or-nothing; 0: shadow), and for a calendar window (fixed_window
+--   only) "b0,b1,b2,b3" in ticks: the windows [b0, b1), [b1, b2),
+--   [b2, b3) around the server's time (else empty).
+-- Reply: per decision, an array: for "check", per item allowed (0/1),
+-- remaining, reset_after (ticks), retry_after (ticks, -1 for never); for
+-- "refund", empty. A decision that failed (a key of the wrong type, a bad
+-- argument) answers a string, its error, instead: the others still count.
 
 local NEVER = -1
 
@@ -84,15 +92,13 @@ local MIN_TTL_MS = 1000
 
 -- A replayed time (tests) is not Redis's clock, which runs expiry: keys
 -- then get no TTL rather than one measured against the wrong clock.
-local replay = ARGV[2] ~= ''
-
-local function expire_at(key, now, fresh_at, res)
-  if replay then
+local function expire_at(it, key, now, fresh_at)
+  if it.replay then
     return
   end
   -- PEXPIRE takes milliseconds; round up and add one so a key never
   -- expires while its state could still matter.
-  local ms = math.floor(((fresh_at - now) * res + 999) / 1000) + 1
+  local ms = math.floor(((fresh_at - now) * it.res + 999) / 1000) + 1
   redis.call('PEXPIRE', key, int(math.max(ms, MIN_TTL_MS)))
 end
 
@@ -165,7 +171,7 @@ end
 function meter.save(it, now)
   local level = it.st.p * it.per + it.st.f
   redis.call('HSET', it.key, 'at', int(it.st.at), 'p', int(it.st.p), 'f', int(it.st.f))
-  expire_at(it.key, now, it.st.at + ceildiv(level, it.count), it.res)
+  expire_at(it, it.key, now, it.st.at + ceildiv(level, it.count))
 end
 
 local fixed = {}
@@ -222,7 +228,7 @@ end
 function fixed.save(it, now)
   redis.call('HSET', it.key, 's', int(it.st.s), 'u', int(it.st.u))
   local _, ending = fixed_window(it, it.st.s)
-  expire_at(it.key, now, ending, it.res)
+  expire_at(it, it.key, now, ending)
 end
 
 local counter = {}
@@ -315,7 +321,7 @@ function counter.save(it, now)
   if st.cu > 0 then
     fresh_at = fresh_at + it.per
   end
-  expire_at(it.key, now, fresh_at, it.res)
+  expire_at(it, it.key, now, fresh_at)
 end
 
 local gcra = {}
@@ -378,7 +384,7 @@ end
 function gcra.save(it, now)
   local st = it.st
   redis.call('HSET', it.key, 't', int(st.t), 'f', int(st.f))
-  expire_at(it.key, now, math.max(st.t, now) + 1, it.res)
+  expire_at(it, it.key, now, math.max(st.t, now) + 1)
 end
 
 local log = {}
@@ -478,7 +484,7 @@ function log.save(it, now)
   redis.call('HSET', it.key, 'last', int(st.last), 'total', int(st.total))
   if #st.entries < st.first then
     redis.call('DEL', it.log)
-    expire_at(it.key, now, now, it.res)
+    expire_at(it, it.key, now, now)
     return
   end
   if st.rewrite then
@@ -498,8 +504,8 @@ function log.save(it, now)
     end
   end
   local fresh_at = st.entries[#st.entries][1] + it.per
-  expire_at(it.key, now, fresh_at, it.res)
-  expire_at(it.log, now, fresh_at, it.res)
+  expire_at(it, it.key, now, fresh_at)
+  expire_at(it, it.log, now, fresh_at)
 end
 
 local algorithms = {
@@ -511,51 +517,60 @@ local algorithms = {
   sliding_window_log = log,
 }
 
-local now_us
-if replay then
-  now_us = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Redis's time, read once per call (only if a decision needs it).
+local redis_now_us
+local function time_us(replayed)
+  if replayed ~= '' then
+    return tonumber(replayed)
+  end
+  if redis_now_us == nil then
+    local t = redis.call('TIME')
+    redis_now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return redis_now_us
 end
 
-local n = tonumber(ARGV[3])
-local items = {}
-for i = 1, n do
-  local base = 3 + (i - 1) * 8
-  local alg = algorithms[ARGV[base + 1]]
-  if alg == nil then
-    return redis.error_reply('sluice: unknown algorithm ' .. tostring(ARGV[base + 1]))
-  end
-  local res = tonumber(ARGV[base + 2])
-  local it = {
-    alg = alg,
-    key = KEYS[2 * i - 1],
-    log = KEYS[2 * i],
-    res = res,
-    count = tonumber(ARGV[base + 3]),
-    per = tonumber(ARGV[base + 4]),
-    burst = tonumber(ARGV[base + 5]),
-    cost = tonumber(ARGV[base + 6]),
-    enforce = ARGV[base + 7] == '1',
-    now = math.floor(now_us / res),
-  }
-  if ARGV[base + 8] ~= '' then
-    local b = {}
-    for t in string.gmatch(ARGV[base + 8], '%d+') do
-      b[#b + 1] = tonumber(t)
-    end
-    if #b ~= 4 then
-      return redis.error_reply('sluice: a calendar window needs 4 boundaries')
-    end
-    it.calendar = b
-  end
-  alg.load(it)
-  items[i] = it
-end
-
-if ARGV[1] == 'refund' then
+-- Reads one decision's items from ARGV[base + 1...] and KEYS[key + 1...].
+local function load_items(n, base, key, now_us, replay)
+  local items = {}
   for i = 1, n do
+    local at = base + (i - 1) * 8
+    local alg = algorithms[ARGV[at + 1]]
+    if alg == nil then
+      error('sluice: unknown algorithm ' .. tostring(ARGV[at + 1]), 0)
+    end
+    local res = tonumber(ARGV[at + 2])
+    local it = {
+      alg = alg,
+      key = KEYS[key + 2 * i - 1],
+      log = KEYS[key + 2 * i],
+      res = res,
+      count = tonumber(ARGV[at + 3]),
+      per = tonumber(ARGV[at + 4]),
+      burst = tonumber(ARGV[at + 5]),
+      cost = tonumber(ARGV[at + 6]),
+      enforce = ARGV[at + 7] == '1',
+      now = math.floor(now_us / res),
+      replay = replay,
+    }
+    if ARGV[at + 8] ~= '' then
+      local b = {}
+      for t in string.gmatch(ARGV[at + 8], '%d+') do
+        b[#b + 1] = tonumber(t)
+      end
+      if #b ~= 4 then
+        error('sluice: a calendar window needs 4 boundaries', 0)
+      end
+      it.calendar = b
+    end
+    alg.load(it)
+    items[i] = it
+  end
+  return items
+end
+
+local function refund(items)
+  for i = 1, #items do
     local it = items[i]
     it.alg.refund(it, it.now)
     it.alg.save(it, it.now)
@@ -563,44 +578,96 @@ if ARGV[1] == 'refund' then
   return {}
 end
 
--- Peek everything first: an enforced item over its limit means nothing
--- is taken from any item (the core engine's all-or-nothing).
-local reply = {}
-local admitted = true
-local peeked = {}
-for i = 1, n do
-  local it = items[i]
-  local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, false)
-  peeked[i] = {allowed, remaining, reset, retry}
-  if allowed == 0 and it.enforce then
-    admitted = false
-  end
-end
-for i = 1, n do
-  local it = items[i]
-  local out = peeked[i]
-  local consumed = false
-  if admitted and out[1] == 1 then
-    local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, true)
-    out = {allowed, remaining, reset, retry}
-    consumed = it.cost > 0
-  elseif out[1] == 1 and it.cost > 0 then
-    -- Refused as a whole: this item gave nothing, so it reports its
-    -- permits as they stand (its peek counted the cost as taken).
-    local cost = it.cost
-    it.cost = 0
-    local _, remaining, reset = it.alg.acquire(it, it.now, false)
-    it.cost = cost
-    out = {out[1], remaining, reset, out[4]}
-  end
-  -- A state brought up to date is written back even when nothing was
-  -- taken (core's store does the same): it remembers the latest time
-  -- seen. A key that was absent and took nothing stays absent.
-  if consumed or it.existed then
+-- A lone item is its own all-or-nothing: decided and taken in one pass
+-- (the peek below would only repeat it).
+local function check_one(it)
+  local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, true)
+  if (allowed == 1 and it.cost > 0) or it.existed then
     it.alg.save(it, it.now)
   end
-  for k = 1, 4 do
-    reply[#reply + 1] = out[k]
-  end
+  return {allowed, remaining, reset, retry}
 end
-return reply
+
+local function check(items)
+  local n = #items
+  if n == 1 then
+    return check_one(items[1])
+  end
+  -- Peek everything first: an enforced item over its limit means nothing
+  -- is taken from any item (the core engine's all-or-nothing).
+  local reply = {}
+  local admitted = true
+  local peeked = {}
+  for i = 1, n do
+    local it = items[i]
+    local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, false)
+    peeked[i] = {allowed, remaining, reset, retry}
+    if allowed == 0 and it.enforce then
+      admitted = false
+    end
+  end
+  for i = 1, n do
+    local it = items[i]
+    local out = peeked[i]
+    local consumed = false
+    if admitted and out[1] == 1 then
+      local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, true)
+      out = {allowed, remaining, reset, retry}
+      consumed = it.cost > 0
+    elseif out[1] == 1 and it.cost > 0 then
+      -- Refused as a whole: this item gave nothing, so it reports its
+      -- permits as they stand (its peek counted the cost as taken).
+      local cost = it.cost
+      it.cost = 0
+      local _, remaining, reset = it.alg.acquire(it, it.now, false)
+      it.cost = cost
+      out = {out[1], remaining, reset, out[4]}
+    end
+    -- A state brought up to date is written back even when nothing was
+    -- taken (core's store does the same): it remembers the latest time
+    -- seen. A key that was absent and took nothing stays absent.
+    if consumed or it.existed then
+      it.alg.save(it, it.now)
+    end
+    for k = 1, 4 do
+      reply[#reply + 1] = out[k]
+    end
+  end
+  return reply
+end
+
+local function decide(mode, replayed, n, base, key)
+  local items = load_items(n, base, key, time_us(replayed), replayed ~= '')
+  if mode == 'refund' then
+    return refund(items)
+  elseif mode == 'check' then
+    return check(items)
+  end
+  error('sluice: unknown mode ' .. tostring(mode), 0)
+end
+
+-- A failed decision's error as text: redis.call raises a table.
+local function message(err)
+  if type(err) == 'table' then
+    return tostring(err.err or err)
+  end
+  return tostring(err)
+end
+
+local replies = {}
+local base, key = 1, 0
+for d = 1, tonumber(ARGV[1]) do
+  local mode, replayed, n = ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3])
+  if n == nil then
+    return redis.error_reply('sluice: decision ' .. d .. ' has no item count')
+  end
+  local ok, reply = pcall(decide, mode, replayed, n, base + 3, key)
+  if ok then
+    replies[d] = reply
+  else
+    replies[d] = message(reply)
+  end
+  base = base + 3 + 8 * n
+  key = key + 2 * n
+end
+return replies

@@ -164,8 +164,10 @@ async fn redis_picks_the_window_of_its_own_clock() {
         cmd.arg(include_str!("../lua/decide.lua"))
             .arg(call.keys.len())
             .arg(&call.keys)
-            .arg(&call.args);
-        let reply: Vec<i64> = cmd.query_async(&mut conn).await.unwrap();
+            .arg(call.argv_alone().collect::<Vec<_>>());
+        // A batch of one decision: its four numbers per item.
+        let reply: Vec<Vec<i64>> = cmd.query_async(&mut conn).await.unwrap();
+        let reply = &reply[0];
         (reply[0] == 1, u64::try_from(reply[2]).unwrap())
     };
     let tick_ns = month.tick_us.unwrap() * 1000;

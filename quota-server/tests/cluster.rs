@@ -18,7 +18,7 @@ use sluice_quota_server::proto::quota_server::Quota;
 use sluice_quota_server::proto::{CheckGroup, CheckItem, CheckRequest, Source};
 use sluice_quota_server::service::{Decider, QuotaService};
 use sluice_quota_server::shared::Shared;
-use sluice_quota_server::storage::{RedisBackend, Store};
+use sluice_quota_server::storage::{Item, RedisBackend, Store};
 use tonic::Request;
 
 /// A port free on loopback together with its cluster bus port (+10000).
@@ -207,4 +207,110 @@ async fn exact_through_a_cluster() {
             "refused groups took nothing from the other rule"
         );
     }
+}
+
+/// Runs `redis-cli -p port ARGS`; its standard output.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("running redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How many MOVED redirections the node on `port` answered.
+fn moved_count(port: u16) -> u64 {
+    cli(port, &["INFO", "errorstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("errorstat_MOVED:count="))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A slot reassigned to another node after the client learnt the slot map:
+/// the decisions of a batch on that slot are redirected (MOVED) and
+/// decided exactly, and those of the same batch on another slot are
+/// decided too.
+#[tokio::test]
+async fn a_moved_slot_is_followed() {
+    let cluster = Cluster::start();
+    let yaml = format!(
+        "storage: {{backend: redis, redis: {{cluster: [{}], timeout: 2s}}}}\ndomains:\n\
+         - {{name: a, rules: [{{name: r, limit: {{count: 5, per: 1h}}}}]}}\n\
+         - {{name: e, rules: [{{name: r, limit: {{count: 5, per: 1h}}}}]}}\n",
+        cluster.urls().join(", ")
+    );
+    let config = ServerConfig::from_yaml(&yaml).unwrap();
+    let limits = Arc::new(Limits::compile(&config, Path::new(".")).unwrap());
+    let backend = Arc::new(RedisBackend::cluster(&cluster.urls(), Duration::from_secs(2)).unwrap());
+    let key = |domain: &str| {
+        let limit = limits.rule(limits.domain(domain).unwrap(), "r").unwrap();
+        limit.storage_key(&[("k".into(), "k".into())])
+    };
+    let decide = |domain: &'static str| {
+        let (backend, limits) = (backend.clone(), limits.clone());
+        tokio::spawn(async move {
+            let limit = limits.rule(limits.domain(domain).unwrap(), "r").unwrap();
+            let item = Item {
+                limit,
+                key: limit.storage_key(&[("k".into(), "k".into())]),
+                cost: 1,
+                enforce: true,
+            };
+            backend.check(&[item], None).await.unwrap()[0].allowed
+        })
+    };
+    // The client connects and learns the slot map.
+    assert!(decide("a").await.unwrap());
+
+    // Domain e's slot (no key on it yet) goes to another node.
+    let port = cluster.nodes[0].0;
+    let slot: u16 = cli(port, &["CLUSTER", "KEYSLOT", &key("e")])
+        .trim()
+        .parse()
+        .unwrap();
+    let nodes = cli(port, &["CLUSTER", "NODES"]);
+    let owns = |line: &str| {
+        line.split(' ').skip(8).any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            (lo.parse::<u16>().unwrap()..=hi.parse::<u16>().unwrap()).contains(&slot)
+        })
+    };
+    let node_port = |line: &str| -> u16 {
+        let addr = line.split(' ').nth(1).unwrap();
+        addr.split(['@', ':']).nth(1).unwrap().parse().unwrap()
+    };
+    let owner = nodes.lines().find(|l| owns(l)).unwrap();
+    let target = nodes.lines().find(|l| !l.is_empty() && !owns(l)).unwrap();
+    let target_id = target.split(' ').next().unwrap();
+    let owner_port = node_port(owner);
+    let slot = slot.to_string();
+    // The new owner first, then the old one, then the third node.
+    let first = [node_port(target), owner_port];
+    let third = cluster
+        .nodes
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !first.contains(p));
+    let order: Vec<u16> = first.into_iter().chain(third).collect();
+    for node in order {
+        let answer = cli(node, &["CLUSTER", "SETSLOT", &slot, "NODE", target_id]);
+        assert_eq!(answer.trim(), "OK", "SETSLOT on {node}");
+    }
+    let moved_before = moved_count(owner_port);
+
+    // One batch on both slots: 6 tries on e (limit 5), 6 more on a (limit 5).
+    let tasks: Vec<_> = (0..12)
+        .map(|i| (i % 2, decide(if i % 2 == 0 { "e" } else { "a" })))
+        .collect();
+    let mut admitted = [0, 0];
+    for (domain, task) in tasks {
+        admitted[domain] += u32::from(task.await.unwrap());
+    }
+    assert_eq!(admitted, [5, 4], "e: 5 of 6, a: the 4 left of 5");
+    assert!(
+        moved_count(owner_port) > moved_before,
+        "the old owner redirected the client"
+    );
+    assert!(!decide("e").await.unwrap(), "e is spent, on its new node");
 }

@@ -16,7 +16,8 @@ use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::time::{Nanos, Span};
 use sluice_quota_server::config::{RateLimitConfig, ServerConfig};
 use sluice_quota_server::limits::{Limit, Limits};
-use sluice_quota_server::storage::{Item, MemoryBackend, RedisBackend, Store};
+use sluice_quota_server::storage::redis::MAX_BATCH;
+use sluice_quota_server::storage::{Item, MemoryBackend, RedisBackend, StorageError, Store};
 
 /// A realistic time (November 2026) so Redis sees values of real magnitude.
 const START: Nanos = Nanos(1_795_000_000_000_000_000);
@@ -408,7 +409,8 @@ async fn rediss_with_a_ca_file() {
 }
 
 /// The script is loaded once and called by SHA; a Redis that lost its
-/// scripts (`SCRIPT FLUSH`, a restart) gets it again on `NOSCRIPT`.
+/// scripts (`SCRIPT FLUSH`, a restart) gets it again on `NOSCRIPT`, for a
+/// lone decision as for a batch.
 #[tokio::test]
 async fn script_reloaded_after_noscript() {
     let redis = RedisServer::start();
@@ -439,5 +441,215 @@ async fn script_reloaded_after_noscript() {
     assert_eq!(
         backend.check(&items, Some(START)).await.unwrap()[0].remaining,
         1
+    );
+    // A batch meeting NOSCRIPT: reloaded, every decision of it decided once.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (backend, limits) = (Arc::new(backend), Arc::new(limits));
+    let calls = backend.script_calls();
+    let decisions = (0..8).map(|i| vec![(0, format!("b{i}"), 1)]).collect();
+    for result in together(&backend, &limits, decisions).await {
+        assert_eq!(result.unwrap()[0].remaining, 2);
+    }
+    assert_eq!(backend.script_calls(), calls + 1, "one batch");
+}
+
+/// Decides `decisions` (each a request's items) from as many tasks, all
+/// spawned before any runs: on the test's single-threaded runtime they all
+/// queue before the lane's task takes them, so they go to Redis together.
+async fn together(
+    backend: &Arc<RedisBackend>,
+    limits: &Arc<Limits>,
+    decisions: Vec<Vec<(usize, String, u64)>>,
+) -> Vec<Result<Vec<Outcome>, StorageError>> {
+    let tasks: Vec<_> = decisions
+        .into_iter()
+        .map(|wanted| {
+            let (backend, limits) = (backend.clone(), limits.clone());
+            tokio::spawn(async move {
+                let items: Vec<Item<'_>> = wanted
+                    .iter()
+                    .map(|(id, key, cost)| item(limits.limit(*id).unwrap(), key, *cost))
+                    .collect();
+                backend.check(&items, Some(START)).await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+/// Many waiting decisions go to Redis as one script call, and each is
+/// decided as if alone: exact on one hot key (no overshoot, remaining
+/// counting down in queue order), exact on keys of their own, and
+/// all-or-nothing per decision (a refused request takes nothing from its
+/// other key).
+#[tokio::test]
+async fn concurrent_decisions_are_batched_and_exact() {
+    let redis = RedisServer::start();
+    let backend = Arc::new(RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap());
+    let limits = Arc::new(limits(&[
+        (AlgorithmKind::Gcra, 25, "1h", Some(25)),
+        (AlgorithmKind::FixedWindow, 3, "1h", None),
+    ]));
+    // 40 on the hot key alone: 25 admitted, in order.
+    let hot: Vec<_> = (0..40).map(|_| vec![(0, "hot".to_string(), 1)]).collect();
+    let results = together(&backend, &limits, hot).await;
+    assert_eq!(backend.script_calls(), 1, "40 waiting decisions, one call");
+    let outcomes: Vec<Outcome> = results.into_iter().map(|r| r.unwrap()[0]).collect();
+    let admitted = outcomes.iter().filter(|o| o.allowed).count();
+    assert_eq!(admitted, 25, "limit 25, 40 tries");
+    for (i, o) in outcomes.iter().enumerate() {
+        assert_eq!(o.allowed, i < 25, "decision {i} in queue order");
+        assert_eq!(o.remaining, 24u64.saturating_sub(i as u64), "decision {i}");
+    }
+    // Each decision takes one of its own key (limit 3) and one of a shared
+    // key (fixed window 3 shared by a pair): per pair, both pass until the
+    // shared key runs out; a refused decision takes nothing from its own.
+    let pairs: Vec<_> = (0..40)
+        .map(|i| {
+            vec![
+                (1, format!("own-{i}"), 1),
+                (1, format!("shared-{}", i / 2), 2),
+            ]
+        })
+        .collect();
+    let results = together(&backend, &limits, pairs).await;
+    assert_eq!(backend.script_calls(), 2, "one more call");
+    for (i, result) in results.into_iter().enumerate() {
+        let out = result.unwrap();
+        let first_of_pair = i % 2 == 0;
+        assert_eq!(out[1].allowed, first_of_pair, "decision {i}: shared key");
+        assert!(out[0].allowed, "decision {i}: its own key is free");
+        let own_left = if first_of_pair { 2 } else { 3 };
+        assert_eq!(out[0].remaining, own_left, "decision {i}: all or nothing");
+    }
+}
+
+/// More waiting decisions than one call carries are split into calls of
+/// at most `MAX_BATCH`, and none is lost or decided twice.
+#[tokio::test]
+async fn batches_are_bounded() {
+    let redis = RedisServer::start();
+    let backend = Arc::new(RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap());
+    let limits = Arc::new(limits(&[(
+        AlgorithmKind::SlidingWindowLog,
+        100,
+        "1h",
+        None,
+    )]));
+    let n = 2 * MAX_BATCH + 1;
+    let results = together(
+        &backend,
+        &limits,
+        (0..n).map(|_| vec![(0, "k".to_string(), 1)]).collect(),
+    )
+    .await;
+    let calls = backend.script_calls();
+    assert!(
+        (3..n as u64).contains(&calls),
+        "{n} decisions in {calls} calls"
+    );
+    let admitted = results
+        .iter()
+        .filter(|r| r.as_ref().unwrap()[0].allowed)
+        .count();
+    assert_eq!(admitted, 100, "limit 100, {n} tries");
+}
+
+/// A decision Redis refuses (its key holds another type) fails alone with
+/// Redis's reason; the others of its call are decided.
+#[tokio::test]
+async fn a_refused_decision_fails_alone() {
+    let redis = RedisServer::start();
+    let backend = Arc::new(RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap());
+    let limits = Arc::new(limits(&[(AlgorithmKind::TokenBucket, 5, "1h", None)]));
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let broken = item(limits.limit(0).unwrap(), "broken", 1).key;
+    let _: () = redis::cmd("SET")
+        .arg(&broken)
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let decisions = (0..10)
+        .map(|i| {
+            let key = if i == 4 {
+                "broken".into()
+            } else {
+                format!("k{i}")
+            };
+            vec![(0, key, 1)]
+        })
+        .collect();
+    let results = together(&backend, &limits, decisions).await;
+    assert_eq!(backend.script_calls(), 1);
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Err(StorageError::Refused(why)) if i == 4 => {
+                assert!(why.contains("WRONGTYPE"), "{why}");
+            }
+            Ok(out) if i != 4 => assert_eq!(out[0].remaining, 4, "decision {i}"),
+            other => panic!("decision {i}: {other:?}"),
+        }
+    }
+}
+
+/// A batch whose connection is gone fails, every decision with an error
+/// and none hanging; once Redis is back, a batch is decided again.
+#[tokio::test]
+async fn a_batch_on_a_lost_connection_fails_and_recovers() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let backend = Arc::new(RedisBackend::new(&redis.url(), Duration::from_millis(200), 1).unwrap());
+    let limits = Arc::new(limits(&[(AlgorithmKind::FixedWindow, 5, "1h", None)]));
+    let batch = |run: usize| {
+        (0..10)
+            .map(|i| vec![(0, format!("run{run}-k{i}"), 1)])
+            .collect()
+    };
+    for result in together(&backend, &limits, batch(0)).await {
+        assert_eq!(result.unwrap()[0].remaining, 4);
+    }
+    redis.stop();
+    let results = tokio::time::timeout(
+        Duration::from_secs(2),
+        together(&backend, &limits, batch(1)),
+    )
+    .await
+    .expect("must fail, not hang");
+    for result in results {
+        let error = result.expect_err("Redis is down");
+        println!("while down: {error}");
+    }
+    let _restarted = RedisServer::start_on(port);
+    let mut recovered = false;
+    // While the breaker lets one probe through, a batch is decided in part:
+    // each attempt takes keys of its own.
+    for attempt in 2..200 {
+        let results = together(&backend, &limits, batch(attempt)).await;
+        if results.iter().all(Result::is_ok) {
+            for result in results {
+                // Fresh keys: exactly one permit taken each.
+                assert_eq!(result.unwrap()[0].remaining, 4);
+            }
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        recovered,
+        "no whole batch within 200 attempts after the restart"
     );
 }

@@ -4,16 +4,22 @@
 //! library's launcher) on loopback, calls `ShouldRateLimit` at a fixed
 //! concurrency for a bounded time, with the memory backend and then with
 //! Redis (a `redis-server` started here), and prints decisions/s, p50 and
-//! p99. In the same run it measures the raw
-//! Redis ceiling for the same work, the decision script called by EVALSHA
-//! with the same kind of keys at the same concurrency, two ways:
+//! p99. Against Redis it interleaves, round by round, the server with the
+//! raw per-call ceiling of the same work: the decision script called by
+//! one `EVALSHA` per decision (a batch of one) with the same kind of keys
+//! at the same concurrency, two ways:
 //! - `redis-benchmark` (C client, one connection per caller): what Redis
-//!   itself sustains for the script;
-//! - the server's own Redis client (`RedisBackend::check`) in a Rust loop:
-//!   the same multiplexed connection, without gRPC.
+//!   itself sustains for the script; it does not show replies, so the same
+//!   call must be allowed once before, and Redis's count of failed
+//!   `EVALSHA` calls must not move during the run;
+//! - the `redis` crate's multiplexed connection (the server's client) in a
+//!   Rust loop, without gRPC, every reply checked to be one allowed
+//!   decision.
 //!
-//! The ratio divides the server's decisions/s with Redis by the higher of
-//! the two ceilings, so it is never flattered by a slow baseline.
+//! `quota_redis_vs_raw_redis_ratio` divides the server's decisions/s (its
+//! median round) by the higher of the two ceilings' medians, so it is never
+//! flattered by a slow baseline: above 1, the server's group commit (many
+//! decisions per script call) beats sending each decision on its own.
 //!
 //! With the memory backend it also drives the server with `h2load` (an
 //! independent HTTP/2 client, [`H2_CLIENTS`] connections of [`H2_STREAMS`]
@@ -46,8 +52,8 @@ use prost::Message as _;
 use sluice_quota_server::config::ServerConfig;
 use sluice_quota_server::launcher::Launcher;
 use sluice_quota_server::limits::{Limit, Limits, Resolved};
-use sluice_quota_server::storage::redis::script_call;
-use sluice_quota_server::storage::{Item, RedisBackend};
+use sluice_quota_server::storage::redis::{script_call, ScriptCall};
+use sluice_quota_server::storage::Item;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
@@ -59,6 +65,13 @@ const DURATION: Duration = Duration::from_secs(5);
 const KEYS: usize = 1000;
 /// gRPC connections the callers share (Envoy opens one per worker).
 const CHANNELS: usize = 4;
+
+/// Interleaved rounds of the Redis runs (the server, then each ceiling).
+const REDIS_ROUNDS: usize = 3;
+/// Calls of each `redis-benchmark` round (a few seconds' worth).
+const REDIS_BENCHMARK_CALLS: u64 = 40_000;
+/// The decision script, as the server loads it.
+const SCRIPT: &str = include_str!("../../lua/decide.lua");
 
 /// `h2load` connections (`-c`) and concurrent streams on each (`-m`).
 const H2_CLIENTS: usize = 16;
@@ -103,14 +116,18 @@ enum BenchError {
     Transport(#[from] tonic::transport::Error),
     #[error("storage: {0}")]
     Storage(#[from] sluice_quota_server::storage::StorageError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 /// Throughput and latency of one run.
 struct Measured {
     per_sec: f64,
     p50: Duration,
-    /// Unknown for `redis-benchmark -q`, which reports the median only.
+    /// Unknown when `redis-benchmark`'s summary leaves it out.
     p99: Option<Duration>,
+    /// Calls answered.
+    answered: u64,
 }
 
 impl Measured {
@@ -124,6 +141,7 @@ impl Measured {
             per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
             p50: at(0.50),
             p99: Some(at(0.99)),
+            answered: latencies.len() as u64,
         }
     }
 
@@ -196,28 +214,80 @@ async fn measure_all(dir: &Path) -> Result<(), BenchError> {
 
     let redis_port = free_port()?;
     let _redis = start_redis(redis_port)?;
+    redis_rounds(dir, redis_port).await
+}
+
+/// The server on Redis against the raw ceiling, interleaved round by round
+/// (the machine's load drifts): prints each one's median round and the
+/// ratio of the server to the higher ceiling.
+async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
     let url = format!("redis://127.0.0.1:{redis_port}");
     let storage = format!("backend: redis\n  redis: {{url: \"{url}\", timeout: 100ms}}");
-    let with_redis = serve_and_load(dir, "redis", &storage).await?;
-    with_redis.print("quota_redis");
-
     let config = config(dir, &storage)?;
     let limits = Limits::compile(&config, dir).map_err(|e| BenchError::Setup(e.to_string()))?;
-    let raw_rust = raw_redis_rust(&limits, &url).await?;
-    raw_rust.print("raw_redis_rust_evalsha");
-    let raw_c = raw_redis_benchmark(&limits, redis_port)?;
-    match &raw_c {
-        Some(m) => m.print("raw_redis_benchmark_evalsha"),
-        None => println!("raw_redis_benchmark_evalsha: skipped (redis-benchmark not on PATH)"),
+    let limit = bench_limit(&limits)?.clone();
+    let server = Launcher::new(sluice_binary()?)
+        .log_filter("error")
+        .start_file(&dir.join("sluice.yaml"))
+        .map_err(|e| BenchError::Setup(format!("sluice (redis): {e}")))?;
+    let raw = Arc::new(RawRedis::connect(&url).await?);
+    let (mut served, mut rust, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    // Redis's own time in the script: the server's calls, and the raw ones.
+    let (mut served_cost, mut raw_cost) = (RedisCost::default(), RedisCost::default());
+    for _ in 0..REDIS_ROUNDS {
+        let before = raw.evalsha_counts().await?;
+        let m = load_server(server.grpc).await?;
+        served_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+        served.push(m);
+        let before = raw.evalsha_counts().await?;
+        let m = raw.load(&limit).await?;
+        raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+        rust.push(m);
+        let before = raw.evalsha_counts().await?;
+        if let Some(m) = raw_redis_benchmark(&limit, redis_port, &raw).await? {
+            raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+            c.push(m);
+        }
     }
-    let ceiling = raw_c
-        .as_ref()
-        .map_or(raw_rust.per_sec, |m| m.per_sec.max(raw_rust.per_sec));
+    drop(server);
+    println!("Redis: {REDIS_ROUNDS} interleaved rounds, medians:");
+    let served = median(&mut served);
+    served.print("quota_redis");
+    let rust = median(&mut rust);
+    rust.print("raw_redis_rust_evalsha");
+    println!(
+        "quota_redis_vs_raw_redis_rust_ratio: {:.2}",
+        served.per_sec / rust.per_sec
+    );
+    let ceiling = if c.is_empty() {
+        println!("raw_redis_benchmark_evalsha: skipped (redis-benchmark not on PATH)");
+        rust.per_sec
+    } else {
+        let c = median(&mut c);
+        c.print("raw_redis_benchmark_evalsha");
+        println!(
+            "quota_redis_vs_raw_redis_benchmark_ratio: {:.2}",
+            served.per_sec / c.per_sec
+        );
+        c.per_sec.max(rust.per_sec)
+    };
+    println!(
+        "redis_script_us_per_decision: server {:.1} ({:.1} decisions per call), raw {:.1}",
+        served_cost.per_decision(),
+        served_cost.decisions as f64 / served_cost.calls.max(1) as f64,
+        raw_cost.per_decision()
+    );
     println!(
         "quota_redis_vs_raw_redis_ratio: {:.2}",
-        with_redis.per_sec / ceiling
+        served.per_sec / ceiling
     );
     Ok(())
+}
+
+/// The run of median throughput.
+fn median(runs: &mut Vec<Measured>) -> Measured {
+    runs.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+    runs.swap_remove(runs.len() / 2)
 }
 
 fn config(dir: &Path, storage: &str) -> Result<ServerConfig, BenchError> {
@@ -252,7 +322,14 @@ async fn serve_and_load(dir: &Path, name: &str, storage: &str) -> Result<Measure
         .log_filter("error")
         .start_file(&dir.join("sluice.yaml"))
         .map_err(|e| BenchError::Setup(format!("sluice ({name}): {e}")))?;
-    let addr = server.grpc;
+    let measured = load_server(server.grpc).await;
+    drop(server);
+    measured
+}
+
+/// `ShouldRateLimit` from [`CONCURRENCY`] callers on [`CHANNELS`]
+/// connections; every reply must be `OK`.
+async fn load_server(addr: std::net::SocketAddr) -> Result<Measured, BenchError> {
     let mut channels = Vec::with_capacity(CHANNELS);
     for _ in 0..CHANNELS {
         channels.push(
@@ -262,7 +339,7 @@ async fn serve_and_load(dir: &Path, name: &str, storage: &str) -> Result<Measure
                 .await?,
         );
     }
-    let measured = load(CONCURRENCY, move |caller, i| {
+    load(CONCURRENCY, move |caller, i| {
         let mut client = RateLimitServiceClient::new(channels[caller % CHANNELS].clone());
         async move {
             let request = RateLimitRequest {
@@ -284,9 +361,7 @@ async fn serve_and_load(dir: &Path, name: &str, storage: &str) -> Result<Measure
             }
         }
     })
-    .await;
-    drop(server);
-    measured
+    .await
 }
 
 /// `h2load` against the memory backend's rate limit method and its
@@ -345,10 +420,6 @@ async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
             health.push(h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured);
         }
     }
-    let median = |runs: &mut Vec<Measured>| {
-        runs.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
-        runs.swap_remove(runs.len() / 2)
-    };
     for ((suffix, _, _), (mut rls, mut health)) in servers.into_iter().zip(runs) {
         let (rls, health) = (median(&mut rls), median(&mut health));
         rls.print(&format!("quota_memory_h2load{suffix}"));
@@ -509,35 +580,134 @@ fn item<'a>(limit: &'a Limit, caller: usize, i: usize) -> Item<'a> {
     }
 }
 
-/// The server's Redis client without the server: the script by EVALSHA
-/// on one multiplexed connection (the server's default), same keys.
-async fn raw_redis_rust(limits: &Limits, url: &str) -> Result<Measured, BenchError> {
-    let limit = bench_limit(limits)?.clone();
-    let backend = Arc::new(RedisBackend::new(url, Duration::from_millis(100), 1)?);
-    let limit = Arc::new(limit);
-    load(CONCURRENCY, move |caller, i| {
-        let backend = backend.clone();
-        let limit = limit.clone();
-        async move {
-            backend.check(&[item(&limit, caller, i)], None).await?;
-            Ok(())
-        }
-    })
-    .await
+/// Redis driven directly, one `EVALSHA` per decision (the script with a
+/// batch of one): the ceiling of a server that sends every decision on its
+/// own, at the same concurrency.
+struct RawRedis {
+    connection: redis::aio::MultiplexedConnection,
+    script: redis::Script,
 }
 
-/// `redis-benchmark` calling the script by EVALSHA at the same
-/// concurrency, one connection per caller, keys spread like the load's.
-fn raw_redis_benchmark(limits: &Limits, port: u16) -> Result<Option<Measured>, BenchError> {
+impl RawRedis {
+    /// Connects and loads the script (so that `redis-benchmark`'s
+    /// `EVALSHA` finds it).
+    async fn connect(url: &str) -> Result<RawRedis, BenchError> {
+        let mut connection = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let script = redis::Script::new(SCRIPT);
+        script.prepare_invoke().load_async(&mut connection).await?;
+        Ok(RawRedis { connection, script })
+    }
+
+    /// One decision by `EVALSHA`; its reply must say allowed.
+    async fn decide(&self, call: &ScriptCall) -> Result<(), BenchError> {
+        let mut invocation = self.script.prepare_invoke();
+        for key in &call.keys {
+            invocation.key(key);
+        }
+        for arg in call.argv_alone() {
+            invocation.arg(arg);
+        }
+        let reply: redis::Value = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        allowed(&reply)
+    }
+
+    /// The server's Redis client without the server, on one multiplexed
+    /// connection (the server's default): one `EVALSHA` per decision, the
+    /// same keys, every reply checked.
+    async fn load(self: &Arc<Self>, limit: &Limit) -> Result<Measured, BenchError> {
+        let (raw, limit) = (self.clone(), Arc::new(limit.clone()));
+        load(CONCURRENCY, move |caller, i| {
+            let (raw, limit) = (raw.clone(), limit.clone());
+            async move {
+                let call = script_call("check", &[item(&limit, caller, i)], None)?;
+                raw.decide(&call).await
+            }
+        })
+        .await
+    }
+
+    /// Redis's counts of `EVALSHA` so far.
+    async fn evalsha_counts(&self) -> Result<Evalsha, BenchError> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.connection.clone())
+            .await?;
+        // "cmdstat_evalsha:calls=3,usec=..,rejected_calls=0,failed_calls=0"
+        let line = info
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+            .unwrap_or("");
+        let field = |name: &str| {
+            line.split(',')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(Evalsha {
+            calls: field("calls"),
+            errors: field("rejected_calls") + field("failed_calls"),
+            usec: field("usec"),
+        })
+    }
+}
+
+/// Redis's `INFO commandstats` for `EVALSHA`.
+struct Evalsha {
+    calls: u64,
+    /// Failed or rejected calls (error replies).
+    errors: u64,
+    /// Time spent in the calls, µs.
+    usec: u64,
+}
+
+/// Redis's time in the script over some runs, and the decisions made.
+#[derive(Default)]
+struct RedisCost {
+    usec: u64,
+    calls: u64,
+    decisions: u64,
+}
+
+impl RedisCost {
+    fn add(&mut self, before: &Evalsha, after: &Evalsha, decisions: u64) {
+        self.usec += after.usec - before.usec;
+        self.calls += after.calls - before.calls;
+        self.decisions += decisions;
+    }
+
+    fn per_decision(&self) -> f64 {
+        self.usec as f64 / self.decisions.max(1) as f64
+    }
+}
+
+/// Checks a one-decision reply: `[[1, remaining, reset, retry]]` (a
+/// refused decision is a string in place of the numbers).
+fn allowed(reply: &redis::Value) -> Result<(), BenchError> {
+    let decided: Option<Vec<Vec<i64>>> = redis::from_redis_value(reply).ok();
+    match decided.as_deref() {
+        Some([numbers]) if numbers.len() == 4 && numbers[0] == 1 => Ok(()),
+        _ => Err(BenchError::Setup(format!(
+            "the script answered {reply:?}, not one allowed decision"
+        ))),
+    }
+}
+
+/// `redis-benchmark` calling the script by `EVALSHA` (one decision each)
+/// at the same concurrency, one connection per caller, keys spread like the
+/// load's. Its replies are not shown, so the same call on one key must be
+/// allowed first, and Redis's own count of `EVALSHA` errors must not move.
+async fn raw_redis_benchmark(
+    limit: &Limit,
+    port: u16,
+    raw: &RawRedis,
+) -> Result<Option<Measured>, BenchError> {
     let Some(bench) = which("redis-benchmark") else {
         return Ok(None);
     };
-    let limit = bench_limit(limits)?;
-    let backend = RedisBackend::new(
-        &format!("redis://127.0.0.1:{port}"),
-        Duration::from_secs(1),
-        1,
-    )?;
     // `__rand_int__` is replaced per call by a number below `-r`.
     let template = Item {
         limit,
@@ -546,50 +716,72 @@ fn raw_redis_benchmark(limits: &Limits, port: u16) -> Result<Option<Measured>, B
         enforce: true,
     };
     let call = script_call("check", &[template], None)?;
-    let sha = backend.script_sha().to_owned();
-    // Load the script (EVALSHA alone would fail with NOSCRIPT).
-    let loaded = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "SCRIPT", "LOAD"])
-        .arg(include_str!("../../lua/decide.lua"))
-        .output()?;
-    if !String::from_utf8_lossy(&loaded.stdout).contains(&sha) {
-        return Err(BenchError::Setup(format!(
-            "SCRIPT LOAD answered {:?}, not {sha}",
-            String::from_utf8_lossy(&loaded.stdout)
-        )));
-    }
-    // As many calls as the Rust loop made in the same time, bounded.
-    let requests = 150_000;
+    let probe = ScriptCall {
+        keys: call
+            .keys
+            .iter()
+            .map(|k| k.replace("__rand_int__", "probe"))
+            .collect(),
+        args: call.args.clone(),
+    };
+    raw.decide(&probe).await?;
+    let before = raw.evalsha_counts().await?;
     let output = Command::new(bench)
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-c", &CONCURRENCY.to_string(), "-n", &requests.to_string()])
-        .args(["-r", &KEYS.to_string(), "-q", "--precision", "3"])
-        .args(["EVALSHA", &sha, &call.keys.len().to_string()])
+        .args(["-c", &CONCURRENCY.to_string()])
+        .args(["-n", &REDIS_BENCHMARK_CALLS.to_string()])
+        .args(["-r", &KEYS.to_string()])
+        .args([
+            "EVALSHA",
+            raw.script.get_hash(),
+            &call.keys.len().to_string(),
+        ])
         .args(&call.keys)
-        .args(&call.args)
+        .args(call.argv_alone())
         .output()?;
+    let after = raw.evalsha_counts().await?;
+    if after.errors != before.errors || after.calls - before.calls < REDIS_BENCHMARK_CALLS {
+        return Err(BenchError::Setup(format!(
+            "redis-benchmark: {} EVALSHA calls, {} errors, for {REDIS_BENCHMARK_CALLS} requests",
+            after.calls - before.calls,
+            after.errors - before.errors
+        )));
+    }
     let text = String::from_utf8_lossy(&output.stdout);
-    // "EVALSHA ...: 51234.56 requests per second, p50=0.303 msec"
-    let last = text.rsplit('\r').next().unwrap_or(&text);
-    let number_before = |marker: &str| {
-        last.split(marker)
-            .next()
-            .and_then(|s| s.rsplit([' ', ':', '=']).find(|w| !w.is_empty()))
-            .and_then(|w| w.parse::<f64>().ok())
-    };
-    let per_sec = number_before(" requests per second").ok_or_else(|| {
-        BenchError::Setup(format!("cannot read redis-benchmark's output: {text:?}"))
-    })?;
-    let p50 = last
-        .split("p50=")
+    let unreadable = || BenchError::Setup(format!("cannot read redis-benchmark's output: {text}"));
+    // "  throughput summary: 51234.56 requests per second"
+    let per_sec = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("throughput summary: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .ok_or_else(unreadable)?;
+    // "  latency summary (msec):" then a header "avg min p50 p95 p99 max"
+    // and the values.
+    let mut lines = text.lines().skip_while(|l| !l.contains("latency summary"));
+    let header: Vec<&str> = lines
         .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|w| w.parse::<f64>().ok())
-        .unwrap_or(0.0);
+        .ok_or_else(unreadable)?
+        .split_whitespace()
+        .collect();
+    let values: Vec<f64> = lines
+        .next()
+        .ok_or_else(unreadable)?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .and_then(|i| values.get(i))
+            .map(|ms| Duration::from_secs_f64(ms / 1e3))
+    };
     Ok(Some(Measured {
         per_sec,
-        p50: Duration::from_secs_f64(p50 / 1e3),
-        p99: None,
+        p50: at("p50").ok_or_else(unreadable)?,
+        p99: at("p99"),
+        answered: REDIS_BENCHMARK_CALLS,
     }))
 }
 

@@ -205,7 +205,8 @@ pub struct RedisConfig {
     /// Longest a Redis call may take before the domain's failure mode applies.
     #[serde(default = "default_redis_timeout")]
     pub timeout: SpanText,
-    /// Multiplexed connections; concurrent requests pipeline onto them.
+    /// Connections to Redis; each sends the requests waiting on it as one
+    /// script call at a time (group commit).
     #[serde(default = "default_connections")]
     pub connections: u32,
     /// PEM file of the CA(s) that signed the server's certificate, for

@@ -5,6 +5,7 @@ pub mod memory;
 pub mod redis;
 pub mod tls;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_core::algorithm::Outcome;
@@ -41,9 +42,17 @@ pub enum StorageError {
         "storage unreachable on a recent call; failing fast for up to {0:?} before probing again"
     )]
     Down(Duration),
-    /// Redis refused or the connection failed.
+    /// Redis refused or the connection failed (shared by every decision
+    /// of the script call it hit).
     #[error("redis: {0}")]
-    Redis(#[from] ::redis::RedisError),
+    Redis(Arc<::redis::RedisError>),
+    /// Redis decided the other requests of a batch but refused this one
+    /// (e.g. one of its keys holds another type).
+    #[error("redis refused this decision: {0}")]
+    Refused(String),
+    /// The server's queue to Redis is gone (the backend is shutting down).
+    #[error("the Redis batching task stopped")]
+    Stopped,
     /// The script answered something this server does not understand
     /// (a script of another version under the same name?).
     #[error("unexpected reply from the decision script: {0}")]
@@ -62,6 +71,12 @@ pub enum StorageError {
     /// The limit cannot run on this backend (checked at config validation).
     #[error("limit {0:?} cannot run on Redis: its values exceed exact double arithmetic")]
     Unrepresentable(String),
+}
+
+impl From<::redis::RedisError> for StorageError {
+    fn from(error: ::redis::RedisError) -> Self {
+        StorageError::Redis(Arc::new(error))
+    }
 }
 
 /// The counter store the server was configured with, built once at

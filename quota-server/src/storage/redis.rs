@@ -22,16 +22,17 @@
 //! containing Redis's time, so servers whose clocks differ a little at a
 //! boundary still agree on the window.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Script, ScriptInvocation};
+use redis::{FromRedisValue, Script, Value};
 use sluice_core::algorithm::Outcome;
 use sluice_core::time::{Nanos, Span};
-use tokio::sync::OnceCell;
+use tokio::sync::{mpsc, oneshot, OnceCell};
 
 use super::breaker::Breaker;
 use super::{system_now, tls, Item, StorageError};
@@ -44,25 +45,53 @@ const SCRIPT: &str = include_str!("../../lua/decide.lua");
 /// call probes it again: short, so recovery is noticed quickly.
 const PROBE_PAUSE: Duration = Duration::from_millis(100);
 
-/// The Redis backend: multiplexed connections, one script call per request.
+/// Most decisions one script call carries: bounds the time Redis spends in
+/// one call (others' commands wait meanwhile) and the reply's size.
+pub const MAX_BATCH: usize = 64;
+
+/// Most items one script call carries; a larger decision goes alone.
+pub const MAX_BATCH_ITEMS: usize = 256;
+
+/// Script calls a lane keeps out at once: Redis finds the next batch
+/// waiting when it finishes one (no idle round trip), and a lane serves up
+/// to `IN_FLIGHT × MAX_BATCH` decisions per round trip (measured on a busy
+/// 2-core machine: 2 calls out capped a connection well below Redis's pace).
+const IN_FLIGHT: usize = 4;
+
+/// Decisions a lane holds waiting (beyond it, callers wait to queue,
+/// within their timeout).
+const LANE_QUEUE: usize = 4 * MAX_BATCH;
+
+/// The Redis backend: decisions queue on lanes that each send what queued
+/// as one script call.
 pub struct RedisBackend {
     breaker: Breaker,
+    /// What every lane shares: where Redis is, the script, the bound.
+    link: Arc<Link>,
+    /// One per connection, started on first use (inside the runtime).
+    lanes: Vec<OnceLock<mpsc::Sender<Job>>>,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+/// Where Redis is and how to call it, shared by the lanes' tasks.
+struct Link {
     target: Target,
     script: Script,
     timeout: Duration,
+    /// Script calls made, for tests and benchmarks (decisions per call).
+    calls: AtomicU64,
 }
 
 /// One Redis server, or a Redis Cluster.
 enum Target {
-    /// Round-robin over a few multiplexed connections, each reconnecting itself.
+    /// A few multiplexed connections (one per lane), each reconnecting itself.
     Single {
         client: redis::Client,
         connections: Vec<OnceCell<ConnectionManager>>,
-        next: AtomicUsize,
     },
     /// The cluster client's own connection: it routes each script call by
-    /// its first key's slot (a request's keys share one slot through the
-    /// `{domain}` hash tag) and follows redirections and topology changes.
+    /// its first key's slot and follows redirections and topology changes.
     Cluster {
         client: ClusterClient,
         connection: OnceCell<ClusterConnection>,
@@ -70,20 +99,23 @@ enum Target {
 }
 
 /// A connection of either kind.
+#[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
+/// One decision waiting on a lane.
+struct Job {
+    call: ScriptCall,
+    reply: oneshot::Sender<Result<Vec<i64>, StorageError>>,
+}
+
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let connections = match &self.target {
-            Target::Single { connections, .. } => connections.len(),
-            Target::Cluster { .. } => 1,
-        };
         f.debug_struct("RedisBackend")
-            .field("cluster", &matches!(self.target, Target::Cluster { .. }))
-            .field("connections", &connections)
+            .field("cluster", &self.link.is_cluster())
+            .field("lanes", &self.lanes.len())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -137,13 +169,14 @@ impl RedisBackend {
     }
 
     fn single(client: redis::Client, timeout: Duration, connections: usize) -> RedisBackend {
+        let connections = connections.max(1);
         RedisBackend::with_target(
             Target::Single {
                 client,
-                connections: (0..connections.max(1)).map(|_| OnceCell::new()).collect(),
-                next: AtomicUsize::new(0),
+                connections: (0..connections).map(|_| OnceCell::new()).collect(),
             },
             timeout,
+            connections,
         )
     }
 
@@ -152,7 +185,7 @@ impl RedisBackend {
             .connection_timeout(timeout)
             .response_timeout(timeout)
             // Redirections (MOVED/ASK) are retried; the overall timeout in
-            // `run` still bounds the call.
+            // `decide` still bounds the call.
             .retries(2)
             .build()?;
         Ok(RedisBackend::with_target(
@@ -161,31 +194,90 @@ impl RedisBackend {
                 connection: OnceCell::new(),
             },
             timeout,
+            1,
         ))
     }
 
-    fn with_target(target: Target, timeout: Duration) -> RedisBackend {
+    fn with_target(target: Target, timeout: Duration, lanes: usize) -> RedisBackend {
         RedisBackend {
             breaker: Breaker::new(PROBE_PAUSE),
-            target,
-            script: Script::new(SCRIPT),
+            link: Arc::new(Link {
+                target,
+                script: Script::new(SCRIPT),
+                timeout,
+                calls: AtomicU64::new(0),
+            }),
+            lanes: (0..lanes).map(|_| OnceLock::new()).collect(),
+            next: AtomicUsize::new(0),
             timeout,
         }
     }
 
     /// The script's SHA1, as `SCRIPT LOAD` reports it.
     pub fn script_sha(&self) -> &str {
-        self.script.get_hash()
+        self.link.script.get_hash()
     }
 
-    async fn connection(&self) -> Result<Connection, StorageError> {
+    /// Script calls made so far (each carrying one or more decisions).
+    pub fn script_calls(&self) -> u64 {
+        self.link.calls.load(Ordering::Relaxed)
+    }
+
+    /// The next lane's queue, its task started on first use.
+    fn lane(&self) -> mpsc::Sender<Job> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        self.lanes[i]
+            .get_or_init(|| {
+                let (sender, receiver) = mpsc::channel(LANE_QUEUE);
+                tokio::spawn(run_lane(self.link.clone(), i, receiver));
+                sender
+            })
+            .clone()
+    }
+
+    /// Queues one decision and waits for its answer, the whole bounded by
+    /// the timeout (queueing and connecting included, which is where a dead
+    /// host would otherwise hang).
+    async fn decide(&self, call: ScriptCall) -> Result<Vec<i64>, StorageError> {
+        if !self.breaker.admit() {
+            // Returned before the bookkeeping below: recording it as a
+            // failure would keep pushing the next probe back.
+            return Err(StorageError::Down(self.breaker.pause()));
+        }
+        let lane = self.lane();
+        let (reply, answer) = oneshot::channel();
+        let wait = async {
+            lane.send(Job { call, reply })
+                .await
+                .map_err(|_| StorageError::Stopped)?;
+            answer.await.map_err(|_| StorageError::Stopped)?
+        };
+        let result = tokio::time::timeout(self.timeout, wait)
+            .await
+            .map_err(|_| StorageError::Timeout(self.timeout))
+            .and_then(|r| r);
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(e) if unreachable(e) => self.breaker.failure(),
+            // Redis answered (e.g. a script error): it is up.
+            Err(_) => self.breaker.success(),
+        }
+        result
+    }
+}
+
+impl Link {
+    fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster { .. })
+    }
+
+    /// Lane `lane`'s connection, connecting on first use.
+    async fn connection(&self, lane: usize) -> Result<Connection, StorageError> {
         match &self.target {
             Target::Single {
                 client,
                 connections,
-                next,
             } => {
-                let i = next.fetch_add(1, Ordering::Relaxed) % connections.len();
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(self.timeout)
                     .set_response_timeout(self.timeout)
@@ -195,7 +287,7 @@ impl RedisBackend {
                     .set_exponent_base(2)
                     .set_max_delay(1000)
                     .set_number_of_retries(6);
-                let manager = connections[i]
+                let manager = connections[lane % connections.len()]
                     .get_or_try_init(|| ConnectionManager::new_with_config(client.clone(), config))
                     .await?;
                 Ok(Connection::Single(manager.clone()))
@@ -209,53 +301,151 @@ impl RedisBackend {
         }
     }
 
-    /// Runs one script call, bounded by the timeout as a whole (connecting
-    /// included, which is where a dead host would otherwise hang).
-    async fn run(&self, invocation: ScriptInvocation<'_>) -> Result<Vec<i64>, StorageError> {
-        if !self.breaker.admit() {
-            // Returned before the bookkeeping below: recording it as a
-            // failure would keep pushing the next probe back.
-            return Err(StorageError::Down(self.breaker.pause()));
+    /// One script call for `jobs`, answering each: its own numbers, its own
+    /// refusal, or the call's error.
+    async fn call(&self, connection: Connection, jobs: Vec<Job>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(jobs.len());
+        for job in &jobs {
+            for key in &job.call.keys {
+                invocation.key(key);
+            }
+            for arg in &job.call.args {
+                invocation.arg(arg);
+            }
         }
-        let call = async {
-            let reply = match self.connection().await? {
-                Connection::Single(mut conn) => invocation.invoke_async(&mut conn).await,
-                Connection::Cluster(mut conn) => invocation.invoke_async(&mut conn).await,
-            };
-            reply.map_err(StorageError::from)
+        let reply = async {
+            match connection {
+                Connection::Single(mut conn) => invocation.invoke_async::<Value>(&mut conn).await,
+                Connection::Cluster(mut conn) => invocation.invoke_async::<Value>(&mut conn).await,
+            }
         };
-        let result = tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StorageError::Timeout(self.timeout))
-            .and_then(|r| r);
-        match &result {
-            Ok(_) => self.breaker.success(),
-            Err(e) if unreachable(e) => self.breaker.failure(),
-            // Redis answered (e.g. a script error): it is up.
-            Err(_) => self.breaker.success(),
+        let replies = match tokio::time::timeout(self.timeout, reply).await {
+            Err(_) => Err(StorageError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(StorageError::from(e)),
+            Ok(Ok(Value::Array(replies))) if replies.len() == jobs.len() => Ok(replies),
+            Ok(Ok(other)) => Err(StorageError::Reply(format!(
+                "{other:?} for a batch of {} decisions",
+                jobs.len()
+            ))),
+        };
+        match replies {
+            Ok(replies) => {
+                for (job, reply) in jobs.into_iter().zip(replies) {
+                    // The caller may have given up (its timeout): nothing to do.
+                    let _ = job.reply.send(decision_reply(reply));
+                }
+            }
+            Err(error) => answer_all(jobs, &error),
         }
-        result
-    }
-
-    fn invocation(
-        &self,
-        mode: &str,
-        items: &[Item<'_>],
-        now: Option<Nanos>,
-    ) -> Result<ScriptInvocation<'_>, StorageError> {
-        let call = script_call(mode, items, now)?;
-        let mut inv = self.script.prepare_invoke();
-        for key in &call.keys {
-            inv.key(key);
-        }
-        for arg in &call.args {
-            inv.arg(arg);
-        }
-        Ok(inv)
     }
 }
 
-/// The `KEYS` and `ARGV` of one script call.
+/// Answers every job with (a copy of) `error`.
+fn answer_all(jobs: Vec<Job>, error: &StorageError) {
+    for job in jobs {
+        let _ = job.reply.send(Err(share(error)));
+    }
+}
+
+/// A copy of a call's error for each of its decisions.
+fn share(error: &StorageError) -> StorageError {
+    match error {
+        StorageError::Redis(e) => StorageError::Redis(e.clone()),
+        StorageError::Timeout(t) => StorageError::Timeout(*t),
+        other => StorageError::Reply(other.to_string()),
+    }
+}
+
+/// One decision's part of the script's reply: its numbers, or (a string)
+/// why Redis refused it.
+fn decision_reply(reply: Value) -> Result<Vec<i64>, StorageError> {
+    match reply {
+        Value::Array(_) => Vec::<i64>::from_redis_value(&reply).map_err(StorageError::from),
+        Value::BulkString(text) => Err(StorageError::Refused(
+            String::from_utf8_lossy(&text).into_owned(),
+        )),
+        Value::SimpleString(text) => Err(StorageError::Refused(text)),
+        other => Err(StorageError::Reply(format!("{other:?} for one decision"))),
+    }
+}
+
+/// A lane's task: takes whatever queued (at least one decision, waiting
+/// for it without a timer) and sends it as script calls (one per hash tag
+/// with a cluster, each within the batch bounds), keeping at most
+/// [`IN_FLIGHT`] calls out: what queues meanwhile is the next batch. Ends
+/// when the backend is dropped, once its calls are answered.
+async fn run_lane(link: Arc<Link>, lane: usize, mut queue: mpsc::Receiver<Job>) {
+    let mut taken = Vec::with_capacity(MAX_BATCH);
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            taken_now = queue.recv_many(&mut taken, MAX_BATCH), if in_flight.len() < IN_FLIGHT => {
+                if taken_now == 0 {
+                    break;
+                }
+                // A caller that gave up (timed out, cancelled) needs no decision.
+                let jobs: Vec<Job> = taken.drain(..).filter(|j| !j.reply.is_closed()).collect();
+                if jobs.is_empty() {
+                    continue;
+                }
+                let connection =
+                    match tokio::time::timeout(link.timeout, link.connection(lane)).await {
+                        Ok(Ok(connection)) => connection,
+                        Ok(Err(error)) => {
+                            answer_all(jobs, &error);
+                            continue;
+                        }
+                        Err(_) => {
+                            answer_all(jobs, &StorageError::Timeout(link.timeout));
+                            continue;
+                        }
+                    };
+                for jobs in batches(jobs, link.is_cluster()) {
+                    let (link, connection) = (link.clone(), connection.clone());
+                    in_flight.spawn(async move { link.call(connection, jobs).await });
+                }
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Splits taken decisions into script calls: within [`MAX_BATCH_ITEMS`]
+/// items each and, with a cluster, one hash tag (so one slot) per call.
+fn batches(jobs: Vec<Job>, by_tag: bool) -> Vec<Vec<Job>> {
+    // Per call being filled: its hash tag, decisions and items.
+    let mut calls: Vec<(String, Vec<Job>, usize)> = Vec::new();
+    for job in jobs {
+        let tag = match job.call.keys.first() {
+            Some(key) if by_tag => hash_tag(key).to_owned(),
+            _ => String::new(),
+        };
+        let items = job.call.items();
+        match calls.iter_mut().rev().find(|(t, _, _)| *t == tag) {
+            Some((_, jobs, n)) if *n + items <= MAX_BATCH_ITEMS => {
+                jobs.push(job);
+                *n += items;
+            }
+            _ => calls.push((tag, vec![job], items)),
+        }
+    }
+    calls.into_iter().map(|(_, jobs, _)| jobs).collect()
+}
+
+/// The part of `key` Redis Cluster hashes: the text inside its first
+/// non-empty `{...}`, else the whole key.
+fn hash_tag(key: &str) -> &str {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(tag, _)| tag)
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or(key)
+}
+
+/// One decision's part of a script call's `KEYS` and `ARGV`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScriptCall {
     /// Per item: its state key and its log key.
@@ -267,8 +457,20 @@ pub struct ScriptCall {
     pub args: Vec<String>,
 }
 
-/// The script call deciding (`mode` "check") or refunding ("refund")
-/// `items`; public so that benchmarks can issue the very same call.
+impl ScriptCall {
+    /// The decision's items.
+    fn items(&self) -> usize {
+        self.keys.len() / 2
+    }
+
+    /// `ARGV` of a script call carrying this decision alone (a batch of one).
+    pub fn argv_alone(&self) -> impl Iterator<Item = &str> {
+        std::iter::once("1").chain(self.args.iter().map(String::as_str))
+    }
+}
+
+/// The decision (`mode` "check") or refund ("refund") of `items`, to be
+/// sent in a batch; public so that benchmarks can issue the very same call.
 pub fn script_call(
     mode: &str,
     items: &[Item<'_>],
@@ -318,6 +520,8 @@ fn unreachable(error: &StorageError) -> bool {
                 || e.is_timeout()
         }
         StorageError::Reply(_)
+        | StorageError::Refused(_)
+        | StorageError::Stopped
         | StorageError::Unrepresentable(_)
         | StorageError::Engine(_)
         | StorageError::Tls(_)
@@ -340,7 +544,7 @@ fn outcome(values: &[i64], tick_us: u64) -> Outcome {
 }
 
 impl RedisBackend {
-    /// Checks and consumes in one script call; see [`super::Store`].
+    /// Checks and consumes, atomically over `items`; see [`super::Store`].
     pub async fn check(
         &self,
         items: &[Item<'_>],
@@ -349,7 +553,7 @@ impl RedisBackend {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let reply = self.run(self.invocation("check", items, now)?).await?;
+        let reply = self.decide(script_call("check", items, now)?).await?;
         if reply.len() != items.len() * 4 {
             return Err(StorageError::Reply(format!(
                 "{} numbers for {} items",
@@ -364,12 +568,12 @@ impl RedisBackend {
             .collect())
     }
 
-    /// Gives back each item's cost in one script call.
+    /// Gives back each item's cost, atomically over `items`.
     pub async fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
         if items.is_empty() {
             return Ok(());
         }
-        self.run(self.invocation("refund", items, now)?).await?;
+        self.decide(script_call("refund", items, now)?).await?;
         Ok(())
     }
 }
