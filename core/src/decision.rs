@@ -2,11 +2,11 @@
 //! tell a client about it.
 
 use alloc::string::String;
-use core::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
 use crate::algorithm::{Outcome, Quota};
+use crate::text::push_decimal;
 use crate::time::Span;
 
 /// One rule's verdict on one request.
@@ -154,45 +154,47 @@ pub fn render_headers<'a>(
         .map(|(name, _)| name.len().saturating_add(NUMBERS))
         .fold(NUMBERS, usize::saturating_add);
     let mut value = String::with_capacity(longest);
+    // Numbers are written without `core::fmt`: this runs on every response.
+    let mut emit_number = |name: &'static str, n: u64| {
+        value.clear();
+        push_decimal(&mut value, n);
+        emit(name, &value);
+    };
     if !shown.allowed {
-        let _ = write!(value, "{}", shown.retry_after_secs());
-        emit(names::RETRY_AFTER, &value);
+        emit_number(names::RETRY_AFTER, shown.retry_after_secs());
     }
     if sets.x_ratelimit {
-        value.clear();
-        let _ = write!(value, "{}", shown.capacity);
-        emit(names::X_RATELIMIT_LIMIT, &value);
-        value.clear();
-        let _ = write!(value, "{}", shown.remaining);
-        emit(names::X_RATELIMIT_REMAINING, &value);
-        value.clear();
-        let _ = write!(value, "{}", shown.reset_secs());
-        emit(names::X_RATELIMIT_RESET, &value);
+        emit_number(names::X_RATELIMIT_LIMIT, shown.capacity);
+        emit_number(names::X_RATELIMIT_REMAINING, shown.remaining);
+        emit_number(names::X_RATELIMIT_RESET, shown.reset_secs());
     }
     if sets.ietf {
-        value.clear();
-        for (i, (name, d)) in rules.clone().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            let _ = write!(
-                value,
-                "{sep}\"{name}\";q={};w={}",
-                d.limit,
-                d.window.as_secs_ceil()
-            );
-        }
+        // `"name";q=limit;w=window, ...` then `"name";r=remaining;t=reset, ...`
+        let field =
+            |value: &mut String, [first, second]: [&str; 2], numbers: fn(&Decision) -> [u64; 2]| {
+                value.clear();
+                for (i, (name, d)) in rules.clone().enumerate() {
+                    if i > 0 {
+                        value.push_str(", ");
+                    }
+                    let [a, b] = numbers(&d);
+                    value.push('"');
+                    value.push_str(name);
+                    value.push_str(first);
+                    push_decimal(value, a);
+                    value.push_str(second);
+                    push_decimal(value, b);
+                }
+            };
+        field(&mut value, ["\";q=", ";w="], |d| {
+            [d.limit, d.window.as_secs_ceil()]
+        });
         if !value.is_empty() {
             emit(names::RATELIMIT_POLICY, &value);
         }
-        value.clear();
-        for (i, (name, d)) in rules.enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            let _ = write!(
-                value,
-                "{sep}\"{name}\";r={};t={}",
-                d.remaining,
-                d.reset_secs()
-            );
-        }
+        field(&mut value, ["\";r=", ";t="], |d| {
+            [d.remaining, d.reset_secs()]
+        });
         if !value.is_empty() {
             emit(names::RATELIMIT, &value);
         }

@@ -21,4 +21,5 @@ pub mod lease;
 pub mod policy;
 pub mod protocol;
 pub mod store;
+pub mod text;
 pub mod time;
