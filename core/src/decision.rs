@@ -144,21 +144,34 @@ pub fn render_headers<'a>(
     rules: impl Iterator<Item = (&'a str, Decision)> + Clone,
     shown: Decision,
     sets: HeaderSets,
+    emit: impl FnMut(&'static str, &str),
+) {
+    render_headers_in(rules, shown, sets, &mut String::new(), emit);
+}
+
+/// [`render_headers`], building each value in `value` (its text is
+/// replaced): a caller that renders often keeps one buffer and allocates
+/// nothing once it is large enough.
+pub fn render_headers_in<'a>(
+    rules: impl Iterator<Item = (&'a str, Decision)> + Clone,
+    shown: Decision,
+    sets: HeaderSets,
+    value: &mut String,
     mut emit: impl FnMut(&'static str, &str),
 ) {
-    // One buffer for every value, sized once: the longest is an IETF field
+    // Room for every value, reserved once: the longest is an IETF field
     // listing every rule (name, quotes and separators, two numbers).
     const NUMBERS: usize = 2 * 20 + 12;
     let longest = rules
         .clone()
         .map(|(name, _)| name.len().saturating_add(NUMBERS))
         .fold(NUMBERS, usize::saturating_add);
-    let mut value = String::with_capacity(longest);
-    // Numbers are written without `core::fmt`: this runs on every response.
+    value.clear();
+    value.reserve(longest);
     let mut emit_number = |name: &'static str, n: u64| {
         value.clear();
-        push_decimal(&mut value, n);
-        emit(name, &value);
+        push_decimal(value, n);
+        emit(name, value);
     };
     if !shown.allowed {
         emit_number(names::RETRY_AFTER, shown.retry_after_secs());
@@ -186,17 +199,15 @@ pub fn render_headers<'a>(
                     push_decimal(value, b);
                 }
             };
-        field(&mut value, ["\";q=", ";w="], |d| {
+        field(value, ["\";q=", ";w="], |d| {
             [d.limit, d.window.as_secs_ceil()]
         });
         if !value.is_empty() {
-            emit(names::RATELIMIT_POLICY, &value);
+            emit(names::RATELIMIT_POLICY, value);
         }
-        field(&mut value, ["\";r=", ";t="], |d| {
-            [d.remaining, d.reset_secs()]
-        });
+        field(value, ["\";r=", ";t="], |d| [d.remaining, d.reset_secs()]);
         if !value.is_empty() {
-            emit(names::RATELIMIT, &value);
+            emit(names::RATELIMIT, value);
         }
     }
 }

@@ -8,21 +8,25 @@ use core::net::Ipv4Addr;
 
 /// Appends the decimal text of `n` to `out`, as its `Display` would.
 pub fn push_decimal(out: &mut impl PushStr, n: u64) {
-    // Least significant first, then appended in reverse.
-    let mut digits = [0u8; 20];
-    let mut count = 0;
+    // Written from the end, then appended in one piece.
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
     let mut rest = n;
-    for (i, digit) in digits.iter_mut().enumerate() {
-        *digit = (rest % 10) as u8;
+    for (i, digit) in digits.iter_mut().enumerate().rev() {
+        // A digit below 10 or'ed onto '0' is its ASCII character.
+        *digit = b'0' | (rest % 10) as u8;
         rest /= 10;
-        count = i;
+        start = i;
         if rest == 0 {
             break;
         }
     }
-    for digit in digits.iter().take(count + 1).rev() {
-        // A digit below 10 or'ed onto '0' is its ASCII character.
-        out.push(char::from(b'0' | digit));
+    // Only ASCII digits were written, so this always holds.
+    if let Some(text) = digits
+        .get(start..)
+        .and_then(|d| core::str::from_utf8(d).ok())
+    {
+        out.push_str(text);
     }
 }
 

@@ -10,7 +10,7 @@ use alloc::borrow::Cow;
 use super::query;
 use super::request::Attributes;
 use crate::client_ip::ClientIpSource;
-use crate::text::{push_ipv4, PushStr};
+use crate::text::{push_decimal, push_ipv4, PushStr};
 
 /// One request attribute that goes into a key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -167,9 +167,11 @@ impl KeySpec {
                 return false;
             };
             if let Some(place) = place {
-                let _ = write!(out, "{place}>");
+                push_decimal(out, place as u64);
+                out.push('>');
             }
-            let _ = write!(out, "{}:", value.len());
+            push_decimal(out, value.len() as u64);
+            out.push(':');
             let from_path = matches!(part, KeyPart::Path | KeyPart::PathSegment(_));
             if self.lower_path && from_path {
                 out.extend(value.chars().map(|c| c.to_ascii_lowercase()));

@@ -112,6 +112,8 @@ pub struct Plugin<B> {
     woken: leased::Woken,
     /// Scratch for lease cell names.
     lease_name: String,
+    /// Scratch for rate-limit header values: responses allocate none.
+    header_value: String,
 }
 
 /// The policy of a plugin configuration (the filter's JSON), validated.
@@ -168,6 +170,7 @@ impl<B: SharedBytes> Plugin<B> {
             controls: Enforced::default(),
             woken: leased::Woken::default(),
             lease_name: String::new(),
+            header_value: String::new(),
         };
         // Controls another VM already has apply at once, and ticks keep
         // polling for new ones.
