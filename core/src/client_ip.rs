@@ -2,7 +2,7 @@
 //! as the configured number of trusted proxies vouches for it; and the
 //! network a client is keyed by.
 
-use core::net::{IpAddr, SocketAddr};
+use core::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use crate::access::Cidr;
 
@@ -81,7 +81,11 @@ impl ClientIpSource {
 /// Reads an address as hosts write it: `1.2.3.4`, `1.2.3.4:5678`,
 /// `::1`, `[::1]:5678`.
 pub fn parse_ip(text: &str) -> Option<IpAddr> {
-    text.parse::<IpAddr>()
+    // Envoy's peer address, `1.2.3.4:5678`, first: one pass of the parser
+    // instead of three. No other form parses as a socket address of IPv4.
+    text.parse::<SocketAddrV4>()
+        .map(|s| IpAddr::V4(*s.ip()))
+        .or_else(|_| text.parse::<IpAddr>())
         .ok()
         .or_else(|| text.parse::<SocketAddr>().ok().map(|s| s.ip()))
         .or_else(|| {

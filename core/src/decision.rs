@@ -2,11 +2,11 @@
 //! tell a client about it.
 
 use alloc::string::String;
-use core::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
 use crate::algorithm::{Outcome, Quota};
+use crate::text::push_decimal;
 use crate::time::Span;
 
 /// One rule's verdict on one request.
@@ -144,57 +144,70 @@ pub fn render_headers<'a>(
     rules: impl Iterator<Item = (&'a str, Decision)> + Clone,
     shown: Decision,
     sets: HeaderSets,
+    emit: impl FnMut(&'static str, &str),
+) {
+    render_headers_in(rules, shown, sets, &mut String::new(), emit);
+}
+
+/// [`render_headers`], building each value in `value` (its text is
+/// replaced): a caller that renders often keeps one buffer and allocates
+/// nothing once it is large enough.
+pub fn render_headers_in<'a>(
+    rules: impl Iterator<Item = (&'a str, Decision)> + Clone,
+    shown: Decision,
+    sets: HeaderSets,
+    value: &mut String,
     mut emit: impl FnMut(&'static str, &str),
 ) {
-    // One buffer for every value, sized once: the longest is an IETF field
+    // Room for every value, reserved once: the longest is an IETF field
     // listing every rule (name, quotes and separators, two numbers).
     const NUMBERS: usize = 2 * 20 + 12;
     let longest = rules
         .clone()
         .map(|(name, _)| name.len().saturating_add(NUMBERS))
         .fold(NUMBERS, usize::saturating_add);
-    let mut value = String::with_capacity(longest);
+    value.clear();
+    value.reserve(longest);
+    let mut emit_number = |name: &'static str, n: u64| {
+        value.clear();
+        push_decimal(value, n);
+        emit(name, value);
+    };
     if !shown.allowed {
-        let _ = write!(value, "{}", shown.retry_after_secs());
-        emit(names::RETRY_AFTER, &value);
+        emit_number(names::RETRY_AFTER, shown.retry_after_secs());
     }
     if sets.x_ratelimit {
-        value.clear();
-        let _ = write!(value, "{}", shown.capacity);
-        emit(names::X_RATELIMIT_LIMIT, &value);
-        value.clear();
-        let _ = write!(value, "{}", shown.remaining);
-        emit(names::X_RATELIMIT_REMAINING, &value);
-        value.clear();
-        let _ = write!(value, "{}", shown.reset_secs());
-        emit(names::X_RATELIMIT_RESET, &value);
+        emit_number(names::X_RATELIMIT_LIMIT, shown.capacity);
+        emit_number(names::X_RATELIMIT_REMAINING, shown.remaining);
+        emit_number(names::X_RATELIMIT_RESET, shown.reset_secs());
     }
     if sets.ietf {
-        value.clear();
-        for (i, (name, d)) in rules.clone().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            let _ = write!(
-                value,
-                "{sep}\"{name}\";q={};w={}",
-                d.limit,
-                d.window.as_secs_ceil()
-            );
-        }
+        // `"name";q=limit;w=window, ...` then `"name";r=remaining;t=reset, ...`
+        let field =
+            |value: &mut String, [first, second]: [&str; 2], numbers: fn(&Decision) -> [u64; 2]| {
+                value.clear();
+                for (i, (name, d)) in rules.clone().enumerate() {
+                    if i > 0 {
+                        value.push_str(", ");
+                    }
+                    let [a, b] = numbers(&d);
+                    value.push('"');
+                    value.push_str(name);
+                    value.push_str(first);
+                    push_decimal(value, a);
+                    value.push_str(second);
+                    push_decimal(value, b);
+                }
+            };
+        field(value, ["\";q=", ";w="], |d| {
+            [d.limit, d.window.as_secs_ceil()]
+        });
         if !value.is_empty() {
-            emit(names::RATELIMIT_POLICY, &value);
+            emit(names::RATELIMIT_POLICY, value);
         }
-        value.clear();
-        for (i, (name, d)) in rules.enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            let _ = write!(
-                value,
-                "{sep}\"{name}\";r={};t={}",
-                d.remaining,
-                d.reset_secs()
-            );
-        }
+        field(value, ["\";r=", ";t="], |d| [d.remaining, d.reset_secs()]);
         if !value.is_empty() {
-            emit(names::RATELIMIT, &value);
+            emit(names::RATELIMIT, value);
         }
     }
 }

@@ -5,7 +5,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::algorithm::{Limiter, Mode, Outcome, State};
-use crate::decision::{render_headers, Decision};
+use crate::decision::{render_headers_in, Decision};
 use crate::policy::{Action, Attributes, Counts, Policy, Rule};
 use crate::store::{limited_for, Loaded, Room, Saved, Slot, StateStore, StoreError};
 use crate::time::{Nanos, Span};
@@ -151,6 +151,17 @@ impl Verdict {
     /// header options. A request that goes through gets no `Retry-After`,
     /// even when a degrade rule limited it: it needs no retry.
     pub fn headers(&self, policy: &Policy, emit: impl FnMut(&'static str, &str)) {
+        self.headers_in(policy, &mut String::new(), emit);
+    }
+
+    /// [`Verdict::headers`], building each value in `value` (see
+    /// [`render_headers_in`]).
+    pub fn headers_in(
+        &self,
+        policy: &Policy,
+        value: &mut String,
+        emit: impl FnMut(&'static str, &str),
+    ) {
         if let Some(shown) = self.shown(policy) {
             let shown = if self.is_allowed() {
                 Decision {
@@ -160,7 +171,7 @@ impl Verdict {
             } else {
                 shown
             };
-            render_headers(self.listed(policy), shown, policy.header_sets, emit);
+            render_headers_in(self.listed(policy), shown, policy.header_sets, value, emit);
         }
     }
 }

@@ -22,4 +22,5 @@ pub mod policy;
 pub mod protocol;
 pub mod simulation;
 pub mod store;
+pub mod text;
 pub mod time;

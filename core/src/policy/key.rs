@@ -3,12 +3,14 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
+use core::net::IpAddr;
 
 use alloc::borrow::Cow;
 
 use super::query;
 use super::request::Attributes;
 use crate::client_ip::ClientIpSource;
+use crate::text::{push_decimal, push_ipv4, PushStr};
 
 /// One request attribute that goes into a key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -165,9 +167,11 @@ impl KeySpec {
                 return false;
             };
             if let Some(place) = place {
-                let _ = write!(out, "{place}>");
+                push_decimal(out, place as u64);
+                out.push('>');
             }
-            let _ = write!(out, "{}:", value.len());
+            push_decimal(out, value.len() as u64);
+            out.push(':');
             let from_path = matches!(part, KeyPart::Path | KeyPart::PathSegment(_));
             if self.lower_path && from_path {
                 out.extend(value.chars().map(|c| c.to_ascii_lowercase()));
@@ -191,7 +195,13 @@ fn part_value<'r>(
         KeyPart::ClientIp => match request.client_ip() {
             Some(ip) => {
                 *ip_text = IpText::default();
-                let _ = write!(ip_text, "{}", clients.key_address(ip));
+                match clients.key_address(ip) {
+                    // Most clients: written without `core::fmt`.
+                    IpAddr::V4(v4) => push_ipv4(ip_text, v4),
+                    v6 => {
+                        let _ = write!(ip_text, "{v6}");
+                    }
+                }
                 ip_text.as_str()
             }
             None => UNKNOWN_CLIENT,
@@ -228,6 +238,16 @@ impl Default for IpText {
 impl IpText {
     fn as_str(&self) -> &str {
         core::str::from_utf8(&self.bytes[..self.len]).unwrap_or(UNKNOWN_CLIENT)
+    }
+}
+
+impl PushStr for IpText {
+    fn push(&mut self, c: char) {
+        self.push_str(c.encode_utf8(&mut [0; 4]));
+    }
+    fn push_str(&mut self, s: &str) {
+        // 48 bytes hold any address: nothing is ever cut.
+        let _ = self.write_str(s);
     }
 }
 

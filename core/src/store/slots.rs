@@ -20,10 +20,10 @@
 //! keeps them: neither is evicted. When all its slots are protected, a new
 //! key shares the rule's overflow slot or is refused, as [`WhenFull`] says.
 
+use crate::text::push_decimal;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
-use core::fmt::Write;
 
 use hashbrown::HashMap;
 use siphasher::sip::SipHasher13;
@@ -230,11 +230,18 @@ impl<B: SharedBytes> SlotStore<B> {
         &self.seed
     }
 
-    fn set_name(&mut self, table: usize, suffix: impl core::fmt::Display) {
+    fn set_name(&mut self, table: usize, suffix: &str) {
         self.name.clear();
         if let Some(t) = self.tables.get(table) {
-            let _ = write!(self.name, "{}{suffix}", t.prefix);
+            self.name.push_str(&t.prefix);
+            self.name.push_str(suffix);
         }
+    }
+
+    /// Names slot `index` of `table` (every probe and write does).
+    fn set_slot_name(&mut self, table: usize, index: u64) {
+        self.set_name(table, "");
+        push_decimal(&mut self.name, index);
     }
 
     fn home(&self, table: usize, key: &[u8]) -> (u64, u64) {
@@ -248,7 +255,7 @@ impl<B: SharedBytes> SlotStore<B> {
         let Some(lock_cas) = self.lock(table, now)? else {
             return Ok(Saved::Conflict);
         };
-        self.set_name(table, index);
+        self.set_slot_name(table, index);
         // Released whatever happened, or every creation would wait for it
         // to go stale.
         let created = self.create_unless_present();
@@ -436,7 +443,7 @@ impl<B: SharedBytes> SlotStore<B> {
         let mut best: Option<Candidate> = None;
         for probe in 0..PROBES.min(slots) {
             let index = (home + probe) % slots;
-            self.set_name(slot.rule_index, index);
+            self.set_slot_name(slot.rule_index, index);
             let (bytes, cas) = self.backend.get(&self.name)?;
             let rank = match bytes.as_deref().map(parse_value) {
                 None => (2, Nanos::ZERO),
@@ -650,7 +657,7 @@ impl<B: SharedBytes> SlotStore<B> {
         let mut hashed = [0u8; 16];
         let key = match version.place {
             Place::Slot(index) => {
-                self.set_name(slot.rule_index, index);
+                self.set_slot_name(slot.rule_index, index);
                 stored_key(slot.key, &self.seed, &mut hashed)
             }
             Place::Overflow => {

@@ -433,7 +433,7 @@ fn an_allowed_request_of_one_per_ip_rule_with_default_headers() -> Result<(), St
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
-            allocations: 6,
+            allocations: 5,
         }
     );
     Ok(())
@@ -521,7 +521,7 @@ fn a_grpc_unary_call_under_a_requests_rule() -> Result<(), String> {
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
-            allocations: 8,
+            allocations: 7,
         }
     );
     Ok(())

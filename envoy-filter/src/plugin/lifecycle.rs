@@ -409,7 +409,7 @@ impl<B: SharedBytes> Plugin<B> {
         // allowed responses do not: it is not the full answer.
         let tells = self.policy.headers_on_allowed || verdict.is_degraded();
         if tells && !self.policy.header_sets.is_empty() {
-            verdict.headers(&self.policy, |name, value| {
+            verdict.headers_in(&self.policy, &mut self.header_value, |name, value| {
                 host.set_response_header(name, value)
             });
         }

@@ -22,8 +22,11 @@
 mod access;
 #[cfg(test)]
 mod access_tests;
+mod by_id;
 #[cfg(test)]
 mod charging_tests;
+#[cfg(test)]
+mod cost_harness;
 mod cuts;
 mod delay;
 mod exact;
@@ -39,8 +42,6 @@ mod stream_judge;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
-
 use sluice_core::config::{Config, ConfigError};
 use sluice_core::policy::Policy;
 use sluice_core::store::{SharedBytes, SlotStats, SlotStore, StoreError};
@@ -49,6 +50,7 @@ use crate::controls::Enforced;
 use crate::host::Host;
 use crate::http::{LocalReply, Needs};
 use crate::metrics::Metrics;
+use by_id::ById;
 
 pub use delay::DELAY_TICK_MILLIS;
 
@@ -94,10 +96,10 @@ pub struct Plugin<B> {
     store: SlotStore<B>,
     metrics: Metrics,
     needs: Needs,
-    requests: HashMap<u32, lifecycle::RequestState>,
+    requests: ById<lifecycle::RequestState>,
     delayed: delay::DelayQueue,
     /// Requests waiting for the quota server, by call token.
-    asking: HashMap<u32, exact::Asking>,
+    asking: ById<exact::Asking>,
     /// The last quota server call failed: further failures are not logged
     /// (one warning per outage, not one per request).
     quota_failing: bool,
@@ -110,6 +112,8 @@ pub struct Plugin<B> {
     woken: leased::Woken,
     /// Scratch for lease cell names.
     lease_name: String,
+    /// Scratch for rate-limit header values: responses allocate none.
+    header_value: String,
 }
 
 /// The policy of a plugin configuration (the filter's JSON), validated.
@@ -157,15 +161,16 @@ impl<B: SharedBytes> Plugin<B> {
             policy,
             store,
             metrics,
-            requests: HashMap::new(),
+            requests: ById::default(),
             delayed: delay::DelayQueue::default(),
-            asking: HashMap::new(),
+            asking: ById::default(),
             quota_failing: false,
             keys_reported: SlotStats::default(),
             cuts: cuts::CutCalls::default(),
             controls: Enforced::default(),
             woken: leased::Woken::default(),
             lease_name: String::new(),
+            header_value: String::new(),
         };
         // Controls another VM already has apply at once, and ticks keep
         // polling for new ones.
