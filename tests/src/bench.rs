@@ -2,7 +2,7 @@
 //! the order of interleaved rounds, wrk runs on loopback and what they
 //! printed, medians, and the load average.
 
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -262,6 +262,41 @@ pub fn load_average() -> Option<f64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// What a benchmark binary's `main` does: parses its options (`program`
+/// names it in messages), pins this thread to CPU 1 first when
+/// `pin_loader` and the options pin (the threads it starts later, load
+/// generators and servers, inherit CPU 1 and leave CPU 0 to Envoy), then
+/// runs `run(options, pinned)` on a one-worker runtime.
+pub fn main<F, Fut>(program: &str, defaults: Options, pin_loader: bool, run: F) -> ExitCode
+where
+    F: FnOnce(Options, bool) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let outcome = (|| -> Result<Option<()>> {
+        let Some(options) = Options::parse(program, defaults, std::env::args().skip(1).collect())?
+        else {
+            return Ok(None);
+        };
+        let pin = pin_loader && options.pins();
+        if pin {
+            crate::envoy::pin_this_thread(&[1])?;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?;
+        runtime.block_on(run(options, pin)).map(Some)
+    })();
+    match outcome {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program} failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

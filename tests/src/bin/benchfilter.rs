@@ -180,36 +180,12 @@ struct Run {
 }
 
 fn main() -> ExitCode {
-    let options = match Options::parse(
+    bench::main(
         "benchfilter",
         Options::default(),
-        std::env::args().skip(1).collect(),
-    ) {
-        Ok(Some(options)) => options,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("benchfilter: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("benchfilter: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("benchfilter failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        false,
+        |options, _| async move { run(&options).await },
+    )
 }
 
 async fn run(options: &Options) -> Result<()> {

@@ -44,7 +44,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use sluice_e2e::bench::{self, load_average, median, round_order, Options, WrkLoad};
-use sluice_e2e::envoy::{pin_this_thread, process_cpu_time, Envoy};
+use sluice_e2e::envoy::{process_cpu_time, Envoy};
 use sluice_e2e::fleet::{synced_rule, OnFailure, SyncMode};
 use sluice_e2e::upstream::Upstream;
 use sluice_e2e::windows::{admitted_per_window, timed_load};
@@ -146,47 +146,13 @@ struct Run {
 }
 
 fn main() -> ExitCode {
-    // Shorter runs than benchfilter's: each also measures latency.
     let defaults = Options {
         duration_s: 3,
         ..Options::default()
     };
-    let options = match Options::parse("benchglobal", defaults, std::env::args().skip(1).collect())
-    {
-        Ok(Some(options)) => options,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("benchglobal: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Before any thread starts: the upstream's threads and the quota
-    // server inherit CPU 1, leaving CPU 0 to Envoy.
-    let pin = options.pins();
-    if pin {
-        if let Err(e) = pin_this_thread(&[1]) {
-            eprintln!("benchglobal: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("benchglobal: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&options, pin)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("benchglobal failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::main("benchglobal", defaults, true, |options, pin| async move {
+        run(&options, pin).await
+    })
 }
 
 /// The quota server's configuration: a synced rule per mode in domain

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use sluice_e2e::bench::{self, load_average, median, round_order, Options, WrkLoad};
-use sluice_e2e::envoy::{pin_this_thread, Envoy};
+use sluice_e2e::envoy::Envoy;
 use sluice_e2e::sluice_release_binary;
 use sluice_e2e::upstream::Upstream;
 use sluice_quota_server::launcher::Launcher;
@@ -76,41 +76,9 @@ fn main() -> ExitCode {
         duration_s: 3,
         ..Options::default()
     };
-    let options = match Options::parse("benchrls", defaults, std::env::args().skip(1).collect()) {
-        Ok(Some(options)) => options,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("benchrls: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Before any thread starts: the upstream's threads and the quota
-    // server inherit CPU 1, leaving CPU 0 to Envoy.
-    let pin = options.pins();
-    if pin {
-        if let Err(e) = pin_this_thread(&[1]) {
-            eprintln!("benchrls: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("benchrls: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&options, pin)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("benchrls failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::main("benchrls", defaults, true, |options, pin| async move {
+        run(&options, pin).await
+    })
 }
 
 async fn run(options: &Options, pin: bool) -> Result<()> {
