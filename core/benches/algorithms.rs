@@ -388,36 +388,40 @@ fn governor_quanta(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
 /// single-owner `MemoryStore` (information).
 fn sluice_engine(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
     let policy = policy(AlgorithmKind::Gcra, case.limit);
-    let keys = [(0usize, case.keys[0].clone())];
-    let costs = engine::Costs::default();
-    let mut store = MemoryStore::new(MAX_KEYS);
-    measure(g, case, "sluice_engine/gcra", |w| {
-        let (_, now, _) = w.step();
-        let verdict = engine::decide_keys(
-            &policy,
-            &mut store,
-            black_box(&keys),
-            &costs,
-            now,
-            Span::ZERO,
-        );
-        verdict.unwrap().is_allowed()
-    });
+    engine_on_hot_key(
+        g,
+        case,
+        "sluice_engine/gcra",
+        &policy,
+        MemoryStore::new(MAX_KEYS),
+    );
 }
 
 /// The Envoy filter's path: the engine over a `SlotStore` on the
 /// in-process double of Envoy's shared data (see the module doc).
 fn sluice_engine_slot_store(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case<'_>) {
     let policy = policy(AlgorithmKind::Gcra, case.limit);
-    let keys = [(0usize, case.keys[0].clone())];
-    let costs = engine::Costs::default();
     let shared = InProcessShared::default();
     let seed = 0x5eed_u64;
-    let mut store = SlotStore::open(&shared, &policy, || Some(seed)).unwrap();
-    measure(g, case, "sluice_engine_slot_store/gcra", |w| {
+    let store = SlotStore::open(&shared, &policy, || Some(seed)).unwrap();
+    engine_on_hot_key(g, case, "sluice_engine_slot_store/gcra", &policy, store);
+}
+
+/// Measures `engine::decide_keys` for the first rule of `policy` on the
+/// case's hot key over `store`, as row `id`.
+fn engine_on_hot_key<S: StateStore>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    case: &Case<'_>,
+    id: &str,
+    policy: &Policy,
+    mut store: S,
+) {
+    let keys = [(0usize, case.keys[0].clone())];
+    let costs = engine::Costs::default();
+    measure(g, case, id, |w| {
         let (_, now, _) = w.step();
         let verdict = engine::decide_keys(
-            &policy,
+            policy,
             &mut store,
             black_box(&keys),
             &costs,
