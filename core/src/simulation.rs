@@ -272,6 +272,15 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
+/// The words of one line of a traffic text, without its `#` comment.
+pub fn line_words(line: &str) -> Vec<&str> {
+    line.split('#')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect()
+}
+
 /// A request as a log line shows it: `GET /path?query`.
 pub fn request_text(request: &HttpRequest) -> String {
     match request.query.as_str() {

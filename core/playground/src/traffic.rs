@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use sluice_core::policy::HttpRequest;
+use sluice_core::simulation::line_words;
 use sluice_core::time::Span;
 
 /// The most requests one scenario may send: the simulation's time and
@@ -286,12 +287,7 @@ fn parse_list(text: &str, out: &mut Requests) -> Result<(), TrafficError> {
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
         let fail = |problem: String| TrafficError::Line { line, problem };
-        let words: Vec<&str> = raw
-            .split('#')
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
+        let words = line_words(raw);
         let [time, client, method, path] = words.as_slice() else {
             if words.is_empty() {
                 continue;

@@ -17,6 +17,7 @@
 use std::net::IpAddr;
 
 use sluice_core::policy::{HttpRequest, Protocol};
+use sluice_core::simulation::line_words;
 use sluice_core::time::Span;
 
 /// The most requests one script may send: the simulation's time and
@@ -116,12 +117,7 @@ pub fn parse(text: &str) -> Result<Script, ScriptError> {
     let mut total = 0u64;
     for (index, raw) in text.lines().enumerate() {
         let number = index + 1;
-        let words: Vec<&str> = raw
-            .split('#')
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
+        let words = line_words(raw);
         if words.is_empty() {
             continue;
         }
