@@ -526,3 +526,115 @@ fn a_grpc_unary_call_under_a_requests_rule() -> Result<(), String> {
     );
     Ok(())
 }
+
+/// `make bench-filter`'s gRPC variant: calls and messages, never reached.
+const BENCH_GRPC: &str = r#"{"rules":[
+    {"name":"bench-grpc-calls","match":{"grpc":{}},"limit":{"count":1000000000,"per":"1s"}},
+    {"name":"bench-grpc-msgs","match":{"grpc":{}},"counts":"messages",
+     "limit":{"count":1000000000,"per":"1s"}}]}"#;
+
+#[test]
+fn a_grpc_unary_call_under_calls_and_messages_rules() -> Result<(), String> {
+    let (step, cost) = cost_of(BENCH_GRPC, &Exchange::GRPC_UNARY)?;
+    assert_eq!(step, Step::Continue);
+    assert_eq!(
+        cost,
+        Cost {
+            calls: calls(&[
+                ("add_to_gauge", 4),
+                ("body", 2),
+                ("increment", 3),
+                ("now", 3),
+                ("peer_address", 1),
+                ("request_header", 3),
+                ("set_response_header", 5),
+                ("shared_get", 3),
+                ("shared_set", 3)
+            ]),
+            allocations: 20,
+        }
+    );
+    Ok(())
+}
+
+/// `make bench-filter`'s WebSocket variant: messages and bytes, never reached.
+const BENCH_WS: &str = r#"{"rules":[
+    {"name":"bench-ws-msgs","match":{"websocket":true},"counts":"messages",
+     "limit":{"count":1000000000,"per":"1s"}},
+    {"name":"bench-ws-bytes","match":{"websocket":true},"counts":"bytes",
+     "limit":{"count":1000000000,"per":"1s"}}]}"#;
+
+/// A masked client text frame "hello", and the server's unmasked echo.
+const WS_CLIENT_FRAME: &[u8] = &[
+    0x81,
+    0x85,
+    1,
+    2,
+    3,
+    4,
+    b'h' ^ 1,
+    b'e' ^ 2,
+    b'l' ^ 3,
+    b'l' ^ 4,
+    b'o' ^ 1,
+];
+const WS_SERVER_FRAME: &[u8] = &[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'];
+
+/// The cost of the third of three echoed WebSocket messages (one frame
+/// each way) on one upgraded connection under `config`.
+fn ws_message_cost(config: &str) -> Result<Cost, String> {
+    let fake = client_host();
+    let calls = RefCell::new(Vec::new());
+    let host = Counting {
+        host: &fake,
+        calls: &calls,
+    };
+    let inner = InProcessShared::default();
+    let shared = CountingShared {
+        inner: &inner,
+        calls: &calls,
+    };
+    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    fake.request("GET", "/ws", &[("upgrade", "websocket")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    fake.respond(101);
+    p.on_response_headers(&host, 1);
+    let echo = |p: &mut Plugin<_>| {
+        uncounted(|| fake.chunk(Direction::Client, WS_CLIENT_FRAME));
+        let client = p.on_body(&host, 1, Direction::Client, WS_CLIENT_FRAME.len(), false);
+        uncounted(|| fake.chunk(Direction::Server, WS_SERVER_FRAME));
+        let server = p.on_body(&host, 1, Direction::Server, WS_SERVER_FRAME.len(), false);
+        assert_eq!((client, server), (Step::Continue, Step::Continue));
+        assert_eq!(fake.passed(Direction::Client), WS_CLIENT_FRAME);
+        assert_eq!(fake.passed(Direction::Server), WS_SERVER_FRAME);
+    };
+    echo(&mut p);
+    echo(&mut p);
+    calls.borrow_mut().clear();
+    let ((), allocations) = allocations(|| echo(&mut p));
+    let calls = calls.take();
+    let by_kind = calls.iter().map(|c| (*c, times(&calls, c))).collect();
+    Ok(Cost {
+        calls: by_kind,
+        allocations,
+    })
+}
+
+#[test]
+fn a_websocket_message_echoed_under_messages_and_bytes_rules() -> Result<(), String> {
+    let cost = ws_message_cost(BENCH_WS)?;
+    assert_eq!(
+        cost,
+        Cost {
+            calls: calls(&[
+                ("body", 2),
+                ("increment", 4),
+                ("now", 2),
+                ("shared_get", 4),
+                ("shared_set", 4)
+            ]),
+            allocations: 24,
+        }
+    );
+    Ok(())
+}
