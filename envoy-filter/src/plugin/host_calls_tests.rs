@@ -551,7 +551,7 @@ fn a_grpc_unary_call_under_calls_and_messages_rules() -> Result<(), String> {
                 ("shared_get", 3),
                 ("shared_set", 3)
             ]),
-            allocations: 20,
+            allocations: 18,
         }
     );
     Ok(())
@@ -634,6 +634,33 @@ fn a_websocket_message_echoed_under_messages_and_bytes_rules() -> Result<(), Str
                 ("shared_set", 4)
             ]),
             allocations: 24,
+        }
+    );
+    Ok(())
+}
+
+#[test]
+fn a_grpc_call_whose_rules_count_only_requests_messages_leaves_the_response_body_unread(
+) -> Result<(), String> {
+    let config = r#"{"rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages",
+        "direction":"client","limit":{"count":1000000000,"per":"1s"}}]}"#;
+    let (step, cost) = cost_of(config, &Exchange::GRPC_UNARY)?;
+    assert_eq!(step, Step::Continue);
+    // One body read, clock read and compare-and-swap: the request's message.
+    assert_eq!(
+        cost,
+        Cost {
+            calls: calls(&[
+                ("add_to_gauge", 2),
+                ("body", 1),
+                ("increment", 1),
+                ("now", 2),
+                ("peer_address", 1),
+                ("request_header", 3),
+                ("shared_get", 1),
+                ("shared_set", 1)
+            ]),
+            allocations: 8,
         }
     );
     Ok(())

@@ -15,7 +15,7 @@ use super::{Decided, Plugin, Step, Wake};
 use crate::host::Host;
 use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal};
 use crate::metrics::{Metrics, Outcome};
-use crate::stream::{Edit, GrpcStream, WebSocketStream};
+use crate::stream::{Edit, GrpcStream, Watched, WebSocketStream};
 
 /// `items` split into those `first` holds for and the others, in order;
 /// without a copy when they all go one way.
@@ -34,6 +34,16 @@ fn split<T>(items: Vec<T>, first: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
 enum Stream {
     Grpc(GrpcStream),
     WebSocket(Box<WebSocketStream>),
+}
+
+impl Stream {
+    /// Whether chunks travelling `direction` are read and parsed.
+    fn reads(&self, direction: Direction) -> bool {
+        match self {
+            Stream::Grpc(g) => g.reads(direction),
+            Stream::WebSocket(w) => w.reads(direction),
+        }
+    }
 }
 
 impl Step {
@@ -255,7 +265,10 @@ impl<B: SharedBytes> Plugin<B> {
             .filter(|&i| self.metrics.open(host, i, 1))
             .collect();
         let stream = match (protocol, request.stream_keys.is_empty()) {
-            (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::default())),
+            (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::new(watched(
+                &self.policy,
+                &request.stream_keys,
+            )))),
             _ => None,
         };
         let kept = !in_flight_permits.is_empty()
@@ -390,7 +403,10 @@ impl<B: SharedBytes> Plugin<B> {
             let deflate = host
                 .response_header("sec-websocket-extensions")
                 .is_some_and(|e| e.contains("permessage-deflate"));
-            state.stream = Some(Stream::WebSocket(Box::new(WebSocketStream::new(deflate))));
+            let watched = watched(&self.policy, &state.stream_keys);
+            state.stream = Some(Stream::WebSocket(Box::new(WebSocketStream::new(
+                deflate, watched,
+            ))));
         }
         let Some(verdict) = state.verdict.as_mut() else {
             return;
@@ -429,67 +445,63 @@ impl<B: SharedBytes> Plugin<B> {
         size: usize,
         end_of_stream: bool,
     ) -> Step {
-        // Most requests have no stream to watch: one lookup, no move.
-        if self
-            .requests
-            .get(&context_id)
-            .is_none_or(|s| s.stream.is_none())
-        {
-            return Step::Continue;
-        }
-        let Some(mut state) = self.requests.remove(&context_id) else {
+        let Some(state) = self.requests.get_mut(&context_id) else {
             return Step::Continue;
         };
-        let step = match state.stream.as_mut() {
-            None => Step::Continue,
-            Some(stream) => {
-                let bytes = host.body(direction, size).unwrap_or_default();
-                let mut judge = StreamJudge {
-                    policy: &self.policy,
-                    store: &mut self.store,
-                    metrics: &self.metrics,
-                    host,
-                    keys: &state.stream_keys,
-                    protocol: state.protocol,
-                    now: host.now(),
-                };
-                let edit = match stream {
-                    Stream::Grpc(g) => {
-                        g.chunk(&mut judge, direction, &bytes, state.response_started)
-                    }
-                    Stream::WebSocket(w) => w.chunk(&mut judge, direction, &bytes),
-                };
-                let request_cut = matches!(stream, Stream::Grpc(g) if g.blocked(Direction::Client));
-                match edit {
-                    Edit::Keep => Step::Continue,
-                    Edit::Replace(new) => {
-                        host.set_body(direction, bytes.len(), &new);
-                        Step::Continue
-                    }
-                    Edit::Cut(new) => {
-                        host.set_body(direction, bytes.len(), &new);
-                        let deadline = host.now().plus(self.policy.grpc_cut_grace);
-                        self.cuts.push(context_id, deadline);
-                        host.set_tick_millis(self.tick_millis());
-                        Step::Continue
-                    }
-                    Edit::RefuseCall {
-                        status,
-                        message,
-                        metadata,
-                    } => {
-                        state.answered_locally = true;
-                        Step::Reply(grpc_refusal(status, metadata, &message))
-                    }
-                }
-                .cut_request_ends(request_cut && direction == Direction::Client && end_of_stream)
+        // Most requests have no stream to watch, and a stream reads only
+        // the directions its rules count.
+        let Some(stream) = state.stream.as_mut().filter(|s| s.reads(direction)) else {
+            return Step::Continue;
+        };
+        // An empty chunk (an end of stream alone) has nothing to read.
+        let bytes = if size == 0 {
+            Vec::new()
+        } else {
+            host.body(direction, size).unwrap_or_default()
+        };
+        let mut judge = StreamJudge {
+            policy: &self.policy,
+            store: &mut self.store,
+            metrics: &self.metrics,
+            host,
+            keys: &state.stream_keys,
+            protocol: state.protocol,
+            now: None,
+        };
+        let edit = match stream {
+            Stream::Grpc(g) => g.chunk(&mut judge, direction, &bytes, state.response_started),
+            Stream::WebSocket(w) => w.chunk(&mut judge, direction, &bytes),
+        };
+        let judged_at = judge.now;
+        let request_cut = matches!(stream, Stream::Grpc(g) if g.blocked(Direction::Client));
+        match edit {
+            Edit::Keep => Step::Continue,
+            Edit::Replace(new) => {
+                host.set_body(direction, bytes.len(), &new);
+                Step::Continue
             }
-        };
-        // A reset asked for here stays among the cuts until the stream is
-        // done: should the host not reset it from inside a body callback,
-        // the tick still does once the grace has passed.
-        self.requests.insert(context_id, state);
-        step
+            Edit::Cut(new) => {
+                host.set_body(direction, bytes.len(), &new);
+                let now = judged_at.unwrap_or_else(|| host.now());
+                let deadline = now.plus(self.policy.grpc_cut_grace);
+                // A reset asked for below stays among the cuts until the
+                // stream is done: should the host not reset it from inside
+                // a body callback, the tick still does once the grace has
+                // passed.
+                self.cuts.push(context_id, deadline);
+                host.set_tick_millis(self.tick_millis());
+                Step::Continue
+            }
+            Edit::RefuseCall {
+                status,
+                message,
+                metadata,
+            } => {
+                state.answered_locally = true;
+                Step::Reply(grpc_refusal(status, metadata, &message))
+            }
+        }
+        .cut_request_ends(request_cut && direction == Direction::Client && end_of_stream)
     }
 
     /// Refunds a gRPC call whose status is excluded from counting, or
@@ -562,6 +574,15 @@ impl<B: SharedBytes> Plugin<B> {
         self.metrics.keys(host, self.keys_reported, now);
         self.keys_reported = now;
     }
+}
+
+/// The directions the stream rules of `stream_keys` count.
+fn watched(policy: &Policy, stream_keys: &[(usize, String)]) -> Watched {
+    Watched::of(
+        stream_keys
+            .iter()
+            .filter_map(|(i, _)| policy.rules.get(*i)?.counts.flow()),
+    )
 }
 
 /// Whether a response's `grpc-status` (read only when gRPC statuses are

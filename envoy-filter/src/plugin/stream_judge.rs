@@ -18,7 +18,10 @@ pub(super) struct StreamJudge<'a, B, H> {
     pub(super) host: &'a H,
     pub(super) keys: &'a [(usize, String)],
     pub(super) protocol: Protocol,
-    pub(super) now: Nanos,
+    /// The time messages are decided at: read from the host at the first
+    /// message that claims permits, then kept for the chunk (a chunk that
+    /// starts no message costs no clock read).
+    pub(super) now: Option<Nanos>,
 }
 
 impl<B: SharedBytes, H: Host> Judge for StreamJudge<'_, B, H> {
@@ -100,7 +103,9 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
         if claims.is_empty() {
             return Answer::Pass;
         }
-        let verdict = match engine::decide_claims(self.store, &claims, self.now, Span::ZERO) {
+        let host = self.host;
+        let now = *self.now.get_or_insert_with(|| host.now());
+        let verdict = match engine::decide_claims(self.store, &claims, now, Span::ZERO) {
             Ok(v) => v,
             Err(e) => {
                 self.metrics.error(self.host);
@@ -225,7 +230,7 @@ mod tests {
             host: &host,
             keys: &keys,
             protocol: Protocol::WebSocket,
-            now: Nanos(1_800_000_000 * 1_000_000_000),
+            now: Some(Nanos(1_800_000_000 * 1_000_000_000)),
         };
         let ask = Ask {
             messages: 1,

@@ -494,6 +494,60 @@ fn websocket_messages_are_counted_after_the_upgrade() -> Result<(), String> {
     Ok(())
 }
 
+#[test]
+fn a_websocket_direction_no_rule_counts_still_gets_the_close_it_is_owed() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[{"name":"up","match":{"websocket":true},"counts":"messages","direction":"client","limit":{"count":1,"per":"1h"}}]}"#,
+    )?;
+    let client_frame = [0x81u8, 0x81, 1, 2, 3, 4, b'a' ^ 1];
+    let server_frame = [0x81u8, 0x01, b'b'];
+    host.request("GET", "/ws", &[("upgrade", "websocket")]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    host.respond(101);
+    p.on_response_headers(&host, 1);
+    // The server's messages count for no rule: passed on as they are.
+    for _ in 0..3 {
+        host.chunk(Direction::Server, &server_frame);
+        assert_eq!(
+            p.on_body(&host, 1, Direction::Server, 3, false),
+            Step::Continue
+        );
+        assert_eq!(host.passed(Direction::Server), server_frame);
+    }
+    host.chunk(Direction::Client, &[client_frame, client_frame].concat());
+    assert_eq!(
+        p.on_body(&host, 1, Direction::Client, 14, false),
+        Step::Continue
+    );
+    let passed = host.passed(Direction::Client);
+    assert_eq!(passed.get(..7), Some(&client_frame[..]));
+    assert_eq!(passed.get(7), Some(&0x88), "closed towards the upstream");
+    // The client is owed the close too: the server's next chunk becomes it,
+    // and nothing the server sends after reaches the client.
+    host.chunk(Direction::Server, &server_frame);
+    assert_eq!(
+        p.on_body(&host, 1, Direction::Server, 3, false),
+        Step::Continue
+    );
+    let close = host.passed(Direction::Server);
+    assert_eq!(close.first(), Some(&0x88), "{close:?}");
+    assert_eq!(
+        close.get(1).map(|b| b & 0x80),
+        Some(0),
+        "unmasked towards the client"
+    );
+    host.chunk(Direction::Server, &server_frame);
+    assert_eq!(
+        p.on_body(&host, 1, Direction::Server, 3, false),
+        Step::Continue
+    );
+    assert_eq!(host.passed(Direction::Server), Vec::<u8>::new());
+    Ok(())
+}
+
 /// Asks as client `ip` (behind one trusted proxy): whether allowed.
 fn ask_as(p: &mut Plugin<&InProcessShared>, host: &FakeHost, ip: &str) -> bool {
     host.request("GET", "/", &[("x-forwarded-for", ip)]);

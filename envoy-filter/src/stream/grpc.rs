@@ -7,7 +7,7 @@ use sluice_core::policy::Direction;
 use sluice_core::protocol::{GrpcEvent, GrpcFrameParser};
 
 use super::{
-    grpc_message_refusal, Answer, Ask, Edit, Enforced, Judge, PerDirection, GRPC_INTERNAL,
+    grpc_message_refusal, Answer, Ask, Edit, Enforced, Judge, PerDirection, Watched, GRPC_INTERNAL,
 };
 
 /// The status a cut call ends with when the upstream ends it in time.
@@ -32,6 +32,8 @@ enum Blocked {
 #[derive(Debug)]
 pub struct GrpcStream {
     parsers: PerDirection<GrpcFrameParser>,
+    /// The directions the rules count: only their messages are parsed.
+    watched: Watched,
     /// Directions whose messages are no longer passed on, and why.
     blocked: PerDirection<Option<Blocked>>,
     /// The status to put in the trailers, once a message was refused after
@@ -39,8 +41,9 @@ pub struct GrpcStream {
     cut: Option<CutStatus>,
 }
 
-impl Default for GrpcStream {
-    fn default() -> Self {
+impl GrpcStream {
+    /// A call whose messages travelling the `watched` directions count.
+    pub fn new(watched: Watched) -> Self {
         // No length cap of its own: the parser skips payloads without
         // holding them, and a cap would stop the counting at the first
         // message over it. `message_size` rules bound messages, measured by
@@ -52,15 +55,22 @@ impl Default for GrpcStream {
                 client: parser.clone(),
                 server: parser,
             },
+            watched,
             blocked: PerDirection::default(),
             cut: None,
         }
     }
-}
 
-impl GrpcStream {
+    /// Whether chunks travelling `direction` must be read and passed to
+    /// [`GrpcStream::chunk`]: only where a rule counts messages (a chunk
+    /// of any other direction passes on unchanged).
+    pub fn reads(&self, direction: Direction) -> bool {
+        self.watched.includes(direction)
+    }
+
     /// Sees a chunk travelling `direction`; `response_started` says whether
-    /// a clean trailers-only answer is still possible.
+    /// a clean trailers-only answer is still possible. Each message is
+    /// judged as the parser meets its prefix: no list of them is kept.
     pub fn chunk(
         &mut self,
         judge: &mut impl Judge,
@@ -68,7 +78,9 @@ impl GrpcStream {
         bytes: &[u8],
         response_started: bool,
     ) -> Edit {
-        let mut starts: Vec<(usize, u64, bool)> = Vec::new();
+        let blocked = self.blocked.get(direction);
+        // The first message refused in this chunk, and where it starts.
+        let mut refused: Option<(usize, Refusal)> = None;
         // Where the last message that ended in this chunk ended: a prefix
         // that cannot be parsed begins there (or at the chunk's start).
         let mut parsed_to = 0usize;
@@ -77,55 +89,62 @@ impl GrpcStream {
             .get_mut(direction)
             .feed(bytes, |event| match event {
                 GrpcEvent::Started { at, message } => {
-                    starts.push((at.offset, u64::from(message.len), message.compressed));
+                    // A message after a refusal (in an earlier chunk or
+                    // this one) is never passed on: refused by that rule.
+                    let refused_by = match (blocked, &refused) {
+                        (Some(Blocked::Malformed), _) => return,
+                        (Some(Blocked::Rule(rule)), _) => Some(rule),
+                        (None, Some((_, refusal))) => match &refusal.blocked {
+                            Blocked::Rule(rule) => Some(rule),
+                            Blocked::Malformed => None,
+                        },
+                        (None, None) => None,
+                    };
+                    if let Some(rule) = refused_by {
+                        judge.enforced(direction, rule, Enforced::Limited);
+                        return;
+                    }
+                    let len = u64::from(message.len);
+                    let ask = Ask {
+                        messages: 1,
+                        bytes: len,
+                        size: len,
+                        compressed: message.compressed,
+                        ends: true,
+                    };
+                    let (rule, violation, retry_after, metadata) = match judge.judge(direction, ask)
+                    {
+                        Answer::Pass => return,
+                        Answer::Refuse {
+                            rule,
+                            violation,
+                            retry_after,
+                            metadata,
+                        } => (rule, violation, retry_after, metadata),
+                        // Only WebSocket rules drop; end the call all the same.
+                        Answer::Drop { rule, violation } => (rule, violation, 1, Vec::new()),
+                    };
+                    judge.enforced(direction, &rule, Enforced::Limited);
+                    let (status, message) = grpc_message_refusal(&rule, violation, retry_after);
+                    let refusal = Refusal {
+                        status,
+                        message,
+                        metadata,
+                        blocked: Blocked::Rule(rule),
+                    };
+                    refused = Some((at.offset, refusal));
                 }
                 GrpcEvent::Completed { end, .. } => parsed_to = end,
             })
             .err();
-        if let Some(blocked) = self.blocked.get(direction) {
-            if let Blocked::Rule(rule) = blocked {
-                for _ in &starts {
-                    judge.enforced(direction, rule, Enforced::Limited);
-                }
-            }
+        if blocked.is_some() {
             return if bytes.is_empty() {
                 Edit::Keep
             } else {
                 Edit::Replace(Vec::new())
             };
         }
-        let mut starts = starts.into_iter();
-        while let Some((offset, len, compressed)) = starts.next() {
-            let ask = Ask {
-                messages: 1,
-                bytes: len,
-                size: len,
-                compressed,
-                ends: true,
-            };
-            let (rule, violation, retry_after, metadata) = match judge.judge(direction, ask) {
-                Answer::Pass => continue,
-                Answer::Refuse {
-                    rule,
-                    violation,
-                    retry_after,
-                    metadata,
-                } => (rule, violation, retry_after, metadata),
-                // Only WebSocket rules drop; end the call all the same.
-                Answer::Drop { rule, violation } => (rule, violation, 1, Vec::new()),
-            };
-            // The refused message and those after it in this chunk are
-            // never passed on.
-            for _ in 0..=starts.len() {
-                judge.enforced(direction, &rule, Enforced::Limited);
-            }
-            let (status, message) = grpc_message_refusal(&rule, violation, retry_after);
-            let refusal = Refusal {
-                status,
-                message,
-                metadata,
-                blocked: Blocked::Rule(rule),
-            };
+        if let Some((offset, refusal)) = refused {
             // Everything before the refused message passes on.
             let passed = bytes.get(..offset).unwrap_or(bytes);
             return self.end(direction, refusal, passed, response_started);
@@ -211,7 +230,7 @@ mod tests {
     #[test]
     fn grpc_refuses_cleanly_before_the_response_and_blocks_after() -> Result<(), String> {
         let mut judge = budget(1, refuse(Violation::Rate));
-        let mut call = GrpcStream::default();
+        let mut call = GrpcStream::new(Watched::BOTH);
         let two = [grpc_message_bytes(3), grpc_message_bytes(2)].concat();
         assert_eq!(
             call.chunk(&mut judge, Direction::Client, &two, false),
@@ -223,7 +242,7 @@ mod tests {
         );
 
         let mut judge = budget(1, refuse(Violation::Rate));
-        let mut call = GrpcStream::default();
+        let mut call = GrpcStream::new(Watched::BOTH);
         let edit = call.chunk(&mut judge, Direction::Server, &two, true);
         assert_eq!(edit, Edit::Cut(grpc_message_bytes(3)));
         assert_eq!(
@@ -265,7 +284,7 @@ mod tests {
         .concat();
         for cut in 1..stream.len() {
             let mut judge = budget(10, Answer::Pass);
-            let mut call = GrpcStream::default();
+            let mut call = GrpcStream::new(Watched::BOTH);
             call.chunk(&mut judge, Direction::Client, &stream[..cut], false);
             call.chunk(&mut judge, Direction::Client, &stream[cut..], false);
             let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.bytes).collect();
@@ -290,7 +309,7 @@ mod tests {
         ]
         .concat();
         let mut judge = SizeJudge::new(refuse(Violation::TooBig));
-        let mut call = GrpcStream::default();
+        let mut call = GrpcStream::new(Watched::BOTH);
         assert_eq!(
             call.chunk(&mut judge, Direction::Client, &stream, false),
             Edit::RefuseCall {
@@ -301,7 +320,7 @@ mod tests {
         );
         // Without a size rule, counting goes on past it.
         let mut judge = budget(10, Answer::Pass);
-        let mut call = GrpcStream::default();
+        let mut call = GrpcStream::new(Watched::BOTH);
         assert_eq!(
             call.chunk(&mut judge, Direction::Client, &stream, false),
             Edit::Keep
@@ -321,7 +340,7 @@ mod tests {
         let message = "malformed gRPC message stream: \
                        invalid gRPC compressed flag 0x02: must be 0 or 1";
         let mut judge = budget(10, refuse(Violation::Rate));
-        let mut call = GrpcStream::default();
+        let mut call = GrpcStream::new(Watched::BOTH);
         assert_eq!(
             call.chunk(&mut judge, Direction::Client, &stream, false),
             Edit::RefuseCall {
@@ -334,7 +353,7 @@ mod tests {
         // begins, however the chunks fall.
         for cut in 0..=stream.len() {
             let mut judge = budget(10, refuse(Violation::Rate));
-            let mut call = GrpcStream::default();
+            let mut call = GrpcStream::new(Watched::BOTH);
             let mut passed = Vec::new();
             for piece in [&stream[..cut], &stream[cut..]] {
                 match call.chunk(&mut judge, Direction::Server, piece, true) {

@@ -15,7 +15,7 @@ mod grpc;
 mod test_judge;
 mod websocket;
 
-use sluice_core::policy::Direction;
+use sluice_core::policy::{Direction, Flow};
 
 pub use grpc::GrpcStream;
 pub use websocket::WebSocketStream;
@@ -113,6 +113,40 @@ pub enum Edit {
     /// gRPC, response started: pass these bytes on instead, and the call
     /// is cut from now on (see [`GrpcStream`]).
     Cut(Vec<u8>),
+}
+
+/// The directions some stream rule counts: a stream reads and parses only
+/// their chunks (every read is a host call and a copy of the chunk).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watched {
+    client: bool,
+    server: bool,
+}
+
+impl Watched {
+    /// Both directions.
+    pub const BOTH: Watched = Watched {
+        client: true,
+        server: true,
+    };
+
+    /// The directions any of `flows` counts.
+    pub fn of(flows: impl IntoIterator<Item = Flow>) -> Watched {
+        flows
+            .into_iter()
+            .fold(Watched::default(), |w, flow| Watched {
+                client: w.client || flow.includes(Direction::Client),
+                server: w.server || flow.includes(Direction::Server),
+            })
+    }
+
+    /// Whether messages travelling `direction` are counted.
+    pub fn includes(self, direction: Direction) -> bool {
+        match direction {
+            Direction::Client => self.client,
+            Direction::Server => self.server,
+        }
+    }
 }
 
 /// One value per direction of a stream.

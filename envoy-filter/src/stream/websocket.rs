@@ -6,7 +6,7 @@ use sluice_core::policy::Direction;
 use sluice_core::protocol::websocket::{self, CloseCode, Event, FrameParser, Opcode, WsError};
 use sluice_core::protocol::ChunkPos;
 
-use super::{opposite, Answer, Ask, Edit, Enforced, Judge, PerDirection, Violation};
+use super::{opposite, Answer, Ask, Edit, Enforced, Judge, PerDirection, Violation, Watched};
 
 /// A close this filter owes one side of a WebSocket connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +76,8 @@ impl WsSide {
 #[derive(Debug)]
 pub struct WebSocketStream {
     sides: PerDirection<WsSide>,
+    /// The directions the rules count: only their frames are parsed.
+    watched: Watched,
 }
 
 /// The close frame towards the receiver of `direction`: masked towards the
@@ -91,14 +93,25 @@ fn close_towards_receiver(direction: Direction, close: &Close) -> Vec<u8> {
 
 impl WebSocketStream {
     /// A connection whose messages may be permessage-deflate compressed
-    /// (`deflate`: negotiated in the upgrade), which allows RSV1.
-    pub fn new(deflate: bool) -> WebSocketStream {
+    /// (`deflate`: negotiated in the upgrade), which allows RSV1, and whose
+    /// messages travelling the `watched` directions count.
+    pub fn new(deflate: bool, watched: Watched) -> WebSocketStream {
         WebSocketStream {
             sides: PerDirection {
                 client: WsSide::new(websocket::Direction::ClientToServer, deflate),
                 server: WsSide::new(websocket::Direction::ServerToClient, deflate),
             },
+            watched,
         }
+    }
+
+    /// Whether chunks travelling `direction` must be read and passed to
+    /// [`WebSocketStream::chunk`]: where a rule counts messages, and where
+    /// the filter owes or has sent a close (a chunk of any other direction
+    /// passes on unchanged).
+    pub fn reads(&self, direction: Direction) -> bool {
+        let side = self.sides.get(direction);
+        self.watched.includes(direction) || side.owed.is_some() || side.closed
     }
 
     /// Sees a chunk travelling `direction`.
@@ -420,7 +433,7 @@ mod tests {
     #[test]
     fn websocket_close_goes_both_ways() -> Result<(), String> {
         let mut judge = budget(1, refuse(Violation::Rate));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let first = masked_text(b"hi", true, true);
         let second = masked_text(b"yo", true, true);
         let edit = ws.chunk(
@@ -448,7 +461,7 @@ mod tests {
     #[test]
     fn websocket_close_is_clean_when_fed_byte_by_byte() -> Result<(), String> {
         let mut judge = budget(1, refuse(Violation::Rate));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let first = masked_text(b"hi", true, true);
         let stream = [first.clone(), masked_text(b"yo", true, true)].concat();
         let mut out = Vec::new();
@@ -472,13 +485,13 @@ mod tests {
             rule: "r".into(),
         };
         let mut judge = budget(0, drop);
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let ping = vec![0x89, 0x80, 9, 9, 9, 9];
         let part1 = masked_text(b"abc", false, true);
         let part2 = masked_text(b"def", true, false);
         let bytes = [part1, ping.clone(), part2].concat();
         for cut in 1..bytes.len() {
-            let mut ws2 = WebSocketStream::new(false);
+            let mut ws2 = WebSocketStream::new(false, Watched::BOTH);
             let mut j = budget(0, judge.over.clone());
             let mut out = Vec::new();
             for piece in [&bytes[..cut], &bytes[cut..]] {
@@ -511,7 +524,7 @@ mod tests {
     #[test]
     fn websocket_size_bound_closes_with_1009() -> Result<(), String> {
         let mut judge = SizeJudge::new(refuse(Violation::TooBig));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let small = masked_text(b"abcd", false, true);
         let grows = masked_text(b"e", true, false);
         let edit = ws.chunk(
@@ -532,7 +545,7 @@ mod tests {
         let next = masked_text(b"ok", true, true);
         // All in one chunk: dropped whole, the ping inside it kept.
         let mut judge = SizeJudge::new(drop_too_big());
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let edit = ws.chunk(
             &mut judge,
             Direction::Client,
@@ -542,7 +555,7 @@ mod tests {
         assert_eq!(judge.enforced, [("r".to_owned(), Enforced::Dropped)]);
         // The first fragment already passed on: the drop has to close.
         let mut judge = SizeJudge::new(drop_too_big());
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         assert_eq!(ws.chunk(&mut judge, Direction::Client, &small), Edit::Keep);
         let edit = ws.chunk(&mut judge, Direction::Client, &[grows, next].concat());
         assert_eq!(edit, Edit::Replace(close_too_big()));
@@ -555,7 +568,7 @@ mod tests {
     #[test]
     fn messages_discarded_after_a_close_are_refused_by_its_rule() -> Result<(), String> {
         let mut judge = SizeJudge::new(refuse(Violation::TooBig));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let big = masked_text(b"abcdef", true, true);
         let edit = ws.chunk(
             &mut judge,
@@ -607,7 +620,7 @@ mod tests {
             )
             .collect::<Vec<u8>>();
         let mut judge = budget(1, refuse(Violation::Rate));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let mut stream = long_form.clone();
         for _ in 0..100 {
             stream.extend(masked_text(b"hi", true, true));
@@ -630,14 +643,14 @@ mod tests {
         // However the bytes are cut into chunks.
         for cut in 0..=stream.len() {
             let mut judge = budget(10, refuse(Violation::Rate));
-            let mut ws = WebSocketStream::new(false);
+            let mut ws = WebSocketStream::new(false, Watched::BOTH);
             let out = pass_on(&mut ws, &mut judge, &[&stream[..cut], &stream[cut..]])?;
             assert_eq!(out, expected, "cut at {cut}");
             assert!(ws.owes_close(Direction::Server), "cut at {cut}");
             assert!(judge.enforced.is_empty());
         }
         let mut judge = budget(10, refuse(Violation::Rate));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         pass_on(&mut ws, &mut judge, &[&stream])?;
         assert_eq!(
             ws.chunk(&mut judge, Direction::Server, &[0x81, 0x02, b'o', b'k']),
@@ -681,14 +694,14 @@ mod tests {
         let mut judge = RefusesCompressed {
             enforced: Vec::new(),
         };
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let out = pass_on(&mut ws, &mut judge, &[&stream])?;
         let refused = close_up(1008, "compressed message refused: r");
         assert_eq!(out, [good.clone(), refused].concat());
         assert_eq!(judge.enforced, [("r".to_owned(), Enforced::Limited)]);
         // No rule cares about compression: a frame that breaks the framing.
         let mut judge = budget(10, refuse(Violation::Rate));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let out = pass_on(&mut ws, &mut judge, &[&stream])?;
         let reason = "malformed frame: reserved bits 0b100 not allowed on a Text frame";
         assert_eq!(out, [good, close_up(1002, reason)].concat());
@@ -703,7 +716,7 @@ mod tests {
         long.extend(std::iter::repeat_n(0u8, 200));
         let stream = [long.clone(), vec![0x81, 0x00]].concat();
         let mut judge = budget(10, refuse(Violation::Rate));
-        let mut ws = WebSocketStream::new(false);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
         let out = pass_on(
             &mut ws,
             &mut judge,
