@@ -4,6 +4,8 @@
 # on a loaded machine, unlike timings. The harness runs twice, with 1,000
 # and 11,000 requests, so setup cancels out. SLUICE_COST_CONFIG overrides
 # the policy (default: bench-filter's one per-IP rule, default headers).
+# SLUICE_COST_GRPC=1 makes each request a gRPC unary call (one message
+# each way, then trailers).
 set -euo pipefail
 
 if ! command -v valgrind >/dev/null; then

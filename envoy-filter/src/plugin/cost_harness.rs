@@ -14,11 +14,17 @@ use sluice_core::time::{Nanos, Span};
 use super::*;
 use crate::host::MetricId;
 
-/// A host that answers like Envoy for `GET /direct` from 127.0.0.1 and
-/// does nothing else; its clock moves a microsecond per reading.
+/// A host that answers like Envoy for `GET /direct` from 127.0.0.1 (or,
+/// when `grpc`, a unary call of `/user.UserService/GetUser` whose
+/// messages are [`GRPC_MESSAGE`]) and does nothing else; its clock moves a
+/// microsecond per reading.
 struct Bare {
     now: Cell<u64>,
+    grpc: bool,
 }
+
+/// One gRPC message: flag 0, length 2, then field 1 (varint) = 1.
+const GRPC_MESSAGE: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
 
 impl Host for Bare {
     fn now(&self) -> Nanos {
@@ -27,9 +33,12 @@ impl Host for Bare {
         Nanos(n)
     }
     fn request_header(&self, name: &str) -> Option<String> {
-        match name {
-            ":path" => Some("/direct".into()),
-            ":method" => Some("GET".into()),
+        match (name, self.grpc) {
+            (":path", false) => Some("/direct".into()),
+            (":method", false) => Some("GET".into()),
+            (":path", true) => Some("/user.UserService/GetUser".into()),
+            (":method", true) => Some("POST".into()),
+            ("content-type", true) => Some("application/grpc".into()),
             _ => None,
         }
     }
@@ -50,7 +59,7 @@ impl Host for Bare {
     }
     fn set_response_trailer(&self, _: &str, _: &str) {}
     fn body(&self, _: Direction, _: usize) -> Option<Vec<u8>> {
-        None
+        self.grpc.then(|| GRPC_MESSAGE.to_vec())
     }
     fn set_body(&self, _: Direction, _: usize, _: &[u8]) {}
     fn set_tick_millis(&self, _: u32) {}
@@ -89,14 +98,23 @@ impl Host for Bare {
 #[inline(never)]
 fn one_request<B: SharedBytes>(p: &mut Plugin<B>, host: &Bare, id: u32) {
     let _ = std::hint::black_box(p.on_request_headers(host, id));
-    p.on_response_headers(host, id);
-    let _ = p.on_body(host, id, Direction::Server, 2, true);
+    if host.grpc {
+        let size = GRPC_MESSAGE.len();
+        let _ = p.on_body(host, id, Direction::Client, size, true);
+        p.on_response_headers(host, id);
+        let _ = p.on_body(host, id, Direction::Server, size, false);
+        p.on_response_trailers(host, id);
+    } else {
+        p.on_response_headers(host, id);
+        let _ = p.on_body(host, id, Direction::Server, 2, true);
+    }
     p.on_done(host, id);
 }
 
 /// `SLUICE_COST_REQUESTS` requests (default 1000) under the
 /// `SLUICE_COST_CONFIG` policy (default: `make bench-filter`'s one per-IP
-/// rule with the default headers).
+/// rule with the default headers); gRPC unary calls when
+/// `SLUICE_COST_GRPC` is set.
 #[test]
 #[ignore = "a harness for callgrind: make filter-instructions"]
 fn request_cost() -> Result<(), String> {
@@ -109,6 +127,7 @@ fn request_cost() -> Result<(), String> {
     });
     let host = Bare {
         now: Cell::new(1_800_000_000_000_000_000),
+        grpc: std::env::var_os("SLUICE_COST_GRPC").is_some(),
     };
     let shared = InProcessShared::default();
     let mut p = Plugin::configure(&host, &shared, config.as_bytes()).map_err(|e| e.to_string())?;
