@@ -551,7 +551,7 @@ fn a_grpc_unary_call_under_calls_and_messages_rules() -> Result<(), String> {
                 ("shared_get", 3),
                 ("shared_set", 3)
             ]),
-            allocations: 18,
+            allocations: 16,
         }
     );
     Ok(())
@@ -633,7 +633,7 @@ fn a_websocket_message_echoed_under_messages_and_bytes_rules() -> Result<(), Str
                 ("shared_get", 4),
                 ("shared_set", 4)
             ]),
-            allocations: 24,
+            allocations: 18,
         }
     );
     Ok(())
@@ -660,7 +660,7 @@ fn a_grpc_call_whose_rules_count_only_requests_messages_leaves_the_response_body
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
-            allocations: 8,
+            allocations: 7,
         }
     );
     Ok(())

@@ -81,31 +81,33 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
             }
             return self.refuse(i, Violation::TooBig, 1, Vec::new());
         }
-        let claims: Vec<Claim<'_>> = rules
-            .filter_map(|(rule_index, key, rule)| {
-                let cost = match rule.counts {
-                    Counts::Messages(flow) if flow.includes(direction) => {
-                        ask.messages.saturating_mul(rule.cost)
-                    }
-                    Counts::Bytes(flow) if flow.includes(direction) => ask.bytes,
-                    _ => 0,
-                };
-                (cost > 0).then_some(Claim {
-                    slot: Slot {
-                        rule_index,
-                        rule,
-                        key,
-                    },
-                    cost,
-                })
+        let claims = rules.filter_map(|(rule_index, key, rule)| {
+            let cost = match rule.counts {
+                Counts::Messages(flow) if flow.includes(direction) => {
+                    ask.messages.saturating_mul(rule.cost)
+                }
+                Counts::Bytes(flow) if flow.includes(direction) => ask.bytes,
+                _ => 0,
+            };
+            (cost > 0).then_some(Claim {
+                slot: Slot {
+                    rule_index,
+                    rule,
+                    key,
+                },
+                cost,
             })
-            .collect();
-        if claims.is_empty() {
+        });
+        let (store, host, now) = (&mut *self.store, self.host, &mut self.now);
+        let decided = with_slice(claims, |claims| {
+            let first = claims.first()?.slot.rule_index;
+            let now = *now.get_or_insert_with(|| host.now());
+            Some((engine::decide_claims(store, claims, now, Span::ZERO), first))
+        });
+        let Some((decided, first_rule)) = decided else {
             return Answer::Pass;
-        }
-        let host = self.host;
-        let now = *self.now.get_or_insert_with(|| host.now());
-        let verdict = match engine::decide_claims(self.store, &claims, now, Span::ZERO) {
+        };
+        let verdict = match decided {
             Ok(v) => v,
             Err(e) => {
                 self.metrics.error(self.host);
@@ -123,8 +125,7 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
                 .iter()
                 .find(|d| !d.decision.allowed && !d.shadow_limited)
                 .map(|d| d.rule_index)
-                .or(claims.first().map(|c| c.slot.rule_index))
-                .unwrap_or_default(),
+                .unwrap_or(first_rule),
             VerdictKind::Allowed => {
                 for d in &verdict.decisions {
                     let outcome = if d.shadow_limited {
@@ -146,6 +147,22 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
             .shown(self.policy)
             .map_or(1, |d| d.retry_after_secs());
         self.refuse(refused_by, Violation::Rate, retry_after, metadata)
+    }
+}
+
+/// Calls `f` with `items` as a slice: on the stack when there are at most
+/// two (what a message claims under most policies), else collected.
+fn with_slice<T, R>(mut items: impl Iterator<Item = T>, f: impl FnOnce(&[T]) -> R) -> R {
+    match (items.next(), items.next()) {
+        (None, _) => f(&[]),
+        (Some(a), None) => f(&[a]),
+        (Some(a), Some(b)) => match items.next() {
+            None => f(&[a, b]),
+            Some(c) => {
+                let all: Vec<T> = [a, b, c].into_iter().chain(items).collect();
+                f(&all)
+            }
+        },
     }
 }
 
@@ -203,6 +220,14 @@ impl<B, H: Host> StreamJudge<'_, B, H> {
 #[cfg(test)]
 mod tests {
     use sluice_core::config::Config;
+
+    #[test]
+    fn with_slice_passes_every_item_in_order() {
+        for n in 0..5u32 {
+            let got = super::with_slice(0..n, <[u32]>::to_vec);
+            assert_eq!(got, (0..n).collect::<Vec<_>>());
+        }
+    }
     use sluice_core::store::InProcessShared;
 
     use super::*;

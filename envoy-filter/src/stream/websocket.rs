@@ -72,12 +72,20 @@ impl WsSide {
     }
 }
 
+/// The scratch entries a connection keeps between chunks.
+const SCRATCH_KEPT: usize = 16;
+
 /// A WebSocket connection's two directions.
 #[derive(Debug)]
 pub struct WebSocketStream {
     sides: PerDirection<WsSide>,
     /// The directions the rules count: only their frames are parsed.
     watched: Watched,
+    /// Scratch, empty between chunks: a chunk's parser events.
+    events: Vec<Event>,
+    /// Scratch, empty between chunks: the data frames of the current
+    /// message in a chunk, while all of it is there.
+    unsent: Vec<FrameAt>,
 }
 
 /// The close frame towards the receiver of `direction`: masked towards the
@@ -102,6 +110,8 @@ impl WebSocketStream {
                 server: WsSide::new(websocket::Direction::ServerToClient, deflate),
             },
             watched,
+            events: Vec::new(),
+            unsent: Vec::new(),
         }
     }
 
@@ -142,7 +152,9 @@ impl WebSocketStream {
         // Where the next frame header begins in `bytes`, if no frame header
         // completes in it before.
         let tail = side.parser.payload_remaining();
-        let mut events: Vec<Event> = Vec::new();
+        // Scratch kept across chunks, so that a chunk allocates no list.
+        let mut events = std::mem::take(&mut self.events);
+        let mut frames = std::mem::take(&mut self.unsent);
         let failure = side.parser.feed(bytes, |e| events.push(e)).err();
         // Work on the header bytes kept back followed by this chunk; keep
         // back again whatever header is still incomplete at its end.
@@ -183,12 +195,12 @@ impl WebSocketStream {
         let mut cut: Option<(usize, Close, Option<String>)> = None;
         // The end of the last frame whose header is in this chunk.
         let mut frame_end: Option<usize> = None;
-        // The data frames of the current message in this chunk, while all
-        // of it is here: nothing of it has been passed on, so a drop can
-        // still take it whole.
-        let mut unsent: Option<Vec<FrameAt>> = None;
-        let mut events = events.into_iter();
-        for event in events.by_ref() {
+        // The data frames of the current message in this chunk (in
+        // `frames`), while all of it is here: nothing of it has been passed
+        // on, so a drop can still take it whole.
+        let mut unsent = false;
+        let mut events_left = events.drain(..);
+        for event in events_left.by_ref() {
             match event {
                 Event::Frame { at, header } => {
                     let data = !header.opcode.is_control();
@@ -208,11 +220,13 @@ impl WebSocketStream {
                     );
                     if data {
                         if frame.starts {
-                            unsent = Some(Vec::new());
+                            frames.clear();
+                            unsent = true;
                         }
-                        match unsent.as_mut() {
-                            Some(frames) if frame.whole => frames.push(frame),
-                            _ => unsent = None,
+                        if unsent && frame.whole {
+                            frames.push(frame);
+                        } else {
+                            unsent = false;
                         }
                     }
                     if data && side.dropping {
@@ -239,13 +253,13 @@ impl WebSocketStream {
                         Answer::Pass => {}
                         // Dropping a compressed message would leave the
                         // receiver's decompression context out of step.
-                        Answer::Drop { rule, .. } if unsent.is_some() && !side.compressed => {
+                        Answer::Drop { rule, .. } if unsent && !side.compressed => {
                             judge.enforced(direction, &rule, Enforced::Dropped);
                             side.dropping = true;
+                            unsent = false;
                             // The earlier frames are whole and end before
                             // this one, after anything removed so far.
-                            let earlier = unsent.take().unwrap_or_default();
-                            for f in earlier.iter().take(earlier.len().saturating_sub(1)) {
+                            for f in frames.iter().take(frames.len().saturating_sub(1)) {
                                 let end = f
                                     .offset
                                     .saturating_add(usize::try_from(f.len).unwrap_or(usize::MAX));
@@ -277,6 +291,23 @@ impl WebSocketStream {
             let (close, rule) = malformed_close(judge, direction, &side.parser, error);
             cut = Some((at.min(chunk.len()), close, rule));
         }
+        // Messages after the refused one in this chunk are discarded with it.
+        if let Some((_, _, Some(rule))) = &cut {
+            for event in events_left {
+                if let Event::MessageStarted { .. } = event {
+                    judge.enforced(direction, rule, Enforced::Limited);
+                }
+            }
+        } else {
+            drop(events_left);
+        }
+        frames.clear();
+        // A chunk of many small frames leaves no large scratch behind on a
+        // connection that may stay open for hours.
+        events.shrink_to(SCRATCH_KEPT);
+        frames.shrink_to(SCRATCH_KEPT);
+        self.events = events;
+        self.unsent = frames;
         let Some((at, close, rule)) = cut else {
             side.pending = chunk.get(limit..).unwrap_or_default().to_vec();
             return if removed.is_empty() && pending_len == 0 && keep_back == 0 {
@@ -285,14 +316,6 @@ impl WebSocketStream {
                 Edit::Replace(without(chunk, &removed, limit))
             };
         };
-        // Messages after the refused one in this chunk are discarded with it.
-        if let Some(rule) = &rule {
-            for event in events {
-                if let Event::MessageStarted { .. } = event {
-                    judge.enforced(direction, rule, Enforced::Limited);
-                }
-            }
-        }
         let mut out = without(chunk, &removed, at.min(limit));
         out.extend_from_slice(&close_towards_receiver(direction, &close));
         side.closed = true;
