@@ -125,6 +125,25 @@ impl GrpcFrameParser {
         self.current
     }
 
+    /// Passes over the next `len` bytes of the stream without seeing them,
+    /// when they are all payload of the message in progress (payloads are
+    /// never looked at): true if they were, false (nothing done) if they
+    /// are not, and the bytes must be [fed](GrpcFrameParser::feed).
+    pub fn skip_payload(&mut self, len: usize) -> bool {
+        let Ok(len) = u32::try_from(len) else {
+            return false;
+        };
+        if self.current.is_none() || self.error.is_some() || len > self.remaining {
+            return false;
+        }
+        // `len` ≤ `remaining`: exact.
+        self.remaining = self.remaining.saturating_sub(len);
+        if self.remaining == 0 {
+            self.current = None;
+        }
+        true
+    }
+
     /// Parses one body chunk, calling `on_event` for every message started
     /// or completed in it, in stream order.
     ///
@@ -219,6 +238,27 @@ mod tests {
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         out.extend_from_slice(payload);
         out
+    }
+
+    #[test]
+    fn skipping_payload_leaves_the_parser_where_feeding_it_would() {
+        let stream = [frame(false, &[7; 10]), frame(true, &[8; 3])].concat();
+        let mut fed = GrpcFrameParser::new();
+        let mut skipped = GrpcFrameParser::new();
+        // Nothing to skip before a prefix, nor past the payload's end.
+        assert!(!skipped.skip_payload(1));
+        let (_, r) = feed_all(&mut skipped, &stream[..7]);
+        assert_eq!(r, Ok(()));
+        assert!(!skipped.skip_payload(9), "two payload bytes were fed");
+        assert!(skipped.skip_payload(4));
+        assert!(skipped.skip_payload(4));
+        assert!(skipped.is_idle());
+        let (_, r) = feed_all(&mut fed, &stream[..15]);
+        assert_eq!(r, Ok(()));
+        assert_eq!(skipped, fed);
+        let (events, _) = feed_all(&mut skipped, &stream[15..]);
+        assert_eq!(events, feed_all(&mut fed, &stream[15..]).0);
+        assert_eq!(events.first(), Some(&started(0, 0, 3, true)));
     }
 
     fn feed_all(p: &mut GrpcFrameParser, chunk: &[u8]) -> (Vec<GrpcEvent>, Result<(), GrpcError>) {

@@ -665,3 +665,51 @@ fn a_grpc_call_whose_rules_count_only_requests_messages_leaves_the_response_body
     );
     Ok(())
 }
+
+#[test]
+fn a_large_grpc_message_is_read_only_where_its_prefix_is() -> Result<(), String> {
+    let fake = client_host();
+    let calls = RefCell::new(Vec::new());
+    let host = Counting {
+        host: &fake,
+        calls: &calls,
+    };
+    let inner = InProcessShared::default();
+    let shared = CountingShared {
+        inner: &inner,
+        calls: &calls,
+    };
+    let config = r#"{"rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages",
+        "limit":{"count":2,"per":"1h"}}]}"#;
+    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    fake.request("POST", "/user.UserService/GetUser", GRPC);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    // A streaming call whose response started: a refusal cuts the request.
+    fake.respond(200);
+    p.on_response_headers(&host, 1);
+    let mut stream = vec![0u8, 0, 0, 0x30, 0];
+    stream.extend([7u8; 0x3000]);
+    stream.extend_from_slice(GRPC_MESSAGE);
+    stream.extend_from_slice(GRPC_MESSAGE);
+    let chunks = [
+        &stream[..0x1000],
+        &stream[0x1000..0x2000],
+        &stream[0x2000..],
+    ];
+    calls.borrow_mut().clear();
+    let mut passed = Vec::new();
+    let mut steps = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        fake.chunk(Direction::Client, chunk);
+        let ends = i == chunks.len() - 1;
+        steps.push(p.on_body(&host, 1, Direction::Client, chunk.len(), ends));
+        passed.extend(fake.passed(Direction::Client));
+    }
+    // The first chunk holds the large message's prefix, the second only its
+    // payload, the third its end and two more messages, the last refused:
+    // the request is cut before it, and its end resets the call.
+    assert_eq!(times(&calls.borrow(), "body"), 2, "{:?}", calls.borrow());
+    assert_eq!(steps, [Step::Continue, Step::Continue, Step::Reset]);
+    assert_eq!(passed.len(), stream.len() - GRPC_MESSAGE.len());
+    Ok(())
+}

@@ -37,11 +37,13 @@ enum Stream {
 }
 
 impl Stream {
-    /// Whether chunks travelling `direction` are read and parsed.
-    fn reads(&self, direction: Direction) -> bool {
+    /// Whether a chunk of `size` bytes travelling `direction` passes on
+    /// unread: no rule counts that direction, or (gRPC) it holds nothing
+    /// but payload of a message already judged.
+    fn passes_unread(&mut self, direction: Direction, size: usize) -> bool {
         match self {
-            Stream::Grpc(g) => g.reads(direction),
-            Stream::WebSocket(w) => w.reads(direction),
+            Stream::Grpc(g) => !g.reads(direction) || g.passes_unread(direction, size),
+            Stream::WebSocket(w) => !w.reads(direction),
         }
     }
 }
@@ -449,10 +451,13 @@ impl<B: SharedBytes> Plugin<B> {
             return Step::Continue;
         };
         // Most requests have no stream to watch, and a stream reads only
-        // the directions its rules count.
-        let Some(stream) = state.stream.as_mut().filter(|s| s.reads(direction)) else {
+        // the chunks that can hold messages its rules count.
+        let Some(stream) = state.stream.as_mut() else {
             return Step::Continue;
         };
+        if stream.passes_unread(direction, size) {
+            return Step::Continue;
+        }
         // An empty chunk (an end of stream alone) has nothing to read.
         let bytes = if size == 0 {
             Vec::new()

@@ -68,6 +68,14 @@ impl GrpcStream {
         self.watched.includes(direction)
     }
 
+    /// Whether a chunk of `size` bytes travelling `direction` passes on
+    /// unread: it holds nothing but payload of a message already judged
+    /// (payloads are never looked at), which the parser then passes over.
+    /// A large message costs no copy of its chunks.
+    pub fn passes_unread(&mut self, direction: Direction, size: usize) -> bool {
+        self.blocked.get(direction).is_none() && self.parsers.get_mut(direction).skip_payload(size)
+    }
+
     /// Sees a chunk travelling `direction`; `response_started` says whether
     /// a clean trailers-only answer is still possible. Each message is
     /// judged as the parser meets its prefix: no list of them is kept.
@@ -271,6 +279,31 @@ mod tests {
             call.chunk(&mut judge, Direction::Client, &[], true),
             Edit::Keep
         );
+        Ok(())
+    }
+
+    #[test]
+    fn chunks_of_payload_alone_pass_unread_and_counting_goes_on() -> Result<(), String> {
+        let big = grpc_message_bytes(100);
+        let stream = [big.clone(), grpc_message_bytes(1)].concat();
+        let mut judge = budget(10, Answer::Pass);
+        let mut call = GrpcStream::new(Watched::BOTH);
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &stream[..10], false),
+            Edit::Keep
+        );
+        // Payload up to the message's end: unread.
+        assert!(!call.passes_unread(Direction::Client, 96), "past its end");
+        assert!(call.passes_unread(Direction::Client, 50));
+        assert!(call.passes_unread(Direction::Client, 45));
+        // The next prefix must be read.
+        assert!(!call.passes_unread(Direction::Client, 6));
+        assert_eq!(
+            call.chunk(&mut judge, Direction::Client, &stream[big.len()..], false),
+            Edit::Keep
+        );
+        let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.size).collect();
+        assert_eq!(sizes, [100, 1]);
         Ok(())
     }
 
