@@ -876,3 +876,42 @@ async fn oversized_and_malformed_prefixes_end_the_call() {
     assert_eq!(s.upstream.received("Upload"), 0, "messages at the upstream");
     assert_eq!(s.upstream.ends("Upload").0, 0, "clean ends at the upstream");
 }
+
+/// Large messages reach Envoy in many body chunks, most of them payload
+/// alone, which the filter passes on unread: every message is still
+/// counted once, whatever the chunks, and the fourth is refused.
+#[tokio::test]
+async fn large_messages_over_many_chunks_are_counted_exactly() {
+    use prost::Message as _;
+
+    let config = json!({"rules": [grpc_rule("upload-msgs", "chat.ChatService", "Upload",
+        json!({"counts": "messages", "direction": "client", "limit": {"count": 3, "per": "1h"}}))]});
+    let s = setup("grpc_large_messages_over_many_chunks", config).await;
+    let large = |c: char| {
+        grpc_frame(
+            &ChatMessage {
+                text: c.to_string().repeat(300_000),
+            }
+            .encode_to_vec(),
+        )
+    };
+    let body = [large('a'), large('b'), large('c'), large('d')].concat();
+    let status = raw_upload(&s, body).await.unwrap();
+    assert_exhausted(
+        &status,
+        "upload-msgs",
+        3,
+        3600,
+        "Upload of 4 large messages",
+    );
+    assert_eq!(
+        s.counter("upload-msgs", "allowed").await,
+        3,
+        "allowed messages"
+    );
+    assert_eq!(
+        s.counter("upload-msgs", "limited").await,
+        1,
+        "limited messages"
+    );
+}
