@@ -38,12 +38,12 @@ enum Stream {
 
 impl Stream {
     /// Whether a chunk of `size` bytes travelling `direction` passes on
-    /// unread: no rule counts that direction, or (gRPC) it holds nothing
-    /// but payload of a message already judged.
+    /// unread: no rule counts that direction, or it holds nothing but
+    /// payload of a message already judged.
     fn passes_unread(&mut self, direction: Direction, size: usize) -> bool {
         match self {
             Stream::Grpc(g) => !g.reads(direction) || g.passes_unread(direction, size),
-            Stream::WebSocket(w) => !w.reads(direction),
+            Stream::WebSocket(w) => !w.reads(direction) || w.passes_unread(direction, size),
         }
     }
 }

@@ -115,6 +115,21 @@ impl WebSocketStream {
         }
     }
 
+    /// Whether a chunk of `size` bytes travelling `direction` passes on
+    /// unread: nothing but payload of the frame in progress, short of its
+    /// end, with nothing to drop or close (payloads are never looked at),
+    /// which the parser then passes over. A large message costs no copy of
+    /// its chunks.
+    pub fn passes_unread(&mut self, direction: Direction, size: usize) -> bool {
+        let side = self.sides.get_mut(direction);
+        let untouched = !side.closed
+            && side.owed.is_none()
+            && !side.dropping
+            && side.drop_carry == 0
+            && side.pending.is_empty();
+        untouched && side.parser.skip_payload(size)
+    }
+
     /// Whether chunks travelling `direction` must be read and passed to
     /// [`WebSocketStream::chunk`]: where a rule counts messages, and where
     /// the filter owes or has sent a close (a chunk of any other direction
@@ -451,6 +466,30 @@ mod tests {
                 .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
         );
         f
+    }
+
+    #[test]
+    fn chunks_of_payload_alone_pass_unread_and_counting_goes_on() -> Result<(), String> {
+        let big = [&[0x82u8, 126, 0x01, 0x00][..], &[9u8; 256]].concat();
+        let small = [0x81u8, 0x01, b'x'];
+        let stream = [big.clone(), small.to_vec()].concat();
+        let mut judge = budget(10, Answer::Pass);
+        let mut ws = WebSocketStream::new(false, Watched::BOTH);
+        assert_eq!(
+            ws.chunk(&mut judge, Direction::Server, &stream[..10]),
+            Edit::Keep
+        );
+        // 250 payload bytes to come: all but the last pass unread.
+        assert!(!ws.passes_unread(Direction::Server, 250), "the frame's end");
+        assert!(ws.passes_unread(Direction::Server, 200));
+        assert!(ws.passes_unread(Direction::Server, 49));
+        assert_eq!(
+            ws.chunk(&mut judge, Direction::Server, &stream[259..]),
+            Edit::Keep
+        );
+        let sizes: Vec<u64> = judge.asks.iter().map(|(_, a)| a.size).collect();
+        assert_eq!(sizes, [256, 1]);
+        Ok(())
     }
 
     #[test]

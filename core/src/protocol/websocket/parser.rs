@@ -99,6 +99,21 @@ impl FrameParser {
         self.remaining
     }
 
+    /// Passes over the next `len` bytes of the stream without seeing them,
+    /// when they are all payload of the current frame and its end lies
+    /// beyond them (payloads are never looked at, and no event is due):
+    /// true if they were, false (nothing done) if the bytes must be
+    /// [fed](FrameParser::feed).
+    pub fn skip_payload(&mut self, len: usize) -> bool {
+        let len = len as u64;
+        if self.error.is_some() || len >= self.remaining {
+            return false;
+        }
+        // `len` < `remaining`: exact.
+        self.remaining = self.remaining.saturating_sub(len);
+        true
+    }
+
     /// The kind and running wire size of the data message in progress.
     pub fn message_in_progress(&self) -> Option<(MessageKind, u64)> {
         self.message.map(|m| (m.kind, m.size))

@@ -735,3 +735,26 @@ fn close_frames_parse_back() {
         assert!(p.peer_closed());
     }
 }
+
+#[test]
+fn skipping_payload_short_of_the_frame_end_leaves_the_parser_where_feeding_would() {
+    // A 300-byte binary frame, then a small text frame.
+    let bytes = [frame(0x82, None, 300), frame(0x81, None, 2)].concat();
+    let mut fed = FrameParser::new(S2C, false);
+    let mut skipped = FrameParser::new(S2C, false);
+    assert!(!skipped.skip_payload(1), "nothing to skip before a header");
+    for p in [&mut fed, &mut skipped] {
+        assert_eq!(feed(p, &bytes[..10]).1, Ok(()));
+    }
+    // A 4-byte header and 6 payload bytes fed, 294 left: up to 293 pass
+    // unseen, the frame's end does not.
+    assert!(!skipped.skip_payload(294));
+    assert!(skipped.skip_payload(200));
+    assert!(skipped.skip_payload(93));
+    assert!(!skipped.skip_payload(1), "the last byte ends the frame");
+    assert_eq!(feed(&mut fed, &bytes[10..303]).1, Ok(()));
+    assert_eq!(skipped, fed);
+    let rest = bytes.get(303..).unwrap_or_default();
+    assert_eq!(feed(&mut skipped, rest), feed(&mut fed, rest));
+    assert!(skipped.at_frame_boundary());
+}
