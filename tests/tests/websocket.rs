@@ -315,6 +315,32 @@ async fn messages_rule_closes_both_ends_with_1008() {
     assert_eq!(s.counter("ws-msgs", "limited").await, 1, "limited messages");
 }
 
+/// Large messages reach Envoy in many body chunks each way, most of them
+/// payload alone, which the filter passes on unread: every message is still
+/// counted once, whatever the chunks (three echoes are six messages), and
+/// the seventh closes both ends.
+#[tokio::test]
+async fn large_messages_over_many_chunks_are_counted_exactly() {
+    let s = setup(
+        "ws_large_messages_over_many_chunks",
+        json!([ws_rule(
+            "ws-msgs",
+            "messages",
+            json!({"count": 6, "per": "1h"}),
+            json!({})
+        )]),
+    )
+    .await;
+    let large: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|c| c.repeat(200_000))
+        .collect();
+    let allowed: Vec<&str> = large.iter().take(3).map(String::as_str).collect();
+    assert_closes_both_ends(&s, &allowed, &large[3], 1008, "rate limited: ws-msgs").await;
+    assert_eq!(s.counter("ws-msgs", "allowed").await, 6, "allowed messages");
+    assert_eq!(s.counter("ws-msgs", "limited").await, 1, "limited messages");
+}
+
 /// The same through tungstenite on both sides: the client sees the Close
 /// and the connection ends (the client answers the Close, as RFC 6455 asks).
 #[tokio::test]
