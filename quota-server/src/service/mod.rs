@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Barrier};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
 use tonic::service::interceptor::{InterceptedService, Interceptor};
@@ -67,6 +67,10 @@ pub async fn serve(
     let max_keys = usize::try_from(config.storage.max_keys).unwrap_or(usize::MAX);
     let decider = Arc::new(Decider::new(max_keys));
     let stop = Arc::new(watch::Sender::new(false));
+    // Every runtime lives until all have served: tasks one started (a
+    // Redis lane is started by the first call that needs it) serve the
+    // other threads' calls too.
+    let finished = Arc::new(Barrier::new(threads.max(1)));
     let (mut queues, mut served) = (Vec::new(), Vec::new());
     for index in 1..threads.max(1) {
         let (queue, connections) = mpsc::channel(ACCEPT_QUEUE);
@@ -74,22 +78,22 @@ pub async fn serve(
             .enable_all()
             .build()
             .map_err(ServeError::Thread)?;
-        let (config, shared, decider, stop) = (
+        let (config, shared, decider, stop, finished) = (
             config.clone(),
             shared.clone(),
             decider.clone(),
             stop.clone(),
+            finished.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("sluice-grpc-{index}"))
             .spawn(move || {
-                runtime.block_on(serve_connections(
-                    &config,
-                    shared,
-                    decider,
-                    connections,
-                    &stop,
-                ))
+                runtime.block_on(async {
+                    let result =
+                        serve_connections(&config, shared, decider, connections, &stop).await;
+                    finished.wait().await;
+                    result
+                })
             })
             .map_err(ServeError::Thread)?;
         queues.push(queue);
@@ -99,7 +103,11 @@ pub async fn serve(
     queues.push(queue);
     ready();
     let accepting = accept(listener, queues, &stop, shutdown);
-    let here = serve_connections(config, shared, decider, connections, &stop);
+    let here = async {
+        let result = serve_connections(config, shared, decider, connections, &stop).await;
+        finished.wait().await;
+        result
+    };
     let ((), mut result) = tokio::join!(accepting, here);
     for thread in served {
         let joined = tokio::task::spawn_blocking(move || thread.join()).await;
