@@ -136,7 +136,10 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match serving_runtime(config.listen.worker_threads) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sluice: cannot start the async runtime: {e}");
@@ -193,7 +196,8 @@ fn serve(path: &Path) -> ExitCode {
             Ok(addr) => println!("sluice: listening on {addr}"),
             Err(e) => eprintln!("sluice: listening (address unknown: {e})"),
         };
-        match service::serve(&config, shared, listener, shutdown_signal(), ready).await {
+        let threads = service::threads(config.listen.worker_threads);
+        match service::serve(&config, shared, listener, threads, shutdown_signal(), ready).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice: {e}");
@@ -201,24 +205,6 @@ fn serve(path: &Path) -> ExitCode {
             }
         }
     })
-}
-
-/// The runtime serving calls with `worker_threads` threads (0: one per
-/// CPU). One thread is a current-thread runtime: no stream handed to
-/// another thread and no wake-up of a parked one, which on a small machine
-/// shared with its callers costs more CPU per call than the second core
-/// gives back.
-fn serving_runtime(worker_threads: u32) -> std::io::Result<tokio::runtime::Runtime> {
-    match worker_threads {
-        0 => tokio::runtime::Runtime::new(),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::try_from(n).unwrap_or(1))
-            .enable_all()
-            .build(),
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -332,20 +318,5 @@ fn show(path: &Path) -> ExitCode {
             eprintln!("{}: cannot print: {e}", path.display());
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use tokio::runtime::RuntimeFlavor;
-
-    use super::serving_runtime;
-
-    #[test]
-    fn one_worker_thread_is_a_current_thread_runtime() {
-        let flavor = |n| serving_runtime(n).unwrap().handle().runtime_flavor();
-        assert_eq!(flavor(1), RuntimeFlavor::CurrentThread);
-        assert_eq!(flavor(0), RuntimeFlavor::MultiThread);
-        assert_eq!(flavor(3), RuntimeFlavor::MultiThread);
     }
 }

@@ -32,10 +32,9 @@
 //! `grpc-status` trailer: so the decisions counted are the server's own
 //! (its `/metrics`), never more than `h2load`'s answered requests, and a
 //! round where they disagree fails the bench. Both are measured twice in
-//! the same interleaved rounds: with the default runtime (one worker per
-//! CPU) and with `listen.worker_threads: 1` (suffix `_1thread`), since on
-//! a small machine shared with the client the hand-offs between threads
-//! can cost more than the second core gives.
+//! the same interleaved rounds: with the default (one serving thread per
+//! CPU) and with `listen.worker_threads: 1` (suffix `_1thread`), which
+//! leaves the other CPUs of a small machine to the client.
 
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};

@@ -117,8 +117,8 @@ pub struct ListenConfig {
     /// Without one the gRPC port is open to whoever reaches it. Never printed.
     #[serde(default, skip_serializing)]
     pub grpc_token: Option<String>,
-    /// Threads serving calls: 0 (the default) one per CPU; 1 serves every
-    /// call on one thread, with no hand-off between threads.
+    /// Threads serving calls, each with whole connections dealt out to it
+    /// (a call never changes thread): 0 (the default) one per CPU.
     #[serde(default)]
     pub worker_threads: u32,
 }
