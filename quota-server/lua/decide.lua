@@ -10,6 +10,8 @@
 -- the previous call was in flight), each decided on its own and in order,
 -- all at one Redis time: a decision is all-or-nothing over its own items
 -- only, exactly as if it had been a call of its own.
+-- Decisions on the same key read it once and write it once per call (see
+-- `keep`).
 --
 -- KEYS: per item of every decision in order, the state hash then the log
 -- list (same hash tag).
@@ -182,7 +184,17 @@ local function meter_algorithm()
     redis.call('HSET', it.key, 'at', int(it.at), 'p', int(it.p), 'f', int(it.f))
     expire_at(it, it.key, now, it.at + ceildiv(level, it.count))
   end
-  return {load = meter_load, acquire = meter_acquire, refund = meter_refund, save = meter_save}
+  local function meter_adopt(it, from)
+    it.at, it.p, it.f = from.at, from.p, from.f
+  end
+
+  return {
+    load = meter_load,
+    adopt = meter_adopt,
+    acquire = meter_acquire,
+    refund = meter_refund,
+    save = meter_save,
+  }
 end
 
 -- Fixed window: `u` permits used in the window starting at `s`.
@@ -240,7 +252,17 @@ local function fixed_algorithm()
     local _, ending = fixed_window(it, it.s)
     expire_at(it, it.key, now, ending)
   end
-  return {load = fixed_load, acquire = fixed_acquire, refund = fixed_refund, save = fixed_save}
+  local function fixed_adopt(it, from)
+    it.s, it.u = from.s, from.u
+  end
+
+  return {
+    load = fixed_load,
+    adopt = fixed_adopt,
+    acquire = fixed_acquire,
+    refund = fixed_refund,
+    save = fixed_save,
+  }
 end
 
 -- Sliding window counter: `pv` permits in the window before the one
@@ -333,7 +355,18 @@ local function counter_algorithm()
     end
     expire_at(it, it.key, now, fresh_at)
   end
-  return {load = counter_load, acquire = counter_acquire, refund = counter_refund, save = counter_save}
+  local function counter_adopt(it, from)
+    it.s, it.pv, it.cu = from.s, from.pv, from.cu
+  end
+
+  return {
+    load = counter_load,
+    adopt = counter_adopt,
+    acquire = counter_acquire,
+    refund = counter_refund,
+    settle = counter_roll,
+    save = counter_save,
+  }
 end
 
 -- GCRA: the theoretical arrival time `t` ticks and `f` 1/count ticks.
@@ -397,7 +430,17 @@ local function gcra_algorithm()
     redis.call('HSET', it.key, 't', int(it.t), 'f', int(it.f))
     expire_at(it, it.key, now, math.max(it.t, now) + 1)
   end
-  return {load = gcra_load, acquire = gcra_acquire, refund = gcra_refund, save = gcra_save}
+  local function gcra_adopt(it, from)
+    it.t, it.f = from.t, math.min(from.f, it.count - 1)
+  end
+
+  return {
+    load = gcra_load,
+    adopt = gcra_adopt,
+    acquire = gcra_acquire,
+    refund = gcra_refund,
+    save = gcra_save,
+  }
 end
 
 -- Sliding window log: `total` permits in the `entries` {time, permits}
@@ -525,6 +568,7 @@ local function log_algorithm()
     expire_at(it, it.key, now, fresh_at)
     expire_at(it, it.log, now, fresh_at)
   end
+  -- No adopt: a log's list is written as it changes, not once at the end.
   return {load = log_load, acquire = log_acquire, refund = log_refund, save = log_save}
 end
 
@@ -565,6 +609,48 @@ local function time_us(replayed)
   return redis_now_us
 end
 
+-- States kept by decisions, written once at the end of the call: a later
+-- decision on the same key takes the state from here (`adopt`: a copy of
+-- what it would have read back), so a hot key costs one read and one
+-- write per call, not per decision. `pending` maps a key to its latest
+-- kept item; `pending_order` lists the keys as first kept.
+local pending = {}
+local pending_order = {}
+
+-- Writes a key's pending state now.
+local function flush(key)
+  local it = pending[key]
+  if it ~= nil then
+    pending[key] = nil
+    it.alg.save(it, it.now)
+  end
+end
+
+local function flush_all()
+  for i = 1, #pending_order do
+    flush(pending_order[i])
+  end
+end
+
+-- Keeps an item's state as its decision leaves it: written at the end of
+-- the call, or at once by an algorithm without `adopt` (the log).
+local function keep(it)
+  local alg = it.alg
+  if alg.adopt == nil then
+    alg.save(it, it.now)
+    return
+  end
+  -- What `save` normalises before writing, so that an adopting decision
+  -- sees what it would have read back.
+  if alg.settle ~= nil then
+    alg.settle(it, it.now)
+  end
+  if pending[it.key] == nil then
+    pending_order[#pending_order + 1] = it.key
+  end
+  pending[it.key] = it
+end
+
 -- Reads one decision's items from ARGV[base + 1...] and KEYS[key + 1...].
 local function load_items(n, base, key, now_us, replay)
   local items = {}
@@ -598,7 +684,14 @@ local function load_items(n, base, key, now_us, replay)
       end
       it.calendar = b
     end
-    alg.load(it)
+    local kept = pending[it.key]
+    if kept ~= nil and kept.alg == alg and alg.adopt ~= nil then
+      it.existed = true
+      alg.adopt(it, kept)
+    else
+      flush(it.key)
+      alg.load(it)
+    end
     items[i] = it
   end
   return items
@@ -608,7 +701,7 @@ local function refund(items)
   for i = 1, #items do
     local it = items[i]
     it.alg.refund(it, it.now)
-    it.alg.save(it, it.now)
+    keep(it)
   end
   return {}
 end
@@ -618,7 +711,7 @@ end
 local function check_one(it)
   local allowed, remaining, reset, retry = it.alg.acquire(it, it.now, true)
   if (allowed == 1 and it.cost > 0) or it.existed then
-    it.alg.save(it, it.now)
+    keep(it)
   end
   return {allowed, remaining, reset, retry}
 end
@@ -662,7 +755,7 @@ local function check(items)
     -- taken (core's store does the same): it remembers the latest time
     -- seen. A key that was absent and took nothing stays absent.
     if consumed or it.existed then
-      it.alg.save(it, it.now)
+      keep(it)
     end
     for k = 1, 4 do
       reply[#reply + 1] = out[k]
@@ -694,6 +787,7 @@ local base, key = 1, 0
 for d = 1, tonumber(ARGV[1]) do
   local mode, replayed, n = ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3])
   if n == nil then
+    flush_all()
     return redis.error_reply('sluice: decision ' .. d .. ' has no item count')
   end
   local ok, reply = pcall(decide, mode, replayed, n, base + 3, key)
@@ -705,4 +799,5 @@ for d = 1, tonumber(ARGV[1]) do
   base = base + 3 + 8 * n
   key = key + 2 * n
 end
+flush_all()
 return replies
