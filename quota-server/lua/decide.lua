@@ -613,13 +613,17 @@ end
 -- decision on the same key takes the state from here (`adopt`: a copy of
 -- what it would have read back), so a hot key costs one read and one
 -- write per call, not per decision. `pending` maps a key to its latest
--- kept item; `pending_order` lists the keys as first kept.
-local pending = {}
-local pending_order = {}
+-- kept item; `pending_order` lists the keys as first kept. A call of one
+-- decision (the raw one-call-per-decision form) has nothing to share and
+-- writes as it goes, without these tables.
+local pending, pending_order
+if tonumber(ARGV[1]) ~= 1 then
+  pending, pending_order = {}, {}
+end
 
 -- Writes a key's pending state now.
 local function flush(key)
-  local it = pending[key]
+  local it = pending and pending[key]
   if it ~= nil then
     pending[key] = nil
     it.alg.save(it, it.now)
@@ -627,6 +631,9 @@ local function flush(key)
 end
 
 local function flush_all()
+  if pending == nil then
+    return
+  end
   for i = 1, #pending_order do
     flush(pending_order[i])
   end
@@ -636,7 +643,7 @@ end
 -- the call, or at once by an algorithm without `adopt` (the log).
 local function keep(it)
   local alg = it.alg
-  if alg.adopt == nil then
+  if pending == nil or alg.adopt == nil then
     alg.save(it, it.now)
     return
   end
@@ -684,7 +691,7 @@ local function load_items(n, base, key, now_us, replay)
       end
       it.calendar = b
     end
-    local kept = pending[it.key]
+    local kept = pending and pending[it.key]
     if kept ~= nil and kept.alg == alg and alg.adopt ~= nil then
       it.existed = true
       alg.adopt(it, kept)
