@@ -35,9 +35,11 @@
 //! decision behind it, so `quota_memory_vs_health_ratio` is the share of a
 //! call's cost the decision leaves, on this machine in this run. `h2load`
 //! counts HTTP statuses only, and a gRPC error is an HTTP 200 with a
-//! `grpc-status` trailer: so the decisions counted are the server's own
-//! (its `/metrics`), never more than `h2load`'s answered requests, and a
-//! round where they disagree fails the bench. Both are measured twice in
+//! `grpc-status` trailer, and a storage failure failed open is an `OK`
+//! without a decision: so every run (`h2load`'s and the bench's own
+//! callers') is checked against the server's own count (its `/metrics`) of
+//! decisions made from storage and allowed, and a run with fewer decisions
+//! than answers fails the bench. Both are measured twice in
 //! the same interleaved rounds: with the default runtime (one worker per
 //! CPU) and with `listen.worker_threads: 1` (suffix `_1thread`), since on
 //! a small machine shared with the client the hand-offs between threads
@@ -246,9 +248,14 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
     };
     let (mut wide_served, mut wide_raw) = (Vec::new(), Vec::new());
     let (mut wide_served_cost, mut wide_raw_cost) = (RedisCost::default(), RedisCost::default());
+    let admin = server
+        .admin
+        .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
     for _ in 0..REDIS_ROUNDS {
         let before = raw.evalsha_counts().await?;
+        let decided = decisions(admin).await?;
         let m = load_server(server.grpc).await?;
+        decided_all(admin, decided, m.answered, "the callers").await?;
         served_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
         served.push(m);
         let before = raw.evalsha_counts().await?;
@@ -506,14 +513,25 @@ async fn h2load_decisions(
         .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
     let before = decisions(admin).await?;
     let run = h2load(dir, server.grpc, path, body)?;
+    decided_all(admin, before, run.answered, "h2load").await?;
+    Ok(run.measured)
+}
+
+/// Checks that the server decided (from storage, allowed) at least the
+/// `answered` calls a client counted since its count was `before`.
+async fn decided_all(
+    admin: std::net::SocketAddr,
+    before: u64,
+    answered: u64,
+    client: &str,
+) -> Result<(), BenchError> {
     let decided = decisions(admin).await? - before;
-    if decided < run.answered {
+    if decided < answered {
         return Err(BenchError::Setup(format!(
-            "h2load got {} answers but the server made {decided} decisions",
-            run.answered
+            "{client} got {answered} answers but the server decided {decided} from storage"
         )));
     }
-    Ok(run.measured)
+    Ok(())
 }
 
 /// A gRPC message frame: uncompressed flag, big-endian length, message.
@@ -541,6 +559,10 @@ fn h2load(
     body: &Path,
 ) -> Result<H2Answered, BenchError> {
     let log = dir.join("h2load.log");
+    // h2load appends to its log: each run reads only its own requests.
+    if log.exists() {
+        std::fs::remove_file(&log)?;
+    }
     let output = Command::new("h2load")
         .args(["-c", &H2_CLIENTS.to_string(), "-m", &H2_STREAMS.to_string()])
         .args(["-t", "1", "-D", &H2_DURATION.as_secs().to_string()])
@@ -584,8 +606,10 @@ fn h2load(
     })
 }
 
-/// Decisions the server counted so far (`sluice_decisions_total` of the
-/// bench domain, every outcome), read from its `/metrics`.
+/// Decisions the server made so far from its storage and allowed
+/// (`sluice_decisions_total` of the bench domain, outcome `ok`), read from
+/// its `/metrics`. Not the others: a storage failure failed open is an
+/// `OK` answer too, but no decision.
 async fn decisions(admin: std::net::SocketAddr) -> Result<u64, BenchError> {
     let mut stream = tokio::net::TcpStream::connect(admin).await?;
     stream
@@ -596,6 +620,7 @@ async fn decisions(admin: std::net::SocketAddr) -> Result<u64, BenchError> {
     Ok(text
         .lines()
         .filter(|l| l.starts_with("sluice_decisions_total{domain=\"bench\""))
+        .filter(|l| l.contains("outcome=\"ok\"}"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum())
 }
