@@ -44,6 +44,9 @@ FIGURES = [
      "p99 latency that adds under load (ms)", "", None),
     ("quota_redis_vs_raw_redis_ratio",
      "quota server on Redis: decisions/s over one EVALSHA per decision", ">=", 1.0),
+    ("quota_redis_h2load_vs_raw_redis_256_ratio",
+     "the same at Envoy's concurrency: h2load -c16 -m16 on one key over "
+     "redis-benchmark -c256 EVALSHA on that key", "", None),
     ("exact_added_p50_ms",
      "exact mode: p50 latency added over a local rule (ms)", "<=", 0.3),
     ("exact_added_p99_ms",

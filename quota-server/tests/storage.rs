@@ -16,7 +16,7 @@ use sluice_core::algorithm::{AlgorithmKind, Outcome};
 use sluice_core::time::{Nanos, Span};
 use sluice_quota_server::config::{RateLimitConfig, ServerConfig};
 use sluice_quota_server::limits::{Limit, Limits};
-use sluice_quota_server::storage::redis::MAX_BATCH;
+use sluice_quota_server::storage::redis::{script_call, MAX_BATCH};
 use sluice_quota_server::storage::{Item, MemoryBackend, RedisBackend, StorageError, Store};
 
 /// A realistic time (November 2026) so Redis sees values of real magnitude.
@@ -84,11 +84,9 @@ fn same(got: &Outcome, want: &Outcome, tick_ns: u64, context: &str) {
     );
 }
 
-/// Runs random (advance, cost) sequences through `backend` and core side
-/// by side, with an explicit time so both see the same instants. Advances
-/// are whole ticks: the script's clock has no finer resolution.
-async fn replay(backend: &Store, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) {
-    let cases = [
+/// The limits the replays run: every algorithm, several shapes.
+fn replay_limits() -> Limits {
+    limits(&[
         (AlgorithmKind::TokenBucket, 5, "1s", None),
         (AlgorithmKind::TokenBucket, 7, "3s", Some(10)),
         (AlgorithmKind::LeakyBucket, 4, "1s", Some(6)),
@@ -104,18 +102,26 @@ async fn replay(backend: &Store, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) 
         // Too large for microsecond ticks: runs in milliseconds.
         (AlgorithmKind::TokenBucket, 10_000_000, "1000s", None),
         (AlgorithmKind::FixedWindow, 10_000_000, "1000s", None),
-    ];
-    let limits = limits(&cases);
-    for id in 0..limits.len() {
-        let limit = limits.limit(id).unwrap();
-        let tick_ns = tick_ns_of(limit);
-        let per = limit.quota().per().as_nanos();
-        let burst = limit.quota().burst();
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ id as u64);
-        let mut state = limit.rule.limiter.fresh_state();
-        let mut now = START;
-        let key = format!("{run}-{id}");
-        for step in 0..400 {
+    ])
+}
+
+/// One step of a replay: at `now`, a check of `cost`, or its refund.
+struct Step {
+    now: Nanos,
+    cost: u64,
+    refund: bool,
+}
+
+/// A random sequence of `n` steps on limit `id` of [`replay_limits`], the
+/// same every run. Advances are whole ticks (`tick_ns`): the script's
+/// clock has no finer resolution.
+fn steps(limit: &Limit, id: usize, tick_ns: u64, n: usize) -> Vec<Step> {
+    let per = limit.quota().per().as_nanos();
+    let burst = limit.quota().burst();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ id as u64);
+    let mut now = START;
+    (0..n)
+        .map(|_| {
             // Mostly short steps (many decisions per window), sometimes long
             // ones, and now and then a step back (a caller's late clock).
             let ticks = per / tick_ns;
@@ -130,8 +136,25 @@ async fn replay(backend: &Store, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) 
                 1 => 0,
                 _ => 1 + rng.below(burst.min(4)),
             };
-            let context = format!("{:?} #{id} step {step} cost {cost}", limit.algorithm());
             let refund = cost > 0 && rng.below(12) == 0;
+            Step { now, cost, refund }
+        })
+        .collect()
+}
+
+/// Runs random (advance, cost) sequences through `backend` and core side
+/// by side, with an explicit time so both see the same instants.
+async fn replay(backend: &Store, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) {
+    let limits = replay_limits();
+    for id in 0..limits.len() {
+        let limit = limits.limit(id).unwrap();
+        let tick_ns = tick_ns_of(limit);
+        let mut state = limit.rule.limiter.fresh_state();
+        let key = format!("{run}-{id}");
+        for (step, Step { now, cost, refund }) in
+            steps(limit, id, tick_ns, 400).into_iter().enumerate()
+        {
+            let context = format!("{:?} #{id} step {step} cost {cost}", limit.algorithm());
             if refund {
                 let items = [item(limit, &key, cost)];
                 backend.refund(&items, Some(now)).await.unwrap();
@@ -144,6 +167,71 @@ async fn replay(backend: &Store, tick_ns_of: impl Fn(&Limit) -> u64, run: &str) 
                 .await
                 .unwrap();
             same(&got[0], &want, tick_ns, &context);
+        }
+    }
+}
+
+/// Many decisions on one key in one script call (as a hot key's queue
+/// is sent) decide exactly as core does one after the other: the script
+/// reads the key once and writes it once, and each decision in between
+/// sees the state the previous one left.
+#[tokio::test]
+async fn one_key_batched_in_one_call_matches_core() {
+    let redis = RedisServer::start();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let limits = replay_limits();
+    for id in 0..limits.len() {
+        let limit = limits.limit(id).unwrap();
+        let tick_ns = limit.tick_us.unwrap() * 1000;
+        let mut state = limit.rule.limiter.fresh_state();
+        let key = format!("batched-{id}");
+        // Several calls, so that later ones start from what Redis holds.
+        for (call, batch) in steps(limit, id, tick_ns, 4 * MAX_BATCH)
+            .chunks(MAX_BATCH)
+            .enumerate()
+        {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(include_str!("../lua/decide.lua"))
+                .arg(2 * batch.len());
+            let decisions: Vec<_> = batch
+                .iter()
+                .map(|s| {
+                    let mode = if s.refund { "refund" } else { "check" };
+                    script_call(mode, &[item(limit, &key, s.cost)], Some(s.now)).unwrap()
+                })
+                .collect();
+            for d in &decisions {
+                cmd.arg(&d.keys);
+            }
+            cmd.arg(batch.len());
+            for d in &decisions {
+                cmd.arg(&d.args);
+            }
+            let replies: Vec<Vec<i64>> = cmd.query_async(&mut conn).await.unwrap();
+            for (i, (s, reply)) in batch.iter().zip(&replies).enumerate() {
+                let context = format!("{:?} #{id} call {call} decision {i}", limit.algorithm());
+                if s.refund {
+                    limit.rule.limiter.refund(&mut state, s.now, s.cost);
+                    assert!(reply.is_empty(), "{context}: {reply:?}");
+                    continue;
+                }
+                let want = limit.rule.limiter.check(&mut state, s.now, s.cost);
+                let ticks = |span: Span| match span {
+                    Span::NEVER => -1,
+                    span => i64::try_from(ceil_to(span, tick_ns).0 / tick_ns).unwrap(),
+                };
+                let want = [
+                    i64::from(want.allowed),
+                    i64::try_from(want.remaining).unwrap(),
+                    ticks(want.reset_after),
+                    ticks(want.retry_after),
+                ];
+                assert_eq!(reply[..], want[..], "{context}");
+            }
         }
     }
 }

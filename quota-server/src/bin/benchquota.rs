@@ -21,6 +21,12 @@
 //! flattered by a slow baseline: above 1, the server's group commit (many
 //! decisions per script call) beats sending each decision on its own.
 //!
+//! In the same rounds, at the concurrency Envoy calls a rate limit service
+//! with: `h2load` ([`H2_CLIENTS`] × [`H2_STREAMS`] streams) against the
+//! server on Redis, and `redis-benchmark` with as many connections calling
+//! the script by one `EVALSHA` per decision, on the same single key (`h2load`
+//! sends one body): `quota_redis_h2load_vs_raw_redis_256_ratio`.
+//!
 //! With the memory backend it also drives the server with `h2load` (an
 //! independent HTTP/2 client, [`H2_CLIENTS`] connections of [`H2_STREAMS`]
 //! streams each, the way Envoy calls a rate limit service), interleaved
@@ -29,12 +35,14 @@
 //! decision behind it, so `quota_memory_vs_health_ratio` is the share of a
 //! call's cost the decision leaves, on this machine in this run. `h2load`
 //! counts HTTP statuses only, and a gRPC error is an HTTP 200 with a
-//! `grpc-status` trailer: so the decisions counted are the server's own
-//! (its `/metrics`), never more than `h2load`'s answered requests, and a
-//! round where they disagree fails the bench. Both are measured twice in
-//! the same interleaved rounds: with the default (one serving thread per
-//! CPU) and with `listen.worker_threads: 1` (suffix `_1thread`), which
-//! leaves the other CPUs of a small machine to the client.
+//! `grpc-status` trailer, and a storage failure failed open is an `OK`
+//! without a decision: so every run (`h2load`'s and the bench's own
+//! callers') is checked against the server's own count (its `/metrics`) of
+//! decisions made from storage and allowed, and a run with fewer decisions
+//! than answers fails the bench. Both are measured twice in the same
+//! interleaved rounds: with the default (one serving thread per CPU) and
+//! with `listen.worker_threads: 1` (suffix `_1thread`), which leaves the
+//! other CPUs of a small machine to the client.
 
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
@@ -49,7 +57,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use prost::Message as _;
 use sluice_quota_server::config::ServerConfig;
-use sluice_quota_server::launcher::Launcher;
+use sluice_quota_server::launcher::{Launcher, QuotaServer};
 use sluice_quota_server::limits::{Limit, Limits, Resolved};
 use sluice_quota_server::storage::redis::{script_call, ScriptCall};
 use sluice_quota_server::storage::Item;
@@ -233,9 +241,20 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
     let (mut served, mut rust, mut c) = (Vec::new(), Vec::new(), Vec::new());
     // Redis's own time in the script: the server's calls, and the raw ones.
     let (mut served_cost, mut raw_cost) = (RedisCost::default(), RedisCost::default());
+    let wide = match which("h2load") {
+        Some(_) => Some(EnvoyLike::new(dir, &limits)?),
+        None => None,
+    };
+    let (mut wide_served, mut wide_raw) = (Vec::new(), Vec::new());
+    let (mut wide_served_cost, mut wide_raw_cost) = (RedisCost::default(), RedisCost::default());
+    let admin = server
+        .admin
+        .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
     for _ in 0..REDIS_ROUNDS {
         let before = raw.evalsha_counts().await?;
+        let decided = decisions(admin).await?;
         let m = load_server(server.grpc).await?;
+        decided_all(admin, decided, m.answered, "the callers").await?;
         served_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
         served.push(m);
         let before = raw.evalsha_counts().await?;
@@ -243,9 +262,25 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
         raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
         rust.push(m);
         let before = raw.evalsha_counts().await?;
-        if let Some(m) = raw_redis_benchmark(&limit, redis_port, &raw).await? {
+        let spread = format!("{}:bench:__rand_int__", limit.key_prefix);
+        if let Some(m) = raw_redis_benchmark(&limit, &spread, CONCURRENCY, redis_port, &raw).await?
+        {
             raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
             c.push(m);
+        }
+        if let Some(wide) = &wide {
+            let before = raw.evalsha_counts().await?;
+            let m = h2load_decisions(dir, &server, RLS_PATH, &wide.body).await?;
+            wide_served_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+            wide_served.push(m);
+            let before = raw.evalsha_counts().await?;
+            let streams = H2_CLIENTS * H2_STREAMS;
+            if let Some(m) =
+                raw_redis_benchmark(&wide.limit, &wide.key, streams, redis_port, &raw).await?
+            {
+                wide_raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+                wide_raw.push(m);
+            }
         }
     }
     drop(server);
@@ -280,7 +315,46 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
         "quota_redis_vs_raw_redis_ratio: {:.2}",
         served.per_sec / ceiling
     );
+    if wide.is_none() {
+        println!("quota_redis_h2load: skipped (h2load not on PATH; run `make setup`)");
+    } else if !wide_raw.is_empty() {
+        let streams = H2_CLIENTS * H2_STREAMS;
+        println!("Redis at Envoy's concurrency ({streams} in flight, one key), medians:");
+        let (served, raw) = (median(&mut wide_served), median(&mut wide_raw));
+        served.print("quota_redis_h2load");
+        raw.print(&format!("raw_redis_benchmark_evalsha_{streams}"));
+        println!(
+            "redis_script_us_per_decision_h2load: server {:.1} ({:.1} decisions per call), raw {:.1}",
+            wide_served_cost.per_decision(),
+            wide_served_cost.decisions as f64 / wide_served_cost.calls.max(1) as f64,
+            wide_raw_cost.per_decision()
+        );
+        println!(
+            "quota_redis_h2load_vs_raw_redis_{streams}_ratio: {:.2}",
+            served.per_sec / raw.per_sec
+        );
+    }
     Ok(())
+}
+
+/// The `h2load` side of the Redis rounds: the request body and the limit
+/// and storage key it decides on, for the raw calls on the same key.
+struct EnvoyLike {
+    body: PathBuf,
+    limit: Limit,
+    key: String,
+}
+
+impl EnvoyLike {
+    fn new(dir: &Path, limits: &Limits) -> Result<EnvoyLike, BenchError> {
+        let entries = [("h2load".to_owned(), "client".to_owned())];
+        let limit = resolve(limits, &entries)?.clone();
+        Ok(EnvoyLike {
+            body: rls_body(dir)?,
+            key: limit.storage_key(&entries),
+            limit,
+        })
+    }
 }
 
 /// The run of median throughput.
@@ -375,11 +449,39 @@ async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
             .log_filter("error")
             .start_file(&dir.join(name))
             .map_err(|e| BenchError::Setup(format!("sluice (memory{suffix}, h2load): {e}")))?;
-        let admin = server
-            .admin
-            .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
-        servers.push((suffix, server, admin));
+        servers.push((suffix, server));
     }
+    let rls_body = rls_body(dir)?;
+    let health_body = dir.join("health.grpc");
+    // An empty `HealthCheckRequest` (all services).
+    std::fs::write(&health_body, grpc_frame(&[]))?;
+    println!(
+        "h2load: -c{H2_CLIENTS} -m{H2_STREAMS}, {} s per run, {H2_ROUNDS} interleaved rounds, one port",
+        H2_DURATION.as_secs()
+    );
+    let mut runs: Vec<(Vec<Measured>, Vec<Measured>)> =
+        servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    for _ in 0..H2_ROUNDS {
+        for ((_, server), (rls, health)) in servers.iter().zip(&mut runs) {
+            rls.push(h2load_decisions(dir, server, RLS_PATH, &rls_body).await?);
+            health.push(h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured);
+        }
+    }
+    for ((suffix, _), (mut rls, mut health)) in servers.into_iter().zip(runs) {
+        let (rls, health) = (median(&mut rls), median(&mut health));
+        rls.print(&format!("quota_memory_h2load{suffix}"));
+        health.print_per(&format!("grpc_health_h2load{suffix}"), "calls");
+        println!(
+            "quota_memory_vs_health_ratio{suffix}: {:.2}",
+            rls.per_sec / health.per_sec
+        );
+    }
+    Ok(())
+}
+
+/// Writes the body `h2load` posts to `ShouldRateLimit`: one decision on
+/// the `h2load` descriptor (one key), and returns its path.
+fn rls_body(dir: &Path) -> Result<PathBuf, BenchError> {
     let request = RateLimitRequest {
         domain: "bench".into(),
         descriptors: vec![RateLimitDescriptor {
@@ -391,42 +493,42 @@ async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
         }],
         hits_addend: 1,
     };
-    let rls_body = dir.join("rls.grpc");
-    std::fs::write(&rls_body, grpc_frame(&request.encode_to_vec()))?;
-    let health_body = dir.join("health.grpc");
-    // An empty `HealthCheckRequest` (all services).
-    std::fs::write(&health_body, grpc_frame(&[]))?;
-    println!(
-        "h2load: -c{H2_CLIENTS} -m{H2_STREAMS}, {} s per run, {H2_ROUNDS} interleaved rounds, one port",
-        H2_DURATION.as_secs()
-    );
-    let mut runs: Vec<(Vec<Measured>, Vec<Measured>)> =
-        servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
-    for _ in 0..H2_ROUNDS {
-        for ((_, server, admin), (rls, health)) in servers.iter().zip(&mut runs) {
-            let before = decisions(*admin).await?;
-            let run = h2load(dir, server.grpc, RLS_PATH, &rls_body)?;
-            let decided = decisions(*admin).await? - before;
-            // Every answered request must be a decision the server made: a
-            // gRPC error would be an HTTP 200 without one.
-            if decided < run.answered {
-                return Err(BenchError::Setup(format!(
-                    "h2load got {} answers but the server made {decided} decisions",
-                    run.answered
-                )));
-            }
-            rls.push(run.measured);
-            health.push(h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured);
-        }
-    }
-    for ((suffix, _, _), (mut rls, mut health)) in servers.into_iter().zip(runs) {
-        let (rls, health) = (median(&mut rls), median(&mut health));
-        rls.print(&format!("quota_memory_h2load{suffix}"));
-        health.print_per(&format!("grpc_health_h2load{suffix}"), "calls");
-        println!(
-            "quota_memory_vs_health_ratio{suffix}: {:.2}",
-            rls.per_sec / health.per_sec
-        );
+    let path = dir.join("rls.grpc");
+    std::fs::write(&path, grpc_frame(&request.encode_to_vec()))?;
+    Ok(path)
+}
+
+/// `h2load` posting `body` to the server's `ShouldRateLimit`, checked
+/// against the server's own count: every answered request must be a
+/// decision it made (a gRPC error would be an HTTP 200 without one).
+async fn h2load_decisions(
+    dir: &Path,
+    server: &QuotaServer,
+    path: &str,
+    body: &Path,
+) -> Result<Measured, BenchError> {
+    let admin = server
+        .admin
+        .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
+    let before = decisions(admin).await?;
+    let run = h2load(dir, server.grpc, path, body)?;
+    decided_all(admin, before, run.answered, "h2load").await?;
+    Ok(run.measured)
+}
+
+/// Checks that the server decided (from storage, allowed) at least the
+/// `answered` calls a client counted since its count was `before`.
+async fn decided_all(
+    admin: std::net::SocketAddr,
+    before: u64,
+    answered: u64,
+    client: &str,
+) -> Result<(), BenchError> {
+    let decided = decisions(admin).await? - before;
+    if decided < answered {
+        return Err(BenchError::Setup(format!(
+            "{client} got {answered} answers but the server decided {decided} from storage"
+        )));
     }
     Ok(())
 }
@@ -456,6 +558,10 @@ fn h2load(
     body: &Path,
 ) -> Result<H2Answered, BenchError> {
     let log = dir.join("h2load.log");
+    // h2load appends to its log: each run reads only its own requests.
+    if log.exists() {
+        std::fs::remove_file(&log)?;
+    }
     let output = Command::new("h2load")
         .args(["-c", &H2_CLIENTS.to_string(), "-m", &H2_STREAMS.to_string()])
         .args(["-t", "1", "-D", &H2_DURATION.as_secs().to_string()])
@@ -499,8 +605,10 @@ fn h2load(
     })
 }
 
-/// Decisions the server counted so far (`sluice_decisions_total` of the
-/// bench domain, every outcome), read from its `/metrics`.
+/// Decisions the server made so far from its storage and allowed
+/// (`sluice_decisions_total` of the bench domain, outcome `ok`), read from
+/// its `/metrics`. Not the others: a storage failure failed open is an
+/// `OK` answer too, but no decision.
 async fn decisions(admin: std::net::SocketAddr) -> Result<u64, BenchError> {
     let mut stream = tokio::net::TcpStream::connect(admin).await?;
     stream
@@ -511,6 +619,7 @@ async fn decisions(admin: std::net::SocketAddr) -> Result<u64, BenchError> {
     Ok(text
         .lines()
         .filter(|l| l.starts_with("sluice_decisions_total{domain=\"bench\""))
+        .filter(|l| l.contains("outcome=\"ok\"}"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum())
 }
@@ -557,16 +666,21 @@ where
     Ok(Measured::from_latencies(latencies, start.elapsed()))
 }
 
-/// The bench domain's only limit.
+/// The limit of the callers' descriptor (`remote_address`).
 fn bench_limit(limits: &Limits) -> Result<&Limit, BenchError> {
+    resolve(limits, &[("remote_address".into(), "x".into())])
+}
+
+/// The bench domain's limit of a descriptor.
+fn resolve<'a>(limits: &'a Limits, entries: &[(String, String)]) -> Result<&'a Limit, BenchError> {
     let domain = limits
         .domain("bench")
         .ok_or_else(|| BenchError::Setup("no bench domain".into()))?;
-    match limits.resolve(domain, &[("remote_address".into(), "x".into())]) {
+    match limits.resolve(domain, entries) {
         Resolved::Limited(limit) => Ok(limit),
-        _ => Err(BenchError::Setup(
-            "the bench descriptor has no limit".into(),
-        )),
+        _ => Err(BenchError::Setup(format!(
+            "the bench descriptor {entries:?} has no limit"
+        ))),
     }
 }
 
@@ -696,11 +810,14 @@ fn allowed(reply: &redis::Value) -> Result<(), BenchError> {
 }
 
 /// `redis-benchmark` calling the script by `EVALSHA` (one decision each)
-/// at the same concurrency, one connection per caller, keys spread like the
-/// load's. Its replies are not shown, so the same call on one key must be
-/// allowed first, and Redis's own count of `EVALSHA` errors must not move.
+/// from `clients` connections (one per caller) on `key`: with
+/// `__rand_int__` in it, spread over [`KEYS`] keys like the callers' load.
+/// Its replies are not shown, so the same call on one key must be allowed
+/// first, and Redis's own count of `EVALSHA` errors must not move.
 async fn raw_redis_benchmark(
     limit: &Limit,
+    key: &str,
+    clients: usize,
     port: u16,
     raw: &RawRedis,
 ) -> Result<Option<Measured>, BenchError> {
@@ -710,7 +827,7 @@ async fn raw_redis_benchmark(
     // `__rand_int__` is replaced per call by a number below `-r`.
     let template = Item {
         limit,
-        key: format!("{}:bench:__rand_int__", limit.key_prefix),
+        key: key.to_owned(),
         cost: 1,
         enforce: true,
     };
@@ -727,7 +844,7 @@ async fn raw_redis_benchmark(
     let before = raw.evalsha_counts().await?;
     let output = Command::new(bench)
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-c", &CONCURRENCY.to_string()])
+        .args(["-c", &clients.to_string()])
         .args(["-n", &REDIS_BENCHMARK_CALLS.to_string()])
         .args(["-r", &KEYS.to_string()])
         .args([

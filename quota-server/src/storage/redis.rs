@@ -305,20 +305,11 @@ impl Link {
     /// refusal, or the call's error.
     async fn call(&self, connection: Connection, jobs: Vec<Job>) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(jobs.len());
-        for job in &jobs {
-            for key in &job.call.keys {
-                invocation.key(key);
-            }
-            for arg in &job.call.args {
-                invocation.arg(arg);
-            }
-        }
+        let evalsha = self.evalsha(&jobs);
         let reply = async {
             match connection {
-                Connection::Single(mut conn) => invocation.invoke_async::<Value>(&mut conn).await,
-                Connection::Cluster(mut conn) => invocation.invoke_async::<Value>(&mut conn).await,
+                Connection::Single(mut conn) => self.invoke(&evalsha, &mut conn).await,
+                Connection::Cluster(mut conn) => self.invoke(&evalsha, &mut conn).await,
             }
         };
         let replies = match tokio::time::timeout(self.timeout, reply).await {
@@ -338,6 +329,44 @@ impl Link {
                 }
             }
             Err(error) => answer_all(jobs, &error),
+        }
+    }
+}
+
+impl Link {
+    /// The `EVALSHA` of the script for `jobs`: the decisions' keys and
+    /// arguments written once, straight into the command's buffer.
+    fn evalsha(&self, jobs: &[Job]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash());
+        cmd.arg(jobs.iter().map(|j| j.call.keys.len()).sum::<usize>());
+        for job in jobs {
+            for key in &job.call.keys {
+                cmd.arg(key);
+            }
+        }
+        cmd.arg(jobs.len());
+        for job in jobs {
+            for arg in &job.call.args {
+                cmd.arg(arg);
+            }
+        }
+        cmd
+    }
+
+    /// Sends `evalsha`; if Redis lost the script (`NOSCRIPT`: restarted,
+    /// flushed, failed over), loads it and sends the call again.
+    async fn invoke<C: redis::aio::ConnectionLike>(
+        &self,
+        evalsha: &redis::Cmd,
+        conn: &mut C,
+    ) -> redis::RedisResult<Value> {
+        match evalsha.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.script.prepare_invoke().load_async(conn).await?;
+                evalsha.query_async(conn).await
+            }
+            other => other,
         }
     }
 }
