@@ -17,6 +17,10 @@
 //!   limiting WebSocket messages and bytes (never reached). The WebSocket
 //!   load generator runs inside this process (not pinned); its "requests"
 //!   are messages.
+//! - `probe-<kind>` (only when `--only` names them, as `make
+//!   bench-host-calls` does): the empty filter plus [`PROBE_CALLS`] host
+//!   calls of one kind per request (`tests/probe-filter`); printed as
+//!   `host_call_us.<kind>: X`, the CPU per call over `noop-wasm`.
 //!
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
@@ -65,6 +69,36 @@ enum Filters {
     SluiceGrpcNeverLimits,
     /// Sluice limiting WebSocket messages and bytes at 10^9 per second.
     SluiceWsNeverLimits,
+    /// The empty filter plus [`PROBE_CALLS`] host calls of this kind.
+    Probe(&'static str),
+}
+
+/// Host calls per request of a `probe-<kind>` variant: enough to stand
+/// out of the noise of one request's cost.
+const PROBE_CALLS: u32 = 10;
+
+/// The `probe-<kind>` variants, each run only when `--only` names it.
+fn probe_variants() -> Vec<Variant> {
+    const KINDS: [(&str, &str); 10] = [
+        ("probe-proxy-clock", "proxy-clock"),
+        ("probe-wasi-clock", "wasi-clock"),
+        ("probe-metric", "metric"),
+        ("probe-peer-address", "peer-address"),
+        ("probe-request-header", "request-header"),
+        ("probe-shared-get", "shared-get"),
+        ("probe-shared-cas", "shared-cas"),
+        ("probe-response-header-replace", "response-header-replace"),
+        ("probe-response-header-add", "response-header-add"),
+        ("probe-response-headers-map", "response-headers-map"),
+    ];
+    KINDS
+        .into_iter()
+        .map(|(name, kind)| Variant {
+            name,
+            filters: Filters::Probe(kind),
+            load: Load::Wrk { path: "/direct" },
+        })
+        .collect()
 }
 
 /// The load put on Envoy.
@@ -189,9 +223,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(options: &Options) -> Result<()> {
+    let named = |name: &str| {
+        options
+            .only
+            .as_ref()
+            .is_some_and(|only| only.iter().any(|o| o == name))
+    };
     let variants: Vec<Variant> = variants()
         .into_iter()
         .filter(|v| options.selects(v.name))
+        .chain(probe_variants().into_iter().filter(|v| named(v.name)))
         .collect();
     if variants.is_empty() {
         bail!("no variant selected");
@@ -199,7 +240,7 @@ async fn run(options: &Options) -> Result<()> {
     if variants.iter().any(|v| {
         !matches!(
             v.filters,
-            Filters::None | Filters::NativeLocalRatelimit | Filters::NoopWasm
+            Filters::None | Filters::NativeLocalRatelimit | Filters::NoopWasm | Filters::Probe(_)
         )
     }) {
         wasm_path()?;
@@ -209,6 +250,12 @@ async fn run(options: &Options) -> Result<()> {
         .any(|v| matches!(v.filters, Filters::NoopWasm))
     {
         noop_wasm_path()?;
+    }
+    if variants
+        .iter()
+        .any(|v| matches!(v.filters, Filters::Probe(_)))
+    {
+        probe_wasm_path()?;
     }
     let pin = options.pins();
     println!(
@@ -298,6 +345,15 @@ async fn run(options: &Options) -> Result<()> {
     if let (Some((_, _, sluice)), Some((_, _, noop))) = (find("sluice"), find("noop-wasm")) {
         println!("filter_over_noop_wasm_cpu_us: {:.2}", sluice - noop);
     }
+    if let Some((_, _, noop)) = find("noop-wasm") {
+        for variant in &variants {
+            if let (Filters::Probe(kind), Some((_, _, cpu))) = (variant.filters, find(variant.name))
+            {
+                let per_call = (cpu - noop) / f64::from(PROBE_CALLS);
+                println!("host_call_us.{kind}: {per_call:.3}");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -377,6 +433,19 @@ fn noop_wasm_path() -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The probe filter, built by `make bench-host-calls`.
+fn probe_wasm_path() -> Result<std::path::PathBuf> {
+    let path = target_dir().join("wasm32-wasip1/release/sluice_probe_filter.wasm");
+    if !path.is_file() {
+        bail!(
+            "the probe filter is not built: {} is missing; run `make bench-host-calls` \
+             (cargo build -p sluice-probe-filter --target wasm32-wasip1 --release)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A rule that never limits: `count` per second, 10^9 of them.
 fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
     json!({
@@ -396,6 +465,9 @@ fn configure(builder: EnvoyBuilder, filters: Filters) -> Result<EnvoyBuilder> {
         Filters::NoopWasm => builder
             .wasm(&noop_wasm_path()?)
             .sluice(&json!({"rules": []})),
+        Filters::Probe(kind) => builder
+            .wasm(&probe_wasm_path()?)
+            .sluice_raw(&format!("{kind}={PROBE_CALLS}")),
         Filters::SluiceNeverLimits => builder.sluice(&json!({
             "rules": [{
                 "name": "bench-per-ip",
