@@ -106,7 +106,7 @@ bench-filter:
 	$(CARGO) run --release -p sluice-e2e --bin benchfilter
 
 # The empty filter against probes making 10 host calls of one kind per
-# request: Envoy CPU per call, about 2 min.
+# request: Envoy CPU per call, about 3 min.
 HOST_CALL_PROBES := probe-proxy-clock,probe-wasi-clock,probe-metric,probe-peer-address,probe-request-header,probe-shared-get,probe-shared-cas,probe-response-header-replace,probe-response-header-add,probe-response-headers-map
 bench-host-calls:
 	@$(MAKE) setup

@@ -17,10 +17,15 @@
 //!   limiting WebSocket messages and bytes (never reached). The WebSocket
 //!   load generator runs inside this process (not pinned); its "requests"
 //!   are messages.
-//! - `probe-<kind>` (only when `--only` names them, as `make
-//!   bench-host-calls` does): the empty filter plus [`PROBE_CALLS`] host
-//!   calls of one kind per request (`tests/probe-filter`); printed as
-//!   `host_call_us.<kind>: X`, the CPU per call over `noop-wasm`.
+//!
+//! Run only when `--only` names them:
+//! - `probe-<kind>` (as `make bench-host-calls` does): the empty filter
+//!   plus [`PROBE_CALLS`] host calls of one kind per request
+//!   (`tests/probe-filter`); printed as `host_call_us.<kind>: X`, the CPU
+//!   per call over `noop-wasm`;
+//! - `sluice-ietf-headers`, `sluice-no-headers`: `sluice` with only the
+//!   two IETF rate-limit headers on allowed responses, and with none: what
+//!   the headers cost (printed as `<variant>_over_noop_wasm_cpu_us: X`).
 //!
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
@@ -71,14 +76,17 @@ enum Filters {
     SluiceWsNeverLimits,
     /// The empty filter plus [`PROBE_CALLS`] host calls of this kind.
     Probe(&'static str),
+    /// [`Filters::SluiceNeverLimits`] with this `headers` setting.
+    SluiceHeaders(&'static str),
 }
 
 /// Host calls per request of a `probe-<kind>` variant: enough to stand
 /// out of the noise of one request's cost.
 const PROBE_CALLS: u32 = 10;
 
-/// The `probe-<kind>` variants, each run only when `--only` names it.
-fn probe_variants() -> Vec<Variant> {
+/// The variants run only when `--only` names them: the `probe-<kind>`
+/// ones and Sluice with fewer headers.
+fn opt_in_variants() -> Vec<Variant> {
     const KINDS: [(&str, &str); 10] = [
         ("probe-proxy-clock", "proxy-clock"),
         ("probe-wasi-clock", "wasi-clock"),
@@ -91,13 +99,26 @@ fn probe_variants() -> Vec<Variant> {
         ("probe-response-header-add", "response-header-add"),
         ("probe-response-headers-map", "response-headers-map"),
     ];
+    let http = Load::Wrk { path: "/direct" };
+    let headers = [
+        (
+            "sluice-ietf-headers",
+            r#"{"sets": ["ietf"], "on_allowed": true}"#,
+        ),
+        ("sluice-no-headers", r#"{"on_allowed": false}"#),
+    ];
     KINDS
         .into_iter()
         .map(|(name, kind)| Variant {
             name,
             filters: Filters::Probe(kind),
-            load: Load::Wrk { path: "/direct" },
+            load: http,
         })
+        .chain(headers.into_iter().map(|(name, headers)| Variant {
+            name,
+            filters: Filters::SluiceHeaders(headers),
+            load: http,
+        }))
         .collect()
 }
 
@@ -232,7 +253,7 @@ async fn run(options: &Options) -> Result<()> {
     let variants: Vec<Variant> = variants()
         .into_iter()
         .filter(|v| options.selects(v.name))
-        .chain(probe_variants().into_iter().filter(|v| named(v.name)))
+        .chain(opt_in_variants().into_iter().filter(|v| named(v.name)))
         .collect();
     if variants.is_empty() {
         bail!("no variant selected");
@@ -347,10 +368,19 @@ async fn run(options: &Options) -> Result<()> {
     }
     if let Some((_, _, noop)) = find("noop-wasm") {
         for variant in &variants {
-            if let (Filters::Probe(kind), Some((_, _, cpu))) = (variant.filters, find(variant.name))
-            {
-                let per_call = (cpu - noop) / f64::from(PROBE_CALLS);
-                println!("host_call_us.{kind}: {per_call:.3}");
+            let Some((_, _, cpu)) = find(variant.name) else {
+                continue;
+            };
+            match variant.filters {
+                Filters::Probe(kind) => {
+                    let per_call = (cpu - noop) / f64::from(PROBE_CALLS);
+                    println!("host_call_us.{kind}: {per_call:.3}");
+                }
+                Filters::SluiceHeaders(_) => {
+                    let name = variant.name.replace('-', "_");
+                    println!("{name}_over_noop_wasm_cpu_us: {:.2}", cpu - noop);
+                }
+                _ => {}
             }
         }
     }
@@ -446,6 +476,16 @@ fn probe_wasm_path() -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The `sluice` variant's rule: a per-IP token bucket of 10^9 per second.
+fn per_ip_never_limits() -> Value {
+    json!({
+        "name": "bench-per-ip",
+        "key": ["client_ip"],
+        "limit": {"count": 1_000_000_000u64, "per": "1s"},
+        "algorithm": "token_bucket"
+    })
+}
+
 /// A rule that never limits: `count` per second, 10^9 of them.
 fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
     json!({
@@ -468,13 +508,10 @@ fn configure(builder: EnvoyBuilder, filters: Filters) -> Result<EnvoyBuilder> {
         Filters::Probe(kind) => builder
             .wasm(&probe_wasm_path()?)
             .sluice_raw(&format!("{kind}={PROBE_CALLS}")),
-        Filters::SluiceNeverLimits => builder.sluice(&json!({
-            "rules": [{
-                "name": "bench-per-ip",
-                "key": ["client_ip"],
-                "limit": {"count": 1_000_000_000u64, "per": "1s"},
-                "algorithm": "token_bucket"
-            }]
+        Filters::SluiceNeverLimits => builder.sluice(&json!({"rules": [per_ip_never_limits()]})),
+        Filters::SluiceHeaders(headers) => builder.sluice(&json!({
+            "rules": [per_ip_never_limits()],
+            "headers": serde_json::from_str::<Value>(headers)?
         })),
         Filters::SluiceGrpcNeverLimits => builder.sluice(&json!({"rules": [
             never_limits("bench-grpc-calls", json!({"grpc": {}}), "requests"),
