@@ -163,23 +163,50 @@ fn client_host() -> FakeHost {
     fake
 }
 
+/// A client host whose calls (and shared-data reads and writes) are
+/// recorded in one list: what each cost test sets up.
+struct Recorded {
+    fake: FakeHost,
+    calls: RefCell<Vec<&'static str>>,
+    inner: InProcessShared,
+}
+
+impl Recorded {
+    fn new() -> Self {
+        Recorded {
+            fake: client_host(),
+            calls: RefCell::new(Vec::new()),
+            inner: InProcessShared::default(),
+        }
+    }
+
+    /// The host, recording its calls.
+    fn host(&self) -> Counting<'_> {
+        Counting {
+            host: &self.fake,
+            calls: &self.calls,
+        }
+    }
+
+    /// A filter configured with `config`, its shared data recorded.
+    fn plugin(&self, config: &str) -> Result<Plugin<CountingShared<'_>>, String> {
+        let shared = CountingShared {
+            inner: &self.inner,
+            calls: &self.calls,
+        };
+        Plugin::configure(&self.host(), shared, config.as_bytes()).map_err(|e| e.to_string())
+    }
+}
+
 #[test]
 fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_data(
 ) -> Result<(), String> {
-    let fake = client_host();
-    let calls = RefCell::new(Vec::new());
-    let host = Counting {
-        host: &fake,
-        calls: &calls,
-    };
-    let inner = InProcessShared::default();
-    let shared = CountingShared {
-        inner: &inner,
-        calls: &calls,
-    };
+    let recorded = Recorded::new();
+    let (fake, calls) = (&recorded.fake, &recorded.calls);
+    let host = recorded.host();
     let config = r#"{"rules":[{"name":"fleet","key":["client_ip"],
         "match":{"path":{"prefix":"/"}},"sync":{"mode":"exact","domain":"edge"}}]}"#;
-    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    let mut p = recorded.plugin(config)?;
     // The quota server's answer, once its controls are known (not sent).
     let answer = CheckResponse {
         groups: vec![GroupResult {
@@ -242,20 +269,12 @@ fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_dat
 fn calls_of_a_settled_request(config: &str) -> Result<Vec<&'static str>, String> {
     use crate::sync_service::SyncService;
     use sluice_proto::quota::v1::{Lease, SyncResponse};
-    let fake = client_host();
-    let calls = RefCell::new(Vec::new());
-    let host = Counting {
-        host: &fake,
-        calls: &calls,
-    };
-    let inner = InProcessShared::default();
-    let shared = CountingShared {
-        inner: &inner,
-        calls: &calls,
-    };
+    let recorded = Recorded::new();
+    let (fake, calls) = (&recorded.fake, &recorded.calls);
+    let host = recorded.host();
     let mut service =
-        SyncService::configure(&host, &inner, config.as_bytes()).map_err(|e| e.to_string())?;
-    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+        SyncService::configure(&host, &recorded.inner, config.as_bytes()).map_err(|e| e.to_string())?;
+    let mut p = recorded.plugin(config)?;
     fake.request("GET", "/x", &[]);
     p.on_request_headers(&host, 1);
     service.on_queue_ready(&host);
@@ -383,18 +402,10 @@ impl Exchange {
 /// The cost of the third of three `exchange`s under `config`: the first
 /// sets the key up, the second leaves it as every later one finds it.
 fn cost_of(config: &str, exchange: &Exchange) -> Result<(Step, Cost), String> {
-    let fake = client_host();
-    let calls = RefCell::new(Vec::new());
-    let host = Counting {
-        host: &fake,
-        calls: &calls,
-    };
-    let inner = InProcessShared::default();
-    let shared = CountingShared {
-        inner: &inner,
-        calls: &calls,
-    };
-    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    let recorded = Recorded::new();
+    let calls = &recorded.calls;
+    let host = recorded.host();
+    let mut p = recorded.plugin(config)?;
     exchange.run(&mut p, &host, 1);
     exchange.run(&mut p, &host, 2);
     calls.borrow_mut().clear();
@@ -583,18 +594,10 @@ const WS_SERVER_FRAME: &[u8] = &[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'];
 /// The cost of the third of three echoed WebSocket messages (one frame
 /// each way) on one upgraded connection under `config`.
 fn ws_message_cost(config: &str) -> Result<Cost, String> {
-    let fake = client_host();
-    let calls = RefCell::new(Vec::new());
-    let host = Counting {
-        host: &fake,
-        calls: &calls,
-    };
-    let inner = InProcessShared::default();
-    let shared = CountingShared {
-        inner: &inner,
-        calls: &calls,
-    };
-    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    let recorded = Recorded::new();
+    let (fake, calls) = (&recorded.fake, &recorded.calls);
+    let host = recorded.host();
+    let mut p = recorded.plugin(config)?;
     fake.request("GET", "/ws", &[("upgrade", "websocket")]);
     assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
     fake.respond(101);
@@ -668,20 +671,12 @@ fn a_grpc_call_whose_rules_count_only_requests_messages_leaves_the_response_body
 
 #[test]
 fn a_large_grpc_message_is_read_only_where_its_prefix_is() -> Result<(), String> {
-    let fake = client_host();
-    let calls = RefCell::new(Vec::new());
-    let host = Counting {
-        host: &fake,
-        calls: &calls,
-    };
-    let inner = InProcessShared::default();
-    let shared = CountingShared {
-        inner: &inner,
-        calls: &calls,
-    };
+    let recorded = Recorded::new();
+    let (fake, calls) = (&recorded.fake, &recorded.calls);
+    let host = recorded.host();
     let config = r#"{"rules":[{"name":"msgs","match":{"grpc":{}},"counts":"messages",
         "limit":{"count":2,"per":"1h"}}]}"#;
-    let mut p = Plugin::configure(&host, shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    let mut p = recorded.plugin(config)?;
     fake.request("POST", "/user.UserService/GetUser", GRPC);
     assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
     // A streaming call whose response started: a refusal cuts the request.
