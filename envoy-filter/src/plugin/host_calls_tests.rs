@@ -272,8 +272,8 @@ fn calls_of_a_settled_request(config: &str) -> Result<Vec<&'static str>, String>
     let recorded = Recorded::new();
     let (fake, calls) = (&recorded.fake, &recorded.calls);
     let host = recorded.host();
-    let mut service =
-        SyncService::configure(&host, &recorded.inner, config.as_bytes()).map_err(|e| e.to_string())?;
+    let mut service = SyncService::configure(&host, &recorded.inner, config.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut p = recorded.plugin(config)?;
     fake.request("GET", "/x", &[]);
     p.on_request_headers(&host, 1);
