@@ -8,10 +8,54 @@
 //! access controls decided; the example Envoy configs
 //! carry `stats_tags` that turn the rule and outcome segments into
 //! Prometheus labels. Labels stay bounded: rules and outcomes, never keys.
+//!
+//! Outcome counters (rule, sync and access outcomes) are counted on every
+//! request, and each host call costs Envoy about as much as a small part
+//! of the filter: their increments gather in the VM and reach Envoy in one
+//! call per counter per flush. A flush happens when a counter has
+//! [`FLUSH_AT_COUNT`] increments waiting, when a request finds the last
+//! flush [`FLUSH_EVERY`] old, and on the root context's tick (which runs
+//! while increments wait, so stats settle when traffic stops). The error
+//! and key counters and the gauges are rare or must move at once: they
+//! reach Envoy at once.
+
+use std::cell::Cell;
 
 use crate::host::{Host, MetricId};
 use sluice_core::policy::{Policy, Protocol, Rule};
 use sluice_core::store::SlotStats;
+use sluice_core::time::{Nanos, Span};
+
+/// Increments of one counter that make it reach Envoy at once.
+pub const FLUSH_AT_COUNT: u64 = 1024;
+/// How old the last flush may get before a request flushes every counter.
+pub const FLUSH_EVERY: Span = Span::SECOND;
+/// The tick period while increments wait and nothing else ticks faster.
+pub const FLUSH_TICK_MILLIS: u32 = 1000;
+
+/// A counter defined with the host and the increments not yet sent to it.
+#[derive(Debug)]
+struct Counter {
+    id: MetricId,
+    pending: Cell<u64>,
+}
+
+impl Counter {
+    fn new(id: Option<MetricId>) -> Option<Counter> {
+        id.map(|id| Counter {
+            id,
+            pending: Cell::new(0),
+        })
+    }
+
+    /// Sends the waiting increments to the host.
+    fn flush(&self, host: &impl Host) {
+        let pending = self.pending.replace(0);
+        if pending > 0 {
+            host.increment(self.id, pending);
+        }
+    }
+}
 
 /// What happened to a request or message, for one rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,14 +185,15 @@ fn protocols(rule: &Rule, policy_tells_protocols: bool) -> &'static [Protocol] {
 #[derive(Debug, Default)]
 struct RuleMetrics {
     /// Per protocol, per outcome.
-    outcomes: [[Option<MetricId>; Outcome::ALL.len()]; 3],
+    outcomes: [[Option<Counter>; Outcome::ALL.len()]; 3],
     /// Open gRPC calls or WebSocket connections the rule applies to.
     open: Option<MetricId>,
     /// Per sync outcome (synced rules only).
-    sync: [Option<MetricId>; 4],
+    sync: [Option<Counter>; 4],
 }
 
-/// Metric ids, defined once per VM at configuration time.
+/// Metric ids, defined once per VM at configuration time, and the
+/// outcome increments waiting for the next flush.
 #[derive(Debug, Default)]
 pub struct Metrics {
     per_rule: Vec<RuleMetrics>,
@@ -156,7 +201,11 @@ pub struct Metrics {
     /// Counters of [`SlotStats`], field by field.
     keys: [Option<MetricId>; 3],
     /// Per access outcome (policies with synced rules or access lists only).
-    access: [Option<MetricId>; 2],
+    access: [Option<Counter>; 2],
+    /// Some counter has increments waiting.
+    pending: Cell<bool>,
+    /// When a request last flushed (ticks flush whatever the time).
+    flushed_at: Cell<Nanos>,
 }
 
 impl Metrics {
@@ -171,11 +220,11 @@ impl Metrics {
                 let mut m = RuleMetrics::default();
                 if policy.sync_of(rule_index).is_some() {
                     m.sync = SyncOutcome::ALL.map(|o| {
-                        host.define_counter(&format!(
+                        Counter::new(host.define_counter(&format!(
                             "sluice_sync.rule.{}.outcome.{}",
                             rule.name,
                             o.name()
-                        ))
+                        )))
                     });
                 }
                 for &protocol in protocols(rule, tells) {
@@ -183,12 +232,12 @@ impl Metrics {
                         continue;
                     };
                     *outcomes = Outcome::ALL.map(|o| {
-                        host.define_counter(&format!(
+                        Counter::new(host.define_counter(&format!(
                             "sluice_{}.rule.{}.outcome.{}",
                             protocol_name(protocol),
                             rule.name,
                             o.name()
-                        ))
+                        )))
                     });
                 }
                 m.open = match (&rule.matcher.grpc, rule.matcher.websocket) {
@@ -212,45 +261,92 @@ impl Metrics {
             ]
             .map(|name| host.define_counter(name)),
             access: if policy.synced.is_empty() && policy.access.is_empty() {
-                [None; 2]
+                Default::default()
             } else {
-                AccessOutcome::ALL
-                    .map(|o| host.define_counter(&format!("sluice_access.outcome.{}", o.name())))
+                AccessOutcome::ALL.map(|o| {
+                    Counter::new(
+                        host.define_counter(&format!("sluice_access.outcome.{}", o.name())),
+                    )
+                })
             },
+            pending: Cell::new(false),
+            flushed_at: Cell::new(Nanos::ZERO),
+        }
+    }
+
+    /// Adds one to `counter`, sending it on at once when enough waited.
+    fn add_one(&self, host: &impl Host, counter: &Counter) {
+        let pending = counter.pending.get().saturating_add(1);
+        if pending >= FLUSH_AT_COUNT {
+            counter.pending.set(0);
+            host.increment(counter.id, pending);
+        } else {
+            counter.pending.set(pending);
+            self.pending.set(true);
+        }
+    }
+
+    /// Every counter of the outcomes, sync outcomes and access outcomes.
+    fn counters(&self) -> impl Iterator<Item = &Counter> {
+        self.per_rule
+            .iter()
+            .flat_map(|m| m.outcomes.iter().flatten().chain(&m.sync))
+            .chain(&self.access)
+            .flatten()
+    }
+
+    /// Whether increments wait for a flush (the root context then ticks).
+    pub fn has_pending(&self) -> bool {
+        self.pending.get()
+    }
+
+    /// Sends every waiting increment to the host.
+    pub fn flush(&self, host: &impl Host) {
+        if self.pending.replace(false) {
+            for counter in self.counters() {
+                counter.flush(host);
+            }
+        }
+    }
+
+    /// Flushes if the last flush by a request is [`FLUSH_EVERY`] older
+    /// than `now` (the clock reading the request already made).
+    pub fn flush_if_due(&self, host: &impl Host, now: Nanos) {
+        if self.pending.get() && now.since(self.flushed_at.get()) >= FLUSH_EVERY {
+            self.flushed_at.set(now);
+            self.flush(host);
         }
     }
 
     /// Counts a request the access controls decided.
     pub fn access(&self, host: &impl Host, outcome: AccessOutcome) {
-        if let Some(Some(id)) = self.access.get(outcome as usize) {
-            host.increment(*id, 1);
+        if let Some(Some(counter)) = self.access.get(outcome as usize) {
+            self.add_one(host, counter);
         }
     }
 
     /// Counts one outcome of the rule at `rule_index` for a `protocol` request.
     pub fn count(&self, host: &impl Host, protocol: Protocol, rule_index: usize, outcome: Outcome) {
-        let id = self
+        let counter = self
             .per_rule
             .get(rule_index)
             .and_then(|m| m.outcomes.get(protocol_slot(protocol)))
             .and_then(|outcomes| outcomes.get(outcome as usize))
-            .copied()
-            .flatten();
-        if let Some(id) = id {
-            host.increment(id, 1);
+            .and_then(Option::as_ref);
+        if let Some(counter) = counter {
+            self.add_one(host, counter);
         }
     }
 
     /// Counts how the quota server call went for the synced rule at `rule_index`.
     pub fn sync(&self, host: &impl Host, rule_index: usize, outcome: SyncOutcome) {
-        let id = self
+        let counter = self
             .per_rule
             .get(rule_index)
             .and_then(|m| m.sync.get(outcome as usize))
-            .copied()
-            .flatten();
-        if let Some(id) = id {
-            host.increment(id, 1);
+            .and_then(Option::as_ref);
+        if let Some(counter) = counter {
+            self.add_one(host, counter);
         }
     }
 
@@ -285,5 +381,68 @@ impl Metrics {
                 host.increment(*id, n);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::FakeHost;
+
+    const NAME: &str = "sluice_http.rule.r.outcome.allowed";
+
+    fn defined(host: &FakeHost) -> Result<Metrics, String> {
+        let policy =
+            Policy::from_json(r#"{"rules":[{"name":"r","limit":{"count":1,"per":"1s"}}]}"#)
+                .map_err(|e| e.to_string())?;
+        Ok(Metrics::define(host, &policy))
+    }
+
+    fn allowed(metrics: &Metrics, host: &FakeHost, times: u64) {
+        for _ in 0..times {
+            metrics.count(host, Protocol::Http, 0, Outcome::Allowed);
+        }
+    }
+
+    #[test]
+    fn increments_wait_for_a_flush_and_none_is_lost() -> Result<(), String> {
+        let host = FakeHost::default();
+        let metrics = defined(&host)?;
+        allowed(&metrics, &host, 3);
+        assert_eq!(host.counter(NAME), 0, "nothing sent before a flush");
+        assert!(metrics.has_pending());
+        metrics.flush(&host);
+        assert_eq!(host.counter(NAME), 3);
+        assert!(!metrics.has_pending());
+        metrics.flush(&host);
+        assert_eq!(host.counter(NAME), 3, "a flush sends nothing twice");
+        Ok(())
+    }
+
+    #[test]
+    fn a_counter_with_many_waiting_reaches_the_host_at_once() -> Result<(), String> {
+        let host = FakeHost::default();
+        let metrics = defined(&host)?;
+        allowed(&metrics, &host, FLUSH_AT_COUNT - 1);
+        assert_eq!(host.counter(NAME), 0);
+        allowed(&metrics, &host, 1);
+        assert_eq!(host.counter(NAME), FLUSH_AT_COUNT as i64);
+        Ok(())
+    }
+
+    #[test]
+    fn a_request_flushes_once_the_last_flush_is_old() -> Result<(), String> {
+        let host = FakeHost::default();
+        let metrics = defined(&host)?;
+        let start = Nanos(1_000_000_000_000);
+        allowed(&metrics, &host, 1);
+        metrics.flush_if_due(&host, start);
+        assert_eq!(host.counter(NAME), 1, "the first request flushes");
+        allowed(&metrics, &host, 2);
+        metrics.flush_if_due(&host, start.plus(Span::from_millis(999)));
+        assert_eq!(host.counter(NAME), 1, "too soon after the last flush");
+        metrics.flush_if_due(&host, start.plus(FLUSH_EVERY));
+        assert_eq!(host.counter(NAME), 3);
+        Ok(())
     }
 }

@@ -439,8 +439,8 @@ impl SpanText {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, remote = "Self", expecting = "an object")]
 pub struct HeadersConfig {
-    /// Which families to send.
-    #[serde(default = "all_header_sets")]
+    /// Which families to send (default: the IETF draft's fields only).
+    #[serde(default = "default_header_sets")]
     pub sets: Vec<HeaderSet>,
     /// Also on allowed responses.
     #[serde(default = "yes")]
@@ -450,14 +450,15 @@ pub struct HeadersConfig {
 impl Default for HeadersConfig {
     fn default() -> HeadersConfig {
         HeadersConfig {
-            sets: all_header_sets(),
+            sets: default_header_sets(),
             on_allowed: true,
         }
     }
 }
 
-fn all_header_sets() -> Vec<HeaderSet> {
-    [HeaderSet::Ietf, HeaderSet::XRateLimit].into()
+/// The current standard's fields; `x_ratelimit` is opt-in.
+fn default_header_sets() -> Vec<HeaderSet> {
+    [HeaderSet::Ietf].into()
 }
 
 fn yes() -> bool {

@@ -338,7 +338,13 @@ mod tests {
         assert_eq!(rule.limiter.kind(), AlgorithmKind::TokenBucket);
         assert_eq!(rule.action, Action::Reject);
         assert_eq!(rule.quota.per(), Span::from_secs(60));
-        assert_eq!(policy.header_sets, HeaderSets::ALL);
+        assert_eq!(
+            policy.header_sets,
+            HeaderSets {
+                ietf: true,
+                x_ratelimit: false
+            }
+        );
         assert!(policy.headers_on_allowed);
         assert_eq!(policy.max_keys, Policy::DEFAULT_MAX_KEYS);
     }

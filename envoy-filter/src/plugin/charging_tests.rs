@@ -23,7 +23,8 @@ fn a_request_header_sets_the_cost_within_max() -> Result<(), String> {
     let mut p = plugin(
         &host,
         &shared,
-        r#"{"rules":[{"name":"batch","limit":{"count":100,"per":"1h"},"cost_from":{"header":"x-cost","max":60}}]}"#,
+        r#"{"rules":[{"name":"batch","limit":{"count":100,"per":"1h"},"cost_from":{"header":"x-cost","max":60}}],
+            "headers":{"sets":["x_ratelimit"]}}"#,
     )?;
     assert!(admitted(&mut p, &host, 1, &[("x-cost", "30")]));
     // Far above max: charged max (60), never the default.
@@ -47,7 +48,8 @@ fn a_request_header_sets_the_cost_within_max() -> Result<(), String> {
 }
 
 const LLM: &str = r#"{"rules":[{"name":"llm","key":["header:x-api-key"],"limit":{"count":1000,"per":"1h"},
-    "charge":{"response_header":"x-tokens-used","max":5000}}],"exclude_statuses":["5xx"]}"#;
+    "charge":{"response_header":"x-tokens-used","max":5000}}],"exclude_statuses":["5xx"],
+    "headers":{"sets":["x_ratelimit"]}}"#;
 
 #[test]
 fn usage_reported_in_a_header_is_charged_into_debt() -> Result<(), String> {

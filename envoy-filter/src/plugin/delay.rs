@@ -10,6 +10,7 @@ use sluice_core::time::Nanos;
 use super::{Decided, Plugin, Wake};
 use crate::controls::CONTROLS_TICK_MILLIS;
 use crate::host::Host;
+use crate::metrics::FLUSH_TICK_MILLIS;
 
 /// How often a VM with delayed requests or cut calls checks them again. A
 /// delayed request is released at most this late after its permit frees
@@ -95,18 +96,22 @@ impl<B: SharedBytes> Plugin<B> {
                 .into_iter()
                 .map(|id| (id, Wake::Reset)),
         );
-        host.set_tick_millis(self.tick_millis());
+        self.metrics.flush(host);
+        self.ask_ticks(host);
         wakes
     }
 
     /// The tick period to ask for: often while requests wait or calls
     /// are cut, else as often as a policy with synced rules polls for
-    /// access controls, else none.
+    /// access controls, else while stats increments wait for a flush,
+    /// else none.
     pub(super) fn tick_millis(&self) -> u32 {
         if !self.delayed.is_empty() || !self.cuts.is_empty() {
             DELAY_TICK_MILLIS
         } else if !self.policy.synced.is_empty() {
             CONTROLS_TICK_MILLIS
+        } else if self.metrics.has_pending() {
+            FLUSH_TICK_MILLIS
         } else {
             0
         }

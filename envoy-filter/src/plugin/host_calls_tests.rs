@@ -250,16 +250,23 @@ fn a_request_with_only_an_exact_rule_reads_what_its_rule_needs_and_no_shared_dat
         0,
         "no local rule, no slot: {all:?}"
     );
-    assert_eq!(times(&all, "increment"), 2, "sync ok and allowed: {all:?}");
+    assert_eq!(
+        times(&all, "increment"),
+        0,
+        "sync ok and allowed wait for a flush: {all:?}"
+    );
     assert_eq!(
         times(&all, "response_header"),
         0,
         "nothing reads the status: {all:?}"
     );
     assert_eq!(
-        fake.response_header("x-ratelimit-remaining").as_deref(),
-        Some("9")
+        fake.response_header("ratelimit").as_deref(),
+        Some("\"fleet\";r=9;t=0")
     );
+    p.flush_metrics(&host);
+    assert_eq!(fake.counter("sluice_sync.rule.fleet.outcome.ok"), 1);
+    assert_eq!(fake.counter("sluice_http.rule.fleet.outcome.allowed"), 1);
     println!("host calls of one exact request: {all:?}");
     Ok(())
 }
@@ -301,7 +308,13 @@ fn calls_of_a_settled_request(config: &str) -> Result<Vec<&'static str>, String>
     fake.respond(200);
     p.on_response_headers(&host, 2);
     p.on_done(&host, 2);
-    Ok(calls.take())
+    // Stats flushes and the ticks that make them depend on what the VM
+    // did before, not on this request.
+    let calls = calls.take();
+    Ok(calls
+        .into_iter()
+        .filter(|c| !matches!(*c, "increment" | "set_tick_millis"))
+        .collect())
 }
 
 #[test]
@@ -437,10 +450,9 @@ fn an_allowed_request_of_one_per_ip_rule_with_default_headers() -> Result<(), St
         cost,
         Cost {
             calls: calls(&[
-                ("increment", 1),
                 ("now", 1),
                 ("peer_address", 1),
-                ("set_response_header", 5),
+                ("set_response_header", 2),
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
@@ -460,7 +472,6 @@ fn an_allowed_request_of_one_per_ip_rule_without_headers() -> Result<(), String>
         cost,
         Cost {
             calls: calls(&[
-                ("increment", 1),
                 ("now", 1),
                 ("peer_address", 1),
                 ("shared_get", 1),
@@ -485,13 +496,12 @@ fn a_limited_request_of_one_per_ip_rule() -> Result<(), String> {
         cost,
         Cost {
             calls: calls(&[
-                ("increment", 1),
                 ("now", 1),
                 ("peer_address", 1),
                 ("request_header", 1),
                 ("shared_get", 1)
             ]),
-            allocations: 13,
+            allocations: 10,
         }
     );
     Ok(())
@@ -524,11 +534,10 @@ fn a_grpc_unary_call_under_a_requests_rule() -> Result<(), String> {
         Cost {
             calls: calls(&[
                 ("add_to_gauge", 2),
-                ("increment", 1),
                 ("now", 1),
                 ("peer_address", 1),
                 ("request_header", 3),
-                ("set_response_header", 5),
+                ("set_response_header", 2),
                 ("shared_get", 1),
                 ("shared_set", 1)
             ]),
@@ -554,11 +563,10 @@ fn a_grpc_unary_call_under_calls_and_messages_rules() -> Result<(), String> {
             calls: calls(&[
                 ("add_to_gauge", 4),
                 ("body", 2),
-                ("increment", 3),
                 ("now", 3),
                 ("peer_address", 1),
                 ("request_header", 3),
-                ("set_response_header", 5),
+                ("set_response_header", 2),
                 ("shared_get", 3),
                 ("shared_set", 3)
             ]),
@@ -631,7 +639,6 @@ fn a_websocket_message_echoed_under_messages_and_bytes_rules() -> Result<(), Str
         Cost {
             calls: calls(&[
                 ("body", 2),
-                ("increment", 4),
                 ("now", 2),
                 ("shared_get", 4),
                 ("shared_set", 4)
@@ -656,7 +663,6 @@ fn a_grpc_call_whose_rules_count_only_requests_messages_leaves_the_response_body
             calls: calls(&[
                 ("add_to_gauge", 2),
                 ("body", 1),
-                ("increment", 1),
                 ("now", 2),
                 ("peer_address", 1),
                 ("request_header", 3),

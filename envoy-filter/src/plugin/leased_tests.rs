@@ -197,6 +197,7 @@ fn a_lease_admits_locally_up_to_its_permits_then_asks_again() {
         Some("\"fleet\";r=40;t=30"),
         "the budget as of the last sync"
     );
+    f.plugin.flush_metrics(&f.host);
     assert_eq!(f.host.counter("sluice_http.rule.fleet.outcome.allowed"), 2);
     // Dry: the next request asks, and wakes the service (a quarter
     // interval after it last did), whose sync of the other half asks for
@@ -252,6 +253,7 @@ fn an_exhausted_budget_is_refused_locally_until_it_resets() {
     assert_eq!(reply.status, 429);
     assert!(reply.headers.contains(&("retry-after", "30".into())));
     assert_eq!(calls(&f.host), before, "no call for a refused key");
+    f.plugin.flush_metrics(&f.host);
     assert_eq!(f.host.counter("sluice_http.rule.fleet.outcome.limited"), 1);
     // Another key is independent.
     assert_eq!(f.request(3, "bob"), Step::Pause);

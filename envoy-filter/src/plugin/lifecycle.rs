@@ -9,7 +9,7 @@ use sluice_core::policy::{read_amount, Action, Counts, Direction, Policy, Protoc
 use sluice_core::store::{SharedBytes, SlotStore};
 use sluice_core::time::{Nanos, Span};
 
-use super::delay::{DelayedRequest, DELAY_TICK_MILLIS};
+use super::delay::DelayedRequest;
 use super::stream_judge::StreamJudge;
 use super::{Decided, Plugin, Step, Wake};
 use crate::host::Host;
@@ -83,6 +83,14 @@ pub(super) struct RequestState {
 impl<B: SharedBytes> Plugin<B> {
     /// Decides a new request.
     pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) -> Step {
+        let step = self.decide_request(host, context_id);
+        // Its outcome may wait for a flush, which a tick then makes.
+        self.ask_ticks(host);
+        step
+    }
+
+    /// [`Self::on_request_headers`], up to the tick it needs.
+    fn decide_request(&mut self, host: &impl Host, context_id: u32) -> Step {
         // Only the filter says which rules degraded a request: a copy the
         // client sent could fake or hide that, so it never reaches the
         // upstream, whatever the rules decide.
@@ -118,16 +126,14 @@ impl<B: SharedBytes> Plugin<B> {
             keys,
             stream_keys,
         };
-        match self.decide(host, request, now) {
+        let step = match self.decide(host, request, now) {
             Decided::Now(Wake::Resume) => Step::Continue,
             Decided::Now(Wake::Reply(reply)) => Step::Reply(reply),
             Decided::Now(Wake::Reset) => Step::Reset,
-            Decided::Delayed => {
-                host.set_tick_millis(DELAY_TICK_MILLIS);
-                Step::Pause
-            }
-            Decided::Asking => Step::Pause,
-        }
+            Decided::Delayed | Decided::Asking => Step::Pause,
+        };
+        self.metrics.flush_if_due(host, now);
+        step
     }
 
     /// Decides the request-time rules of `request` (first seen at
@@ -447,6 +453,21 @@ impl<B: SharedBytes> Plugin<B> {
         size: usize,
         end_of_stream: bool,
     ) -> Step {
+        let step = self.judge_body(host, context_id, direction, size, end_of_stream);
+        // Message outcomes may wait for a flush, which a tick then makes.
+        self.ask_ticks(host);
+        step
+    }
+
+    /// [`Self::on_body`], up to the tick it needs.
+    fn judge_body(
+        &mut self,
+        host: &impl Host,
+        context_id: u32,
+        direction: Direction,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Step {
         let Some(state) = self.requests.get_mut(&context_id) else {
             return Step::Continue;
         };
@@ -494,7 +515,6 @@ impl<B: SharedBytes> Plugin<B> {
                 // a body callback, the tick still does once the grace has
                 // passed.
                 self.cuts.push(context_id, deadline);
-                host.set_tick_millis(self.tick_millis());
                 Step::Continue
             }
             Edit::RefuseCall {

@@ -42,6 +42,8 @@ mod stream_judge;
 #[cfg(test)]
 mod tests;
 
+use std::cell::Cell;
+
 use sluice_core::config::{Config, ConfigError};
 use sluice_core::policy::Policy;
 use sluice_core::store::{SharedBytes, SlotStats, SlotStore, StoreError};
@@ -114,6 +116,8 @@ pub struct Plugin<B> {
     lease_name: String,
     /// Scratch for rate-limit header values: responses allocate none.
     header_value: String,
+    /// The tick period last asked of the host.
+    tick_asked: Cell<u32>,
 }
 
 /// The policy of a plugin configuration (the filter's JSON), validated.
@@ -171,12 +175,29 @@ impl<B: SharedBytes> Plugin<B> {
             woken: leased::Woken::default(),
             lease_name: String::new(),
             header_value: String::new(),
+            tick_asked: Cell::new(0),
         };
         // Controls another VM already has apply at once, and ticks keep
         // polling for new ones.
         plugin.poll_controls(host);
         host.set_tick_millis(plugin.tick_millis());
+        plugin.tick_asked.set(plugin.tick_millis());
         Ok(plugin)
+    }
+
+    /// Asks the host for the tick period the plugin needs now, if it is
+    /// not the one last asked for (a host call only when it changes).
+    pub(crate) fn ask_ticks(&self, host: &impl Host) {
+        let millis = self.tick_millis();
+        if self.tick_asked.replace(millis) != millis {
+            host.set_tick_millis(millis);
+        }
+    }
+
+    /// Sends the stats increments waiting in this VM to the host (before
+    /// the plugin is replaced or the VM stops).
+    pub fn flush_metrics(&self, host: &impl Host) {
+        self.metrics.flush(host);
     }
 
     /// The policy in force.

@@ -46,9 +46,15 @@ fn limits_at_the_boundary_and_answers_429_with_headers() -> Result<(), String> {
         assert_eq!(p.on_request_headers(&host, id), Step::Continue);
         host.respond(200);
         p.on_response_headers(&host, id);
+        let state = host.response_header("ratelimit").unwrap_or_default();
+        assert!(
+            state.starts_with(&format!("\"api\";r={remaining};t=")),
+            "{state}"
+        );
         assert_eq!(
-            host.response_header("x-ratelimit-remaining").as_deref(),
-            Some(remaining)
+            host.response_header("x-ratelimit-remaining"),
+            None,
+            "x_ratelimit is opt-in"
         );
         assert_eq!(
             host.response_header("ratelimit-policy").as_deref(),
@@ -66,7 +72,8 @@ fn limits_at_the_boundary_and_answers_429_with_headers() -> Result<(), String> {
     // Our own reply comes back through the response callback untouched.
     host.respond(429);
     p.on_response_headers(&host, 3);
-    assert_eq!(host.response_header("x-ratelimit-remaining"), None);
+    assert_eq!(host.response_header("ratelimit"), None);
+    p.flush_metrics(&host);
     assert_eq!(host.counter("sluice_http.rule.api.outcome.allowed"), 2);
     assert_eq!(host.counter("sluice_http.rule.api.outcome.limited"), 1);
     Ok(())
@@ -108,6 +115,7 @@ fn delay_waits_then_releases_on_tick() -> Result<(), String> {
     host.now.set(host.now.get() + SEC / 2);
     assert_eq!(p.on_tick(&host), vec![(2, Wake::Resume)]);
     assert_eq!(host.tick_millis.get(), 0);
+    p.flush_metrics(&host);
     assert_eq!(host.counter("sluice_http.rule.slow.outcome.delayed"), 1);
     Ok(())
 }
@@ -126,12 +134,14 @@ fn delay_counts_the_requests_already_waiting() -> Result<(), String> {
     assert_eq!(p.on_request_headers(&host, 3), Step::Pause);
     // Third in line: its turn would come after 3 s.
     assert_eq!(reply(p.on_request_headers(&host, 4))?.status, 429);
+    p.flush_metrics(&host);
     assert_eq!(host.counter("sluice_http.rule.slow.outcome.limited"), 1);
     // The others are woken in turn: one after 1 s, the next after 2 s.
     host.now.set(host.now.get() + SEC);
     assert_eq!(p.on_tick(&host), vec![(2, Wake::Resume)]);
     host.now.set(host.now.get() + SEC);
     assert_eq!(p.on_tick(&host), vec![(3, Wake::Resume)]);
+    p.flush_metrics(&host);
     assert_eq!(host.counter("sluice_http.rule.slow.outcome.delayed"), 2);
     Ok(())
 }
@@ -246,6 +256,7 @@ fn grpc_calls_are_refused_with_resource_exhausted_not_429() -> Result<(), String
     assert_eq!((r.status, r.grpc_status), (200, Some(8)));
     assert_eq!(r.body, b"rate limited by rule calls; retry after 3600s");
     assert_eq!(header(&r, "retry-after"), Some("3600"));
+    p.flush_metrics(&host);
     assert_eq!(host.counter("sluice_grpc.rule.calls.outcome.limited"), 1);
     Ok(())
 }
@@ -350,9 +361,10 @@ fn grpc_messages_over_the_limit_end_the_call_or_rewrite_the_trailers() -> Result
     host.chunk(Direction::Client, &[message, message].concat());
     let r = reply(p.on_body(&host, 1, Direction::Client, 12, false))?;
     assert_eq!(r.grpc_status, Some(8));
-    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
+    assert!(header(&r, "ratelimit").is_some_and(|v| v.starts_with("\"msgs\";r=0;")));
     assert_eq!(header(&r, "ratelimit-policy"), Some("\"msgs\";q=1;w=3600"));
     assert_eq!(header(&r, "retry-after"), Some("3600"));
+    p.flush_metrics(&host);
     assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.allowed"), 1);
     assert_eq!(host.counter("sluice_grpc.rule.msgs.outcome.limited"), 1);
     Ok(())
@@ -745,7 +757,7 @@ fn degrade_marks_over_limit_requests_for_the_upstream_and_strips_spoofs() -> Res
     assert_eq!(host.request_header("x-sluice-limited"), None);
     host.respond(200);
     p.on_response_headers(&host, 1);
-    assert_eq!(host.response_header("x-ratelimit-remaining"), None);
+    assert_eq!(host.response_header("ratelimit"), None);
     // Over both degrade rules: marked with both, told its limits, no retry.
     host.request("GET", "/search", &[("x-sluice-limited", "")]);
     assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
@@ -755,11 +767,11 @@ fn degrade_marks_over_limit_requests_for_the_upstream_and_strips_spoofs() -> Res
     );
     host.respond(200);
     p.on_response_headers(&host, 2);
-    assert_eq!(
-        host.response_header("x-ratelimit-remaining").as_deref(),
-        Some("0")
+    let state = host.response_header("ratelimit").unwrap_or_default();
+    assert!(
+        state.starts_with("\"cheap\";r=0;") && state.contains("\"search\";r=0;"),
+        "{state}"
     );
-    assert!(host.response_header("ratelimit").is_some());
     assert_eq!(host.response_header("retry-after"), None);
     host.request("GET", "/other", &[]);
     assert_eq!(p.on_request_headers(&host, 3), Step::Continue);
@@ -771,6 +783,7 @@ fn degrade_marks_over_limit_requests_for_the_upstream_and_strips_spoofs() -> Res
     host.request("GET", "/other", &[("x-sluice-limited", "cheap")]);
     let r = reply(p.on_request_headers(&host, 4))?;
     assert_eq!((r.status, header(&r, "retry-after").is_some()), (429, true));
+    p.flush_metrics(&host);
     assert_eq!(host.counter("sluice_http.rule.cheap.outcome.degraded"), 2);
     assert_eq!(host.counter("sluice_http.rule.search.outcome.degraded"), 1);
     assert_eq!(host.counter("sluice_http.rule.hard.outcome.allowed"), 3);
@@ -814,15 +827,47 @@ fn a_blocked_key_is_refused_with_the_time_its_block_has_left() -> Result<(), Str
     host.request("POST", "/login", &[]);
     let r = reply(a.on_request_headers(&host, 2))?;
     assert_eq!(header(&r, "retry-after"), Some("600"));
-    assert_eq!(header(&r, "x-ratelimit-reset"), Some("600"));
+    assert_eq!(header(&r, "ratelimit"), Some("\"login\";r=0;t=600"));
     // Another worker, a minute later: the budget is back, the block is not.
     host.now.set(host.now.get() + 60 * SEC);
     host.request("POST", "/login", &[]);
     let r = reply(b.on_request_headers(&host, 3))?;
     assert_eq!(header(&r, "retry-after"), Some("540"));
+    a.flush_metrics(&host);
+    b.flush_metrics(&host);
     assert_eq!(host.counter("sluice_http.rule.login.outcome.limited"), 2);
     host.now.set(host.now.get() + 540 * SEC);
     host.request("POST", "/login", &[]);
     assert_eq!(b.on_request_headers(&host, 4), Step::Continue);
+    Ok(())
+}
+
+/// Admits request `id` (GET /x) from its headers to its end.
+fn admit_one(p: &mut Plugin<&InProcessShared>, host: &FakeHost, id: u32) {
+    host.request("GET", "/x", &[]);
+    assert_eq!(p.on_request_headers(host, id), Step::Continue);
+    p.on_done(host, id);
+}
+
+#[test]
+fn stats_reach_the_host_in_batches_and_a_tick_settles_them() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let json = r#"{"rules":[{"name":"api","limit":{"count":100,"per":"1m"}}]}"#;
+    let mut p = plugin(&host, &shared, json)?;
+    let allowed = || host.counter("sluice_http.rule.api.outcome.allowed");
+    admit_one(&mut p, &host, 1);
+    assert_eq!(allowed(), 1, "the first request flushes");
+    assert_eq!(host.tick_millis.get(), 0, "nothing waits");
+    admit_one(&mut p, &host, 2);
+    admit_one(&mut p, &host, 3);
+    assert_eq!(allowed(), 1, "within a second of the last flush: waiting");
+    assert_eq!(host.tick_millis.get(), crate::metrics::FLUSH_TICK_MILLIS);
+    host.now.set(host.now.get() + SEC);
+    admit_one(&mut p, &host, 4);
+    assert_eq!(allowed(), 4, "a second later, a request flushes");
+    admit_one(&mut p, &host, 5);
+    assert_eq!(p.on_tick(&host), vec![]);
+    assert_eq!(allowed(), 5, "the tick flushes");
+    assert_eq!(host.tick_millis.get(), 0, "nothing waits: no more ticks");
     Ok(())
 }

@@ -357,6 +357,16 @@ fn grpc_answer(status: u32, size: usize) -> Result<Vec<u8>, u32> {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // The VM stops: the stats increments still waiting reach Envoy.
+        if let Ok(slot) = self.plugin.try_borrow() {
+            if let Some(plugin) = slot.as_ref() {
+                plugin.flush_metrics(&EnvoyHost);
+            }
+        }
+        true
+    }
+
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         match self.service.as_mut() {
             Some(service) => {
@@ -403,7 +413,11 @@ impl RootContext for Root {
         match Plugin::configure(&EnvoyHost, EnvoyShared, &config) {
             Ok(plugin) => match self.plugin.try_borrow_mut() {
                 Ok(mut slot) => {
-                    *slot = Some(plugin);
+                    // The stats increments the old configuration counted
+                    // still reach Envoy.
+                    if let Some(old) = slot.replace(plugin) {
+                        old.flush_metrics(&EnvoyHost);
+                    }
                     true
                 }
                 Err(_) => false,
