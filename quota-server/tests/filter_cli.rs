@@ -151,12 +151,9 @@ fn simulate_a_login_limit_of_3_per_minute() {
             request(&output, n),
             [
                 format!("#{n:<5} t=0ns allowed   POST /login (rules: login)"),
-                "x-ratelimit-limit: 3".to_owned(),
-                format!("x-ratelimit-remaining: {remaining}"),
+                "ratelimit-policy: \"login\";q=3;w=60".to_owned(),
                 // The token bucket refills one permit per 20s: whole
                 // again after 20s per permit taken.
-                format!("x-ratelimit-reset: {}", 20 * (3 - remaining)),
-                "ratelimit-policy: \"login\";q=3;w=60".to_owned(),
                 format!(
                     "ratelimit: \"login\";r={remaining};t={}",
                     20 * (3 - remaining)
@@ -170,9 +167,6 @@ fn simulate_a_login_limit_of_3_per_minute() {
         [
             "#4     t=0ns limited   POST /login by login",
             "retry-after: 20",
-            "x-ratelimit-limit: 3",
-            "x-ratelimit-remaining: 0",
-            "x-ratelimit-reset: 60",
             "ratelimit-policy: \"login\";q=3;w=60",
             "ratelimit: \"login\";r=0;t=60",
         ],

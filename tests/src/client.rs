@@ -30,6 +30,16 @@ pub struct Reply {
     pub elapsed: Duration,
 }
 
+/// The permits left (`r`) of the one rule an IETF `RateLimit` field
+/// (`"rule";r=<left>;t=<seconds>`) lists.
+pub fn remaining_in(field: Option<&str>) -> Option<u64> {
+    field?
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("r="))?
+        .parse()
+        .ok()
+}
+
 impl Reply {
     /// The header's value as text (the first one if repeated).
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -39,6 +49,11 @@ impl Reply {
     /// The header parsed as an unsigned integer.
     pub fn header_u64(&self, name: &str) -> Option<u64> {
         self.header(name).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// The permits left of the one rule the IETF `RateLimit` header lists.
+    pub fn remaining(&self) -> Option<u64> {
+        remaining_in(self.header("ratelimit"))
     }
 
     pub fn text(&self) -> String {

@@ -34,13 +34,20 @@ impl Protocol {
     }
 }
 
-/// The counter of `outcome` for `rule` (0 if the filter never defined it).
-pub async fn outcome(envoy: &Envoy, protocol: Protocol, rule: &str, outcome: &str) -> Result<u64> {
+/// The counter of `outcome` for `rule` (0 if the filter never defined
+/// it) once it reads `expected` (see [`Envoy::stat_settled`]).
+pub async fn outcome_settled(
+    envoy: &Envoy,
+    protocol: Protocol,
+    rule: &str,
+    outcome: &str,
+    expected: u64,
+) -> Result<u64> {
     let name = format!(
         "wasmcustom.{}.rule.{rule}.outcome.{outcome}",
         protocol.prefix()
     );
-    Ok(envoy.stat(&name).await?.unwrap_or(0))
+    envoy.stat_settled(&name, expected).await
 }
 
 /// The open calls or connections gauge of `rule` (`None` if undefined).

@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice_e2e::client::{Client, Protocol, Reply};
+use sluice_e2e::client::{remaining_in, Client, Protocol, Reply};
 use sluice_e2e::envoy::Envoy;
 use sluice_e2e::grpc::connect;
 use sluice_e2e::grpc::user::user_service_client::UserServiceClient;
@@ -129,23 +129,24 @@ impl Http {
             .unwrap_or_else(|e| panic!("POST /v1/chat {protocol:?} {headers:?}: {e:#}"))
     }
 
-    /// A request that must be let through: its `x-ratelimit-remaining`.
+    /// A request that must be let through: the permits its `RateLimit`
+    /// field says are left.
     async fn allowed(&self, headers: &[(&str, &str)], what: &str) -> Option<u64> {
         let reply = self.post(headers).await;
         assert_eq!(reply.status, 200, "{what}: {}", describe(&reply));
-        reply.header_u64("x-ratelimit-remaining")
+        reply.remaining()
     }
 
-    /// A request that must be refused: its `Retry-After` and its
-    /// `x-ratelimit-remaining` (what the key really has left, which may be
-    /// less than the request's cost yet more than 0).
+    /// A request that must be refused: its `Retry-After` and the permits
+    /// its `RateLimit` field says are left (what the key really has left,
+    /// which may be less than the request's cost yet more than 0).
     async fn refused(&self, headers: &[(&str, &str)], what: &str) -> (u64, Option<u64>) {
         let reply = self.post(headers).await;
         assert_eq!(reply.status, 429, "{what}: {}", describe(&reply));
         let retry_after = reply
             .header_u64("retry-after")
             .unwrap_or_else(|| panic!("{what}: no retry-after: {}", describe(&reply)));
-        (retry_after, reply.header_u64("x-ratelimit-remaining"))
+        (retry_after, reply.remaining())
     }
 
     async fn assert_no_errors(&self) {
@@ -242,11 +243,7 @@ async fn usage_reported_in_a_response_header_is_charged() {
         "the upstream's report reaches the client"
     );
     // The headers are those of the admission (1 token); the 900 show next.
-    bucket.assert_remaining(
-        reply.header_u64("x-ratelimit-remaining"),
-        999,
-        "first request",
-    );
+    bucket.assert_remaining(reply.remaining(), 999, "first request");
 
     let remaining = s
         .allowed(&[key, (ECHO_USAGE, "500")], "after 900 used")
@@ -351,26 +348,14 @@ async fn usage_reported_in_an_http_trailer_is_charged() {
         "the upstream's trailer reaches the client: {:?}",
         reply.trailers
     );
-    bucket.assert_remaining(
-        reply.header_u64("x-ratelimit-remaining"),
-        999,
-        "first request",
-    );
+    bucket.assert_remaining(reply.remaining(), 999, "first request");
     // A report in a header is not what the rule reads: the admission stays.
     let reply = s.post_in(Protocol::H2c, &[key, (ECHO_USAGE, "300")]).await;
     assert_eq!(reply.status, 200, "after 600 used: {}", describe(&reply));
-    bucket.assert_remaining(
-        reply.header_u64("x-ratelimit-remaining"),
-        399,
-        "after 600 used",
-    );
+    bucket.assert_remaining(reply.remaining(), 399, "after 600 used");
     let reply = s.post_in(Protocol::H2c, &[key]).await;
     assert_eq!(reply.status, 200, "after 601 used: {}", describe(&reply));
-    bucket.assert_remaining(
-        reply.header_u64("x-ratelimit-remaining"),
-        398,
-        "after 601 used",
-    );
+    bucket.assert_remaining(reply.remaining(), 398, "after 601 used");
     s.assert_no_errors().await;
 }
 
@@ -502,7 +487,11 @@ async fn usage_reported_in_a_grpc_trailer_is_charged() {
         .get_user(&[alice, (ECHO_USAGE, "900")])
         .await
         .expect("first call");
-    bucket.assert_remaining(meta_u64(&md, "x-ratelimit-remaining"), 999, "first call");
+    bucket.assert_remaining(
+        remaining_in(md.get("ratelimit").and_then(|v| v.to_str().ok())),
+        999,
+        "first call",
+    );
     assert_eq!(
         meta_u64(&md, USAGE),
         Some(900),
@@ -512,7 +501,11 @@ async fn usage_reported_in_a_grpc_trailer_is_charged() {
         .get_user(&[alice, (ECHO_USAGE, "500")])
         .await
         .expect("after 900 used");
-    bucket.assert_remaining(meta_u64(&md, "x-ratelimit-remaining"), 99, "after 900 used");
+    bucket.assert_remaining(
+        remaining_in(md.get("ratelimit").and_then(|v| v.to_str().ok())),
+        99,
+        "after 900 used",
+    );
     let retry_after = exhausted(s.get_user(&[alice]).await, "400 tokens in debt");
     let expected = bucket.refill_secs(401);
     assert!(
@@ -535,7 +528,7 @@ async fn usage_reported_in_a_grpc_trailer_is_charged() {
     assert_eq!(failed.code(), Code::Internal, "{failed:?}");
     let md = s.get_user(&[dave]).await.expect("after 700 used");
     bucket.assert_remaining(
-        meta_u64(&md, "x-ratelimit-remaining"),
+        remaining_in(md.get("ratelimit").and_then(|v| v.to_str().ok())),
         299,
         "after 700 used",
     );
@@ -552,7 +545,7 @@ async fn usage_reported_in_a_grpc_trailer_is_charged() {
         .await
         .expect("after an excluded failure");
     assert_eq!(
-        meta_u64(&md, "x-ratelimit-remaining"),
+        remaining_in(md.get("ratelimit").and_then(|v| v.to_str().ok())),
         Some(999),
         "after an excluded failure reporting 700: {md:?}"
     );

@@ -62,9 +62,10 @@ impl Setup {
             .unwrap_or_else(|e| panic!("GET {path} {headers:?}: {e:#}"))
     }
 
-    async fn counter(&self, rule: &str, outcome: &str) -> u64 {
+    /// The counter once it reads `expected` (or what it reads after 5 s).
+    async fn counter(&self, rule: &str, outcome: &str, expected: u64) -> u64 {
         self.envoy
-            .sluice_counter(rule, outcome)
+            .sluice_counter_settled(rule, outcome, expected)
             .await
             .expect("reading Envoy's stats")
     }
@@ -139,7 +140,22 @@ fn parse_ratelimit(value: &str) -> Option<(String, u64, u64)> {
     Some((name, r?, t?))
 }
 
-/// An allowed response with the full header sets.
+/// The default header set is the IETF draft's alone: no X-RateLimit-*.
+fn assert_no_x_ratelimit(reply: &Reply, what: &str) {
+    for name in [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ] {
+        assert!(
+            reply.header(name).is_none(),
+            "{what}: {name} without opting in to x_ratelimit:\n{}",
+            describe(reply)
+        );
+    }
+}
+
+/// An allowed response with the default header set.
 fn assert_allowed(
     reply: &Reply,
     rule: &str,
@@ -149,8 +165,7 @@ fn assert_allowed(
     what: &str,
 ) {
     assert_status(reply, 200, what);
-    assert_header(reply, "x-ratelimit-limit", &count.to_string(), what);
-    assert_header(reply, "x-ratelimit-remaining", &remaining.to_string(), what);
+    assert_no_x_ratelimit(reply, what);
     assert_header(
         reply,
         "ratelimit-policy",
@@ -171,7 +186,7 @@ fn assert_allowed(
     );
 }
 
-/// A 429 from `rule` with the full header sets and the JSON body; returns
+/// A 429 from `rule` with the default header set and the JSON body; returns
 /// its retry-after (which must be within the window).
 fn assert_limited(reply: &Reply, rule: &str, count: u64, window_s: u64, what: &str) -> u64 {
     assert_limited_within(reply, rule, count, window_s, window_s, what)
@@ -210,13 +225,7 @@ fn assert_limited_within(
         json!({"error": "rate_limited", "rule": rule, "retry_after": retry_after}),
         "{what}: 429 body"
     );
-    assert_header(reply, "x-ratelimit-limit", &count.to_string(), what);
-    assert_header(reply, "x-ratelimit-remaining", "0", what);
-    assert!(
-        reply.header_u64("x-ratelimit-reset").is_some(),
-        "{what}: expected x-ratelimit-reset: <seconds>, got:\n{}",
-        describe(reply)
-    );
+    assert_no_x_ratelimit(reply, what);
     assert_header(
         reply,
         "ratelimit-policy",
@@ -295,12 +304,12 @@ async fn check_boundary(test: &str, algorithm: &str, exact_retry_after: Option<u
         "{algorithm}: requests that reached the upstream"
     );
     assert_eq!(
-        s.counter(&name, "allowed").await,
+        s.counter(&name, "allowed", 5).await,
         5,
         "{algorithm}: stat allowed"
     );
     assert_eq!(
-        s.counter(&name, "limited").await,
+        s.counter(&name, "limited", 1).await,
         1,
         "{algorithm}: stat limited"
     );
@@ -332,7 +341,10 @@ async fn boundary_fixed_window() {
 async fn reset_and_remaining_agree_between_the_last_allowed_answer_and_the_429() {
     // "narrow": 5 per minute (one back every 12 s); "wide": 100 per hour
     // (one back every 36 s), so nothing refills during the test.
-    let config = json!({"rules": [rule("wide", 100, "1h"), rule("narrow", 5, "1m")]});
+    let config = json!({
+        "rules": [rule("wide", 100, "1h"), rule("narrow", 5, "1m")],
+        "headers": {"sets": ["ietf", "x_ratelimit"]}
+    });
     let s = setup("reset_agrees_on_the_429", config).await;
     let mut last_allowed = None;
     for i in 1..=5 {
@@ -502,11 +514,11 @@ async fn multiple_rules_are_all_or_nothing() {
         "requests that reached the upstream"
     );
     assert_eq!(
-        s.counter("tagged", "limited").await,
+        s.counter("tagged", "limited", 3).await,
         3,
         "stat tagged.limited"
     );
-    assert_eq!(s.counter("all", "limited").await, 4, "stat all.limited");
+    assert_eq!(s.counter("all", "limited", 4).await, 4, "stat all.limited");
     s.assert_no_errors().await;
 }
 
@@ -521,11 +533,15 @@ async fn shadow_never_blocks_and_counts() {
     }
     assert_eq!(s.upstream.requests(), 5);
     assert_eq!(
-        s.counter("watch", "shadow_limited").await,
+        s.counter("watch", "shadow_limited", 3).await,
         3,
         "stat watch.shadow_limited"
     );
-    assert_eq!(s.counter("watch", "limited").await, 0, "stat watch.limited");
+    assert_eq!(
+        s.counter("watch", "limited", 0).await,
+        0,
+        "stat watch.limited"
+    );
     s.assert_no_errors().await;
 }
 
@@ -550,7 +566,11 @@ async fn delay_holds_the_request_until_a_permit_frees() {
         second.elapsed
     );
     assert_eq!(s.upstream.requests(), 2);
-    assert_eq!(s.counter("slow", "delayed").await, 1, "stat slow.delayed");
+    assert_eq!(
+        s.counter("slow", "delayed", 1).await,
+        1,
+        "stat slow.delayed"
+    );
     s.assert_no_errors().await;
 }
 
@@ -611,8 +631,16 @@ async fn delay_refuses_at_once_a_request_queued_beyond_max_delay() {
         );
     }
     assert_eq!(s.upstream.requests(), 3);
-    assert_eq!(s.counter("slow", "delayed").await, 2, "stat slow.delayed");
-    assert_eq!(s.counter("slow", "limited").await, 1, "stat slow.limited");
+    assert_eq!(
+        s.counter("slow", "delayed", 2).await,
+        2,
+        "stat slow.delayed"
+    );
+    assert_eq!(
+        s.counter("slow", "limited", 1).await,
+        1,
+        "stat slow.limited"
+    );
     s.assert_no_errors().await;
 }
 
@@ -678,7 +706,12 @@ async fn cost_takes_several_permits_per_request() {
     }
     let reply = s.get("/").await;
     assert_status(&reply, 429, "the fourth request of cost 3");
-    assert_header(&reply, "x-ratelimit-remaining", "1", "the fourth request");
+    let state = parse_ratelimit(reply.header("ratelimit").unwrap_or_default());
+    assert!(
+        matches!(&state, Some((name, 1, _)) if name == "heavy"),
+        "the fourth request: expected \"heavy\";r=1;t=<n>, got:\n{}",
+        describe(&reply)
+    );
     assert_eq!(
         reply.json().unwrap()["rule"],
         "heavy",
@@ -982,12 +1015,12 @@ async fn two_workers_share_the_limit_exactly() {
         "connections per worker {per_worker:?}: the test needs both workers"
     );
     assert_eq!(
-        s.counter("shared", "allowed").await,
+        s.counter("shared", "allowed", 50).await,
         50,
         "stat shared.allowed"
     );
     assert_eq!(
-        s.counter("shared", "limited").await,
+        s.counter("shared", "limited", 150).await,
         150,
         "stat shared.limited"
     );
@@ -1003,6 +1036,17 @@ async fn stats_in_prometheus() {
     for _ in 0..3 {
         s.get("/").await;
     }
+    // Once the batched increments reached Envoy (one flush carries both).
+    assert_eq!(
+        s.counter("stats-rule", "limited", 1).await,
+        1,
+        "/stats JSON"
+    );
+    assert_eq!(
+        s.counter("stats-rule", "allowed", 2).await,
+        2,
+        "/stats JSON"
+    );
     let text = s.envoy.prometheus().await.expect("/stats/prometheus");
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("sluice")).collect();
     for (outcome, expected) in [("allowed", 2.0), ("limited", 1.0)] {
@@ -1023,7 +1067,6 @@ async fn stats_in_prometheus() {
         "no `# TYPE sluice_http counter`; sluice lines:\n{}",
         lines.join("\n")
     );
-    assert_eq!(s.counter("stats-rule", "allowed").await, 2, "/stats JSON");
     s.assert_no_errors().await;
 }
 

@@ -204,7 +204,10 @@ async fn template_settings_leave_no_spelling_unlimited() {
     // The 429s come from the rule, the 400s from Envoy's path check.
     let limited = VARIANTS.iter().filter(|v| v.1 == Limited).count() as u64;
     let rejected = VARIANTS.len() as u64 - limited;
-    let rule_limited = envoy.sluice_counter("api", "limited").await.expect("stats");
+    let rule_limited = envoy
+        .sluice_counter_settled("api", "limited", limited + 1)
+        .await
+        .expect("stats");
     assert_eq!(rule_limited, limited + 1, "requests the rule limited");
     let refused = envoy
         .stat("http.ingress_http.downstream_rq_failed_path_normalization")

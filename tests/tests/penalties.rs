@@ -70,12 +70,6 @@ async fn a_key_over_its_limit_stays_blocked_until_the_block_ends() {
     }
     let (refused_at, r) = refused_at.expect("requests faster than two a second are refused");
     assert_eq!(r.header_u64("retry-after"), Some(3), "{}", r.headers_text());
-    assert_eq!(
-        r.header_u64("x-ratelimit-reset"),
-        Some(3),
-        "{}",
-        r.headers_text()
-    );
     let ratelimit = r.header("ratelimit").unwrap_or_default();
     assert_eq!(ratelimit, "\"login\";r=0;t=3", "{}", r.headers_text());
 
@@ -104,7 +98,15 @@ async fn a_key_over_its_limit_stays_blocked_until_the_block_ends() {
         allowed_at.duration_since(refused_at) >= Duration::from_secs(3),
         "allowed before the block ended"
     );
-    let limited = s.envoy.sluice_counter("login", "limited").await.unwrap();
+    let limited = s
+        .envoy
+        .stat_when(
+            "wasmcustom.sluice_http.rule.login.outcome.limited",
+            ">= 2",
+            |n| n >= 2,
+        )
+        .await
+        .unwrap();
     assert!(limited >= 2, "limited: {limited}");
 }
 
@@ -129,11 +131,7 @@ async fn degraded_requests_reach_the_upstream_marked_and_spoofs_are_stripped() {
         let echo = r.json().unwrap();
         assert_eq!(echo["headers"].get("x-sluice-limited"), None, "{echo}");
         assert_eq!(echo["headers"].get("x_sluice_limited"), None, "{echo}");
-        assert_eq!(
-            r.header("x-ratelimit-remaining"),
-            None,
-            "on_allowed is false"
-        );
+        assert_eq!(r.header("ratelimit"), None, "on_allowed is false");
     }
     // Over it: through, marked for the upstream (whatever the client sent),
     // and told its limits, with no Retry-After.
@@ -143,21 +141,25 @@ async fn degraded_requests_reach_the_upstream_marked_and_spoofs_are_stripped() {
         assert_eq!(r.status, 200, "{}", r.headers_text());
         let echo = r.json().unwrap();
         assert_eq!(echo["headers"]["x-sluice-limited"], "cheap", "{echo}");
-        assert_eq!(
-            r.header("x-ratelimit-remaining"),
-            Some("0"),
-            "{}",
-            r.headers_text()
-        );
-        assert!(r.header("ratelimit").is_some(), "{}", r.headers_text());
+        let state = r.header("ratelimit").unwrap_or_default();
+        assert!(state.starts_with("\"cheap\";r=0;"), "{}", r.headers_text());
         assert_eq!(r.header("retry-after"), None, "{}", r.headers_text());
     }
     // The reject rule wins once over.
     let r = s.get_with("/a", &[]).await;
     assert_eq!(r.status, 429);
     assert_eq!(
-        s.envoy.sluice_counter("cheap", "degraded").await.unwrap(),
+        s.envoy
+            .sluice_counter_settled("cheap", "degraded", 2)
+            .await
+            .unwrap(),
         2
     );
-    assert_eq!(s.envoy.sluice_counter("hard", "limited").await.unwrap(), 1);
+    assert_eq!(
+        s.envoy
+            .sluice_counter_settled("hard", "limited", 1)
+            .await
+            .unwrap(),
+        1
+    );
 }

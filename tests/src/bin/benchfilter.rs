@@ -23,9 +23,10 @@
 //!   plus [`PROBE_CALLS`] host calls of one kind per request
 //!   (`tests/probe-filter`); printed as `host_call_us.<kind>: X`, the CPU
 //!   per call over `noop-wasm`;
-//! - `sluice-ietf-headers`, `sluice-no-headers`: `sluice` with only the
-//!   two IETF rate-limit headers on allowed responses, and with none: what
-//!   the headers cost (printed as `<variant>_over_noop_wasm_cpu_us: X`).
+//! - `sluice-x-ratelimit-headers`, `sluice-no-headers`: `sluice` with the
+//!   legacy `X-RateLimit-*` headers too (five on allowed responses), and
+//!   with none: what the headers cost (printed as
+//!   `<variant>_over_noop_wasm_cpu_us: X`).
 //!
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
@@ -102,8 +103,8 @@ fn opt_in_variants() -> Vec<Variant> {
     let http = Load::Wrk { path: "/direct" };
     let headers = [
         (
-            "sluice-ietf-headers",
-            r#"{"sets": ["ietf"], "on_allowed": true}"#,
+            "sluice-x-ratelimit-headers",
+            r#"{"sets": ["ietf", "x_ratelimit"], "on_allowed": true}"#,
         ),
         ("sluice-no-headers", r#"{"on_allowed": false}"#),
     ];

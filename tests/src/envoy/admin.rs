@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
@@ -10,6 +11,7 @@ use serde_json::Value;
 use super::process::Envoy;
 use super::stats::find_stat;
 use crate::client::Client;
+use crate::wait;
 
 impl Envoy {
     /// GET on the admin endpoint; errors unless it answers 200.
@@ -34,15 +36,53 @@ impl Envoy {
         Ok(find_stat(&stats, name))
     }
 
+    /// The counter `name` (0 if absent) once it reads `expected`, else what
+    /// it reads after 5 s: the filter's outcome counters reach Envoy in
+    /// batches, within about a second of the requests they count.
+    pub async fn stat_settled(&self, name: &str, expected: u64) -> Result<u64> {
+        self.stat_when(name, &format!("== {expected}"), |v| v == expected)
+            .await
+    }
+
+    /// The counter `name` (0 if absent) once `holds` (described by `what`)
+    /// is true of it, else what it reads after 5 s (see
+    /// [`Envoy::stat_settled`]).
+    pub async fn stat_when(
+        &self,
+        name: &str,
+        what: &str,
+        holds: impl Fn(u64) -> bool,
+    ) -> Result<u64> {
+        let read = || async { Ok::<_, anyhow::Error>(self.stat(name).await?.unwrap_or(0)) };
+        let settled = wait::until(
+            &format!("{name} {what}"),
+            Duration::from_secs(5),
+            || async {
+                match read().await {
+                    Ok(v) if holds(v) => Ok(v),
+                    Ok(v) => Err(v.to_string()),
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            },
+        )
+        .await;
+        match settled {
+            Ok(v) => Ok(v),
+            Err(_) => read().await,
+        }
+    }
+
     /// The Sluice counter `sluice_http.rule.<rule>.outcome.<outcome>` (0 if
-    /// the filter never defined it).
-    pub async fn sluice_counter(&self, rule: &str, outcome: &str) -> Result<u64> {
-        Ok(self
-            .stat(&format!(
-                "wasmcustom.sluice_http.rule.{rule}.outcome.{outcome}"
-            ))
-            .await?
-            .unwrap_or(0))
+    /// the filter never defined it) once it reads `expected` (see
+    /// [`Envoy::stat_settled`]).
+    pub async fn sluice_counter_settled(
+        &self,
+        rule: &str,
+        outcome: &str,
+        expected: u64,
+    ) -> Result<u64> {
+        let name = format!("wasmcustom.sluice_http.rule.{rule}.outcome.{outcome}");
+        self.stat_settled(&name, expected).await
     }
 
     /// The filter's internal failures (`sluice_http.errors`, 0 if none

@@ -138,7 +138,7 @@ impl Fleet {
     /// Errors unless local rule `path` still works on every worker of every
     /// Envoy: sends GETs of `path`, one fresh connection each, until each
     /// worker accepted one, all of them answered 200 with the rule's
-    /// `x-ratelimit-limit` (the filter decided them; a worker whose VM
+    /// `ratelimit-policy` (the filter decided them; a worker whose VM
     /// failed answers 503).
     pub async fn check_local_rule_on_every_worker(&self, path: &str) -> Result<()> {
         for (i, envoy) in self.envoys.iter().enumerate() {
@@ -147,7 +147,7 @@ impl Fleet {
             let mut sent = 0;
             loop {
                 let reply = client.get(path).await?;
-                if reply.status != 200 || reply.header("x-ratelimit-limit").is_none() {
+                if reply.status != 200 || reply.header("ratelimit-policy").is_none() {
                     bail!(
                         "Envoy {i}, local rule {path}: status {}\n{}{}",
                         reply.status,
