@@ -157,7 +157,7 @@ async fn assert_per_key(fleet: &Fleet, mode: SyncMode, keys: &[&str]) -> Vec<usi
     let limit = limit(mode);
     let floor = mode.floor(limit as u64) as usize;
     let clients = fleet.clients();
-    let before = fleet.sync_outcomes("fleet").await.unwrap();
+    let before = fleet.sync_outcomes_settled("fleet").await.unwrap();
     let allowed_before = fleet.allowed("fleet").await.unwrap();
     let bursts = keys.iter().map(|key| {
         let clients = clients.clone();
@@ -198,8 +198,12 @@ async fn assert_per_key(fleet: &Fleet, mode: SyncMode, keys: &[&str]) -> Vec<usi
     )
     .await;
     assert!(allowed.is_ok(), "{allowed:?}: {total} admitted");
-    let asked = fleet.sync_outcomes("fleet").await.unwrap() - before;
     let sent = (keys.len() * 2 * limit) as u64;
+    let asked = match mode {
+        SyncMode::Exact => fleet.sync_outcomes_since("fleet", before, sent).await,
+        SyncMode::Leased { .. } => fleet.sync_outcomes("fleet").await.map(|now| now - before),
+    }
+    .unwrap();
     eprintln!("{} mode: {asked:?} for {sent} requests", mode.name());
     assert_eq!(
         asked.ok,
@@ -409,7 +413,7 @@ async fn exact_failure_modes_hold_while_the_quota_server_is_down_and_accuracy_re
     let rules = ["open", "closed", "fallback"];
     let mut before = Vec::new();
     for rule in rules {
-        before.push(fleet.sync_outcomes(rule).await.unwrap());
+        before.push(fleet.sync_outcomes_settled(rule).await.unwrap());
     }
 
     // Traffic on the three rules through every Envoy while the server is
@@ -439,8 +443,11 @@ async fn exact_failure_modes_hold_while_the_quota_server_is_down_and_accuracy_re
     // One call per request, each with one outcome; the failure modes said
     // which.
     for (rule, before) in rules.iter().zip(before) {
-        let calls = fleet.sync_outcomes(rule).await.unwrap() - before;
         let requests = on(&sent, &format!("/{rule}")).len() as u64;
+        let calls = fleet
+            .sync_outcomes_since(rule, before, requests)
+            .await
+            .unwrap();
         assert_eq!(calls.total(), requests, "{rule}: {calls:?}");
         match *rule {
             "closed" => assert!(calls.failed_closed > 0, "{rule}: {calls:?}"),
@@ -521,7 +528,7 @@ async fn redis_down_behind_two_replicas(mode: SyncMode) {
     );
 
     // Redis down: the replicas answer, each domain's failure mode decides.
-    let fleet_before = fleet.sync_outcomes("fleet").await.unwrap();
+    let fleet_before = fleet.sync_outcomes_settled("fleet").await.unwrap();
     let down = [
         burst(&clients, "/open", &[], 2 * ENVOYS, 3).await.unwrap(),
         burst(&clients, "/closed", &[], 2 * ENVOYS, 3)
@@ -563,7 +570,18 @@ async fn redis_down_behind_two_replicas(mode: SyncMode) {
         admitted >= mode.floor(fallbacks as u64) as usize,
         "{admitted} below the floor"
     );
-    let calls = fleet.sync_outcomes("fleet").await.unwrap() - fleet_before;
+    let calls = match mode {
+        SyncMode::Exact => {
+            fleet
+                .sync_outcomes_since("fleet", fleet_before, dave.len() as u64)
+                .await
+        }
+        SyncMode::Leased { .. } => fleet
+            .sync_outcomes("fleet")
+            .await
+            .map(|now| now - fleet_before),
+    }
+    .unwrap();
     assert_eq!(calls.ok, calls.total(), "the replicas answered: {calls:?}");
     if mode == SyncMode::Exact {
         assert_eq!(admitted, fallbacks, "each replica admits its fallback");
@@ -600,7 +618,7 @@ async fn slow_quota_server(mode: SyncMode) {
     let rules = ["open", "closed", "fallback"];
     let mut before = Vec::new();
     for rule in rules {
-        before.push(fleet.sync_outcomes(rule).await.unwrap());
+        before.push(fleet.sync_outcomes_settled(rule).await.unwrap());
     }
     let per_rule = ENVOYS * (FILTER_FALLBACK + 2);
     let (open, closed, fallback) = tokio::join!(
@@ -626,7 +644,10 @@ async fn slow_quota_server(mode: SyncMode) {
     // No lease left: every request asked, every call timed out, and the
     // filter counted it so.
     for (rule, before) in rules.iter().zip(before) {
-        let calls = fleet.sync_outcomes(rule).await.unwrap() - before;
+        let calls = fleet
+            .sync_outcomes_since(rule, before, per_rule as u64)
+            .await
+            .unwrap();
         assert_eq!(
             calls,
             SyncOutcomes {

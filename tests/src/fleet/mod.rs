@@ -11,7 +11,9 @@
 mod rules;
 mod traffic;
 
+use std::cell::Cell;
 use std::ops::Sub;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -25,7 +27,7 @@ pub use traffic::{burst, count, Sent, Traffic};
 
 use crate::client::Client;
 use crate::envoy::Envoy;
-use crate::sluice_binary;
+use crate::{sluice_binary, wait};
 
 /// Requests per worker [`Fleet::check_local_rule_on_every_worker`] may send
 /// before concluding that some worker gets none.
@@ -92,6 +94,64 @@ impl Fleet {
             total += envoy.stat(name).await?.unwrap_or(0);
         }
         Ok(total)
+    }
+
+    /// The fleet's quota server calls for synced rule `rule` once earlier
+    /// traffic's have all reached Envoy: the first reading that stays the
+    /// same for [`QUIET`] (three of the filter's 100 ms ticks, each of which
+    /// flushes the counts waiting in a VM), within 5 s.
+    pub async fn sync_outcomes_settled(&self, rule: &str) -> Result<SyncOutcomes> {
+        let last = Cell::new((self.sync_outcomes(rule).await?, Instant::now()));
+        let settled = wait::until(
+            &format!("{rule}: calls counted"),
+            Duration::from_secs(5),
+            || async {
+                let now = self
+                    .sync_outcomes(rule)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                if now != last.get().0 {
+                    last.set((now, Instant::now()));
+                }
+                if last.get().1.elapsed() >= QUIET {
+                    Ok(now)
+                } else {
+                    Err(format!("{now:?}"))
+                }
+            },
+        )
+        .await;
+        match settled {
+            Ok(calls) => Ok(calls),
+            Err(_) => self.sync_outcomes(rule).await,
+        }
+    }
+
+    /// The fleet's quota server calls for synced rule `rule` since `before`,
+    /// once they number `expected`, else as they stand after 5 s: outcome
+    /// counters reach Envoy in batches, within a tick of the calls.
+    pub async fn sync_outcomes_since(
+        &self,
+        rule: &str,
+        before: SyncOutcomes,
+        expected: u64,
+    ) -> Result<SyncOutcomes> {
+        let settled = wait::until(
+            &format!("{rule}: {expected} calls"),
+            Duration::from_secs(5),
+            || async {
+                match self.sync_outcomes(rule).await {
+                    Ok(now) if (now - before).total() == expected => Ok(now - before),
+                    Ok(now) => Err(format!("{:?}", now - before)),
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            },
+        )
+        .await;
+        match settled {
+            Ok(calls) => Ok(calls),
+            Err(_) => Ok(self.sync_outcomes(rule).await? - before),
+        }
     }
 
     /// Requests the fleet admitted under rule `rule` (its `allowed` outcome).
@@ -168,6 +228,9 @@ impl Fleet {
         Ok(())
     }
 }
+
+/// How long sync outcome counters must stay unchanged to count as settled.
+const QUIET: Duration = Duration::from_millis(300);
 
 /// Quota server calls of one synced rule, by the filter's sync outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
