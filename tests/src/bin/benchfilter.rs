@@ -8,15 +8,17 @@
 //!   callback continues), what any proxy-wasm filter costs;
 //! - `sluice`: the Sluice filter with one per-IP token bucket that never
 //!   limits;
-//! - `grpc-nofilter`, `grpc-sluice`: unary `user.UserService/GetUser` calls
-//!   (h2load, h2c) to the in-process tonic upstream, without a filter and
-//!   with Sluice limiting gRPC calls and messages (never reached);
-//! - `ws-nofilter`, `ws-sluice`: WebSocket messages echoed by the
-//!   in-process upstream (`/ws`; each connection sends its next message
-//!   when the echo of the previous arrives), without a filter and with Sluice
-//!   limiting WebSocket messages and bytes (never reached). The WebSocket
-//!   load generator runs inside this process (not pinned); its "requests"
-//!   are messages.
+//! - `grpc-nofilter`, `grpc-noop-wasm`, `grpc-sluice`: unary
+//!   `user.UserService/GetUser` calls (h2load, h2c) to the in-process tonic
+//!   upstream, without a filter, with the empty proxy-wasm filter (what any
+//!   proxy-wasm filter costs a call, its body callbacks included) and with
+//!   Sluice limiting gRPC calls and messages (never reached);
+//! - `ws-nofilter`, `ws-noop-wasm`, `ws-sluice`: WebSocket messages echoed
+//!   by the in-process upstream (`/ws`; each connection sends its next
+//!   message when the echo of the previous arrives), without a filter, with
+//!   the empty filter, and with Sluice limiting WebSocket messages and
+//!   bytes (never reached). The WebSocket load generator runs inside this
+//!   process (not pinned); its "requests" are messages.
 //!
 //! Run only when `--only` names them:
 //! - `probe-<kind>` (as `make bench-host-calls` does): the empty filter
@@ -35,8 +37,11 @@
 //! much as the filter), the ratios of requests per second
 //! (`filter_vs_noop_wasm_rps_ratio: X`, `filter_vs_nofilter_rps_ratio: X`,
 //! `filter_vs_native_rps_ratio: X`, `grpc_vs_nofilter_rps_ratio: X`,
-//! `ws_vs_nofilter_msgs_ratio: X`) and the CPU each filter adds per request
-//! (`filter_over_noop_wasm_cpu_us: X`).
+//! `ws_vs_nofilter_msgs_ratio: X`, and against the empty filter
+//! `grpc_vs_noop_wasm_rps_ratio: X`, `ws_vs_noop_wasm_msgs_ratio: X`) and
+//! the CPU Sluice adds over the empty filter per request, call and message
+//! (`filter_over_noop_wasm_cpu_us: X`, `grpc_over_noop_wasm_cpu_us: X`,
+//! `ws_over_noop_wasm_cpu_us: X`).
 //!
 //! To add a variant, add a [`Load`] kind with its runner in [`run_load`], a
 //! [`Variant`] in [`variants`], and the [`Ratio`]s to print in [`ratios`].
@@ -176,6 +181,11 @@ fn variants() -> Vec<Variant> {
             load: Load::GrpcUnary,
         },
         Variant {
+            name: "grpc-noop-wasm",
+            filters: Filters::NoopWasm,
+            load: Load::GrpcUnary,
+        },
+        Variant {
             name: "grpc-sluice",
             filters: Filters::SluiceGrpcNeverLimits,
             load: Load::GrpcUnary,
@@ -183,6 +193,11 @@ fn variants() -> Vec<Variant> {
         Variant {
             name: "ws-nofilter",
             filters: Filters::None,
+            load: Load::WsMessages,
+        },
+        Variant {
+            name: "ws-noop-wasm",
+            filters: Filters::NoopWasm,
             load: Load::WsMessages,
         },
         Variant {
@@ -218,6 +233,26 @@ fn ratios() -> Vec<Ratio> {
         Ratio {
             label: "ws_vs_nofilter_msgs_ratio",
             numerator: "ws-sluice",
+            denominator: "ws-nofilter",
+        },
+        Ratio {
+            label: "grpc_vs_noop_wasm_rps_ratio",
+            numerator: "grpc-sluice",
+            denominator: "grpc-noop-wasm",
+        },
+        Ratio {
+            label: "ws_vs_noop_wasm_msgs_ratio",
+            numerator: "ws-sluice",
+            denominator: "ws-noop-wasm",
+        },
+        Ratio {
+            label: "grpc_noop_wasm_vs_nofilter_rps_ratio",
+            numerator: "grpc-noop-wasm",
+            denominator: "grpc-nofilter",
+        },
+        Ratio {
+            label: "ws_noop_wasm_vs_nofilter_msgs_ratio",
+            numerator: "ws-noop-wasm",
             denominator: "ws-nofilter",
         },
     ]
@@ -312,7 +347,7 @@ async fn run(options: &Options) -> Result<()> {
             let variant = variants[index];
             let run = run_variant(&variant, options, pin, &upstreams, round).await?;
             println!(
-                "round {} {:<13} envoy cpu {:>6.2} us/req  {:>10.0} req/s  {:>9} requests  latency avg {:<9}{}",
+                "round {} {:<14} envoy cpu {:>6.2} us/req  {:>10.0} req/s  {:>9} requests  latency avg {:<9}{}",
                 round + 1,
                 variant.name,
                 run.cpu_per_request.as_secs_f64() * 1e6,
@@ -347,7 +382,7 @@ async fn run(options: &Options) -> Result<()> {
                 .collect(),
         );
         println!(
-            "  {:<13} envoy cpu {:>6.2} us/req  {:>10.0} req/s",
+            "  {:<14} envoy cpu {:>6.2} us/req  {:>10.0} req/s",
             variant.name, cpu, rps
         );
         medians.push((variant.name, rps, cpu));
@@ -363,8 +398,15 @@ async fn run(options: &Options) -> Result<()> {
             }
         }
     }
-    if let (Some((_, _, sluice)), Some((_, _, noop))) = (find("sluice"), find("noop-wasm")) {
-        println!("filter_over_noop_wasm_cpu_us: {:.2}", sluice - noop);
+    // The CPU Sluice adds over the empty filter, per request, call and message.
+    for (label, sluice, noop) in [
+        ("filter_over_noop_wasm_cpu_us", "sluice", "noop-wasm"),
+        ("grpc_over_noop_wasm_cpu_us", "grpc-sluice", "grpc-noop-wasm"),
+        ("ws_over_noop_wasm_cpu_us", "ws-sluice", "ws-noop-wasm"),
+    ] {
+        if let (Some((_, _, sluice)), Some((_, _, noop))) = (find(sluice), find(noop)) {
+            println!("{label}: {:.2}", sluice - noop);
+        }
     }
     if let Some((_, _, noop)) = find("noop-wasm") {
         for variant in &variants {
