@@ -401,7 +401,11 @@ async fn run(options: &Options) -> Result<()> {
     // The CPU Sluice adds over the empty filter, per request, call and message.
     for (label, sluice, noop) in [
         ("filter_over_noop_wasm_cpu_us", "sluice", "noop-wasm"),
-        ("grpc_over_noop_wasm_cpu_us", "grpc-sluice", "grpc-noop-wasm"),
+        (
+            "grpc_over_noop_wasm_cpu_us",
+            "grpc-sluice",
+            "grpc-noop-wasm",
+        ),
         ("ws_over_noop_wasm_cpu_us", "ws-sluice", "ws-noop-wasm"),
     ] {
         if let (Some((_, _, sluice)), Some((_, _, noop))) = (find(sluice), find(noop)) {
