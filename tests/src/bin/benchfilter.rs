@@ -27,7 +27,13 @@
 //!   per call over `noop-wasm`;
 //! - `sluice-ietf-headers`, `sluice-no-headers`: `sluice` with only the
 //!   two IETF rate-limit headers on allowed responses, and with none: what
-//!   the headers cost (printed as `<variant>_over_noop_wasm_cpu_us: X`).
+//!   the headers cost (printed as `<variant>_over_noop_wasm_cpu_us: X`);
+//! - `sluice-baseline`, `grpc-sluice-baseline`, `ws-sluice-baseline`: the
+//!   same as `sluice`, `grpc-sluice` and `ws-sluice` with another build of
+//!   the filter (`SLUICE_BASELINE_WASM`, e.g. a copy of the wasm before a
+//!   change), so that two builds are compared in one run (printed as
+//!   `<variant>_vs_baseline_rps_ratio: X` and
+//!   `<variant>_minus_baseline_cpu_us: X`).
 //!
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
@@ -83,6 +89,8 @@ enum Filters {
     Probe(&'static str),
     /// [`Filters::SluiceNeverLimits`] with this `headers` setting.
     SluiceHeaders(&'static str),
+    /// These filters with the build of the filter in `SLUICE_BASELINE_WASM`.
+    Baseline(&'static Filters),
 }
 
 /// Host calls per request of a `probe-<kind>` variant: enough to stand
@@ -124,6 +132,23 @@ fn opt_in_variants() -> Vec<Variant> {
             filters: Filters::SluiceHeaders(headers),
             load: http,
         }))
+        .chain([
+            Variant {
+                name: "sluice-baseline",
+                filters: Filters::Baseline(&Filters::SluiceNeverLimits),
+                load: http,
+            },
+            Variant {
+                name: "grpc-sluice-baseline",
+                filters: Filters::Baseline(&Filters::SluiceGrpcNeverLimits),
+                load: Load::GrpcUnary,
+            },
+            Variant {
+                name: "ws-sluice-baseline",
+                filters: Filters::Baseline(&Filters::SluiceWsNeverLimits),
+                load: Load::WsMessages,
+            },
+        ])
         .collect()
 }
 
@@ -309,6 +334,12 @@ async fn run(options: &Options) -> Result<()> {
     }
     if variants
         .iter()
+        .any(|v| matches!(v.filters, Filters::Baseline(_)))
+    {
+        baseline_wasm_path()?;
+    }
+    if variants
+        .iter()
         .any(|v| matches!(v.filters, Filters::Probe(_)))
     {
         probe_wasm_path()?;
@@ -430,6 +461,21 @@ async fn run(options: &Options) -> Result<()> {
             }
         }
     }
+    // This build against the baseline build, variant by variant.
+    for variant in &variants {
+        let Some(name) = variant.name.strip_suffix("-baseline") else {
+            continue;
+        };
+        if let (Some((_, rps, cpu)), Some((_, base_rps, base_cpu))) =
+            (find(name), find(variant.name))
+        {
+            let label = name.replace('-', "_");
+            if *base_rps > 0.0 {
+                println!("{label}_vs_baseline_rps_ratio: {:.3}", rps / base_rps);
+            }
+            println!("{label}_minus_baseline_cpu_us: {:.2}", cpu - base_cpu);
+        }
+    }
     Ok(())
 }
 
@@ -509,6 +555,20 @@ fn noop_wasm_path() -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The build of the filter the `-baseline` variants run.
+fn baseline_wasm_path() -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("SLUICE_BASELINE_WASM")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| {
+            anyhow!("the -baseline variants need SLUICE_BASELINE_WASM: a build of the filter")
+        })?;
+    if !path.is_file() {
+        bail!("SLUICE_BASELINE_WASM: {} is not a file", path.display());
+    }
+    Ok(path)
+}
+
 /// The probe filter, built by `make bench-host-calls`.
 fn probe_wasm_path() -> Result<std::path::PathBuf> {
     let path = target_dir().join("wasm32-wasip1/release/sluice_probe_filter.wasm");
@@ -545,6 +605,7 @@ fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
 
 fn configure(builder: EnvoyBuilder, filters: Filters) -> Result<EnvoyBuilder> {
     Ok(match filters {
+        Filters::Baseline(filters) => configure(builder.wasm(&baseline_wasm_path()?), *filters)?,
         Filters::None => builder,
         Filters::NativeLocalRatelimit => builder.native_local_ratelimit(true),
         // Any configuration: the empty filter reads none.
