@@ -886,6 +886,11 @@ impl OwnWrites {
     /// `now` (presenting a `guessed` token or one read back), under the
     /// token it most likely took.
     fn keep(&mut self, (name, value): (&str, &[u8]), guessed: bool, now: Nanos) {
+        // Writes made without reuse (requests) are not kept: their keys
+        // vary, and copying them would only cost.
+        if !self.enabled {
+            return;
+        }
         if guessed {
             // The guesses hit again: the next miss pauses briefly.
             self.pause = 0;
