@@ -1160,11 +1160,11 @@ mod tests {
             }
             // Each rule's count in shared data is what was admitted.
             let mut reader = SlotStore::new(&shared, &p, [9; 16]);
-            for i in 0..2 {
+            for (i, admitted) in model.into_iter().enumerate() {
                 let slot = Slot { rule_index: i, rule: &p.rules[i], key: "a" };
                 let mut loaded = reader.load(slot, Nanos(SEC)).unwrap();
                 let left = p.rules[i].limiter.check(&mut loaded.state, Nanos(SEC), 0).remaining;
-                proptest::prop_assert_eq!(left, LIMIT - model[i]);
+                proptest::prop_assert_eq!(left, LIMIT - admitted);
             }
         }
     }
