@@ -207,10 +207,18 @@ impl<B: SharedBytes> SlotStore<B> {
         self.own_writes.enabled = reuse;
     }
 
-    /// Reads `self.name`, its token seen by [`OwnWrites`].
+    /// Reads `self.name`.
     fn read(&mut self) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        self.backend.get(&self.name)
+    }
+
+    /// Reads the slot `self.name`; its token is seen by [`OwnWrites`] if
+    /// its last write was at most [`OWN_WRITE_FRESH`] before `now`.
+    fn read_slot(&mut self, now: Nanos) -> Result<(Option<Vec<u8>>, u32), StoreError> {
         let read = self.backend.get(&self.name)?;
-        self.own_writes.saw(read.1);
+        if let Some(value) = read.0.as_deref().and_then(parse_value) {
+            self.own_writes.saw(read.1, value.last_used, now);
+        }
         Ok(read)
     }
 
@@ -219,20 +227,23 @@ impl<B: SharedBytes> SlotStore<B> {
     /// (when no one wrote since) brings what it knows of the tokens up to
     /// date: reading the name that missed alone would not, when another
     /// name was written after it.
-    fn missed(&mut self) -> Result<(), StoreError> {
+    fn missed(&mut self, now: Nanos) -> Result<(), StoreError> {
         self.own_writes.pause();
-        let Some(last) = self.own_writes.last() else {
-            return Ok(());
-        };
-        self.name.clear();
-        self.name.push_str(&last.name);
-        let guessed = last.token;
-        let (_, token) = self.read()?;
-        if token != guessed {
-            let name = core::mem::take(&mut self.name);
-            self.own_writes.forget(&name);
-            self.name = name;
+        // Misses are rare: one copy of the name that missed.
+        let missed = self.name.clone();
+        if let Some(last) = self.own_writes.last() {
+            self.name.clear();
+            self.name.push_str(&last.name);
+            let guessed = last.token;
+            let (_, token) = self.read_slot(now)?;
+            if token != guessed {
+                let name = core::mem::take(&mut self.name);
+                self.own_writes.forget(&name);
+                self.name = name;
+            }
         }
+        self.own_writes.forget(&missed);
+        self.name = missed;
         Ok(())
     }
 
@@ -512,7 +523,7 @@ impl<B: SharedBytes> SlotStore<B> {
             let (bytes, cas, guessed) = match self.own_writes.reuse(&self.name, now) {
                 Some((value, cas)) => (Some(value), cas, true),
                 None => {
-                    read = self.read()?;
+                    read = self.read_slot(now)?;
                     (read.0.as_deref(), read.1, false)
                 }
             };
@@ -756,9 +767,10 @@ impl<B: SharedBytes> SlotStore<B> {
                     Saved::Stored
                 }
                 WriteOutcome::CasMismatch => {
-                    self.own_writes.forget(&self.name);
                     if version.guessed {
-                        self.missed()?;
+                        self.missed(now)?;
+                    } else {
+                        self.own_writes.forget(&self.name);
                     }
                     Saved::Conflict
                 }
@@ -782,7 +794,7 @@ fn put<B: SharedBytes>(
 ) -> Result<WriteOutcome, StoreError> {
     let outcome = backend.set(name, value, cas)?;
     if outcome == WriteOutcome::Written {
-        own.took_token(cas);
+        own.took_token();
     }
     Ok(outcome)
 }
@@ -827,9 +839,14 @@ struct OwnWrites {
     /// The index in `kept` of the last write.
     last: Option<usize>,
     /// A token no higher than the last one given out (in serial order:
-    /// tokens wrap): the highest read back, raised by one for each write
-    /// of this store. `None` until a token is seen.
+    /// tokens wrap): the highest read back among those written lately,
+    /// raised by one for each write of this store. `None` until a token is
+    /// seen.
     floor: Option<u32>,
+    /// When `floor` last rose to a token written lately: past
+    /// [`OWN_WRITE_FRESH`], it may lag too far behind the counter to be
+    /// compared with new tokens (they wrap), and is not used.
+    floor_at: Nanos,
     /// Loads left before reuse resumes after a miss.
     paused: u32,
     /// The pause the next miss starts.
@@ -866,17 +883,34 @@ impl OwnWrites {
             .map(|w| (w.value.as_slice(), w.token))
     }
 
-    /// A token read back (0: none, the name is missing).
-    fn saw(&mut self, token: u32) {
-        if token != 0 && self.floor.is_none_or(|floor| later(token, floor)) {
+    /// The floor, unless it is stale at `now`.
+    fn fresh_floor(&self, now: Nanos) -> Option<u32> {
+        self.floor
+            .filter(|_| self.floor_at <= now && now.since(self.floor_at) <= OWN_WRITE_FRESH)
+    }
+
+    /// A token read back at `now` from a value written at `written`. Only
+    /// a token written lately is compared with the floor: an old one (a
+    /// slot left alone while billions of writes went by elsewhere) could
+    /// look later than it once tokens wrap.
+    fn saw(&mut self, token: u32, written: Nanos, now: Nanos) {
+        let lately = written <= now && now.since(written) <= OWN_WRITE_FRESH;
+        if token == 0 || !lately {
+            return;
+        }
+        if self
+            .fresh_floor(now)
+            .is_none_or(|floor| later(token, floor))
+        {
             self.floor = Some(token);
+            self.floor_at = now;
         }
     }
 
-    /// A write presenting `presented` succeeded: it took a token above
-    /// both that and every token given out before.
-    fn took_token(&mut self, presented: u32) {
-        self.saw(presented);
+    /// A write succeeded: it took a token above every token given out
+    /// before (the token it presented included: one read back, older than
+    /// the floor unless seen, or one guessed from the floor).
+    fn took_token(&mut self) {
         // Never 0: the counter skips it (a write presenting 0 is
         // unconditional).
         self.floor = self.floor.map(|floor| floor.wrapping_add(1).max(1));
@@ -895,7 +929,7 @@ impl OwnWrites {
             // The guesses hit again: the next miss pauses briefly.
             self.pause = 0;
         }
-        let Some(token) = self.floor else {
+        let Some(token) = self.fresh_floor(now) else {
             return;
         };
         let index = match self.kept.iter().position(|w| w.name == name) {
@@ -934,8 +968,14 @@ impl OwnWrites {
     /// What is remembered at `name` is stale.
     fn forget(&mut self, name: &str) {
         if let Some(i) = self.kept.iter().position(|w| w.name == name) {
+            // The entry at the end moves to `i`.
+            let moved = self.kept.len() - 1;
             self.kept.swap_remove(i);
-            self.last = None;
+            self.last = match self.last {
+                Some(last) if last == i => None,
+                Some(last) if last == moved => Some(i),
+                last => last,
+            };
             self.next = 0;
         }
     }
