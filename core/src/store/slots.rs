@@ -818,9 +818,13 @@ const MAX_REUSE_PAUSE: u32 = 64;
 ///
 /// Envoy gives each write the next value of one counter shared by every
 /// name, and tells the writer nothing. A write that presented token `C`
-/// and succeeded got a token `Y > C`, and above every token already seen
-/// (read back or guessed before): the guess is the highest token seen plus
-/// one, so `C < guess <= Y`. No other write to the name got a token in
+/// and succeeded got a token `Y > C`, and above every token already given
+/// out: the guess is one more than the floor (the highest token seen among
+/// values written in the last [`OWN_WRITE_FRESH`], plus this store's writes
+/// since), so `C < guess <= Y` (`C` is either seen, or older than 10 s and
+/// so below the floor, or a guess that held). Tokens compared are never
+/// more than a few seconds of writes apart, so their 32-bit wrap cannot
+/// confuse the order. No other write to the name got a token in
 /// that range (one between would have failed ours; any after gets more
 /// than `Y`), so a compare-and-swap presenting the guess succeeds only if
 /// the name still holds exactly this write: reusing the value remembered
