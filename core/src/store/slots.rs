@@ -817,17 +817,17 @@ const MAX_REUSE_PAUSE: u32 = 64;
 /// per rule and decision).
 ///
 /// Envoy gives each write the next value of one counter shared by every
-/// name, and tells the writer nothing. A write that presented token `C`
-/// and succeeded got a token `Y > C`, and above every token already given
-/// out: the guess is one more than the floor (the highest token seen among
-/// values written in the last [`OWN_WRITE_FRESH`], plus this store's writes
-/// since), so `C < guess <= Y` (`C` is either seen, or older than 10 s and
-/// so below the floor, or a guess that held). Tokens compared are never
-/// more than a few seconds of writes apart, so their 32-bit wrap cannot
-/// confuse the order. No other write to the name got a token in
-/// that range (one between would have failed ours; any after gets more
-/// than `Y`), so a compare-and-swap presenting the guess succeeds only if
-/// the name still holds exactly this write: reusing the value remembered
+/// name, and tells the writer nothing. A write that succeeded got a token
+/// `Y` above every token already given out, so above the floor: the
+/// highest token seen among values written in the last [`OWN_WRITE_FRESH`],
+/// plus one for each write of this store since. The guess is the floor
+/// after the write, so `guess <= Y`. A name's token is always that of its
+/// last write, and any write after ours gets more than `Y`, so a
+/// compare-and-swap presenting the guess succeeds only if the name still
+/// holds exactly this write: reusing the value remembered is exact. The
+/// tokens compared are at most a few seconds of writes apart, so the
+/// counter's 32-bit wrap cannot confuse their order. (The guess is right
+/// when nothing but this store wrote since the floor was seen.)
 /// is exact. A wrong guess (some other name was written between, or
 /// another worker wrote this one) fails the swap; the load is then read
 /// back as usual, and reuse pauses for a while, longer after each miss,
