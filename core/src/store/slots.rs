@@ -828,7 +828,7 @@ const MAX_REUSE_PAUSE: u32 = 64;
 /// tokens compared are at most a few seconds of writes apart, so the
 /// counter's 32-bit wrap cannot confuse their order. (The guess is right
 /// when nothing but this store wrote since the floor was seen.)
-/// is exact. A wrong guess (some other name was written between, or
+/// A wrong guess (some other name was written between, or
 /// another worker wrote this one) fails the swap; the load is then read
 /// back as usual, and reuse pauses for a while, longer after each miss,
 /// so that a store whose guesses keep missing (busy workers) costs at
