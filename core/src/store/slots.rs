@@ -212,10 +212,15 @@ impl<B: SharedBytes> SlotStore<B> {
         self.backend.get(&self.name)
     }
 
-    /// Reads the slot `self.name`; its token is seen by [`OwnWrites`] if
-    /// its last write was at most [`OWN_WRITE_FRESH`] before `now`.
+    /// Reads the slot `self.name`; with reuse on, its token is seen by
+    /// [`OwnWrites`] if its last write was at most [`OWN_WRITE_FRESH`]
+    /// before `now`.
     fn read_slot(&mut self, now: Nanos) -> Result<(Option<Vec<u8>>, u32), StoreError> {
         let read = self.backend.get(&self.name)?;
+        // Only reuse needs the floor: requests pay for no second parse.
+        if !self.own_writes.enabled {
+            return Ok(read);
+        }
         if let Some(value) = read.0.as_deref().and_then(parse_value) {
             self.own_writes.saw(read.1, value.last_used, now);
         }
