@@ -6,6 +6,9 @@
 # the policy (default: bench-filter's one per-IP rule, default headers).
 # SLUICE_COST_GRPC=1 makes each request a gRPC unary call (one message
 # each way, then trailers).
+# SLUICE_COST_WS=1 makes each request a 64-byte message echoed on one
+# WebSocket connection (a frame each way), under bench-filter's WebSocket
+# rules unless SLUICE_COST_CONFIG says otherwise.
 set -euo pipefail
 
 if ! command -v valgrind >/dev/null; then

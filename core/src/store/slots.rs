@@ -97,6 +97,9 @@ pub struct SlotVersion {
     evicts_live: bool,
     /// The key's stored marks (zero for a new key).
     marks: Marks,
+    /// `cas` is the token this store's own last write most likely got
+    /// ([`OwnWrites`]), not one read back.
+    guessed: bool,
 }
 
 #[derive(Debug)]
@@ -130,6 +133,7 @@ pub struct SlotStore<B> {
     name: String,
     value: Vec<u8>,
     stats: SlotStats,
+    own_writes: OwnWrites,
 }
 
 /// Slot value layout: format byte, key length (u16 LE), key, last use (u64
@@ -191,7 +195,61 @@ impl<B: SharedBytes> SlotStore<B> {
             name: String::new(),
             value: Vec::new(),
             stats: SlotStats::default(),
+            own_writes: OwnWrites::default(),
         }
+    }
+
+    /// Whether loads may start from this store's own last write at a name
+    /// instead of reading it ([`OwnWrites`]): worth it where the same keys
+    /// are decided again and again (a stream's messages), no gain where
+    /// keys vary. Decisions stay exact either way.
+    pub fn reuse_own_writes(&mut self, reuse: bool) {
+        self.own_writes.enabled = reuse;
+    }
+
+    /// Reads `self.name`.
+    fn read(&mut self) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        self.backend.get(&self.name)
+    }
+
+    /// Reads the slot `self.name`; with reuse on, its token is seen by
+    /// [`OwnWrites`] if its last write was at most [`OWN_WRITE_FRESH`]
+    /// before `now`.
+    fn read_slot(&mut self, now: Nanos) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        let read = self.backend.get(&self.name)?;
+        // Only reuse needs the floor: requests pay for no second parse.
+        if !self.own_writes.enabled {
+            return Ok(read);
+        }
+        if let Some(value) = read.0.as_deref().and_then(parse_value) {
+            self.own_writes.saw(read.1, value.last_used, now);
+        }
+        Ok(read)
+    }
+
+    /// A guessed token missed: another writer's tokens came between. Reuse
+    /// pauses, and the name this store wrote last is read back, whose token
+    /// (when no one wrote since) brings what it knows of the tokens up to
+    /// date: reading the name that missed alone would not, when another
+    /// name was written after it.
+    fn missed(&mut self, now: Nanos) -> Result<(), StoreError> {
+        self.own_writes.pause();
+        // Misses are rare: one copy of the name that missed.
+        let missed = self.name.clone();
+        if let Some(last) = self.own_writes.last() {
+            self.name.clear();
+            self.name.push_str(&last.name);
+            let guessed = last.token;
+            let (_, token) = self.read_slot(now)?;
+            if token != guessed {
+                let name = core::mem::take(&mut self.name);
+                self.own_writes.forget(&name);
+                self.name = name;
+            }
+        }
+        self.own_writes.forget(&missed);
+        self.name = missed;
+        Ok(())
     }
 
     /// Creates each table's creation lock and overflow slot if missing:
@@ -201,8 +259,8 @@ impl<B: SharedBytes> SlotStore<B> {
         for t in 0..self.tables.len() {
             for suffix in [LOCK, OVERFLOW] {
                 self.set_name(t, suffix);
-                if self.backend.get(&self.name)?.0.is_none() {
-                    self.backend.set(&self.name, &[], 0)?;
+                if self.read()?.0.is_none() {
+                    put(&mut self.backend, &mut self.own_writes, &self.name, &[], 0)?;
                 }
             }
         }
@@ -262,7 +320,13 @@ impl<B: SharedBytes> SlotStore<B> {
         // A mismatch means our lock was taken over as stale: it is not
         // ours to release any more.
         self.set_name(table, LOCK);
-        let released = self.backend.set(&self.name, &[], lock_cas);
+        let released = put(
+            &mut self.backend,
+            &mut self.own_writes,
+            &self.name,
+            &[],
+            lock_cas,
+        );
         let created = created?;
         released?;
         Ok(created)
@@ -270,9 +334,15 @@ impl<B: SharedBytes> SlotStore<B> {
 
     /// Writes `self.value` at `self.name` unless the name exists.
     fn create_unless_present(&mut self) -> Result<Saved, StoreError> {
-        Ok(match self.backend.get(&self.name)?.0 {
+        Ok(match self.read()?.0 {
             Some(_) => Saved::Conflict,
-            None => match self.backend.set(&self.name, &self.value, 0)? {
+            None => match put(
+                &mut self.backend,
+                &mut self.own_writes,
+                &self.name,
+                &self.value,
+                0,
+            )? {
                 WriteOutcome::Written => Saved::Stored,
                 WriteOutcome::CasMismatch => Saved::Conflict,
             },
@@ -285,15 +355,22 @@ impl<B: SharedBytes> SlotStore<B> {
         self.set_name(table, LOCK);
         let stamp = now.get().to_le_bytes();
         for _ in 0..LOCK_TRIES {
-            let (value, cas) = self.backend.get(&self.name)?;
+            let (value, cas) = self.read()?;
             let held_since = value
                 .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
                 .map(|b| Nanos(u64::from_le_bytes(b)));
             if held_since.is_some_and(|t| now < t.plus(LOCK_TIMEOUT)) {
                 continue;
             }
-            if self.backend.set(&self.name, &stamp, cas)? == WriteOutcome::Written {
-                return match self.backend.get(&self.name) {
+            let taken = put(
+                &mut self.backend,
+                &mut self.own_writes,
+                &self.name,
+                &stamp,
+                cas,
+            )?;
+            if taken == WriteOutcome::Written {
+                return match self.read() {
                     Ok((_, token)) => Ok(Some(token)),
                     Err(e) => {
                         // Just taken, so no other VM may hold it yet: give
@@ -410,6 +487,8 @@ struct Candidate {
     last_used: Nanos,
     index: u64,
     cas: u32,
+    /// `cas` is guessed ([`OwnWrites`]).
+    guessed: bool,
 }
 
 /// What probing a key's slots found.
@@ -430,6 +509,7 @@ impl SlotVersion {
             missing: false,
             evicts_live: false,
             marks: Marks::default(),
+            guessed: false,
         }
     }
 }
@@ -444,8 +524,15 @@ impl<B: SharedBytes> SlotStore<B> {
         for probe in 0..PROBES.min(slots) {
             let index = (home + probe) % slots;
             self.set_slot_name(slot.rule_index, index);
-            let (bytes, cas) = self.backend.get(&self.name)?;
-            let rank = match bytes.as_deref().map(parse_value) {
+            let read;
+            let (bytes, cas, guessed) = match self.own_writes.reuse(&self.name, now) {
+                Some((value, cas)) => (Some(value), cas, true),
+                None => {
+                    read = self.read_slot(now)?;
+                    (read.0.as_deref(), read.1, false)
+                }
+            };
+            let rank = match bytes.map(parse_value) {
                 None => (2, Nanos::ZERO),
                 Some(None) => (0, Nanos::ZERO),
                 Some(Some(value)) if value.key == key => {
@@ -457,6 +544,7 @@ impl<B: SharedBytes> SlotStore<B> {
                         missing: false,
                         evicts_live: false,
                         marks: value.marks,
+                        guessed,
                     };
                     return Ok(Probed::Held(Loaded {
                         state,
@@ -481,6 +569,7 @@ impl<B: SharedBytes> SlotStore<B> {
                 last_used: rank.1,
                 index,
                 cas,
+                guessed,
             };
             if best.is_none_or(|b| (candidate.rank, candidate.last_used) < (b.rank, b.last_used)) {
                 best = Some(candidate);
@@ -492,7 +581,7 @@ impl<B: SharedBytes> SlotStore<B> {
     /// Checks out the rule's overflow state.
     fn load_overflow(&mut self, slot: Slot<'_>) -> Result<Loaded<SlotVersion>, StoreError> {
         self.set_name(slot.rule_index, OVERFLOW);
-        let (bytes, cas) = self.backend.get(&self.name)?;
+        let (bytes, cas) = self.read()?;
         let state = match bytes.as_deref().and_then(parse_value) {
             Some(value) => State::decode(value.state).map_err(StoreError::Corrupt)?,
             None => slot.rule.limiter.fresh_state(),
@@ -523,6 +612,7 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 missing: b.rank == 2,
                 evicts_live: b.rank == 3,
                 marks: Marks::default(),
+                guessed: b.guessed,
             };
             return Ok(Loaded {
                 state: fresh,
@@ -669,15 +759,240 @@ impl<B: SharedBytes> SlotStore<B> {
         write_value(&mut self.value, key, now, marks, state);
         let outcome = match (version.place, version.missing) {
             (Place::Slot(index), true) => self.create(slot.rule_index, index, now)?,
-            _ => match self.backend.set(&self.name, &self.value, version.cas)? {
-                WriteOutcome::Written => Saved::Stored,
-                WriteOutcome::CasMismatch => Saved::Conflict,
+            _ => match put(
+                &mut self.backend,
+                &mut self.own_writes,
+                &self.name,
+                &self.value,
+                version.cas,
+            )? {
+                WriteOutcome::Written => {
+                    let at = (self.name.as_str(), self.value.as_slice());
+                    self.own_writes.keep(at, version.guessed, now);
+                    Saved::Stored
+                }
+                WriteOutcome::CasMismatch => {
+                    if version.guessed {
+                        self.missed(now)?;
+                    } else {
+                        self.own_writes.forget(&self.name);
+                    }
+                    Saved::Conflict
+                }
             },
         };
         if outcome == Saved::Stored && version.evicts_live {
             self.stats.live_evictions += 1;
         }
         Ok(outcome)
+    }
+}
+
+/// Writes `value` at `name` presenting `cas`; a write that succeeded took
+/// the next token, which `own` counts.
+fn put<B: SharedBytes>(
+    backend: &mut B,
+    own: &mut OwnWrites,
+    name: &str,
+    value: &[u8],
+    cas: u32,
+) -> Result<WriteOutcome, StoreError> {
+    let outcome = backend.set(name, value, cas)?;
+    if outcome == WriteOutcome::Written {
+        own.took_token();
+    }
+    Ok(outcome)
+}
+
+/// How many of its last writes a store remembers ([`OwnWrites`]): the
+/// slots of a few streams' rules.
+const OWN_WRITES_KEPT: usize = 8;
+
+/// How long a remembered write may stand in for a read. Tokens come from
+/// one 32-bit counter that every write in Envoy advances: within this
+/// time it cannot come round again (that would take over 400 million
+/// writes a second), so a token guessed below can only be that write's.
+const OWN_WRITE_FRESH: Span = Span::from_secs(10);
+
+/// Misses after which reuse pauses longest, in loads.
+const MAX_REUSE_PAUSE: u32 = 64;
+
+/// A store's last writes, so that deciding the same key again can skip
+/// reading its slot back (one shared-data read, a host call and a copy,
+/// per rule and decision).
+///
+/// Envoy gives each write the next value of one counter shared by every
+/// name, and tells the writer nothing. A write that succeeded got a token
+/// `Y` above every token already given out, so above the floor: the
+/// highest token seen among values written in the last [`OWN_WRITE_FRESH`],
+/// plus one for each write of this store since. The guess is the floor
+/// after the write, so `guess <= Y`. A name's token is always that of its
+/// last write, and any write after ours gets more than `Y`, so a
+/// compare-and-swap presenting the guess succeeds only if the name still
+/// holds exactly this write: reusing the value remembered is exact. The
+/// tokens compared are at most a few seconds of writes apart, so the
+/// counter's 32-bit wrap cannot confuse their order. (The guess is right
+/// when nothing but this store wrote since the floor was seen.)
+/// A wrong guess (some other name was written between, or
+/// another worker wrote this one) fails the swap; the load is then read
+/// back as usual, and reuse pauses for a while, longer after each miss,
+/// so that a store whose guesses keep missing (busy workers) costs at
+/// most one failed write in [`MAX_REUSE_PAUSE`] loads.
+#[derive(Debug, Default)]
+struct OwnWrites {
+    enabled: bool,
+    /// Names with the value last written there, its guessed token and when.
+    kept: Vec<OwnWrite>,
+    /// Where the next new name goes once `kept` is full.
+    next: usize,
+    /// The index in `kept` of the last write.
+    last: Option<usize>,
+    /// A token no higher than the last one given out (in serial order:
+    /// tokens wrap): the highest read back among those written lately,
+    /// raised by one for each write of this store. `None` until a token is
+    /// seen.
+    floor: Option<u32>,
+    /// When `floor` last rose to a token written lately: past
+    /// [`OWN_WRITE_FRESH`], it may lag too far behind the counter to be
+    /// compared with new tokens (they wrap), and is not used.
+    floor_at: Nanos,
+    /// Loads left before reuse resumes after a miss.
+    paused: u32,
+    /// The pause the next miss starts.
+    pause: u32,
+}
+
+#[derive(Debug)]
+struct OwnWrite {
+    name: String,
+    value: Vec<u8>,
+    token: u32,
+    at: Nanos,
+}
+
+/// Whether token `a` came after `b` (serial number order: the counter wraps).
+fn later(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+impl OwnWrites {
+    /// The value and token this store last wrote at `name`, if reuse is on,
+    /// not paused, and the write is fresh at `now`.
+    fn reuse(&mut self, name: &str, now: Nanos) -> Option<(&[u8], u32)> {
+        if !self.enabled {
+            return None;
+        }
+        if self.paused > 0 {
+            self.paused -= 1;
+            return None;
+        }
+        self.kept
+            .iter()
+            .find(|w| w.name == name && w.at <= now && now.since(w.at) <= OWN_WRITE_FRESH)
+            .map(|w| (w.value.as_slice(), w.token))
+    }
+
+    /// The floor, unless it is stale at `now`.
+    fn fresh_floor(&self, now: Nanos) -> Option<u32> {
+        self.floor
+            .filter(|_| self.floor_at <= now && now.since(self.floor_at) <= OWN_WRITE_FRESH)
+    }
+
+    /// A token read back at `now` from a value written at `written`. Only
+    /// a token written lately is compared with the floor: an old one (a
+    /// slot left alone while billions of writes went by elsewhere) could
+    /// look later than it once tokens wrap.
+    fn saw(&mut self, token: u32, written: Nanos, now: Nanos) {
+        let lately = written <= now && now.since(written) <= OWN_WRITE_FRESH;
+        if token == 0 || !lately {
+            return;
+        }
+        if self
+            .fresh_floor(now)
+            .is_none_or(|floor| later(token, floor))
+        {
+            self.floor = Some(token);
+            self.floor_at = now;
+        }
+    }
+
+    /// A write succeeded: it took a token above every token given out
+    /// before (the token it presented included: one read back, older than
+    /// the floor unless seen, or one guessed from the floor).
+    fn took_token(&mut self) {
+        // Never 0: the counter skips it (a write presenting 0 is
+        // unconditional).
+        self.floor = self.floor.map(|floor| floor.wrapping_add(1).max(1));
+    }
+
+    /// Remembers the write of `value` at `name` that just succeeded at
+    /// `now` (presenting a `guessed` token or one read back), under the
+    /// token it most likely took.
+    fn keep(&mut self, (name, value): (&str, &[u8]), guessed: bool, now: Nanos) {
+        // Writes made without reuse (requests) are not kept: their keys
+        // vary, and copying them would only cost.
+        if !self.enabled {
+            return;
+        }
+        if guessed {
+            // The guesses hit again: the next miss pauses briefly.
+            self.pause = 0;
+        }
+        let Some(token) = self.fresh_floor(now) else {
+            return;
+        };
+        let index = match self.kept.iter().position(|w| w.name == name) {
+            Some(i) => i,
+            None if self.kept.len() < OWN_WRITES_KEPT => {
+                self.kept.push(OwnWrite {
+                    name: String::new(),
+                    value: Vec::new(),
+                    token: 0,
+                    at: now,
+                });
+                self.kept.len() - 1
+            }
+            None => {
+                let i = self.next;
+                self.next = (i + 1) % OWN_WRITES_KEPT;
+                i
+            }
+        };
+        if let Some(w) = self.kept.get_mut(index) {
+            w.name.clear();
+            w.name.push_str(name);
+            w.value.clear();
+            w.value.extend_from_slice(value);
+            w.token = token;
+            w.at = now;
+            self.last = Some(index);
+        }
+    }
+
+    /// The last write remembered.
+    fn last(&self) -> Option<&OwnWrite> {
+        self.kept.get(self.last?)
+    }
+
+    /// What is remembered at `name` is stale.
+    fn forget(&mut self, name: &str) {
+        if let Some(i) = self.kept.iter().position(|w| w.name == name) {
+            // The entry at the end moves to `i`.
+            let moved = self.kept.len() - 1;
+            self.kept.swap_remove(i);
+            self.last = match self.last {
+                Some(last) if last == i => None,
+                Some(last) if last == moved => Some(i),
+                last => last,
+            };
+            self.next = 0;
+        }
+    }
+
+    /// A guessed token missed: reuse pauses, longer after each miss.
+    fn pause(&mut self) {
+        self.pause = (self.pause * 2).clamp(1, MAX_REUSE_PAUSE);
+        self.paused = self.pause;
     }
 }
 
@@ -782,6 +1097,125 @@ mod tests {
     fn opening_without_a_seed_or_randomness_is_an_error() {
         let shared = InProcessShared::default();
         assert!(SlotStore::open(&shared, &policy(8), || None).is_err());
+    }
+
+    /// Shared bytes that count their reads.
+    struct CountingReads<'a> {
+        inner: &'a InProcessShared,
+        reads: &'a Cell<u32>,
+    }
+
+    impl SharedBytes for CountingReads<'_> {
+        fn get(&self, name: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+            self.reads.set(self.reads.get() + 1);
+            self.inner.get(name)
+        }
+        fn set(&mut self, name: &str, value: &[u8], cas: u32) -> Result<WriteOutcome, StoreError> {
+            let mut inner = self.inner;
+            inner.set(name, value, cas)
+        }
+    }
+
+    fn limit_of(count: u64) -> Policy {
+        crate::policy::Policy::from_json(&alloc::format!(
+            r#"{{"rules":[{{"name":"r","key":["header:k"],"limit":{{"count":{count},"per":"1h"}}}},
+                {{"name":"s","key":["header:k"],"limit":{{"count":{count},"per":"1h"}}}}]}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_store_reusing_its_own_writes_reads_a_key_once_while_no_one_else_writes() {
+        let shared = InProcessShared::default();
+        let reads = Cell::new(0);
+        let backend = CountingReads {
+            inner: &shared,
+            reads: &reads,
+        };
+        let p = limit_of(1000);
+        let mut store = SlotStore::new(backend, &p, [5; 16]);
+        store.prepare().unwrap();
+        store.reuse_own_writes(true);
+        let slots = [0, 1].map(|rule_index| Slot {
+            rule_index,
+            rule: &p.rules[rule_index],
+            key: "a",
+        });
+        let now = Nanos(SEC);
+        // Creating the slots writes tokens the store does not see: its
+        // first guesses may miss, and it reads back.
+        for _ in 0..3 {
+            for slot in slots {
+                while store.check(slot, 1, now).unwrap().is_none() {}
+            }
+        }
+        // Two rules' slots written in turn: each write's token is guessed
+        // right although the other's write came between.
+        let before = reads.get();
+        for _ in 0..10 {
+            for slot in slots {
+                assert!(store.check(slot, 1, now).unwrap().unwrap().0.allowed);
+            }
+        }
+        assert_eq!(reads.get(), before, "no read back");
+        // After the freshness bound, it reads again.
+        let later = now.plus(OWN_WRITE_FRESH).plus(Span(1));
+        store.check(slots[0], 1, later).unwrap().unwrap();
+        assert_eq!(reads.get(), before + 1);
+        // Without reuse, every decision reads.
+        store.reuse_own_writes(false);
+        store.check(slots[0], 1, later).unwrap().unwrap();
+        assert_eq!(reads.get(), before + 2);
+    }
+
+    proptest::proptest! {
+        /// Two workers deciding the same keys in any order, reusing their
+        /// own writes or not, never admit more than the limit, nor less.
+        #[test]
+        fn reusing_own_writes_stays_exact_between_workers(
+            schedule in proptest::collection::vec((0usize..3, 0usize..2, proptest::bool::ANY), 1..120),
+            reuse in proptest::array::uniform3(proptest::bool::ANY),
+        ) {
+            const LIMIT: u64 = 40;
+            let shared = InProcessShared::default();
+            let p = limit_of(LIMIT);
+            let mut workers: Vec<SlotStore<&InProcessShared>> = (0..3)
+                .map(|_| SlotStore::new(&shared, &p, [9; 16]))
+                .collect();
+            workers[0].prepare().unwrap();
+            for (w, on) in workers.iter_mut().zip(reuse) {
+                w.reuse_own_writes(on);
+            }
+            // What one worker alone would admit, decision by decision.
+            let mut model = [0u64; 2];
+            for (worker, rule_index, both) in schedule {
+                let now = Nanos(SEC);
+                let store = &mut workers[worker];
+                let claim = |i: usize| crate::engine::Claim {
+                    slot: Slot { rule_index: i, rule: &p.rules[i], key: "a" },
+                    cost: 1,
+                };
+                let rules: &[usize] = if both { &[0, 1] } else { &[rule_index] };
+                let claims: Vec<_> = rules.iter().map(|&i| claim(i)).collect();
+                let verdict = crate::engine::decide_claims(store, &claims, now, Span::ZERO).unwrap();
+                // All or nothing.
+                let admits = rules.iter().all(|&i| model[i] < LIMIT);
+                if admits {
+                    for &i in rules {
+                        model[i] += 1;
+                    }
+                }
+                proptest::prop_assert_eq!(verdict.charges.len(), if admits { rules.len() } else { 0 });
+            }
+            // Each rule's count in shared data is what was admitted.
+            let mut reader = SlotStore::new(&shared, &p, [9; 16]);
+            for (i, admitted) in model.into_iter().enumerate() {
+                let slot = Slot { rule_index: i, rule: &p.rules[i], key: "a" };
+                let mut loaded = reader.load(slot, Nanos(SEC)).unwrap();
+                let left = p.rules[i].limiter.check(&mut loaded.state, Nanos(SEC), 0).remaining;
+                proptest::prop_assert_eq!(left, LIMIT - admitted);
+            }
+        }
     }
 
     #[test]

@@ -14,17 +14,48 @@ use sluice_core::time::{Nanos, Span};
 use super::*;
 use crate::host::MetricId;
 
-/// A host that answers like Envoy for `GET /direct` from 127.0.0.1 (or,
-/// when `grpc`, a unary call of `/user.UserService/GetUser` whose
-/// messages are [`GRPC_MESSAGE`]) and does nothing else; its clock moves a
-/// microsecond per reading.
+/// What the harness's requests are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `GET /direct`.
+    Http,
+    /// Unary calls of `/user.UserService/GetUser` whose messages are
+    /// [`GRPC_MESSAGE`].
+    Grpc,
+    /// Messages echoed on one WebSocket connection to `/ws`: a 64-byte
+    /// text frame each way ([`WS_CLIENT_FRAME`], [`WS_SERVER_FRAME`]).
+    WebSocket,
+}
+
+/// A host that answers like Envoy for a request of `kind` from 127.0.0.1
+/// and does nothing else; its clock moves a microsecond per reading.
 struct Bare {
     now: Cell<u64>,
-    grpc: bool,
+    kind: Kind,
 }
 
 /// One gRPC message: flag 0, length 2, then field 1 (varint) = 1.
 const GRPC_MESSAGE: &[u8] = &[0, 0, 0, 0, 2, 0x08, 0x01];
+
+/// A masked client text frame of 64 bytes (as `make bench-filter` sends).
+const WS_CLIENT_FRAME: &[u8] = &{
+    let mut f = [b'm'; 70];
+    f[0] = 0x81;
+    f[1] = 0x80 | 64;
+    // A zero mask leaves the payload as it is.
+    f[2] = 0;
+    f[3] = 0;
+    f[4] = 0;
+    f[5] = 0;
+    f
+};
+/// The server's unmasked echo.
+const WS_SERVER_FRAME: &[u8] = &{
+    let mut f = [b'm'; 66];
+    f[0] = 0x81;
+    f[1] = 64;
+    f
+};
 
 impl Host for Bare {
     fn now(&self) -> Nanos {
@@ -33,19 +64,26 @@ impl Host for Bare {
         Nanos(n)
     }
     fn request_header(&self, name: &str) -> Option<String> {
-        match (name, self.grpc) {
-            (":path", false) => Some("/direct".into()),
-            (":method", false) => Some("GET".into()),
-            (":path", true) => Some("/user.UserService/GetUser".into()),
-            (":method", true) => Some("POST".into()),
-            ("content-type", true) => Some("application/grpc".into()),
+        match (name, self.kind) {
+            (":path", Kind::Http) => Some("/direct".into()),
+            (":method", Kind::Http | Kind::WebSocket) => Some("GET".into()),
+            (":path", Kind::Grpc) => Some("/user.UserService/GetUser".into()),
+            (":method", Kind::Grpc) => Some("POST".into()),
+            ("content-type", Kind::Grpc) => Some("application/grpc".into()),
+            (":path", Kind::WebSocket) => Some("/ws".into()),
+            ("upgrade", Kind::WebSocket) => Some("websocket".into()),
             _ => None,
         }
     }
     fn set_request_header(&self, _: &str, _: &str) {}
     fn remove_request_header(&self, _: &str) {}
     fn response_header(&self, name: &str) -> Option<String> {
-        (name == ":status").then(|| "200".into())
+        let status = if self.kind == Kind::WebSocket {
+            "101"
+        } else {
+            "200"
+        };
+        (name == ":status").then(|| status.into())
     }
     #[inline(never)]
     fn set_response_header(&self, name: &str, value: &str) {
@@ -58,8 +96,13 @@ impl Host for Bare {
         None
     }
     fn set_response_trailer(&self, _: &str, _: &str) {}
-    fn body(&self, _: Direction, _: usize) -> Option<Vec<u8>> {
-        self.grpc.then(|| GRPC_MESSAGE.to_vec())
+    fn body(&self, direction: Direction, _: usize) -> Option<Vec<u8>> {
+        match (self.kind, direction) {
+            (Kind::Http, _) => None,
+            (Kind::Grpc, _) => Some(GRPC_MESSAGE.to_vec()),
+            (Kind::WebSocket, Direction::Client) => Some(WS_CLIENT_FRAME.to_vec()),
+            (Kind::WebSocket, Direction::Server) => Some(WS_SERVER_FRAME.to_vec()),
+        }
     }
     fn set_body(&self, _: Direction, _: usize, _: &[u8]) {}
     fn set_tick_millis(&self, _: u32) {}
@@ -98,7 +141,7 @@ impl Host for Bare {
 #[inline(never)]
 fn one_request<B: SharedBytes>(p: &mut Plugin<B>, host: &Bare, id: u32) {
     let _ = std::hint::black_box(p.on_request_headers(host, id));
-    if host.grpc {
+    if host.kind == Kind::Grpc {
         let size = GRPC_MESSAGE.len();
         let _ = p.on_body(host, id, Direction::Client, size, true);
         p.on_response_headers(host, id);
@@ -111,10 +154,21 @@ fn one_request<B: SharedBytes>(p: &mut Plugin<B>, host: &Bare, id: u32) {
     p.on_done(host, id);
 }
 
+/// One message echoed on the upgraded connection `id`, as Envoy makes
+/// its callbacks.
+#[inline(never)]
+fn one_echo<B: SharedBytes>(p: &mut Plugin<B>, host: &Bare, id: u32) {
+    let client = p.on_body(host, id, Direction::Client, WS_CLIENT_FRAME.len(), false);
+    let server = p.on_body(host, id, Direction::Server, WS_SERVER_FRAME.len(), false);
+    std::hint::black_box((client, server));
+}
+
 /// `SLUICE_COST_REQUESTS` requests (default 1000) under the
 /// `SLUICE_COST_CONFIG` policy (default: `make bench-filter`'s one per-IP
 /// rule with the default headers); gRPC unary calls when
-/// `SLUICE_COST_GRPC` is set.
+/// `SLUICE_COST_GRPC` is set, messages echoed on one WebSocket connection
+/// when `SLUICE_COST_WS` is (then the policy defaults to `make
+/// bench-filter`'s WebSocket rules).
 #[test]
 #[ignore = "a harness for callgrind: make filter-instructions"]
 fn request_cost() -> Result<(), String> {
@@ -122,15 +176,36 @@ fn request_cost() -> Result<(), String> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let config = std::env::var("SLUICE_COST_CONFIG").unwrap_or_else(|_| {
-        r#"{"rules":[{"name":"bench-per-ip","key":["client_ip"],"limit":{"count":1000000000,"per":"1s"},"algorithm":"token_bucket"}]}"#.into()
-    });
+    let kind = if std::env::var_os("SLUICE_COST_WS").is_some() {
+        Kind::WebSocket
+    } else if std::env::var_os("SLUICE_COST_GRPC").is_some() {
+        Kind::Grpc
+    } else {
+        Kind::Http
+    };
+    let default_config = match kind {
+        Kind::WebSocket => {
+            r#"{"rules":[{"name":"bench-ws-msgs","match":{"websocket":true},"counts":"messages","limit":{"count":1000000000,"per":"1s"},"algorithm":"token_bucket"},{"name":"bench-ws-bytes","match":{"websocket":true},"counts":"bytes","limit":{"count":1000000000,"per":"1s"},"algorithm":"token_bucket"}]}"#
+        }
+        _ => {
+            r#"{"rules":[{"name":"bench-per-ip","key":["client_ip"],"limit":{"count":1000000000,"per":"1s"},"algorithm":"token_bucket"}]}"#
+        }
+    };
+    let config = std::env::var("SLUICE_COST_CONFIG").unwrap_or_else(|_| default_config.into());
     let host = Bare {
         now: Cell::new(1_800_000_000_000_000_000),
-        grpc: std::env::var_os("SLUICE_COST_GRPC").is_some(),
+        kind,
     };
     let shared = InProcessShared::default();
     let mut p = Plugin::configure(&host, &shared, config.as_bytes()).map_err(|e| e.to_string())?;
+    if kind == Kind::WebSocket {
+        let _ = p.on_request_headers(&host, 1);
+        p.on_response_headers(&host, 1);
+        for _ in 0..n {
+            one_echo(&mut p, &host, 1);
+        }
+        return Ok(());
+    }
     for id in 1..=n {
         one_request(&mut p, &host, id);
     }

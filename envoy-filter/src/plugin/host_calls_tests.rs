@@ -412,17 +412,20 @@ impl Exchange {
     }
 }
 
-/// The cost of the third of three `exchange`s under `config`: the first
-/// sets the key up, the second leaves it as every later one finds it.
+/// The cost of the fourth of four `exchange`s under `config`: the first
+/// sets the key up, the next two leave it as every later one finds it (a
+/// stream message's first guess at its slot's token may miss: the slot's
+/// creation wrote tokens the worker did not see).
 fn cost_of(config: &str, exchange: &Exchange) -> Result<(Step, Cost), String> {
     let recorded = Recorded::new();
     let calls = &recorded.calls;
     let host = recorded.host();
     let mut p = recorded.plugin(config)?;
-    exchange.run(&mut p, &host, 1);
-    exchange.run(&mut p, &host, 2);
+    for id in 1..=3 {
+        exchange.run(&mut p, &host, id);
+    }
     calls.borrow_mut().clear();
-    let (step, allocations) = allocations(|| exchange.run(&mut p, &host, 3));
+    let (step, allocations) = allocations(|| exchange.run(&mut p, &host, 4));
     let calls = calls.take();
     let by_kind = calls.iter().map(|c| (*c, times(&calls, c))).collect();
     Ok((
@@ -557,6 +560,8 @@ const BENCH_GRPC: &str = r#"{"rules":[
 fn a_grpc_unary_call_under_calls_and_messages_rules() -> Result<(), String> {
     let (step, cost) = cost_of(BENCH_GRPC, &Exchange::GRPC_UNARY)?;
     assert_eq!(step, Step::Continue);
+    // The messages rule's slot is not read back: each message starts from
+    // this worker's own last write there.
     assert_eq!(
         cost,
         Cost {
@@ -567,7 +572,7 @@ fn a_grpc_unary_call_under_calls_and_messages_rules() -> Result<(), String> {
                 ("peer_address", 1),
                 ("request_header", 3),
                 ("set_response_header", 2),
-                ("shared_get", 3),
+                ("shared_get", 1),
                 ("shared_set", 3)
             ]),
             allocations: 16,
@@ -634,15 +639,12 @@ fn ws_message_cost(config: &str) -> Result<Cost, String> {
 #[test]
 fn a_websocket_message_echoed_under_messages_and_bytes_rules() -> Result<(), String> {
     let cost = ws_message_cost(BENCH_WS)?;
+    // One compare-and-swap per rule and message, no read: each starts from
+    // this worker's own last write.
     assert_eq!(
         cost,
         Cost {
-            calls: calls(&[
-                ("body", 2),
-                ("now", 2),
-                ("shared_get", 4),
-                ("shared_set", 4)
-            ]),
+            calls: calls(&[("body", 2), ("now", 2), ("shared_set", 4)]),
             allocations: 18,
         }
     );
@@ -666,7 +668,6 @@ fn a_grpc_call_whose_rules_count_only_requests_messages_leaves_the_response_body
                 ("now", 2),
                 ("peer_address", 1),
                 ("request_header", 3),
-                ("shared_get", 1),
                 ("shared_set", 1)
             ]),
             allocations: 7,

@@ -507,6 +507,37 @@ fn websocket_messages_are_counted_after_the_upgrade() -> Result<(), String> {
 }
 
 #[test]
+fn two_vms_passing_messages_in_any_order_share_one_message_budget() -> Result<(), String> {
+    // Each VM starts a message from its own last write at the slot: the
+    // other's writes in between must still count.
+    let json = r#"{"rules":[{"name":"msgs","match":{"websocket":true},"counts":"messages","direction":"client","limit":{"count":20,"per":"1h"}}]}"#;
+    let frame = [0x81u8, 0x81, 1, 2, 3, 4, b'a' ^ 1];
+    for pattern in [[0u8, 0, 1], [0, 1, 1], [0, 1, 0]] {
+        let (host, shared) = (FakeHost::default(), InProcessShared::default());
+        let mut vms = [plugin(&host, &shared, json)?, plugin(&host, &shared, json)?];
+        for vm in &mut vms {
+            host.request("GET", "/ws", &[("upgrade", "websocket")]);
+            assert_eq!(vm.on_request_headers(&host, 1), Step::Continue);
+            host.respond(101);
+            vm.on_response_headers(&host, 1);
+        }
+        let mut passed = 0;
+        for i in 0..30 {
+            let Some(vm) = vms.get_mut(usize::from(pattern[i % 3])) else {
+                return Err("no such VM".into());
+            };
+            host.chunk(Direction::Client, &frame);
+            vm.on_body(&host, 1, Direction::Client, frame.len(), false);
+            if host.passed(Direction::Client) == frame {
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 20, "pattern {pattern:?}");
+    }
+    Ok(())
+}
+
+#[test]
 fn a_websocket_direction_no_rule_counts_still_gets_the_close_it_is_owed() -> Result<(), String> {
     let (host, shared) = (FakeHost::default(), InProcessShared::default());
     let mut p = plugin(

@@ -8,15 +8,17 @@
 //!   callback continues), what any proxy-wasm filter costs;
 //! - `sluice`: the Sluice filter with one per-IP token bucket that never
 //!   limits;
-//! - `grpc-nofilter`, `grpc-sluice`: unary `user.UserService/GetUser` calls
-//!   (h2load, h2c) to the in-process tonic upstream, without a filter and
-//!   with Sluice limiting gRPC calls and messages (never reached);
-//! - `ws-nofilter`, `ws-sluice`: WebSocket messages echoed by the
-//!   in-process upstream (`/ws`; each connection sends its next message
-//!   when the echo of the previous arrives), without a filter and with Sluice
-//!   limiting WebSocket messages and bytes (never reached). The WebSocket
-//!   load generator runs inside this process (not pinned); its "requests"
-//!   are messages.
+//! - `grpc-nofilter`, `grpc-noop-wasm`, `grpc-sluice`: unary
+//!   `user.UserService/GetUser` calls (h2load, h2c) to the in-process tonic
+//!   upstream, without a filter, with the empty proxy-wasm filter (what any
+//!   proxy-wasm filter costs a call, its body callbacks included) and with
+//!   Sluice limiting gRPC calls and messages (never reached);
+//! - `ws-nofilter`, `ws-noop-wasm`, `ws-sluice`: WebSocket messages echoed
+//!   by the in-process upstream (`/ws`; each connection sends its next
+//!   message when the echo of the previous arrives), without a filter, with
+//!   the empty filter, and with Sluice limiting WebSocket messages and
+//!   bytes (never reached). The WebSocket load generator runs inside this
+//!   process (not pinned); its "requests" are messages.
 //!
 //! Run only when `--only` names them:
 //! - `probe-<kind>` (as `make bench-host-calls` does): the empty filter
@@ -26,7 +28,13 @@
 //! - `sluice-x-ratelimit-headers`, `sluice-no-headers`: `sluice` with the
 //!   legacy `X-RateLimit-*` headers too (five on allowed responses), and
 //!   with none: what the headers cost (printed as
-//!   `<variant>_over_noop_wasm_cpu_us: X`).
+//!   `<variant>_over_noop_wasm_cpu_us: X`);
+//! - `sluice-baseline`, `grpc-sluice-baseline`, `ws-sluice-baseline`: the
+//!   same as `sluice`, `grpc-sluice` and `ws-sluice` with another build of
+//!   the filter (`SLUICE_BASELINE_WASM`, e.g. a copy of the wasm before a
+//!   change), so that two builds are compared in one run (printed as
+//!   `<variant>_vs_baseline_rps_ratio: X` and
+//!   `<variant>_minus_baseline_cpu_us: X`).
 //!
 //! Runs are interleaved: `--rounds` rounds (default 3), the variant order
 //! rotated each round, a fresh Envoy per run, a short warm-up before each.
@@ -36,8 +44,11 @@
 //! much as the filter), the ratios of requests per second
 //! (`filter_vs_noop_wasm_rps_ratio: X`, `filter_vs_nofilter_rps_ratio: X`,
 //! `filter_vs_native_rps_ratio: X`, `grpc_vs_nofilter_rps_ratio: X`,
-//! `ws_vs_nofilter_msgs_ratio: X`) and the CPU each filter adds per request
-//! (`filter_over_noop_wasm_cpu_us: X`).
+//! `ws_vs_nofilter_msgs_ratio: X`, and against the empty filter
+//! `grpc_vs_noop_wasm_rps_ratio: X`, `ws_vs_noop_wasm_msgs_ratio: X`) and
+//! the CPU Sluice adds over the empty filter per request, call and message
+//! (`filter_over_noop_wasm_cpu_us: X`, `grpc_over_noop_wasm_cpu_us: X`,
+//! `ws_over_noop_wasm_cpu_us: X`).
 //!
 //! To add a variant, add a [`Load`] kind with its runner in [`run_load`], a
 //! [`Variant`] in [`variants`], and the [`Ratio`]s to print in [`ratios`].
@@ -79,6 +90,8 @@ enum Filters {
     Probe(&'static str),
     /// [`Filters::SluiceNeverLimits`] with this `headers` setting.
     SluiceHeaders(&'static str),
+    /// These filters with the build of the filter in `SLUICE_BASELINE_WASM`.
+    Baseline(&'static Filters),
 }
 
 /// Host calls per request of a `probe-<kind>` variant: enough to stand
@@ -120,6 +133,23 @@ fn opt_in_variants() -> Vec<Variant> {
             filters: Filters::SluiceHeaders(headers),
             load: http,
         }))
+        .chain([
+            Variant {
+                name: "sluice-baseline",
+                filters: Filters::Baseline(&Filters::SluiceNeverLimits),
+                load: http,
+            },
+            Variant {
+                name: "grpc-sluice-baseline",
+                filters: Filters::Baseline(&Filters::SluiceGrpcNeverLimits),
+                load: Load::GrpcUnary,
+            },
+            Variant {
+                name: "ws-sluice-baseline",
+                filters: Filters::Baseline(&Filters::SluiceWsNeverLimits),
+                load: Load::WsMessages,
+            },
+        ])
         .collect()
 }
 
@@ -177,6 +207,11 @@ fn variants() -> Vec<Variant> {
             load: Load::GrpcUnary,
         },
         Variant {
+            name: "grpc-noop-wasm",
+            filters: Filters::NoopWasm,
+            load: Load::GrpcUnary,
+        },
+        Variant {
             name: "grpc-sluice",
             filters: Filters::SluiceGrpcNeverLimits,
             load: Load::GrpcUnary,
@@ -184,6 +219,11 @@ fn variants() -> Vec<Variant> {
         Variant {
             name: "ws-nofilter",
             filters: Filters::None,
+            load: Load::WsMessages,
+        },
+        Variant {
+            name: "ws-noop-wasm",
+            filters: Filters::NoopWasm,
             load: Load::WsMessages,
         },
         Variant {
@@ -219,6 +259,26 @@ fn ratios() -> Vec<Ratio> {
         Ratio {
             label: "ws_vs_nofilter_msgs_ratio",
             numerator: "ws-sluice",
+            denominator: "ws-nofilter",
+        },
+        Ratio {
+            label: "grpc_vs_noop_wasm_rps_ratio",
+            numerator: "grpc-sluice",
+            denominator: "grpc-noop-wasm",
+        },
+        Ratio {
+            label: "ws_vs_noop_wasm_msgs_ratio",
+            numerator: "ws-sluice",
+            denominator: "ws-noop-wasm",
+        },
+        Ratio {
+            label: "grpc_noop_wasm_vs_nofilter_rps_ratio",
+            numerator: "grpc-noop-wasm",
+            denominator: "grpc-nofilter",
+        },
+        Ratio {
+            label: "ws_noop_wasm_vs_nofilter_msgs_ratio",
+            numerator: "ws-noop-wasm",
             denominator: "ws-nofilter",
         },
     ]
@@ -275,6 +335,12 @@ async fn run(options: &Options) -> Result<()> {
     }
     if variants
         .iter()
+        .any(|v| matches!(v.filters, Filters::Baseline(_)))
+    {
+        baseline_wasm_path()?;
+    }
+    if variants
+        .iter()
         .any(|v| matches!(v.filters, Filters::Probe(_)))
     {
         probe_wasm_path()?;
@@ -313,7 +379,7 @@ async fn run(options: &Options) -> Result<()> {
             let variant = variants[index];
             let run = run_variant(&variant, options, pin, &upstreams, round).await?;
             println!(
-                "round {} {:<13} envoy cpu {:>6.2} us/req  {:>10.0} req/s  {:>9} requests  latency avg {:<9}{}",
+                "round {} {:<14} envoy cpu {:>6.2} us/req  {:>10.0} req/s  {:>9} requests  latency avg {:<9}{}",
                 round + 1,
                 variant.name,
                 run.cpu_per_request.as_secs_f64() * 1e6,
@@ -348,7 +414,7 @@ async fn run(options: &Options) -> Result<()> {
                 .collect(),
         );
         println!(
-            "  {:<13} envoy cpu {:>6.2} us/req  {:>10.0} req/s",
+            "  {:<14} envoy cpu {:>6.2} us/req  {:>10.0} req/s",
             variant.name, cpu, rps
         );
         medians.push((variant.name, rps, cpu));
@@ -364,8 +430,19 @@ async fn run(options: &Options) -> Result<()> {
             }
         }
     }
-    if let (Some((_, _, sluice)), Some((_, _, noop))) = (find("sluice"), find("noop-wasm")) {
-        println!("filter_over_noop_wasm_cpu_us: {:.2}", sluice - noop);
+    // The CPU Sluice adds over the empty filter, per request, call and message.
+    for (label, sluice, noop) in [
+        ("filter_over_noop_wasm_cpu_us", "sluice", "noop-wasm"),
+        (
+            "grpc_over_noop_wasm_cpu_us",
+            "grpc-sluice",
+            "grpc-noop-wasm",
+        ),
+        ("ws_over_noop_wasm_cpu_us", "ws-sluice", "ws-noop-wasm"),
+    ] {
+        if let (Some((_, _, sluice)), Some((_, _, noop))) = (find(sluice), find(noop)) {
+            println!("{label}: {:.2}", sluice - noop);
+        }
     }
     if let Some((_, _, noop)) = find("noop-wasm") {
         for variant in &variants {
@@ -383,6 +460,21 @@ async fn run(options: &Options) -> Result<()> {
                 }
                 _ => {}
             }
+        }
+    }
+    // This build against the baseline build, variant by variant.
+    for variant in &variants {
+        let Some(name) = variant.name.strip_suffix("-baseline") else {
+            continue;
+        };
+        if let (Some((_, rps, cpu)), Some((_, base_rps, base_cpu))) =
+            (find(name), find(variant.name))
+        {
+            let label = name.replace('-', "_");
+            if *base_rps > 0.0 {
+                println!("{label}_vs_baseline_rps_ratio: {:.3}", rps / base_rps);
+            }
+            println!("{label}_minus_baseline_cpu_us: {:.2}", cpu - base_cpu);
         }
     }
     Ok(())
@@ -464,6 +556,20 @@ fn noop_wasm_path() -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The build of the filter the `-baseline` variants run.
+fn baseline_wasm_path() -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("SLUICE_BASELINE_WASM")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| {
+            anyhow!("the -baseline variants need SLUICE_BASELINE_WASM: a build of the filter")
+        })?;
+    if !path.is_file() {
+        bail!("SLUICE_BASELINE_WASM: {} is not a file", path.display());
+    }
+    Ok(path)
+}
+
 /// The probe filter, built by `make bench-host-calls`.
 fn probe_wasm_path() -> Result<std::path::PathBuf> {
     let path = target_dir().join("wasm32-wasip1/release/sluice_probe_filter.wasm");
@@ -500,6 +606,7 @@ fn never_limits(name: &str, matches: Value, counts: &str) -> Value {
 
 fn configure(builder: EnvoyBuilder, filters: Filters) -> Result<EnvoyBuilder> {
     Ok(match filters {
+        Filters::Baseline(filters) => configure(builder.wasm(&baseline_wasm_path()?), *filters)?,
         Filters::None => builder,
         Filters::NativeLocalRatelimit => builder.native_local_ratelimit(true),
         // Any configuration: the empty filter reads none.
