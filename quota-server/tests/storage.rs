@@ -40,7 +40,7 @@ fn limits(cases: &[(AlgorithmKind, u64, &str, Option<u64>)]) -> Limits {
 fn item<'a>(limit: &'a Limit, key: &str, cost: u64) -> Item<'a> {
     Item {
         limit,
-        key: limit.storage_key(&[("k".into(), key.into())]),
+        key: limit.storage_key(&[("k", key)]),
         cost,
         enforce: true,
     }

@@ -42,7 +42,16 @@
 //! than answers fails the bench. Both are measured twice in the same
 //! interleaved rounds: with the default (one serving thread per CPU) and
 //! with `listen.worker_threads: 1` (suffix `_1thread`), which leaves the
-//! other CPUs of a small machine to the client.
+//! other CPUs of a small machine to the client. Each `h2load` run also
+//! reads the server's CPU time (user and system, from `/proc`) over the
+//! calls it answered: `..._cpu_us` is the server's CPU per decision (per
+//! call for the health check), steadier than calls per second on a
+//! loaded machine.
+//!
+//! Options: `--only memory` runs the memory measurements alone (no
+//! Redis); `--against PATH` adds another `sluice` binary (another build,
+//! e.g. with another allocator) to the memory `h2load` rounds, interleaved
+//! with this build's, its figures suffixed `_against`.
 
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
@@ -180,7 +189,28 @@ impl Drop for Process {
     }
 }
 
+/// The command line; without options, every measurement.
+#[derive(clap::Parser)]
+#[command(about = "The quota server under load: memory and Redis backends, h2load")]
+struct Options {
+    /// Run only these measurements.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// Another `sluice` binary measured with this build's in the memory
+    /// `h2load` rounds, interleaved (figures suffixed `_against`).
+    #[arg(long)]
+    against: Option<PathBuf>,
+}
+
+/// A subset of the measurements.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    /// The memory backend: `h2load` and the bench's own callers.
+    Memory,
+}
+
 fn main() -> ExitCode {
+    let options = <Options as clap::Parser>::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -188,7 +218,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run()) {
+    match runtime.block_on(run(&options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("benchquota: {e}");
@@ -197,7 +227,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), BenchError> {
+async fn run(options: &Options) -> Result<(), BenchError> {
     let dir = std::env::temp_dir().join(format!("sluice-benchquota-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("bench.yaml"), DESCRIPTORS)?;
@@ -205,19 +235,22 @@ async fn run() -> Result<(), BenchError> {
         "quota server bench: {CONCURRENCY} callers, {} s per run, {KEYS} keys, loopback",
         DURATION.as_secs()
     );
-    let result = measure_all(&dir).await;
+    let result = measure_all(&dir, options).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn measure_all(dir: &Path) -> Result<(), BenchError> {
+async fn measure_all(dir: &Path, options: &Options) -> Result<(), BenchError> {
     if which("h2load").is_some() {
-        h2load_memory(dir).await?;
+        h2load_memory(dir, options.against.as_deref()).await?;
     } else {
         println!("quota_memory_h2load: skipped (h2load not on PATH; run `make setup`)");
     }
     let memory = serve_and_load(dir, "memory", "backend: memory").await?;
     memory.print("quota_memory");
+    if options.only == Some(Only::Memory) {
+        return Ok(());
+    }
 
     let redis_port = free_port()?;
     let _redis = start_redis(redis_port)?;
@@ -438,18 +471,26 @@ async fn load_server(addr: std::net::SocketAddr) -> Result<Measured, BenchError>
 }
 
 /// `h2load` against the memory backend's rate limit method and its
-/// health check, interleaved, on a server of each of [`H2_RUNTIMES`];
-/// prints each one's median round and the ratio.
-async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
+/// health check, interleaved, on a server of each of [`H2_RUNTIMES`] (of
+/// this build, and of `against` if given); prints each one's median round,
+/// the ratio and the server's CPU per call.
+async fn h2load_memory(dir: &Path, against: Option<&Path>) -> Result<(), BenchError> {
+    let mut binaries = vec![(String::new(), sluice_binary()?)];
+    if let Some(path) = against {
+        binaries.push(("_against".to_owned(), path.to_owned()));
+    }
     let mut servers = Vec::new();
-    for (suffix, listen) in H2_RUNTIMES {
-        let name = format!("sluice{suffix}.yaml");
-        config_file(dir, &name, "backend: memory", listen)?;
-        let server = Launcher::new(sluice_binary()?)
-            .log_filter("error")
-            .start_file(&dir.join(name))
-            .map_err(|e| BenchError::Setup(format!("sluice (memory{suffix}, h2load): {e}")))?;
-        servers.push((suffix, server));
+    for (build, binary) in &binaries {
+        for (runtime, listen) in H2_RUNTIMES {
+            let suffix = format!("{runtime}{build}");
+            let name = format!("sluice{runtime}.yaml");
+            config_file(dir, &name, "backend: memory", listen)?;
+            let server = Launcher::new(binary.clone())
+                .log_filter("error")
+                .start_file(&dir.join(name))
+                .map_err(|e| BenchError::Setup(format!("sluice (memory{suffix}, h2load): {e}")))?;
+            servers.push((suffix, server));
+        }
     }
     let rls_body = rls_body(dir)?;
     let health_body = dir.join("health.grpc");
@@ -459,24 +500,109 @@ async fn h2load_memory(dir: &Path) -> Result<(), BenchError> {
         "h2load: -c{H2_CLIENTS} -m{H2_STREAMS}, {} s per run, {H2_ROUNDS} interleaved rounds, one port",
         H2_DURATION.as_secs()
     );
-    let mut runs: Vec<(Vec<Measured>, Vec<Measured>)> =
-        servers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    let mut runs: Vec<[CpuRuns; 2]> = servers.iter().map(|_| Default::default()).collect();
     for _ in 0..H2_ROUNDS {
-        for ((_, server), (rls, health)) in servers.iter().zip(&mut runs) {
-            rls.push(h2load_decisions(dir, server, RLS_PATH, &rls_body).await?);
-            health.push(h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured);
+        for ((_, server), [rls, health]) in servers.iter().zip(&mut runs) {
+            let cpu = ServerCpu::start(server)?;
+            let m = h2load_decisions(dir, server, RLS_PATH, &rls_body).await?;
+            rls.push(cpu.per_call(m.answered)?, m);
+            let cpu = ServerCpu::start(server)?;
+            let m = h2load(dir, server.grpc, HEALTH_PATH, &health_body)?.measured;
+            health.push(cpu.per_call(m.answered)?, m);
         }
     }
-    for ((suffix, _), (mut rls, mut health)) in servers.into_iter().zip(runs) {
-        let (rls, health) = (median(&mut rls), median(&mut health));
+    for ((suffix, _), [mut rls, mut health]) in servers.into_iter().zip(runs) {
+        let (rls_cpu, health_cpu) = (rls.median_cpu(), health.median_cpu());
+        let (rls, health) = (median(&mut rls.runs), median(&mut health.runs));
         rls.print(&format!("quota_memory_h2load{suffix}"));
         health.print_per(&format!("grpc_health_h2load{suffix}"), "calls");
         println!(
             "quota_memory_vs_health_ratio{suffix}: {:.2}",
             rls.per_sec / health.per_sec
         );
+        println!(
+            "quota_memory_h2load_cpu_us{suffix}: {rls_cpu:.2} us of server CPU per decision \
+             ({health_cpu:.2} per health check)"
+        );
     }
     Ok(())
+}
+
+/// The runs of one kind of call on one server, and the server's CPU time
+/// per call in each.
+#[derive(Default)]
+struct CpuRuns {
+    runs: Vec<Measured>,
+    cpu_us: Vec<f64>,
+}
+
+impl CpuRuns {
+    fn push(&mut self, cpu_us: f64, measured: Measured) {
+        self.cpu_us.push(cpu_us);
+        self.runs.push(measured);
+    }
+
+    /// The median run's CPU per call (rounds drift with the machine's load).
+    fn median_cpu(&self) -> f64 {
+        let mut cpu = self.cpu_us.clone();
+        cpu.sort_by(f64::total_cmp);
+        cpu.get(cpu.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// A server's CPU time (user and system, every thread) when a run started.
+struct ServerCpu {
+    pid: u32,
+    ticks: u64,
+}
+
+impl ServerCpu {
+    fn start(server: &QuotaServer) -> Result<ServerCpu, BenchError> {
+        let pid = server.pid();
+        Ok(ServerCpu {
+            pid,
+            ticks: cpu_ticks(pid)?,
+        })
+    }
+
+    /// Microseconds of CPU the server spent per call since the start.
+    fn per_call(&self, calls: u64) -> Result<f64, BenchError> {
+        let spent = cpu_ticks(self.pid)?.saturating_sub(self.ticks);
+        Ok(spent as f64 * 1e6 / clock_ticks_per_sec() / calls.max(1) as f64)
+    }
+}
+
+/// `utime + stime` of process `pid`, in clock ticks (`/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> Result<u64, BenchError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name, in parentheses, may hold spaces: fields are
+    // counted after its closing one (state is field 3, utime 14, stime 15).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    match (field(14), field(15)) {
+        (Some(user), Some(system)) => Ok(user + system),
+        _ => Err(BenchError::Setup(format!(
+            "cannot read CPU times in {stat:?}"
+        ))),
+    }
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; Linux's 100
+/// if that cannot be run).
+fn clock_ticks_per_sec() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|t| t.trim().parse::<f64>().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Writes the body `h2load` posts to `ShouldRateLimit`: one decision on
@@ -687,7 +813,7 @@ fn resolve<'a>(limits: &'a Limits, entries: &[(String, String)]) -> Result<&'a L
 fn item<'a>(limit: &'a Limit, caller: usize, i: usize) -> Item<'a> {
     Item {
         limit,
-        key: limit.storage_key(&[("remote_address".into(), address(caller, i))]),
+        key: limit.storage_key(&[("remote_address", address(caller, i))]),
         cost: 1,
         enforce: true,
     }

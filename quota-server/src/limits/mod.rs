@@ -100,12 +100,19 @@ impl Limit {
     /// collide; a part longer than [`MAX_STORED_PART`] is stored as the
     /// SHA-256 of all of it, so a key's size is bounded whatever a client
     /// sends, and long values differing anywhere keep distinct counters.
-    pub fn storage_key(&self, entries: &[(String, String)]) -> String {
-        let mut key = self.key_prefix.clone();
+    pub fn storage_key<K: AsRef<str>, V: AsRef<str>>(&self, entries: &[(K, V)]) -> String {
+        // Sized once: a key is built per decision, and growing it from the
+        // prefix's size would reallocate on every one.
+        let room = entries
+            .iter()
+            .map(|(k, v)| stored_len(k.as_ref()) + stored_len(v.as_ref()) + 1)
+            .fold(self.key_prefix.len(), usize::saturating_add);
+        let mut key = String::with_capacity(room);
+        key.push_str(&self.key_prefix);
         for (k, v) in entries {
             key.push(':');
-            write_part(&mut key, k);
-            write_part(&mut key, v);
+            write_part(&mut key, k.as_ref());
+            write_part(&mut key, v.as_ref());
         }
         key
     }
@@ -113,6 +120,13 @@ impl Limit {
 
 /// Longest key or value written into a storage key as it is.
 pub const MAX_STORED_PART: usize = 64;
+
+/// The length [`write_part`] writes for `text`: its length's digits, the
+/// separator, then the text or its digest in hex.
+fn stored_len(text: &str) -> usize {
+    let digits = text.len().checked_ilog10().map_or(1, |d| d as usize + 1);
+    digits + 1 + text.len().min(MAX_STORED_PART)
+}
 
 /// Appends `len:text`, or `len#` and the hex SHA-256 of `text` when it is
 /// longer than [`MAX_STORED_PART`] (`#` never follows a literal's length).
@@ -410,6 +424,9 @@ descriptors:
         let edge = "x".repeat(MAX_STORED_PART);
         let literal = limit.storage_key(&entries(&[("user", &edge)]));
         assert!(literal.ends_with(&format!("64:{edge}")), "{literal}");
+        for key in [&a, &b, &short, &literal] {
+            assert_eq!(key.len(), key.capacity(), "sized exactly, once: {key}");
+        }
     }
 
     #[test]

@@ -28,15 +28,21 @@ pub enum Admission<'a> {
 pub struct Overridden<'a> {
     resolved: Vec<Resolved<'a>>,
     grants: Vec<Option<Grant>>,
+    /// Per unit, its raised limit; empty when no override raises one (the
+    /// usual case, which so allocates nothing for it).
     raised: Vec<Option<Limit>>,
 }
+
+/// The raised limit of a unit that has none.
+static NOT_RAISED: Option<Limit> = None;
 
 impl Overridden<'_> {
     /// The limit unit `index` is charged against, if any (none when
     /// unlimited by config or override, or when no limit matched).
     pub fn limit(&self, index: usize) -> Option<&Limit> {
         let resolved = *self.resolved.get(index)?;
-        applicable(resolved, *self.grants.get(index)?, self.raised.get(index)?)
+        let raised = self.raised.get(index).unwrap_or(&NOT_RAISED);
+        applicable(resolved, *self.grants.get(index)?, raised)
     }
 
     /// Whether an override lifts unit `index`'s limit entirely.
@@ -66,11 +72,16 @@ pub fn admit<'a>(
 /// Each unit's limit once its override (`grants`, in the same order as
 /// `resolved`) applies.
 pub fn overridden(resolved: Vec<Resolved<'_>>, grants: Vec<Option<Grant>>) -> Overridden<'_> {
-    let raised = resolved
-        .iter()
-        .zip(&grants)
-        .map(|(r, g)| raise(*r, *g))
-        .collect();
+    let raises = grants.iter().any(|g| matches!(g, Some(Grant::Limit(_))));
+    let raised = if raises {
+        resolved
+            .iter()
+            .zip(&grants)
+            .map(|(r, g)| raise(*r, *g))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Overridden {
         resolved,
         grants,

@@ -298,7 +298,7 @@ impl QuotaService {
         };
         let mut allowed = true;
         let now = system_now();
-        let mut decisions: Vec<(&str, Decision)> = Vec::new();
+        let mut decisions: Vec<(&str, Decision)> = Vec::with_capacity(items.len());
         for ((item, outcome), &index) in items.iter().zip(outcomes).zip(&index_of) {
             allowed &= outcome.allowed || !item.enforce;
             results[index] = item_result(item.limit, outcome, now);
@@ -309,13 +309,7 @@ impl QuotaService {
         Ok(GroupResult {
             allowed,
             items: results,
-            headers: headers(&decisions)
-                .into_iter()
-                .map(|h| Header {
-                    name: h.key,
-                    value: h.value,
-                })
-                .collect(),
+            headers: headers(&decisions, |name, value| Header { name, value }),
             source: proto_source(decided.source) as i32,
         })
     }

@@ -21,6 +21,7 @@
 //!   deny list and bans answer `OVER_LIMIT`, the allow list `OK`, both
 //!   without counting; overrides lift or raise a descriptor's limit.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -31,7 +32,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
 use sluice_core::algorithm::Outcome;
-use sluice_core::decision::{render_headers, Decision, HeaderSets};
+use sluice_core::decision::{render_headers, render_headers_in, Decision, HeaderSets};
 use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
@@ -157,17 +158,17 @@ impl RateLimitService for Rls {
             }
         }
         drop_replaced(&mut charged);
-        let (items, item_of) = merge_same_counter(&charged);
+        let (items, placed) = merge_same_counter(charged);
 
         let decided = decide(&self.shared, &self.decider, &limits, domain, &items).await;
         let now = system_now();
         self.decider.refund(&self.shared, domain, &refunds).await;
         let mut over = false;
         if let Some(outcomes) = &decided.outcomes {
-            for (c, &i) in charged.iter().zip(&item_of) {
+            for &(index, limit, i) in &placed {
                 let limited = !outcomes[i].allowed && items[i].enforce;
                 over |= limited;
-                statuses[c.index] = status(c.item.limit, &outcomes[i], limited);
+                statuses[index] = status(limit, &outcomes[i], limited);
             }
         }
         let decisions: Vec<(&str, Decision)> = decided
@@ -180,7 +181,11 @@ impl RateLimitService for Rls {
         Ok(Response::new(RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
             statuses,
-            response_headers_to_add: headers(&decisions),
+            response_headers_to_add: headers(&decisions, |key, value| HeaderValue {
+                key,
+                value,
+                ..HeaderValue::default()
+            }),
             ..RateLimitResponse::default()
         }))
     }
@@ -188,6 +193,10 @@ impl RateLimitService for Rls {
 
 /// Drops limits that another applicable limit `replaces`.
 fn drop_replaced(charged: &mut Vec<Charged<'_>>) {
+    // The usual request replaces nothing: no list of what to keep.
+    if charged.iter().all(|c| c.item.limit.replaces.is_empty()) {
+        return;
+    }
     let replaced: Vec<bool> = charged
         .iter()
         .map(|c| {
@@ -205,10 +214,14 @@ fn drop_replaced(charged: &mut Vec<Charged<'_>>) {
 /// One item per counter: descriptors of one request that land on the same
 /// limit and key add their costs (as envoyproxy/ratelimit increments the
 /// key once per descriptor), since a batch must not name a key twice.
-/// Also returns, per charged descriptor, the position of its item.
-fn merge_same_counter<'a>(charged: &[Charged<'a>]) -> (Vec<Item<'a>>, Vec<usize>) {
+/// Also returns, per charged descriptor, its position in the request, its
+/// limit and the position of its item. The items take the descriptors'
+/// keys over, not copies.
+fn merge_same_counter<'a>(
+    charged: Vec<Charged<'a>>,
+) -> (Vec<Item<'a>>, Vec<(usize, &'a Limit, usize)>) {
     let mut items: Vec<Item<'a>> = Vec::with_capacity(charged.len());
-    let mut item_of = Vec::with_capacity(charged.len());
+    let mut placed = Vec::with_capacity(charged.len());
     for c in charged {
         let same = items
             .iter()
@@ -216,15 +229,15 @@ fn merge_same_counter<'a>(charged: &[Charged<'a>]) -> (Vec<Item<'a>>, Vec<usize>
         match same {
             Some(i) => {
                 items[i].cost = items[i].cost.saturating_add(c.item.cost);
-                item_of.push(i);
+                placed.push((c.index, c.item.limit, i));
             }
             None => {
-                items.push(c.item.clone());
-                item_of.push(items.len() - 1);
+                placed.push((c.index, c.item.limit, items.len()));
+                items.push(c.item);
             }
         }
     }
-    (items, item_of)
+    (items, placed)
 }
 
 fn status(limit: &Limit, outcome: &Outcome, limited: bool) -> DescriptorStatus {
@@ -257,7 +270,7 @@ pub fn current_limit(limit: &Limit) -> RateLimit {
             CalendarUnit::Month => Unit::Month,
         };
         return RateLimit {
-            name: limit.name.to_string(),
+            name: String::from(&*limit.name),
             requests_per_unit: u32::try_from(quota.count()).unwrap_or(u32::MAX),
             unit: unit as i32,
         };
@@ -270,7 +283,7 @@ pub fn current_limit(limit: &Limit) -> RateLimit {
         .unwrap_or((Unit::Year, 365 * 86_400));
     let scaled = u128::from(quota.count()) * u128::from(secs) * 1_000_000_000 / per;
     RateLimit {
-        name: limit.name.to_string(),
+        name: String::from(&*limit.name),
         requests_per_unit: u32::try_from(scaled.max(1)).unwrap_or(u32::MAX),
         unit: unit as i32,
     }
@@ -304,9 +317,23 @@ pub(crate) fn duration<D: WireDuration>(span: Span) -> D {
     )
 }
 
+/// Most headers [`headers`] renders: `Retry-After`, three `X-RateLimit-*`
+/// and the two IETF fields.
+const MOST_HEADERS: usize = 6;
+
+thread_local! {
+    /// The buffer each header value is rendered in before it is copied
+    /// out at its size: one per serving thread, kept between calls.
+    static RENDERED: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
 /// The rate-limit headers (IETF draft and `X-RateLimit-*`) for the
 /// enforced limits: the denying or most restrictive one is summarised.
-pub(crate) fn headers(decisions: &[(&str, Decision)]) -> Vec<HeaderValue> {
+/// `header` makes the API's header from a name and a value.
+pub(crate) fn headers<H>(
+    decisions: &[(&str, Decision)],
+    mut header: impl FnMut(String, String) -> H,
+) -> Vec<H> {
     let Some(shown) = decisions
         .iter()
         .map(|(_, d)| *d)
@@ -314,19 +341,27 @@ pub(crate) fn headers(decisions: &[(&str, Decision)]) -> Vec<HeaderValue> {
     else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    render_headers(
-        decisions.iter().copied(),
-        shown,
-        HeaderSets::ALL,
-        |name, value| {
-            out.push(HeaderValue {
-                key: name.into(),
-                value: value.into(),
-                ..HeaderValue::default()
-            });
-        },
-    );
+    let mut out = Vec::with_capacity(MOST_HEADERS);
+    let mut emit = |name: &str, value: &str| out.push(header(name.into(), value.into()));
+    let rules = decisions.iter().copied();
+    // A re-entrant call (none today) would find the buffer borrowed: it
+    // renders in a buffer of its own instead.
+    let rendered = RENDERED.try_with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => {
+            render_headers_in(
+                rules.clone(),
+                shown,
+                HeaderSets::ALL,
+                &mut buffer,
+                &mut emit,
+            );
+            true
+        }
+        Err(_) => false,
+    });
+    if rendered != Ok(true) {
+        render_headers(rules, shown, HeaderSets::ALL, &mut emit);
+    }
     out
 }
 

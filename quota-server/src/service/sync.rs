@@ -135,7 +135,7 @@ pub async fn sync(
 /// `Sync`, so both count on one counter): written as a one-entry
 /// descriptor, so it cannot collide with any descriptor's key.
 pub fn storage_key(limit: &Limit, key: &str) -> String {
-    limit.storage_key(&[(String::from("key"), key.to_owned())])
+    limit.storage_key(&[("key", key)])
 }
 
 /// A storage item for an entry; in shadow mode, so that in a batch each

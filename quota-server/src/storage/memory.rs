@@ -106,13 +106,13 @@ impl MemoryBackend {
 
     /// The all-or-nothing decision, under the locks of the keys' shards.
     pub fn decide(&self, items: &[Item<'_>], now: Nanos) -> Result<Vec<Outcome>, StorageError> {
-        let rules = rules(items, now);
-        let claims = claims(items, &rules);
-        let verdict = self.with_shards(
-            &claims,
-            |store| decide_claims(store, &claims, now, Span::ZERO),
-            |locked| decide_claims(locked, &claims, now, Span::ZERO),
-        )?;
+        let verdict = with_claims(items, now, |claims| {
+            self.with_shards(
+                claims,
+                |store| decide_claims(store, claims, now, Span::ZERO),
+                |locked| decide_claims(locked, claims, now, Span::ZERO),
+            )
+        })?;
         // The engine reports one decision per claim, in claim order.
         Ok(verdict
             .decisions
@@ -228,42 +228,51 @@ impl StateStore for Locked<'_, '_> {
     }
 }
 
-/// Each item's rule at `now`, as the engine must see it: a calendar
-/// limit's fixed window is the one containing `now` (see
+/// Runs `with` on the engine's claims for `items` at `now`: kept on the
+/// stack for one item (a request of one descriptor, the usual case, which
+/// so allocates nothing for them), else in lists.
+fn with_claims<T>(items: &[Item<'_>], now: Nanos, with: impl FnOnce(&[Claim<'_>]) -> T) -> T {
+    if let [item] = items {
+        let rule = rule(item, now);
+        return with(&[claim(item, &rule)]);
+    }
+    let rules: Vec<Cow<'_, Rule>> = items.iter().map(|it| rule(it, now)).collect();
+    let claims: Vec<Claim<'_>> = items
+        .iter()
+        .zip(&rules)
+        .map(|(it, r)| claim(it, r))
+        .collect();
+    with(&claims)
+}
+
+/// An item's rule at `now`, as the engine must see it: a calendar limit's
+/// fixed window is the one containing `now` (see
 /// [`crate::limits::Limit::rule_at`]), and `enforce: false` is the
 /// engine's shadow action. Items normally agree with their limit's rule;
 /// only calendar limits and fallback limits standing in for shadow ones
 /// need a copy.
-fn rules<'a>(items: &'a [Item<'_>], now: Nanos) -> Vec<Cow<'a, Rule>> {
-    items
-        .iter()
-        .map(|it| {
-            let mut rule = it.limit.rule_at(now);
-            if it.enforce != (rule.action != Action::Shadow) {
-                rule.to_mut().action = if it.enforce {
-                    Action::Reject
-                } else {
-                    Action::Shadow
-                };
-            }
-            rule
-        })
-        .collect()
+fn rule<'a>(item: &'a Item<'_>, now: Nanos) -> Cow<'a, Rule> {
+    let mut rule = item.limit.rule_at(now);
+    if item.enforce != (rule.action != Action::Shadow) {
+        rule.to_mut().action = if item.enforce {
+            Action::Reject
+        } else {
+            Action::Shadow
+        };
+    }
+    rule
 }
 
-fn claims<'a>(items: &'a [Item<'_>], rules: &'a [Cow<'a, Rule>]) -> Vec<Claim<'a>> {
-    items
-        .iter()
-        .zip(rules)
-        .map(|(it, rule)| Claim {
-            slot: Slot {
-                rule_index: it.limit.id,
-                rule,
-                key: &it.key,
-            },
-            cost: it.cost,
-        })
-        .collect()
+/// The engine's claim for `item` under `rule`.
+fn claim<'a>(item: &'a Item<'_>, rule: &'a Rule) -> Claim<'a> {
+    Claim {
+        slot: Slot {
+            rule_index: item.limit.id,
+            rule,
+            key: &item.key,
+        },
+        cost: item.cost,
+    }
 }
 
 impl MemoryBackend {
@@ -279,13 +288,13 @@ impl MemoryBackend {
     /// Gives back each item's cost at `now` (default: the system clock).
     pub fn refund(&self, items: &[Item<'_>], now: Option<Nanos>) -> Result<(), StorageError> {
         let now = now.unwrap_or_else(system_now);
-        let rules = rules(items, now);
-        let claims = claims(items, &rules);
-        Ok(self.with_shards(
-            &claims,
-            |store| refund_claims(store, &claims, now),
-            |locked| refund_claims(locked, &claims, now),
-        )?)
+        Ok(with_claims(items, now, |claims| {
+            self.with_shards(
+                claims,
+                |store| refund_claims(store, claims, now),
+                |locked| refund_claims(locked, claims, now),
+            )
+        })?)
     }
 }
 
