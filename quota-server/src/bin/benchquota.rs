@@ -48,10 +48,17 @@
 //! call for the health check), steadier than calls per second on a
 //! loaded machine.
 //!
-//! Options: `--only memory` runs the memory measurements alone (no
-//! Redis); `--against PATH` adds another `sluice` binary (another build,
-//! e.g. with another allocator) to the memory `h2load` rounds, interleaved
-//! with this build's, its figures suffixed `_against`.
+//! Each Redis run also reports CPU per decision (from `/proc` and Redis's
+//! `INFO cpu`; Linux only, else omitted): the server's, Redis's, and the
+//! client's (this process for its own callers, the child process for
+//! `redis-benchmark` and `h2load`). On a small machine a client eating a
+//! core shows there: the comparison then measures the clients too.
+//!
+//! Options: `--only memory` or `--only redis` runs only that backend's
+//! part (the default runs both); `--against PATH` adds another `sluice`
+//! binary (another build, e.g. with another allocator) to the memory
+//! `h2load` rounds, interleaved with this build's, its figures suffixed
+//! `_against`.
 
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
@@ -193,7 +200,7 @@ impl Drop for Process {
 #[derive(clap::Parser)]
 #[command(about = "The quota server under load: memory and Redis backends, h2load")]
 struct Options {
-    /// Run only these measurements.
+    /// Run only this backend's measurements.
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Another `sluice` binary measured with this build's in the memory
@@ -202,11 +209,14 @@ struct Options {
     against: Option<PathBuf>,
 }
 
-/// A subset of the measurements.
+/// One backend's measurements.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Only {
     /// The memory backend: `h2load` and the bench's own callers.
     Memory,
+    /// The Redis backend: the bench's own callers and `h2load` against the
+    /// raw script.
+    Redis,
 }
 
 fn main() -> ExitCode {
@@ -241,13 +251,15 @@ async fn run(options: &Options) -> Result<(), BenchError> {
 }
 
 async fn measure_all(dir: &Path, options: &Options) -> Result<(), BenchError> {
-    if which("h2load").is_some() {
-        h2load_memory(dir, options.against.as_deref()).await?;
-    } else {
-        println!("quota_memory_h2load: skipped (h2load not on PATH; run `make setup`)");
+    if options.only != Some(Only::Redis) {
+        if which("h2load").is_some() {
+            h2load_memory(dir, options.against.as_deref()).await?;
+        } else {
+            println!("quota_memory_h2load: skipped (h2load not on PATH; run `make setup`)");
+        }
+        let memory = serve_and_load(dir, "memory", "backend: memory").await?;
+        memory.print("quota_memory");
     }
-    let memory = serve_and_load(dir, "memory", "backend: memory").await?;
-    memory.print("quota_memory");
     if options.only == Some(Only::Memory) {
         return Ok(());
     }
@@ -273,7 +285,12 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
     let raw = Arc::new(RawRedis::connect(&url).await?);
     let (mut served, mut rust, mut c) = (Vec::new(), Vec::new(), Vec::new());
     // Redis's own time in the script: the server's calls, and the raw ones.
-    let (mut served_cost, mut raw_cost) = (RedisCost::default(), RedisCost::default());
+    // And each run's CPU per decision: the server's, Redis's, the client's.
+    let (mut served_cost, mut rust_cost, mut raw_cost) = (
+        RedisCost::default(),
+        RedisCost::default(),
+        RedisCost::default(),
+    );
     let wide = match which("h2load") {
         Some(_) => Some(EnvoyLike::new(dir, &limits)?),
         None => None,
@@ -283,35 +300,36 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
     let admin = server
         .admin
         .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
+    let pid = server.pid();
     for _ in 0..REDIS_ROUNDS {
-        let before = raw.evalsha_counts().await?;
+        let before = raw.usage(pid).await?;
         let decided = decisions(admin).await?;
         let m = load_server(server.grpc).await?;
         decided_all(admin, decided, m.answered, "the callers").await?;
-        served_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+        served_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Bench);
         served.push(m);
-        let before = raw.evalsha_counts().await?;
+        let before = raw.usage(pid).await?;
         let m = raw.load(&limit).await?;
-        raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+        rust_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Bench);
         rust.push(m);
-        let before = raw.evalsha_counts().await?;
+        let before = raw.usage(pid).await?;
         let spread = format!("{}:bench:__rand_int__", limit.key_prefix);
         if let Some(m) = raw_redis_benchmark(&limit, &spread, CONCURRENCY, redis_port, &raw).await?
         {
-            raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+            raw_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Child);
             c.push(m);
         }
         if let Some(wide) = &wide {
-            let before = raw.evalsha_counts().await?;
+            let before = raw.usage(pid).await?;
             let m = h2load_decisions(dir, &server, RLS_PATH, &wide.body).await?;
-            wide_served_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+            wide_served_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Child);
             wide_served.push(m);
-            let before = raw.evalsha_counts().await?;
+            let before = raw.usage(pid).await?;
             let streams = H2_CLIENTS * H2_STREAMS;
             if let Some(m) =
                 raw_redis_benchmark(&wide.limit, &wide.key, streams, redis_port, &raw).await?
             {
-                wide_raw_cost.add(&before, &raw.evalsha_counts().await?, m.answered);
+                wide_raw_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Child);
                 wide_raw.push(m);
             }
         }
@@ -338,12 +356,19 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
         );
         c.per_sec.max(rust.per_sec)
     };
+    // Both raw clients make one call per decision: one script figure.
+    let mut raw_script = RedisCost::default();
+    raw_script.merge(&rust_cost);
+    raw_script.merge(&raw_cost);
     println!(
         "redis_script_us_per_decision: server {:.1} ({:.1} decisions per call), raw {:.1}",
         served_cost.per_decision(),
-        served_cost.decisions as f64 / served_cost.calls.max(1) as f64,
-        raw_cost.per_decision()
+        served_cost.per_call(),
+        raw_script.per_decision()
     );
+    served_cost.print_cpu("quota_redis");
+    rust_cost.print_cpu("raw_redis_rust_evalsha");
+    raw_cost.print_cpu("raw_redis_benchmark_evalsha");
     println!(
         "quota_redis_vs_raw_redis_ratio: {:.2}",
         served.per_sec / ceiling
@@ -359,9 +384,11 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
         println!(
             "redis_script_us_per_decision_h2load: server {:.1} ({:.1} decisions per call), raw {:.1}",
             wide_served_cost.per_decision(),
-            wide_served_cost.decisions as f64 / wide_served_cost.calls.max(1) as f64,
+            wide_served_cost.per_call(),
             wide_raw_cost.per_decision()
         );
+        wide_served_cost.print_cpu("quota_redis_h2load");
+        wide_raw_cost.print_cpu(&format!("raw_redis_benchmark_evalsha_{streams}"));
         println!(
             "quota_redis_h2load_vs_raw_redis_{streams}_ratio: {:.2}",
             served.per_sec / raw.per_sec
@@ -894,6 +921,36 @@ impl RawRedis {
     }
 }
 
+impl RawRedis {
+    /// The script's calls and the CPU used so far, with the server `server`.
+    async fn usage(&self, server: u32) -> Result<Usage, BenchError> {
+        let evalsha = self.evalsha_counts().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut self.connection.clone())
+            .await?;
+        // "used_cpu_sys:1.234567", "used_cpu_user:..."
+        let redis = ["used_cpu_sys:", "used_cpu_user:"]
+            .iter()
+            .map(|name| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .sum::<Option<f64>>();
+        let cpu = match (redis, process_cpu(&server.to_string()), process_cpu("self")) {
+            (Some(redis), Some((server, _)), Some((bench, children))) => Some(Cpu {
+                server,
+                redis,
+                bench,
+                children,
+            }),
+            _ => None,
+        };
+        Ok(Usage { evalsha, cpu })
+    }
+}
+
 /// Redis's `INFO commandstats` for `EVALSHA`.
 struct Evalsha {
     calls: u64,
@@ -903,23 +960,123 @@ struct Evalsha {
     usec: u64,
 }
 
-/// Redis's time in the script over some runs, and the decisions made.
+/// CPU seconds the processes of a Redis run used so far (Linux `/proc`
+/// and Redis's `INFO cpu`).
+#[derive(Clone, Copy)]
+struct Cpu {
+    server: f64,
+    redis: f64,
+    /// This process (its own callers).
+    bench: f64,
+    /// This process's finished children (`redis-benchmark`, `h2load`).
+    children: f64,
+}
+
+/// What a Redis run's processes used so far: the script's calls and CPU.
+struct Usage {
+    evalsha: Evalsha,
+    /// `None` where `/proc` cannot be read.
+    cpu: Option<Cpu>,
+}
+
+/// Which process was a run's client.
+#[derive(Clone, Copy)]
+enum Client {
+    /// This one (the bench's own callers).
+    Bench,
+    /// A child it waited for (`redis-benchmark`, `h2load`).
+    Child,
+}
+
+/// The user and system CPU seconds of process `pid` (`self` for this one)
+/// and of its children it waited for, from `/proc/<pid>/stat`.
+fn process_cpu(pid: &str) -> Option<(f64, f64)> {
+    // Clock ticks per second of these fields (USER_HZ: 100 on Linux).
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's ")": state, then fields 4...; utime is field 14.
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    match fields.as_slice() {
+        [utime, stime, cutime, cstime] => {
+            Some(((utime + stime) / TICKS, (cutime + cstime) / TICKS))
+        }
+        _ => None,
+    }
+}
+
+/// Redis's time in the script and the processes' CPU over some runs, and
+/// the decisions made.
 #[derive(Default)]
 struct RedisCost {
     usec: u64,
     calls: u64,
     decisions: u64,
+    /// CPU seconds of the server, Redis and the client; `None` once a
+    /// run could not be measured.
+    cpu: Option<[f64; 3]>,
+    /// Runs added.
+    runs: u32,
 }
 
 impl RedisCost {
-    fn add(&mut self, before: &Evalsha, after: &Evalsha, decisions: u64) {
-        self.usec += after.usec - before.usec;
-        self.calls += after.calls - before.calls;
+    fn add(&mut self, before: &Usage, after: &Usage, decisions: u64, client: Client) {
+        self.usec += after.evalsha.usec - before.evalsha.usec;
+        self.calls += after.evalsha.calls - before.evalsha.calls;
         self.decisions += decisions;
+        let used = match (before.cpu, after.cpu) {
+            (Some(b), Some(a)) => Some([
+                a.server - b.server,
+                a.redis - b.redis,
+                match client {
+                    Client::Bench => a.bench - b.bench,
+                    Client::Child => a.children - b.children,
+                },
+            ]),
+            _ => None,
+        };
+        self.cpu = match (self.runs, self.cpu, used) {
+            (0, _, used) => used,
+            (_, Some(sum), Some(used)) => Some([0, 1, 2].map(|i| sum[i] + used[i])),
+            _ => None,
+        };
+        self.runs += 1;
+    }
+
+    /// Adds `other`'s script calls (not its CPU) to these.
+    fn merge(&mut self, other: &RedisCost) {
+        self.usec += other.usec;
+        self.calls += other.calls;
+        self.decisions += other.decisions;
     }
 
     fn per_decision(&self) -> f64 {
         self.usec as f64 / self.decisions.max(1) as f64
+    }
+
+    /// Decisions per script call.
+    fn per_call(&self) -> f64 {
+        self.decisions as f64 / self.calls.max(1) as f64
+    }
+
+    /// Prints `<name>_cpu_us_per_decision`: the server's, Redis's and the
+    /// client's CPU µs per decision.
+    fn print_cpu(&self, name: &str) {
+        if let Some([server, redis, client]) = self.cpu {
+            let us = |s: f64| s * 1e6 / self.decisions.max(1) as f64;
+            println!(
+                "{name}_cpu_us_per_decision: server {:.1}, redis {:.1}, client {:.1}",
+                us(server),
+                us(redis),
+                us(client)
+            );
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
@@ -52,10 +53,10 @@ pub const MAX_BATCH: usize = 64;
 /// Most items one script call carries; a larger decision goes alone.
 pub const MAX_BATCH_ITEMS: usize = 256;
 
-/// Script calls a lane keeps out at once: Redis finds the next batch
-/// waiting when it finishes one (no idle round trip), and a lane serves up
-/// to `IN_FLIGHT × MAX_BATCH` decisions per round trip (measured on a busy
-/// 2-core machine: 2 calls out capped a connection well below Redis's pace).
+/// Script calls a lane keeps out at once when whole batches wait: at
+/// high load Redis finds the next batch waiting when it finishes one, and
+/// a lane serves up to `IN_FLIGHT × MAX_BATCH` decisions per round trip.
+/// Below that, one call is out at a time (see [`run_lane`]).
 const IN_FLIGHT: usize = 4;
 
 /// Decisions a lane holds waiting (beyond it, callers wait to queue,
@@ -337,9 +338,22 @@ impl Link {
     /// The `EVALSHA` of the script for `jobs`: the decisions' keys and
     /// arguments written once, straight into the command's buffer.
     fn evalsha(&self, jobs: &[Job]) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash());
-        cmd.arg(jobs.iter().map(|j| j.call.keys.len()).sum::<usize>());
+        let hash = self.script.get_hash();
+        // Sized up front: the buffer is not grown (and copied) as it fills.
+        let (mut keys, mut args, mut bytes) = (0, 0, "EVALSHA".len() + hash.len() + 40);
+        for job in jobs {
+            keys += job.call.keys.len();
+            args += job.call.args.len();
+            bytes += job
+                .call
+                .keys
+                .iter()
+                .chain(&job.call.args)
+                .map(String::len)
+                .sum::<usize>();
+        }
+        let mut cmd = redis::Cmd::with_capacity(keys + args + 4, bytes);
+        cmd.arg("EVALSHA").arg(hash).arg(keys);
         for job in jobs {
             for key in &job.call.keys {
                 cmd.arg(key);
@@ -400,46 +414,61 @@ fn decision_reply(reply: Value) -> Result<Vec<i64>, StorageError> {
     }
 }
 
-/// A lane's task: takes whatever queued (at least one decision, waiting
-/// for it without a timer) and sends it as script calls (one per hash tag
-/// with a cluster, each within the batch bounds), keeping at most
-/// [`IN_FLIGHT`] calls out: what queues meanwhile is the next batch. Ends
-/// when the backend is dropped, once its calls are answered.
+/// A lane's task: group commit. While the lane is free it waits (without
+/// a timer) for a decision and takes every one waiting; while a call is
+/// out, what queues waits for its reply and goes out as the next call, so
+/// that batches fill at any load. Only a whole batch ([`MAX_BATCH`])
+/// waiting goes out early, up to [`IN_FLIGHT`] calls out at once, so that
+/// Redis finds the next batch waiting at high load. The calls are polled
+/// here, not in tasks of their own: the lane wakes once per reply, not
+/// once per call and again per reply. Taken decisions go as script calls
+/// one per hash tag with a cluster, each within the batch bounds. Ends
+/// when the backend is dropped and its calls are answered (it only stops
+/// waiting on the queue while no call is out).
 async fn run_lane(link: Arc<Link>, lane: usize, mut queue: mpsc::Receiver<Job>) {
+    let link = &*link;
     let mut taken = Vec::with_capacity(MAX_BATCH);
-    let mut in_flight = tokio::task::JoinSet::new();
+    let mut in_flight = FuturesUnordered::new();
     loop {
-        tokio::select! {
-            taken_now = queue.recv_many(&mut taken, MAX_BATCH), if in_flight.len() < IN_FLIGHT => {
-                if taken_now == 0 {
-                    break;
-                }
-                // A caller that gave up (timed out, cancelled) needs no decision.
-                let jobs: Vec<Job> = taken.drain(..).filter(|j| !j.reply.is_closed()).collect();
-                if jobs.is_empty() {
-                    continue;
-                }
-                let connection =
-                    match tokio::time::timeout(link.timeout, link.connection(lane)).await {
-                        Ok(Ok(connection)) => connection,
-                        Ok(Err(error)) => {
-                            answer_all(jobs, &error);
-                            continue;
-                        }
-                        Err(_) => {
-                            answer_all(jobs, &StorageError::Timeout(link.timeout));
-                            continue;
-                        }
-                    };
-                for jobs in batches(jobs, link.is_cluster()) {
-                    let (link, connection) = (link.clone(), connection.clone());
-                    in_flight.spawn(async move { link.call(connection, jobs).await });
+        if in_flight.is_empty() {
+            if queue.recv_many(&mut taken, MAX_BATCH).await == 0 {
+                break;
+            }
+        } else {
+            // Polls the calls out; a decision queueing meanwhile does not
+            // wake the lane.
+            in_flight.next().await;
+            let early = in_flight.len() < IN_FLIGHT && queue.len() >= MAX_BATCH;
+            if !in_flight.is_empty() && !early {
+                continue;
+            }
+            while taken.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => taken.push(job),
+                    Err(_) => break,
                 }
             }
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+        // A caller that gave up (timed out, cancelled) needs no decision.
+        let jobs: Vec<Job> = taken.drain(..).filter(|j| !j.reply.is_closed()).collect();
+        if jobs.is_empty() {
+            continue;
+        }
+        let connection = match tokio::time::timeout(link.timeout, link.connection(lane)).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
+                answer_all(jobs, &error);
+                continue;
+            }
+            Err(_) => {
+                answer_all(jobs, &StorageError::Timeout(link.timeout));
+                continue;
+            }
+        };
+        for jobs in batches(jobs, link.is_cluster()) {
+            in_flight.push(link.call(connection.clone(), jobs));
         }
     }
-    while in_flight.join_next().await.is_some() {}
 }
 
 /// Splits taken decisions into script calls: within [`MAX_BATCH_ITEMS`]
@@ -506,8 +535,9 @@ pub fn script_call(
     now: Option<Nanos>,
 ) -> Result<ScriptCall, StorageError> {
     let now_arg = now.map_or(String::new(), |n| (n.0 / 1000).to_string());
-    // The calendar is read at this server's time (or the replayed one).
-    let calendar_now = now.unwrap_or_else(system_now);
+    // The calendar is read at this server's time (or the replayed one),
+    // read once and only for a limit with a calendar window.
+    let mut calendar_now = None;
     let mut call = ScriptCall {
         keys: Vec::with_capacity(items.len() * 2),
         args: vec![mode.to_owned(), now_arg, items.len().to_string()],
@@ -529,7 +559,7 @@ pub fn script_call(
             it.cost.to_string(),
             u8::from(it.enforce).to_string(),
             it.limit.calendar.as_ref().map_or(String::new(), |c| {
-                c.around(calendar_now)
+                c.around(*calendar_now.get_or_insert_with(|| now.unwrap_or_else(system_now)))
                     .map(|b| (b.0 / (tick_us * 1000)).to_string())
                     .join(",")
             }),
