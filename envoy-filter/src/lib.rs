@@ -11,8 +11,11 @@
 // Only the raw host calls in `wasm::abi` may be unsafe.
 #![deny(unsafe_code)]
 
+/// Counts heap allocations in the unit tests that pin them.
 #[cfg(test)]
-mod alloc_count;
+#[global_allocator]
+static ALLOCATOR: sluice_alloc_count::Counting = sluice_alloc_count::Counting;
+
 pub mod controls;
 pub mod host;
 pub mod http;

@@ -7,8 +7,6 @@
 // Test helpers fail loudly: a panic is the report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,6 +15,7 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use sluice_alloc_count::{allocations, Counting};
 use sluice_quota_server::config::ServerConfig;
 use sluice_quota_server::controls::Controls;
 use sluice_quota_server::limits::Limits;
@@ -27,59 +26,12 @@ use sluice_quota_server::shared::Shared;
 use sluice_quota_server::storage::{MemoryBackend, Store};
 use tonic::Request;
 
-/// The system allocator, counting per thread the allocations (a
-/// reallocation is one too) made while that thread has counting on: tests
-/// run side by side, each counting its own.
-struct Counting;
-
-thread_local! {
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn count() {
-    if COUNTED.try_with(Cell::get).unwrap_or(false) {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-    }
-}
-
-// SAFETY: every call is passed to `System` unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count();
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static ALLOCATOR: Counting = Counting;
 
 /// Calls counted per handler: enough that a stray allocation on some calls
 /// still shows in the mean.
 const CALLS: u64 = 100;
-
-/// Allocations on this thread while `run` runs.
-fn allocations(run: impl FnOnce()) -> u64 {
-    let before = ALLOCATIONS.with(Cell::get);
-    COUNTED.with(|c| c.set(true));
-    run();
-    COUNTED.with(|c| c.set(false));
-    ALLOCATIONS.with(Cell::get) - before
-}
 
 /// A memory-backed server's state: domain `d` with descriptor
 /// `remote_address` and rule `r`, both far from their limits.
@@ -111,7 +63,7 @@ fn per_call<R, F: std::future::Future<Output = ()>>(
     runtime.block_on(call(request()));
     let requests: Vec<R> = (0..CALLS).map(|_| request()).collect();
     let mut requests = requests.into_iter();
-    let total = allocations(|| {
+    let ((), total) = allocations(|| {
         runtime.block_on(async {
             for r in requests.by_ref() {
                 call(r).await;

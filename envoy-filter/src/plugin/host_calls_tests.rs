@@ -13,9 +13,9 @@ use sluice_proto::prost::Message;
 use sluice_proto::quota::v1::{CheckResponse, Code, GroupResult, ItemResult, Source};
 
 use super::*;
-use crate::alloc_count::{allocations, uncounted};
 use crate::host::fake::FakeHost;
 use crate::host::MetricId;
+use sluice_alloc_count::{allocations, uncounted};
 use sluice_core::policy::Direction;
 use sluice_core::time::Nanos;
 

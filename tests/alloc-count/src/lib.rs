@@ -1,5 +1,6 @@
 //! Heap allocations counted per thread, for tests that pin how many a
-//! request costs: the unit-test binary's global allocator.
+//! request or a decision costs. A test binary installs [`Counting`] as its
+//! global allocator; tests run side by side, each counting its own thread.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -11,13 +12,13 @@ thread_local! {
     static COUNTING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// The system allocator, counting allocations of threads that count.
-struct Counting;
+/// The system allocator, counting allocations of threads that count:
+/// `#[global_allocator] static ALLOCATOR: Counting = Counting;`.
+pub struct Counting;
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the
 // bookkeeping touches only const-initialised thread-locals, which never
 // allocate.
-#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count();
@@ -40,19 +41,16 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
 fn count() {
-    let counting = COUNTING.try_with(Cell::get).unwrap_or(false);
-    if counting {
+    // `try_with`: allocations while the thread's locals are torn down.
+    if COUNTING.try_with(Cell::get).unwrap_or(false) {
         let _ = COUNTED.try_with(|c| c.set(c.get().wrapping_add(1)));
     }
 }
 
 /// Runs `f`, returning what it returned and how many allocations (a
 /// `realloc` counts as one) it made on this thread outside [`uncounted`].
-pub(crate) fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
+pub fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
     COUNTED.with(|c| c.set(0));
     COUNTING.with(|c| c.set(true));
     let out = f();
@@ -62,7 +60,7 @@ pub(crate) fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 /// Runs `f` without counting its allocations: a test double's own
 /// bookkeeping is no part of what the code under test costs.
-pub(crate) fn uncounted<T>(f: impl FnOnce() -> T) -> T {
+pub fn uncounted<T>(f: impl FnOnce() -> T) -> T {
     let was = COUNTING.with(|c| c.replace(false));
     let out = f();
     COUNTING.with(|c| c.set(was));
