@@ -835,7 +835,7 @@ fn put<B: SharedBytes>(
 }
 
 /// How many of its last writes a store remembers ([`OwnWrites`]): the
-/// slots of a few streams' rules.
+/// slots of a few hot keys (clients, streams) and their rules.
 const OWN_WRITES_KEPT: usize = 8;
 
 /// How long a remembered write may stand in for a read. Tokens come from
