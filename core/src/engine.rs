@@ -387,9 +387,7 @@ fn attempt<S: StateStore>(
         match store.load(claim.slot, now) {
             Ok(l) => loaded.push(l),
             Err(e) => {
-                for (claim, l) in claims.iter().zip(loaded) {
-                    store.release(claim.slot, l.state, l.version, now);
-                }
+                release_all(store, claims, loaded, now);
                 return Err(e);
             }
         }
@@ -400,6 +398,20 @@ fn attempt<S: StateStore>(
         .map(|(c, l)| l.acquire(c.slot.rule, now, c.cost, Mode::Peek))
         .collect();
     let blocking = |i: usize| !outcomes[i].allowed && claims[i].slot.rule.action.stops();
+
+    // Every limit found (refusing or not) rests on a state still stored.
+    for ((claim, l), outcome) in claims.iter().zip(&loaded).zip(&outcomes) {
+        if outcome.allowed {
+            continue;
+        }
+        match store.confirm(claim.slot, &l.version, now) {
+            Ok(true) => {}
+            confirmed => {
+                release_all(store, claims, loaded, now);
+                return confirmed.map(|_| None);
+            }
+        }
+    }
 
     if (0..claims.len()).any(blocking) {
         let kind = blocked_kind(claims, &outcomes, waited, &blocking);
@@ -471,6 +483,18 @@ fn attempt<S: StateStore>(
         decisions: rule_decisions(claims, &final_outcomes),
         charges,
     }))
+}
+
+/// Gives back `loaded` (the states of the first of `claims`) unchanged.
+fn release_all<S: StateStore>(
+    store: &mut S,
+    claims: &[Claim<'_>],
+    loaded: Vec<Loaded<S::Version>>,
+    now: Nanos,
+) {
+    for (claim, l) in claims.iter().zip(loaded) {
+        store.release(claim.slot, l.state, l.version, now);
+    }
 }
 
 /// When the block a limit of `claim` (with `outcome`) starts ends: now

@@ -276,6 +276,21 @@ pub trait StateStore {
         now: Nanos,
     );
 
+    /// Whether the state checked out at `version` is still the one
+    /// stored, checked before a refusal rests on it. A store that may
+    /// check out its own last write instead of reading it ([`SlotStore`])
+    /// cannot know otherwise: a save presenting `version` proves it, but a
+    /// refusal saves nothing. `false`: check the state out again (the
+    /// store then reads it).
+    fn confirm(
+        &mut self,
+        _slot: Slot<'_>,
+        _version: &Self::Version,
+        _now: Nanos,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     /// Checks out the state a charge taken at `room` went to, to refund
     /// it, without making room for the key: the key's own state while it
     /// still holds one ([`Room::Own`]), or the rule's overflow state
@@ -290,7 +305,8 @@ pub trait StateStore {
 
     /// Takes `cost` permits at `slot` if allowed, in one step (what a
     /// decision over a single rule needs): the outcome and where it was
-    /// decided; `None` when another writer got in first. Stores that can
+    /// decided; `None` when another writer got in first, or a refusal
+    /// could not be confirmed ([`StateStore::confirm`]). Stores that can
     /// update in place override it; this default checks the state out,
     /// checks it and saves it. It honours a key's block but never starts
     /// one: a block starts on a final refusal, which only the engine knows
@@ -305,6 +321,9 @@ pub trait StateStore {
         let room = l.room;
         let outcome = l.acquire(slot.rule, now, cost, Mode::Consume);
         if !outcome.allowed {
+            if !self.confirm(slot, &l.version, now)? {
+                return Ok(None);
+            }
             self.refuse(slot, l.state, l.version, &outcome, Nanos::ZERO, now);
             return Ok(Some((outcome, room)));
         }

@@ -102,12 +102,7 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
         let decided = with_slice(claims, |claims| {
             let first = claims.first()?.slot.rule_index;
             let now = *now.get_or_insert_with(|| host.now());
-            // A stream's messages claim the same slots one after another:
-            // each starts from this worker's own last write there, unless
-            // another wrote since (decisions stay exact).
-            store.reuse_own_writes(true);
             let decided = engine::decide_claims(store, claims, now, Span::ZERO);
-            store.reuse_own_writes(false);
             Some((decided, first))
         });
         let Some((decided, first_rule)) = decided else {

@@ -98,6 +98,24 @@ fn two_vms_share_one_budget() -> Result<(), String> {
 }
 
 #[test]
+fn a_connection_closed_on_one_vm_frees_its_permit_for_another() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let json = r#"{"rules":[{"name":"open","match":{"websocket":true},"counts":"in_flight","limit":{"count":2}}]}"#;
+    let mut a = plugin(&host, &shared, json)?;
+    let mut b = plugin(&host, &shared, json)?;
+    host.request("GET", "/ws", &[("upgrade", "websocket")]);
+    assert_eq!(b.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(a.on_request_headers(&host, 2), Step::Continue);
+    assert_eq!(reply(a.on_request_headers(&host, 3))?.status, 429);
+    // The last write `a` made at the key's slot is full; `b` then frees a
+    // permit there: `a` must not refuse from its own write.
+    b.on_done(&host, 1);
+    assert_eq!(a.on_request_headers(&host, 4), Step::Continue);
+    assert_eq!(reply(b.on_request_headers(&host, 5))?.status, 429);
+    Ok(())
+}
+
+#[test]
 fn delay_waits_then_releases_on_tick() -> Result<(), String> {
     let (host, shared) = (FakeHost::default(), InProcessShared::default());
     let mut p = plugin(
