@@ -90,36 +90,54 @@ local function int(x)
 end
 
 -- Each algorithm (made by `<name>_algorithm()`) has load(it) (fills the
--- item's state fields from Redis), acquire(it, now, consume) returning
--- allowed, remaining, reset, retry (and normalising the state),
--- refund(it, now), and save(it, now) (writes the state back with a TTL).
+-- item's state fields from Redis, and `held` from them: see `expire_at`),
+-- acquire(it, now, consume) returning allowed, remaining, reset, retry
+-- (and normalising the state), refund(it, now), and save(it, now) (writes
+-- the state back, with a TTL when it must move).
 
--- States are written even when back to fresh, and live at least this long
--- (ms): core never lets a key's time go backwards (a state remembers the
--- latest time it saw), and keeping the state a second keeps that promise
--- across small clock steps between callers; it also spares re-creating
--- the key on every request at high rates.
+-- States are written even when back to fresh, and live this long (ms)
+-- past the time they are fresh again: core never lets a key's time go
+-- backwards (a state remembers the latest time it saw), and keeping the
+-- state a second keeps that promise across small clock steps; it also
+-- spares re-creating the key on every request at high rates.
 local MIN_TTL_MS = 1000
 
+-- Sets the key's expiry to MIN_TTL_MS past `fresh_at` (ticks), the time
+-- the state being written is fresh again. Every writer, this version or
+-- an older one (whose expiry was the later of `fresh_at` and a second from
+-- its write), leaves a key living at least until its state's `fresh_at`:
+-- so `it.held`, the `fresh_at` of the state as read, bounds the key's
+-- expiry from below, and a write whose state is fresh no later (a fixed
+-- window's count rising within its window, a refused GCRA request) skips
+-- the PEXPIRE, about a tenth of a fixed window's time in the script.
+-- The state layout is unchanged: servers of either version share keys.
 -- A replayed time (tests) is not Redis's clock, which runs expiry: keys
 -- then get no TTL rather than one measured against the wrong clock.
 local function expire_at(it, key, now, fresh_at)
-  if it.replay then
+  if it.replay or (it.held ~= nil and fresh_at <= it.held and now <= it.held) then
     return
   end
   -- PEXPIRE takes milliseconds; round up and add one so a key never
   -- expires while its state could still matter.
-  local ms = math.floor(((fresh_at - now) * it.res + 999) / 1000) + 1
-  redis.call('PEXPIRE', key, int(math.max(ms, MIN_TTL_MS)))
+  local ms = math.floor((math.max(0, fresh_at - now) * it.res + 999) / 1000) + 1
+  redis.call('PEXPIRE', key, int(ms + MIN_TTL_MS))
 end
 
 -- Token and leaky bucket: the level `p` whole permits and `f` ticks×count
 -- at time `at`.
 local function meter_algorithm()
+  -- When the level has drained (or refilled) to fresh.
+  local function meter_fresh(it)
+    return it.at + ceildiv(it.p * it.per + it.f, it.count)
+  end
+
   local function meter_load(it)
     local v = redis.call('HMGET', it.key, 'at', 'p', 'f')
     it.existed = v[1] ~= false
     it.at, it.p, it.f = num(v[1]), num(v[2]), num(v[3])
+    if it.existed then
+      it.held = meter_fresh(it)
+    end
   end
 
   local function meter_level(it, now)
@@ -180,9 +198,8 @@ local function meter_algorithm()
   end
 
   local function meter_save(it, now)
-    local level = it.p * it.per + it.f
     redis.call('HSET', it.key, 'at', int(it.at), 'p', int(it.p), 'f', int(it.f))
-    expire_at(it, it.key, now, it.at + ceildiv(level, it.count))
+    expire_at(it, it.key, now, meter_fresh(it))
   end
   local function meter_adopt(it, from)
     it.at, it.p, it.f = from.at, from.p, from.f
@@ -199,10 +216,19 @@ end
 
 -- Fixed window: `u` permits used in the window starting at `s`.
 local function fixed_algorithm()
+  -- The end of the state's window.
+  local function fixed_fresh(it)
+    local _, ending = fixed_window(it, it.s)
+    return ending
+  end
+
   local function fixed_load(it)
     local v = redis.call('HMGET', it.key, 's', 'u')
     it.existed = v[1] ~= false
     it.s, it.u = num(v[1]), num(v[2])
+    if it.existed then
+      it.held = fixed_fresh(it)
+    end
   end
 
   local function fixed_acquire(it, now, consume)
@@ -249,8 +275,7 @@ local function fixed_algorithm()
 
   local function fixed_save(it, now)
     redis.call('HSET', it.key, 's', int(it.s), 'u', int(it.u))
-    local _, ending = fixed_window(it, it.s)
-    expire_at(it, it.key, now, ending)
+    expire_at(it, it.key, now, fixed_fresh(it))
   end
   local function fixed_adopt(it, from)
     it.s, it.u = from.s, from.u
@@ -268,10 +293,22 @@ end
 -- Sliding window counter: `pv` permits in the window before the one
 -- starting at `s`, `cu` in that one.
 local function counter_algorithm()
+  -- The end of the window after the state's, or of its own when nothing
+  -- is counted in it.
+  local function counter_fresh(it)
+    if it.cu > 0 then
+      return it.s + 2 * it.per
+    end
+    return it.s + it.per
+  end
+
   local function counter_load(it)
     local v = redis.call('HMGET', it.key, 's', 'pv', 'cu')
     it.existed = v[1] ~= false
     it.s, it.pv, it.cu = num(v[1]), num(v[2]), num(v[3])
+    if it.existed then
+      it.held = counter_fresh(it)
+    end
   end
 
   local function counter_roll(it, now)
@@ -349,11 +386,7 @@ local function counter_algorithm()
   local function counter_save(it, now)
     counter_roll(it, now)
     redis.call('HSET', it.key, 's', int(it.s), 'pv', int(it.pv), 'cu', int(it.cu))
-    local fresh_at = it.s + it.per
-    if it.cu > 0 then
-      fresh_at = fresh_at + it.per
-    end
-    expire_at(it, it.key, now, fresh_at)
+    expire_at(it, it.key, now, counter_fresh(it))
   end
   local function counter_adopt(it, from)
     it.s, it.pv, it.cu = from.s, from.pv, from.cu
@@ -375,6 +408,9 @@ local function gcra_algorithm()
     local v = redis.call('HMGET', it.key, 't', 'f')
     it.existed = v[1] ~= false
     it.t, it.f = num(v[1]), math.min(num(v[2]), it.count - 1)
+    if it.existed then
+      it.held = it.t + 1
+    end
   end
 
   -- How far the TAT is ahead of `now`, in 1/count ticks. Beyond the
@@ -428,7 +464,7 @@ local function gcra_algorithm()
 
   local function gcra_save(it, now)
     redis.call('HSET', it.key, 't', int(it.t), 'f', int(it.f))
-    expire_at(it, it.key, now, math.max(it.t, now) + 1)
+    expire_at(it, it.key, now, it.t + 1)
   end
   local function gcra_adopt(it, from)
     it.t, it.f = from.t, math.min(from.f, it.count - 1)
@@ -693,7 +729,8 @@ local function load_items(n, base, key, now_us, replay)
     end
     local kept = pending and pending[it.key]
     if kept ~= nil and kept.alg == alg and alg.adopt ~= nil then
-      it.existed = true
+      -- Redis still holds the state `kept` read, and its expiry.
+      it.existed, it.held = true, kept.held
       alg.adopt(it, kept)
     else
       flush(it.key)

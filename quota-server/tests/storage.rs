@@ -405,8 +405,8 @@ async fn redis_down_fails_fast_and_recovers() {
     assert!(recovered, "no answer within 200 attempts after the restart");
 }
 
-/// With Redis's own clock, state keys expire when they would be fresh
-/// again (at least a second), and a fresh state is not stored at all.
+/// With Redis's own clock, state keys expire a second after they would be
+/// fresh again, and a fresh state is not stored at all.
 #[tokio::test]
 async fn redis_keys_expire_when_fresh() {
     let redis = RedisServer::start();
@@ -434,12 +434,12 @@ async fn redis_keys_expire_when_fresh() {
     let window = limits.limit(0).unwrap();
     backend.check(&[item(window, "a", 1)], None).await.unwrap();
     let ttl = pttl(item(window, "a", 1).key).await;
-    assert!((1..=3_600_001).contains(&ttl), "fixed window ttl {ttl}");
+    assert!((1_001..=3_601_002).contains(&ttl), "fixed window ttl {ttl}");
 
     let gcra = limits.limit(1).unwrap();
     backend.check(&[item(gcra, "a", 1)], None).await.unwrap();
     let ttl = pttl(item(gcra, "a", 1).key).await;
-    assert!((4_000..=5_002).contains(&ttl), "gcra ttl {ttl}");
+    assert!((5_000..=6_002).contains(&ttl), "gcra ttl {ttl}");
 
     let bucket = limits.limit(2).unwrap();
     backend.check(&[item(bucket, "a", 0)], None).await.unwrap();
@@ -451,6 +451,109 @@ async fn redis_keys_expire_when_fresh() {
 }
 
 /// Credentials in the URL are used; a wrong password is an error, not a hang.
+/// Redis's clock, in microseconds since the epoch.
+async fn redis_time_us(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    secs * 1_000_000 + micros
+}
+
+/// Calls of `command` Redis ran since the last `CONFIG RESETSTAT`,
+/// inside scripts included.
+async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// A state as the previous release wrote it (the same hash, its expiry the
+/// later of the window's end and a second from the write) is counted on;
+/// writes within its window leave its expiry alone (no `PEXPIRE`: the key
+/// already outlives the window), and a new key gets one.
+#[tokio::test]
+async fn state_written_by_the_previous_release_is_honoured() {
+    let redis = RedisServer::start();
+    let backend = RedisBackend::new(&redis.url(), Duration::from_secs(2), 1).unwrap();
+    let limits = limits(&[(AlgorithmKind::FixedWindow, 5, "1h", None)]);
+    let window = limits.limit(0).unwrap();
+    let tick_us = window.tick_us.unwrap();
+    let per_us = 3_600_000_000;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let before = redis_time_us(&mut conn).await;
+    let start_us = before - before % per_us;
+    let end_ms = (start_us + per_us) / 1000;
+    let old = item(window, "old", 1).key;
+    let written_ttl = (end_ms - before / 1000).max(1000);
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(&old)
+        .arg("s")
+        .arg(start_us / tick_us)
+        .arg("u")
+        .arg(3)
+        .cmd("PEXPIRE")
+        .arg(&old)
+        .arg(written_ttl)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let out = backend
+            .check(&[item(window, "old", 1)], None)
+            .await
+            .unwrap();
+        remaining.push((out[0].allowed, out[0].remaining));
+    }
+    let ttl: u64 = redis::cmd("PTTL")
+        .arg(&old)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let after = redis_time_us(&mut conn).await;
+    assert_eq!(
+        after - after % per_us,
+        start_us,
+        "ran across the hour: run again"
+    );
+    assert_eq!(
+        remaining,
+        [(true, 1), (true, 0), (false, 0)],
+        "3 of 5 were used"
+    );
+    assert_eq!(command_calls(&mut conn, "pexpire").await, 0);
+    assert!(
+        ttl <= written_ttl && ttl + 1 >= end_ms - after / 1000,
+        "ttl {ttl} ms, written {written_ttl} ms, the window ends in {} ms",
+        end_ms - after / 1000
+    );
+    for _ in 0..3 {
+        backend
+            .check(&[item(window, "new", 1)], None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        command_calls(&mut conn, "pexpire").await,
+        1,
+        "a new key's expiry"
+    );
+}
+
 #[tokio::test]
 async fn redis_password_in_the_url() {
     let redis = RedisServer::start_with_password("s3cret");

@@ -61,9 +61,11 @@
 //!
 //! Options: `--only memory` or `--only redis` runs only that backend's
 //! part (the default runs both); `--against PATH` adds another `sluice`
-//! binary (another build, e.g. with another allocator) to the memory
-//! `h2load` rounds, interleaved with this build's, its figures suffixed
-//! `_against`.
+//! binary (another build, e.g. with another allocator or another decision
+//! script) to the memory `h2load` rounds and to the Redis rounds (its
+//! server on the same Redis, its callers' and `h2load` runs after this
+//! build's in each round), interleaved with this build's, its figures
+//! suffixed `_against`.
 
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
@@ -209,7 +211,8 @@ struct Options {
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Another `sluice` binary measured with this build's in the memory
-    /// `h2load` rounds, interleaved (figures suffixed `_against`).
+    /// `h2load` rounds and the Redis rounds, interleaved (figures suffixed
+    /// `_against`).
     #[arg(long)]
     against: Option<PathBuf>,
 }
@@ -271,48 +274,116 @@ async fn measure_all(dir: &Path, options: &Options) -> Result<(), BenchError> {
 
     let redis_port = free_port()?;
     let _redis = start_redis(redis_port)?;
-    redis_rounds(dir, redis_port).await
+    redis_rounds(dir, redis_port, options.against.as_deref()).await
+}
+
+/// One build's server on Redis and what its runs measured: its callers'
+/// and (with `h2load`) Envoy-like runs, with Redis's time and the CPU per
+/// decision of each.
+struct Served {
+    /// Empty for this build, `_against` for `--against`'s.
+    suffix: &'static str,
+    server: QuotaServer,
+    admin: std::net::SocketAddr,
+    runs: Vec<Measured>,
+    cost: RedisCost,
+    wide: Vec<Measured>,
+    wide_cost: RedisCost,
+}
+
+impl Served {
+    fn start(suffix: &'static str, binary: PathBuf, config: &Path) -> Result<Served, BenchError> {
+        let server = Launcher::new(binary)
+            .log_filter("error")
+            .start_file(config)
+            .map_err(|e| BenchError::Setup(format!("sluice (redis{suffix}): {e}")))?;
+        let admin = server
+            .admin
+            .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
+        Ok(Served {
+            suffix,
+            server,
+            admin,
+            runs: Vec::new(),
+            cost: RedisCost::default(),
+            wide: Vec::new(),
+            wide_cost: RedisCost::default(),
+        })
+    }
+
+    /// One run of the bench's own callers.
+    async fn run(&mut self, raw: &RawRedis) -> Result<(), BenchError> {
+        let pid = self.server.pid();
+        let before = raw.usage(pid).await?;
+        let decided = decisions(self.admin).await?;
+        let m = load_server(self.server.grpc).await?;
+        decided_all(self.admin, decided, m.answered, "the callers").await?;
+        self.cost
+            .add(&before, &raw.usage(pid).await?, m.answered, Client::Bench);
+        self.runs.push(m);
+        Ok(())
+    }
+
+    /// One `h2load` run at Envoy's concurrency.
+    async fn run_wide(
+        &mut self,
+        dir: &Path,
+        raw: &RawRedis,
+        body: &Path,
+    ) -> Result<(), BenchError> {
+        let pid = self.server.pid();
+        let before = raw.usage(pid).await?;
+        let m = h2load_decisions(dir, &self.server, RLS_PATH, body).await?;
+        self.wide_cost
+            .add(&before, &raw.usage(pid).await?, m.answered, Client::Child);
+        self.wide.push(m);
+        Ok(())
+    }
 }
 
 /// The server on Redis against the raw ceiling, interleaved round by round
 /// (the machine's load drifts): prints each one's median round and the
-/// ratio of the server to the higher ceiling.
-async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
+/// ratio of the server to the higher ceiling. With `against`, that build's
+/// server runs in the same rounds on the same Redis (figures suffixed
+/// `_against`).
+async fn redis_rounds(
+    dir: &Path,
+    redis_port: u16,
+    against: Option<&Path>,
+) -> Result<(), BenchError> {
     let url = format!("redis://127.0.0.1:{redis_port}");
     let storage = format!("backend: redis\n  redis: {{url: \"{url}\", timeout: 100ms}}");
     let config = config(dir, &storage)?;
     let limits = Limits::compile(&config, dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     let limit = bench_limit(&limits)?.clone();
-    let server = Launcher::new(sluice_binary()?)
-        .log_filter("error")
-        .start_file(&dir.join("sluice.yaml"))
-        .map_err(|e| BenchError::Setup(format!("sluice (redis): {e}")))?;
+    let config = dir.join("sluice.yaml");
+    let mut builds = vec![Served::start("", sluice_binary()?, &config)?];
+    if let Some(path) = against {
+        builds.push(Served::start("_against", path.to_owned(), &config)?);
+    }
     let raw = Arc::new(RawRedis::connect(&url).await?);
-    let (mut served, mut rust, mut c) = (Vec::new(), Vec::new(), Vec::new());
-    // Redis's own time in the script: the server's calls, and the raw ones.
-    // And each run's CPU per decision: the server's, Redis's, the client's.
-    let (mut served_cost, mut rust_cost, mut raw_cost) = (
-        RedisCost::default(),
-        RedisCost::default(),
-        RedisCost::default(),
-    );
+    let (mut rust, mut c) = (Vec::new(), Vec::new());
+    // Redis's own time in the script: the raw calls. And each run's CPU
+    // per decision: the server's, Redis's, the client's.
+    let (mut rust_cost, mut raw_cost) = (RedisCost::default(), RedisCost::default());
     let wide = match which("h2load") {
         Some(_) => Some(EnvoyLike::new(dir, &limits)?),
         None => None,
     };
-    let (mut wide_served, mut wide_raw) = (Vec::new(), Vec::new());
-    let (mut wide_served_cost, mut wide_raw_cost) = (RedisCost::default(), RedisCost::default());
-    let admin = server
-        .admin
-        .ok_or_else(|| BenchError::Setup("the admin API did not start".into()))?;
-    let pid = server.pid();
-    for _ in 0..REDIS_ROUNDS {
-        let before = raw.usage(pid).await?;
-        let decided = decisions(admin).await?;
-        let m = load_server(server.grpc).await?;
-        decided_all(admin, decided, m.answered, "the callers").await?;
-        served_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Bench);
-        served.push(m);
+    let mut wide_raw = Vec::new();
+    let mut wide_raw_cost = RedisCost::default();
+    // The raw calls are no server's: any build's pid serves `usage`.
+    let pid = builds[0].server.pid();
+    for round in 0..REDIS_ROUNDS {
+        // The builds take turns going first: neither always meets a Redis
+        // just warmed (or just cooled) by the other.
+        let mut order: Vec<usize> = (0..builds.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for &i in &order {
+            builds[i].run(&raw).await?;
+        }
         let before = raw.usage(pid).await?;
         let m = raw.load(&limit).await?;
         rust_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Bench);
@@ -325,10 +396,9 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
             c.push(m);
         }
         if let Some(wide) = &wide {
-            let before = raw.usage(pid).await?;
-            let m = h2load_decisions(dir, &server, RLS_PATH, &wide.body).await?;
-            wide_served_cost.add(&before, &raw.usage(pid).await?, m.answered, Client::Child);
-            wide_served.push(m);
+            for &i in &order {
+                builds[i].run_wide(dir, &raw, &wide.body).await?;
+            }
             let before = raw.usage(pid).await?;
             let streams = H2_CLIENTS * H2_STREAMS;
             if let Some(m) =
@@ -339,9 +409,8 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
             }
         }
     }
-    drop(server);
     println!("Redis: {REDIS_ROUNDS} interleaved rounds, medians:");
-    let served = median(&mut served);
+    let served = median(&mut builds[0].runs);
     served.print("quota_redis");
     let rust = median(&mut rust);
     rust.print("raw_redis_rust_evalsha");
@@ -367,39 +436,68 @@ async fn redis_rounds(dir: &Path, redis_port: u16) -> Result<(), BenchError> {
     raw_script.merge(&raw_cost);
     println!(
         "redis_script_us_per_decision: server {:.1} ({:.1} decisions per call), raw {:.1}",
-        served_cost.per_decision(),
-        served_cost.per_call(),
+        builds[0].cost.per_decision(),
+        builds[0].cost.per_call(),
         raw_script.per_decision()
     );
-    served_cost.print_cpu("quota_redis");
+    builds[0].cost.print_cpu("quota_redis");
     rust_cost.print_cpu("raw_redis_rust_evalsha");
     raw_cost.print_cpu("raw_redis_benchmark_evalsha");
     println!(
         "quota_redis_vs_raw_redis_ratio: {:.2}",
         served.per_sec / ceiling
     );
+    print_against(&mut builds, "", |b| (&mut b.runs, &b.cost));
     if wide.is_none() {
         println!("quota_redis_h2load: skipped (h2load not on PATH; run `make setup`)");
     } else if !wide_raw.is_empty() {
         let streams = H2_CLIENTS * H2_STREAMS;
         println!("Redis at Envoy's concurrency ({streams} in flight, one key), medians:");
-        let (served, raw) = (median(&mut wide_served), median(&mut wide_raw));
+        let (served, raw) = (median(&mut builds[0].wide), median(&mut wide_raw));
         served.print("quota_redis_h2load");
         raw.print(&format!("raw_redis_benchmark_evalsha_{streams}"));
         println!(
             "redis_script_us_per_decision_h2load: server {:.1} ({:.1} decisions per call), raw {:.1}",
-            wide_served_cost.per_decision(),
-            wide_served_cost.per_call(),
+            builds[0].wide_cost.per_decision(),
+            builds[0].wide_cost.per_call(),
             wide_raw_cost.per_decision()
         );
-        wide_served_cost.print_cpu("quota_redis_h2load");
+        builds[0].wide_cost.print_cpu("quota_redis_h2load");
         wide_raw_cost.print_cpu(&format!("raw_redis_benchmark_evalsha_{streams}"));
         println!(
             "quota_redis_h2load_vs_raw_redis_{streams}_ratio: {:.2}",
             served.per_sec / raw.per_sec
         );
+        print_against(&mut builds, "_h2load", |b| (&mut b.wide, &b.wide_cost));
     }
     Ok(())
+}
+
+/// The `--against` build's figures of one kind of run (`kind`: the name's
+/// middle, selected by `runs`), and this build's Redis time per decision
+/// over that one's: below 1, this build's script is cheaper.
+fn print_against(
+    builds: &mut [Served],
+    kind: &str,
+    runs: impl Fn(&mut Served) -> (&mut Vec<Measured>, &RedisCost),
+) {
+    let [this, against] = builds else {
+        return;
+    };
+    let ours = runs(this).1.per_decision();
+    let suffix = against.suffix;
+    let (measured, cost) = runs(against);
+    median(measured).print(&format!("quota_redis{kind}{suffix}"));
+    println!(
+        "redis_script_us_per_decision{kind}{suffix}: server {:.1} ({:.1} decisions per call)",
+        cost.per_decision(),
+        cost.per_call()
+    );
+    cost.print_cpu(&format!("quota_redis{kind}{suffix}"));
+    println!(
+        "redis_script_us_per_decision{kind}_vs{suffix}_ratio: {:.2}",
+        ours / cost.per_decision()
+    );
 }
 
 /// The `h2load` side of the Redis rounds: the request body and the limit
