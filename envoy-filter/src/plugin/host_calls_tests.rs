@@ -536,7 +536,6 @@ fn a_grpc_unary_call_under_a_requests_rule() -> Result<(), String> {
         cost,
         Cost {
             calls: calls(&[
-                ("add_to_gauge", 2),
                 ("now", 1),
                 ("peer_address", 1),
                 ("request_header", 3),
@@ -561,12 +560,12 @@ fn a_grpc_unary_call_under_calls_and_messages_rules() -> Result<(), String> {
     let (step, cost) = cost_of(BENCH_GRPC, &Exchange::GRPC_UNARY)?;
     assert_eq!(step, Step::Continue);
     // The messages rule's slot is not read back: each message starts from
-    // this worker's own last write there.
+    // this worker's own last write there. The open-calls gauges' moves (up
+    // at the headers, down at the end) cancel out before a flush: no call.
     assert_eq!(
         cost,
         Cost {
             calls: calls(&[
-                ("add_to_gauge", 4),
                 ("body", 2),
                 ("now", 3),
                 ("peer_address", 1),
@@ -663,7 +662,6 @@ fn a_grpc_call_whose_rules_count_only_requests_messages_leaves_the_response_body
         cost,
         Cost {
             calls: calls(&[
-                ("add_to_gauge", 2),
                 ("body", 1),
                 ("now", 2),
                 ("peer_address", 1),

@@ -270,7 +270,7 @@ impl<B: SharedBytes> Plugin<B> {
             .iter()
             .chain(&request.stream_keys)
             .map(|(i, _)| *i)
-            .filter(|&i| self.metrics.open(host, i, 1))
+            .filter(|&i| self.metrics.open(i, 1))
             .collect();
         let stream = match (protocol, request.stream_keys.is_empty()) {
             (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::new(watched(
@@ -568,6 +568,13 @@ impl<B: SharedBytes> Plugin<B> {
     /// Forgets a finished request (also one the client abandoned while
     /// delayed), giving back its in-flight permits.
     pub fn on_done(&mut self, host: &impl Host, context_id: u32) {
+        self.forget(host, context_id);
+        // Its gauges' moves wait for a flush, which a tick then makes.
+        self.ask_ticks(host);
+    }
+
+    /// [`Self::on_done`], up to the tick it needs.
+    fn forget(&mut self, host: &impl Host, context_id: u32) {
         let Some(state) = self.requests.remove(&context_id) else {
             // Never admitted nor answered: it may still be delayed or
             // waiting for the quota server (an admitted request is neither).
@@ -584,7 +591,7 @@ impl<B: SharedBytes> Plugin<B> {
             }
         }
         for rule_index in state.gauges {
-            self.metrics.open(host, rule_index, -1);
+            self.metrics.open(rule_index, -1);
         }
     }
 
