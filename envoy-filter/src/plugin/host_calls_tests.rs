@@ -487,6 +487,28 @@ fn an_allowed_request_of_one_per_ip_rule_without_headers() -> Result<(), String>
 }
 
 #[test]
+fn access_lists_and_rules_share_one_clock_read() -> Result<(), String> {
+    let config = r#"{"rules":[{"name":"per-ip","key":["client_ip"],"limit":{"count":1000000,"per":"1s"}}],
+        "access":{"deny":["192.0.2.0/24"]}}"#;
+    let (step, cost) = cost_of(config, &Exchange::HTTP)?;
+    assert_eq!(step, Step::Continue);
+    assert_eq!(
+        cost,
+        Cost {
+            calls: calls(&[
+                ("now", 1),
+                ("peer_address", 1),
+                ("set_response_header", 2),
+                ("shared_get", 1),
+                ("shared_set", 1)
+            ]),
+            allocations: 5,
+        }
+    );
+    Ok(())
+}
+
+#[test]
 fn a_limited_request_of_one_per_ip_rule() -> Result<(), String> {
     let config =
         r#"{"rules":[{"name":"per-ip","key":["client_ip"],"limit":{"count":1,"per":"1h"}}]}"#;

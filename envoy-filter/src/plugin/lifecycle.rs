@@ -109,14 +109,21 @@ impl<B: SharedBytes> Plugin<B> {
             engine::applicable_rules(&self.policy, &request),
             |(i, _)| at_request(*i),
         );
-        if let Some(step) = self.gate(host, context_id, &request, &keys) {
+        // One clock read per callback: the access lists and the rules decide
+        // at the same time. Envoy runs a VM's callbacks one at a time, so
+        // nothing this VM does falls between a read early in a callback and
+        // a later one; the time stands for when the event was handled, and
+        // a read made earlier in the same callback is no older than the
+        // event. A time from an earlier callback would be: never kept.
+        let mut read_at = None;
+        if let Some(step) = self.gate(host, context_id, &request, &keys, &mut read_at) {
             return step;
         }
         if keys.is_empty() && stream_keys.is_empty() {
             return Step::Continue;
         }
         self.refuse_compression(host, request.protocol, &stream_keys);
-        let now = host.now();
+        let now = read_at.unwrap_or_else(|| host.now());
         let request = DelayedRequest {
             context_id,
             wake_at: now,
@@ -680,6 +687,9 @@ impl<B: SharedBytes, H: Host> Response<'_, B, H> {
         let host = self.host;
         // Asked at most once, and only when a trailer rule needs it.
         let mut trailers_only = None;
+        // Read at the first report charged, then kept for the callback
+        // (see `decide_request`).
+        let mut now = None;
         for charge in charges.iter_mut() {
             let Some(from) = policy
                 .rules
@@ -704,7 +714,8 @@ impl<B: SharedBytes, H: Host> Response<'_, B, H> {
             let Some(used) = report.and_then(|v| read_amount(&v, from.max)) else {
                 continue;
             };
-            if let Err(e) = engine::settle(policy, self.store, charge, used, host.now()) {
+            let now = *now.get_or_insert_with(|| host.now());
+            if let Err(e) = engine::settle(policy, self.store, charge, used, now) {
                 self.metrics.error(host);
                 host.warn(&format!("sluice: charging reported usage failed: {e}"));
             }

@@ -20,7 +20,9 @@ pub(super) struct StreamJudge<'a, B, H> {
     pub(super) protocol: Protocol,
     /// The time messages are decided at: read from the host at the first
     /// message that claims permits, then kept for the chunk (a chunk that
-    /// starts no message costs no clock read).
+    /// starts no message costs no clock read). Never kept from one chunk
+    /// to the next: each chunk is its own callback, and an earlier one's
+    /// time is older than the messages a later chunk brings.
     pub(super) now: Option<Nanos>,
 }
 
