@@ -18,14 +18,15 @@ use crate::metrics::{Metrics, Outcome};
 use crate::stream::{Edit, GrpcStream, Watched, WebSocketStream};
 
 /// `items` split into those `first` holds for and the others, in order;
-/// without a copy when they all go one way.
-fn split<T>(items: Vec<T>, first: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
+/// without a copy when they all go one way, else moving only the others.
+fn split<T>(mut items: Vec<T>, first: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
     if items.iter().all(&first) {
         (items, Vec::new())
     } else if !items.iter().any(&first) {
         (Vec::new(), items)
     } else {
-        items.into_iter().partition(first)
+        let others = items.extract_if(.., |item| !first(item)).collect();
+        (items, others)
     }
 }
 

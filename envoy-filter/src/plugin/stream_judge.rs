@@ -106,9 +106,10 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
             let now = *now.get_or_insert_with(|| host.now());
             // A stream's messages claim the same slots one after another:
             // each starts from this worker's own last write there, unless
-            // another wrote since (decisions stay exact).
+            // another wrote since (decisions stay exact). Their permits are
+            // never given back: no list of charges.
             store.reuse_own_writes(true);
-            let decided = engine::decide_claims(store, claims, now, Span::ZERO);
+            let decided = engine::decide_claims_unlisted(store, claims, now, Span::ZERO);
             store.reuse_own_writes(false);
             Some((decided, first))
         });
