@@ -664,6 +664,22 @@ fn ws_message_cost(config: &str) -> Result<Cost, String> {
 }
 
 #[test]
+fn a_websocket_upgrade_reads_one_request_header() -> Result<(), String> {
+    let recorded = Recorded::new();
+    let host = recorded.host();
+    let mut p = recorded.plugin(BENCH_WS)?;
+    recorded
+        .fake
+        .request("GET", "/ws", &[("upgrade", "websocket")]);
+    recorded.calls.borrow_mut().clear();
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    let calls = recorded.calls.take();
+    // `upgrade` says WebSocket whatever the content type: that is not read.
+    assert_eq!(times(&calls, "request_header"), 1, "{calls:?}");
+    Ok(())
+}
+
+#[test]
 fn a_websocket_message_echoed_under_messages_and_bytes_rules() -> Result<(), String> {
     let cost = ws_message_cost(BENCH_WS)?;
     // One compare-and-swap per rule and message, no read: each starts from

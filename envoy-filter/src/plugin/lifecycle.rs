@@ -13,7 +13,7 @@ use super::delay::DelayedRequest;
 use super::stream_judge::StreamJudge;
 use super::{Decided, Plugin, Step, Wake};
 use crate::host::Host;
-use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal};
+use crate::http::{fetch_request, grpc_refusal, refusal};
 use crate::metrics::{Metrics, Outcome};
 use crate::stream::{Edit, GrpcStream, Watched, WebSocketStream};
 
@@ -375,7 +375,10 @@ impl<B: SharedBytes> Plugin<B> {
             Protocol::Http if !self.needs.protocol => {
                 let content_type = host.request_header("content-type");
                 match Protocol::detect(content_type.as_deref(), None) {
-                    Protocol::Grpc => detect_protocol(host),
+                    Protocol::Grpc => Protocol::detect(
+                        content_type.as_deref(),
+                        host.request_header("upgrade").as_deref(),
+                    ),
                     _ => Protocol::Http,
                 }
             }
