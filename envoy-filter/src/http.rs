@@ -74,13 +74,22 @@ pub fn fetch_request(
     } else {
         Protocol::Http
     };
-    let target = header(needs.path || needs.query, ":path").unwrap_or_default();
+    let mut target = header(needs.path || needs.query, ":path").unwrap_or_default();
     let (path, query) = split_target(&target);
+    let path_len = path.len();
+    let query = if needs.query { query } else { "" }.to_owned();
+    // The path begins the target: the host's string, cut, is the path.
+    let path = if needs.path {
+        target.truncate(path_len);
+        target
+    } else {
+        String::new()
+    };
     HttpRequest {
         protocol,
         method: header(needs.method, ":method").unwrap_or_default(),
-        path: if needs.path { path } else { "" }.to_owned(),
-        query: if needs.query { query } else { "" }.to_owned(),
+        path,
+        query,
         headers: needs
             .headers
             .iter()
