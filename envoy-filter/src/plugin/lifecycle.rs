@@ -579,13 +579,6 @@ impl<B: SharedBytes> Plugin<B> {
     /// Forgets a finished request (also one the client abandoned while
     /// delayed), giving back its in-flight permits.
     pub fn on_done(&mut self, host: &impl Host, context_id: u32) {
-        self.forget(host, context_id);
-        // Its gauges' moves wait for a flush, which a tick then makes.
-        self.ask_ticks(host);
-    }
-
-    /// [`Self::on_done`], up to the tick it needs.
-    fn forget(&mut self, host: &impl Host, context_id: u32) {
         let Some(state) = self.requests.remove(&context_id) else {
             // Never admitted nor answered: it may still be delayed or
             // waiting for the quota server (an admitted request is neither).
@@ -601,8 +594,12 @@ impl<B: SharedBytes> Plugin<B> {
                 host.warn(&format!("sluice: releasing in-flight permits failed: {e}"));
             }
         }
-        for rule_index in state.gauges {
-            self.metrics.open(rule_index, -1);
+        if !state.gauges.is_empty() {
+            for rule_index in state.gauges {
+                self.metrics.open(rule_index, -1);
+            }
+            // Their moves wait for a flush, which a tick then makes.
+            self.ask_ticks(host);
         }
     }
 
