@@ -320,15 +320,45 @@ pub fn decide_claims<S: StateStore>(
     now: Nanos,
     waited: Span,
 ) -> Result<Verdict, StoreError> {
+    decide_claims_listing(store, claims, now, waited, Charges::Listed)
+}
+
+/// [`decide_claims`] for a host that never gives the permits back (stream
+/// messages): the verdict's `charges` stay empty, which spares a copy of
+/// each key.
+pub fn decide_claims_unlisted<S: StateStore>(
+    store: &mut S,
+    claims: &[Claim<'_>],
+    now: Nanos,
+    waited: Span,
+) -> Result<Verdict, StoreError> {
+    decide_claims_listing(store, claims, now, waited, Charges::Unlisted)
+}
+
+/// Whether a verdict lists the permits it took.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Charges {
+    Listed,
+    Unlisted,
+}
+
+/// [`decide_claims`], listing the charges or not.
+fn decide_claims_listing<S: StateStore>(
+    store: &mut S,
+    claims: &[Claim<'_>],
+    now: Nanos,
+    waited: Span,
+    charges: Charges,
+) -> Result<Verdict, StoreError> {
     for _ in 0..MAX_ATTEMPTS {
         let verdict = match claims {
             [] => return Ok(Verdict::unlimited()),
             // A block starts on a final refusal only, which `check` cannot
             // know: such rules take the general path.
             [claim] if claim.slot.rule.block_duration.is_none() => {
-                attempt_one(store, claim, now, waited)?
+                attempt_one(store, claim, now, waited, charges)?
             }
-            _ => attempt(store, claims, now, waited)?,
+            _ => attempt(store, claims, now, waited, charges)?,
         };
         if let Some(verdict) = verdict {
             return Ok(verdict);
@@ -345,6 +375,7 @@ fn attempt_one<S: StateStore>(
     claim: &Claim<'_>,
     now: Nanos,
     waited: Span,
+    listed: Charges,
 ) -> Result<Option<Verdict>, StoreError> {
     let Some((outcome, room)) = store.check(claim.slot, claim.cost, now)? else {
         return Ok(None);
@@ -357,7 +388,7 @@ fn attempt_one<S: StateStore>(
             blocked_kind(claims, &outcomes, waited, &blocking),
             Vec::new(),
         )
-    } else if outcome.allowed {
+    } else if outcome.allowed && listed == Charges::Listed {
         let charge = Charge {
             rule_index: claim.slot.rule_index,
             key: claim.slot.key.into(),
@@ -381,6 +412,7 @@ fn attempt<S: StateStore>(
     claims: &[Claim<'_>],
     now: Nanos,
     waited: Span,
+    listed: Charges,
 ) -> Result<Option<Verdict>, StoreError> {
     let mut loaded: Vec<Loaded<S::Version>> = Vec::with_capacity(claims.len());
     for claim in claims {
@@ -392,7 +424,7 @@ fn attempt<S: StateStore>(
             }
         }
     }
-    let outcomes: Vec<Outcome> = claims
+    let mut outcomes: Vec<Outcome> = claims
         .iter()
         .zip(loaded.iter_mut())
         .map(|(c, l)| l.acquire(c.slot.rule, now, c.cost, Mode::Peek))
@@ -441,25 +473,25 @@ fn attempt<S: StateStore>(
     }
 
     let mut taken: Vec<(Claim<'_>, Room)> = Vec::with_capacity(claims.len());
-    let mut final_outcomes = outcomes.clone();
-    let mut pending = claims.iter().zip(loaded).enumerate();
-    while let Some((i, (claim, mut l))) = pending.next() {
-        if !outcomes[i].allowed {
+    // Each peeked outcome gives way to the final one in place: nothing
+    // reads another claim's.
+    let mut pending = claims.iter().zip(loaded).zip(outcomes.iter_mut());
+    while let Some(((claim, mut l), outcome)) = pending.next() {
+        if !outcome.allowed {
             // A shadow or degrade rule that limits: it takes nothing (and
             // starts its block, if it has one).
-            let block = block_from(claim, &l, &outcomes[i], false, now);
-            final_outcomes[i] = with_block(outcomes[i], block, now);
-            let outcome = &final_outcomes[i];
+            let block = block_from(claim, &l, outcome, false, now);
+            *outcome = with_block(*outcome, block, now);
             store.refuse(claim.slot, l.state, l.version, outcome, block, now);
             continue;
         }
-        final_outcomes[i] = l.acquire(claim.slot.rule, now, claim.cost, Mode::Consume);
+        *outcome = l.acquire(claim.slot.rule, now, claim.cost, Mode::Consume);
         let room = l.room;
         let saved = store.save(claim.slot, l.state, l.version, now);
         match saved {
             Ok(Saved::Stored) => taken.push((*claim, room)),
             Ok(Saved::Conflict) | Err(_) => {
-                for (_, (claim, rest)) in pending {
+                for ((claim, rest), _) in pending {
                     store.release(claim.slot, rest.state, rest.version, now);
                 }
                 for (claim, room) in &taken {
@@ -469,18 +501,21 @@ fn attempt<S: StateStore>(
             }
         }
     }
-    let charges = taken
-        .iter()
-        .map(|(c, room)| Charge {
-            rule_index: c.slot.rule_index,
-            key: c.slot.key.into(),
-            cost: c.cost,
-            room: *room,
-        })
-        .collect();
+    let charges = match listed {
+        Charges::Listed => taken
+            .iter()
+            .map(|(c, room)| Charge {
+                rule_index: c.slot.rule_index,
+                key: c.slot.key.into(),
+                cost: c.cost,
+                room: *room,
+            })
+            .collect(),
+        Charges::Unlisted => Vec::new(),
+    };
     Ok(Some(Verdict {
         kind: VerdictKind::Allowed,
-        decisions: rule_decisions(claims, &final_outcomes),
+        decisions: rule_decisions(claims, &outcomes),
         charges,
     }))
 }
@@ -901,6 +936,32 @@ mod tests {
         assert!(decide(&p, &mut store, &req("2.2.2.2"), now, Span::ZERO)
             .unwrap()
             .is_allowed());
+    }
+
+    #[test]
+    fn unlisted_decisions_take_the_same_permits_and_list_no_charges() {
+        // One rule (the single-claim path), then two (the general path).
+        for rules in [
+            r#"[{"name":"a","limit":{"count":2,"per":"1m"}}]"#,
+            r#"[{"name":"a","limit":{"count":2,"per":"1m"}},
+                {"name":"b","key":["client_ip"],"limit":{"count":5,"per":"1m"}}]"#,
+        ] {
+            let p = policy(&alloc::format!(r#"{{"rules":{rules}}}"#));
+            let keys = applicable_rules(&p, &req("1.1.1.1"));
+            let claims = claims(&p, keys.iter().map(|(i, k)| (*i, k.as_str(), None)));
+            let (mut listed, mut unlisted) = (MemoryStore::new(10), MemoryStore::new(10));
+            let now = Nanos(SEC);
+            for _ in 0..3 {
+                let l = decide_claims(&mut listed, &claims, now, Span::ZERO).unwrap();
+                let u = decide_claims_unlisted(&mut unlisted, &claims, now, Span::ZERO).unwrap();
+                assert_eq!((&u.kind, &u.decisions), (&l.kind, &l.decisions));
+                assert!(u.charges.is_empty(), "{u:?}");
+                assert_eq!(
+                    l.charges.len(),
+                    if l.is_allowed() { claims.len() } else { 0 }
+                );
+            }
+        }
     }
 
     #[test]

@@ -74,13 +74,22 @@ pub fn fetch_request(
     } else {
         Protocol::Http
     };
-    let target = header(needs.path || needs.query, ":path").unwrap_or_default();
+    let mut target = header(needs.path || needs.query, ":path").unwrap_or_default();
     let (path, query) = split_target(&target);
+    let path_len = path.len();
+    let query = if needs.query { query } else { "" }.to_owned();
+    // The path begins the target: the host's string, cut, is the path.
+    let path = if needs.path {
+        target.truncate(path_len);
+        target
+    } else {
+        String::new()
+    };
     HttpRequest {
         protocol,
         method: header(needs.method, ":method").unwrap_or_default(),
-        path: if needs.path { path } else { "" }.to_owned(),
-        query: if needs.query { query } else { "" }.to_owned(),
+        path,
+        query,
         headers: needs
             .headers
             .iter()
@@ -90,12 +99,16 @@ pub fn fetch_request(
     }
 }
 
-/// The request's protocol, from its headers.
+/// The request's protocol, from its headers. An upgrade to WebSocket wins
+/// over any content type, so `upgrade` is read first: a WebSocket upgrade
+/// costs one header read. A gRPC call still needs both: a client could
+/// send a gRPC content type with its upgrade.
 pub fn detect_protocol(host: &impl Host) -> Protocol {
-    Protocol::detect(
-        host.request_header("content-type").as_deref(),
-        host.request_header("upgrade").as_deref(),
-    )
+    let upgrade = host.request_header("upgrade");
+    match Protocol::detect(None, upgrade.as_deref()) {
+        Protocol::WebSocket => Protocol::WebSocket,
+        _ => Protocol::detect(host.request_header("content-type").as_deref(), None),
+    }
 }
 
 /// A response the filter sends itself.
@@ -222,6 +235,22 @@ mod tests {
         let host = FakeHost::default();
         host.request("GET", target, &[]);
         Ok(fetch_request(&host, &policy, &Needs::of(&policy), false))
+    }
+
+    #[test]
+    fn an_upgrade_to_websocket_wins_over_a_grpc_content_type() {
+        let host = FakeHost::default();
+        let grpc = ("content-type", "application/grpc");
+        let upgrade = ("upgrade", "WebSocket");
+        for (headers, expected) in [
+            (&[grpc, upgrade][..], Protocol::WebSocket),
+            (&[upgrade][..], Protocol::WebSocket),
+            (&[grpc][..], Protocol::Grpc),
+            (&[][..], Protocol::Http),
+        ] {
+            host.request("POST", "/a.B/C", headers);
+            assert_eq!(detect_protocol(&host), expected, "{headers:?}");
+        }
     }
 
     #[test]

@@ -15,9 +15,14 @@
 //! call per counter per flush. A flush happens when a counter has
 //! [`FLUSH_AT_COUNT`] increments waiting, when a request finds the last
 //! flush [`FLUSH_EVERY`] old, and on the root context's tick (which runs
-//! while increments wait, so stats settle when traffic stops). The error
-//! and key counters and the gauges are rare or must move at once: they
-//! reach Envoy at once.
+//! while increments wait, so stats settle when traffic stops). The gauges
+//! of open calls and connections move twice per stream (up when it opens,
+//! down when it ends): their deltas gather the same way and reach Envoy
+//! summed at the same flushes, so a short call opened and ended between
+//! two flushes costs no host call. They are for watching, not deciding
+//! (in-flight limits keep their own counts), so a lag of up to a flush
+//! interval is harmless. The error and key counters are rare: they reach
+//! Envoy at once.
 
 use std::cell::Cell;
 
@@ -53,6 +58,24 @@ impl Counter {
         let pending = self.pending.replace(0);
         if pending > 0 {
             host.increment(self.id, pending);
+        }
+    }
+}
+
+/// A gauge defined with the host and the net delta not yet sent to it.
+#[derive(Debug)]
+struct Gauge {
+    id: MetricId,
+    pending: Cell<i64>,
+}
+
+impl Gauge {
+    /// Sends the waiting delta to the host, if the moves since the last
+    /// flush did not cancel out.
+    fn flush(&self, host: &impl Host) {
+        let pending = self.pending.replace(0);
+        if pending != 0 {
+            host.add_to_gauge(self.id, pending);
         }
     }
 }
@@ -187,7 +210,7 @@ struct RuleMetrics {
     /// Per protocol, per outcome.
     outcomes: [[Option<Counter>; Outcome::ALL.len()]; 3],
     /// Open gRPC calls or WebSocket connections the rule applies to.
-    open: Option<MetricId>,
+    open: Option<Gauge>,
     /// Per sync outcome (synced rules only).
     sync: [Option<Counter>; 4],
 }
@@ -240,7 +263,7 @@ impl Metrics {
                         )))
                     });
                 }
-                m.open = match (&rule.matcher.grpc, rule.matcher.websocket) {
+                let gauge = match (&rule.matcher.grpc, rule.matcher.websocket) {
                     (Some(_), _) => {
                         host.define_gauge(&format!("sluice_grpc.rule.{}.in_flight", rule.name))
                     }
@@ -248,6 +271,10 @@ impl Metrics {
                         .define_gauge(&format!("sluice_websocket.rule.{}.connections", rule.name)),
                     (None, false) => None,
                 };
+                m.open = gauge.map(|id| Gauge {
+                    id,
+                    pending: Cell::new(0),
+                });
                 m
             })
             .collect();
@@ -295,16 +322,20 @@ impl Metrics {
             .flatten()
     }
 
-    /// Whether increments wait for a flush (the root context then ticks).
+    /// Whether increments (or gauge deltas) wait for a flush (the root
+    /// context then ticks).
     pub fn has_pending(&self) -> bool {
         self.pending.get()
     }
 
-    /// Sends every waiting increment to the host.
+    /// Sends every waiting increment and gauge delta to the host.
     pub fn flush(&self, host: &impl Host) {
         if self.pending.replace(false) {
             for counter in self.counters() {
                 counter.flush(host);
+            }
+            for gauge in self.per_rule.iter().filter_map(|m| m.open.as_ref()) {
+                gauge.flush(host);
             }
         }
     }
@@ -350,11 +381,13 @@ impl Metrics {
         }
     }
 
-    /// Moves the open-streams gauge of the rule at `rule_index`; true if it has one.
-    pub fn open(&self, host: &impl Host, rule_index: usize, delta: i64) -> bool {
-        match self.per_rule.get(rule_index).and_then(|m| m.open) {
-            Some(id) if delta != 0 => {
-                host.add_to_gauge(id, delta);
+    /// Moves the open-streams gauge of the rule at `rule_index` by `delta`
+    /// at the next flush; true if it has one.
+    pub fn open(&self, rule_index: usize, delta: i64) -> bool {
+        match self.per_rule.get(rule_index).and_then(|m| m.open.as_ref()) {
+            Some(gauge) if delta != 0 => {
+                gauge.pending.set(gauge.pending.get().saturating_add(delta));
+                self.pending.set(true);
                 true
             }
             _ => false,
@@ -427,6 +460,34 @@ mod tests {
         assert_eq!(host.counter(NAME), 0);
         allowed(&metrics, &host, 1);
         assert_eq!(host.counter(NAME), FLUSH_AT_COUNT as i64);
+        Ok(())
+    }
+
+    #[test]
+    fn gauge_moves_wait_for_a_flush_and_cancelled_ones_cost_no_call() -> Result<(), String> {
+        let host = FakeHost::default();
+        let policy = Policy::from_json(
+            r#"{"rules":[{"name":"g","match":{"grpc":{}},"limit":{"count":1,"per":"1s"}}]}"#,
+        )
+        .map_err(|e| e.to_string())?;
+        let metrics = Metrics::define(&host, &policy);
+        let gauge = "sluice_grpc.rule.g.in_flight";
+        assert!(metrics.open(0, 1));
+        assert!(metrics.open(0, 1));
+        assert_eq!(host.counter(gauge), 0, "nothing sent before a flush");
+        assert!(metrics.has_pending());
+        metrics.flush(&host);
+        assert_eq!(host.counter(gauge), 2);
+        // A call that opens and ends between two flushes nets to nothing:
+        // the fake host refuses a delta of 0, as Envoy does.
+        assert!(metrics.open(0, 1));
+        assert!(metrics.open(0, -1));
+        metrics.flush(&host);
+        assert_eq!(host.counter(gauge), 2);
+        assert!(metrics.open(0, -1));
+        metrics.flush(&host);
+        assert_eq!(host.counter(gauge), 1);
+        assert!(!metrics.open(1, 1), "no such rule");
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::envoy::Envoy;
+use crate::envoy::{prometheus_value, Envoy};
 use crate::wait;
 
 /// Which family of stats.
@@ -61,7 +61,8 @@ pub async fn gauge(envoy: &Envoy, protocol: Protocol, rule: &str) -> Result<Opti
 }
 
 /// Waits (up to 10 s) until `rule`'s gauge reads `expected`: releases happen
-/// when Envoy finishes a stream, shortly after the client sees its end.
+/// when Envoy finishes a stream, shortly after the client sees its end, and
+/// the filter's gauge moves reach Envoy in batches, within about a second.
 pub async fn wait_gauge(
     envoy: &Envoy,
     protocol: Protocol,
@@ -77,6 +78,29 @@ pub async fn wait_gauge(
         match gauge(envoy, protocol, rule).await {
             Ok(Some(v)) if v == expected => Ok(()),
             Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    })
+    .await
+}
+
+/// Waits (up to 10 s) until `rule`'s gauge reads `expected` in
+/// `/stats/prometheus`, by its Prometheus name and `rule` label
+/// (`sluice_grpc_in_flight{rule="..."}`), as [`wait_gauge`] waits in `/stats`.
+pub async fn wait_prometheus_gauge(
+    envoy: &Envoy,
+    protocol: Protocol,
+    rule: &str,
+    expected: u64,
+) -> Result<()> {
+    let name = format!("{}_{}", protocol.prefix(), protocol.gauge());
+    let what = format!("{name}{{rule=\"{rule}\"}} == {expected} in /stats/prometheus");
+    wait::until(&what, Duration::from_secs(10), || async {
+        match envoy.prometheus().await {
+            Ok(text) => match prometheus_value(&text, &name, &[("rule", rule)]) {
+                Some(v) if v == expected as f64 => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
             Err(e) => Err(format!("{e:#}")),
         }
     })

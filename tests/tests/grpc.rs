@@ -435,16 +435,9 @@ async fn in_flight_calls_are_released_when_streams_end() {
         2,
         "limited calls"
     );
-    let text = s.envoy.prometheus().await.expect("/stats/prometheus");
-    assert_eq!(
-        prometheus_value(
-            &text,
-            "sluice_grpc_in_flight",
-            &[("rule", "subscribe-open")]
-        ),
-        Some(0.0),
-        "sluice_grpc_in_flight{{rule=\"subscribe-open\"}} in /stats/prometheus"
-    );
+    stream_stats::wait_prometheus_gauge(&s.envoy, Protocol::Grpc, "subscribe-open", 0)
+        .await
+        .unwrap();
 }
 
 /// A `messages` rule on client streaming: the 4th message, before any

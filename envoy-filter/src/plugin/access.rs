@@ -12,6 +12,7 @@
 use sluice_core::access::{judge, Access};
 use sluice_core::policy::HttpRequest;
 use sluice_core::store::SharedBytes;
+use sluice_core::time::Nanos;
 use sluice_proto::quota::v1::Controls;
 
 use super::{Plugin, Step};
@@ -52,12 +53,15 @@ impl<B: SharedBytes> Plugin<B> {
 
     /// What the access lists make of a request whose request-time rules
     /// have `keys`: a step when they decide it, `None` when its rules do.
+    /// The clock is read into `now` (if not yet) only when lists exist, so
+    /// the rules' decision in the same callback reuses it.
     pub(super) fn gate(
         &mut self,
         host: &impl Host,
         context_id: u32,
         request: &HttpRequest,
         keys: &[(usize, String)],
+        now: &mut Option<Nanos>,
     ) -> Option<Step> {
         if self.policy.access.is_empty() && self.controls.is_empty() {
             return None;
@@ -67,7 +71,8 @@ impl<B: SharedBytes> Plugin<B> {
             .filter(|(i, _)| self.policy.sync_of(*i).is_some())
             .map(|(_, key)| key.as_str());
         let lists = [&self.policy.access, self.controls.lists()];
-        match judge(lists, request.client_ip, synced, host.now()) {
+        let now = *now.get_or_insert_with(|| host.now());
+        match judge(lists, request.client_ip, synced, now) {
             Access::Neutral => None,
             Access::Allowed => {
                 self.metrics.access(host, AccessOutcome::Allowed);

@@ -13,19 +13,20 @@ use super::delay::DelayedRequest;
 use super::stream_judge::StreamJudge;
 use super::{Decided, Plugin, Step, Wake};
 use crate::host::Host;
-use crate::http::{detect_protocol, fetch_request, grpc_refusal, refusal};
+use crate::http::{fetch_request, grpc_refusal, refusal};
 use crate::metrics::{Metrics, Outcome};
 use crate::stream::{Edit, GrpcStream, Watched, WebSocketStream};
 
 /// `items` split into those `first` holds for and the others, in order;
-/// without a copy when they all go one way.
-fn split<T>(items: Vec<T>, first: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
+/// without a copy when they all go one way, else moving only the others.
+fn split<T>(mut items: Vec<T>, first: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
     if items.iter().all(&first) {
         (items, Vec::new())
     } else if !items.iter().any(&first) {
         (Vec::new(), items)
     } else {
-        items.into_iter().partition(first)
+        let others = items.extract_if(.., |item| !first(item)).collect();
+        (items, others)
     }
 }
 
@@ -109,14 +110,21 @@ impl<B: SharedBytes> Plugin<B> {
             engine::applicable_rules(&self.policy, &request),
             |(i, _)| at_request(*i),
         );
-        if let Some(step) = self.gate(host, context_id, &request, &keys) {
+        // One clock read per callback: the access lists and the rules decide
+        // at the same time. Envoy runs a VM's callbacks one at a time, so
+        // nothing this VM does falls between a read early in a callback and
+        // a later one; the time stands for when the event was handled, and
+        // a read made earlier in the same callback is no older than the
+        // event. A time from an earlier callback would be: never kept.
+        let mut read_at = None;
+        if let Some(step) = self.gate(host, context_id, &request, &keys, &mut read_at) {
             return step;
         }
         if keys.is_empty() && stream_keys.is_empty() {
             return Step::Continue;
         }
         self.refuse_compression(host, request.protocol, &stream_keys);
-        let now = host.now();
+        let now = read_at.unwrap_or_else(|| host.now());
         let request = DelayedRequest {
             context_id,
             wake_at: now,
@@ -270,7 +278,7 @@ impl<B: SharedBytes> Plugin<B> {
             .iter()
             .chain(&request.stream_keys)
             .map(|(i, _)| *i)
-            .filter(|&i| self.metrics.open(host, i, 1))
+            .filter(|&i| self.metrics.open(i, 1))
             .collect();
         let stream = match (protocol, request.stream_keys.is_empty()) {
             (Protocol::Grpc, false) => Some(Stream::Grpc(GrpcStream::new(watched(
@@ -367,7 +375,10 @@ impl<B: SharedBytes> Plugin<B> {
             Protocol::Http if !self.needs.protocol => {
                 let content_type = host.request_header("content-type");
                 match Protocol::detect(content_type.as_deref(), None) {
-                    Protocol::Grpc => detect_protocol(host),
+                    Protocol::Grpc => Protocol::detect(
+                        content_type.as_deref(),
+                        host.request_header("upgrade").as_deref(),
+                    ),
                     _ => Protocol::Http,
                 }
             }
@@ -583,8 +594,12 @@ impl<B: SharedBytes> Plugin<B> {
                 host.warn(&format!("sluice: releasing in-flight permits failed: {e}"));
             }
         }
-        for rule_index in state.gauges {
-            self.metrics.open(host, rule_index, -1);
+        if !state.gauges.is_empty() {
+            for rule_index in state.gauges {
+                self.metrics.open(rule_index, -1);
+            }
+            // Their moves wait for a flush, which a tick then makes.
+            self.ask_ticks(host);
         }
     }
 
@@ -673,6 +688,9 @@ impl<B: SharedBytes, H: Host> Response<'_, B, H> {
         let host = self.host;
         // Asked at most once, and only when a trailer rule needs it.
         let mut trailers_only = None;
+        // Read at the first report charged, then kept for the callback
+        // (see `decide_request`).
+        let mut now = None;
         for charge in charges.iter_mut() {
             let Some(from) = policy
                 .rules
@@ -697,7 +715,8 @@ impl<B: SharedBytes, H: Host> Response<'_, B, H> {
             let Some(used) = report.and_then(|v| read_amount(&v, from.max)) else {
                 continue;
             };
-            if let Err(e) = engine::settle(policy, self.store, charge, used, host.now()) {
+            let now = *now.get_or_insert_with(|| host.now());
+            if let Err(e) = engine::settle(policy, self.store, charge, used, now) {
                 self.metrics.error(host);
                 host.warn(&format!("sluice: charging reported usage failed: {e}"));
             }

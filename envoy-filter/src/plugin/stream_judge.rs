@@ -20,7 +20,9 @@ pub(super) struct StreamJudge<'a, B, H> {
     pub(super) protocol: Protocol,
     /// The time messages are decided at: read from the host at the first
     /// message that claims permits, then kept for the chunk (a chunk that
-    /// starts no message costs no clock read).
+    /// starts no message costs no clock read). Never kept from one chunk
+    /// to the next: each chunk is its own callback, and an earlier one's
+    /// time is older than the messages a later chunk brings.
     pub(super) now: Option<Nanos>,
 }
 
@@ -102,7 +104,8 @@ impl<B: SharedBytes, H: Host> StreamJudge<'_, B, H> {
         let decided = with_slice(claims, |claims| {
             let first = claims.first()?.slot.rule_index;
             let now = *now.get_or_insert_with(|| host.now());
-            let decided = engine::decide_claims(store, claims, now, Span::ZERO);
+            // Message permits are never given back: no list of charges.
+            let decided = engine::decide_claims_unlisted(store, claims, now, Span::ZERO);
             Some((decided, first))
         });
         let Some((decided, first_rule)) = decided else {

@@ -306,10 +306,23 @@ fn in_flight_permits_last_until_the_stream_ends() -> Result<(), String> {
     assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
     let refused = reply(p.on_request_headers(&host, 3))?;
     assert_eq!(refused.status, 429);
-    assert_eq!(host.counter("sluice_websocket.rule.open.connections"), 2);
+    let gauge = "sluice_websocket.rule.open.connections";
+    // The first request found no flush yet and flushed its own move; the
+    // second's waits.
+    assert_eq!(host.counter(gauge), 1, "gauge moves wait for a flush");
+    // The tick flushes them, then stops: nothing else waits.
+    p.on_tick(&host);
+    assert_eq!(host.counter(gauge), 2);
+    assert_eq!(host.tick_millis.get(), 0);
     p.on_done(&host, 3);
     p.on_done(&host, 1);
-    assert_eq!(host.counter("sluice_websocket.rule.open.connections"), 1);
+    assert_eq!(
+        host.tick_millis.get(),
+        crate::metrics::FLUSH_TICK_MILLIS,
+        "an end asks for the tick that flushes its move"
+    );
+    p.on_tick(&host);
+    assert_eq!(host.counter(gauge), 1);
     assert_eq!(p.on_request_headers(&host, 4), Step::Continue);
     // Plain HTTP requests are not WebSocket connections.
     host.request("GET", "/ws", &[]);
