@@ -340,8 +340,9 @@ impl Metrics {
         }
     }
 
-    /// Flushes if the last flush by a request is [`FLUSH_EVERY`] older
-    /// than `now` (the clock reading the request already made).
+    /// Flushes if the last flush by a request or a fast tick is
+    /// [`FLUSH_EVERY`] older than `now` (a clock reading the caller
+    /// already made).
     pub fn flush_if_due(&self, host: &impl Host, now: Nanos) {
         if self.pending.get() && now.since(self.flushed_at.get()) >= FLUSH_EVERY {
             self.flushed_at.set(now);

@@ -96,7 +96,14 @@ impl<B: SharedBytes> Plugin<B> {
                 .into_iter()
                 .map(|id| (id, Wake::Reset)),
         );
-        self.metrics.flush(host);
+        // A tick that runs only for the stats flushes; faster ones (waiting
+        // requests, cut calls, synced rules) flush no more often than
+        // requests do, or the batching would be undone.
+        if self.tick_millis() == FLUSH_TICK_MILLIS {
+            self.metrics.flush(host);
+        } else {
+            self.metrics.flush_if_due(host, now);
+        }
         self.ask_ticks(host);
         wakes
     }

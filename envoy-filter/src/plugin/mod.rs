@@ -180,8 +180,9 @@ impl<B: SharedBytes> Plugin<B> {
         // Controls another VM already has apply at once, and ticks keep
         // polling for new ones.
         plugin.poll_controls(host);
-        host.set_tick_millis(plugin.tick_millis());
-        plugin.tick_asked.set(plugin.tick_millis());
+        let millis = plugin.tick_millis();
+        host.set_tick_millis(millis);
+        plugin.tick_asked.set(millis);
         Ok(plugin)
     }
 

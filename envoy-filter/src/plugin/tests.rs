@@ -139,6 +139,46 @@ fn delay_waits_then_releases_on_tick() -> Result<(), String> {
 }
 
 #[test]
+fn fast_ticks_flush_stats_no_more_often_than_requests() -> Result<(), String> {
+    let (host, shared) = (FakeHost::default(), InProcessShared::default());
+    let mut p = plugin(
+        &host,
+        &shared,
+        r#"{"rules":[
+            {"name":"slow","match":{"path":{"prefix":"/slow"}},"limit":{"count":1,"per":"1s"},
+             "action":"delay","max_delay":"2s"},
+            {"name":"api","match":{"path":{"prefix":"/api"}},"limit":{"count":100,"per":"1s"}}]}"#,
+    )?;
+    let allowed = || host.counter("sluice_http.rule.api.outcome.allowed");
+    host.request("GET", "/api", &[]);
+    assert_eq!(p.on_request_headers(&host, 1), Step::Continue);
+    assert_eq!(allowed(), 1, "the first request flushes");
+    host.request("GET", "/slow", &[]);
+    assert_eq!(p.on_request_headers(&host, 2), Step::Continue);
+    assert_eq!(p.on_request_headers(&host, 3), Step::Pause);
+    host.request("GET", "/api", &[]);
+    assert_eq!(p.on_request_headers(&host, 4), Step::Continue);
+    // Ticks every 10 ms while request 3 waits: they leave request 4's
+    // count waiting until a second after the last flush.
+    assert_eq!(host.tick_millis.get(), DELAY_TICK_MILLIS);
+    host.now.set(host.now.get() + SEC / 100);
+    assert!(p.on_tick(&host).is_empty());
+    assert_eq!(
+        allowed(),
+        1,
+        "a fast tick within a second of the last flush"
+    );
+    host.now.set(host.now.get() + SEC);
+    assert_eq!(p.on_tick(&host), vec![(3, Wake::Resume)]);
+    assert_eq!(
+        allowed(),
+        2,
+        "a second after the last flush, a tick flushes"
+    );
+    Ok(())
+}
+
+#[test]
 fn delay_counts_the_requests_already_waiting() -> Result<(), String> {
     let (host, shared) = (FakeHost::default(), InProcessShared::default());
     let mut p = plugin(
