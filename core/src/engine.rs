@@ -323,9 +323,9 @@ pub fn decide_claims<S: StateStore>(
     decide_claims_listing(store, claims, now, waited, Charges::Listed)
 }
 
-/// [`decide_claims`] for a host that never gives the permits back (stream
-/// messages): the verdict's `charges` stay empty, which spares a copy of
-/// each key.
+/// [`decide_claims`] for a host that gives no permits back from the
+/// verdict (stream messages never; the quota server from its own claims):
+/// the verdict's `charges` stay empty, which spares a copy of each key.
 pub fn decide_claims_unlisted<S: StateStore>(
     store: &mut S,
     claims: &[Claim<'_>],

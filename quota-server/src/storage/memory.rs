@@ -12,7 +12,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard};
 
 use sluice_core::algorithm::{Outcome, State};
-use sluice_core::engine::{decide_claims, refund_claims, Claim};
+use sluice_core::engine::{decide_claims_unlisted, refund_claims, Claim};
 use sluice_core::policy::{Action, Rule};
 use sluice_core::store::{Loaded, MemoryStore, Room, Saved, Slot, StateStore, StoreError};
 use sluice_core::time::{Nanos, Span};
@@ -109,8 +109,8 @@ impl MemoryBackend {
         let verdict = with_claims(items, now, |claims| {
             self.with_shards(
                 claims,
-                |store| decide_claims(store, claims, now, Span::ZERO),
-                |locked| decide_claims(locked, claims, now, Span::ZERO),
+                |store| decide_claims_unlisted(store, claims, now, Span::ZERO),
+                |locked| decide_claims_unlisted(locked, claims, now, Span::ZERO),
             )
         })?;
         // The engine reports one decision per claim, in claim order.
