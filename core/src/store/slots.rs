@@ -195,17 +195,15 @@ impl<B: SharedBytes> SlotStore<B> {
             name: String::new(),
             value: Vec::new(),
             stats: SlotStats::default(),
-            own_writes: OwnWrites {
-                enabled: true,
-                ..OwnWrites::default()
-            },
+            own_writes: OwnWrites::new(),
         }
     }
 
     /// Whether loads may start from this store's own last write at a name
-    /// instead of reading it ([`OwnWrites`]; on unless turned off here).
-    /// Decisions stay exact either way.
-    pub fn reuse_own_writes(&mut self, reuse: bool) {
+    /// instead of reading it ([`OwnWrites`]; on unless a test turns it off
+    /// to compare). Decisions stay exact either way.
+    #[cfg(test)]
+    pub(crate) fn reuse_own_writes(&mut self, reuse: bool) {
         self.own_writes.enabled = reuse;
     }
 
@@ -876,8 +874,9 @@ const MAX_REUSE_PAUSE: u32 = 64;
 /// [`MAX_REUSE_PAUSE`] loads and reuse costs at most one failed write in
 /// that many; where keys vary, the names read are not remembered ones,
 /// and cost what they would without reuse.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct OwnWrites {
+    /// Reuse is on (tests turn it off to compare).
     enabled: bool,
     /// Names with the value last written there, its guessed token and when.
     kept: Vec<OwnWrite>,
@@ -914,6 +913,20 @@ fn later(a: u32, b: u32) -> bool {
 }
 
 impl OwnWrites {
+    /// Nothing remembered yet, reuse on.
+    fn new() -> OwnWrites {
+        OwnWrites {
+            enabled: true,
+            kept: Vec::new(),
+            next: 0,
+            last: None,
+            floor: None,
+            floor_at: Nanos::ZERO,
+            paused: 0,
+            pause: 0,
+        }
+    }
+
     /// The value and token this store last wrote at `name`, if reuse is on,
     /// not paused, and the write is fresh at `now`.
     fn reuse(&mut self, name: &str, now: Nanos) -> Option<(&[u8], u32)> {
