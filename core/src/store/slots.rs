@@ -488,8 +488,6 @@ struct Candidate {
     last_used: Nanos,
     index: u64,
     cas: u32,
-    /// `cas` is guessed ([`OwnWrites`]).
-    guessed: bool,
 }
 
 /// What probing a key's slots found.
@@ -577,7 +575,6 @@ impl<B: SharedBytes> SlotStore<B> {
                 last_used: rank.1,
                 index,
                 cas,
-                guessed,
             };
             if best.is_none_or(|b| (candidate.rank, candidate.last_used) < (b.rank, b.last_used)) {
                 best = Some(candidate);
@@ -620,7 +617,8 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 missing: b.rank == 2,
                 evicts_live: b.rank == 3,
                 marks: Marks::default(),
-                guessed: b.guessed,
+                // Only a key's own state is guessed: this one was read.
+                guessed: false,
             };
             return Ok(Loaded {
                 state: fresh,
