@@ -840,7 +840,8 @@ const OWN_WRITES_KEPT: usize = 8;
 /// writes a second), so a token guessed below can only be that write's.
 const OWN_WRITE_FRESH: Span = Span::from_secs(10);
 
-/// Misses after which reuse pauses longest, in loads.
+/// The longest pause of reuse after a miss, in slots probed (each load
+/// probes one to [`PROBES`] slots: 16 to 64 loads).
 const MAX_REUSE_PAUSE: u32 = 64;
 
 /// A store's last writes, so that deciding the same key again can skip
@@ -865,13 +866,13 @@ const MAX_REUSE_PAUSE: u32 = 64;
 /// where a new key goes or that it finds no room, are read.
 /// A wrong guess (some other name was written between, or
 /// another worker wrote this one) fails the swap; the load is then read
-/// back as usual, and reuse pauses for a while, twice as long after each
-/// miss, half as long after each hit. A miss costs a failed swap, a hit
-/// saves a read, about as much: where fewer than half the guesses hit
-/// (busy workers writing in between), the pause grows to
-/// [`MAX_REUSE_PAUSE`] loads and reuse costs at most one failed write in
-/// that many; where keys vary, the names read are not remembered ones,
-/// and cost what they would without reuse.
+/// back as usual, and reuse pauses for a number of slots probed, twice as
+/// many after each miss, half as many after each hit. A miss costs a
+/// failed swap, a hit saves a read, about as much: where fewer than half
+/// the guesses hit (busy workers writing in between), the pause grows to
+/// [`MAX_REUSE_PAUSE`] slots probed and reuse costs at most one failed
+/// write in that many probes (16 to 64 loads); where keys vary, the names
+/// read are not remembered ones, and cost what they would without reuse.
 #[derive(Debug)]
 struct OwnWrites {
     /// Reuse is on (tests turn it off to compare).
@@ -891,10 +892,11 @@ struct OwnWrites {
     /// [`OWN_WRITE_FRESH`], it may lag too far behind the counter to be
     /// compared with new tokens (they wrap), and is not used.
     floor_at: Nanos,
-    /// Loads left before reuse resumes after a miss.
-    paused: u32,
-    /// The pause the next miss starts.
-    pause: u32,
+    /// Slots left to probe before reuse resumes after a miss: each probe
+    /// counts one, so a load counts one to [`PROBES`].
+    probes_left: u32,
+    /// The pause, in slots probed, that the next miss starts.
+    next_pause: u32,
 }
 
 #[derive(Debug)]
@@ -920,19 +922,20 @@ impl OwnWrites {
             last: None,
             floor: None,
             floor_at: Nanos::ZERO,
-            paused: 0,
-            pause: 0,
+            probes_left: 0,
+            next_pause: 0,
         }
     }
 
     /// The value and token this store last wrote at `name`, if reuse is on,
-    /// not paused, and the write is fresh at `now`.
+    /// not paused, and the write is fresh at `now`. Called once per slot
+    /// probed, which a pause counts down.
     fn reuse(&mut self, name: &str, now: Nanos) -> Option<(&[u8], u32)> {
         if !self.enabled {
             return None;
         }
-        if self.paused > 0 {
-            self.paused -= 1;
+        if self.probes_left > 0 {
+            self.probes_left -= 1;
             return None;
         }
         self.kept
@@ -983,7 +986,7 @@ impl OwnWrites {
         }
         if guessed {
             // A hit: the next miss pauses half as long.
-            self.pause /= 2;
+            self.next_pause /= 2;
         }
         let Some(token) = self.fresh_floor(now) else {
             // What was kept at `name` is older than this write.
@@ -1040,8 +1043,8 @@ impl OwnWrites {
 
     /// A guessed token missed: reuse pauses, longer after each miss.
     fn pause(&mut self) {
-        self.pause = (self.pause * 2).clamp(1, MAX_REUSE_PAUSE);
-        self.paused = self.pause;
+        self.next_pause = (self.next_pause * 2).clamp(1, MAX_REUSE_PAUSE);
+        self.probes_left = self.next_pause;
     }
 }
 
