@@ -793,8 +793,12 @@ impl<B: SharedBytes> SlotStore<B> {
                 version.cas,
             )? {
                 WriteOutcome::Written => {
-                    let at = (self.name.as_str(), self.value.as_slice());
-                    self.own_writes.keep(at, version.guessed, now);
+                    // The overflow slot is always read back
+                    // (`load_overflow`): remembering it would be wasted.
+                    if let Place::Slot(_) = version.place {
+                        let at = (self.name.as_str(), self.value.as_slice());
+                        self.own_writes.keep(at, version.guessed, now);
+                    }
                     Saved::Stored
                 }
                 WriteOutcome::CasMismatch => {
@@ -843,6 +847,16 @@ const OWN_WRITE_FRESH: Span = Span::from_secs(10);
 /// The longest pause of reuse after a miss, in slots probed (each load
 /// probes one to [`PROBES`] slots: 16 to 64 loads).
 const MAX_REUSE_PAUSE: u32 = 64;
+
+/// The longest value a store remembers ([`OwnWrites`]). Each remembered
+/// value is copied at every write and held until replaced: a
+/// sliding-window log of 16 bytes per permit (up to about 160 KB) would
+/// be copied whole on every write, reused or not, and eight of them would
+/// hold over a megabyte per worker. Every other state (at most 26 bytes,
+/// plus 27 of slot layout) fits beside the longest stored key, and so
+/// does a log of a few entries beside a short key; longer values are read
+/// back as without reuse.
+const MAX_KEPT_VALUE: usize = MAX_STORED_KEY + 64;
 
 /// A store's last writes, so that deciding the same key again can skip
 /// reading its slot back (one shared-data read, a host call and a copy,
@@ -979,7 +993,8 @@ impl OwnWrites {
 
     /// Remembers the write of `value` at `name` that just succeeded at
     /// `now` (presenting a `guessed` token or one read back), under the
-    /// token it most likely took.
+    /// token it most likely took; a value longer than [`MAX_KEPT_VALUE`]
+    /// is not remembered.
     fn keep(&mut self, (name, value): (&str, &[u8]), guessed: bool, now: Nanos) {
         if !self.enabled {
             return;
@@ -988,10 +1003,13 @@ impl OwnWrites {
             // A hit: the next miss pauses half as long.
             self.next_pause /= 2;
         }
-        let Some(token) = self.fresh_floor(now) else {
+        let token = match self.fresh_floor(now) {
+            Some(token) if value.len() <= MAX_KEPT_VALUE => token,
             // What was kept at `name` is older than this write.
-            self.forget(name);
-            return;
+            _ => {
+                self.forget(name);
+                return;
+            }
         };
         let index = match self.kept.iter().position(|w| w.name == name) {
             Some(i) => i,
@@ -1218,6 +1236,59 @@ mod tests {
         store.reuse_own_writes(false);
         store.check(slots[0], 1, later).unwrap().unwrap();
         assert_eq!(reads.get(), before + 2);
+    }
+
+    #[test]
+    fn a_long_log_is_read_back_instead_of_remembered() {
+        let shared = InProcessShared::default();
+        let reads = Cell::new(0);
+        let backend = CountingReads {
+            inner: &shared,
+            reads: &reads,
+        };
+        let p = crate::policy::Policy::from_json(
+            r#"{"rules":[{"name":"r","key":["header:k"],"algorithm":"sliding_window_log","limit":{"count":1000,"per":"1h"}}],"max_keys":8}"#,
+        )
+        .unwrap();
+        let mut store = SlotStore::new(backend, &p, [5; 16]);
+        store.prepare().unwrap();
+        let mut now = Nanos(SEC);
+        // Reads of `decisions` decisions a millisecond apart (each a new
+        // entry of the log, 16 bytes).
+        let mut reads_of_decisions = |decisions: u64| {
+            let before = reads.get();
+            for _ in 0..decisions {
+                now = now.plus(Span::from_millis(1));
+                while store.check(slot(&p, "a"), 1, now).unwrap().is_none() {}
+            }
+            reads.get() - before
+        };
+        // A log of a few entries is decided from the store's own writes,
+        // but for the first reads and guesses.
+        assert!(reads_of_decisions(10) < 10);
+        // Grown past what is remembered, it is read before every decision.
+        reads_of_decisions(20);
+        assert_eq!(reads_of_decisions(10), 10);
+    }
+
+    #[test]
+    fn writes_to_the_overflow_slot_are_not_remembered() {
+        let shared = InProcessShared::default();
+        let p = policy(1);
+        let mut store = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let now = Nanos(SEC);
+        // `a`, refused, holds the only slot: `b` overflows.
+        for key in ["a", "a", "a", "b", "b"] {
+            decided(&mut store, slot(&p, key), 1, now);
+        }
+        assert_eq!(store.stats().overflowed, 2, "b went to the overflow slot");
+        let kept: Vec<&str> = store
+            .own_writes
+            .kept
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(kept, ["sluice/r/0"]);
     }
 
     /// What a worker does next in [`reusing_own_writes_stays_exact_between_workers`].
