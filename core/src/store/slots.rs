@@ -838,10 +838,15 @@ fn put<B: SharedBytes>(
 /// slots of a few hot keys (clients, streams) and their rules.
 const OWN_WRITES_KEPT: usize = 8;
 
-/// How long a remembered write may stand in for a read. Tokens come from
-/// one 32-bit counter that every write in Envoy advances: within this
-/// time it cannot come round again (that would take over 400 million
-/// writes a second), so a token guessed below can only be that write's.
+/// How long a remembered write may stand in for a read, and a token read
+/// back may raise the floor or be compared with it. Tokens come from one
+/// 32-bit counter that every write in Envoy advances, and wrap: [`later`]
+/// orders two tokens right only while they are under 2^31 writes apart.
+/// A token compared was written at most this long ago, and the floor it
+/// is compared with was raised at most this long ago to a token then at
+/// most this long old: the two are at most about 20 s of writes apart, so
+/// the order holds below about 100 million writes a second (2^31 in 20 s),
+/// far beyond what Envoy's shared data takes.
 const OWN_WRITE_FRESH: Span = Span::from_secs(10);
 
 /// The longest pause of reuse after a miss, in slots probed (each load
@@ -871,8 +876,9 @@ const MAX_KEPT_VALUE: usize = MAX_STORED_KEY + 64;
 /// last write, and any write after ours gets more than `Y`, so a
 /// compare-and-swap presenting the guess succeeds only if the name still
 /// holds exactly this write: reusing the value remembered is exact. The
-/// tokens compared are at most a few seconds of writes apart, so the
-/// counter's 32-bit wrap cannot confuse their order. (The guess is right
+/// tokens compared are at most about 20 s of writes apart
+/// ([`OWN_WRITE_FRESH`]), so the counter's 32-bit wrap cannot confuse
+/// their order. (The guess is right
 /// when nothing but this store wrote since the floor was seen.)
 /// A refusal saves nothing, so it rests on a guessed state only once a
 /// read finds the guessed token still there ([`StateStore::confirm`]).
