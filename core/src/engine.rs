@@ -15,6 +15,9 @@ use crate::time::{Nanos, Span};
 /// of attempts means something is badly wrong, and is reported as an error.
 pub const MAX_ATTEMPTS: usize = 32;
 
+/// What running out of [`MAX_ATTEMPTS`] reports.
+const CONTENDED: StoreError = StoreError::Unavailable("too many concurrent writers on one key");
+
 /// Permits a request took from one rule's key: what a refund gives back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Charge {
@@ -364,9 +367,7 @@ fn decide_claims_listing<S: StateStore>(
             return Ok(verdict);
         }
     }
-    Err(StoreError::Unavailable(
-        "too many concurrent writers on one key",
-    ))
+    Err(CONTENDED)
 }
 
 /// [`attempt`] for a single rule: one store step, nothing to roll back.
@@ -725,7 +726,9 @@ pub fn behind_queue<S: StateStore>(
 ///
 /// Runs the algorithm forward on a copy of the state, one step per queued
 /// request; stops as soon as the wait passes `within`, so the work is
-/// bounded by the requests that fit in it.
+/// bounded by the requests that fit in it. A `None` rests on a state
+/// still stored ([`StateStore::confirm`]): one that is not is read again,
+/// up to [`MAX_ATTEMPTS`] times.
 pub fn queued_wait<S: StateStore>(
     store: &mut S,
     claim: &Claim<'_>,
@@ -733,16 +736,40 @@ pub fn queued_wait<S: StateStore>(
     now: Nanos,
     within: Span,
 ) -> Result<Option<Span>, StoreError> {
-    let loaded = store.load(claim.slot, now)?;
-    let mut copy = Loaded {
-        state: loaded.state.clone(),
-        version: (),
-        room: loaded.room,
-        blocked_until: loaded.blocked_until,
-    };
-    store.release(claim.slot, loaded.state, loaded.version, now);
+    for _ in 0..MAX_ATTEMPTS {
+        let loaded = store.load(claim.slot, now)?;
+        let mut copy = Loaded {
+            state: loaded.state.clone(),
+            version: (),
+            room: loaded.room,
+            blocked_until: loaded.blocked_until,
+        };
+        let turn = turn_behind(&mut copy, claim, queued, now, within);
+        // A refusal rests on a state still stored, as in a decision; the
+        // state is given back either way before an error is reported.
+        let stands = match turn {
+            Some(_) => Ok(true),
+            None => store.confirm(claim.slot, &loaded.version, now),
+        };
+        store.release(claim.slot, loaded.state, loaded.version, now);
+        if stands? {
+            return Ok(turn);
+        }
+    }
+    Err(CONTENDED)
+}
+
+/// [`queued_wait`]'s answer from `copy`, a copy of the key's state that it
+/// runs forward.
+fn turn_behind(
+    copy: &mut Loaded<()>,
+    claim: &Claim<'_>,
+    queued: usize,
+    now: Nanos,
+    within: Span,
+) -> Option<Span> {
     if copy.room == Room::Full {
-        return Ok(None);
+        return None;
     }
     let deadline = now.plus(within);
     let mut at = now;
@@ -758,18 +785,18 @@ pub fn queued_wait<S: StateStore>(
                 break;
             }
             if outcome.retry_after == Span::NEVER {
-                return Ok(None);
+                return None;
             }
             at = at.plus(outcome.retry_after);
             if at > deadline {
-                return Ok(None);
+                return None;
             }
         }
         if !taken {
-            return Ok(None);
+            return None;
         }
     }
-    Ok(Some(at.since(now)))
+    Some(at.since(now))
 }
 
 /// Gives back the permits of `charges` (a response excluded from
@@ -890,9 +917,7 @@ fn update_at<S: StateStore>(
             return Ok(());
         }
     }
-    Err(StoreError::Unavailable(
-        "too many concurrent writers on one key",
-    ))
+    Err(CONTENDED)
 }
 
 #[cfg(test)]
@@ -1072,6 +1097,43 @@ mod tests {
         // Nothing was taken: the permit frees up after 1 s as before.
         let v = decide(&p, &mut store, &req("1.1.1.1"), t0, Span::ZERO).unwrap();
         assert_eq!(v.kind, VerdictKind::Wait { wait: Span::SECOND });
+    }
+
+    #[test]
+    fn a_queue_refusal_never_rests_on_a_stale_remembered_write() {
+        let p = policy(
+            r#"{"rules":[{"name":"slow","key":["header:k"],"limit":{"count":2,"per":"1s"},"action":"delay","max_delay":"1s"}]}"#,
+        );
+        let shared = crate::store::InProcessShared::default();
+        let mut one = crate::store::SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let mut two = crate::store::SlotStore::open(&shared, &p, || None).unwrap();
+        let now = Nanos(SEC);
+        let keys = vec![(0, String::from("a"))];
+        let claim = claims(&p, keys.iter().map(|(i, k)| (*i, k.as_str(), None)))[0];
+        // `one` takes both permits: it remembers its write of the empty bucket.
+        for _ in 0..2 {
+            let v = decide_claims(&mut one, &[claim], now, Span::ZERO).unwrap();
+            assert!(v.is_allowed());
+        }
+        // Another worker gives both back (two streams ended, say).
+        refund_claims(&mut two, &[claim, claim], now).unwrap();
+        // Two requests queued ahead: from the empty bucket the new one's
+        // turn would come after 1.5 s (refuse at once); from the two
+        // permits given back, after 0.5 s.
+        let waiting = Verdict {
+            kind: VerdictKind::Wait {
+                wait: Span::from_millis(100),
+            },
+            decisions: Vec::new(),
+            charges: Vec::new(),
+        };
+        let v = behind_queue(&p, &mut one, waiting, &keys, now, |_, _| 2);
+        assert_eq!(
+            v.kind,
+            VerdictKind::Wait {
+                wait: Span::from_millis(500)
+            }
+        );
     }
 
     #[test]

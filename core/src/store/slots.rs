@@ -195,17 +195,15 @@ impl<B: SharedBytes> SlotStore<B> {
             name: String::new(),
             value: Vec::new(),
             stats: SlotStats::default(),
-            own_writes: OwnWrites {
-                enabled: true,
-                ..OwnWrites::default()
-            },
+            own_writes: OwnWrites::new(),
         }
     }
 
     /// Whether loads may start from this store's own last write at a name
-    /// instead of reading it ([`OwnWrites`]; on unless turned off here).
-    /// Decisions stay exact either way.
-    pub fn reuse_own_writes(&mut self, reuse: bool) {
+    /// instead of reading it ([`OwnWrites`]; on unless a test turns it off
+    /// to compare). Decisions stay exact either way.
+    #[cfg(test)]
+    pub(crate) fn reuse_own_writes(&mut self, reuse: bool) {
         self.own_writes.enabled = reuse;
     }
 
@@ -490,8 +488,6 @@ struct Candidate {
     last_used: Nanos,
     index: u64,
     cas: u32,
-    /// `cas` is guessed ([`OwnWrites`]).
-    guessed: bool,
 }
 
 /// What probing a key's slots found.
@@ -579,7 +575,6 @@ impl<B: SharedBytes> SlotStore<B> {
                 last_used: rank.1,
                 index,
                 cas,
-                guessed,
             };
             if best.is_none_or(|b| (candidate.rank, candidate.last_used) < (b.rank, b.last_used)) {
                 best = Some(candidate);
@@ -622,7 +617,8 @@ impl<B: SharedBytes> StateStore for SlotStore<B> {
                 missing: b.rank == 2,
                 evicts_live: b.rank == 3,
                 marks: Marks::default(),
-                guessed: b.guessed,
+                // Only a key's own state is guessed: this one was read.
+                guessed: false,
             };
             return Ok(Loaded {
                 state: fresh,
@@ -797,8 +793,12 @@ impl<B: SharedBytes> SlotStore<B> {
                 version.cas,
             )? {
                 WriteOutcome::Written => {
-                    let at = (self.name.as_str(), self.value.as_slice());
-                    self.own_writes.keep(at, version.guessed, now);
+                    // The overflow slot is always read back
+                    // (`load_overflow`): remembering it would be wasted.
+                    if let Place::Slot(_) = version.place {
+                        let at = (self.name.as_str(), self.value.as_slice());
+                        self.own_writes.keep(at, version.guessed, now);
+                    }
                     Saved::Stored
                 }
                 WriteOutcome::CasMismatch => {
@@ -838,14 +838,30 @@ fn put<B: SharedBytes>(
 /// slots of a few hot keys (clients, streams) and their rules.
 const OWN_WRITES_KEPT: usize = 8;
 
-/// How long a remembered write may stand in for a read. Tokens come from
-/// one 32-bit counter that every write in Envoy advances: within this
-/// time it cannot come round again (that would take over 400 million
-/// writes a second), so a token guessed below can only be that write's.
+/// How long a remembered write may stand in for a read, and a token read
+/// back may raise the floor or be compared with it. Tokens come from one
+/// 32-bit counter that every write in Envoy advances, and wrap: [`later`]
+/// orders two tokens right only while they are under 2^31 writes apart.
+/// A token compared was written at most this long ago, and the floor it
+/// is compared with was raised at most this long ago to a token then at
+/// most this long old: the two are at most about 20 s of writes apart, so
+/// the order holds below about 100 million writes a second (2^31 in 20 s),
+/// far beyond what Envoy's shared data takes.
 const OWN_WRITE_FRESH: Span = Span::from_secs(10);
 
-/// Misses after which reuse pauses longest, in loads.
+/// The longest pause of reuse after a miss, in slots probed (each load
+/// probes one to [`PROBES`] slots: 16 to 64 loads).
 const MAX_REUSE_PAUSE: u32 = 64;
+
+/// The longest value a store remembers ([`OwnWrites`]). Each remembered
+/// value is copied at every write and held until replaced: a
+/// sliding-window log of 16 bytes per permit (up to about 160 KB) would
+/// be copied whole on every write, reused or not, and eight of them would
+/// hold over a megabyte per worker. Every other state (at most 26 bytes,
+/// plus 27 of slot layout) fits beside the longest stored key, and so
+/// does a log of a few entries beside a short key; longer values are read
+/// back as without reuse.
+const MAX_KEPT_VALUE: usize = MAX_STORED_KEY + 64;
 
 /// A store's last writes, so that deciding the same key again can skip
 /// reading its slot back (one shared-data read, a host call and a copy,
@@ -860,8 +876,9 @@ const MAX_REUSE_PAUSE: u32 = 64;
 /// last write, and any write after ours gets more than `Y`, so a
 /// compare-and-swap presenting the guess succeeds only if the name still
 /// holds exactly this write: reusing the value remembered is exact. The
-/// tokens compared are at most a few seconds of writes apart, so the
-/// counter's 32-bit wrap cannot confuse their order. (The guess is right
+/// tokens compared are at most about 20 s of writes apart
+/// ([`OWN_WRITE_FRESH`]), so the counter's 32-bit wrap cannot confuse
+/// their order. (The guess is right
 /// when nothing but this store wrote since the floor was seen.)
 /// A refusal saves nothing, so it rests on a guessed state only once a
 /// read finds the guessed token still there ([`StateStore::confirm`]).
@@ -869,15 +886,16 @@ const MAX_REUSE_PAUSE: u32 = 64;
 /// where a new key goes or that it finds no room, are read.
 /// A wrong guess (some other name was written between, or
 /// another worker wrote this one) fails the swap; the load is then read
-/// back as usual, and reuse pauses for a while, twice as long after each
-/// miss, half as long after each hit. A miss costs a failed swap, a hit
-/// saves a read, about as much: where fewer than half the guesses hit
-/// (busy workers writing in between), the pause grows to
-/// [`MAX_REUSE_PAUSE`] loads and reuse costs at most one failed write in
-/// that many; where keys vary, the names read are not remembered ones,
-/// and cost what they would without reuse.
-#[derive(Debug, Default)]
+/// back as usual, and reuse pauses for a number of slots probed, twice as
+/// many after each miss, half as many after each hit. A miss costs a
+/// failed swap, a hit saves a read, about as much: where fewer than half
+/// the guesses hit (busy workers writing in between), the pause grows to
+/// [`MAX_REUSE_PAUSE`] slots probed and reuse costs at most one failed
+/// write in that many probes (16 to 64 loads); where keys vary, the names
+/// read are not remembered ones, and cost what they would without reuse.
+#[derive(Debug)]
 struct OwnWrites {
+    /// Reuse is on (tests turn it off to compare).
     enabled: bool,
     /// Names with the value last written there, its guessed token and when.
     kept: Vec<OwnWrite>,
@@ -894,10 +912,11 @@ struct OwnWrites {
     /// [`OWN_WRITE_FRESH`], it may lag too far behind the counter to be
     /// compared with new tokens (they wrap), and is not used.
     floor_at: Nanos,
-    /// Loads left before reuse resumes after a miss.
-    paused: u32,
-    /// The pause the next miss starts.
-    pause: u32,
+    /// Slots left to probe before reuse resumes after a miss: each probe
+    /// counts one, so a load counts one to [`PROBES`].
+    probes_left: u32,
+    /// The pause, in slots probed, that the next miss starts.
+    next_pause: u32,
 }
 
 #[derive(Debug)]
@@ -914,14 +933,29 @@ fn later(a: u32, b: u32) -> bool {
 }
 
 impl OwnWrites {
+    /// Nothing remembered yet, reuse on.
+    fn new() -> OwnWrites {
+        OwnWrites {
+            enabled: true,
+            kept: Vec::new(),
+            next: 0,
+            last: None,
+            floor: None,
+            floor_at: Nanos::ZERO,
+            probes_left: 0,
+            next_pause: 0,
+        }
+    }
+
     /// The value and token this store last wrote at `name`, if reuse is on,
-    /// not paused, and the write is fresh at `now`.
+    /// not paused, and the write is fresh at `now`. Called once per slot
+    /// probed, which a pause counts down.
     fn reuse(&mut self, name: &str, now: Nanos) -> Option<(&[u8], u32)> {
         if !self.enabled {
             return None;
         }
-        if self.paused > 0 {
-            self.paused -= 1;
+        if self.probes_left > 0 {
+            self.probes_left -= 1;
             return None;
         }
         self.kept
@@ -965,19 +999,23 @@ impl OwnWrites {
 
     /// Remembers the write of `value` at `name` that just succeeded at
     /// `now` (presenting a `guessed` token or one read back), under the
-    /// token it most likely took.
+    /// token it most likely took; a value longer than [`MAX_KEPT_VALUE`]
+    /// is not remembered.
     fn keep(&mut self, (name, value): (&str, &[u8]), guessed: bool, now: Nanos) {
         if !self.enabled {
             return;
         }
         if guessed {
             // A hit: the next miss pauses half as long.
-            self.pause /= 2;
+            self.next_pause /= 2;
         }
-        let Some(token) = self.fresh_floor(now) else {
+        let token = match self.fresh_floor(now) {
+            Some(token) if value.len() <= MAX_KEPT_VALUE => token,
             // What was kept at `name` is older than this write.
-            self.forget(name);
-            return;
+            _ => {
+                self.forget(name);
+                return;
+            }
         };
         let index = match self.kept.iter().position(|w| w.name == name) {
             Some(i) => i,
@@ -1029,8 +1067,8 @@ impl OwnWrites {
 
     /// A guessed token missed: reuse pauses, longer after each miss.
     fn pause(&mut self) {
-        self.pause = (self.pause * 2).clamp(1, MAX_REUSE_PAUSE);
-        self.paused = self.pause;
+        self.next_pause = (self.next_pause * 2).clamp(1, MAX_REUSE_PAUSE);
+        self.probes_left = self.next_pause;
     }
 }
 
@@ -1204,6 +1242,59 @@ mod tests {
         store.reuse_own_writes(false);
         store.check(slots[0], 1, later).unwrap().unwrap();
         assert_eq!(reads.get(), before + 2);
+    }
+
+    #[test]
+    fn a_long_log_is_read_back_instead_of_remembered() {
+        let shared = InProcessShared::default();
+        let reads = Cell::new(0);
+        let backend = CountingReads {
+            inner: &shared,
+            reads: &reads,
+        };
+        let p = crate::policy::Policy::from_json(
+            r#"{"rules":[{"name":"r","key":["header:k"],"algorithm":"sliding_window_log","limit":{"count":1000,"per":"1h"}}],"max_keys":8}"#,
+        )
+        .unwrap();
+        let mut store = SlotStore::new(backend, &p, [5; 16]);
+        store.prepare().unwrap();
+        let mut now = Nanos(SEC);
+        // Reads of `decisions` decisions a millisecond apart (each a new
+        // entry of the log, 16 bytes).
+        let mut reads_of_decisions = |decisions: u64| {
+            let before = reads.get();
+            for _ in 0..decisions {
+                now = now.plus(Span::from_millis(1));
+                while store.check(slot(&p, "a"), 1, now).unwrap().is_none() {}
+            }
+            reads.get() - before
+        };
+        // A log of a few entries is decided from the store's own writes,
+        // but for the first reads and guesses.
+        assert!(reads_of_decisions(10) < 10);
+        // Grown past what is remembered, it is read before every decision.
+        reads_of_decisions(20);
+        assert_eq!(reads_of_decisions(10), 10);
+    }
+
+    #[test]
+    fn writes_to_the_overflow_slot_are_not_remembered() {
+        let shared = InProcessShared::default();
+        let p = policy(1);
+        let mut store = SlotStore::open(&shared, &p, || Some(1)).unwrap();
+        let now = Nanos(SEC);
+        // `a`, refused, holds the only slot: `b` overflows.
+        for key in ["a", "a", "a", "b", "b"] {
+            decided(&mut store, slot(&p, key), 1, now);
+        }
+        assert_eq!(store.stats().overflowed, 2, "b went to the overflow slot");
+        let kept: Vec<&str> = store
+            .own_writes
+            .kept
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(kept, ["sluice/r/0"]);
     }
 
     /// What a worker does next in [`reusing_own_writes_stays_exact_between_workers`].

@@ -522,8 +522,9 @@ fn a_key_two_workers_take_turns_on_is_read_as_without_reuse_but_for_rare_misses(
     // Each worker's guess misses (the other wrote in between): a failed
     // compare-and-swap, then the slot is read and written as without
     // reuse. Reuse then pauses twice as long after each miss (1, 2, 4 ...
-    // 64 loads, the miss's retry being one): a worker misses at its 1st,
-    // 2nd, 4th ... 128th request, then once every 64.
+    // 64 slots probed; one per load here, the only key being in its first
+    // slot, and the miss's retry is one): a worker misses at its 1st, 2nd,
+    // 4th ... 128th request, then once every 64.
     let requests = 2 * 130;
     let (gets, sets) = shared_calls_of_rounds(2, &["10.0.0.7"], requests)?;
     assert_eq!((gets, sets), (requests, requests + 2 * 8));
