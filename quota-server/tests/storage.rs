@@ -450,7 +450,6 @@ async fn redis_keys_expire_when_fresh() {
     );
 }
 
-/// Credentials in the URL are used; a wrong password is an error, not a hang.
 /// Redis's clock, in microseconds since the epoch.
 async fn redis_time_us(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
@@ -554,6 +553,7 @@ async fn state_written_by_the_previous_release_is_honoured() {
     );
 }
 
+/// Credentials in the URL are used; a wrong password is an error, not a hang.
 #[tokio::test]
 async fn redis_password_in_the_url() {
     let redis = RedisServer::start_with_password("s3cret");
