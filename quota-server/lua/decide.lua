@@ -90,7 +90,8 @@ local function int(x)
 end
 
 -- Each algorithm (made by `<name>_algorithm()`) has load(it) (fills the
--- item's state fields from Redis, and `held` from them: see `expire_at`),
+-- item's state fields from Redis, and `read_fresh_at` from them: see
+-- `expire_at`),
 -- acquire(it, now, consume) returning allowed, remaining, reset, retry
 -- (and normalising the state), refund(it, now), and save(it, now) (writes
 -- the state back, with a TTL when it must move).
@@ -106,15 +107,17 @@ local MIN_TTL_MS = 1000
 -- the state being written is fresh again. Every writer, this version or
 -- an older one (whose expiry was the later of `fresh_at` and a second from
 -- its write), leaves a key living at least until its state's `fresh_at`:
--- so `it.held`, the `fresh_at` of the state as read, bounds the key's
--- expiry from below, and a write whose state is fresh no later (a fixed
--- window's count rising within its window, a refused GCRA request) skips
--- the PEXPIRE, about a tenth of a fixed window's time in the script.
+-- so `it.read_fresh_at`, the `fresh_at` of the state as read (nil where
+-- it is not known), bounds the key's expiry from below, and a write whose
+-- state is fresh no later (a fixed window's count rising within its
+-- window, a refused GCRA request) skips the PEXPIRE, about a tenth of a
+-- fixed window's time in the script.
 -- The state layout is unchanged: servers of either version share keys.
 -- A replayed time (tests) is not Redis's clock, which runs expiry: keys
 -- then get no TTL rather than one measured against the wrong clock.
 local function expire_at(it, key, now, fresh_at)
-  if it.replay or (it.held ~= nil and fresh_at <= it.held and now <= it.held) then
+  local read = it.read_fresh_at
+  if it.replay or (read ~= nil and fresh_at <= read and now <= read) then
     return
   end
   -- PEXPIRE takes milliseconds; round up and add one so a key never
@@ -136,7 +139,7 @@ local function meter_algorithm()
     it.existed = v[1] ~= false
     it.at, it.p, it.f = num(v[1]), num(v[2]), num(v[3])
     if it.existed then
-      it.held = meter_fresh(it)
+      it.read_fresh_at = meter_fresh(it)
     end
   end
 
@@ -226,8 +229,12 @@ local function fixed_algorithm()
     local v = redis.call('HMGET', it.key, 's', 'u')
     it.existed = v[1] ~= false
     it.s, it.u = num(v[1]), num(v[2])
-    if it.existed then
-      it.held = fixed_fresh(it)
+    -- A calendar state's end is known only when its window is one the
+    -- server sent: an older one's would be clamped to a later window's,
+    -- overstating the key's expiry.
+    local b = it.calendar
+    if it.existed and (b == nil or it.s == b[1] or it.s == b[2] or it.s == b[3]) then
+      it.read_fresh_at = fixed_fresh(it)
     end
   end
 
@@ -307,7 +314,7 @@ local function counter_algorithm()
     it.existed = v[1] ~= false
     it.s, it.pv, it.cu = num(v[1]), num(v[2]), num(v[3])
     if it.existed then
-      it.held = counter_fresh(it)
+      it.read_fresh_at = counter_fresh(it)
     end
   end
 
@@ -409,7 +416,7 @@ local function gcra_algorithm()
     it.existed = v[1] ~= false
     it.t, it.f = num(v[1]), math.min(num(v[2]), it.count - 1)
     if it.existed then
-      it.held = it.t + 1
+      it.read_fresh_at = it.t + 1
     end
   end
 
@@ -730,7 +737,7 @@ local function load_items(n, base, key, now_us, replay)
     local kept = pending and pending[it.key]
     if kept ~= nil and kept.alg == alg and alg.adopt ~= nil then
       -- Redis still holds the state `kept` read, and its expiry.
-      it.existed, it.held = true, kept.held
+      it.existed, it.read_fresh_at = true, kept.read_fresh_at
       alg.adopt(it, kept)
     else
       flush(it.key)

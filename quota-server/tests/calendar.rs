@@ -229,6 +229,79 @@ async fn redis_keys_of_calendar_windows_expire_after_the_window_end() {
     assert!(outcome.reset_after.0 + 1_000 >= end.0 - after.0);
 }
 
+/// A state older than every window the server sent says nothing of its
+/// key's expiry: with Redis's clock a day behind the server's, the state
+/// moved into Redis's day gets the expiry of that day's end (the script
+/// must not take the clamped window's end for the old key's).
+#[tokio::test]
+async fn a_state_older_than_the_windows_sent_gets_its_expiry_set() {
+    let redis = RedisServer::start();
+    let limits = limits(&[(CalendarUnit::Day, "UTC", 5)]);
+    let day = limits.limit(0).unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Redis's clock is this machine's. Waits out a midnight too close for
+    // the few calls below (bounded: at most the margin).
+    let margin = Span::from_secs(30);
+    let mut before = system_now();
+    while day.calendar_window(before).unwrap().end.0 - before.0 < margin.0 {
+        let end = day.calendar_window(before).unwrap().end;
+        tokio::time::sleep(Duration::from_nanos(end.0 - before.0 + 1)).await;
+        before = system_now();
+    }
+    let today = day.calendar_window(before).unwrap();
+    let tick_ns = day.tick_us.unwrap() * 1000;
+    // Three days old, its key about to expire (as it then may: its window
+    // is long over).
+    let key = item(day, 1).key;
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(&key)
+        .arg("s")
+        .arg((today.start.0 - 3 * 24 * HOUR) / tick_ns)
+        .arg("u")
+        .arg(5)
+        .cmd("PEXPIRE")
+        .arg(&key)
+        .arg(1_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The server's windows are those around tomorrow; Redis's own time.
+    let mut call = script_call("check", &[item(day, 1)], Some(Nanos(today.end.0 + HOUR))).unwrap();
+    call.args[1] = String::new();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(include_str!("../lua/decide.lua"))
+        .arg(call.keys.len())
+        .arg(&call.keys)
+        .arg(call.argv_alone().collect::<Vec<_>>());
+    let reply: Vec<Vec<i64>> = cmd.query_async(&mut conn).await.unwrap();
+    assert_eq!(reply[0][..2], [1, 4], "today's window, afresh");
+    let ttl_ms: u64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let read = system_now();
+    assert_eq!(
+        day.calendar_window(read).unwrap(),
+        today,
+        "within the margin"
+    );
+    let ms = |n: Nanos| n.0 / 1_000_000;
+    // Today's end rounded up to the millisecond, plus one, plus the
+    // script's second of margin.
+    let to_expiry = |at: Nanos| ms(today.end) - ms(at) + 1_000;
+    assert!(
+        ttl_ms <= to_expiry(before) + 2 && ttl_ms + 1 >= to_expiry(read),
+        "ttl {ttl_ms} ms, today ends in {} ms",
+        ms(today.end) - ms(read)
+    );
+}
+
 /// The next local midnight starting a day (`month: false`) or a month in
 /// `zone`, after the current time, computed here from jiff directly.
 fn next_boundary(zone: &str, month: bool) -> Nanos {

@@ -683,7 +683,7 @@ impl CpuRuns {
 /// A server's CPU time (user and system, every thread) when a run started.
 struct ServerCpu {
     pid: u32,
-    ticks: u64,
+    seconds: f64,
 }
 
 impl ServerCpu {
@@ -691,32 +691,21 @@ impl ServerCpu {
         let pid = server.pid();
         Ok(ServerCpu {
             pid,
-            ticks: cpu_ticks(pid)?,
+            seconds: ServerCpu::seconds(pid)?,
         })
     }
 
     /// Microseconds of CPU the server spent per call since the start.
     fn per_call(&self, calls: u64) -> Result<f64, BenchError> {
-        let spent = cpu_ticks(self.pid)?.saturating_sub(self.ticks);
-        Ok(spent as f64 * 1e6 / clock_ticks_per_sec() / calls.max(1) as f64)
+        let spent = ServerCpu::seconds(self.pid)? - self.seconds;
+        Ok(spent * 1e6 / calls.max(1) as f64)
     }
-}
 
-/// `utime + stime` of process `pid`, in clock ticks (`/proc/PID/stat`).
-fn cpu_ticks(pid: u32) -> Result<u64, BenchError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name, in parentheses, may hold spaces: fields are
-    // counted after its closing one (state is field 3, utime 14, stime 15).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    match (field(14), field(15)) {
-        (Some(user), Some(system)) => Ok(user + system),
-        _ => Err(BenchError::Setup(format!(
-            "cannot read CPU times in {stat:?}"
-        ))),
+    /// CPU seconds process `pid` used so far.
+    fn seconds(pid: u32) -> Result<f64, BenchError> {
+        process_cpu(&pid.to_string())
+            .map(|(own, _)| own)
+            .ok_or_else(|| BenchError::Setup(format!("cannot read /proc/{pid}/stat's CPU times")))
     }
 }
 
@@ -1094,10 +1083,10 @@ enum Client {
 /// The user and system CPU seconds of process `pid` (`self` for this one)
 /// and of its children it waited for, from `/proc/<pid>/stat`.
 fn process_cpu(pid: &str) -> Option<(f64, f64)> {
-    // Clock ticks per second of these fields (USER_HZ: 100 on Linux).
-    const TICKS: f64 = 100.0;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command's ")": state, then fields 4...; utime is field 14.
+    // The command name, in parentheses, may hold spaces: fields are
+    // counted after its closing one (state is field 3; utime, stime,
+    // cutime and cstime are 14 to 17).
     let fields: Vec<f64> = stat
         .rsplit_once(')')?
         .1
@@ -1106,9 +1095,10 @@ fn process_cpu(pid: &str) -> Option<(f64, f64)> {
         .take(4)
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
+    let ticks = clock_ticks_per_sec();
     match fields.as_slice() {
         [utime, stime, cutime, cstime] => {
-            Some(((utime + stime) / TICKS, (cutime + cstime) / TICKS))
+            Some(((utime + stime) / ticks, (cutime + cstime) / ticks))
         }
         _ => None,
     }

@@ -32,7 +32,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
 use sluice_core::algorithm::Outcome;
-use sluice_core::decision::{render_headers, render_headers_in, Decision, HeaderSets};
+use sluice_core::decision::{render_headers_in, Decision, HeaderSets};
 use sluice_core::time::Span;
 use tonic::{Request, Response, Status};
 
@@ -343,25 +343,17 @@ pub(crate) fn headers<H>(
     };
     let mut out = Vec::with_capacity(MOST_HEADERS);
     let mut emit = |name: &str, value: &str| out.push(header(name.into(), value.into()));
-    let rules = decisions.iter().copied();
-    // A re-entrant call (none today) would find the buffer borrowed: it
-    // renders in a buffer of its own instead.
-    let rendered = RENDERED.try_with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut buffer) => {
-            render_headers_in(
-                rules.clone(),
-                shown,
-                HeaderSets::ALL,
-                &mut buffer,
-                &mut emit,
-            );
-            true
-        }
-        Err(_) => false,
+    // `header` only builds a value (the callers' closures never render
+    // again), so the thread's buffer is never borrowed twice.
+    RENDERED.with_borrow_mut(|buffer| {
+        render_headers_in(
+            decisions.iter().copied(),
+            shown,
+            HeaderSets::ALL,
+            buffer,
+            &mut emit,
+        );
     });
-    if rendered != Ok(true) {
-        render_headers(rules, shown, HeaderSets::ALL, &mut emit);
-    }
     out
 }
 

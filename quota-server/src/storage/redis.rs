@@ -53,10 +53,11 @@ pub const MAX_BATCH: usize = 64;
 /// Most items one script call carries; a larger decision goes alone.
 pub const MAX_BATCH_ITEMS: usize = 256;
 
-/// Script calls a lane keeps out at once when whole batches wait: at
-/// high load Redis finds the next batch waiting when it finishes one, and
-/// a lane serves up to `IN_FLIGHT × MAX_BATCH` decisions per round trip.
-/// Below that, one call is out at a time (see [`run_lane`]).
+/// A lane sends a whole batch early only while fewer script calls than
+/// this are out: at high load Redis finds the next batch waiting when it
+/// finishes one, and a lane serves up to `IN_FLIGHT × MAX_BATCH`
+/// decisions per round trip. Short of a whole batch, one take is out at a
+/// time (see [`run_lane`]).
 const IN_FLIGHT: usize = 4;
 
 /// Decisions a lane holds waiting (beyond it, callers wait to queue,
@@ -414,34 +415,48 @@ fn decision_reply(reply: Value) -> Result<Vec<i64>, StorageError> {
     }
 }
 
-/// A lane's task: group commit. While the lane is free it waits (without
-/// a timer) for a decision and takes every one waiting; while a call is
-/// out, what queues waits for its reply and goes out as the next call, so
-/// that batches fill at any load. Only a whole batch ([`MAX_BATCH`])
-/// waiting goes out early, up to [`IN_FLIGHT`] calls out at once, so that
-/// Redis finds the next batch waiting at high load. The calls are polled
-/// here, not in tasks of their own: the lane wakes once per reply, not
-/// once per call and again per reply. Taken decisions go as script calls
-/// one per hash tag with a cluster, each within the batch bounds. Ends
-/// when the backend is dropped and its calls are answered (it only stops
-/// waiting on the queue while no call is out).
+/// A lane's task: group commit. While no call is out it waits (without a
+/// timer) for a decision and takes every one waiting; while calls are
+/// out, what queues is taken as it comes and goes out as the next call
+/// when they have all answered, so that batches fill at any load. Only a
+/// whole batch ([`MAX_BATCH`]) goes out before that, while fewer than
+/// [`IN_FLIGHT`] calls are out, so that Redis finds the next batch waiting
+/// at high load. The calls are polled here, not in tasks of their own: the
+/// lane wakes once per reply or queueing, not also per call. Taken
+/// decisions go as script calls one per hash tag with a cluster, each
+/// within the batch bounds. Ends when the backend is dropped and every
+/// decision taken is answered.
 async fn run_lane(link: Arc<Link>, lane: usize, mut queue: mpsc::Receiver<Job>) {
     let link = &*link;
     let mut taken = Vec::with_capacity(MAX_BATCH);
     let mut in_flight = FuturesUnordered::new();
+    // Whether the backend may still queue decisions.
+    let mut open = true;
     loop {
         if in_flight.is_empty() {
+            // `taken` is empty here: whatever was taken went out before
+            // the calls drained.
             if queue.recv_many(&mut taken, MAX_BATCH).await == 0 {
                 break;
             }
         } else {
-            // Polls the calls out; a decision queueing meanwhile does not
-            // wake the lane.
-            in_flight.next().await;
-            let early = in_flight.len() < IN_FLIGHT && queue.len() >= MAX_BATCH;
+            // Takes decisions only while a call could go out early: at the
+            // cap, they wait in the queue (which bounds them).
+            let room = MAX_BATCH - taken.len();
+            let take = open && room > 0 && in_flight.len() < IN_FLIGHT;
+            tokio::select! {
+                // A reply first: it may free the lane to send what waits.
+                biased;
+                _ = in_flight.next() => {}
+                received = queue.recv_many(&mut taken, room), if take => {
+                    open = received > 0;
+                }
+            }
+            let early = taken.len() == MAX_BATCH && in_flight.len() < IN_FLIGHT;
             if !in_flight.is_empty() && !early {
                 continue;
             }
+            // Tops up what was taken with what queued since.
             while taken.len() < MAX_BATCH {
                 match queue.try_recv() {
                     Ok(job) => taken.push(job),
