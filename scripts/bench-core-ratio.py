@@ -47,7 +47,7 @@ PRODUCTION = (
      "on InProcessShared, the in-process double of Envoy shared data"),
     ("hot_key/sluice_engine_sharded_mutex/gcra",
      "the quota server's memory path: SipHash shard pick, uncontended Mutex<MemoryStore>, "
-     "engine::decide_claims"),
+     "engine::decide_claims_unlisted"),
 )
 GROUPS = ("hot_key", "distinct_1m", "hot_key_denied")
 

@@ -68,7 +68,7 @@
 //! - `sluice_engine_sharded_mutex/gcra`: the quota server's in-memory
 //!   path as core sees it: the key's shard picked by SipHash (the
 //!   server's `RandomState`), that shard's `Mutex<MemoryStore>` locked
-//!   (uncontended) and `engine::decide_claims` over it. Without the
+//!   (uncontended) and `engine::decide_claims_unlisted` over it. Without the
 //!   server's request parsing and reply.
 //!
 //! # The headline: the same work on both sides
@@ -456,7 +456,7 @@ fn sluice_engine_sharded_mutex(g: &mut BenchmarkGroup<'_, WallTime>, case: &Case
             },
             cost: rule.cost,
         };
-        let verdict = engine::decide_claims(&mut *store, &[claim], now, Span::ZERO);
+        let verdict = engine::decide_claims_unlisted(&mut *store, &[claim], now, Span::ZERO);
         verdict.unwrap().is_allowed()
     });
 }
